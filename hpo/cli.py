@@ -1,0 +1,65 @@
+"""The ``hpo`` command: parse arguments, call the library, print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from hpo.config import load_study
+from hpo.errors import ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Hyperparameter optimization for fine-tuning transformer models.")
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+StudyFile = Annotated[Path, typer.Argument(help="The study file (YAML).", show_default=False)]
+
+
+def _load(path: Path, overrides: dict[str, Any]):
+    try:
+        return load_study(path, {k: v for k, v in overrides.items() if v is not None})
+    except ConfigError as e:
+        _fail(e)
+
+
+def _fail(e: ConfigError):
+    for problem in e.problems:
+        err.print(f"[red]error[/] {problem}", markup=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    study: StudyFile,
+    n_trials: Annotated[int | None, typer.Option("--n-trials", min=1, help="Finished trials the study should hold.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Stop starting trials after this many seconds.")] = None,
+    storage: Annotated[str | None, typer.Option(help="Storage URL (default: sqlite beside the study file).")] = None,
+) -> None:
+    """Create or resume the study and run trials until it holds n_trials finished ones."""
+    cfg = _load(study, {"n_trials": n_trials, "timeout": timeout, "storage": storage})
+    from hpo.study import run_study  # imports torch and transformers: only once the file is valid
+
+    try:
+        run_study(cfg)
+    except ConfigError as e:
+        _fail(e)
+
+
+@app.command()
+def validate(study: StudyFile) -> None:
+    """Check a study file without training; print every problem, exit 2 if any."""
+    cfg = _load(study, {})
+    from hpo.trial import prepare
+
+    try:
+        prepare(cfg)
+    except ConfigError as e:
+        _fail(e)
+    Console().print(f"{study}: ok ({len(cfg.search_space)} parameters, {cfg.n_trials} trials)")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,393 @@
+"""Study file (YAML) → typed, validated ``StudyConfig``.
+
+Everything a study file can get wrong is found here, before any compute, and
+reported all at once as ``FILE:LINE: key.path: message`` lines (``ConfigError``).
+Nothing below this module reads raw dicts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from hpo import samplers, space
+from hpo.errors import ConfigError, KeyPath, Problem, SourceMap
+
+TASKS = ("sequence-classification",)
+#: Metrics each task reports at every evaluation (Trainer's ``eval_`` prefix).
+TASK_METRICS = {"sequence-classification": ("eval_loss", "eval_accuracy", "eval_f1_macro")}
+DATA_SUFFIXES = (".csv", ".jsonl", ".json")
+
+
+def _closest(name: str, options: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _searchable(name: str) -> str:
+    if name not in space.searchable_names():
+        if name in space.RESERVED_TRAINING_ARGS:
+            raise ValueError(f"{name!r} is set by hpo and cannot be searched")
+        raise ValueError(f"unknown parameter {name!r}{_closest(name, space.searchable_names())}")
+    return name
+
+
+def _training_arg(name: str) -> str:
+    if name not in space.training_argument_names():
+        raise ValueError(f"not a TrainingArguments field: {name!r}{_closest(name, space.training_argument_names())}")
+    if name in space.RESERVED_TRAINING_ARGS:
+        raise ValueError(f"{name!r} is set by hpo (see eval_every and output_dir)")
+    return name
+
+
+SearchName = Annotated[str, AfterValidator(_searchable)]
+TrainingArgName = Annotated[str, AfterValidator(_training_arg)]
+Choice = bool | int | float | str | None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Param(_Strict):
+    """One search-space entry; maps 1:1 onto an Optuna distribution."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: PositiveFloat | None = None
+    choices: list[Choice] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Param:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs a non-empty 'choices' list")
+            if self.low is not None or self.high is not None or self.step is not None or self.log:
+                raise ValueError("categorical takes 'choices' only (no low/high/step/log)")
+            kinds = {"number" if isinstance(c, int | float) and not isinstance(c, bool) else type(c).__name__
+                     for c in self.choices}
+            if len(kinds) > 1:
+                raise ValueError(f"choices mix types ({', '.join(sorted(kinds))}): {self.choices}")
+            if len(set(map(repr, self.choices))) != len(self.choices):
+                raise ValueError(f"choices repeat a value: {self.choices}")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"{self.type} takes low/high (choices are for categorical)")
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs both 'low' and 'high'")
+        if self.low > self.high:
+            raise ValueError(f"low={self.low:g} > high={self.high:g}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log=true needs low > 0 (low={self.low:g})")
+        if self.log and self.step is not None:
+            raise ValueError("step and log=true cannot be combined")
+        if self.type == "int":
+            for key in ("low", "high", "step"):
+                value = getattr(self, key)
+                if value is not None and value != int(value):
+                    raise ValueError(f"int parameter needs whole numbers: {key}={value:g}")
+        space.to_distribution(self)  # Optuna's own checks, e.g. step not dividing the range
+        return self
+
+
+class LoraSettings(_Strict):
+    """Fixed LoRA settings (PEFT ``LoraConfig`` names); the search space may override any."""
+
+    r: PositiveInt = 8
+    lora_alpha: PositiveFloat = 16
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str | None = None  # None: PEFT's default for the architecture
+
+
+class ModelConfig(_Strict):
+    name: str = Field(min_length=1)  # hub id or local folder
+    lora: LoraSettings | None = None
+
+
+class DataConfig(_Strict):
+    train: Path
+    eval: Path
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: PositiveInt = 128  # tokens; longer texts are truncated
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _exists(cls, p: Path, info: ValidationInfo) -> Path:
+        p = (info.context or {}).get("root", Path.cwd()) / p
+        if p.suffix.lower() not in DATA_SUFFIXES:
+            raise ValueError(f"{p.name}: data files are {', '.join(DATA_SUFFIXES)}")
+        if not p.is_file():
+            raise ValueError(f"file not found: {p}")
+        return p
+
+
+class EvalEvery(_Strict):
+    """Distance between evaluations (= pruning points): a fraction of an epoch, or examples."""
+
+    epochs: PositiveFloat | None = None
+    examples: PositiveInt | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _number_is_epochs(cls, v: Any) -> Any:
+        return {"epochs": v} if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _one_of(self) -> EvalEvery:
+        if (self.epochs is None) == (self.examples is None):
+            raise ValueError("give a number of epochs (e.g. 0.25) or {examples: N}")
+        return self
+
+    def examples_between(self, n_train: int) -> float:
+        """Examples seen between two evaluations."""
+        return self.examples if self.examples is not None else self.epochs * n_train
+
+
+class Objective(_Strict):
+    metric: str = "eval_loss"
+    direction: Literal["minimize", "maximize"] | None = None  # default: minimize losses, maximize the rest
+
+    @model_validator(mode="after")
+    def _infer_direction(self) -> Objective:
+        if self.direction is None:
+            self.direction = "minimize" if self.metric.endswith("loss") else "maximize"
+        return self
+
+
+class SamplerSpec(BaseModel):
+    """``name`` plus the sampler's own keyword arguments."""
+
+    model_config = ConfigDict(extra="allow")
+    name: Literal[tuple(samplers.SAMPLERS)] = "tpe"  # type: ignore[valid-type]
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class PrunerSpec(SamplerSpec):
+    name: Literal[tuple(samplers.PRUNERS)] = "median"  # type: ignore[valid-type]
+
+
+class StudyConfig(_Strict):
+    """A validated study file. Build it with :func:`load_study`."""
+
+    study: str = Field(min_length=1)
+    task: Literal[TASKS] = "sequence-classification"  # type: ignore[valid-type]
+    model: ModelConfig
+    data: DataConfig
+    train: dict[TrainingArgName, Any] = {}
+    eval_every: EvalEvery = EvalEvery(epochs=0.25)
+    search_space: dict[SearchName, Param] = Field(min_length=1)
+    objective: Objective = Objective()
+    sampler: SamplerSpec = SamplerSpec()
+    pruner: PrunerSpec = PrunerSpec()
+    n_trials: PositiveInt = 10  # finished (complete + pruned) trials the study should hold
+    timeout: PositiveFloat | None = None  # seconds for this run
+    storage: str | None = None  # default: sqlite beside the study file
+    output_dir: Path | None = None  # default: <study folder>/outputs/<study>
+
+    _file: Path = PrivateAttr(default=Path("study.yaml"))
+    _source: SourceMap = PrivateAttr(default_factory=SourceMap)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _name_only(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("output_dir")
+    @classmethod
+    def _relative_to_file(cls, p: Path | None, info: ValidationInfo) -> Path | None:
+        return None if p is None else (info.context or {}).get("root", Path.cwd()) / p
+
+    @property
+    def file(self) -> Path:
+        return self._file
+
+    @property
+    def root(self) -> Path:
+        return self._file.parent
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.root / (self._file.stem + '.db')).resolve()}"
+
+    @property
+    def output_path(self) -> Path:
+        return self.output_dir or self.root / "outputs" / self.study
+
+    @property
+    def is_lora(self) -> bool:
+        return self.model.lora is not None or bool(space.LORA_PARAMS & set(self.search_space))
+
+    def error(self, path: KeyPath, message: str) -> ConfigError:
+        """A ``ConfigError`` pointing at ``path`` in the file it came from."""
+        return self._source.error(path, message)
+
+
+def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None) -> StudyConfig:
+    """Read, resolve and validate a study file.
+
+    ``overrides`` maps dotted key paths to values (``{"n_trials": 3}``) and wins
+    over the file. Relative paths resolve against the study file's folder.
+
+    Raises:
+        ConfigError: with every problem found, each naming file, line and key.
+    """
+    path = Path(path)
+    raw, source = _read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError([Problem(str(path), 1, "", "a study file is a YAML mapping of keys")])
+    if isinstance(raw.get("search_space"), str):
+        _inline_search_space(raw, source, path.parent)
+    for key, value in (overrides or {}).items():
+        *parents, leaf = key.split(".")
+        node = raw
+        for k in parents:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[leaf] = value
+        source.add((*parents, leaf), "<command line>", None)
+
+    try:
+        cfg = StudyConfig.model_validate(raw, context={"root": path.parent})
+    except ValidationError as e:
+        raise ConfigError([_problem(err, source) for err in e.errors()]) from None
+    cfg._file, cfg._source = path, source
+    problems = _cross_checks(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _read_yaml(path: Path) -> tuple[Any, SourceMap]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError([Problem(str(path), None, "", f"cannot read: {e.strerror or e}")]) from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else None
+        col = f" (column {mark.column + 1})" if mark else ""
+        raise ConfigError([Problem(str(path), line, "", f"YAML syntax error: {e.problem or e.context}{col}")]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([Problem(str(path), None, "", f"YAML error: {e}")]) from None
+    finally:
+        loader.dispose()
+    source = SourceMap()
+    source.default_file = str(path)
+    if node is not None:
+        _index(node, (), str(path), source)
+    return data, source
+
+
+def _index(node: yaml.Node, at: KeyPath, file: str, source: SourceMap) -> None:
+    source.add(at, file, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            _index(value, at + (str(key.value),), file, source)
+            source.add(at + (str(key.value),), file, key.start_mark.line + 1)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _index(item, at + (i,), file, source)
+
+
+def _inline_search_space(raw: dict[str, Any], source: SourceMap, root: Path) -> None:
+    """Replace ``search_space: path.yaml`` by that file's ``search_space`` mapping."""
+    ref = root / raw["search_space"]
+    if not ref.is_file():
+        raise source.error(("search_space",), f"file not found: {ref}")
+    data, ref_source = _read_yaml(ref)
+    if not isinstance(data, dict) or not isinstance(data.get("search_space"), dict):
+        raise ConfigError([Problem(str(ref), 1, "", "a search-space file holds a 'search_space:' mapping")])
+    unknown = sorted(set(data) - {"search_space"})
+    if unknown:
+        raise ref_source.error((unknown[0],), "unknown key in a search-space file (only 'search_space')")
+    raw["search_space"] = data["search_space"]
+    source.update(ref_source)
+
+
+def _problem(err: Any, source: SourceMap) -> Problem:
+    loc = tuple(p for p in err["loc"] if p != "[key]")
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "unknown key" + _closest(str(loc[-1]), _fields_at(loc[:-1]))
+    elif err["type"] == "missing":
+        message = "required key is missing"
+    return source.problem(loc, message)
+
+
+def _fields_at(loc: KeyPath) -> list[str]:
+    """The keys the model at ``loc`` accepts (for 'did you mean' hints)."""
+    ann: Any = StudyConfig
+    parts = list(loc)
+    while True:
+        while origin := typing.get_origin(ann):  # unwrap Optional, Annotated, dict values
+            args = [a for a in typing.get_args(ann) if a is not type(None)]
+            if origin is dict:
+                if not parts:
+                    return []
+                parts.pop(0)
+                ann = args[1]
+            elif origin is Annotated:
+                ann = args[0]
+            else:
+                models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+                if not models:
+                    return []
+                ann = models[0]
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        if not parts:
+            return list(ann.model_fields)
+        field = ann.model_fields.get(str(parts.pop(0)))
+        if field is None:
+            return []
+        ann = field.annotation
+
+
+def _cross_checks(cfg: StudyConfig) -> list[Problem]:
+    """Checks that span several keys, each reported at the key to fix."""
+    src = cfg._source
+    problems = []
+    for name in sorted(set(cfg.search_space) & set(cfg.train)):
+        problems.append(src.problem(("search_space", name), f"{name!r} is also fixed in train:; keep one"))
+    metrics = TASK_METRICS[cfg.task]
+    if cfg.objective.metric not in metrics:
+        problems.append(src.problem(("objective", "metric"),
+                                    f"{cfg.objective.metric!r} is not reported by {cfg.task}; one of {', '.join(metrics)}"))
+    try:
+        samplers.make_sampler(cfg.sampler.name, cfg.sampler.args, space.compile_space(cfg.search_space))
+    except ValueError as e:
+        problems.append(src.problem(("sampler",), str(e)))
+    try:
+        samplers.make_pruner(cfg.pruner.name, cfg.pruner.args)
+    except ValueError as e:
+        problems.append(src.problem(("pruner",), str(e)))
+    return problems

@@ -1,0 +1,72 @@
+"""Configuration errors that point at a file, a line and a key path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a study file: ``FILE:LINE: key.path: message``."""
+
+    file: str
+    line: int | None
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """Raised when a study file is wrong; carries every problem found, one per line."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(map(str, problems)))
+
+
+KeyPath = tuple[str | int, ...]
+
+
+class SourceMap:
+    """Maps key paths of a loaded YAML document to the file and line they came from.
+
+    No YAML library keeps line numbers on the plain data it builds, so hpo walks
+    the composed node tree once and remembers where each key stood.
+    """
+
+    def __init__(self) -> None:
+        self._lines: dict[KeyPath, tuple[str, int | None]] = {}
+        self.default_file = "<study>"
+
+    def add(self, path: KeyPath, file: str | Path, line: int | None) -> None:
+        self._lines[path] = (str(file), line)
+
+    def update(self, other: SourceMap, prefix: KeyPath = ()) -> None:
+        for path, where in other._lines.items():
+            self._lines[prefix + path] = where
+
+    def locate(self, path: KeyPath) -> tuple[str, int | None]:
+        """The file and line of ``path``, or of its closest ancestor that has one."""
+        for end in range(len(path), -1, -1):
+            if path[:end] in self._lines:
+                return self._lines[path[:end]]
+        return self.default_file, None
+
+    def problem(self, path: KeyPath, message: str) -> Problem:
+        file, line = self.locate(path)
+        return Problem(file, line, format_path(path), message)
+
+    def error(self, path: KeyPath, message: str) -> ConfigError:
+        return ConfigError([self.problem(path, message)])
+
+
+def format_path(path: KeyPath) -> str:
+    """``("search_space", "lr", "low")`` → ``search_space.lr.low``; list indexes as ``[0]``."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out

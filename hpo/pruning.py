@@ -1,0 +1,57 @@
+"""Evaluate on a grid of examples seen, report to Optuna, stop when it says prune."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import optuna
+from transformers import TrainerCallback
+
+
+class PruningCallback(TrainerCallback):
+    """Evaluates every ``every`` examples and reports ``metric`` to ``trial``.
+
+    The step given to Optuna is the number of training examples seen at that
+    evaluation point, so trials with different batch sizes or accumulation are
+    compared at the same amount of data. A final evaluation always follows the
+    last optimizer step. When the pruner says so, training stops and
+    ``pruned_at`` holds the step; a NaN metric stops training too (``nan_at``).
+    """
+
+    def __init__(
+        self,
+        trial: optuna.Trial,
+        metric: str,
+        n_train: int,
+        every: float,
+        on_eval: Callable[[int, float], None] | None = None,
+    ):
+        self.trial, self.metric, self.n_train, self.every = trial, metric, n_train, every
+        self.on_eval = on_eval
+        self.history: list[tuple[int, dict[str, float]]] = []
+        self.pruned_at: int | None = None
+        self.nan_at: int | None = None
+        self._next = 1  # index of the next grid point
+
+    def _seen(self, state) -> float:
+        return state.epoch * self.n_train
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._seen(state) + 1e-6 >= self._next * self.every or state.global_step >= state.max_steps:
+            control.should_evaluate = True
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        k = math.floor(self._seen(state) / self.every + 1e-6)
+        step = round(k * self.every) if k >= self._next else round(self._seen(state))
+        self._next = max(self._next, k + 1)
+        value = metrics[self.metric]
+        self.history.append((step, dict(metrics)))
+        if math.isnan(value):
+            self.nan_at, control.should_training_stop = step, True
+            return
+        self.trial.report(value, step)
+        if self.on_eval:
+            self.on_eval(step, value)
+        if self.trial.should_prune():
+            self.pruned_at, control.should_training_stop = step, True

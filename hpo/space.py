@@ -1,0 +1,104 @@
+"""Search-space spec → Optuna distributions, and the names a space may search."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+if TYPE_CHECKING:
+    from hpo.config import Param
+
+#: Model-side knobs: ``dropout`` sets every dropout probability in the model config.
+MODEL_PARAMS = frozenset({"dropout"})
+#: PEFT ``LoraConfig`` names; any of them in a space makes trials LoRA fine-tunes.
+LORA_PARAMS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules"})
+#: TrainingArguments that hpo owns: each trial sets them itself.
+RESERVED_TRAINING_ARGS = frozenset({"output_dir", "eval_strategy", "eval_steps", "save_strategy"})
+
+
+@lru_cache(maxsize=1)
+def training_argument_names() -> frozenset[str]:
+    """The field names of ``transformers.TrainingArguments``.
+
+    Read from the installed source with ``ast``: importing transformers (and
+    torch) takes seconds, and validating a study file should take less.
+    """
+    spec = importlib.util.find_spec("transformers")
+    source = Path(next(iter(spec.submodule_search_locations))) / "training_args.py"
+    tree = ast.parse(source.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "TrainingArguments":
+            return frozenset(
+                s.target.id
+                for s in node.body
+                if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
+                and not s.target.id.startswith("_")
+            )
+    from dataclasses import fields  # the source moved: fall back to the slow import
+
+    from transformers import TrainingArguments
+
+    return frozenset(f.name for f in fields(TrainingArguments) if f.init)
+
+
+def searchable_names() -> frozenset[str]:
+    """Every name a search space may use."""
+    return (training_argument_names() - RESERVED_TRAINING_ARGS) | MODEL_PARAMS | LORA_PARAMS
+
+
+def to_distribution(p: Param) -> BaseDistribution:
+    """One search-space entry as an Optuna distribution.
+
+    >>> from hpo.config import Param
+    >>> to_distribution(Param(type="float", low=1e-5, high=1e-3, log=True))
+    FloatDistribution(high=0.001, log=True, low=1e-05, step=None)
+
+    Raises:
+        ValueError: the entry is inconsistent (Optuna's own checks, e.g. ``low > high``).
+    """
+    if p.type == "categorical":
+        return CategoricalDistribution(p.choices)
+    if p.type == "int":
+        return IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+    return FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+
+
+def compile_space(space: Mapping[str, Param]) -> dict[str, BaseDistribution]:
+    """The whole search space as ``{name: distribution}``, built once per study."""
+    return {name: to_distribution(p) for name, p in space.items()}
+
+
+def suggest(trial: optuna.Trial, space: Mapping[str, BaseDistribution]) -> dict[str, Any]:
+    """Ask ``trial`` for a value of every parameter in ``space``.
+
+    This is the one place that calls ``trial.suggest_*``.
+    """
+    params: dict[str, Any] = {}
+    for name, d in space.items():
+        if isinstance(d, CategoricalDistribution):
+            params[name] = trial.suggest_categorical(name, d.choices)
+        elif isinstance(d, IntDistribution):
+            params[name] = trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
+        else:
+            params[name] = trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
+    return params
+
+
+def split_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Split trial params into (TrainingArguments kwargs, model kwargs, LoRA kwargs)."""
+    model = {k: v for k, v in params.items() if k in MODEL_PARAMS}
+    lora = {k: v for k, v in params.items() if k in LORA_PARAMS}
+    training = {k: v for k, v in params.items() if k not in model and k not in lora}
+    return training, model, lora

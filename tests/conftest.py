@@ -1,0 +1,63 @@
+"""Shared test parts: a tiny random-init BERT with an offline tokenizer, and study files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 BERT saved as a Hugging Face folder, with a WordPiece tokenizer built from the test data."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    words = sorted({w for f in ("train.csv", "eval.csv") for line in (DATA / f).read_text().splitlines()[1:]
+                    for w in line.rsplit(",", 1)[0].split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(folder)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, initializer_range=0.2)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def study_dict(model_dir: Path, **changes) -> dict:
+    """A small valid study as a dict; ``changes`` replace top-level keys."""
+    study = {
+        "study": "tiny",
+        "task": "sequence-classification",
+        "model": str(model_dir),
+        "data": {"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "max_length": 16},
+        "train": {"num_train_epochs": 2, "seed": 0},
+        "eval_every": 0.5,
+        "search_space": {
+            "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+            "per_device_train_batch_size": {"type": "categorical", "choices": [4, 8]},
+        },
+        "sampler": {"name": "random", "seed": 0},
+        "pruner": {"name": "none"},
+        "n_trials": 2,
+    }
+    study.update(changes)
+    return study
+
+
+@pytest.fixture
+def write_study(tmp_path, tiny_model):
+    """Write a study file into tmp_path: ``write_study(n_trials=3)`` → its path."""
+
+    def write(name: str = "study.yaml", **changes) -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(study_dict(tiny_model, **changes), sort_keys=False))
+        return path
+
+    return write

@@ -1,0 +1,70 @@
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from hpo.config import Param
+from hpo.space import compile_space, searchable_names, split_params, suggest, training_argument_names
+
+
+def test_every_type_compiles():
+    space = compile_space({
+        "learning_rate": Param(type="float", low=1e-5, high=1e-3, log=True),
+        "weight_decay": Param(type="float", low=0.0, high=0.1, step=0.05),
+        "num_train_epochs": Param(type="int", low=1, high=5),
+        "warmup_steps": Param(type="int", low=0, high=100, step=10),
+        "per_device_train_batch_size": Param(type="categorical", choices=[8, 16, 32]),
+        "lr_scheduler_type": Param(type="categorical", choices=["linear", "cosine"]),
+    })
+    assert space["learning_rate"] == FloatDistribution(1e-5, 1e-3, log=True)
+    assert space["weight_decay"] == FloatDistribution(0.0, 0.1, step=0.05)
+    assert space["num_train_epochs"] == IntDistribution(1, 5)
+    assert space["warmup_steps"] == IntDistribution(0, 100, step=10)
+    assert space["per_device_train_batch_size"] == CategoricalDistribution([8, 16, 32])
+    assert space["lr_scheduler_type"] == CategoricalDistribution(["linear", "cosine"])
+
+
+def test_suggest_samples_inside_the_space_and_records_the_distributions():
+    space = compile_space({
+        "learning_rate": Param(type="float", low=1e-5, high=1e-3, log=True),
+        "warmup_steps": Param(type="int", low=0, high=100, step=10),
+        "r": Param(type="categorical", choices=[4, 8]),
+    })
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(20):
+        trial = study.ask()
+        params = suggest(trial, space)
+        assert 1e-5 <= params["learning_rate"] <= 1e-3
+        assert params["warmup_steps"] % 10 == 0 and 0 <= params["warmup_steps"] <= 100
+        assert params["r"] in (4, 8)
+        study.tell(trial, 0.0)
+    assert study.trials[0].distributions == space
+
+
+def test_split_params_by_owner():
+    training, model, lora = split_params({"learning_rate": 1e-4, "dropout": 0.1, "r": 8, "lora_alpha": 16})
+    assert training == {"learning_rate": 1e-4}
+    assert model == {"dropout": 0.1}
+    assert lora == {"r": 8, "lora_alpha": 16}
+
+
+def test_training_argument_names_match_the_dataclass():
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    assert training_argument_names() == {f.name for f in fields(TrainingArguments) if f.init}
+    assert {"learning_rate", "dropout", "r", "lora_alpha"} <= searchable_names()
+    assert "output_dir" not in searchable_names()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"type": "float", "low": 0.1, "high": 0.01}, "low=0.1 > high=0.01"),
+    ({"type": "float", "low": 0.0, "high": 1.0, "log": True}, "log=true needs low > 0"),
+    ({"type": "int", "low": 1.5, "high": 4}, "whole numbers"),
+    ({"type": "categorical", "choices": []}, "non-empty"),
+    ({"type": "categorical", "choices": [1, "a"]}, "mix types"),
+    ({"type": "float", "low": 1e-5}, "needs both"),
+])
+def test_inconsistent_entries_are_rejected(spec, message):
+    with pytest.raises(ValueError, match=message):
+        Param(**spec)
