@@ -51,8 +51,8 @@ def _searchable(name: str) -> str:
 
 
 def _training_arg(name: str) -> str:
-    if name not in space.training_argument_names():
-        raise ValueError(f"not a TrainingArguments field: {name!r}{_closest(name, space.training_argument_names())}")
+    if name not in space.training_names():
+        raise ValueError(f"not a TrainingArguments field: {name!r}{_closest(name, space.training_names())}")
     if name in space.RESERVED_TRAINING_ARGS:
         raise ValueError(f"{name!r} is set by hpo (see eval_every and output_dir)")
     return name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -84,8 +86,13 @@ def make_pruner(
 def _construct(cls: type, kwargs: dict[str, Any]) -> Any:
     try:
         return cls(**kwargs)
-    except TypeError as e:  # unexpected or missing keyword: say it in the user's words
-        raise ValueError(f"{cls.__name__}: {e}".replace("__init__() ", "")) from None
+    except TypeError as e:  # unexpected or missing keyword: say it in the user's words, with a hint
+        message = str(e).replace(".__init__()", ":")
+        unknown = [k for k in kwargs if k not in inspect.signature(cls).parameters]
+        if unknown:
+            match = difflib.get_close_matches(unknown[0], list(inspect.signature(cls).parameters), n=1)
+            message += f"; did you mean {match[0]!r}?" if match else ""
+        raise ValueError(message) from None
     except ImportError as e:
         raise ValueError(f"{cls.__name__} needs a package that is not installed: {e}") from None
 

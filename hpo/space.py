@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 MODEL_PARAMS = frozenset({"dropout"})
 #: PEFT ``LoraConfig`` names; any of them in a space makes trials LoRA fine-tunes.
 LORA_PARAMS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules"})
+#: Names people know from transformers 4 that hpo still takes, mapped to today's field
+#: (transformers 5 reads a float ``warmup_steps`` below 1 as a ratio of the total steps).
+RENAMED_TRAINING_ARGS = {"warmup_ratio": "warmup_steps"}
 #: TrainingArguments that hpo owns: each trial sets them itself.
 RESERVED_TRAINING_ARGS = frozenset({"output_dir", "eval_strategy", "eval_steps", "save_strategy"})
 
@@ -53,9 +56,20 @@ def training_argument_names() -> frozenset[str]:
     return frozenset(f.name for f in fields(TrainingArguments) if f.init)
 
 
+def training_names() -> frozenset[str]:
+    """What ``train:`` and a search space may set: TrainingArguments fields and renamed ones."""
+    return training_argument_names() | {k for k in RENAMED_TRAINING_ARGS if k not in training_argument_names()}
+
+
+def training_arguments(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with renamed fields (``warmup_ratio``) under their TrainingArguments name."""
+    fields = training_argument_names()
+    return {(k if k in fields else RENAMED_TRAINING_ARGS.get(k, k)): v for k, v in kwargs.items()}
+
+
 def searchable_names() -> frozenset[str]:
     """Every name a search space may use."""
-    return (training_argument_names() - RESERVED_TRAINING_ARGS) | MODEL_PARAMS | LORA_PARAMS
+    return (training_names() - RESERVED_TRAINING_ARGS) | MODEL_PARAMS | LORA_PARAMS
 
 
 def to_distribution(p: Param) -> BaseDistribution:

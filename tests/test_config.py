@@ -1,0 +1,153 @@
+import pytest
+import yaml
+
+from hpo import ConfigError, load_study
+from tests.conftest import study_dict
+
+
+def errors(path, overrides=None) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        load_study(path, overrides)
+    return [str(p) for p in e.value.problems]
+
+
+def test_valid_study_loads_with_defaults(write_study):
+    cfg = load_study(write_study())
+    assert cfg.study == "tiny" and cfg.n_trials == 2
+    assert cfg.objective.metric == "eval_loss" and cfg.objective.direction == "minimize"
+    assert cfg.storage_url.startswith("sqlite:///") and cfg.storage_url.endswith("/study.db")
+    assert cfg.output_path == cfg.root / "outputs" / "tiny"
+    assert not cfg.is_lora
+
+
+def test_direction_follows_the_metric(write_study):
+    assert load_study(write_study(objective={"metric": "eval_f1_macro"})).objective.direction == "maximize"
+
+
+def test_relative_paths_resolve_against_the_study_file(tmp_path, tiny_model):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.csv", "eval.csv"):
+        (data / name).write_text(_data(name))
+    study = study_dict(tiny_model, data={"train": "data/train.csv", "eval": "data/eval.csv"})
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(study))
+    assert load_study(path).data.train == data / "train.csv"
+
+
+def _data(name):
+    from tests.conftest import DATA
+
+    return (DATA / name).read_text()
+
+
+def test_errors_name_file_line_and_key(write_study):
+    path = write_study()
+    text = path.read_text().replace("learning_rate:", "lerning_rate:").replace("n_trials: 2", "n_trails: 2")
+    path.write_text(text)
+    lines = text.splitlines()
+    found = errors(path)
+    assert len(found) == 2  # every problem at once
+    lr_line = next(i for i, line in enumerate(lines, 1) if "lerning_rate" in line)
+    assert f"{path}:{lr_line}: search_space.lerning_rate: unknown parameter 'lerning_rate'; did you mean 'learning_rate'?" in found
+    n_line = next(i for i, line in enumerate(lines, 1) if "n_trails" in line)
+    assert f"{path}:{n_line}: n_trails: unknown key; did you mean 'n_trials'?" in found
+
+
+def test_nested_unknown_key_suggests(write_study):
+    from tests.conftest import DATA
+
+    (found,) = errors(write_study(data={"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"),
+                                        "text_colum": "text"}))
+    assert "data.text_colum: unknown key; did you mean 'text_column'?" in found
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"search_space": {"learning_rate": {"type": "float", "low": 0.1, "high": 0.01}}},
+     "search_space.learning_rate: low=0.1 > high=0.01"),
+    ({"search_space": {"output_dir": {"type": "categorical", "choices": ["a"]}}},
+     "search_space.output_dir: 'output_dir' is set by hpo"),
+    ({"train": {"num_train_epoch": 2}}, "train.num_train_epoch: not a TrainingArguments field: 'num_train_epoch'; did you mean 'num_train_epochs'?"),
+    ({"sampler": {"name": "tpee"}}, "sampler.name: Input should be 'tpe'"),
+    ({"pruner": {"name": "median", "n_startup_trails": 3}}, "pruner: MedianPruner: got an unexpected keyword argument 'n_startup_trails'; did you mean 'n_startup_trials'?"),
+    ({"n_trials": 0}, "n_trials: Input should be greater than 0"),
+    ({"eval_every": {"epochs": 0.5, "examples": 10}}, "eval_every: give a number of epochs"),
+    ({"objective": {"metric": "eval_bleu"}}, "objective.metric: 'eval_bleu' is not reported by sequence-classification"),
+    ({"data": {"train": "missing.csv", "eval": "missing.csv"}}, "data.train: file not found"),
+    ({"search_space": {"train_batch": {"type": "int", "low": 1, "high": 2}}}, "unknown parameter 'train_batch'"),
+    ({"sampler": {"name": "grid"}}, "grid sampler needs categorical or stepped parameters; 'learning_rate' is continuous"),
+])
+def test_bad_values_are_reported_at_their_key(write_study, changes, expected):
+    found = errors(write_study(**changes))
+    assert any(expected in line for line in found), found
+
+
+def test_missing_required_key(write_study):
+    path = write_study()
+    data = yaml.safe_load(path.read_text())
+    del data["model"]
+    path.write_text(yaml.safe_dump(data))
+    assert f"{path}:1: model: required key is missing" in errors(path)
+
+
+def test_yaml_syntax_error_gives_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("study: x\nsearch_space:\n  lr: {type: float, low: 1\n")
+    (found,) = errors(path)
+    assert found.startswith(f"{path}:4: YAML syntax error")
+
+
+def test_missing_file(tmp_path):
+    (found,) = errors(tmp_path / "nope.yaml")
+    assert "nope.yaml: cannot read" in found
+
+
+def test_overrides_win_and_are_validated(write_study):
+    path = write_study()
+    cfg = load_study(path, {"n_trials": 5, "train.num_train_epochs": 1})
+    assert cfg.n_trials == 5 and cfg.train["num_train_epochs"] == 1
+    assert errors(path, {"n_trials": -1}) == ["<command line>: n_trials: Input should be greater than 0"]
+
+
+def test_search_space_file(write_study, tmp_path):
+    spaces = tmp_path / "spaces.yaml"
+    spaces.write_text("search_space:\n  learning_rate: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}\n"
+                      "  warmup_ratio: {type: float, low: 0.5, high: 0.1}\n")
+    found = errors(write_study(search_space="spaces.yaml"))
+    assert found == [f"{spaces}:3: search_space.warmup_ratio: low=0.5 > high=0.1"]
+
+
+def test_lora_section_or_lora_names_make_a_lora_study(write_study, tiny_model):
+    assert load_study(write_study(model={"name": str(tiny_model), "lora": {"r": 4}})).is_lora
+    space = {"r": {"type": "categorical", "choices": [4, 8]}}
+    assert load_study(write_study(search_space=space)).is_lora
+
+
+def test_data_checks_run_before_training(write_study, tmp_path):
+    from hpo.trial import prepare
+
+    bad = tmp_path / "eval.csv"
+    bad.write_text("text,label\nhello,greeting\nwhat,unseen_label\n")
+    path = write_study(data={"train": str(tmp_path.parent / "x.csv"), "eval": str(bad)})
+    assert any("file not found" in line for line in errors(path))
+    from tests.conftest import DATA
+
+    cfg = load_study(write_study(data={"train": str(DATA / "train.csv"), "eval": str(bad)}))
+    with pytest.raises(ConfigError, match="data.eval: eval labels not in train: unseen_label"):
+        prepare(cfg)
+    cfg = load_study(write_study(data={"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"),
+                                       "text_column": "sentence"}))
+    with pytest.raises(ConfigError, match="data.text_column: column 'sentence' not in train.csv"):
+        prepare(cfg)
+
+
+def test_jsonl_data(write_study, tmp_path):
+    import json
+
+    from hpo.data import load_text_data
+
+    rows = [{"text": f"hello {i}", "label": i % 2} for i in range(4)]
+    for name in ("train.jsonl", "eval.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_text_data(load_study(write_study(data={"train": "train.jsonl", "eval": "eval.jsonl"})))
+    assert data.labels == ["0", "1"] and data.train_labels == [0, 1, 0, 1]
