@@ -17,6 +17,7 @@ DATA = Path(__file__).parent / "data"
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A 2-layer, hidden-32 BERT saved as a Hugging Face folder, with a WordPiece tokenizer built from the test data."""
+    import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-bert")
@@ -26,6 +27,7 @@ def tiny_model(tmp_path_factory) -> Path:
     BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(folder)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, initializer_range=0.2)
+    torch.manual_seed(0)  # the same tiny model every run: test outcomes must not depend on luck
     BertModel(config).save_pretrained(folder)
     return folder
 
