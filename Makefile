@@ -1,0 +1,24 @@
+# make quickstart — set up and run the quickstart study; make test — set up and run the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+# PyTorch is installed first and pinned here: on our dev and CI machines this version is a CPU
+# wheel on local disk; elsewhere pick your build, e.g. make TORCH="torch>=2.4" quickstart.
+TORCH  ?= torch==2.13.0
+BIN     = $(VENV)/bin
+
+$(BIN)/hpo: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+setup: $(BIN)/hpo
+
+quickstart: setup
+	$(BIN)/hpo run studies/quickstart.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+.PHONY: setup quickstart test

@@ -1,0 +1,23 @@
+"""The shipped quickstart, end to end on the packaged MiniLM (about 2 minutes on 2 CPU cores)."""
+
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+from rich.console import Console
+
+from hpo import load_study, run_study
+
+QUICKSTART = Path(__file__).parent.parent / "studies" / "quickstart.yaml"
+
+
+@pytest.mark.slow
+def test_quickstart_finds_better_configs_and_prunes(tmp_path):
+    cfg = load_study(QUICKSTART, {"storage": f"sqlite:///{tmp_path}/q.db", "output_dir": str(tmp_path / "out")})
+    study = run_study(cfg, Console(quiet=True))
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) >= 8
+    assert TrialState.PRUNED in states and TrialState.FAIL not in states
+    first = next(t for t in study.trials if t.state == TrialState.COMPLETE)
+    assert study.best_value < first.value
+    assert (tmp_path / "out" / "best_model" / "model.safetensors").exists()
