@@ -46,6 +46,9 @@ def run(
         run_study(cfg)
     except ConfigError as e:
         _fail(e)
+    except KeyboardInterrupt:
+        err.print("interrupted: finished trials are kept; run the same command again to resume")
+        raise typer.Exit(130) from None
 
 
 @app.command()

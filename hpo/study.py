@@ -69,8 +69,10 @@ def run_study(cfg: StudyConfig, console: Console | None = None) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # hpo prints its own lines per trial
     bench = prepare(cfg)
     n_train = len(bench.train_rows)
-    epochs = float(cfg.train.get("num_train_epochs", 3))
-    study = open_study(cfg, round(cfg.eval_every.examples_between(n_train)), round(epochs * n_train))
+    # The run's length in examples, when every trial has the same (else Hyperband estimates it).
+    varies = {"num_train_epochs", "max_steps"} & set(cfg.search_space) or "max_steps" in cfg.train
+    last_step = None if varies else round(float(cfg.train.get("num_train_epochs", 3)) * n_train)
+    study = open_study(cfg, round(cfg.eval_every.examples_between(n_train)), last_step)
     cfg.output_path.mkdir(parents=True, exist_ok=True)
     if "config" not in study.user_attrs:
         study.set_user_attr("config", resolved_config(cfg))
@@ -110,6 +112,9 @@ def _objective(bench: Workbench, progress: _Progress):
             return result.value
         except optuna.TrialPruned:
             raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted")  # Optuna marks it FAIL and re-raises
+            raise
         except Exception as e:
             trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:1000])
             trial.set_user_attr("fail_traceback", traceback.format_exc()[-4000:])
@@ -134,6 +139,7 @@ class _Progress:
     def __init__(self, console: Console, cfg: StudyConfig):
         self.console, self.metric = console, cfg.objective.metric
         self.failures_in_a_row = 0
+        self.best = ""  # " (best so far 0.1234)" once a trial completed
         self.status = console.status("")
         self.number = -1
 
@@ -143,7 +149,7 @@ class _Progress:
         self.status.update(f"trial {number}: training…")
 
     def evaluated(self, step: int, value: float) -> None:
-        self.status.update(f"trial {self.number}: {self.metric} {value:.4f} after {step} examples")
+        self.status.update(f"trial {self.number}: {self.metric} {value:.4f} after {step} examples{self.best}")
 
     def trial_done(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.status.stop()
@@ -163,6 +169,8 @@ class _Progress:
         else:
             reason = trial.user_attrs.get("fail_reason", "interrupted")
             self.console.print(f"trial {trial.number:3d} [red]failed[/]: {reason}  {tally}")
+        if trial.state == TrialState.COMPLETE:
+            self.best = f" (best so far {study.best_value:.4f})"
         self.failures_in_a_row = self.failures_in_a_row + 1 if trial.state == TrialState.FAIL else 0
         if self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
             self.console.print(f"[red]stopping: {self.failures_in_a_row} trials failed in a row[/] "
