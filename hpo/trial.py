@@ -11,6 +11,7 @@ import os
 import resource
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,7 @@ def prepare(cfg: StudyConfig) -> Workbench:
     """
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft 0.21 on transformers 5
     data = load_text_data(cfg)
     path = resolve_model(cfg.model.name, cfg.root)
     try:
