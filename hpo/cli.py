@@ -64,5 +64,16 @@ def validate(study: StudyFile) -> None:
     Console().print(f"{study}: ok ({len(cfg.search_space)} parameters, {cfg.n_trials} trials)")
 
 
+@app.command()
+def schema(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the schema files.")] = Path("schemas"),
+) -> None:
+    """Write JSON Schemas for study files and search-space files (for editors)."""
+    from hpo.schema import write_schemas
+
+    for path in write_schemas(out):
+        Console().print(f"wrote {path}")
+
+
 if __name__ == "__main__":
     app()

@@ -8,12 +8,16 @@ Nothing below this module reads raw dicts.
 from __future__ import annotations
 
 import difflib
+import os
+import re
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from dotenv import dotenv_values
+from optuna.distributions import BaseDistribution
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -203,6 +207,7 @@ class StudyConfig(_Strict):
     objective: Objective = Objective()
     sampler: SamplerSpec = SamplerSpec()
     pruner: PrunerSpec = PrunerSpec()
+    enqueue: list[dict[str, Any]] = []  # known configurations to try first (warm start)
     n_trials: PositiveInt = 10  # finished (complete + pruned) trials the study should hold
     timeout: PositiveFloat | None = None  # seconds for this run
     storage: str | None = None  # default: sqlite beside the study file
@@ -261,6 +266,7 @@ def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
         raise ConfigError([Problem(str(path), 1, "", "a study file is a YAML mapping of keys")])
     if isinstance(raw.get("search_space"), str):
         _inline_search_space(raw, source, path.parent)
+    raw = _expand_variables(raw, path.parent / ".env", source)
     for key, value in (overrides or {}).items():
         *parents, leaf = key.split(".")
         node = raw
@@ -316,6 +322,36 @@ def _index(node: yaml.Node, at: KeyPath, file: str, source: SourceMap) -> None:
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _index(item, at + (i,), file, source)
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_variables(raw: dict[str, Any], dotenv: Path, source: SourceMap) -> dict[str, Any]:
+    """Replace ``${VAR}`` in string values from the environment, else from ``.env`` beside the study."""
+    env = {**dotenv_values(dotenv), **os.environ} if dotenv.is_file() else dict(os.environ)
+    problems: list[Problem] = []
+
+    def expand(node: Any, at: KeyPath) -> Any:
+        if isinstance(node, dict):
+            return {k: expand(v, at + (str(k),)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [expand(v, at + (i,)) for i, v in enumerate(node)]
+        if not isinstance(node, str):
+            return node
+
+        def value(m: re.Match) -> str:
+            if env.get(m.group(1)) is None:
+                problems.append(source.problem(at, f"${{{m.group(1)}}} is not set in the environment or {dotenv.name}"))
+                return m.group(0)
+            return env[m.group(1)]
+
+        return _VARIABLE.sub(value, node)
+
+    raw = expand(raw, ())
+    if problems:
+        raise ConfigError(problems)
+    return raw
 
 
 def _inline_search_space(raw: dict[str, Any], source: SourceMap, root: Path) -> None:
@@ -378,12 +414,19 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
     problems = []
     for name in sorted(set(cfg.search_space) & set(cfg.train)):
         problems.append(src.problem(("search_space", name), f"{name!r} is also fixed in train:; keep one"))
+    dists = space.compile_space(cfg.search_space)
+    for i, entry in enumerate(cfg.enqueue):
+        for name, value in entry.items():
+            if name not in dists:
+                problems.append(src.problem(("enqueue", i, name), f"not in search_space{_closest(name, dists)}"))
+            elif not _contains(dists[name], value):
+                problems.append(src.problem(("enqueue", i, name), f"{value!r} is outside the search space"))
     metrics = TASK_METRICS[cfg.task]
     if cfg.objective.metric not in metrics:
         problems.append(src.problem(("objective", "metric"),
                                     f"{cfg.objective.metric!r} is not reported by {cfg.task}; one of {', '.join(metrics)}"))
     try:
-        samplers.make_sampler(cfg.sampler.name, cfg.sampler.args, space.compile_space(cfg.search_space))
+        samplers.make_sampler(cfg.sampler.name, cfg.sampler.args, dists)
     except ValueError as e:
         problems.append(src.problem(("sampler",), str(e)))
     try:
@@ -391,3 +434,10 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
     except ValueError as e:
         problems.append(src.problem(("pruner",), str(e)))
     return problems
+
+
+def _contains(d: BaseDistribution, value: Any) -> bool:
+    try:
+        return d._contains(d.to_internal_repr(value))  # Optuna's own membership test
+    except (ValueError, TypeError):
+        return False

@@ -76,6 +76,8 @@ def run_study(cfg: StudyConfig, console: Console | None = None) -> optuna.Study:
     cfg.output_path.mkdir(parents=True, exist_ok=True)
     if "config" not in study.user_attrs:
         study.set_user_attr("config", resolved_config(cfg))
+    for params in cfg.enqueue:  # a configuration already queued or tried is not queued again
+        study.enqueue_trial(params, skip_if_exists=True)
     (cfg.output_path / "resolved.yaml").write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
 
     done = count_finished(study)

@@ -151,3 +151,36 @@ def test_jsonl_data(write_study, tmp_path):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = load_text_data(load_study(write_study(data={"train": "train.jsonl", "eval": "eval.jsonl"})))
     assert data.labels == ["0", "1"] and data.train_labels == [0, 1, 0, 1]
+
+
+def test_enqueue_is_checked_against_the_space(write_study):
+    found = errors(write_study(enqueue=[{"learning_rate": 1.0}, {"lerning_rate": 1e-3}]))
+    assert any("enqueue[0].learning_rate: 1.0 is outside the search space" in f for f in found), found
+    assert any("enqueue[1].lerning_rate: not in search_space; did you mean 'learning_rate'?" in f for f in found), found
+
+
+def test_enqueued_configurations_run_first_and_only_once(write_study):
+    from optuna.trial import TrialState
+    from rich.console import Console
+
+    from hpo import run_study
+
+    start = {"learning_rate": 1e-3, "per_device_train_batch_size": 8}
+    path = write_study(n_trials=2, enqueue=[start])
+    study = run_study(load_study(path), Console(quiet=True))
+    assert study.trials[0].params == start
+    study = run_study(load_study(path, {"n_trials": 3}), Console(quiet=True))
+    assert [t.params == start for t in study.trials] == [True, False, False]
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+
+
+def test_variables_from_the_environment_and_dotenv(write_study, tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text("STUDY_NAME=from-dotenv\nTRIALS=4\n")
+    path = write_study(study="${STUDY_NAME}", n_trials="${TRIALS}", storage="sqlite:///${DB_DIR}/x.db")
+    monkeypatch.setenv("DB_DIR", "/data")
+    monkeypatch.setenv("TRIALS", "5")  # the environment wins over .env
+    cfg = load_study(path)
+    assert (cfg.study, cfg.n_trials, cfg.storage) == ("from-dotenv", 5, "sqlite:////data/x.db")
+    monkeypatch.delenv("DB_DIR")
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("storage:"))
+    assert errors(path) == [f"{path}:{line}: storage: ${{DB_DIR}} is not set in the environment or .env"]

@@ -1,5 +1,7 @@
 """Every study and search-space file we ship loads and validates (model and data included)."""
 
+import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,9 @@ SPACES = sorted((ROOT / "search_spaces").rglob("*.yaml"))
 
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_study_validates(path):
-    assert path.read_text().startswith(f"# {path.relative_to(ROOT)} — run: hpo run {path.relative_to(ROOT)}")
+    first, second = path.read_text().splitlines()[:2]
+    assert first == "# yaml-language-server: $schema=../schemas/study.schema.json"
+    assert second.startswith(f"# {path.relative_to(ROOT)} — run: hpo run {path.relative_to(ROOT)}")
     bench = prepare(load_study(path))
     assert len(bench.train_rows) >= 2
 
@@ -31,3 +35,31 @@ def test_quickstart_data_is_big_enough():
     bench = prepare(cfg)
     assert len(bench.train_rows) + len(bench.eval_rows) >= 400 and len(bench.labels) >= 4
     assert cfg.n_trials >= 8
+
+
+def _validator(name):
+    import jsonschema
+
+    schema = json.loads((ROOT / "schemas" / f"{name}.schema.json").read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_shipped_schemas_are_current(tmp_path):
+    from hpo.schema import write_schemas
+
+    for path in write_schemas(tmp_path):
+        assert path.read_text() == (ROOT / "schemas" / path.name).read_text(), f"run: hpo schema ({path.name})"
+
+
+@pytest.mark.parametrize("path", STUDIES + SPACES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_schema_accepts_shipped_files_and_rejects_mutations(path):
+    validator = _validator("study" if path in STUDIES else "search_space")
+    data = yaml.safe_load(path.read_text())
+    validator.validate(data)
+    name = next(iter(data["search_space"]))
+    for mutate in (lambda d: d.update(n_trails=3),
+                   lambda d: d["search_space"].update(lerning_rate={"type": "float", "low": 0, "high": 1}),
+                   lambda d: d["search_space"][name].update(type="floaty")):
+        broken = copy.deepcopy(data)
+        mutate(broken)
+        assert list(validator.iter_errors(broken)), f"schema accepted a mutated {path.name}"
