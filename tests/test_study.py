@@ -3,7 +3,6 @@
 import json
 
 import optuna
-import pytest
 from optuna.trial import TrialState
 from rich.console import Console
 
