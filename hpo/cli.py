@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
 from rich.console import Console
 
 from hpo.config import load_study
@@ -16,11 +17,27 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 StudyFile = Annotated[Path, typer.Argument(help="The study file (YAML).", show_default=False)]
+Overrides = Annotated[list[str] | None, typer.Argument(help="key.path=value pairs that win over the file, "
+                                                          "e.g. n_trials=3 train.num_train_epochs=1.", show_default=False)]
+
+
+def _parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            err.print(f"[red]error[/] <command line>: {pair!r}: an override is key.path=value")
+            raise typer.Exit(2)
+        try:  # YAML typing: 3 → int, 1.0e-4 → float, [a, b] → list
+            out[key] = yaml.safe_load(value) if value else None
+        except yaml.YAMLError:
+            out[key] = value
+    return out
 
 
 def _load(path: Path, overrides: dict[str, Any]):
     try:
-        return load_study(path, {k: v for k, v in overrides.items() if v is not None})
+        return load_study(path, overrides)
     except ConfigError as e:
         _fail(e)
 
@@ -34,12 +51,14 @@ def _fail(e: ConfigError):
 @app.command()
 def run(
     study: StudyFile,
+    overrides: Overrides = None,
     n_trials: Annotated[int | None, typer.Option("--n-trials", min=1, help="Finished trials the study should hold.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Stop starting trials after this many seconds.")] = None,
     storage: Annotated[str | None, typer.Option(help="Storage URL (default: sqlite beside the study file).")] = None,
 ) -> None:
     """Create or resume the study and run trials until it holds n_trials finished ones."""
-    cfg = _load(study, {"n_trials": n_trials, "timeout": timeout, "storage": storage})
+    flags = {"n_trials": n_trials, "timeout": timeout, "storage": storage}
+    cfg = _load(study, {**_parse_overrides(overrides), **{k: v for k, v in flags.items() if v is not None}})
     from hpo.study import run_study  # imports torch and transformers: only once the file is valid
 
     try:
@@ -52,9 +71,9 @@ def run(
 
 
 @app.command()
-def validate(study: StudyFile) -> None:
+def validate(study: StudyFile, overrides: Overrides = None) -> None:
     """Check a study file without training; print every problem, exit 2 if any."""
-    cfg = _load(study, {})
+    cfg = _load(study, _parse_overrides(overrides))
     from hpo.trial import prepare
 
     try:

@@ -20,7 +20,7 @@ def test_run_then_rerun_then_raise_the_target(write_study):
     assert "best trial" in first.stdout and "optuna-dashboard sqlite:///" in first.stdout
     again = hpo("run", path)
     assert again.returncode == 0 and "2 finished trial(s)" in again.stdout
-    more = hpo("run", path, "--n-trials", 3)
+    more = hpo("run", path, "n_trials=3", "train.num_train_epochs=1")
     assert more.returncode == 0, more.stderr
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}")
     assert len(study.trials) == 3
@@ -52,3 +52,11 @@ def test_validate(write_study):
     assert ok.returncode == 0 and "ok" in ok.stdout
     missing = hpo("validate", "no/such/study.yaml")
     assert missing.returncode == 2 and "no/such/study.yaml: cannot read" in missing.stderr
+
+
+def test_bad_override(write_study):
+    result = hpo("validate", write_study(), "n_trials=zero")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error <command line>: n_trials: Input should be a valid integer, unable to parse string as an integer"
+    result = hpo("validate", write_study(), "n_trials")
+    assert result.returncode == 2 and "an override is key.path=value" in result.stderr
