@@ -12,6 +12,7 @@ import os
 import re
 import typing
 from collections.abc import Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -242,6 +243,11 @@ class StudyConfig(_Strict):
     def output_path(self) -> Path:
         return self.output_dir or self.root / "outputs" / self.study
 
+    @cached_property
+    def distributions(self) -> dict[str, BaseDistribution]:
+        """The search space as Optuna distributions, compiled once."""
+        return space.compile_space(self.search_space)
+
     @property
     def is_lora(self) -> bool:
         return self.model.lora is not None or bool(space.LORA_PARAMS & set(self.search_space))
@@ -414,7 +420,7 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
     problems = []
     for name in sorted(set(cfg.search_space) & set(cfg.train)):
         problems.append(src.problem(("search_space", name), f"{name!r} is also fixed in train:; keep one"))
-    dists = space.compile_space(cfg.search_space)
+    dists = cfg.distributions
     for i, entry in enumerate(cfg.enqueue):
         for name, value in entry.items():
             if name not in dists:

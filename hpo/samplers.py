@@ -88,9 +88,10 @@ def _construct(cls: type, kwargs: dict[str, Any]) -> Any:
         return cls(**kwargs)
     except TypeError as e:  # unexpected or missing keyword: say it in the user's words, with a hint
         message = str(e).replace(".__init__()", ":")
-        unknown = [k for k in kwargs if k not in inspect.signature(cls).parameters]
+        accepted = list(inspect.signature(cls).parameters)
+        unknown = [k for k in kwargs if k not in accepted]
         if unknown:
-            match = difflib.get_close_matches(unknown[0], list(inspect.signature(cls).parameters), n=1)
+            match = difflib.get_close_matches(unknown[0], accepted, n=1)
             message += f"; did you mean {match[0]!r}?" if match else ""
         raise ValueError(message) from None
     except ImportError as e:

@@ -34,12 +34,11 @@ def open_study(cfg: StudyConfig, first_step: int = 1, last_step: int | None = No
     url = cfg.storage_url
     engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else None
     storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-    dists = space.compile_space(cfg.search_space)
     return optuna.create_study(
         storage=storage,
         study_name=cfg.study,
         direction=cfg.objective.direction,
-        sampler=samplers.make_sampler(cfg.sampler.name, cfg.sampler.args, dists),
+        sampler=samplers.make_sampler(cfg.sampler.name, cfg.sampler.args, cfg.distributions),
         pruner=samplers.make_pruner(cfg.pruner.name, cfg.pruner.args, first_step, last_step),
         load_if_exists=True,
     )
@@ -96,10 +95,8 @@ def run_study(cfg: StudyConfig, console: Console | None = None) -> optuna.Study:
 
 
 def _objective(bench: Workbench, progress: _Progress):
-    dists = space.compile_space(bench.cfg.search_space)
-
     def objective(trial: optuna.Trial) -> float:
-        params = space.suggest(trial, dists)
+        params = space.suggest(trial, bench.cfg.distributions)
         progress.trial_start(trial.number, params)
         result = None
         try:

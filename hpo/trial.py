@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import importlib
 import json
@@ -28,6 +29,7 @@ from transformers import (
     AutoTokenizer,
     DataCollatorWithPadding,
     EvalPrediction,
+    PretrainedConfig,
     PreTrainedModel,
     PrinterCallback,
     Trainer,
@@ -88,6 +90,7 @@ class Workbench:
 
     cfg: StudyConfig
     model_path: str
+    config: PretrainedConfig  # the model's config with this data's labels; trials copy it
     tokenizer: Any
     labels: list[str]
     train_rows: list[dict[str, Any]]
@@ -106,8 +109,10 @@ def prepare(cfg: StudyConfig) -> Workbench:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft 0.21 on transformers 5
     data = load_text_data(cfg)
     path = resolve_model(cfg.model.name, cfg.root)
+    labels = {"num_labels": len(data.labels), "id2label": dict(enumerate(data.labels)),
+              "label2id": {name: i for i, name in enumerate(data.labels)}}
     try:
-        AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **labels)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         reason = str(e).splitlines()[0]
@@ -116,6 +121,7 @@ def prepare(cfg: StudyConfig) -> Workbench:
     return Workbench(
         cfg=cfg,
         model_path=path,
+        config=config,
         tokenizer=tokenizer,
         labels=data.labels,
         train_rows=tokenize(data.train_texts, data.train_labels, tokenizer, max_length),
@@ -198,12 +204,7 @@ def run_trial(
 
 def _build_model(bench: Workbench, model_params: Mapping[str, Any], lora_params: Mapping[str, Any]):
     cfg = bench.cfg
-    config = AutoConfig.from_pretrained(
-        bench.model_path,
-        num_labels=len(bench.labels),
-        id2label=dict(enumerate(bench.labels)),
-        label2id={name: i for i, name in enumerate(bench.labels)},
-    )
+    config = copy.deepcopy(bench.config)
     if "dropout" in model_params:
         found = [f for f in DROPOUT_FIELDS if hasattr(config, f)]
         if not found:
