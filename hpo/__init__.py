@@ -10,7 +10,9 @@ from hpo.errors import ConfigError
 
 def run_study(cfg: StudyConfig, console=None):
     """Run ``cfg``'s study to ``n_trials`` finished trials; see :func:`hpo.study.run_study`."""
-    from hpo.study import run_study as _run  # torch/transformers load only when trials run
+    from hpo.study import (
+        run_study as _run,  # torch/transformers load only when trials run
+    )
 
     return _run(cfg, console)
 

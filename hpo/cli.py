@@ -17,6 +17,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 StudyFile = Annotated[Path, typer.Argument(help="The study file (YAML).", show_default=False)]
+Env = Annotated[str | None, typer.Option("--env", help="An environment from the file's environments: mapping.")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="key.path=value pairs that win over the file, "
                                                           "e.g. n_trials=3 train.num_train_epochs=1.", show_default=False)]
 
@@ -35,9 +36,9 @@ def _parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _load(path: Path, overrides: dict[str, Any]):
+def _load(path: Path, overrides: dict[str, Any], env: str | None = None):
     try:
-        return load_study(path, overrides)
+        return load_study(path, overrides, env)
     except ConfigError as e:
         _fail(e)
 
@@ -55,11 +56,14 @@ def run(
     n_trials: Annotated[int | None, typer.Option("--n-trials", min=1, help="Finished trials the study should hold.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Stop starting trials after this many seconds.")] = None,
     storage: Annotated[str | None, typer.Option(help="Storage URL (default: sqlite beside the study file).")] = None,
+    env: Env = None,
 ) -> None:
     """Create or resume the study and run trials until it holds n_trials finished ones."""
     flags = {"n_trials": n_trials, "timeout": timeout, "storage": storage}
-    cfg = _load(study, {**_parse_overrides(overrides), **{k: v for k, v in flags.items() if v is not None}})
-    from hpo.study import run_study  # imports torch and transformers: only once the file is valid
+    cfg = _load(study, {**_parse_overrides(overrides), **{k: v for k, v in flags.items() if v is not None}}, env)
+    from hpo.study import (
+        run_study,  # imports torch and transformers: only once the file is valid
+    )
 
     try:
         run_study(cfg)
@@ -71,9 +75,9 @@ def run(
 
 
 @app.command()
-def validate(study: StudyFile, overrides: Overrides = None) -> None:
+def validate(study: StudyFile, overrides: Overrides = None, env: Env = None) -> None:
     """Check a study file without training; print every problem, exit 2 if any."""
-    cfg = _load(study, _parse_overrides(overrides))
+    cfg = _load(study, _parse_overrides(overrides), env)
     from hpo.trial import prepare
 
     try:

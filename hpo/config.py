@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from dotenv import dotenv_values
-from optuna.distributions import BaseDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -35,6 +35,7 @@ from pydantic import (
 
 from hpo import samplers, space
 from hpo.errors import ConfigError, KeyPath, Problem, SourceMap
+from hpo.expr import Expression
 
 TASKS = ("sequence-classification",)
 #: Metrics each task reports at every evaluation (Trainer's ``eval_`` prefix).
@@ -73,17 +74,36 @@ class _Strict(BaseModel):
 
 
 class Param(_Strict):
-    """One search-space entry; maps 1:1 onto an Optuna distribution."""
+    """One search-space entry: an Optuna distribution, or a value derived from other parameters.
 
-    type: Literal["float", "int", "categorical"]
+    ``when`` makes it conditional: it is sampled only when every named parameter
+    has the given value (or one of a list of values).
+    """
+
+    type: Literal["float", "int", "categorical"] | None = None
     low: float | None = None
     high: float | None = None
     log: bool = False
     step: PositiveFloat | None = None
     choices: list[Choice] | None = None
+    derive: str | None = Field(None, description='arithmetic over other parameters, e.g. "2 * r"')
+    when: dict[str, Choice | list[Choice]] | None = Field(None, description="e.g. {optim: sgd}")
+
+    @cached_property
+    def expression(self) -> Expression | None:
+        return Expression(self.derive) if self.derive is not None else None
 
     @model_validator(mode="after")
     def _consistent(self) -> Param:
+        if self.when is not None and not self.when:
+            raise ValueError("'when' needs at least one {parameter: value}")
+        if self.derive is not None:
+            if self.type is not None or self.low is not None or self.high is not None or self.choices is not None:
+                raise ValueError("a derived parameter takes 'derive' (and 'when') only")
+            self.expression  # noqa: B018 - parse now, so a bad expression fails validation
+            return self
+        if self.type is None:
+            raise ValueError("give 'type' (float, int, categorical) or 'derive'")
         if self.type == "categorical":
             if not self.choices:
                 raise ValueError("categorical needs a non-empty 'choices' list")
@@ -208,14 +228,18 @@ class StudyConfig(_Strict):
     objective: Objective = Objective()
     sampler: SamplerSpec = SamplerSpec()
     pruner: PrunerSpec = PrunerSpec()
+    constraints: list[str] = []  # conditions every trial's parameters must meet, e.g. "a * b <= 128"
     enqueue: list[dict[str, Any]] = []  # known configurations to try first (warm start)
     n_trials: PositiveInt = 10  # finished (complete + pruned) trials the study should hold
     timeout: PositiveFloat | None = None  # seconds for this run
     storage: str | None = None  # default: sqlite beside the study file
     output_dir: Path | None = None  # default: <study folder>/outputs/<study>
+    extends: str | None = Field(None, description="a base study file this one deep-merges over")
+    environments: dict[str, dict[str, Any]] = Field({}, description="overlays chosen with --env NAME")
 
     _file: Path = PrivateAttr(default=Path("study.yaml"))
     _source: SourceMap = PrivateAttr(default_factory=SourceMap)
+    _environment: str | None = PrivateAttr(default=None)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -232,6 +256,11 @@ class StudyConfig(_Strict):
         return self._file
 
     @property
+    def environment(self) -> str | None:
+        """The ``--env`` overlay this config was loaded with."""
+        return self._environment
+
+    @property
     def root(self) -> Path:
         return self._file.parent
 
@@ -245,33 +274,56 @@ class StudyConfig(_Strict):
 
     @cached_property
     def distributions(self) -> dict[str, BaseDistribution]:
-        """The search space as Optuna distributions, compiled once."""
+        """The sampled parameters as Optuna distributions, compiled once (derived ones are computed)."""
         return space.compile_space(self.search_space)
+
+    @cached_property
+    def constraint_expressions(self) -> list[Expression]:
+        return [Expression(c, condition=True) for c in self.constraints]
+
+    @field_validator("constraints")
+    @classmethod
+    def _parse_constraints(cls, constraints: list[str]) -> list[str]:
+        for c in constraints:
+            Expression(c, condition=True)
+        return constraints
 
     @property
     def is_lora(self) -> bool:
         return self.model.lora is not None or bool(space.LORA_PARAMS & set(self.search_space))
 
+    def problem(self, path: KeyPath, message: str) -> Problem:
+        """A ``Problem`` pointing at ``path`` in the file it came from."""
+        return self._source.problem(path, message)
+
     def error(self, path: KeyPath, message: str) -> ConfigError:
         """A ``ConfigError`` pointing at ``path`` in the file it came from."""
-        return self._source.error(path, message)
+        return ConfigError([self.problem(path, message)])
 
 
-def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None) -> StudyConfig:
-    """Read, resolve and validate a study file.
+def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None, env: str | None = None) -> StudyConfig:
+    """Read, compose and validate a study file.
 
-    ``overrides`` maps dotted key paths to values (``{"n_trials": 3}``) and wins
-    over the file. Relative paths resolve against the study file's folder.
+    Composition, in order: ``extends:`` base files (deep merge, the extending
+    file wins), then the environment ``env`` from ``environments:``, then
+    ``overrides`` — dotted key paths (``{"train.num_train_epochs": 1}``).
+    ``${VAR}`` comes from the environment, else from ``.env`` beside the study
+    file. Relative paths resolve against the file that wrote them.
 
     Raises:
         ConfigError: with every problem found, each naming file, line and key.
     """
     path = Path(path)
-    raw, source = _read_yaml(path)
-    if not isinstance(raw, dict):
-        raise ConfigError([Problem(str(path), 1, "", "a study file is a YAML mapping of keys")])
-    if isinstance(raw.get("search_space"), str):
-        _inline_search_space(raw, source, path.parent)
+    raw, source = _read_layers(path, ())
+    if env is not None:
+        environments = raw.get("environments")
+        defined = ", ".join(environments) if isinstance(environments, dict) and environments else "none"
+        if not isinstance(environments, dict) or env not in environments:
+            raise source.error(("environments",), f"no environment {env!r} (defined: {defined})")
+        if not isinstance(environments[env], dict):
+            raise source.error(("environments", env), "an environment is a mapping of study keys")
+        raw = _deep_merge(raw, environments[env])
+        source.update(source.subtree(("environments", env)))
     raw = _expand_variables(raw, path.parent / ".env", source)
     for key, value in (overrides or {}).items():
         *parents, leaf = key.split(".")
@@ -287,11 +339,56 @@ def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
         cfg = StudyConfig.model_validate(raw, context={"root": path.parent})
     except ValidationError as e:
         raise ConfigError([_problem(err, source) for err in e.errors()]) from None
-    cfg._file, cfg._source = path, source
+    cfg._file, cfg._source, cfg._environment = path, source, env
     problems = _cross_checks(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+#: Keys that hold paths; a relative one resolves against the file that wrote it.
+PATH_KEYS = (("data", "train"), ("data", "eval"), ("output_dir",))
+
+
+def _read_layers(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], SourceMap]:
+    """One study file with its ``extends:`` chain merged under it."""
+    if path.resolve() in seen:
+        chain = " → ".join(p.name for p in (*seen, path.resolve()))
+        raise ConfigError([Problem(str(path), None, "extends", f"files extend each other in a cycle: {chain}")])
+    raw, source = _read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError([Problem(str(path), 1, "", "a study file is a YAML mapping of keys")])
+    if isinstance(raw.get("search_space"), str):
+        _inline_search_space(raw, source, path.parent)
+    for layer in (raw, *(v for v in (raw.get("environments") or {}).values() if isinstance(v, dict))):
+        _absolute_paths(layer, path.parent)
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw, source
+    base_path = Path(os.path.normpath(path.parent / str(base)))
+    if not isinstance(base, str) or not base_path.is_file():
+        raise source.error(("extends",), f"file not found: {base_path}")
+    base_raw, merged_source = _read_layers(base_path, (*seen, path.resolve()))
+    merged_source.update(source)  # the extending file's lines win
+    return _deep_merge(base_raw, raw), merged_source
+
+
+def _absolute_paths(layer: dict[str, Any], folder: Path) -> None:
+    for *parents, leaf in PATH_KEYS:
+        node = layer
+        for k in parents:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str) and not node[leaf].startswith("${"):
+            node[leaf] = os.path.normpath(folder / node[leaf])  # a path from ${VAR} resolves against the study file
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: mappings merge key by key, anything else is replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        both = isinstance(merged.get(key), dict) and isinstance(value, dict)
+        merged[key] = _deep_merge(merged[key], value) if both else value
+    return merged
 
 
 def _read_yaml(path: Path) -> tuple[Any, SourceMap]:
@@ -354,7 +451,7 @@ def _expand_variables(raw: dict[str, Any], dotenv: Path, source: SourceMap) -> d
 
         return _VARIABLE.sub(value, node)
 
-    raw = expand(raw, ())
+    raw = {k: v if k == "environments" else expand(v, (k,)) for k, v in raw.items()}  # only the chosen one
     if problems:
         raise ConfigError(problems)
     return raw
@@ -421,9 +518,32 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
     for name in sorted(set(cfg.search_space) & set(cfg.train)):
         problems.append(src.problem(("search_space", name), f"{name!r} is also fixed in train:; keep one"))
     dists = cfg.distributions
+    defined: set[str] = set()
+    for name, p in cfg.search_space.items():
+        for ref, want in (p.when or {}).items():
+            if ref not in defined:
+                problems.append(src.problem(("search_space", name, "when", ref),
+                                            f"{ref!r} must be a parameter defined above {name!r}"))
+            elif isinstance(dists.get(ref), CategoricalDistribution):
+                unknown = [v for v in (want if isinstance(want, list) else [want]) if v not in dists[ref].choices]
+                if unknown:
+                    problems.append(src.problem(("search_space", name, "when", ref),
+                                                f"{unknown[0]!r} is not one of {ref}'s choices {list(dists[ref].choices)}"))
+        if p.expression is not None:
+            missing = sorted(p.expression.names - defined - set(cfg.train))
+            if missing:
+                problems.append(src.problem(("search_space", name, "derive"), f"unknown name {missing[0]!r}: "
+                                            "derive reads parameters defined above it, or train: settings"))
+        defined.add(name)
+    for i, c in enumerate(cfg.constraint_expressions):
+        missing = sorted(c.names - set(cfg.search_space) - set(cfg.train))
+        if missing:
+            problems.append(src.problem(("constraints", i), f"unknown name {missing[0]!r}{_closest(missing[0], cfg.search_space)}"))
     for i, entry in enumerate(cfg.enqueue):
         for name, value in entry.items():
-            if name not in dists:
+            if name in cfg.search_space and name not in dists:
+                problems.append(src.problem(("enqueue", i, name), "a derived parameter cannot be enqueued"))
+            elif name not in dists:
                 problems.append(src.problem(("enqueue", i, name), f"not in search_space{_closest(name, dists)}"))
             elif not _contains(dists[name], value):
                 problems.append(src.problem(("enqueue", i, name), f"{value!r} is outside the search space"))

@@ -49,6 +49,13 @@ class SourceMap:
         for path, where in other._lines.items():
             self._lines[prefix + path] = where
 
+    def subtree(self, prefix: KeyPath) -> SourceMap:
+        """The entries under ``prefix``, with ``prefix`` taken off their paths."""
+        sub = SourceMap()
+        n = len(prefix)
+        sub._lines = {path[n:]: where for path, where in self._lines.items() if path[:n] == prefix}
+        return sub
+
     def locate(self, path: KeyPath) -> tuple[str, int | None]:
         """The file and line of ``path``, or of its closest ancestor that has one."""
         for end in range(len(path), -1, -1):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 from collections.abc import Mapping
 from functools import lru_cache
@@ -90,24 +91,49 @@ def to_distribution(p: Param) -> BaseDistribution:
 
 
 def compile_space(space: Mapping[str, Param]) -> dict[str, BaseDistribution]:
-    """The whole search space as ``{name: distribution}``, built once per study."""
-    return {name: to_distribution(p) for name, p in space.items()}
+    """The sampled parameters as ``{name: distribution}``, built once per study (derived ones are computed)."""
+    return {name: to_distribution(p) for name, p in space.items() if p.derive is None}
 
 
-def suggest(trial: optuna.Trial, space: Mapping[str, BaseDistribution]) -> dict[str, Any]:
-    """Ask ``trial`` for a value of every parameter in ``space``.
+def active(when: Mapping[str, Any] | None, values: Mapping[str, Any]) -> bool:
+    """Whether a ``when:`` condition holds: each name has the value, or one of a list of values."""
+    return all(
+        name in values and (values[name] in want if isinstance(want, list) else values[name] == want)
+        for name, want in (when or {}).items()
+    )
 
-    This is the one place that calls ``trial.suggest_*``.
+
+def sample(
+    trial: optuna.Trial,
+    space: Mapping[str, Param],
+    distributions: Mapping[str, BaseDistribution],
+    fixed: Mapping[str, Any] = {},  # noqa: B006 - read only
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Sample ``trial``'s parameters in file order: (sampled, derived).
+
+    A conditional parameter whose ``when`` does not hold is left out; a derived
+    one is computed from ``fixed`` settings and the parameters before it (and
+    left out when one of them is). This is the one place that calls
+    ``trial.suggest_*``.
     """
-    params: dict[str, Any] = {}
-    for name, d in space.items():
+    sampled: dict[str, Any] = {}
+    derived: dict[str, Any] = {}
+    for name, p in space.items():
+        values = {**fixed, **sampled, **derived}
+        if not active(p.when, values):
+            continue
+        if p.expression is not None:
+            with contextlib.suppress(KeyError):
+                derived[name] = p.expression.evaluate(values)
+            continue
+        d = distributions[name]
         if isinstance(d, CategoricalDistribution):
-            params[name] = trial.suggest_categorical(name, d.choices)
+            sampled[name] = trial.suggest_categorical(name, d.choices)
         elif isinstance(d, IntDistribution):
-            params[name] = trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
+            sampled[name] = trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
         else:
-            params[name] = trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
-    return params
+            sampled[name] = trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
+    return sampled, derived
 
 
 def split_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

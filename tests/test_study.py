@@ -94,11 +94,12 @@ def test_lora_trials_train_adapters_only(write_study, tiny_model):
 
 
 def test_failure_is_recorded_with_its_cause_and_the_study_goes_on(write_study):
-    path = write_study(n_trials=1, search_space={"optim": {"type": "categorical", "choices": ["no_such_optimizer"]}})
+    # TrainingArguments accepts a batch size of 0; the DataLoader refuses it once training starts.
+    path = write_study(n_trials=1, search_space={"per_device_train_batch_size": {"type": "categorical", "choices": [0]}})
     study = run_study(load_study(path), quiet)
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert len(failed) == 3  # stopped after 3 failures in a row instead of looping forever
-    assert "no_such_optimizer" in failed[0].user_attrs["fail_reason"]
+    assert "batch_size" in failed[0].user_attrs["fail_reason"]
     assert failed[0].value is None  # a failure is a state, never a number
 
 

@@ -1,0 +1,148 @@
+"""Composition (extends, environments, overrides) and search-space power on real studies."""
+
+import json
+
+import pytest
+import yaml
+from optuna.trial import TrialState
+from rich.console import Console
+
+from hpo import ConfigError, load_study, run_study
+from tests.conftest import DATA, study_dict
+
+quiet = Console(quiet=True)
+
+
+def write(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def line_of(path, text):
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+@pytest.fixture
+def base(tmp_path, tiny_model):
+    """A base study in its own folder, with data paths relative to that folder."""
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    for name in ("train.csv", "eval.csv"):
+        (tmp_path / "shared" / "data" / name).write_text((DATA / name).read_text())
+    study = study_dict(tiny_model, data={"train": "data/train.csv", "eval": "data/eval.csv", "max_length": 16})
+    return write(tmp_path / "shared" / "base.yaml", study)
+
+
+def test_extends_deep_merges_and_keeps_each_files_paths_and_lines(tmp_path, base):
+    child = write(tmp_path / "studies" / "child.yaml", {
+        "extends": "../shared/base.yaml", "study": "child", "n_trials": 3, "train": {"num_train_epochs": 1}})
+    cfg = load_study(child)
+    assert (cfg.study, cfg.n_trials) == ("child", 3)
+    assert cfg.train == {"num_train_epochs": 1, "seed": 0, "warmup_ratio": 0.1}  # merged, child wins
+    assert cfg.data.train == tmp_path / "shared" / "data" / "train.csv"  # relative to base.yaml
+    assert cfg.storage_url.endswith("/studies/child.db")  # the run file's storage, not the base's
+
+    child.write_text(child.read_text().replace("n_trials: 3", "n_trials: -3"))
+    base.write_text(base.read_text().replace("max_length: 16", "max_length: 0"))
+    with pytest.raises(ConfigError) as e:
+        load_study(child)
+    found = sorted(map(str, e.value.problems))
+    assert found == sorted([
+        f"{base}:{line_of(base, 'max_length')}: data.max_length: Input should be greater than 0",
+        f"{child}:{line_of(child, 'n_trials')}: n_trials: Input should be greater than 0",
+    ])
+
+
+def test_extends_cycle_and_missing_base(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    write(a, {"extends": "b.yaml"})
+    write(b, {"extends": "a.yaml"})
+    with pytest.raises(ConfigError, match="extend each other in a cycle: a.yaml → b.yaml → a.yaml"):
+        load_study(a)
+    write(a, {"extends": "nope.yaml"})
+    with pytest.raises(ConfigError, match=r"a.yaml:1: extends: file not found: .*nope.yaml"):
+        load_study(a)
+
+
+def test_environments_overlay_the_study(write_study, tmp_path):
+    path = write_study(environments={
+        "dev": {"n_trials": 1, "train": {"num_train_epochs": 1}},
+        "prod": {"storage": "postgresql://hpo:${DB_PASSWORD}@db.internal/hpo", "n_trials": "many"},
+    })
+    assert load_study(path).n_trials == 2  # no --env: the file as written
+    dev = load_study(path, env="dev")
+    assert (dev.n_trials, dev.train["num_train_epochs"], dev.train["seed"], dev.environment) == (1, 1, 0, "dev")
+    with pytest.raises(ConfigError) as e:
+        load_study(path, env="stage")
+    assert str(e.value) == f"{path}:{line_of(path, 'environments:')}: environments: no environment 'stage' (defined: dev, prod)"
+    with pytest.raises(ConfigError) as e:  # an error inside an environment points at the environment's line
+        load_study(path, env="prod")
+    assert any(str(p).startswith(f"{path}:{line_of(path, 'DB_PASSWORD')}: storage: ${{DB_PASSWORD}} is not set")
+               for p in e.value.problems), e.value
+
+
+def test_environment_storage_password_is_masked(write_study, tmp_path, monkeypatch):
+    from hpo.study import resolved_config
+
+    monkeypatch.setenv("DB_PASSWORD", "s3cret")
+    path = write_study(environments={"prod": {"storage": "postgresql://hpo:${DB_PASSWORD}@db.internal/hpo"}})
+    resolved = resolved_config(load_study(path, env="prod"))
+    assert "s3cret" not in json.dumps(resolved) and resolved["storage"] == "postgresql://hpo:***@db.internal/hpo"
+    assert resolved["environment"] == "prod" and "environments" not in resolved
+
+
+def test_conditional_parameters_in_trials(write_study):
+    path = write_study(n_trials=4, search_space={
+        "optim": {"type": "categorical", "choices": ["sgd", "adamw_torch"]},
+        "adam_beta2": {"type": "float", "low": 0.9, "high": 0.999, "when": {"optim": "adamw_torch"}},
+        "learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+    }, sampler={"name": "random", "seed": 3})
+    study = run_study(load_study(path), quiet)
+    assert {t.params["optim"] for t in study.trials} == {"sgd", "adamw_torch"}
+    for t in study.trials:
+        assert t.state == TrialState.COMPLETE
+        assert ("adam_beta2" in t.params) == (t.params["optim"] == "adamw_torch")
+
+
+def test_derived_lora_alpha_reaches_the_adapter(write_study, tiny_model):
+    path = write_study(n_trials=2, model={"name": str(tiny_model), "lora": {"target_modules": ["query", "value"]}},
+                       search_space={"r": {"type": "categorical", "choices": [2, 4]},
+                                     "lora_alpha": {"derive": "2 * r"}})
+    study = run_study(load_study(path), quiet)
+    for t in study.trials:
+        assert t.user_attrs["derived_params"] == {"lora_alpha": 2 * t.params["r"]}
+    adapter = json.loads((path.parent / "outputs" / "tiny" / "best_model" / "adapter_config.json").read_text())
+    assert adapter["lora_alpha"] == 2 * adapter["r"] == 2 * study.best_params["r"]
+
+
+def test_constraints_reject_before_training(write_study):
+    path = write_study(n_trials=3, search_space={
+        "per_device_train_batch_size": {"type": "categorical", "choices": [4, 8]},
+        "gradient_accumulation_steps": {"type": "categorical", "choices": [1, 2]},
+    }, constraints=["per_device_train_batch_size * gradient_accumulation_steps <= 8"], sampler={"name": "random", "seed": 1})
+    study = run_study(load_study(path), quiet)
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    rejected = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(done) == 3 and rejected, "seed 1 samples 8 x 2 at least once"
+    for t in done:
+        assert t.params["per_device_train_batch_size"] * t.params["gradient_accumulation_steps"] <= 8
+    for t in rejected:
+        assert t.params == {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2}
+        assert "train_seconds" not in t.user_attrs  # it never trained
+        assert t.user_attrs["rejected_by_constraint"].startswith("per_device_train_batch_size")
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"constraints": ["per_device_train_batch_size * grad_acc <= 8"]}, "constraints[0]: unknown name 'grad_acc'"),
+    ({"constraints": ["open('x')"]}, "is not allowed"),
+    ({"search_space": {"lora_alpha": {"derive": "2 * r"}}}, "search_space.lora_alpha.derive: unknown name 'r'"),
+    ({"search_space": {"adam_beta2": {"type": "float", "low": 0.9, "high": 0.99, "when": {"optim": "sgd"}}}},
+     "search_space.adam_beta2.when.optim: 'optim' must be a parameter defined above 'adam_beta2'"),
+    ({"search_space": {"optim": {"type": "categorical", "choices": ["sgd"]},
+                       "adam_beta2": {"type": "float", "low": 0.9, "high": 0.99, "when": {"optim": "adam"}}}},
+     "search_space.adam_beta2.when.optim: 'adam' is not one of optim's choices ['sgd']"),
+])
+def test_search_space_power_errors(write_study, changes, expected):
+    with pytest.raises(ConfigError) as e:
+        load_study(write_study(**changes))
+    assert any(expected in str(p) for p in e.value.problems), e.value
