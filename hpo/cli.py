@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from hpo.config import load_study
 from hpo.errors import ConfigError
@@ -27,7 +28,7 @@ def _parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            err.print(f"[red]error[/] <command line>: {pair!r}: an override is key.path=value")
+            err.print(f"[red]error[/] <command line>: {escape(repr(pair))}: an override is key.path=value")
             raise typer.Exit(2)
         try:  # YAML typing: 3 → int, 1.0e-4 → float, [a, b] → list
             out[key] = yaml.safe_load(value) if value else None
@@ -45,7 +46,7 @@ def _load(path: Path, overrides: dict[str, Any], env: str | None = None):
 
 def _fail(e: ConfigError):
     for problem in e.problems:
-        err.print(f"[red]error[/] {problem}", markup=True)
+        err.print(f"[red]error[/] {escape(str(problem))}")
     raise typer.Exit(2)
 
 

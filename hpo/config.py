@@ -69,6 +69,14 @@ TrainingArgName = Annotated[str, AfterValidator(_training_arg)]
 Choice = bool | int | float | str | None
 
 
+def _condition(source: str) -> str:
+    Expression(source, condition=True)  # raises ValueError naming what is not allowed
+    return source
+
+
+Condition = Annotated[str, AfterValidator(_condition)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -228,7 +236,7 @@ class StudyConfig(_Strict):
     objective: Objective = Objective()
     sampler: SamplerSpec = SamplerSpec()
     pruner: PrunerSpec = PrunerSpec()
-    constraints: list[str] = []  # conditions every trial's parameters must meet, e.g. "a * b <= 128"
+    constraints: list[Condition] = []  # conditions every trial's parameters must meet, e.g. "a * b <= 128"
     enqueue: list[dict[str, Any]] = []  # known configurations to try first (warm start)
     n_trials: PositiveInt = 10  # finished (complete + pruned) trials the study should hold
     timeout: PositiveFloat | None = None  # seconds for this run
@@ -281,12 +289,7 @@ class StudyConfig(_Strict):
     def constraint_expressions(self) -> list[Expression]:
         return [Expression(c, condition=True) for c in self.constraints]
 
-    @field_validator("constraints")
-    @classmethod
-    def _parse_constraints(cls, constraints: list[str]) -> list[str]:
-        for c in constraints:
-            Expression(c, condition=True)
-        return constraints
+
 
     @property
     def is_lora(self) -> bool:
@@ -357,11 +360,11 @@ def _read_layers(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], So
         raise ConfigError([Problem(str(path), None, "extends", f"files extend each other in a cycle: {chain}")])
     raw, source = _read_yaml(path)
     if not isinstance(raw, dict):
-        raise ConfigError([Problem(str(path), 1, "", "a study file is a YAML mapping of keys")])
+        raise ConfigError([source.problem((), "a study file is a YAML mapping of keys")])
     if isinstance(raw.get("search_space"), str):
         _inline_search_space(raw, source, path.parent)
     for layer in (raw, *(v for v in (raw.get("environments") or {}).values() if isinstance(v, dict))):
-        _absolute_paths(layer, path.parent)
+        _absolute_paths(layer, path.parent.absolute())
     base = raw.pop("extends", None)
     if base is None:
         return raw, source

@@ -114,6 +114,8 @@ def prepare(cfg: StudyConfig) -> Workbench:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft 0.21 on transformers 5
     data = load_text_data(cfg)
     path = resolve_model(cfg.model.name, cfg.root)
+    if cfg.model.name.startswith((".", "/", "~")) and not Path(path).is_dir():
+        raise cfg.error(("model",), f"model folder not found: {cfg.root.absolute() / cfg.model.name}")
     labels = {"num_labels": len(data.labels), "id2label": dict(enumerate(data.labels)),
               "label2id": {name: i for i, name in enumerate(data.labels)}}
     try:
