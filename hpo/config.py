@@ -7,6 +7,7 @@ Nothing below this module reads raw dicts.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -18,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from dotenv import dotenv_values
+from sqlalchemy.engine import make_url
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from pydantic import (
     AfterValidator,
@@ -163,6 +165,8 @@ class DataConfig(_Strict):
     text_column: str = "text"
     label_column: str = "label"
     max_length: PositiveInt = 128  # tokens; longer texts are truncated
+    max_train_rows: PositiveInt | None = None  # a random slice (seed 0) for quick runs, e.g. in a dev environment
+    max_eval_rows: PositiveInt | None = None
 
     @field_validator("train", "eval")
     @classmethod
@@ -248,6 +252,7 @@ class StudyConfig(_Strict):
     _file: Path = PrivateAttr(default=Path("study.yaml"))
     _source: SourceMap = PrivateAttr(default_factory=SourceMap)
     _environment: str | None = PrivateAttr(default=None)
+    _secrets: frozenset[str] = PrivateAttr(default=frozenset())
 
     @field_validator("model", mode="before")
     @classmethod
@@ -262,6 +267,12 @@ class StudyConfig(_Strict):
     @property
     def file(self) -> Path:
         return self._file
+
+    def masked(self, text: str) -> str:
+        """``text`` with every value of a secret-looking ``${VAR}`` (PASSWORD, SECRET, TOKEN, KEY) as ``***``."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     @property
     def environment(self) -> str | None:
@@ -317,7 +328,32 @@ def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None, env
         ConfigError: with every problem found, each naming file, line and key.
     """
     path = Path(path)
-    raw, source = _read_layers(path, ())
+    layers, source = _read_layers(path, ())
+    problems = []
+    try:
+        cfg = _build(path, layers, source, env, overrides or {})
+    except ConfigError as e:
+        problems = list(e.problems)
+    # The environments not chosen are checked too: a typo in prod should not wait for the prod run.
+    environments = layers.get("environments")
+    for name in environments if isinstance(environments, dict) else ():
+        if name == env:
+            continue
+        overlay_lines = {source.locate(p) for p in source.paths_under(("environments", name))}
+        try:
+            _build(path, layers, source, name, overrides or {}, strict_variables=False)
+        except ConfigError as e:
+            problems += [Problem(p.file, p.line, f"environments.{name}.{p.key}", p.message)
+                         for p in e.problems if (p.file, p.line) in overlay_lines]
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _build(path: Path, layers: dict[str, Any], source: SourceMap, env: str | None,
+           overrides: Mapping[str, Any], strict_variables: bool = True) -> StudyConfig:
+    """Compose one environment and the overrides over the merged layers, and validate the result."""
+    raw, source = copy.deepcopy(layers), source.copy()
     if env is not None:
         environments = raw.get("environments")
         defined = ", ".join(environments) if isinstance(environments, dict) and environments else "none"
@@ -327,8 +363,8 @@ def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None, env
             raise source.error(("environments", env), "an environment is a mapping of study keys")
         raw = _deep_merge(raw, environments[env])
         source.update(source.subtree(("environments", env)))
-    raw = _expand_variables(raw, path.parent / ".env", source)
-    for key, value in (overrides or {}).items():
+    raw, secrets = _expand_variables(raw, path.parent / ".env", source, strict_variables)
+    for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = raw
         for k in parents:
@@ -342,7 +378,7 @@ def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None, env
         cfg = StudyConfig.model_validate(raw, context={"root": path.parent})
     except ValidationError as e:
         raise ConfigError([_problem(err, source) for err in e.errors()]) from None
-    cfg._file, cfg._source, cfg._environment = path, source, env
+    cfg._file, cfg._source, cfg._environment, cfg._secrets = path, source, env, secrets
     problems = _cross_checks(cfg)
     if problems:
         raise ConfigError(problems)
@@ -433,10 +469,21 @@ def _index(node: yaml.Node, at: KeyPath, file: str, source: SourceMap) -> None:
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _expand_variables(raw: dict[str, Any], dotenv: Path, source: SourceMap) -> dict[str, Any]:
-    """Replace ``${VAR}`` in string values from the environment, else from ``.env`` beside the study."""
+_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|KEY", re.IGNORECASE)
+
+
+def _expand_variables(
+    raw: dict[str, Any], dotenv: Path, source: SourceMap, strict: bool = True
+) -> tuple[dict[str, Any], frozenset[str]]:
+    """Replace ``${VAR}`` in string values from the environment, else from ``.env`` beside the study.
+
+    Returns the expanded document and the values of secret-looking variables, to mask.
+    Not ``strict``: an unset variable stays as written (and its value unchecked).
+    """
     env = {**dotenv_values(dotenv), **os.environ} if dotenv.is_file() else dict(os.environ)
     problems: list[Problem] = []
+    secrets: set[str] = set()
+    unset: set[KeyPath] = set()
 
     def expand(node: Any, at: KeyPath) -> Any:
         if isinstance(node, dict):
@@ -448,16 +495,26 @@ def _expand_variables(raw: dict[str, Any], dotenv: Path, source: SourceMap) -> d
 
         def value(m: re.Match) -> str:
             if env.get(m.group(1)) is None:
+                if not strict:
+                    unset.add(at)
+                    return m.group(0)
                 problems.append(source.problem(at, f"${{{m.group(1)}}} is not set in the environment or {dotenv.name}"))
                 return m.group(0)
+            if _SECRET_NAME.search(m.group(1)) and env[m.group(1)]:
+                secrets.add(env[m.group(1)])
             return env[m.group(1)]
 
         return _VARIABLE.sub(value, node)
 
     raw = {k: v if k == "environments" else expand(v, (k,)) for k, v in raw.items()}  # only the chosen one
+    for at in unset:  # leave the value out: the run that sets the variable checks it
+        node = raw
+        for k in at[:-1]:
+            node = node[k]
+        del node[at[-1]]
     if problems:
         raise ConfigError(problems)
-    return raw
+    return raw, frozenset(secrets)
 
 
 def _inline_search_space(raw: dict[str, Any], source: SourceMap, root: Path) -> None:
@@ -550,6 +607,12 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
                 problems.append(src.problem(("enqueue", i, name), f"not in search_space{_closest(name, dists)}"))
             elif not _contains(dists[name], value):
                 problems.append(src.problem(("enqueue", i, name), f"{value!r} is outside the search space"))
+    if cfg.storage is not None:
+        try:
+            make_url(cfg.storage)
+        except Exception:  # its message would echo the URL, password included
+            problems.append(src.problem(("storage",), "not a database URL (e.g. sqlite:///study.db, "
+                                        "postgresql://user@host/db)"))
     metrics = TASK_METRICS[cfg.task]
     if cfg.objective.metric not in metrics:
         problems.append(src.problem(("objective", "metric"),

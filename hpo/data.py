@@ -51,7 +51,8 @@ def load_text_data(cfg: StudyConfig) -> TextData:
                 raise cfg.error(("data", key), f"column {column!r} not in {path.name} (columns: {', '.join(map(str, df.columns))})")
         if df.empty:
             raise cfg.error(("data", split), f"{path.name} has no rows")
-        frames[split] = df
+        limit = d.max_train_rows if split == "train" else d.max_eval_rows
+        frames[split] = df.sample(n=limit, random_state=0) if limit and limit < len(df) else df
     labels = sorted(set(frames["train"][d.label_column].astype(str)))
     unseen = sorted(set(frames["eval"][d.label_column].astype(str)) - set(labels))
     if unseen:

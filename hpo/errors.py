@@ -49,6 +49,14 @@ class SourceMap:
         for path, where in other._lines.items():
             self._lines[prefix + path] = where
 
+    def copy(self) -> SourceMap:
+        other = SourceMap()
+        other._lines, other.default_file = dict(self._lines), self.default_file
+        return other
+
+    def paths_under(self, prefix: KeyPath) -> list[KeyPath]:
+        return [path for path in self._lines if path[:len(prefix)] == prefix]
+
     def subtree(self, prefix: KeyPath) -> SourceMap:
         """The entries under ``prefix``, with ``prefix`` taken off their paths."""
         sub = SourceMap()

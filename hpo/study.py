@@ -55,7 +55,7 @@ def resolved_config(cfg: StudyConfig) -> dict[str, Any]:
     data["storage"] = mask_url(cfg.storage_url)
     if cfg.environment:
         data["environment"] = cfg.environment
-    return data
+    return json.loads(cfg.masked(json.dumps(data)))
 
 
 def run_study(cfg: StudyConfig, console: Console | None = None) -> optuna.Study:

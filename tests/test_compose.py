@@ -67,9 +67,9 @@ def test_extends_cycle_and_missing_base(tmp_path):
 def test_environments_overlay_the_study(write_study, tmp_path):
     path = write_study(environments={
         "dev": {"n_trials": 1, "train": {"num_train_epochs": 1}},
-        "prod": {"storage": "postgresql://hpo:${DB_PASSWORD}@db.internal/hpo", "n_trials": "many"},
+        "prod": {"storage": "postgresql://hpo:${DB_PASSWORD}@db.internal/hpo"},
     })
-    assert load_study(path).n_trials == 2  # no --env: the file as written
+    assert load_study(path).n_trials == 2  # no --env: the file as written; prod's unset variable waits for prod
     dev = load_study(path, env="dev")
     assert (dev.n_trials, dev.train["num_train_epochs"], dev.train["seed"], dev.environment) == (1, 1, 0, "dev")
     with pytest.raises(ConfigError) as e:
@@ -77,8 +77,13 @@ def test_environments_overlay_the_study(write_study, tmp_path):
     assert str(e.value) == f"{path}:{line_of(path, 'environments:')}: environments: no environment 'stage' (defined: dev, prod)"
     with pytest.raises(ConfigError) as e:  # an error inside an environment points at the environment's line
         load_study(path, env="prod")
-    assert any(str(p).startswith(f"{path}:{line_of(path, 'DB_PASSWORD')}: storage: ${{DB_PASSWORD}} is not set")
-               for p in e.value.problems), e.value
+    assert str(e.value) == f"{path}:{line_of(path, 'DB_PASSWORD')}: storage: ${{DB_PASSWORD}} is not set in the environment or .env"
+    path.write_text(path.read_text().replace("n_trials: 1", "n_trials: many"))
+    with pytest.raises(ConfigError) as e:  # environments not chosen are checked too
+        load_study(path, env="prod")
+    assert str(e.value).splitlines() == [  # every problem at once
+        f"{path}:{line_of(path, 'DB_PASSWORD')}: storage: ${{DB_PASSWORD}} is not set in the environment or .env",
+        f"{path}:{line_of(path, 'many')}: environments.dev.n_trials: Input should be a valid integer, unable to parse string as an integer"]
 
 
 def test_environment_storage_password_is_masked(write_study, tmp_path, monkeypatch):
@@ -146,3 +151,23 @@ def test_search_space_power_errors(write_study, changes, expected):
     with pytest.raises(ConfigError) as e:
         load_study(write_study(**changes))
     assert any(expected in str(p) for p in e.value.problems), e.value
+
+
+def test_secret_variables_are_masked_in_the_resolved_config(write_study, monkeypatch):
+    from hpo.study import resolved_config
+
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdef123")
+    monkeypatch.setenv("RUN_NAME", "nightly")
+    path = write_study(train={"num_train_epochs": 1, "hub_token": "${HF_TOKEN}", "run_name": "${RUN_NAME}"})
+    resolved = resolved_config(load_study(path))
+    assert resolved["train"]["hub_token"] == "***" and resolved["train"]["run_name"] == "nightly"
+
+
+def test_data_slices_for_quick_environments(write_study):
+    from hpo.trial import prepare
+
+    path = write_study(environments={"dev": {"data": {"max_train_rows": 9, "max_eval_rows": 3}}})
+    dev = prepare(load_study(path, env="dev"))
+    assert (len(dev.train_rows), len(dev.eval_rows)) == (9, 3)
+    full = prepare(load_study(path))
+    assert (len(full.train_rows), len(full.eval_rows)) == (36, 6)

@@ -63,3 +63,11 @@ def test_schema_accepts_shipped_files_and_rejects_mutations(path):
         broken = copy.deepcopy(data)
         mutate(broken)
         assert list(validator.iter_errors(broken)), f"schema accepted a mutated {path.name}"
+
+
+def test_quickstart_environments(monkeypatch):
+    dev = load_study(ROOT / "studies" / "quickstart.yaml", env="dev")
+    assert (dev.study, dev.n_trials, dev.data.max_train_rows) == ("quickstart-dev", 3, 96)
+    monkeypatch.setenv("HPO_DB_PASSWORD", "pw")
+    prod = load_study(ROOT / "studies" / "quickstart.yaml", env="prod")
+    assert prod.storage == "postgresql://hpo:pw@localhost:5432/hpo" and prod.masked(prod.storage).endswith(":***@localhost:5432/hpo")
