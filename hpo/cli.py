@@ -89,6 +89,96 @@ def validate(study: StudyFile, overrides: Overrides = None, env: Env = None) -> 
 
 
 @app.command()
+def report(
+    studies: Annotated[list[Path], typer.Argument(help="One or more study files to compare.", show_default=False)],
+    csv: Annotated[Path | None, typer.Option(help="Trials CSV (the per-study table goes to <stem>.studies.csv).")] = None,
+    html: Annotated[Path | None, typer.Option(help="The HTML report.")] = None,
+    env: Env = None,
+) -> None:
+    """Compare trials and studies on Z-scores; write CSV and a self-contained HTML report."""
+    from hpo import report as rep
+    from hpo.study import load_existing
+
+    cfgs = [_load(path, {}, env) for path in studies]
+    try:
+        loaded = [load_existing(cfg) for cfg in cfgs]
+    except ConfigError as e:
+        _fail(e)
+    trials = rep.trials_frame(loaded)
+    summary = rep.studies_frame(loaded, trials)
+    folder = cfgs[0].output_path / "report"
+    csv_paths = rep.write_csv(trials, summary, csv or folder / "trials.csv")
+    html_path = rep.write_html(loaded, trials, summary, html or folder / "report.html")
+    console = Console()
+    console.print(_table(summary, ["rank", "study", "best", "median", "n_complete", "n_pruned", "n_failed",
+                                   "steps_spent", "steps_saved_by_pruning"], "studies"))
+    console.print(_table(trials.sort_values("rank").head(10), ["rank", "study", "trial", "state", "objective",
+                                                               "eval_accuracy", "optimizer_steps", "score"],
+                         "top 10 trials (params in the CSV and HTML)"))
+    for path in (*csv_paths, html_path):
+        console.print(f"wrote {path}")
+
+
+def _table(df, columns: list[str], title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    columns = [c for c in columns if c in df]
+    for c in columns:
+        table.add_column(c.replace("_", " "), justify="right", overflow="fold")
+    for _, row in df[columns].iterrows():
+        table.add_row(*("" if v is None or v != v else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    return table
+
+
+@app.command()
+def best(
+    study: StudyFile,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="JSON for TrainingArguments(**json.load(f)).")] = None,
+    env: Env = None,
+) -> None:
+    """Write the best configuration: TrainingArguments JSON, and <stem>.model.json beside it."""
+    from hpo.best import write_best
+    from hpo.study import load_existing
+
+    cfg = _load(study, {}, env)
+    try:
+        written = write_best(cfg, load_existing(cfg), out or cfg.output_path / "best.json")
+    except ConfigError as e:
+        _fail(e)
+    except ValueError:
+        err.print(f"[red]error[/] {escape(str(study))}: the study has no complete trial yet")
+        raise typer.Exit(2) from None
+    for path in written:
+        Console().print(f"wrote {path}")
+
+
+@app.command()
+def train(
+    study: StudyFile,
+    best: Annotated[bool, typer.Option("--best", help="Retrain the study's best configuration.")] = False,
+    all_data: Annotated[bool, typer.Option("--all-data", help="Train on train + eval.")] = False,
+    env: Env = None,
+) -> None:
+    """Retrain the best configuration and save the model with a model card."""
+    from hpo.best import train_best
+    from hpo.study import load_existing
+
+    if not best:
+        err.print("[red]error[/] hpo train needs --best (the only configuration it trains)")
+        raise typer.Exit(2)
+    cfg = _load(study, {}, env)
+    try:
+        folder = train_best(cfg, load_existing(cfg), all_data)
+    except ConfigError as e:
+        _fail(e)
+    except ValueError as e:
+        err.print(f"[red]error[/] {escape(str(study))}: {escape(str(e))}")
+        raise typer.Exit(2) from None
+    Console().print(f"saved {folder}")
+
+
+@app.command()
 def schema(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the schema files.")] = Path("schemas"),
 ) -> None:

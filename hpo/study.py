@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import traceback
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -43,6 +44,22 @@ def open_study(cfg: StudyConfig, first_step: int = 1, last_step: int | None = No
         pruner=samplers.make_pruner(cfg.pruner.name, cfg.pruner.args, first_step, last_step),
         load_if_exists=True,
     )
+
+
+def load_existing(cfg: StudyConfig) -> optuna.Study:
+    """The study as ``hpo run`` left it; never creates a storage or a study.
+
+    Raises:
+        ConfigError: no such storage or study yet.
+    """
+    url = cfg.storage_url
+    hint = f"run `hpo run {cfg.file}` first"
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise cfg.error(("storage",), f"no storage at {mask_url(url)}: {hint}")
+    try:
+        return optuna.load_study(study_name=cfg.study, storage=url)
+    except KeyError:
+        raise cfg.error(("study",), f"no study {cfg.study!r} in {mask_url(url)}: {hint}") from None
 
 
 def count_finished(study: optuna.Study) -> int:

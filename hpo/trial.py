@@ -292,6 +292,7 @@ def _measurements(bench: Workbench, trainer: Trainer, callback: PruningCallback,
         "eval_accuracy": last.get("eval_accuracy"),
         "eval_f1_macro": last.get("eval_f1_macro"),
         "optimizer_steps": trainer.state.global_step,
+        "planned_steps": trainer.state.max_steps,  # what the full run would take: pruning saves the difference
         "examples_seen": examples,
         "last_step": last_step,
         "train_seconds": round(seconds, 3),
@@ -305,20 +306,22 @@ def _measurements(bench: Workbench, trainer: Trainer, callback: PruningCallback,
     return {k: v for k, v in attrs.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
 
 
-def save_model(bench: Workbench, result: TrialResult, params: Mapping[str, Any], trial_number: int) -> Path:
-    """Save the trial's model (or LoRA adapter) and tokenizer as the study's best model.
+def save_model(
+    bench: Workbench, result: TrialResult, params: Mapping[str, Any], trial_number: int, name: str = "best_model"
+) -> Path:
+    """Save the trial's model (or LoRA adapter) and tokenizer as ``<outputs>/<name>``.
 
     Writes to a sibling folder first and swaps it in, so a crash never leaves a
-    half-written best model.
+    half-written model.
     """
-    target = bench.cfg.output_path / "best_model"
-    tmp = target.with_name(f".best_model.{os.getpid()}")
+    target = bench.cfg.output_path / name
+    tmp = target.with_name(f".{name}.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     result.model.save_pretrained(tmp)
     bench.tokenizer.save_pretrained(tmp)
     info = {"study": bench.cfg.study, "trial": trial_number, "value": result.value, "params": dict(params)}
     (tmp / "hpo_trial.json").write_text(json.dumps(info, indent=2) + "\n")
-    old = target.with_name(f".best_model.old.{os.getpid()}")
+    old = target.with_name(f".{name}.old.{os.getpid()}")
     if target.exists():
         target.rename(old)
     tmp.rename(target)

@@ -1,0 +1,89 @@
+"""The winner out: the best configuration as TrainingArguments JSON, and a retrain of it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from hpo.config import LoraSettings, StudyConfig
+from hpo.space import split_params, training_arguments
+
+
+def best_params(study: optuna.Study) -> dict[str, Any]:
+    """The best trial's sampled and derived parameters."""
+    trial = study.best_trial
+    return {**trial.params, **trial.user_attrs.get("derived_params", {})}
+
+
+def best_config(cfg: StudyConfig, study: optuna.Study) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(TrainingArguments kwargs, the rest: model, task, dropout, LoRA settings, provenance).
+
+    The first loads with ``TrainingArguments(**kwargs)``: the fixed ``train:``
+    settings with the best trial's training parameters over them.
+
+    Raises:
+        ValueError: the study has no complete trial.
+    """
+    trial = study.best_trial
+    training, model_params, lora_params = split_params(best_params(study))
+    args = training_arguments({**cfg.train, **training})
+    lora = {**(cfg.model.lora or LoraSettings()).model_dump(), **lora_params} if cfg.is_lora else None
+    rest = {
+        "study": cfg.study, "trial": trial.number, "metric": cfg.objective.metric, "value": trial.value,
+        "task": cfg.task, "model": cfg.model.name, "model_params": model_params, "lora": lora,
+        "data": cfg.data.model_dump(mode="json", exclude_none=True),
+    }
+    return args, rest
+
+
+def write_best(cfg: StudyConfig, study: optuna.Study, path: Path) -> tuple[Path, Path]:
+    """Write ``path`` (TrainingArguments JSON) and ``<stem>.model.json`` beside it."""
+    args, rest = best_config(cfg, study)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    side = path.with_name(f"{path.stem}.model.json")
+    path.write_text(json.dumps(args, indent=2, sort_keys=True) + "\n")
+    side.write_text(json.dumps(rest, indent=2, sort_keys=True) + "\n")
+    return path, side
+
+
+def train_best(cfg: StudyConfig, study: optuna.Study, all_data: bool = False) -> Path:
+    """Retrain the best configuration and save model (or adapter), tokenizer and a model card.
+
+    ``all_data`` trains on train + eval (the eval numbers then say little).
+    Returns the folder, ``<outputs>/final_model``.
+    """
+    from hpo.trial import TrialResult, prepare, release, run_trial, save_model
+
+    bench = prepare(cfg)
+    if all_data:
+        bench = dataclasses.replace(bench, train_rows=bench.train_rows + bench.eval_rows)
+    params = best_params(study)
+    result: TrialResult = run_trial(bench, params, optuna.trial.FixedTrial(params))
+    args, rest = best_config(cfg, study)
+    folder = save_model(bench, result, params, study.best_trial.number, name="final_model")
+    (folder / "training_args.json").write_text(json.dumps(args, indent=2, sort_keys=True) + "\n")
+    (folder / "README.md").write_text(_model_card(cfg, rest, args, result.attrs, all_data))
+    release(result)
+    return folder
+
+
+def _model_card(cfg: StudyConfig, rest: dict[str, Any], args: dict[str, Any], attrs: dict[str, Any], all_data: bool) -> str:
+    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in sorted({**args, **rest["model_params"], **(rest["lora"] or {})}.items()))
+    trained_on = "train + eval" if all_data else "train"
+    return f"""# {cfg.study}: best configuration, retrained
+
+Fine-tuned from `{cfg.model.name}` ({cfg.task}{", LoRA adapter" if rest["lora"] else ""}) on {trained_on}
+(`{cfg.data.train.name}`{" + " + cfg.data.eval.name if all_data else ""}), with the parameters of trial
+{rest["trial"]} of the hpo study `{cfg.study}` ({rest["metric"]} = {rest["value"]:.4f} in the study).
+
+This run: last eval_loss {attrs.get("last_eval_loss", float("nan")):.4f}, accuracy {attrs.get("eval_accuracy", float("nan")):.4f},
+macro F1 {attrs.get("eval_f1_macro", float("nan")):.4f}, {attrs.get("optimizer_steps")} optimizer steps in {attrs.get("train_seconds")} s on {attrs.get("device")}.
+
+| parameter | value |
+|---|---|
+{rows}
+"""
