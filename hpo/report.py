@@ -49,10 +49,9 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 def zscore(x: pd.Series) -> pd.Series:
     """``(x - mean) / std`` with ``ddof=0``; a constant (or single-value) column gives 0 where x is known."""
     x = pd.to_numeric(x, errors="coerce").astype(float)
-    std = x.std(ddof=0)
-    if not np.isfinite(std) or std == 0:
+    if x.nunique() <= 1:  # also spares identical values the float noise of mean and std (z = ±1 from 1e-13)
         return x.where(x.isna(), 0.0)
-    return (x - x.mean()) / std
+    return (x - x.mean()) / x.std(ddof=0)
 
 
 def add_scores(df: pd.DataFrame, metrics: dict[str, tuple[bool, bool]], oriented: Sequence[str] = ()) -> pd.DataFrame:

@@ -28,6 +28,7 @@ def test_zscore_population_std_and_constants():
     assert z.iloc[:3].mean() == pytest.approx(0) and z.iloc[:3].std(ddof=0) == pytest.approx(1)
     assert np.isnan(z.iloc[3])
     assert zscore(pd.Series([5.0, 5.0])).tolist() == [0.0, 0.0]  # constant: 0, not NaN
+    assert zscore(pd.Series([998.8] * 7)).tolist() == [0.0] * 7  # whose float mean is not exactly 998.8
 
 
 def test_rank_follows_the_objective_when_the_metrics_agree():
