@@ -19,30 +19,40 @@ def best_params(study: optuna.Study) -> dict[str, Any]:
     return {**trial.params, **trial.user_attrs.get("derived_params", {})}
 
 
-def best_config(cfg: StudyConfig, study: optuna.Study) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(TrainingArguments kwargs, the rest: model, task, dropout, LoRA settings, provenance).
+def trial_config(cfg: StudyConfig, params: dict[str, Any], trial: int, value: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(TrainingArguments kwargs, the rest: model, task, dropout, LoRA settings, provenance) for ``params``.
 
     The first loads with ``TrainingArguments(**kwargs)``: the fixed ``train:``
-    settings with the best trial's training parameters over them.
-
-    Raises:
-        ValueError: the study has no complete trial.
+    settings with the trial's training parameters over them.
     """
-    trial = study.best_trial
-    training, model_params, lora_params = split_params(best_params(study))
+    training, model_params, lora_params = split_params(params)
     args = training_arguments({**cfg.train, **training})
     lora = {**(cfg.model.lora or LoraSettings()).model_dump(), **lora_params} if cfg.is_lora else None
     rest = {
-        "study": cfg.study, "trial": trial.number, "metric": cfg.objective.metric, "value": trial.value,
+        "study": cfg.study, "trial": trial, "metric": cfg.objective.metric, "value": value,
         "task": cfg.task, "model": cfg.model.name, "model_params": model_params, "lora": lora,
         "data": cfg.data.model_dump(mode="json", exclude_none=True),
     }
     return args, rest
 
 
+def best_config(cfg: StudyConfig, study: optuna.Study) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`trial_config` of the study's best trial.
+
+    Raises:
+        ValueError: the study has no complete trial.
+    """
+    trial = study.best_trial
+    return trial_config(cfg, best_params(study), trial.number, trial.value)
+
+
 def write_best(cfg: StudyConfig, study: optuna.Study, path: Path) -> tuple[Path, Path]:
     """Write ``path`` (TrainingArguments JSON) and ``<stem>.model.json`` beside it."""
-    args, rest = best_config(cfg, study)
+    return write_config(*best_config(cfg, study), path)
+
+
+def write_config(args: dict[str, Any], rest: dict[str, Any], path: Path) -> tuple[Path, Path]:
+    """Write a :func:`trial_config` as ``path`` and ``<stem>.model.json``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     side = path.with_name(f"{path.stem}.model.json")
     path.write_text(json.dumps(args, indent=2, sort_keys=True) + "\n")
@@ -62,7 +72,7 @@ def train_best(cfg: StudyConfig, study: optuna.Study, all_data: bool = False) ->
     if all_data:
         bench = dataclasses.replace(bench, train_rows=bench.train_rows + bench.eval_rows)
     params = best_params(study)
-    result: TrialResult = run_trial(bench, params, optuna.trial.FixedTrial(params))
+    result: TrialResult = run_trial(bench, params, optuna.trial.FixedTrial(params), run_name="final")
     args, rest = best_config(cfg, study)
     folder = save_model(bench, result, params, study.best_trial.number, name="final_model")
     (folder / "training_args.json").write_text(json.dumps(args, indent=2, sort_keys=True) + "\n")

@@ -109,6 +109,11 @@ def report(
     folder = cfgs[0].output_path / "report"
     csv_paths = rep.write_csv(trials, summary, csv or folder / "trials.csv")
     html_path = rep.write_html(loaded, trials, summary, html or folder / "report.html")
+    from hpo.dashboard import save_study_note
+    from hpo.study import resolved_config
+
+    for cfg, study_ in zip(cfgs, loaded, strict=True):  # the dashboard's study note carries the summary
+        save_study_note(study_, resolved_config(cfg), rep.markdown_table(summary, rep.SUMMARY_COLUMNS))
     console = Console()
     console.print(_table(summary, ["rank", "study", "best", "median", "n_complete", "n_pruned", "n_failed",
                                    "steps_spent", "steps_saved_by_pruning"], "studies"))
@@ -176,6 +181,29 @@ def train(
         err.print(f"[red]error[/] {escape(str(study))}: {escape(str(e))}")
         raise typer.Exit(2) from None
     Console().print(f"saved {folder}")
+
+
+@app.command()
+def dashboard(
+    study: StudyFile,
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8080,
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback exposes the study.")] = "127.0.0.1",
+    env: Env = None,
+) -> None:
+    """Serve optuna-dashboard on the study's storage, with the trials' artifacts."""
+    from hpo.dashboard import exposed, serve
+    from hpo.study import load_existing, mask_url
+
+    cfg = _load(study, {}, env)
+    try:
+        load_existing(cfg)
+    except ConfigError as e:
+        _fail(e)
+    if exposed(host):
+        err.print(f"[yellow]warning[/] binding {escape(host)}: optuna-dashboard has no authentication; anyone who "
+                  "reaches this address can read and change the study")
+    Console().print(f"{cfg.study} in {mask_url(cfg.storage_url)}\nserving http://{host}:{port}/dashboard  (Ctrl-C stops)")
+    serve(cfg, host, port)
 
 
 @app.command()

@@ -125,6 +125,22 @@ def studies_frame(studies: Sequence[optuna.Study], trials: pd.DataFrame | None =
     return add_scores(pd.DataFrame(rows), STUDY_METRICS, oriented=("best", "median"))
 
 
+def markdown_table(df: pd.DataFrame, columns: Sequence[str]) -> str:
+    """A small Markdown table (for dashboard notes); floats with 4 significant digits."""
+    columns = [c for c in columns if c in df]
+
+    def cell(v: Any) -> str:
+        return "" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df[columns].itertuples(index=False)]
+    return "\n".join(lines)
+
+
+SUMMARY_COLUMNS = ("rank", "study", "metric", "best", "median", "n_complete", "n_pruned", "n_failed",
+                   "steps_spent", "steps_saved_by_pruning", "score")
+
+
 def write_csv(trials: pd.DataFrame, studies: pd.DataFrame, path: Path) -> tuple[Path, Path]:
     """``path`` gets the trials table; ``<stem>.studies.csv`` beside it the per-study one."""
     path.parent.mkdir(parents=True, exist_ok=True)

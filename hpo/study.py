@@ -15,6 +15,8 @@ from sqlalchemy.engine import make_url
 
 from hpo import samplers, space
 from hpo.config import StudyConfig
+from hpo.best import trial_config
+from hpo.dashboard import artifact_store, save_study_note, upload_json
 from hpo.trial import Workbench, prepare, release, run_trial, save_model
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -95,6 +97,7 @@ def run_study(cfg: StudyConfig, console: Console | None = None) -> optuna.Study:
     cfg.output_path.mkdir(parents=True, exist_ok=True)
     if "config" not in study.user_attrs:
         study.set_user_attr("config", resolved_config(cfg))
+        save_study_note(study, resolved_config(cfg))
     for params in cfg.enqueue:  # a configuration already queued or tried is not queued again
         study.enqueue_trial(params, skip_if_exists=True)
     (cfg.output_path / "resolved.yaml").write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
@@ -120,6 +123,7 @@ class ConstraintViolation(Exception):
 
 def _objective(bench: Workbench, progress: _Progress):
     cfg = bench.cfg
+    store = artifact_store(cfg)
 
     def objective(trial: optuna.Trial) -> float:
         sampled, derived = space.sample(trial, cfg.search_space, cfg.distributions, cfg.train)
@@ -131,16 +135,20 @@ def _objective(bench: Workbench, progress: _Progress):
             trial.set_user_attr("rejected_by_constraint", broken[0])
             raise ConstraintViolation(f"constraint not met: {broken[0]}")
         progress.trial_start(trial.number, params)
+        args, rest = trial_config(cfg, params, trial.number, None)
+        upload_json(store, trial, "config.json", {"training_arguments": args, **rest})
         result = None
         try:
             result = run_trial(bench, params, trial, on_eval=progress.evaluated)
             for key, value in result.attrs.items():
                 trial.set_user_attr(key, value)
+            upload_json(store, trial, "metrics.json", {"evaluations": result.history, **result.attrs})
             if result.pruned:
                 raise optuna.TrialPruned(f"pruned at step {result.attrs['pruned_at_step']}")
             if _beats_best(trial.study, result.value):
                 save_model(bench, result, params, trial.number)
                 trial.set_user_attr("saved_model", True)
+                upload_json(store, trial, "best.json", args)  # TrainingArguments(**json.load(f))
             return result.value
         except optuna.TrialPruned:
             raise
@@ -234,4 +242,5 @@ def _summary(console: Console, cfg: StudyConfig, study: optuna.Study) -> None:
     console.print(json.dumps(best.params, indent=2))
     console.print(f"storage:    {mask_url(cfg.storage_url)}")
     console.print(f"outputs:    {cfg.output_path}")
-    console.print(f"dashboard:  optuna-dashboard {mask_url(cfg.storage_url)}")
+    console.print(f"dashboard:  hpo dashboard {cfg.file}")
+    console.print(f"tensorboard: tensorboard --logdir {cfg.output_path / 'tensorboard'}")

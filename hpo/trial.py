@@ -26,6 +26,7 @@ import transformers
 from optuna.distributions import CategoricalDistribution
 from pydantic import TypeAdapter, ValidationError
 from sklearn.metrics import accuracy_score, f1_score
+from torch.utils.tensorboard import SummaryWriter
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -38,6 +39,7 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
+from transformers.integrations import TensorBoardCallback
 
 from hpo.config import LoraSettings, StudyConfig
 from hpo.data import load_text_data, tokenize
@@ -55,6 +57,10 @@ DROPOUT_FIELDS = (
     "hidden_dropout", "activation_dropout",
 )
 EVAL_BATCH_SIZE = 64  # inference needs no activations for backward, so batch wider
+LOGGING_STEPS = 10  # optimizer steps between train-loss/learning-rate/grad-norm points in TensorBoard
+
+
+
 
 
 def resolve_model(name: str, root: Path) -> str:
@@ -178,6 +184,7 @@ class TrialResult:
     value: float
     pruned: bool
     attrs: dict[str, Any]
+    history: list[dict[str, float]]  # every evaluation: {"step": examples seen, "eval_loss": ..., ...}
     model: PreTrainedModel | None = None
 
 
@@ -186,8 +193,12 @@ def run_trial(
     params: Mapping[str, Any],
     trial: optuna.Trial,
     on_eval: Callable[[int, float], None] | None = None,
+    run_name: str | None = None,
 ) -> TrialResult:
     """Fine-tune once with ``params`` and report evaluations to ``trial``.
+
+    Logs go to ``<outputs>/tensorboard/<run_name>`` (default ``trial-NNNN``):
+    one TensorBoard run per trial.
 
     Returns the objective at the last evaluation (the model the trial ends
     with), whether the pruner stopped it, and the measurements to keep.
@@ -202,16 +213,18 @@ def run_trial(
     transformers.set_seed(seed)
     model = _build_model(bench, model_params, lora_params)
 
-    args = TrainingArguments(
-        output_dir=str(cfg.output_path / "trials" / f"{trial.number:04d}"),
-        eval_strategy="no",  # PruningCallback decides when to evaluate
-        save_strategy="no",  # no per-trial checkpoints: the best model is saved once, by the study
-        report_to="none",
-        disable_tqdm=True,
-        per_device_eval_batch_size=EVAL_BATCH_SIZE,
+    name = run_name or f"trial-{trial.number:04d}"
+    args = TrainingArguments(**{
+        "per_device_eval_batch_size": EVAL_BATCH_SIZE,
+        "logging_steps": LOGGING_STEPS,
+        "disable_tqdm": True,
         **device_settings(),
-        **training_arguments({**cfg.train, **training}),
-    )
+        **training_arguments({**cfg.train, **training}),  # the user's settings win over the defaults above
+        "output_dir": str(cfg.output_path / "trials" / name),
+        "eval_strategy": "no",  # PruningCallback decides when to evaluate
+        "save_strategy": "no",  # no per-trial checkpoints: the best model is saved once, by the study
+        "report_to": "none",  # TensorBoard is added below, with one run folder per trial
+    })
     n_train = len(bench.train_rows)
     every = cfg.eval_every.examples_between(n_train)
     callback = PruningCallback(trial, cfg.objective.metric, n_train, every, on_eval)
@@ -223,7 +236,7 @@ def run_trial(
         eval_dataset=bench.eval_rows,
         processing_class=bench.tokenizer,
         compute_metrics=_classification_metrics,
-        callbacks=[callback],
+        callbacks=[callback, TensorBoardCallback(SummaryWriter(str(cfg.output_path / "tensorboard" / name)))],
     )
     trainer.remove_callback(PrinterCallback)  # hpo prints its own progress
     if bench.device == "cuda":
@@ -238,10 +251,11 @@ def run_trial(
         raise RuntimeError("training ended before the first evaluation")
     attrs = _measurements(bench, trainer, callback, seconds)
     value = callback.history[-1][1][cfg.objective.metric]
+    history = [{"step": step, **metrics} for step, metrics in callback.history]
     del trainer
     with contextlib.suppress(OSError):  # nothing was written there: leave no empty folder behind
-        os.rmdir(args.output_dir)
-    return TrialResult(value=value, pruned=callback.pruned_at is not None, attrs=attrs, model=model)
+        os.removedirs(args.output_dir)  # and trials/ when it is empty too
+    return TrialResult(value=value, pruned=callback.pruned_at is not None, attrs=attrs, history=history, model=model)
 
 
 def _build_model(bench: Workbench, model_params: Mapping[str, Any], lora_params: Mapping[str, Any]):

@@ -17,7 +17,7 @@ def test_run_then_rerun_then_raise_the_target(write_study):
     path = write_study(n_trials=2)
     first = hpo("run", path)
     assert first.returncode == 0, first.stderr
-    assert "best trial" in first.stdout and "optuna-dashboard sqlite:///" in first.stdout
+    assert "best trial" in first.stdout and f"hpo dashboard {path}" in first.stdout
     again = hpo("run", path)
     assert again.returncode == 0 and "2 finished trial(s)" in again.stdout
     more = hpo("run", path, "n_trials=3", "train.num_train_epochs=1")

@@ -1,0 +1,56 @@
+"""What optuna-dashboard shows of a study: artifacts per trial, the study note, the server."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+from hpo.config import StudyConfig
+
+def exposed(host: str) -> bool:
+    """Whether binding ``host`` reaches beyond this machine (anything but a loopback address)."""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: assume it resolves to something reachable
+        return True
+
+
+def artifact_store(cfg: StudyConfig) -> FileSystemArtifactStore:
+    """The study's artifact store, ``<outputs>/artifacts`` (the dashboard reads the same folder)."""
+    folder = cfg.output_path / "artifacts"
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(folder))
+
+
+def upload_json(store: FileSystemArtifactStore, trial: optuna.Trial, name: str, data: Any) -> None:
+    """Attach ``data`` as ``name`` (JSON) to ``trial``'s page in the dashboard."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial, mimetype="application/json")
+
+
+def save_study_note(study: optuna.Study, resolved: dict[str, Any], summary_markdown: str | None = None) -> None:
+    """The study's dashboard note: the resolved study file and, once a report exists, its summary."""
+    from optuna_dashboard import save_note
+
+    body = f"## Resolved study file\n\n```yaml\n{yaml.safe_dump(resolved, sort_keys=False)}```\n"
+    if summary_markdown:
+        body += f"\n## Report summary\n\n{summary_markdown}\n"
+    save_note(study, body)
+
+
+def serve(cfg: StudyConfig, host: str, port: int) -> None:
+    """Run optuna-dashboard on the study's storage and artifact store until interrupted."""
+    from optuna_dashboard import run_server
+
+    run_server(cfg.storage_url, host=host, port=port, artifact_store=artifact_store(cfg))
