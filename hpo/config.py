@@ -244,6 +244,9 @@ class StudyConfig(_Strict):
     enqueue: list[dict[str, Any]] = []  # known configurations to try first (warm start)
     n_trials: PositiveInt = 10  # finished (complete + pruned) trials the study should hold
     timeout: PositiveFloat | None = None  # seconds for this run
+    heartbeat_interval: PositiveInt = 10  # seconds between a running trial's heartbeats
+    grace_period: PositiveInt | None = None  # seconds without a heartbeat before a trial is stale (default 2x interval)
+    max_retry: int = Field(2, ge=0)  # re-runs of a trial whose worker died (same params)
     storage: str | None = None  # default: sqlite beside the study file
     output_dir: Path | None = None  # default: <study folder>/outputs/<study>
     extends: str | None = Field(None, description="a base study file this one deep-merges over")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +41,15 @@ def open_study(cfg: StudyConfig, first_step: int = 1, last_step: int | None = No
     """Create the study in its storage, or load it if it exists (safe when several workers race)."""
     url = cfg.storage_url
     engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else None
-    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    # Heartbeats: a trial whose worker died (kill -9, OOM killer, preemption) goes stale; the next worker
+    # to start a trial marks it FAIL and queues a retry with the same params.
+    with warnings.catch_warnings():  # heartbeats have been "experimental" since optuna 2.8; hpo relies on them
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs,
+            heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry),
+        )
     return optuna.create_study(
         storage=storage,
         study_name=cfg.study,
@@ -107,14 +119,35 @@ def run_study(cfg: StudyConfig, console: Console | None = None) -> optuna.Study:
     console.print(f"[bold]{cfg.study}[/]: {done} finished trial(s) in {mask_url(cfg.storage_url)}; target {cfg.n_trials}")
     if todo > 0:
         progress = _Progress(console, cfg)
-        study.optimize(
-            _objective(bench, progress),
-            timeout=cfg.timeout,
-            catch=(Exception,),
-            callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=FINISHED), progress.trial_done],
-        )
+        with _sigterm_interrupts():
+            _optimize(study, bench, progress, cfg)
     _summary(console, cfg, study)
     return study
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a scheduler's stop, a preemption notice) ends the run like Ctrl-C: the trial ends FAIL, never RUNNING."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _optimize(study: optuna.Study, bench: Workbench, progress: _Progress, cfg: StudyConfig) -> None:
+    study.optimize(
+        _objective(bench, progress),
+        timeout=cfg.timeout,
+        catch=(Exception,),
+        callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=FINISHED), progress.trial_done],
+    )
 
 
 class ConstraintViolation(Exception):
@@ -152,8 +185,9 @@ def _objective(bench: Workbench, progress: _Progress):
             return result.value
         except optuna.TrialPruned:
             raise
-        except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted")  # Optuna marks it FAIL and re-raises
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL and re-raises
+            trial.set_user_attr("fail_reason", "interrupted")
+            trial.study.enqueue_trial(sampled, user_attrs={"retry_of": trial.number})  # the rerun starts with it
             raise
         except Exception as e:
             trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:1000])

@@ -1,0 +1,79 @@
+"""Faults with real subprocesses and signals: SIGTERM mid-trial, kill -9 mid-trial, resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+
+def start(path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "hpo.cli", "run", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def wait_for_running(path, timeout=120) -> optuna.Study:
+    storage = f"sqlite:///{path.with_suffix('.db')}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            study = optuna.load_study(study_name="tiny", storage=storage)
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if running and running[0].intermediate_values:  # training, past its first evaluation
+                return study
+        except (KeyError, Exception):
+            pass
+        time.sleep(0.2)
+    pytest.fail("no trial started training in time")
+
+
+def slow_study(write_study, **changes):
+    # 40 epochs of the tiny model: several seconds per trial, long enough to be caught mid-trial
+    return write_study(n_trials=2, train={"num_train_epochs": 40, "seed": 0}, eval_every=1.0, **changes)
+
+
+def test_sigterm_ends_the_trial_interrupted_and_a_rerun_resumes(write_study):
+    path = slow_study(write_study)
+    proc = start(path)
+    wait_for_running(path)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert time.monotonic() - sent < 10, "stops within seconds"
+    assert proc.returncode == 130 and "run the same command again to resume" in output
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}")
+    (stopped,) = study.get_trials(states=(TrialState.FAIL,))
+    assert stopped.user_attrs["fail_reason"] == "interrupted"
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+
+    rerun = start(path)
+    assert rerun.wait(timeout=300) == 0
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}")
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 2
+    assert complete[0].params == stopped.params  # the interrupted configuration ran first on resume
+
+
+def test_killed_worker_trial_is_failed_and_retried(write_study):
+    path = slow_study(write_study, heartbeat_interval=1, grace_period=3)
+    proc = start(path)
+    study = wait_for_running(path)
+    (victim,) = study.get_trials(states=(TrialState.RUNNING,))
+    proc.kill()  # SIGKILL: no handler runs, the trial stays RUNNING in the storage
+    proc.wait(timeout=30)
+    assert optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}").trials[
+        victim.number].state == TrialState.RUNNING
+    time.sleep(4)  # past the grace period
+
+    rerun = start(path)
+    output = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0, output
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}")
+    assert study.trials[victim.number].state == TrialState.FAIL
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE and retries[0].params == victim.params
+    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 2
