@@ -63,3 +63,36 @@ def write_study(tmp_path, tiny_model):
         return path
 
     return write
+
+
+POSTGRES = os.environ.get("HPO_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A fresh PostgreSQL database for this test session, dropped at the end.
+
+    In CI (``CI`` set) an unreachable server fails the tests instead of skipping them.
+    """
+    import uuid
+
+    psycopg = pytest.importorskip("psycopg")
+    name = f"hpo_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(POSTGRES, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL unreachable at {POSTGRES}: {e}")
+        pytest.skip(f"PostgreSQL unreachable at {POSTGRES}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        yield POSTGRES.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
+        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path):
+    """Every storage mode hpo supports: the default SQLite file and PostgreSQL (one schema per test)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'study.db'}"
+    return request.getfixturevalue("postgres_url")

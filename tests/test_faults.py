@@ -16,12 +16,11 @@ def start(path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def wait_for_running(path, timeout=120) -> optuna.Study:
-    storage = f"sqlite:///{path.with_suffix('.db')}"
+def wait_for_running(storage, name="tiny", timeout=120) -> optuna.Study:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            study = optuna.load_study(study_name="tiny", storage=storage)
+            study = optuna.load_study(study_name=name, storage=storage)
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if running and running[0].intermediate_values:  # training, past its first evaluation
                 return study
@@ -39,7 +38,7 @@ def slow_study(write_study, **changes):
 def test_sigterm_ends_the_trial_interrupted_and_a_rerun_resumes(write_study):
     path = slow_study(write_study)
     proc = start(path)
-    wait_for_running(path)
+    wait_for_running(f"sqlite:///{path.with_suffix('.db')}")
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=60)[0]
@@ -58,21 +57,21 @@ def test_sigterm_ends_the_trial_interrupted_and_a_rerun_resumes(write_study):
     assert complete[0].params == stopped.params  # the interrupted configuration ran first on resume
 
 
-def test_killed_worker_trial_is_failed_and_retried(write_study):
-    path = slow_study(write_study, heartbeat_interval=1, grace_period=3)
+def test_killed_worker_trial_is_failed_and_retried(write_study, storage_url, request):
+    name = f"killed-{request.node.callspec.id}"
+    path = slow_study(write_study, heartbeat_interval=1, grace_period=3, storage=storage_url, study=name)
     proc = start(path)
-    study = wait_for_running(path)
+    study = wait_for_running(storage_url, name)
     (victim,) = study.get_trials(states=(TrialState.RUNNING,))
     proc.kill()  # SIGKILL: no handler runs, the trial stays RUNNING in the storage
     proc.wait(timeout=30)
-    assert optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}").trials[
-        victim.number].state == TrialState.RUNNING
+    assert optuna.load_study(study_name=name, storage=storage_url).trials[victim.number].state == TrialState.RUNNING
     time.sleep(4)  # past the grace period
 
     rerun = start(path)
     output = rerun.communicate(timeout=300)[0]
     assert rerun.returncode == 0, output
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}")
+    study = optuna.load_study(study_name=name, storage=storage_url)
     assert study.trials[victim.number].state == TrialState.FAIL
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE and retries[0].params == victim.params

@@ -11,19 +11,26 @@ from hpo import load_study, run_study
 quiet = Console(quiet=True)
 
 
-def test_study_runs_to_n_trials_and_resumes(write_study):
-    path = write_study(n_trials=2)
+def test_study_runs_to_n_trials_and_resumes(write_study, storage_url, request):
+    name = f"tiny-{request.node.callspec.id}-{id(storage_url)}"  # PostgreSQL is shared by the session
+    path = write_study(n_trials=2, storage=storage_url, study=name)
     study = run_study(load_study(path), quiet)
-    assert path.with_suffix(".db").exists()
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
 
     run_study(load_study(path), quiet)  # holds 2 already: adds none
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}")
+    study = optuna.load_study(study_name=name, storage=storage_url)
     assert len(study.trials) == 2
 
     run_study(load_study(path, {"n_trials": 3}), quiet)  # raise the target: adds exactly 1
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}")
+    study = optuna.load_study(study_name=name, storage=storage_url)
     assert len(study.trials) == 3
+    assert study.user_attrs["config"]["storage"].startswith(storage_url.split(":")[0])  # storage round-trip
+
+
+def test_default_storage_is_sqlite_beside_the_study_file(write_study):
+    path = write_study(n_trials=1)
+    run_study(load_study(path), quiet)
+    assert optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}").trials
 
 
 def test_trial_records_measurements_and_best_model(write_study, tmp_path):
