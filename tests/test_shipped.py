@@ -70,4 +70,4 @@ def test_quickstart_environments(monkeypatch):
     assert (dev.study, dev.n_trials, dev.data.max_train_rows) == ("quickstart-dev", 3, 96)
     monkeypatch.setenv("HPO_DB_PASSWORD", "pw")
     prod = load_study(ROOT / "studies" / "quickstart.yaml", env="prod")
-    assert prod.storage == "postgresql://hpo:pw@localhost:5432/hpo" and prod.masked(prod.storage).endswith(":***@localhost:5432/hpo")
+    assert prod.storage == "postgresql+psycopg://hpo:pw@localhost:5432/hpo" and prod.masked(prod.storage).endswith(":***@localhost:5432/hpo")
