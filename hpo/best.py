@@ -12,6 +12,8 @@ import optuna
 from hpo.config import LoraSettings, StudyConfig
 from hpo.space import split_params, training_arguments
 
+CREDENTIALS = ("hub_token",)  # TrainingArguments fields that hold secrets
+
 
 def best_params(study: optuna.Study) -> dict[str, Any]:
     """The best trial's sampled and derived parameters."""
@@ -26,14 +28,15 @@ def trial_config(cfg: StudyConfig, params: dict[str, Any], trial: int, value: fl
     settings with the trial's training parameters over them.
     """
     training, model_params, lora_params = split_params(params)
-    args = training_arguments({**cfg.train, **training})
+    # Saved configurations carry no credentials: the hub reads the token from HF_TOKEN when pushing.
+    args = {k: v for k, v in training_arguments({**cfg.train, **training}).items() if k not in CREDENTIALS}
     lora = {**(cfg.model.lora or LoraSettings()).model_dump(), **lora_params} if cfg.is_lora else None
     rest = {
         "study": cfg.study, "trial": trial, "metric": cfg.objective.metric, "value": value,
         "task": cfg.task, "model": cfg.model.name, "model_params": model_params, "lora": lora,
         "data": cfg.data.model_dump(mode="json", exclude_none=True),
     }
-    return args, rest
+    return cfg.masked_data(args), cfg.masked_data(rest)
 
 
 def best_config(cfg: StudyConfig, study: optuna.Study) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -19,6 +19,8 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 StudyFile = Annotated[Path, typer.Argument(help="The study file (YAML).", show_default=False)]
 Env = Annotated[str | None, typer.Option("--env", help="An environment from the file's environments: mapping.")]
+Storage = Annotated[str | None, typer.Option(help="Storage URL, when not the study file's (e.g. the one given "
+                                                 "to hpo run --storage).")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="key.path=value pairs that win over the file, "
                                                           "e.g. n_trials=3 train.num_train_epochs=1.", show_default=False)]
 
@@ -35,6 +37,10 @@ def _parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         except yaml.YAMLError:
             out[key] = value
     return out
+
+
+def _storage(url: str | None) -> dict[str, Any]:
+    return {} if url is None else {"storage": url}
 
 
 def _load(path: Path, overrides: dict[str, Any], env: str | None = None):
@@ -56,23 +62,37 @@ def run(
     overrides: Overrides = None,
     n_trials: Annotated[int | None, typer.Option("--n-trials", min=1, help="Finished trials the study should hold.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Stop starting trials after this many seconds.")] = None,
-    storage: Annotated[str | None, typer.Option(help="Storage URL (default: sqlite beside the study file).")] = None,
+    storage: Annotated[str | None, typer.Option(help="Storage URL (default: sqlite beside the study file); "
+                                                     "the same URL on many machines joins one study.")] = None,
     env: Env = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Worker processes on this machine "
+                                                            "(default: one per GPU named in --gpus, else 1).")] = None,
+    gpus: Annotated[str | None, typer.Option(help="GPUs for the workers, e.g. 0,1,2,3: one per worker, round "
+                                                  "robin (default: every visible GPU).")] = None,
+    worker_id: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Create or resume the study and run trials until it holds n_trials finished ones."""
     flags = {"n_trials": n_trials, "timeout": timeout, "storage": storage}
     cfg = _load(study, {**_parse_overrides(overrides), **{k: v for k, v in flags.items() if v is not None}}, env)
-    from hpo.study import (
-        run_study,  # imports torch and transformers: only once the file is valid
-    )
+    from hpo.study import run_study  # imports torch and transformers: only once the file is valid
+    from hpo.workers import gpu_ids, run_workers
 
+    n = workers or (len(gpu_ids(gpus)) if gpus else 1)
+    # The workers run this same command, minus --workers/--gpus.
+    run_args = [str(study), *(overrides or []), *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items() if v is not None),
+                *(["--env", env] if env else [])]
+    code = 0
     try:
-        run_study(cfg)
+        if worker_id is None and (n > 1 or gpus):
+            code = run_workers(cfg, run_args, n, gpu_ids(gpus))
+        else:
+            run_study(cfg, worker=worker_id)
     except ConfigError as e:
         _fail(e)
     except KeyboardInterrupt:
         err.print("interrupted: finished trials are kept; run the same command again to resume")
         raise typer.Exit(130) from None
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -94,12 +114,13 @@ def report(
     csv: Annotated[Path | None, typer.Option(help="Trials CSV (the per-study table goes to <stem>.studies.csv).")] = None,
     html: Annotated[Path | None, typer.Option(help="The HTML report.")] = None,
     env: Env = None,
+    storage: Storage = None,
 ) -> None:
     """Compare trials and studies on Z-scores; write CSV and a self-contained HTML report."""
     from hpo import report as rep
     from hpo.study import load_existing
 
-    cfgs = [_load(path, {}, env) for path in studies]
+    cfgs = [_load(path, _storage(storage), env) for path in studies]
     try:
         loaded = [load_existing(cfg) for cfg in cfgs]
     except ConfigError as e:
@@ -141,12 +162,13 @@ def best(
     study: StudyFile,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="JSON for TrainingArguments(**json.load(f)).")] = None,
     env: Env = None,
+    storage: Storage = None,
 ) -> None:
     """Write the best configuration: TrainingArguments JSON, and <stem>.model.json beside it."""
     from hpo.best import write_best
     from hpo.study import load_existing
 
-    cfg = _load(study, {}, env)
+    cfg = _load(study, _storage(storage), env)
     try:
         written = write_best(cfg, load_existing(cfg), out or cfg.output_path / "best.json")
     except ConfigError as e:
@@ -164,6 +186,7 @@ def train(
     best: Annotated[bool, typer.Option("--best", help="Retrain the study's best configuration.")] = False,
     all_data: Annotated[bool, typer.Option("--all-data", help="Train on train + eval.")] = False,
     env: Env = None,
+    storage: Storage = None,
 ) -> None:
     """Retrain the best configuration and save the model with a model card."""
     from hpo.best import train_best
@@ -172,7 +195,7 @@ def train(
     if not best:
         err.print("[red]error[/] hpo train needs --best (the only configuration it trains)")
         raise typer.Exit(2)
-    cfg = _load(study, {}, env)
+    cfg = _load(study, _storage(storage), env)
     try:
         folder = train_best(cfg, load_existing(cfg), all_data)
     except ConfigError as e:
@@ -189,12 +212,13 @@ def dashboard(
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 8080,
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback exposes the study.")] = "127.0.0.1",
     env: Env = None,
+    storage: Storage = None,
 ) -> None:
     """Serve optuna-dashboard on the study's storage, with the trials' artifacts."""
     from hpo.dashboard import exposed, serve
     from hpo.study import load_existing, mask_url
 
-    cfg = _load(study, {}, env)
+    cfg = _load(study, _storage(storage), env)
     try:
         load_existing(cfg)
     except ConfigError as e:

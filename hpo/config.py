@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
+import json
 import os
 import re
 import typing
@@ -247,6 +249,7 @@ class StudyConfig(_Strict):
     heartbeat_interval: PositiveInt = 10  # seconds between a running trial's heartbeats
     grace_period: PositiveInt | None = None  # seconds without a heartbeat before a trial is stale (default 2x interval)
     max_retry: int = Field(2, ge=0)  # re-runs of a trial whose worker died (same params)
+    max_failures_in_a_row: PositiveInt = 3  # a worker stops after this many failed trials in a row
     storage: str | None = None  # default: sqlite beside the study file
     output_dir: Path | None = None  # default: <study folder>/outputs/<study>
     extends: str | None = Field(None, description="a base study file this one deep-merges over")
@@ -277,6 +280,10 @@ class StudyConfig(_Strict):
             text = text.replace(secret, "***")
         return text
 
+    def masked_data(self, data: Any) -> Any:
+        """:meth:`masked` over every string in a JSON-like ``data``."""
+        return json.loads(self.masked(json.dumps(data, default=str)))
+
     @property
     def environment(self) -> str | None:
         """The ``--env`` overlay this config was loaded with."""
@@ -288,7 +295,18 @@ class StudyConfig(_Strict):
 
     @property
     def storage_url(self) -> str:
-        return self.storage or f"sqlite:///{(self.root / (self._file.stem + '.db')).resolve()}"
+        """The storage as a SQLAlchemy URL: ``storage:``, else a SQLite file beside the study file.
+
+        A plain ``postgresql://`` URL names SQLAlchemy's psycopg2 driver; when only psycopg 3 is
+        installed (``pip install hpo[postgres]``), it is used instead of failing on the import.
+        """
+        if self.storage is None:
+            return f"sqlite:///{(self.root / (self._file.stem + '.db')).resolve()}"
+        url = make_url(self.storage)
+        if url.drivername == "postgresql" and not importlib.util.find_spec("psycopg2") \
+                and importlib.util.find_spec("psycopg"):
+            return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+        return self.storage
 
     @property
     def output_path(self) -> Path:

@@ -3,30 +3,38 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import signal
+import socket
+import sqlite3
 import threading
+import time
 import traceback
 import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
+from rich.markup import escape
 from sqlalchemy.engine import make_url
 
 from hpo import samplers, space
 from hpo.config import StudyConfig
+from hpo.errors import ConfigError
 from hpo.best import trial_config
 from hpo.dashboard import artifact_store, save_study_note, upload_json
 from hpo.trial import Workbench, prepare, release, run_trial, save_model
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-MAX_FAILURES_IN_A_ROW = 3  # stop burning compute on a study that cannot train
 MAX_REJECTED_IN_A_ROW = 100  # constraints that leave almost no feasible space
 SQLITE_TIMEOUT_S = 60  # wait this long for another writer's lock instead of "database is locked"
+SETUP_LOCK_KEY = 0x68706F  # "hpo": the PostgreSQL advisory lock around storage and study setup
 
 
 def mask_url(url: str) -> str:
@@ -37,27 +45,100 @@ def mask_url(url: str) -> str:
         return url
 
 
-def open_study(cfg: StudyConfig, first_step: int = 1, last_step: int | None = None) -> optuna.Study:
-    """Create the study in its storage, or load it if it exists (safe when several workers race)."""
+def open_study(cfg: StudyConfig, first_step: int = 1, last_step: int | None = None,
+               worker: int | None = None) -> optuna.Study:
+    """Create the study in its storage, or load it if it exists, and queue the file's ``enqueue:`` entries.
+
+    Safe when workers on one machine or many start at once: see :func:`_setup_lock`. Worker ``k`` of
+    ``hpo run --workers`` seeds its sampler with ``sampler.seed + k``: the same seed everywhere would
+    have every worker sample the same configurations.
+
+    Raises:
+        ConfigError: the storage cannot be opened (server unreachable, no driver, no such folder).
+    """
     url = cfg.storage_url
-    engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else None
+    sampler_args = dict(cfg.sampler.args)
+    if worker and sampler_args.get("seed") is not None:
+        sampler_args["seed"] += worker
+    try:
+        with _setup_lock(url):
+            study = optuna.create_study(
+                storage=_storage(cfg),
+                study_name=cfg.study,
+                direction=cfg.objective.direction,
+                sampler=samplers.make_sampler(cfg.sampler.name, sampler_args, cfg.distributions),
+                pruner=samplers.make_pruner(cfg.pruner.name, cfg.pruner.args, first_step, last_step),
+                load_if_exists=True,
+            )
+            if "config" not in study.user_attrs:
+                study.set_user_attr("config", resolved_config(cfg))
+                save_study_note(study, resolved_config(cfg))
+            for params in cfg.enqueue:  # a configuration already queued or tried is not queued again
+                study.enqueue_trial(params, skip_if_exists=True)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError) as e:
+        raise _cannot_open(cfg, e) from None
+    return study
+
+
+def _cannot_open(cfg: StudyConfig, e: Exception) -> ConfigError:
+    reason = cfg.masked(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    return cfg.error(("storage",), f"cannot open {mask_url(cfg.storage_url)}: {reason}")
+
+
+def _storage(cfg: StudyConfig) -> optuna.storages.RDBStorage:
+    url = cfg.storage_url
+    engine_kwargs = None
+    if make_url(url).get_backend_name() == "sqlite":
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+        if database := make_url(url).database:
+            # WAL lets readers (the dashboard, hpo report) and N local workers share the file: readers no
+            # longer block the writer, and a commit is one append. The mode is stored in the file.
+            with contextlib.closing(sqlite3.connect(database, timeout=SQLITE_TIMEOUT_S)) as db:
+                db.execute("PRAGMA journal_mode=WAL")
     # Heartbeats: a trial whose worker died (kill -9, OOM killer, preemption) goes stale; the next worker
     # to start a trial marks it FAIL and queues a retry with the same params.
     with warnings.catch_warnings():  # heartbeats have been "experimental" since optuna 2.8; hpo relies on them
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(
+        return optuna.storages.RDBStorage(
             url, engine_kwargs=engine_kwargs,
             heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry),
         )
-    return optuna.create_study(
-        storage=storage,
-        study_name=cfg.study,
-        direction=cfg.objective.direction,
-        sampler=samplers.make_sampler(cfg.sampler.name, cfg.sampler.args, cfg.distributions),
-        pruner=samplers.make_pruner(cfg.pruner.name, cfg.pruner.args, first_step, last_step),
-        load_if_exists=True,
-    )
+
+
+@contextlib.contextmanager
+def _setup_lock(url: str):
+    """Hold a cross-process lock while the storage and the study are set up.
+
+    ``create_study(load_if_exists=True)`` alone is race-free, but two more steps are check-then-act:
+    creating the tables of a fresh database (two nodes both try, one fails on a duplicate), and
+    ``enqueue_trial(skip_if_exists=True)`` (both queue the same configuration). Optuna has no lock for
+    these, so hpo takes one: a PostgreSQL advisory lock, or ``flock`` on the SQLite file's folder.
+    Other databases go without.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SETUP_LOCK_KEY})
+                try:
+                    yield
+                finally:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": SETUP_LOCK_KEY})
+        finally:
+            engine.dispose()
+    elif parsed.get_backend_name() == "sqlite" and parsed.database:
+        # The folder, not the file: closing any descriptor of the database file drops every POSIX lock
+        # the process holds on it, SQLite's included (https://sqlite.org/howtocorrupt.html, 2.2).
+        folder = os.open(Path(parsed.database).parent, os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(folder)  # releases the flock
+    else:
+        yield
 
 
 def load_existing(cfg: StudyConfig) -> optuna.Study:
@@ -74,6 +155,8 @@ def load_existing(cfg: StudyConfig) -> optuna.Study:
         return optuna.load_study(study_name=cfg.study, storage=url)
     except KeyError:
         raise cfg.error(("study",), f"no study {cfg.study!r} in {mask_url(url)}: {hint}") from None
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e:
+        raise _cannot_open(cfg, e) from None
 
 
 def count_finished(study: optuna.Study) -> int:
@@ -86,47 +169,55 @@ def resolved_config(cfg: StudyConfig) -> dict[str, Any]:
     data["storage"] = mask_url(cfg.storage_url)
     if cfg.environment:
         data["environment"] = cfg.environment
-    return json.loads(cfg.masked(json.dumps(data)))
+    return cfg.masked_data(data)
 
 
-def run_study(cfg: StudyConfig, console: Console | None = None) -> optuna.Study:
-    """Run trials until the study holds ``cfg.n_trials`` finished (complete or pruned) trials.
-
-    Everything that can fail on the user's input (model, data) is checked
-    before the storage is touched. Returns the study.
+def start_study(cfg: StudyConfig, worker: int | None = None) -> tuple[optuna.Study, Workbench]:
+    """Check the model and data, then create or load the study; nothing is created if the check fails.
 
     Raises:
-        ConfigError: the model or data cannot be loaded.
+        ConfigError: the model, the data or the storage cannot be loaded.
     """
-    console = console or Console()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # hpo prints its own lines per trial
     bench = prepare(cfg)
     n_train = len(bench.train_rows)
     # The run's length in examples, when every trial has the same (else Hyperband estimates it).
     varies = {"num_train_epochs", "max_steps"} & set(cfg.search_space) or "max_steps" in cfg.train
     last_step = None if varies else round(float(cfg.train.get("num_train_epochs", 3)) * n_train)
-    study = open_study(cfg, round(cfg.eval_every.examples_between(n_train)), last_step)
+    study = open_study(cfg, round(cfg.eval_every.examples_between(n_train)), last_step, worker)
     cfg.output_path.mkdir(parents=True, exist_ok=True)
-    if "config" not in study.user_attrs:
-        study.set_user_attr("config", resolved_config(cfg))
-        save_study_note(study, resolved_config(cfg))
-    for params in cfg.enqueue:  # a configuration already queued or tried is not queued again
-        study.enqueue_trial(params, skip_if_exists=True)
-    (cfg.output_path / "resolved.yaml").write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
+    if worker is None:  # under hpo run --workers, the parent process wrote it
+        (cfg.output_path / "resolved.yaml").write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
+    return study, bench
 
+
+def run_study(cfg: StudyConfig, console: Console | None = None, worker: int | None = None) -> optuna.Study:
+    """Run trials until the study holds ``cfg.n_trials`` finished (complete or pruned) trials.
+
+    Trials that other processes run on the same storage count too: when the rest of the target is
+    running elsewhere, this process waits for it (and retries any whose worker died). ``worker`` is
+    this process's index under ``hpo run --workers`` (it prefixes the output lines). Returns the study.
+
+    Raises:
+        ConfigError: the model, the data or the storage cannot be loaded.
+    """
+    console = console or Console()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # hpo prints its own lines per trial
+    study, bench = start_study(cfg, worker)
     done = count_finished(study)
-    todo = cfg.n_trials - done
-    console.print(f"[bold]{cfg.study}[/]: {done} finished trial(s) in {mask_url(cfg.storage_url)}; target {cfg.n_trials}")
-    if todo > 0:
-        progress = _Progress(console, cfg)
-        with _sigterm_interrupts():
-            _optimize(study, bench, progress, cfg)
-    _summary(console, cfg, study)
+    if worker is None:
+        console.print(f"[bold]{cfg.study}[/]: {done} finished trial(s) in {mask_url(cfg.storage_url)}; "
+                      f"target {cfg.n_trials}")
+    if cfg.n_trials > done:
+        progress = _Progress(console, cfg, worker)
+        with sigterm_interrupts():
+            _optimize(study, _objective(bench, progress), progress, cfg)
+    if worker is None:
+        print_summary(console, cfg, study)
     return study
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts():
+def sigterm_interrupts():
     """SIGTERM (a scheduler's stop, a preemption notice) ends the run like Ctrl-C: the trial ends FAIL, never RUNNING."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -141,13 +232,26 @@ def _sigterm_interrupts():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _optimize(study: optuna.Study, bench: Workbench, progress: _Progress, cfg: StudyConfig) -> None:
-    study.optimize(
-        _objective(bench, progress),
-        timeout=cfg.timeout,
-        catch=(Exception,),
-        callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=FINISHED), progress.trial_done],
-    )
+def _optimize(study: optuna.Study, objective, progress: _Progress, cfg: StudyConfig) -> None:
+    # One study.optimize call per trial, so that this worker starts a trial only while finished plus
+    # running trials (on every worker) fall short of n_trials: N workers then overshoot the target only
+    # when two of them start within the same instant, instead of by up to N-1 trials at the end.
+    deadline = None if cfg.timeout is None else time.monotonic() + cfg.timeout
+    while not progress.stopped and (deadline is None or time.monotonic() < deadline):
+        finished = count_finished(study)
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        if finished >= cfg.n_trials:
+            return
+        if finished + running < cfg.n_trials:
+            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[progress.trial_done])
+            continue
+        # The rest of the target runs on other workers. Wait: one may fail (then this worker runs another)
+        # or its worker may die (then its trial goes stale, and this worker retries it).
+        progress.waiting(running)
+        time.sleep(min(cfg.heartbeat_interval, 5))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
 
 
 class ConstraintViolation(Exception):
@@ -168,6 +272,8 @@ def _objective(bench: Workbench, progress: _Progress):
             trial.set_user_attr("rejected_by_constraint", broken[0])
             raise ConstraintViolation(f"constraint not met: {broken[0]}")
         progress.trial_start(trial.number, params)
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(),
+                                       "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
         args, rest = trial_config(cfg, params, trial.number, None)
         upload_json(store, trial, "config.json", {"training_arguments": args, **rest})
         result = None
@@ -190,8 +296,8 @@ def _objective(bench: Workbench, progress: _Progress):
             trial.study.enqueue_trial(sampled, user_attrs={"retry_of": trial.number})  # the rerun starts with it
             raise
         except Exception as e:
-            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:1000])
-            trial.set_user_attr("fail_traceback", traceback.format_exc()[-4000:])
+            trial.set_user_attr("fail_reason", cfg.masked(f"{type(e).__name__}: {e}")[:1000])
+            trial.set_user_attr("fail_traceback", cfg.masked(traceback.format_exc())[-4000:])
             raise
         finally:
             release(result)
@@ -208,33 +314,52 @@ def _beats_best(study: optuna.Study, value: float) -> bool:
 
 
 class _Progress:
-    """One line per finished trial, and the running trial's last evaluation."""
+    """One line per finished trial, and the running trial's last evaluation; decides when to stop."""
 
-    def __init__(self, console: Console, cfg: StudyConfig):
+    def __init__(self, console: Console, cfg: StudyConfig, worker: int | None = None):
         self.console, self.metric = console, cfg.objective.metric
+        self.max_failures = cfg.max_failures_in_a_row
+        self.prefix = "" if worker is None else f"w{worker}: "
         self.failures_in_a_row = 0
         self.rejected_in_a_row = 0
+        self.stopped = False
+        self.waiting_for = 0  # trials running elsewhere that this worker last said it waits for
         self.best = ""  # " (best so far 0.1234)" once a trial completed
-        self.status = console.status("")
+        # Several workers share one terminal: a live status line each would overwrite the others'.
+        self.status = console.status("") if worker is None else None
         self.number = -1
 
+    def print(self, line: str) -> None:
+        self.console.print(self.prefix + line)
+
     def trial_start(self, number: int, params: dict[str, Any]) -> None:
-        self.number = number
-        self.status.start()
-        self.status.update(f"trial {number}: training…")
+        self.number, self.waiting_for = number, 0
+        if self.status:
+            self.status.start()
+            self.status.update(f"trial {number}: training…")
 
     def evaluated(self, step: int, value: float) -> None:
-        self.status.update(f"trial {self.number}: {self.metric} {value:.4f} after {step} examples{self.best}")
+        if self.status:
+            self.status.update(f"trial {self.number}: {self.metric} {value:.4f} after {step} examples{self.best}")
+
+    def waiting(self, running: int) -> None:
+        if running != self.waiting_for:
+            self.print(f"[dim]waiting for {running} trial(s) running on other workers[/]")
+            self.waiting_for = running
+
+    def stop(self, why: str) -> None:
+        self.print(f"[red]stopping: {why}[/]")
+        self.stopped = True
 
     def trial_done(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.status.stop()
+        if self.status:
+            self.status.stop()
         if "rejected_by_constraint" in trial.user_attrs:
             self.rejected_in_a_row += 1
-            self.console.print(f"trial {trial.number:3d} [dim]rejected before training: "
-                               f"{trial.user_attrs['rejected_by_constraint']} is false[/]")
+            self.print(f"trial {trial.number:3d} [dim]rejected before training: "
+                       f"{trial.user_attrs['rejected_by_constraint']} is false[/]")
             if self.rejected_in_a_row >= MAX_REJECTED_IN_A_ROW:
-                self.console.print(f"[red]stopping: the constraints rejected {self.rejected_in_a_row} samples in a row[/]")
-                study.stop()
+                self.stop(f"the constraints rejected {self.rejected_in_a_row} samples in a row")
             return
         self.rejected_in_a_row = 0
         counts = {s: 0 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
@@ -245,28 +370,28 @@ class _Progress:
         params = _fmt_params(trial.params)
         if trial.state == TrialState.COMPLETE:
             best = " [green]★ best[/]" if study.best_trial.number == trial.number else ""
-            self.console.print(f"trial {trial.number:3d} [green]complete[/] {self.metric}={trial.value:.4f}{best} "
-                               f"({secs:.0f}s)  {tally}\n    [dim]{params}[/]")
+            self.print(f"trial {trial.number:3d} [green]complete[/] {self.metric}={trial.value:.4f}{best} "
+                       f"({secs:.0f}s)  {tally}\n{' ' * len(self.prefix)}    [dim]{params}[/]")
         elif trial.state == TrialState.PRUNED:
             at = trial.user_attrs.get("pruned_at_step", "?")
-            self.console.print(f"trial {trial.number:3d} [yellow]pruned[/] at {at} examples ({secs:.0f}s)  {tally}\n    [dim]{params}[/]")
+            self.print(f"trial {trial.number:3d} [yellow]pruned[/] at {at} examples ({secs:.0f}s)  {tally}\n"
+                       f"{' ' * len(self.prefix)}    [dim]{params}[/]")
         else:
-            reason = trial.user_attrs.get("fail_reason", "interrupted")
-            self.console.print(f"trial {trial.number:3d} [red]failed[/]: {reason}  {tally}")
+            reason = escape(trial.user_attrs.get("fail_reason", "interrupted"))
+            self.print(f"trial {trial.number:3d} [red]failed[/]: {reason}  {tally}")
         if trial.state == TrialState.COMPLETE:
             self.best = f" (best so far {study.best_value:.4f})"
         self.failures_in_a_row = self.failures_in_a_row + 1 if trial.state == TrialState.FAIL else 0
-        if self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
-            self.console.print(f"[red]stopping: {self.failures_in_a_row} trials failed in a row[/] "
-                               "(see fail_reason / fail_traceback in the trials' user attrs)")
-            study.stop()
+        if self.failures_in_a_row >= self.max_failures:
+            self.stop(f"{self.failures_in_a_row} trials failed in a row (max_failures_in_a_row; "
+                      "see fail_reason / fail_traceback in the trials' user attrs)")
 
 
 def _fmt_params(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-def _summary(console: Console, cfg: StudyConfig, study: optuna.Study) -> None:
+def print_summary(console: Console, cfg: StudyConfig, study: optuna.Study) -> None:
     try:
         best = study.best_trial
     except ValueError:

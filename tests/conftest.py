@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -14,13 +16,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 DATA = Path(__file__).parent / "data"
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A 2-layer, hidden-32 BERT saved as a Hugging Face folder, with a WordPiece tokenizer built from the test data."""
+def build_tiny_bert(folder: Path) -> Path:
+    """Save a 2-layer, hidden-32 BERT with a WordPiece tokenizer built from the test data into ``folder``."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
     words = sorted({w for f in ("train.csv", "eval.csv") for line in (DATA / f).read_text().splitlines()[1:]
                     for w in line.rsplit(",", 1)[0].split()})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
@@ -30,6 +30,12 @@ def tiny_model(tmp_path_factory) -> Path:
     torch.manual_seed(0)  # the same tiny model every run: test outcomes must not depend on luck
     BertModel(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny BERT of :func:`build_tiny_bert`, built once per session."""
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def study_dict(model_dir: Path, **changes) -> dict:
@@ -69,15 +75,9 @@ POSTGRES = os.environ.get("HPO_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:
 
 
 @pytest.fixture(scope="session")
-def postgres_url():
-    """A fresh PostgreSQL database for this test session, dropped at the end.
-
-    In CI (``CI`` set) an unreachable server fails the tests instead of skipping them.
-    """
-    import uuid
-
+def postgres_admin():
+    """A connection to the PostgreSQL server, or a skip (a failure in CI, where ``CI`` is set)."""
     psycopg = pytest.importorskip("psycopg")
-    name = f"hpo_test_{uuid.uuid4().hex[:12]}"
     try:
         admin = psycopg.connect(POSTGRES, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as e:
@@ -85,9 +85,31 @@ def postgres_url():
             pytest.fail(f"PostgreSQL unreachable at {POSTGRES}: {e}")
         pytest.skip(f"PostgreSQL unreachable at {POSTGRES}")
     with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
+        yield admin
+
+
+@contextlib.contextmanager
+def _fresh_database(admin):
+    name = f"hpo_test_{uuid.uuid4().hex[:12]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
         yield POSTGRES.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
+    finally:
         admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_admin):
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    with _fresh_database(postgres_admin) as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_admin):
+    """A PostgreSQL database of this test alone, without even optuna's tables."""
+    with _fresh_database(postgres_admin) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

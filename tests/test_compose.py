@@ -92,7 +92,8 @@ def test_environment_storage_password_is_masked(write_study, tmp_path, monkeypat
     monkeypatch.setenv("DB_PASSWORD", "s3cret")
     path = write_study(environments={"prod": {"storage": "postgresql://hpo:${DB_PASSWORD}@db.internal/hpo"}})
     resolved = resolved_config(load_study(path, env="prod"))
-    assert "s3cret" not in json.dumps(resolved) and resolved["storage"] == "postgresql://hpo:***@db.internal/hpo"
+    assert "s3cret" not in json.dumps(resolved)
+    assert resolved["storage"] == "postgresql+psycopg://hpo:***@db.internal/hpo"  # psycopg 3 for a plain URL
     assert resolved["environment"] == "prod" and "environments" not in resolved
 
 

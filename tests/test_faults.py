@@ -1,46 +1,21 @@
 """Faults with real subprocesses and signals: SIGTERM mid-trial, kill -9 mid-trial, resume."""
 
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import optuna
 import pytest
 from optuna.trial import TrialState
+from procs import slow_study, start, wait_for_running
 
 
-def start(path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "hpo.cli", "run", str(path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
-def wait_for_running(storage, name="tiny", timeout=120) -> optuna.Study:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            study = optuna.load_study(study_name=name, storage=storage)
-            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if running and running[0].intermediate_values:  # training, past its first evaluation
-                return study
-        except (KeyError, Exception):
-            pass
-        time.sleep(0.2)
-    pytest.fail("no trial started training in time")
-
-
-def slow_study(write_study, **changes):
-    # 40 epochs of the tiny model: several seconds per trial, long enough to be caught mid-trial
-    return write_study(n_trials=2, train={"num_train_epochs": 40, "seed": 0}, eval_every=1.0, **changes)
-
-
-def test_sigterm_ends_the_trial_interrupted_and_a_rerun_resumes(write_study):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_ends_the_trial_interrupted_and_a_rerun_resumes(write_study, sig):
     path = slow_study(write_study)
     proc = start(path)
     wait_for_running(f"sqlite:///{path.with_suffix('.db')}")
     sent = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     output = proc.communicate(timeout=60)[0]
     assert time.monotonic() - sent < 10, "stops within seconds"
     assert proc.returncode == 130 and "run the same command again to resume" in output

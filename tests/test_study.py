@@ -1,6 +1,8 @@
 """End to end on a tiny BERT: real Trainer, real SQLite, real pruners."""
 
+import contextlib
 import json
+import sqlite3
 
 import optuna
 from optuna.trial import TrialState
@@ -31,6 +33,8 @@ def test_default_storage_is_sqlite_beside_the_study_file(write_study):
     path = write_study(n_trials=1)
     run_study(load_study(path), quiet)
     assert optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}").trials
+    with contextlib.closing(sqlite3.connect(path.with_suffix(".db"))) as db:  # readers never block the writer
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
 def test_trial_records_measurements_and_best_model(write_study, tmp_path):
@@ -102,10 +106,11 @@ def test_lora_trials_train_adapters_only(write_study, tiny_model):
 
 def test_failure_is_recorded_with_its_cause_and_the_study_goes_on(write_study):
     # TrainingArguments accepts a batch size of 0; the DataLoader refuses it once training starts.
-    path = write_study(n_trials=1, search_space={"per_device_train_batch_size": {"type": "categorical", "choices": [0]}})
+    path = write_study(n_trials=1, max_failures_in_a_row=2,
+                       search_space={"per_device_train_batch_size": {"type": "categorical", "choices": [0]}})
     study = run_study(load_study(path), quiet)
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
-    assert len(failed) == 3  # stopped after 3 failures in a row instead of looping forever
+    assert len(failed) == 2  # stopped after max_failures_in_a_row instead of looping forever
     assert "batch_size" in failed[0].user_attrs["fail_reason"]
     assert failed[0].value is None  # a failure is a state, never a number
 

@@ -1,0 +1,154 @@
+"""hpo run --workers: N processes on one storage, GPU pinning, crashes, Ctrl-C; many nodes on PostgreSQL."""
+
+import contextlib
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import optuna
+import psycopg
+from conftest import POSTGRES
+from optuna.trial import TrialState
+from procs import slow_study, start, wait_for_running
+
+from hpo.workers import gpu_ids, worker_env
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def sqlite_url(path) -> str:
+    return f"sqlite:///{path.with_suffix('.db')}"
+
+
+def assert_accounted_for(study: optuna.Study, n_trials: int, n_workers: int) -> None:
+    """Every trial ended (none RUNNING or lost), the target was met, overshooting by at most n_workers - 1."""
+    trials = study.get_trials()
+    assert [t.number for t in trials] == list(range(len(trials)))
+    assert {t.state for t in trials} <= {*FINISHED, TrialState.FAIL}
+    assert n_trials <= len(study.get_trials(states=FINISHED)) <= n_trials + n_workers - 1
+
+
+def test_four_local_workers_on_the_default_storage_account_for_every_trial(write_study):
+    path = write_study(n_trials=12, train={"num_train_epochs": 1, "seed": 0})
+    proc = start(path, "--workers", "4")
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output
+    assert "4 workers on CPU" in output and "database is locked" not in output
+    study = optuna.load_study(study_name="tiny", storage=sqlite_url(path))
+    assert_accounted_for(study, 12, 4)
+    assert not study.get_trials(states=(TrialState.FAIL,))
+    assert len({repr(t.params) for t in study.trials}) == len(study.trials), "each worker seeds its own sampler"
+    pids = {t.user_attrs["worker"]["pid"] for t in study.trials}
+    assert len(pids) > 1 and len(set(re.findall(r"^(w\d): trial", output, re.M))) == len(pids)
+    with contextlib.closing(sqlite3.connect(path.with_suffix(".db"))) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_gpus_pins_one_device_per_worker(write_study):
+    path = write_study(n_trials=4)
+    proc = start(path, "--gpus", "0,1")  # no GPU here: each worker still gets its CUDA_VISIBLE_DEVICES
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output
+    assert "2 workers on GPU 0, 1" in output
+    study = optuna.load_study(study_name="tiny", storage=sqlite_url(path))
+    devices = {t.user_attrs["worker"]["cuda_visible_devices"] for t in study.trials}
+    assert devices and devices <= {"0", "1"}
+
+
+def test_worker_environment():
+    assert worker_env(2, 4, ["0", "1"])["CUDA_VISIBLE_DEVICES"] == "0"  # round robin over the GPUs
+    assert gpu_ids(" 3,5 ") == ["3", "5"]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    with _environ(env):
+        assert worker_env(0, 2, [])["OMP_NUM_THREADS"] == str(max(1, os.cpu_count() // 2))  # a share of the cores
+
+
+@contextlib.contextmanager
+def _environ(env):
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_a_killed_worker_takes_down_only_itself_and_its_trial_is_retried(write_study):
+    path = slow_study(write_study, n_trials=3, heartbeat_interval=1, grace_period=3)
+    proc = start(path, "--workers", "2")
+    study = wait_for_running(sqlite_url(path))
+    victim = study.get_trials(states=(TrialState.RUNNING,))[0]
+    os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)  # as the OOM killer would
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output  # the study reached its target all the same
+    assert "was killed by SIGKILL" in output
+    study = optuna.load_study(study_name="tiny", storage=sqlite_url(path))
+    assert study.trials[victim.number].state == TrialState.FAIL
+    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert retry.state in FINISHED and retry.params == victim.params
+    assert_accounted_for(study, 3, 2)
+
+
+def test_ctrl_c_stops_every_worker_and_leaves_no_trial_running(write_study):
+    path = slow_study(write_study, n_trials=4)
+    proc = start(path, "--workers", "2")
+    wait_for_running(sqlite_url(path))
+    time.sleep(1)  # let the second worker start its trial too
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert time.monotonic() - sent < 20, "stops within seconds"
+    assert proc.returncode == 130, output
+    study = optuna.load_study(study_name="tiny", storage=sqlite_url(path))
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    stopped = study.get_trials(states=(TrialState.FAIL,))
+    assert stopped and all(t.user_attrs["fail_reason"] == "interrupted" for t in stopped)
+    queued = study.get_trials(states=(TrialState.WAITING,))  # the next run starts with them
+    assert sorted(repr(t.system_attrs["fixed_params"]) for t in queued) == sorted(repr(t.params) for t in stopped)
+
+
+def test_nodes_starting_at_once_join_one_study_on_postgresql(write_study, fresh_postgres_url):
+    """Four `hpo run` processes on a database without even optuna's tables: one study, no duplicate enqueue."""
+    rule_of_thumb = {"learning_rate": 1e-3, "per_device_train_batch_size": 8}
+    path = write_study(n_trials=4, storage=fresh_postgres_url, enqueue=[rule_of_thumb])
+    nodes = [start(path) for _ in range(4)]
+    outputs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0] * 4, "\n".join(outputs)
+    assert optuna.get_all_study_names(storage=fresh_postgres_url) == ["tiny"]
+    study = optuna.load_study(study_name="tiny", storage=fresh_postgres_url)
+    assert_accounted_for(study, 4, 4)
+    assert [t.params for t in study.trials].count(rule_of_thumb) == 1
+
+
+def test_credentials_are_masked_in_every_line_printed_or_saved(write_study, fresh_postgres_url, postgres_admin):
+    """A password in the storage URL and a token from ${VAR}: in no output, no file, no row of the database."""
+    password, token = "Pw-4a1d3f9e", "hf_Tok8c2b7e05"
+    url = fresh_postgres_url.replace("postgres@", f"postgres:{password}@")  # trust auth: any password works
+    path = write_study(n_trials=2, storage="${HPO_STORAGE}", train={"num_train_epochs": 1, "hub_token": "${HF_TOKEN}"})
+    env = {"HPO_STORAGE": url, "HF_TOKEN": token}
+    printed = ""
+    for command in (["run", str(path), "--workers", "2"], ["report", str(path)], ["best", str(path)],
+                    ["run", str(path), "--storage", url.replace(":5432/", ":1/")]):  # unreachable: exit 2, one line
+        proc = subprocess.run([sys.executable, "-m", "hpo.cli", *command], capture_output=True, text=True,
+                              env={**os.environ, **env}, timeout=600)
+        printed += proc.stdout + proc.stderr
+        assert proc.returncode == (2 if "--storage" in command else 0), proc.stdout + proc.stderr
+    assert "postgres:***@" in printed and "cannot open" in printed.splitlines()[-1]
+    saved = [f for f in path.parent.rglob("*") if f.is_file() and f != path]
+    assert any(f.name == "best.json" for f in saved) and any("tfevents" in f.name for f in saved)
+    database = fresh_postgres_url.rsplit("/", 1)[1]
+    with psycopg.connect(f"{POSTGRES.rsplit('/', 1)[0]}/{database}") as db:
+        tables = [r[0] for r in db.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+        rows = repr([db.execute(f'SELECT * FROM "{t}"').fetchall() for t in tables])
+    assert '"hub_token"' in rows or "hub_token" in rows
+    for secret in (password, token):
+        assert secret not in printed
+        assert secret not in rows
+        leaked = [f for f in saved if secret.encode() in f.read_bytes()]
+        assert not leaked, f"{secret} saved in {leaked}"
