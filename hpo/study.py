@@ -34,6 +34,7 @@ from hpo.trial import Workbench, prepare, release, run_trial, save_model
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_REJECTED_IN_A_ROW = 100  # constraints that leave almost no feasible space
 SQLITE_TIMEOUT_S = 60  # wait this long for another writer's lock instead of "database is locked"
+WAIT_POLL_S = 1.0  # how often a worker waiting for trials running elsewhere looks again (two small queries)
 SETUP_LOCK_KEY = 0x68706F  # "hpo": the PostgreSQL advisory lock around storage and study setup
 
 
@@ -248,7 +249,7 @@ def _optimize(study: optuna.Study, objective, progress: _Progress, cfg: StudyCon
         # The rest of the target runs on other workers. Wait: one may fail (then this worker runs another)
         # or its worker may die (then its trial goes stale, and this worker retries it).
         progress.waiting(running)
-        time.sleep(min(cfg.heartbeat_interval, 5))
+        time.sleep(WAIT_POLL_S)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
