@@ -18,6 +18,8 @@ from optuna.distributions import (
     IntDistribution,
 )
 
+from hpo import recipe
+
 if TYPE_CHECKING:
     from hpo.config import Param
 
@@ -58,8 +60,9 @@ def training_argument_names() -> frozenset[str]:
 
 
 def training_names() -> frozenset[str]:
-    """What ``train:`` and a search space may set: TrainingArguments fields and renamed ones."""
-    return training_argument_names() | {k for k in RENAMED_TRAINING_ARGS if k not in training_argument_names()}
+    """What ``train:`` and a search space may set: TrainingArguments fields, renamed ones, hpo's recipe knobs."""
+    renamed = {k for k in RENAMED_TRAINING_ARGS if k not in training_argument_names()}
+    return training_argument_names() | renamed | recipe.NAMES
 
 
 def training_arguments(kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from transformers import (
 )
 from transformers.integrations import TensorBoardCallback
 
+from hpo import recipe
 from hpo.config import LoraSettings, StudyConfig
 from hpo.data import load_text_data, tokenize
 from hpo.errors import ConfigError
@@ -158,8 +159,11 @@ def check_training_arguments(cfg: StudyConfig) -> None:
     def check(path: tuple, name: str, value: Any) -> None:
         ((field, value),) = training_arguments({name: value}).items()
         try:
-            TypeAdapter(hints[field]).validate_python(value)
-            TrainingArguments(output_dir=os.devnull, **{field: value})
+            if field in recipe.NAMES:  # hpo's own knob
+                recipe.Recipe(**{field: value})
+            elif not (field == "lr_scheduler_type" and value in recipe.OWN_SCHEDULES):
+                TypeAdapter(hints[field]).validate_python(value)
+                TrainingArguments(output_dir=os.devnull, **{field: value})
         except ValidationError as e:
             problems.append(cfg.problem(path, f"{value!r}: {e.errors()[0]['msg']}"))
         except (ValueError, TypeError) as e:
@@ -167,6 +171,11 @@ def check_training_arguments(cfg: StudyConfig) -> None:
 
     for name, value in cfg.train.items():
         check(("train", name), name, value)
+    try:  # the knobs together (e.g. head_learning_rate and head_lr_multiplier both set)
+        recipe.split(training_arguments(cfg.train))
+    except ValidationError as e:
+        if not problems:  # a bad value alone is reported above
+            problems.append(cfg.problem(("train",), e.errors()[0]["msg"].removeprefix("Value error, ")))
     for name, d in cfg.distributions.items():
         if name not in training_names():
             continue
@@ -211,7 +220,9 @@ def run_trial(
     training, model_params, lora_params = split_params(params)
     seed = int(cfg.train.get("seed", 42))
     transformers.set_seed(seed)
-    model = _build_model(bench, model_params, lora_params)
+    settings, knobs = recipe.split(training_arguments({**cfg.train, **training}))
+    model, load_report = _build_model(bench, model_params, lora_params, knobs)
+    heads = recipe.head_modules(load_report["missing_keys"])
 
     name = run_name or f"trial-{trial.number:04d}"
     args = TrainingArguments(**{
@@ -219,7 +230,7 @@ def run_trial(
         "logging_steps": LOGGING_STEPS,
         "disable_tqdm": True,
         **device_settings(),
-        **training_arguments({**cfg.train, **training}),  # the user's settings win over the defaults above
+        **settings,  # the user's settings win over the defaults above
         "output_dir": str(cfg.output_path / "trials" / name),
         "eval_strategy": "no",  # PruningCallback decides when to evaluate
         "save_strategy": "no",  # no per-trial checkpoints: the best model is saved once, by the study
@@ -228,7 +239,9 @@ def run_trial(
     n_train = len(bench.train_rows)
     every = cfg.eval_every.examples_between(n_train)
     callback = PruningCallback(trial, cfg.objective.metric, n_train, every, on_eval)
-    trainer = Trainer(
+    trainer = recipe.make_trainer_class()(
+        recipe=knobs,
+        heads=heads,
         model=model,
         args=args,
         data_collator=DataCollatorWithPadding(bench.tokenizer),
@@ -250,6 +263,13 @@ def run_trial(
     if not callback.history:
         raise RuntimeError("training ended before the first evaluation")
     attrs = _measurements(bench, trainer, callback, seconds)
+    attrs["load_report"] = load_report  # what the checkpoint lacked (new heads) or had in excess
+    attrs["optimizer"] = type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
+                              else trainer.optimizer).__name__
+    attrs["param_groups"] = [  # the rates as the optimizer had them: layer-wise, scaled, scheduled
+        {"parameters": sum(p.numel() for p in g["params"]), "head": g.get("head", False),
+         "lr": g.get("initial_lr", g["lr"]), "final_lr": g["lr"], "weight_decay": g["weight_decay"]}
+        for g in trainer.optimizer.param_groups]
     value = callback.history[-1][1][cfg.objective.metric]
     history = [{"step": step, **metrics} for step, metrics in callback.history]
     del trainer
@@ -258,7 +278,9 @@ def run_trial(
     return TrialResult(value=value, pruned=callback.pruned_at is not None, attrs=attrs, history=history, model=model)
 
 
-def _build_model(bench: Workbench, model_params: Mapping[str, Any], lora_params: Mapping[str, Any]):
+def _build_model(bench: Workbench, model_params: Mapping[str, Any], lora_params: Mapping[str, Any],
+                 knobs: recipe.Recipe) -> tuple[Any, dict[str, list[str]]]:
+    """The trial's model (PEFT-wrapped for LoRA), its new heads initialised, and the load report."""
     cfg = bench.cfg
     config = copy.deepcopy(bench.config)
     if "dropout" in model_params:
@@ -268,15 +290,18 @@ def _build_model(bench: Workbench, model_params: Mapping[str, Any], lora_params:
         for f in found:
             setattr(config, f, model_params["dropout"])
     # The weights file is memory-mapped: after the first trial this reads from the page cache (~30 ms for MiniLM).
-    model = AutoModelForSequenceClassification.from_pretrained(bench.model_path, config=config)
+    model, info = AutoModelForSequenceClassification.from_pretrained(bench.model_path, config=config,
+                                                                     output_loading_info=True)
+    report = {k: sorted(map(str, info.get(k) or []))[:50] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    recipe.init_heads(model, recipe.head_modules(report["missing_keys"]), knobs)
     if not cfg.is_lora:
-        return model
+        return model, report
     from peft import LoraConfig, TaskType, get_peft_model
 
     settings = (cfg.model.lora or LoraSettings()).model_dump() | dict(lora_params)
     if isinstance(settings["target_modules"], str) and settings["target_modules"] != "all-linear":
         settings["target_modules"] = [m.strip() for m in settings["target_modules"].split(",")]
-    return get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, **settings))
+    return get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, **settings)), report
 
 
 def _classification_metrics(pred: EvalPrediction) -> dict[str, float]:

@@ -1,0 +1,183 @@
+"""Tuning knobs that TrainingArguments lacks, set in ``train:`` or searched like its fields.
+
+- ``optimizer``: adamw (default), adam, sgd, rmsprop, adafactor; ``momentum`` for sgd and rmsprop.
+- ``lr_scheduler_type: step`` (``lr_step_size``, ``lr_gamma``), and ``reduce_lr_on_plateau``
+  (``lr_plateau_factor``, ``lr_plateau_patience``) stepped by the eval loss at every evaluation.
+  transformers has no step schedule, and its plateau schedule demands an eval strategy, which hpo
+  replaces with its own evaluation grid; so hpo builds both. Warmup works with ``step``.
+- Layer-wise rates: ``head_learning_rate`` or ``head_lr_multiplier`` for the newly initialised
+  head (the weights the checkpoint did not have) against the pretrained body.
+- ``lr_scaling: linear``: learning_rate × effective batch / ``lr_base_batch_size``.
+- ``head_init``: how new heads start (``normal`` with ``head_init_std``, or ``xavier``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+#: Schedules hpo builds itself; TrainingArguments gets ``constant`` in their place.
+OWN_SCHEDULES = ("step", "reduce_lr_on_plateau")
+
+
+class Recipe(BaseModel):
+    """hpo's own knobs of one trial, validated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    optimizer: Literal["adamw", "adam", "sgd", "rmsprop", "adafactor"] | None = None  # None: TrainingArguments' optim
+    momentum: float = Field(0.0, ge=0, lt=1)
+    schedule: Literal[OWN_SCHEDULES] | None = None  # type: ignore[valid-type]  # from lr_scheduler_type
+    lr_step_size: PositiveFloat | None = None  # optimizer steps between decays; below 1, a fraction of the run (default 1/3)
+    lr_gamma: float = Field(0.1, gt=0, le=1)
+    lr_plateau_factor: float = Field(0.5, gt=0, lt=1)
+    lr_plateau_patience: int = Field(0, ge=0)  # evaluations without improvement before the rate drops
+    head_learning_rate: PositiveFloat | None = None
+    head_lr_multiplier: PositiveFloat | None = None
+    lr_scaling: Literal["linear"] | None = None
+    lr_base_batch_size: PositiveInt = 32
+    head_init: Literal["normal", "xavier"] = "normal"
+    head_init_std: PositiveFloat | None = None  # default: the model config's initializer_range
+
+    @model_validator(mode="after")
+    def _one_head_rate(self) -> Recipe:
+        if self.head_learning_rate is not None and self.head_lr_multiplier is not None:
+            raise ValueError("set head_learning_rate or head_lr_multiplier, not both")
+        return self
+
+    @property
+    def own_optimizer(self) -> bool:
+        return self.optimizer is not None or self.head_learning_rate is not None or self.head_lr_multiplier is not None
+
+
+NAMES = frozenset(Recipe.model_fields) - {"schedule"}
+
+
+def split(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], Recipe]:
+    """(TrainingArguments kwargs, Recipe) from one trial's training settings.
+
+    >>> args, recipe = split({"learning_rate": 1e-3, "optimizer": "sgd", "lr_scheduler_type": "step"})
+    >>> args, recipe.optimizer, recipe.schedule
+    ({'learning_rate': 0.001, 'lr_scheduler_type': 'constant'}, 'sgd', 'step')
+
+    Raises:
+        pydantic.ValidationError: a bad value of one of hpo's knobs.
+    """
+    args = {k: v for k, v in kwargs.items() if k not in NAMES}
+    own = {k: v for k, v in kwargs.items() if k in NAMES}
+    if args.get("lr_scheduler_type") in OWN_SCHEDULES:
+        own["schedule"] = args["lr_scheduler_type"]
+        args["lr_scheduler_type"] = "constant"
+        if own["schedule"] == "reduce_lr_on_plateau":
+            args["metric_for_best_model"] = "loss"  # Trainer steps a plateau schedule with this metric
+    recipe = Recipe(**own)
+    if recipe.lr_scaling == "linear":
+        batch = args.get("per_device_train_batch_size", 8) * args.get("gradient_accumulation_steps", 1)
+        args["learning_rate"] = args.get("learning_rate", 5e-5) * batch * _devices() / recipe.lr_base_batch_size
+    return args, recipe
+
+
+def _devices() -> int:
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def head_modules(missing_keys: Iterable[str]) -> list[str]:
+    """The modules the checkpoint lacked weights for: ``["classifier"]`` from ``classifier.weight``."""
+    return sorted({k.rsplit(".", 1)[0] for k in missing_keys if "." in k})
+
+
+def is_head(name: str, heads: Iterable[str]) -> bool:
+    """Whether parameter ``name`` (possibly wrapped by PEFT) belongs to one of the ``heads``."""
+    dotted = f".{name}"
+    return any(f".{h}." in dotted for h in heads)
+
+
+def init_heads(model, heads: Iterable[str], recipe: Recipe) -> None:
+    """Initialise the new heads' linear layers explicitly: weights normal or xavier, biases zero."""
+    import torch
+
+    std = recipe.head_init_std or getattr(model.config, "initializer_range", 0.02)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and is_head(f"{name}.weight", heads):
+            if recipe.head_init == "xavier":
+                torch.nn.init.xavier_uniform_(module.weight)
+            else:
+                torch.nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+
+
+def make_trainer_class():
+    """``Trainer`` with hpo's optimizer and schedules (built lazily: it imports transformers)."""
+    import torch
+    from transformers import Trainer
+    from transformers.optimization import Adafactor
+
+    optimizers = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
+                  "rmsprop": torch.optim.RMSprop, "adafactor": Adafactor}
+
+    class RecipeTrainer(Trainer):
+        """Param groups (decay × head/body), the optimizer by name, and the step and plateau schedules."""
+
+        def __init__(self, *args, recipe: Recipe, heads: list[str], **kwargs):
+            super().__init__(*args, **kwargs)
+            self.recipe, self.heads = recipe, heads
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is not None or not self.recipe.own_optimizer:
+                return super().create_optimizer(model)
+            model = model or self.model
+            a, r = self.args, self.recipe
+            head_lr = r.head_learning_rate or a.learning_rate * (r.head_lr_multiplier or 1.0)
+            decay = set(self.get_decay_parameter_names(model))
+            groups: dict[tuple[bool, bool], list] = {}
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    groups.setdefault((is_head(name, self.heads), name in decay), []).append(p)
+            param_groups = [{"params": ps, "lr": head_lr if head else a.learning_rate, "head": head,
+                             "weight_decay": a.weight_decay if decays else 0.0}
+                            for (head, decays), ps in sorted(groups.items())]
+            if r.optimizer is None:  # layer-wise rates with TrainingArguments' own optim
+                cls, kwargs = self.get_optimizer_cls_and_kwargs(a, model)
+            else:
+                cls, kwargs = optimizers[r.optimizer], {"lr": a.learning_rate}
+                if r.optimizer in ("sgd", "rmsprop"):
+                    kwargs["momentum"] = r.momentum
+                elif r.optimizer == "adafactor":
+                    kwargs.update(scale_parameter=False, relative_step=False, warmup_init=False)
+                else:
+                    kwargs.update(betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon)
+            kwargs.pop("lr", None)  # each group has its own
+            self.optimizer = cls(param_groups, **kwargs)
+            return self.optimizer
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            r = self.recipe
+            if self.lr_scheduler is not None or r.schedule is None:
+                return super().create_scheduler(num_training_steps, optimizer)
+            optimizer = optimizer or self.optimizer
+            for group in optimizer.param_groups:  # LambdaLR sets it; ReduceLROnPlateau does not
+                group.setdefault("initial_lr", group["lr"])
+            if r.schedule == "reduce_lr_on_plateau":
+                self.lr_scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                    optimizer, mode="min", factor=r.lr_plateau_factor, patience=r.lr_plateau_patience)
+            else:
+                warmup = self.args.get_warmup_steps(num_training_steps)
+                size = r.lr_step_size or 1 / 3
+                size = max(1, math.ceil(size * num_training_steps) if size < 1 else int(size))
+
+                def factor(step: int) -> float:
+                    if step < warmup:
+                        return step / warmup  # linear warmup, as transformers' schedules do
+                    return r.lr_gamma ** ((step - warmup) // size)
+
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+    return RecipeTrainer
