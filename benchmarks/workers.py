@@ -141,7 +141,7 @@ def main() -> None:
             storages = {"SQLite (WAL)": f"sqlite:///{folder / 'hpo.db'}", "PostgreSQL": postgres}
             print(f"{os.cpu_count()} CPU cores; no-op: {args.noop_trials} trials, TPE; "
                   f"tiny fine-tune: {args.fine_tune_trials} trials\n")
-            print(f"| load | storage | workers | wall s | throughput | finished/target | failed | running | crashed workers |")
+            print("| load | storage | workers | wall s | throughput | finished/target | failed | running | crashed workers |")
             print("|---|---|---|---|---|---|---|---|---|")
             rows = [("no-op", label, n, lambda u=url, n=n: noop(path, u, n, args.noop_trials))
                     for label, url in storages.items() for n in args.workers]

@@ -10,7 +10,7 @@ from typing import Any
 import optuna
 
 from hpo import recipe
-from hpo.config import LoraSettings, StudyConfig
+from hpo.config import TASK_METRICS, LoraSettings, StudyConfig
 from hpo.space import split_params, training_arguments
 
 CREDENTIALS = ("hub_token",)  # TrainingArguments fields that hold secrets
@@ -35,7 +35,7 @@ def trial_config(cfg: StudyConfig, params: dict[str, Any], trial: int, value: fl
     lora = {**(cfg.model.lora or LoraSettings()).model_dump(), **lora_params} if cfg.is_lora else None
     rest = {
         "study": cfg.study, "trial": trial, "metric": cfg.objective.metric, "value": value,
-        "task": cfg.task, "model": cfg.model.name, "model_params": model_params, "lora": lora,
+        "task": cfg.task, "model": cfg.model.label, "model_params": model_params, "lora": lora,
         "recipe": own.model_dump(exclude_defaults=True),  # hpo's own knobs (optimizer, schedules, head rates)
         "data": cfg.data.model_dump(mode="json", exclude_none=True),
     }
@@ -90,14 +90,15 @@ def train_best(cfg: StudyConfig, study: optuna.Study, all_data: bool = False) ->
 def _model_card(cfg: StudyConfig, rest: dict[str, Any], args: dict[str, Any], attrs: dict[str, Any], all_data: bool) -> str:
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in sorted({**args, **rest["model_params"], **(rest["lora"] or {})}.items()))
     trained_on = "train + eval" if all_data else "train"
+    metrics = ", ".join(f"{m.removeprefix('eval_')} {attrs[m]:.4f}" for m in TASK_METRICS[cfg.task] if m in attrs and m != "eval_loss")
     return f"""# {cfg.study}: best configuration, retrained
 
-Fine-tuned from `{cfg.model.name}` ({cfg.task}{", LoRA adapter" if rest["lora"] else ""}) on {trained_on}
+Fine-tuned from `{cfg.model.label}` ({cfg.task}{", LoRA adapter" if rest["lora"] else ""}) on {trained_on}
 (`{cfg.data.train.name}`{" + " + cfg.data.eval.name if all_data else ""}), with the parameters of trial
 {rest["trial"]} of the hpo study `{cfg.study}` ({rest["metric"]} = {rest["value"]:.4f} in the study).
 
-This run: last eval_loss {attrs.get("last_eval_loss", float("nan")):.4f}, accuracy {attrs.get("eval_accuracy", float("nan")):.4f},
-macro F1 {attrs.get("eval_f1_macro", float("nan")):.4f}, {attrs.get("optimizer_steps")} optimizer steps in {attrs.get("train_seconds")} s on {attrs.get("device")}.
+This run: last eval_loss {attrs.get("last_eval_loss", float("nan")):.4f}, {metrics},
+{attrs.get("optimizer_steps")} optimizer steps in {attrs.get("train_seconds")} s on {attrs.get("device")}.
 
 | parameter | value |
 |---|---|

@@ -41,10 +41,14 @@ from hpo import samplers, space
 from hpo.errors import ConfigError, KeyPath, Problem, SourceMap
 from hpo.expr import Expression
 
-TASKS = ("sequence-classification",)
+TASKS = ("sequence-classification", "token-classification", "causal-lm")
 #: Metrics each task reports at every evaluation (Trainer's ``eval_`` prefix).
-TASK_METRICS = {"sequence-classification": ("eval_loss", "eval_accuracy", "eval_f1_macro")}
-DATA_SUFFIXES = (".csv", ".jsonl", ".json")
+TASK_METRICS = {
+    "sequence-classification": ("eval_loss", "eval_accuracy", "eval_f1_macro"),
+    "token-classification": ("eval_loss", "eval_f1", "eval_precision", "eval_recall", "eval_accuracy"),  # entity level
+    "causal-lm": ("eval_loss", "eval_perplexity"),
+}
+DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".conll")
 
 
 def _closest(name: str, options: typing.Iterable[str]) -> str:
@@ -157,15 +161,38 @@ class LoraSettings(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: str = Field(min_length=1)  # hub id or local folder
+    """A pretrained model (``name``), or a small random-init one built from ``config`` (demos, tests)."""
+
+    name: str | None = Field(None, min_length=1)  # hub id or local folder
+    config: dict[str, Any] | None = None  # {architecture: gpt2, n_layer: 2, ...}: AutoConfig.for_model arguments
+    tokenizer: str | None = Field(None, min_length=1)  # a tokenizer folder or hub id; default: the model's
     lora: LoraSettings | None = None
+
+    @model_validator(mode="after")
+    def _name_or_config(self) -> ModelConfig:
+        if (self.name is None) == (self.config is None):
+            raise ValueError("give a model name (hub id or folder), or a config: {architecture: ...} with a tokenizer")
+        if self.config is not None and not isinstance(self.config.get("architecture"), str):
+            raise ValueError("config needs architecture: a transformers model type such as gpt2, bert or llama")
+        if self.config is not None and self.tokenizer is None:
+            raise ValueError("a model built from a config needs a tokenizer (folder or hub id)")
+        return self
+
+    @property
+    def label(self) -> str:
+        """How the model is named in reports and model cards."""
+        return self.name or f"{self.config['architecture']} built from a config"
 
 
 class DataConfig(_Strict):
     train: Path
     eval: Path
-    text_column: str = "text"
-    label_column: str = "label"
+    text_column: str = "text"  # sequence-classification and causal-lm
+    label_column: str = "label"  # sequence-classification
+    tokens_column: str = "tokens"  # token-classification (JSON Lines; .conll files have token and tag columns)
+    tags_column: str = "tags"  # token-classification: one tag per token, IOB2 (B-PER, I-PER, O)
+    prompt_column: str | None = None  # causal-lm: with response_column, the loss is on the response only
+    response_column: str | None = None
     max_length: PositiveInt = 128  # tokens; longer texts are truncated
     max_train_rows: PositiveInt | None = None  # a random slice (seed 0) for quick runs, e.g. in a dev environment
     max_eval_rows: PositiveInt | None = None
@@ -539,17 +566,22 @@ def _expand_variables(
 
 
 def _inline_search_space(raw: dict[str, Any], source: SourceMap, root: Path) -> None:
-    """Replace ``search_space: path.yaml`` by that file's ``search_space`` mapping."""
+    """Replace ``search_space: path.yaml`` by that file's ``search_space`` mapping.
+
+    The file's ``enqueue:`` (its rule-of-thumb starting points) is used when the study has none.
+    """
     ref = root / raw["search_space"]
     if not ref.is_file():
         raise source.error(("search_space",), f"file not found: {ref}")
     data, ref_source = _read_yaml(ref)
     if not isinstance(data, dict) or not isinstance(data.get("search_space"), dict):
         raise ConfigError([Problem(str(ref), 1, "", "a search-space file holds a 'search_space:' mapping")])
-    unknown = sorted(set(data) - {"search_space"})
+    unknown = sorted(set(data) - {"search_space", "enqueue"})
     if unknown:
-        raise ref_source.error((unknown[0],), "unknown key in a search-space file (only 'search_space')")
+        raise ref_source.error((unknown[0],), "unknown key in a search-space file (only 'search_space' and 'enqueue')")
     raw["search_space"] = data["search_space"]
+    if "enqueue" in data and "enqueue" not in raw:
+        raw["enqueue"] = data["enqueue"]
     source.update(ref_source)
 
 
@@ -634,6 +666,9 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
         except Exception:  # its message would echo the URL, password included
             problems.append(src.problem(("storage",), "not a database URL (e.g. sqlite:///study.db, "
                                         "postgresql://user@host/db)"))
+    if (cfg.data.prompt_column is None) != (cfg.data.response_column is None):
+        problems.append(src.problem(("data", "prompt_column" if cfg.data.prompt_column is None else "response_column"),
+                                    "prompt_column and response_column go together"))
     metrics = TASK_METRICS[cfg.task]
     if cfg.objective.metric not in metrics:
         problems.append(src.problem(("objective", "metric"),

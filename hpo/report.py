@@ -27,6 +27,10 @@ TRIAL_METRICS: dict[str, tuple[bool, bool]] = {
     "objective": (True, True),  # oriented per study: a minimized objective is negated first
     "eval_accuracy": (True, True),
     "eval_f1_macro": (True, True),
+    "eval_f1": (True, True),  # token classification, entity level
+    "eval_precision": (True, False),
+    "eval_recall": (True, False),
+    "eval_perplexity": (False, True),  # causal-lm
     "best_eval_loss": (False, False),
     "last_eval_loss": (False, False),
     "optimizer_steps": (False, False),
@@ -40,7 +44,8 @@ STUDY_METRICS: dict[str, tuple[bool, bool]] = {
     "median": (True, True),
     "steps_spent": (False, False),
 }
-ATTRS = ("best_eval_loss", "last_eval_loss", "eval_accuracy", "eval_f1_macro", "optimizer_steps",
+ATTRS = ("best_eval_loss", "last_eval_loss", "eval_accuracy", "eval_f1_macro", "eval_f1", "eval_precision",
+         "eval_recall", "eval_perplexity", "optimizer_steps",
          "planned_steps", "examples_seen", "train_seconds", "samples_per_second", "peak_memory_mb",
          "pruned_at_step")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

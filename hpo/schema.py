@@ -30,13 +30,14 @@ def study_schema() -> dict[str, Any]:
 
 
 def search_space_schema() -> dict[str, Any]:
-    """The schema of a reusable search-space file (``search_space:`` mapping)."""
+    """The schema of a reusable search-space file: ``search_space:``, and an optional ``enqueue:``."""
     study = StudyConfig.model_json_schema()
     return {
         "$schema": DRAFT,
         "title": "hpo search-space file",
         "type": "object",
-        "properties": {"search_space": _space_mapping(study["properties"]["search_space"])},
+        "properties": {"search_space": _space_mapping(study["properties"]["search_space"]),
+                       "enqueue": study["properties"]["enqueue"]},
         "required": ["search_space"],
         "additionalProperties": False,
         "$defs": {"Param": study["$defs"]["Param"]},

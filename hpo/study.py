@@ -74,7 +74,9 @@ def open_study(cfg: StudyConfig, first_step: int = 1, last_step: int | None = No
             if "config" not in study.user_attrs:
                 study.set_user_attr("config", resolved_config(cfg))
                 save_study_note(study, resolved_config(cfg))
-            for params in cfg.enqueue:  # a configuration already queued or tried is not queued again
+            # A configuration already queued or tried is not queued again. The grid sampler runs every grid
+            # point anyway, and would not count an enqueued one as visited: it would run twice.
+            for params in cfg.enqueue if cfg.sampler.name != "grid" else ():
                 study.enqueue_trial(params, skip_if_exists=True)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError) as e:
         raise _cannot_open(cfg, e) from None

@@ -19,20 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import torch
 import transformers
 from optuna.distributions import CategoricalDistribution
 from pydantic import TypeAdapter, ValidationError
-from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.tensorboard import SummaryWriter
 from transformers import (
     AutoConfig,
-    AutoModelForSequenceClassification,
     AutoTokenizer,
-    DataCollatorWithPadding,
-    EvalPrediction,
     PretrainedConfig,
     PreTrainedModel,
     PrinterCallback,
@@ -41,9 +36,9 @@ from transformers import (
 )
 from transformers.integrations import TensorBoardCallback
 
-from hpo import recipe
-from hpo.config import LoraSettings, StudyConfig
-from hpo.data import load_text_data, tokenize
+from hpo import recipe, tasks
+from hpo.config import TASK_METRICS, LoraSettings, StudyConfig
+from hpo.data import load_examples, tokenize
 from hpo.errors import ConfigError
 from hpo.pruning import PruningCallback
 from hpo.space import split_params, training_arguments, training_names
@@ -100,7 +95,7 @@ class Workbench:
     """What every trial of a study shares, built once per process: tokenizer, tokenized data."""
 
     cfg: StudyConfig
-    model_path: str
+    model_path: str | None  # None: built from cfg.model.config
     config: PretrainedConfig  # the model's config with this data's labels; trials copy it
     tokenizer: Any
     labels: list[str]
@@ -119,18 +114,26 @@ def prepare(cfg: StudyConfig) -> Workbench:
     transformers.logging.disable_progress_bar()
     check_training_arguments(cfg)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft 0.21 on transformers 5
-    data = load_text_data(cfg)
-    path = resolve_model(cfg.model.name, cfg.root)
-    if cfg.model.name.startswith((".", "/", "~")) and not Path(path).is_dir():
-        raise cfg.error(("model",), f"model folder not found: {cfg.root.absolute() / cfg.model.name}")
+    warnings.filterwarnings("ignore", message=".*fan_in_fan_out is set to False.*")  # peft fixes it for GPT-2's Conv1D
+    data = load_examples(cfg)
+    task = tasks.TASKS[cfg.task]
     labels = {"num_labels": len(data.labels), "id2label": dict(enumerate(data.labels)),
-              "label2id": {name: i for i, name in enumerate(data.labels)}}
+              "label2id": {name: i for i, name in enumerate(data.labels)}} if task.classifies else {}
+    path = None if cfg.model.name is None else _model_path(cfg, cfg.model.name, ("model",))
     try:
-        config = AutoConfig.from_pretrained(path, **labels)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        reason = str(e).splitlines()[0]
-        raise cfg.error(("model",), f"cannot load {cfg.model.name!r}: {reason}") from None
+        tokenizer = AutoTokenizer.from_pretrained(
+            path if cfg.model.tokenizer is None else _model_path(cfg, cfg.model.tokenizer, ("model", "tokenizer")))
+        if tokenizer.pad_token is None:  # GPT-2, Llama: batches still need padding
+            tokenizer.pad_token = tokenizer.eos_token
+        if path is None:  # a small random-init model for demos and tests: sized to the tokenizer
+            arch = dict(cfg.model.config)
+            config = AutoConfig.for_model(arch.pop("architecture"), **{"vocab_size": len(tokenizer), **arch, **labels})
+            config.pad_token_id = tokenizer.pad_token_id
+        else:
+            config = AutoConfig.from_pretrained(path, **labels)
+    except (OSError, ValueError, KeyError) as e:
+        reason = str(e).strip("'").splitlines()[0]
+        raise cfg.error(("model",), f"cannot load {cfg.model.label!r}: {reason}") from None
     max_length = cfg.data.max_length
     return Workbench(
         cfg=cfg,
@@ -138,9 +141,16 @@ def prepare(cfg: StudyConfig) -> Workbench:
         config=config,
         tokenizer=tokenizer,
         labels=data.labels,
-        train_rows=tokenize(data.train_texts, data.train_labels, tokenizer, max_length),
-        eval_rows=tokenize(data.eval_texts, data.eval_labels, tokenizer, max_length),
+        train_rows=tokenize(cfg.task, data.train, tokenizer, max_length),
+        eval_rows=tokenize(cfg.task, data.eval, tokenizer, max_length),
     )
+
+
+def _model_path(cfg: StudyConfig, name: str, key: tuple[str, ...]) -> str:
+    path = resolve_model(name, cfg.root)
+    if name.startswith((".", "/", "~")) and not Path(path).is_dir():
+        raise cfg.error(key, f"{key[-1]} folder not found: {cfg.root.absolute() / name}")
+    return path
 
 
 def check_training_arguments(cfg: StudyConfig) -> None:
@@ -225,7 +235,9 @@ def run_trial(
     heads = recipe.head_modules(load_report["missing_keys"])
 
     name = run_name or f"trial-{trial.number:04d}"
+    task = tasks.TASKS[cfg.task]
     args = TrainingArguments(**{
+        "prediction_loss_only": task.metrics is None,  # causal-lm: perplexity needs the loss, not the logits
         "per_device_eval_batch_size": EVAL_BATCH_SIZE,
         "logging_steps": LOGGING_STEPS,
         "disable_tqdm": True,
@@ -244,12 +256,13 @@ def run_trial(
         heads=heads,
         model=model,
         args=args,
-        data_collator=DataCollatorWithPadding(bench.tokenizer),
+        data_collator=task.collator(bench.tokenizer),
         train_dataset=bench.train_rows,
         eval_dataset=bench.eval_rows,
         processing_class=bench.tokenizer,
-        compute_metrics=_classification_metrics,
-        callbacks=[callback, TensorBoardCallback(SummaryWriter(str(cfg.output_path / "tensorboard" / name)))],
+        compute_metrics=task.metrics(bench.labels) if task.metrics else None,
+        callbacks=[*([] if task.metrics else [tasks.PerplexityCallback()]), callback,
+                   TensorBoardCallback(SummaryWriter(str(cfg.output_path / "tensorboard" / name)))],
     )
     trainer.remove_callback(PrinterCallback)  # hpo prints its own progress
     if bench.device == "cuda":
@@ -289,11 +302,15 @@ def _build_model(bench: Workbench, model_params: Mapping[str, Any], lora_params:
             raise ValueError(f"{config.model_type} config has no dropout field to set")
         for f in found:
             setattr(config, f, model_params["dropout"])
-    # The weights file is memory-mapped: after the first trial this reads from the page cache (~30 ms for MiniLM).
-    model, info = AutoModelForSequenceClassification.from_pretrained(bench.model_path, config=config,
-                                                                     output_loading_info=True)
-    report = {k: sorted(map(str, info.get(k) or []))[:50] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    recipe.init_heads(model, recipe.head_modules(report["missing_keys"]), knobs)
+    task = tasks.TASKS[cfg.task]
+    if bench.model_path is None:  # random init from cfg.model.config: nothing is pretrained, nothing is a new head
+        model = task.auto_model.from_config(config)
+        report = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "from_config": True}
+    else:
+        # The weights file is memory-mapped: after the first trial this reads from the page cache (~30 ms for MiniLM).
+        model, info = task.auto_model.from_pretrained(bench.model_path, config=config, output_loading_info=True)
+        report = {k: sorted(map(str, info.get(k) or []))[:50] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        recipe.init_heads(model, recipe.head_modules(report["missing_keys"]), knobs)
     if not cfg.is_lora:
         return model, report
     from peft import LoraConfig, TaskType, get_peft_model
@@ -301,16 +318,7 @@ def _build_model(bench: Workbench, model_params: Mapping[str, Any], lora_params:
     settings = (cfg.model.lora or LoraSettings()).model_dump() | dict(lora_params)
     if isinstance(settings["target_modules"], str) and settings["target_modules"] != "all-linear":
         settings["target_modules"] = [m.strip() for m in settings["target_modules"].split(",")]
-    return get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, **settings)), report
-
-
-def _classification_metrics(pred: EvalPrediction) -> dict[str, float]:
-    logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-    predicted = np.asarray(logits).argmax(-1)
-    return {
-        "accuracy": float(accuracy_score(pred.label_ids, predicted)),
-        "f1_macro": float(f1_score(pred.label_ids, predicted, average="macro", zero_division=0)),
-    }
+    return get_peft_model(model, LoraConfig(task_type=TaskType[task.peft_task], **settings)), report
 
 
 def _measurements(bench: Workbench, trainer: Trainer, callback: PruningCallback, seconds: float) -> dict[str, Any]:
@@ -328,8 +336,7 @@ def _measurements(bench: Workbench, trainer: Trainer, callback: PruningCallback,
         "best_eval_loss": min(losses),
         "last_eval_loss": last["eval_loss"],
         f"best_{metric}": pick(objective),
-        "eval_accuracy": last.get("eval_accuracy"),
-        "eval_f1_macro": last.get("eval_f1_macro"),
+        **{m: last.get(m) for m in TASK_METRICS[bench.cfg.task] if m != "eval_loss"},  # at the last evaluation
         "optimizer_steps": trainer.state.global_step,
         "planned_steps": trainer.state.max_steps,  # what the full run would take: pruning saves the difference
         "examples_seen": examples,

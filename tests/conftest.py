@@ -38,6 +38,24 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
+@pytest.fixture(scope="session")
+def tiny_bpe_tokenizer(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer (GPT-2 style, 300 tokens) trained on the test texts in milliseconds."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [line.rsplit(",", 1)[0] for f in ("train.csv", "eval.csv") for line in (DATA / f).read_text().splitlines()]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    folder = tmp_path_factory.mktemp("tiny-bpe")
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(folder)
+    return folder
+
+
+#: A 2-layer GPT-2 that hpo builds from the study file: model: {config: TINY_GPT2, tokenizer: ...}
+TINY_GPT2 = {"architecture": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}
+
+
 def study_dict(model_dir: Path, **changes) -> dict:
     """A small valid study as a dict; ``changes`` replace top-level keys."""
     study = {

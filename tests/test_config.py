@@ -144,13 +144,13 @@ def test_data_checks_run_before_training(write_study, tmp_path):
 def test_jsonl_data(write_study, tmp_path):
     import json
 
-    from hpo.data import load_text_data
+    from hpo.data import load_examples
 
     rows = [{"text": f"hello {i}", "label": i % 2} for i in range(4)]
     for name in ("train.jsonl", "eval.jsonl"):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = load_text_data(load_study(write_study(data={"train": "train.jsonl", "eval": "eval.jsonl"})))
-    assert data.labels == ["0", "1"] and data.train_labels == [0, 1, 0, 1]
+    data = load_examples(load_study(write_study(data={"train": "train.jsonl", "eval": "eval.jsonl"})))
+    assert data.labels == ["0", "1"] and [label for _, label in data.train] == [0, 1, 0, 1]
 
 
 def test_enqueue_is_checked_against_the_space(write_study):

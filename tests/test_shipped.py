@@ -4,6 +4,7 @@ import copy
 import json
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 
@@ -22,6 +23,20 @@ def test_shipped_study_validates(path):
     assert second.startswith(f"# {path.relative_to(ROOT)} — run: hpo run {path.relative_to(ROOT)}")
     bench = prepare(load_study(path))
     assert len(bench.train_rows) >= 2
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_study_runs(path, tmp_path):
+    """Each shipped study, shrunk to 2 one-epoch trials on 32 rows, runs end to end (full runs: README)."""
+    from rich.console import Console
+
+    from hpo import run_study
+
+    small = {"n_trials": 2, "train.num_train_epochs": 1, "data.max_train_rows": 32, "data.max_eval_rows": 32,
+             "storage": f"sqlite:///{tmp_path / 'study.db'}", "output_dir": str(tmp_path / "outputs")}
+    study = run_study(load_study(path, small), Console(quiet=True))
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))) == 2
+    assert optuna.trial.TrialState.COMPLETE in {t.state for t in study.trials}
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -56,10 +71,12 @@ def test_schema_accepts_shipped_files_and_rejects_mutations(path):
     validator = _validator("study" if path in STUDIES else "search_space")
     data = yaml.safe_load(path.read_text())
     validator.validate(data)
-    name = next(iter(data["search_space"]))
-    for mutate in (lambda d: d.update(n_trails=3),
-                   lambda d: d["search_space"].update(lerning_rate={"type": "float", "low": 0, "high": 1}),
-                   lambda d: d["search_space"][name].update(type="floaty")):
+    mutations = [lambda d: d.update(n_trails=3), lambda d: d.update(search_space=42)]
+    if isinstance(data["search_space"], dict):  # else a path to a search-space file, checked on its own
+        name = next(iter(data["search_space"]))
+        mutations += [lambda d: d["search_space"].update(lerning_rate={"type": "float", "low": 0, "high": 1}),
+                      lambda d: d["search_space"][name].update(type="floaty")]
+    for mutate in mutations:
         broken = copy.deepcopy(data)
         mutate(broken)
         assert list(validator.iter_errors(broken)), f"schema accepted a mutated {path.name}"
