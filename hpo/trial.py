@@ -32,6 +32,7 @@ from transformers import (
     PreTrainedModel,
     PrinterCallback,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 from transformers.integrations import TensorBoardCallback
@@ -226,6 +227,7 @@ def run_trial(
         FloatingPointError: the objective became NaN.
         Exception: whatever training raised (Optuna records the trial as FAIL).
     """
+    began = time.perf_counter()
     cfg = bench.cfg
     training, model_params, lora_params = split_params(params)
     seed = int(cfg.train.get("seed", 42))
@@ -261,7 +263,7 @@ def run_trial(
         eval_dataset=bench.eval_rows,
         processing_class=bench.tokenizer,
         compute_metrics=task.metrics(bench.labels) if task.metrics else None,
-        callbacks=[*([] if task.metrics else [tasks.PerplexityCallback()]), callback,
+        callbacks=[*([] if task.metrics else [tasks.PerplexityCallback()]), callback, clock := _FirstStep(),
                    TensorBoardCallback(SummaryWriter(str(cfg.output_path / "tensorboard" / name)))],
     )
     trainer.remove_callback(PrinterCallback)  # hpo prints its own progress
@@ -276,6 +278,8 @@ def run_trial(
     if not callback.history:
         raise RuntimeError("training ended before the first evaluation")
     attrs = _measurements(bench, trainer, callback, seconds)
+    attrs["seconds_to_first_step"] = round(clock.at - began, 3)  # model, Trainer, first batch: a trial's start-up
+    attrs["rss_mb"] = _rss_mb()  # now, after training: growth across trials is a leak
     attrs["load_report"] = load_report  # what the checkpoint lacked (new heads) or had in excess
     attrs["optimizer"] = type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                               else trainer.optimizer).__name__
@@ -319,6 +323,23 @@ def _build_model(bench: Workbench, model_params: Mapping[str, Any], lora_params:
     if isinstance(settings["target_modules"], str) and settings["target_modules"] != "all-linear":
         settings["target_modules"] = [m.strip() for m in settings["target_modules"].split(",")]
     return get_peft_model(model, LoraConfig(task_type=TaskType[task.peft_task], **settings)), report
+
+
+class _FirstStep(TrainerCallback):
+    at = math.nan
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if math.isnan(self.at):
+            self.at = time.perf_counter()
+
+
+def _rss_mb() -> float | None:
+    """The process's resident memory now (Linux), unlike ``ru_maxrss``, its peak."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
 def _measurements(bench: Workbench, trainer: Trainer, callback: PruningCallback, seconds: float) -> dict[str, Any]:

@@ -46,6 +46,7 @@ def test_trial_records_measurements_and_best_model(write_study, tmp_path):
         assert key in attrs, key
     assert attrs["device"] == "cpu"
     assert attrs["last_eval_loss"] == study.best_value
+    assert 0 < attrs["seconds_to_first_step"] < attrs["train_seconds"] + 60 and attrs["rss_mb"] > 50
     best = tmp_path / "outputs" / "tiny" / "best_model"
     assert json.loads((best / "hpo_trial.json").read_text())["trial"] == study.best_trial.number
     assert (best / "model.safetensors").exists() and (best / "tokenizer.json").exists()
