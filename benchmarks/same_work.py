@@ -3,7 +3,8 @@
 A 2 x 2 grid (learning rate x batch size) of full MiniLM fine-tunes on the quickstart's intent data,
 no pruning, 4 evaluations per epoch, run by
 
-* hpo: ``hpo run`` of a study with the grid sampler, hpo's defaults otherwise;
+* hpo: ``hpo run`` of a study with the grid sampler, hpo's defaults otherwise; and the same with
+  ``--workers 2`` (two 1-thread processes on this 2-core machine);
 * hf: ``Trainer.hyperparameter_search(backend="optuna")`` written the way the transformers docs
   show it (``model_init``, dynamic padding, no checkpoints; GridSampler over the same grid);
 * loop: a plain PyTorch loop (AdamW, linear schedule, evaluation under ``inference_mode``).
@@ -45,11 +46,12 @@ def tokenized(tokenizer, rows: int) -> tuple[list[dict], list[dict], int]:
     return encode(train), encode(dev), len(names)
 
 
-def run_hpo(epochs: int, rows: int, folder: Path) -> float:
+def run_hpo(epochs: int, rows: int, folder: Path, workers: int = 1) -> float:
     import yaml
     from rich.console import Console
 
     from hpo import load_study, run_study
+    from hpo.workers import run_workers
 
     study = {
         "study": "same-work", "model": "sentence-transformers/all-MiniLM-L6-v2",
@@ -64,6 +66,11 @@ def run_hpo(epochs: int, rows: int, folder: Path) -> float:
     path = folder / "study.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     cfg = load_study(path)
+    if workers > 1:  # on CPU each worker gets cores / workers threads
+        run_workers(cfg, [str(path)], workers, [], Console(quiet=True))
+        import optuna
+
+        return optuna.load_study(study_name=cfg.study, storage=cfg.storage_url).best_value
     return run_study(cfg, Console(quiet=True)).best_value
 
 
@@ -134,7 +141,7 @@ def run_loop(epochs: int, rows: int, folder: Path) -> float:
     return best
 
 
-RUNNERS = {"hpo": run_hpo, "hf": run_hf, "loop": run_loop}
+RUNNERS = {"hpo": run_hpo, "hpo --workers 2": lambda *a: run_hpo(*a, workers=2), "hf": run_hf, "loop": run_loop}
 
 
 def main() -> None:
