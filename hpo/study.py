@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import json
 import os
 import signal
@@ -212,11 +213,27 @@ def run_study(cfg: StudyConfig, console: Console | None = None, worker: int | No
                       f"target {cfg.n_trials}")
     if cfg.n_trials > done:
         progress = _Progress(console, cfg, worker)
-        with sigterm_interrupts():
+        with sigterm_interrupts(), _frozen_heap():
             _optimize(study, _objective(bench, progress), progress, cfg)
     if worker is None:
         print_summary(console, cfg, study)
     return study
+
+
+@contextlib.contextmanager
+def _frozen_heap():
+    """Keep the objects that live through the whole study (torch, transformers, the tokenized data) out of gc.
+
+    Each trial starts (accelerate's ``free_memory``) and ends (hpo's ``release``) with ``gc.collect()``,
+    which walks every tracked object: ~0.27 s per call with MiniLM loaded, measured with cProfile.
+    ``gc.freeze()`` moves today's objects to a generation collections skip; ``unfreeze`` returns them.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @contextlib.contextmanager
