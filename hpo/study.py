@@ -73,8 +73,9 @@ def open_study(cfg: StudyConfig, first_step: int = 1, last_step: int | None = No
                 load_if_exists=True,
             )
             if "config" not in study.user_attrs:
-                study.set_user_attr("config", resolved_config(cfg))
-                save_study_note(study, resolved_config(cfg))
+                resolved = resolved_config(cfg)
+                study.set_user_attr("config", resolved)
+                save_study_note(study, resolved)
             # A configuration already queued or tried is not queued again. The grid sampler runs every grid
             # point anyway, and would not count an enqueued one as visited: it would run twice.
             for params in cfg.enqueue if cfg.sampler.name != "grid" else ():
@@ -258,8 +259,9 @@ def _optimize(study: optuna.Study, objective, progress: _Progress, cfg: StudyCon
     # when two of them start within the same instant, instead of by up to N-1 trials at the end.
     deadline = None if cfg.timeout is None else time.monotonic() + cfg.timeout
     while not progress.stopped and (deadline is None or time.monotonic() < deadline):
-        finished = count_finished(study)
-        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        states = [t.state for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))]
+        running = states.count(TrialState.RUNNING)
+        finished = len(states) - running
         if finished >= cfg.n_trials:
             return
         if finished + running < cfg.n_trials:

@@ -59,24 +59,11 @@ def test_gpus_pins_one_device_per_worker(write_study):
     assert devices and devices <= {"0", "1"}
 
 
-def test_worker_environment():
+def test_worker_environment(monkeypatch):
     assert worker_env(2, 4, ["0", "1"])["CUDA_VISIBLE_DEVICES"] == "0"  # round robin over the GPUs
     assert gpu_ids(" 3,5 ") == ["3", "5"]
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    with _environ(env):
-        assert worker_env(0, 2, [])["OMP_NUM_THREADS"] == str(max(1, os.cpu_count() // 2))  # a share of the cores
-
-
-@contextlib.contextmanager
-def _environ(env):
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert worker_env(0, 2, [])["OMP_NUM_THREADS"] == str(max(1, os.cpu_count() // 2))  # a share of the cores
 
 
 def test_a_killed_worker_takes_down_only_itself_and_its_trial_is_retried(write_study):
