@@ -11,7 +11,7 @@ from transformers import BertTokenizerFast, EvalPrediction
 
 from hpo import load_study, run_study
 from hpo.data import IGNORE, load_examples, tokenize
-from hpo.tasks import _entity_metrics
+from hpo.tasks import _entity_metrics, macro_f1
 
 quiet = Console(quiet=True)
 LR = {"learning_rate": {"type": "float", "low": 3e-3, "high": 3e-2, "log": True}}
@@ -40,6 +40,16 @@ def test_entity_metrics_count_whole_entities_only():
     guess = np.eye(3)[[[2, 0, 2, 2, 2]]] * 5  # finds "fresh" but not "fish": half an entity is no entity
     m = _entity_metrics(labels)(EvalPrediction(predictions=guess, label_ids=gold))
     assert m["f1"] == 0.0 and m["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_macro_f1_matches_scikit_learn():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(0)
+    cases = [(rng.integers(0, 6, 50), rng.integers(0, 6, 50)), (np.array([0, 0, 1]), np.array([2, 2, 2])),
+             (np.array([1, 1, 1]), np.array([1, 1, 1])), (rng.integers(0, 3, 40), rng.integers(1, 5, 40))]
+    for gold, predicted in cases:
+        assert macro_f1(gold, predicted) == pytest.approx(f1_score(gold, predicted, average="macro", zero_division=0))
 
 
 def test_labels_go_to_the_first_sub_word(tmp_path):
