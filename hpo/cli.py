@@ -69,7 +69,6 @@ def run(
                                                             "(default: one per GPU named in --gpus, else 1).")] = None,
     gpus: Annotated[str | None, typer.Option(help="GPUs for the workers, e.g. 0,1,2,3: one per worker, round "
                                                   "robin (default: every visible GPU).")] = None,
-    worker_id: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Create or resume the study and run trials until it holds n_trials finished ones."""
     flags = {"n_trials": n_trials, "timeout": timeout, "storage": storage}
@@ -78,15 +77,12 @@ def run(
     from hpo.workers import gpu_ids, run_workers
 
     n = workers or (len(gpu_ids(gpus)) if gpus else 1)
-    # The workers run this same command, minus --workers/--gpus.
-    run_args = [str(study), *(overrides or []), *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items() if v is not None),
-                *(["--env", env] if env else [])]
     code = 0
     try:
-        if worker_id is None and (n > 1 or gpus):
-            code = run_workers(cfg, run_args, n, gpu_ids(gpus))
+        if n > 1 or gpus:
+            code = run_workers(cfg, n, gpu_ids(gpus))
         else:
-            run_study(cfg, worker=worker_id)
+            run_study(cfg)
     except ConfigError as e:
         _fail(e)
     except KeyboardInterrupt:

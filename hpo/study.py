@@ -177,13 +177,16 @@ def resolved_config(cfg: StudyConfig) -> dict[str, Any]:
     return cfg.masked_data(data)
 
 
-def start_study(cfg: StudyConfig, worker: int | None = None) -> tuple[optuna.Study, Workbench]:
+def start_study(cfg: StudyConfig, worker: int | None = None,
+                bench: Workbench | None = None) -> tuple[optuna.Study, Workbench]:
     """Check the model and data, then create or load the study; nothing is created if the check fails.
+
+    ``bench``: the model and data a parent process already checked (``hpo run --workers``).
 
     Raises:
         ConfigError: the model, the data or the storage cannot be loaded.
     """
-    bench = prepare(cfg)
+    bench = bench or prepare(cfg)
     n_train = len(bench.train_rows)
     # The run's length in examples, when every trial has the same (else Hyperband estimates it).
     varies = {"num_train_epochs", "max_steps"} & set(cfg.search_space) or "max_steps" in cfg.train
@@ -195,19 +198,21 @@ def start_study(cfg: StudyConfig, worker: int | None = None) -> tuple[optuna.Stu
     return study, bench
 
 
-def run_study(cfg: StudyConfig, console: Console | None = None, worker: int | None = None) -> optuna.Study:
+def run_study(cfg: StudyConfig, console: Console | None = None, worker: int | None = None,
+              bench: Workbench | None = None) -> optuna.Study:
     """Run trials until the study holds ``cfg.n_trials`` finished (complete or pruned) trials.
 
     Trials that other processes run on the same storage count too: when the rest of the target is
     running elsewhere, this process waits for it (and retries any whose worker died). ``worker`` is
-    this process's index under ``hpo run --workers`` (it prefixes the output lines). Returns the study.
+    this process's index under ``hpo run --workers`` (it prefixes the output lines), ``bench`` the model
+    and data its parent checked. Returns the study.
 
     Raises:
         ConfigError: the model, the data or the storage cannot be loaded.
     """
     console = console or Console()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # hpo prints its own lines per trial
-    study, bench = start_study(cfg, worker)
+    study, bench = start_study(cfg, worker, bench)
     done = count_finished(study)
     if worker is None:
         console.print(f"[bold]{cfg.study}[/]: {done} finished trial(s) in {mask_url(cfg.storage_url)}; "

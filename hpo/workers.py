@@ -1,24 +1,32 @@
-"""Many trials at once on one machine: N ``hpo run`` worker processes that share the study's storage.
+"""Many trials at once on one machine: N worker processes that share the study's storage.
 
-This is Optuna's own distributed design, local: every worker is an ordinary ``hpo run`` of the same
-study that pulls its next trial from the storage. hpo only starts the processes, pins one GPU to
-each, forwards Ctrl-C/SIGTERM and waits. Separate processes, not threads or a pool, so that a worker
-that crashes or is killed by the OOM killer takes down only itself; its trial goes stale and another
-worker retries it.
+This is Optuna's own distributed design, local: every worker runs hpo's trial loop on the same
+study and pulls its next trial from the storage, like an ``hpo run`` on another machine. hpo only
+starts the processes, pins one GPU to each, forwards Ctrl-C/SIGTERM and waits. Separate processes,
+not threads or a pool, so that a worker that crashes or is killed by the OOM killer takes down only
+itself; its trial goes stale and another worker retries it.
+
+On CPU the workers are forked from the process that checked the model and data, so they start
+with torch and transformers imported and the data tokenized: a fresh interpreter per worker spent
+~5 s importing, most of a short trial (benchmarks/same_work.py). A process cannot fork once CUDA
+is initialised, and libraries check for GPUs at import, so GPU workers start fresh ("spawn").
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
-import subprocess
 import sys
+import traceback
 from collections.abc import Sequence
 
 from rich.console import Console
 
 from hpo.config import StudyConfig
-from hpo.study import count_finished, mask_url, print_summary, sigterm_interrupts, start_study
+from hpo.errors import ConfigError
+from hpo.study import count_finished, mask_url, print_summary, run_study, sigterm_interrupts, start_study
+from hpo.trial import Workbench
 
 STOP_WAIT_S = 60  # after Ctrl-C, how long workers get to end their trials before SIGKILL
 
@@ -39,18 +47,17 @@ def gpu_ids(gpus: str | None = None) -> list[str]:
 
 
 def worker_env(k: int, n: int, gpus: Sequence[str]) -> dict[str, str]:
-    """Worker ``k``'s environment: one GPU (round robin), or on CPU an equal share of the cores."""
-    env = dict(os.environ)
+    """What worker ``k`` changes in its environment: one GPU (round robin), or on CPU a share of the cores."""
+    env = {"TOKENIZERS_PARALLELISM": "false"}  # the parent tokenized with threads; a forked child must not
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = gpus[k % len(gpus)]
-    elif "OMP_NUM_THREADS" not in env:  # N workers × all cores each would oversubscribe the CPU
+    elif "OMP_NUM_THREADS" not in os.environ:  # N workers × all cores each would oversubscribe the CPU
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
     return env
 
 
-def run_workers(cfg: StudyConfig, run_args: Sequence[str], n: int, gpus: Sequence[str],
-                console: Console | None = None) -> int:
-    """Run the study with ``n`` worker processes, each ``hpo run <run_args>``; return the exit code.
+def run_workers(cfg: StudyConfig, n: int, gpus: Sequence[str], console: Console | None = None) -> int:
+    """Run the study with ``n`` worker processes; return the exit code.
 
     The study is created (or loaded) here first, so a bad model, data or storage fails once, before
     any worker starts. Exit code: 0 when every worker ended normally or the study reached its target
@@ -62,20 +69,27 @@ def run_workers(cfg: StudyConfig, run_args: Sequence[str], n: int, gpus: Sequenc
             ``fail_reason: interrupted``, and are queued for the next run).
     """
     console = console or Console()
-    study = start_study(cfg)[0]  # the tokenized data is the workers' to hold, not this process's
-    where = f"GPU {', '.join(gpus)}" if gpus else f"CPU, {worker_env(0, n, gpus).get('OMP_NUM_THREADS', '?')} thread(s) each"
+    study, bench = start_study(cfg)
+    threads = worker_env(0, n, gpus).get("OMP_NUM_THREADS", "?")
+    where = f"GPU {', '.join(gpus)}" if gpus else f"CPU, {threads} thread(s) each"
     console.print(f"[bold]{cfg.study}[/]: {count_finished(study)} finished trial(s) in {mask_url(cfg.storage_url)}; "
                   f"target {cfg.n_trials}; {n} workers on {where}")
-    # Each worker in its own session: Ctrl-C reaches only this process, which stops the workers once.
-    procs = [subprocess.Popen([sys.executable, "-m", "hpo.cli", "run", *run_args, "--worker-id", str(k)],
-                              env=worker_env(k, n, gpus), start_new_session=True) for k in range(n)]
+    _close_connections(study)  # no database socket shared with a forked child: SQLAlchemy's rule for fork
+    sys.stdout.flush()
+    sys.stderr.flush()
+    context = multiprocessing.get_context("spawn" if gpus else "fork")
+    procs = [context.Process(target=_worker, args=(cfg, None if gpus else bench, k, worker_env(k, n, gpus)),
+                             name=f"w{k}") for k in range(n)]
     try:
         with sigterm_interrupts():
-            codes = [p.wait() for p in procs]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
     except KeyboardInterrupt:
         _stop(procs)
         raise
-    crashed = {k: code for k, code in enumerate(codes) if code != 0}
+    crashed = {k: p.exitcode for k, p in enumerate(procs) if p.exitcode != 0}
     for k, code in crashed.items():
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         console.print(f"[red]worker w{k} {how}[/]; the other workers went on")
@@ -83,12 +97,45 @@ def run_workers(cfg: StudyConfig, run_args: Sequence[str], n: int, gpus: Sequenc
     return 1 if crashed and count_finished(study) < cfg.n_trials else 0
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
+def _worker(cfg: StudyConfig, bench: Workbench | None, k: int, env: dict[str, str]) -> None:
+    """Worker ``k``: run the trial loop, then leave with an exit code like ``hpo run``'s."""
+    code = 1
+    try:
+        os.setsid()  # its own session: Ctrl-C at the terminal reaches the parent, which stops each worker once
+        os.environ.update(env)  # before a spawned worker imports torch
+        if bench is not None and "OMP_NUM_THREADS" in env:  # forked: torch read the variable in the parent
+            import torch
+
+            torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+        run_study(cfg, worker=k, bench=bench)
+        code = 0
+    except KeyboardInterrupt:
+        code = 130
+    except ConfigError as e:
+        print(f"w{k}: error {e}", file=sys.stderr)
+        code = 2
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # not the parent's clean-up (atexit handlers, its database connections)
+
+
+def _close_connections(study) -> None:
+    import optuna
+
+    storage = getattr(study._storage, "_backend", study._storage)  # optuna wraps the RDBStorage in a cache
+    if isinstance(storage, optuna.storages.RDBStorage):
+        storage.engine.dispose()  # pooled connections close; the engine reconnects on its next query
+
+
+def _stop(procs: list[multiprocessing.process.BaseProcess]) -> None:
     for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)  # each worker ends its trial as interrupted, like Ctrl-C
+        if p.is_alive():
+            p.terminate()  # SIGTERM: each worker ends its trial as interrupted, like Ctrl-C
     for p in procs:
-        try:
-            p.wait(timeout=STOP_WAIT_S)
-        except subprocess.TimeoutExpired:
+        p.join(timeout=STOP_WAIT_S)
+        if p.is_alive():
             p.kill()
+            p.join()
