@@ -11,6 +11,7 @@ and reads back what each trial recorded:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -26,6 +27,7 @@ DATA = ROOT / "studies" / "data" / "intents"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rich.console import Console
@@ -57,6 +59,8 @@ def main() -> None:
     print(f"| seconds to first step, later trials (median; max) | {later:.2f}; {max(first[1:]):.2f} | <= 0.5 |")
     print(f"| RSS after trial 0 -> after trial {len(trials) - 1} | {rss[0]:.0f} MB -> {rss[-1]:.0f} MB ({growth:+.1%}) | <= +10% |")
     print(f"| RSS after each trial, MB | {' '.join(f'{r:.0f}' for r in rss)} | |")
+    if args.json:
+        args.json.write_text(json.dumps({"first_step": first, "rss_mb": rss, "wall": wall}))
 
 
 if __name__ == "__main__":
