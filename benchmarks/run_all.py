@@ -2,8 +2,8 @@
 
 Runs, one after another (each in its own process, so none inherits another's warm caches):
 same_work.py (3 rounds), time_breakdown.py, search.py (5 seeds), trial_overhead.py,
-control_plane.py, report_10k.py --html, and cuda_memory.py when a GPU is visible. Prints each
-benchmark's own tables as it finishes, then the summary against issue 8's targets. About 25 min on
+control_plane.py (2 rounds), report_10k.py --html, and cuda_memory.py when a GPU is visible. Prints each
+benchmark's own tables as it finishes, then the summary against issue 8's targets. About 27 min on
 this project's 2-core machine. ``--out FILE`` also writes everything printed, as Markdown.
 """
 
@@ -25,7 +25,7 @@ PARTS = {  # name: the benchmark's command line (its --json comes on top)
     "where the time goes": ["time_breakdown.py"],
     "pruning and search quality": ["search.py"],
     "trial start and memory": ["trial_overhead.py"],
-    "control plane": ["control_plane.py"],
+    "control plane": ["control_plane.py", "--rounds", "2"],
     "report of 10,000 trials": ["report_10k.py", "--html"],
     "GPU memory": ["cuda_memory.py"],
 }
