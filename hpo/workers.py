@@ -48,10 +48,10 @@ def gpu_ids(gpus: str | None = None) -> list[str]:
 
 def worker_env(k: int, n: int, gpus: Sequence[str]) -> dict[str, str]:
     """What worker ``k`` changes in its environment: one GPU (round robin), or on CPU a share of the cores."""
-    env = {"TOKENIZERS_PARALLELISM": "false"}  # the parent tokenized with threads; a forked child must not
     if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = gpus[k % len(gpus)]
-    elif "OMP_NUM_THREADS" not in os.environ:  # N workers × all cores each would oversubscribe the CPU
+        return {"CUDA_VISIBLE_DEVICES": gpus[k % len(gpus)]}
+    env = {"TOKENIZERS_PARALLELISM": "false"}  # forked after the parent tokenized with threads: say so, once
+    if "OMP_NUM_THREADS" not in os.environ:  # N workers × all cores each would oversubscribe the CPU
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
     return env
 
