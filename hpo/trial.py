@@ -287,6 +287,7 @@ def run_trial(
         raise RuntimeError("training ended before the first evaluation")
     attrs = _measurements(bench, trainer, callback, seconds)
     attrs["seconds_to_first_step"] = round(clock.at - began, 3)  # model, Trainer, first batch: a trial's start-up
+    attrs["train_sampling_strategy"] = getattr(args, "train_sampling_strategy", None)  # how batches were drawn
     attrs["rss_mb"] = _rss_mb()  # now, after training: growth across trials is a leak
     attrs["load_report"] = load_report  # what the checkpoint lacked (new heads) or had in excess
     attrs["optimizer"] = type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")

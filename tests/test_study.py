@@ -9,6 +9,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from hpo import load_study, run_study
+from hpo.trial import prepare
 
 quiet = Console(quiet=True)
 
@@ -53,6 +54,18 @@ def test_trial_records_measurements_and_best_model(write_study, tmp_path):
     config = study.user_attrs["config"]
     assert config["n_trials"] == 2 and config["storage"].startswith("sqlite:///")
     assert (tmp_path / "outputs" / "tiny" / "resolved.yaml").exists()
+
+
+def test_less_padding_by_default_length_grouped_batches_and_sorted_eval_rows(write_study):
+    cfg = load_study(write_study(n_trials=1))
+    lengths = [len(row["input_ids"]) for row in prepare(cfg).eval_rows]
+    assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
+    (trial,) = run_study(cfg, quiet).trials
+    assert trial.user_attrs["train_sampling_strategy"] == "group_by_length"
+    # the study file's choice wins
+    (trial,) = run_study(load_study(write_study(study="shuffled", n_trials=1,
+                                                train={"num_train_epochs": 1, "train_sampling_strategy": "random"})), quiet).trials
+    assert trial.user_attrs["train_sampling_strategy"] == "random"
 
 
 def test_steps_count_examples_seen_on_one_grid(write_study):
