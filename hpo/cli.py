@@ -111,8 +111,10 @@ def report(
     html: Annotated[Path | None, typer.Option(help="The HTML report.")] = None,
     env: Env = None,
     storage: Storage = None,
+    include_pruned: Annotated[bool, typer.Option("--include-pruned", help="Rank pruned trials too, on their last "
+                                                 "intermediate value (final = False in the tables).")] = False,
 ) -> None:
-    """Compare trials and studies on Z-scores; write CSV and a self-contained HTML report."""
+    """Compare trials and studies on Z-scores within each task, metric and direction; write CSV and HTML."""
     from hpo import report as rep
     from hpo.study import load_existing
 
@@ -121,7 +123,7 @@ def report(
         loaded = [load_existing(cfg) for cfg in cfgs]
     except ConfigError as e:
         _fail(e)
-    trials = rep.trials_frame(loaded)
+    trials = rep.trials_frame(loaded, include_pruned=include_pruned)
     summary = rep.studies_frame(loaded, trials)
     folder = cfgs[0].output_path / "report"
     csv_paths = rep.write_csv(trials, summary, csv or folder / "trials.csv")
@@ -132,16 +134,20 @@ def report(
     for cfg, study_ in zip(cfgs, loaded, strict=True):  # the dashboard's study note carries the summary
         save_study_note(study_, resolved_config(cfg), rep.markdown_table(summary, rep.SUMMARY_COLUMNS))
     console = Console()
-    console.print(_table(summary, ["rank", "study", "best", "median", "n_complete", "n_pruned", "n_failed",
-                                   "steps_spent", "steps_saved_by_pruning"], "studies"))
-    console.print(_table(trials.sort_values("rank").head(10), ["rank", "study", "trial", "state", "objective",
-                                                               "eval_accuracy", "optimizer_steps", "score"],
-                         "top 10 trials (params in the CSV and HTML)"))
+    for label, rows in rep.by_group(summary):  # a rank is only ever shown beside the group it ranks in
+        console.print(_table(rows, ["rank", "study", "best", "median", "mean", "std", "n_complete", "n_pruned",
+                                    "n_failed", "steps_spent", "steps_saved_by_pruning"], f"studies: {label}"))
+    pruned = "; pruned ranked on their last intermediate value" if include_pruned else ""
+    for label, rows in rep.by_group(trials):
+        console.print(_table(rows.head(10), ["rank", "study", "trial", "state", "objective", "eval_accuracy",
+                                             "optimizer_steps", "score"],
+                             f"top 10 trials: {label}{pruned} (params in the CSV and HTML)"))
     for path in (*csv_paths, html_path):
         console.print(f"wrote {path}")
 
 
 def _table(df, columns: list[str], title: str):
+    import pandas as pd
     from rich.table import Table
 
     table = Table(title=title)
@@ -149,7 +155,7 @@ def _table(df, columns: list[str], title: str):
     for c in columns:
         table.add_column(c.replace("_", " "), justify="right", overflow="fold")
     for _, row in df[columns].iterrows():
-        table.add_row(*("" if v is None or v != v else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+        table.add_row(*("" if pd.isna(v) else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
     return table
 
 

@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from hpo import load_study, run_study
-from hpo.report import add_scores, zscore
+from hpo.report import add_scores, studies_frame, trials_frame, zscore
 
 quiet = Console(quiet=True)
 CHROMIUM = "/usr/bin/chromium"
@@ -143,3 +143,99 @@ def test_report_on_a_study_never_run_creates_nothing(write_study):
     result = hpo("report", path)
     assert result.returncode == 2 and "run `hpo run" in result.stderr
     assert not path.with_suffix(".db").exists()
+
+
+def _study(name, task, metric, direction, values, pruned=()):
+    """An in-memory study of made-up trials: ``values`` complete, ``pruned`` stopped at that intermediate value."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    study = optuna.create_study(study_name=name, direction=direction)
+    study.set_user_attr("config", {"task": task, "objective": {"metric": metric, "direction": direction}})
+    for v in values:
+        study.add_trial(create_trial(value=v, intermediate_values={10: v}, user_attrs={"eval_accuracy": 0.5}))
+    for v in pruned:
+        study.add_trial(create_trial(state=TrialState.PRUNED, value=v, intermediate_values={2: v}))  # as optuna's tell
+    return study
+
+
+def test_a_low_f1_is_never_ranked_above_the_best_loss():
+    # The issue's example: a loss (minimized) and a macro F1 of 0.20 (maximized) in one report.
+    loss = _study("loss", "sequence-classification", "eval_loss", "minimize", [0.3, 0.5, 0.9])
+    f1 = _study("f1", "sequence-classification", "eval_f1_macro", "maximize", [0.20, 0.18])
+    trials = trials_frame([loss, f1])
+    by_metric = {m: rows.sort_values("objective")["rank"].tolist() for m, rows in trials.groupby("metric")}
+    assert by_metric == {"eval_loss": [1, 2, 3], "eval_f1_macro": [2, 1]}  # ranked within a metric, never across
+    for _, rows in trials.groupby("metric"):  # each z compares one metric: mean 0, std 1 there
+        assert rows["z_objective"].mean() == pytest.approx(0) and rows["z_objective"].std(ddof=0) == pytest.approx(1)
+    studies = studies_frame([loss, f1], trials).set_index("study")
+    assert studies["rank"].tolist() == [1, 1] and studies["z_best"].tolist() == [0, 0]  # alone in their groups
+    assert studies.loc["loss", ["task", "metric", "direction"]].tolist() == [
+        "sequence-classification", "eval_loss", "minimize"]
+
+
+def test_the_same_metric_of_two_tasks_is_not_compared():
+    # A causal-lm's eval_loss (next-token cross-entropy, ~3) and a classifier's (~0.6) share a name, not a scale.
+    lm = _study("lm", "causal-lm", "eval_loss", "minimize", [2.9, 3.4])
+    clf = _study("clf", "sequence-classification", "eval_loss", "minimize", [0.7, 0.6])
+    trials = trials_frame([lm, clf])
+    assert trials.groupby("study")["rank"].apply(sorted).to_dict() == {"clf": [1, 2], "lm": [1, 2]}
+    from hpo.report import by_group
+
+    assert [label for label, _ in by_group(trials)] == [
+        "task=causal-lm, metric=eval_loss, direction=minimize",
+        "task=sequence-classification, metric=eval_loss, direction=minimize"]
+
+
+def test_pruned_trials_are_listed_unranked_unless_asked():
+    # A pruned trial's value is its last intermediate one: an early 0.1 is not a final loss better than 0.3.
+    study = _study("s", "sequence-classification", "eval_loss", "minimize", [0.3, 0.5], pruned=[0.1])
+    trials = trials_frame([study]).set_index("trial")
+    assert trials["rank"].tolist()[:2] == [1, 2] and pd.isna(trials.loc[2, "rank"])
+    assert trials["final"].tolist() == [True, True, False] and trials.loc[2, "state"] == "pruned"
+    assert trials.loc[2, ["score", "z_objective"]].isna().all()
+    assert trials.loc[[0, 1], "z_objective"].tolist() == pytest.approx([1, -1])  # over the complete trials alone
+    summary = studies_frame([study], trials.reset_index()).iloc[0]
+    assert (summary["count"], summary["min"], summary["max"]) == (2, 0.3, 0.5)  # complete trials only
+    assert (summary["mean"], summary["std"]) == pytest.approx((0.4, 0.1414213))  # pandas' std: ddof=1
+
+    included = trials_frame([study], include_pruned=True).set_index("trial")
+    assert included["rank"].tolist() == [2, 3, 1] and not included.loc[2, "final"]  # ranked, and still marked
+
+
+def test_report_ranks_each_objective_apart(write_study, tmp_path):
+    # Real studies: one minimizes eval_loss (a good trial, then one that cannot learn and is pruned),
+    # one maximizes eval_f1_macro.
+    from hpo.study import open_study
+
+    loss = write_study("loss.yaml", study="loss", n_trials=2, pruner={"name": "median", "n_startup_trials": 1},
+                       search_space={"learning_rate": {"type": "categorical", "choices": [3e-3, 1e-9]}})
+    cfg = load_study(loss)
+    for lr in (3e-3, 1e-9):
+        open_study(cfg).enqueue_trial({"learning_rate": lr})
+    run_study(cfg, quiet)
+    f1 = write_study("f1.yaml", study="f1", n_trials=2, objective={"metric": "eval_f1_macro"})
+    run_study(load_study(f1), quiet)
+
+    out = tmp_path / "out"
+    result = hpo("report", loss, f1, "--csv", out / "t.csv", "--html", out / "r.html")
+    assert result.returncode == 0, result.stderr
+    trials, studies = pd.read_csv(out / "t.csv"), pd.read_csv(out / "t.studies.csv")
+    ranked = trials[trials["state"] == "complete"]
+    assert ranked.groupby("metric")["rank"].apply(sorted).to_dict() == {"eval_loss": [1], "eval_f1_macro": [1, 2]}
+    pruned = trials[trials["state"] == "pruned"]
+    assert len(pruned) == 1 and pruned[["score", "rank"]].isna().all(axis=None) and not pruned["final"].any()
+    assert studies.set_index("study")["rank"].to_dict() == {"loss": 1, "f1": 1}
+    assert {"task", "count", "mean", "std", "min", "max"} <= set(studies.columns)
+    assert studies.set_index("study").loc["f1", "count"] == 2
+    for metric in ("eval_loss", "eval_f1_macro"):  # a terminal table and an HTML table per objective
+        label = f"task=sequence-classification, metric={metric}"
+        assert result.stdout.count(label) == 2, result.stdout
+        assert (out / "r.html").read_text().count(label) == 2
+
+    result = hpo("report", loss, f1, "--csv", out / "t.csv", "--html", out / "r.html", "--include-pruned")
+    assert result.returncode == 0, result.stderr
+    trials = pd.read_csv(out / "t.csv")
+    assert trials[trials["metric"] == "eval_loss"]["rank"].notna().all()
+    assert "pruned ranked on their last intermediate value" in result.stdout.replace("\n", " ")
+    assert "ranked on their last intermediate value" in (out / "r.html").read_text()
