@@ -1,8 +1,19 @@
-"""Training data for each task: read CSV/JSONL/CoNLL once, check it, tokenize it once per study."""
+"""Training data for each task: read CSV/JSONL/JSON/CoNLL once, check every value the task reads, tokenize once.
+
+Reading and checking need no torch or transformers (``hpo run`` checks the data before importing them);
+each defect is one ``ConfigError`` that names the data file and the line (or JSON array index) to fix.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import csv
+import io
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +25,12 @@ if TYPE_CHECKING:
     from hpo.config import StudyConfig
 
 IGNORE = -100  # the label that loss functions skip: special tokens, sub-words after the first, prompts
+CHARS_PER_TOKEN = 50  # characters of a long text kept per token of max_length before tokenizing it
+SLACK_TOKENS = 16  # tokens a cut text must give past max_length: a cut changes at most the last few tokens
+TAG = re.compile(r"O|[BIES]-\S+")  # IOB2 (O, B-PER, I-PER) or IOBES (also E-PER, S-PER)
+TAG_HELP = "O, B-TYPE or I-TYPE (IOBES: also E-TYPE, S-TYPE)"
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")  # a JSON number, as CSV text
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # JSON "\ud800" escapes: no tokenizer can encode them
 
 
 @dataclass(frozen=True)
@@ -29,37 +46,300 @@ class Examples:
     labels: list[str]
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """A CSV, JSON Lines (``.jsonl``), JSON records or CoNLL (``.conll``: token … tag per line) file."""
+class DataError(Exception):
+    """A defect in a data file, as ``FILE:LINE: message``; :func:`load_examples` raises it as a ``ConfigError``."""
+
+
+@dataclass
+class Table:
+    """The records of one data file and where each starts: ``where[i]`` is ``FILE:LINE`` (JSON arrays add ``[i]``)."""
+
+    columns: list[str]
+    records: list[dict[str, Any]]
+    where: list[str]
+    item_where: list[list[str]] = field(default_factory=list)  # CoNLL: ``FILE:LINE`` of each token of each record
+
+
+def read_table(path: Path, shown: str | None = None) -> Table:
+    """Read a CSV, JSON Lines (``.jsonl``), JSON array of records or CoNLL (``.conll``: token … tag) file.
+
+    ``shown`` is how messages name the file (default: ``path``, relative to the working directory when
+    under it). CSV values are strings; JSON values keep
+    their types. A CoNLL file gives one record ``{"tokens": [...], "tags": [...]}`` per sentence.
+
+    Raises:
+        DataError: unreadable, not UTF-8, empty, or not valid for its format; the message names the line.
+    """
+    shown = shown or _shown(path)
+    text = _read_text(path, shown)
+    if not re.search(r"\S", text):
+        raise DataError(f"{shown}: the file is empty")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
+        return _read_csv(text, shown)
     if suffix == ".conll":
-        return _read_conll(path)
-    return pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
+        return _read_conll(text, shown)
+    if suffix == ".jsonl":
+        return _read_jsonl(text, shown)
+    return _read_json(text, shown)
 
 
-def _read_conll(path: Path) -> pd.DataFrame:
-    # CoNLL: one token per line, its tag in the last column, sentences separated by blank lines,
-    # -DOCSTART- lines between documents. Small enough to parse by hand (datasets' loader needs a script).
-    sentences, tokens, tags = [], [], []
-    for line in [*path.read_text().splitlines(), ""]:
+def _shown(path: Path) -> str:
+    """``path`` as messages show it: relative to the working directory when under it, like the study file."""
+    full = os.path.abspath(path)
+    relative = os.path.relpath(full)
+    return full if relative.startswith("..") else relative
+
+
+def _read_text(path: Path, shown: str) -> str:
+    # The same rules as study files (config._decode): UTF-8, an optional BOM, nothing else.
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{shown}: cannot read: {e.strerror or e}") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw[:2]:
+        raise DataError(f"{shown}: the file is UTF-16: save it as UTF-8")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{shown}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}): save the file as UTF-8") from None
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise DataError(f"{shown}:{text.count(chr(10), 0, nul) + 1}: a NUL byte: not a text file?")
+    return text
+
+
+def _read_csv(text: str, shown: str) -> Table:
+    records, where = [], []
+    header: list[str] = []
+    header_line = start = 1
+    reader = csv.reader(io.StringIO(text, newline=""))
+    limit = csv.field_size_limit(2**31 - 1)  # one cell may be megabytes; the default stops at 128 kB
+    try:
+        for fields in reader:
+            line, start = start, reader.line_num + 1
+            if not fields or (len(fields) == 1 and not fields[0].strip()):
+                continue  # a blank line
+            if not header:
+                header, header_line = fields, line
+                twice = next((c for i, c in enumerate(fields) if c in fields[:i]), None)
+                if twice is not None:
+                    raise DataError(f"{shown}:{line}: column {twice!r} twice in the header")
+                continue
+            if len(fields) != len(header):
+                hint = ("a missing cell?" if len(fields) < len(header) else
+                        "a comma in a value that is not in double quotes?")
+                raise DataError(f"{shown}:{line}: {len(fields)} cell{'s' * (len(fields) > 1)}, but the header "
+                                f"(line {header_line}) has {len(header)}: {hint}")
+            records.append(dict(zip(header, fields, strict=True)))
+            where.append(f"{shown}:{line}")
+    except csv.Error as e:
+        raise DataError(f"{shown}:{reader.line_num}: not valid CSV: {e}") from None
+    finally:
+        csv.field_size_limit(limit)
+    if not records:
+        raise DataError(f"{shown}: the file has no rows, only a header")
+    return Table(header, records, where)
+
+
+def _read_jsonl(text: str, shown: str) -> Table:
+    records, where, columns = [], [], {}
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): a JSON string may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{shown}:{n}: not valid JSON: {e.msg} (column {e.colno})") from None
+        except (ValueError, RecursionError) as e:  # a number of over 4300 digits; nesting past the stack
+            raise DataError(f"{shown}:{n}: not valid JSON: {_first_line(e)}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{shown}:{n}: expected one JSON object per line, found {_kind(record)}")
+        records.append(record)
+        where.append(f"{shown}:{n}")
+        columns.update(dict.fromkeys(record))
+    if not records:
+        raise DataError(f"{shown}: the file has no rows")
+    return Table(list(columns), records, where)
+
+
+_BLANK = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+
+
+def _read_json(text: str, shown: str) -> Table:
+    # An array of records, parsed one element at a time so that each record knows its line.
+    decoder = json.JSONDecoder()
+    i = _BLANK.match(text).end()
+    try:
+        if text[i] != "[":
+            found = decoder.decode(text)  # the JSON error, if any; else say what the file holds instead
+            raise DataError(f"{shown}: expected a list of records [{{...}}, {{...}}], found {_kind(found)}")
+        records, where, columns = [], [], {}
+        i, line, counted = _BLANK.match(text, i + 1).end(), 1, 0
+        while text[i:i + 1] != "]":
+            line, counted = line + text.count("\n", counted, i), i
+            record, i = decoder.raw_decode(text, i)
+            if not isinstance(record, dict):
+                raise DataError(f"{shown}:{line}: [{len(records)}]: expected a record {{...}}, found {_kind(record)}")
+            records.append(record)
+            where.append(f"{shown}:{line}: [{len(records) - 1}]")
+            columns.update(dict.fromkeys(record))
+            i = _BLANK.match(text, i).end()
+            if text[i:i + 1] == ",":
+                i = _BLANK.match(text, i + 1).end()
+            elif text[i:i + 1] != "]":
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, i)
+        if text[_BLANK.match(text, i + 1).end():]:
+            raise json.JSONDecodeError("Extra data", text, _BLANK.match(text, i + 1).end())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{shown}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{shown}: not valid JSON: {_first_line(e)}") from None
+    if not records:
+        raise DataError(f"{shown}: the file has no rows")
+    return Table(list(columns), records, where)
+
+
+def _read_conll(text: str, shown: str) -> Table:
+    # One token per line, its tag in the last column, sentences separated by blank lines, -DOCSTART-
+    # lines between documents. Every token line has as many columns as the first one: a line without
+    # its tag, or with a stray column, must not turn into a tag.
+    records, where, item_where = [], [], []
+    tokens, tags, lines = [], [], []
+    n_columns = first = 0
+    for n, line in enumerate([*text.split("\n"), ""], 1):
         fields = line.split()
         if fields and fields[0] != "-DOCSTART-":
+            if len(fields) == 1:
+                raise DataError(f"{shown}:{n}: one column ({fields[0]!r}): a CoNLL line is 'token … tag'")
+            if not n_columns:
+                n_columns, first = len(fields), n
+            elif len(fields) != n_columns:
+                raise DataError(f"{shown}:{n}: {len(fields)} columns, but line {first} has {n_columns}")
             tokens.append(fields[0])
             tags.append(fields[-1])
+            lines.append(n)
         elif tokens:
-            sentences.append({"tokens": tokens, "tags": tags})
-            tokens, tags = [], []
-    return pd.DataFrame(sentences, columns=["tokens", "tags"])
+            records.append({"tokens": tokens, "tags": tags})
+            where.append(f"{shown}:{lines[0]}")
+            item_where.append([f"{shown}:{n}" for n in lines])
+            tokens, tags, lines = [], [], []
+    if not records:
+        raise DataError(f"{shown}: the file has no sentences")
+    return Table(["tokens", "tags"], records, where, item_where)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e) or type(e).__name__).splitlines()[0]
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({json.dumps(value)})"
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number"}[type(value)]
+
+
+def _scalar(value: Any, where: str, column: str) -> str:
+    """A JSON scalar as text: booleans as JSON spells them, numbers as written; anything else fails."""
+    if isinstance(value, str):
+        bad = _SURROGATE.search(value)
+        if bad:
+            raise DataError(f"{where}: {column!r}: invalid Unicode (a lone surrogate \\u{ord(bad.group()):04x})")
+        return value
+    if isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
+        return repr(value)
+    raise DataError(f"{where}: {column!r} is {_kind(value)}, expected a string or a number")
+
+
+def label_name(value: str) -> str:
+    """One spelling per label: surrounding blanks go, and a number is written the shortest way.
+
+    CSV gives ``"1.0"``, JSON gives ``1.0`` or ``1``: all three are class ``"1"``.
+
+    >>> [label_name(v) for v in ("1.0", "1", "-0", "2.50", "1e3", " spam ", "007", "true")]
+    ['1', '1', '0', '2.5', '1000', 'spam', '007', 'true']
+    """
+    value = value.strip()
+    if not _NUMBER.fullmatch(value):
+        return value
+    number = Decimal(value)
+    if abs(number.adjusted()) > 400:  # beyond any float: keep it as written (and out of int()'s reach)
+        return value
+    return str(int(number)) if number == number.to_integral_value() else format(number.normalize(), "f")
+
+
+def _cell(table: Table, i: int, column: str) -> Any:
+    record = table.records[i]
+    if column not in record:
+        raise DataError(f"{table.where[i]}: {column!r} missing")
+    return record[column]
+
+
+def _text(table: Table, i: int, column: str, empty_ok: bool = False) -> str:
+    text = _scalar(_cell(table, i, column), table.where[i], column)
+    if not empty_ok and not text.strip():
+        raise DataError(f"{table.where[i]}: {column!r} is empty")
+    return text
+
+
+def _words(table: Table, i: int, column: str, tags: bool) -> list[str]:
+    where, value = table.where[i], _cell(table, i, column)
+    if not isinstance(value, list):
+        raise DataError(f"{where}: {column!r} is {_kind(value)}, expected a list of strings")
+    if not value:
+        raise DataError(f"{where}: {column!r} is an empty list")
+    for j, item in enumerate(value):
+        at = table.item_where[i][j] if table.item_where else where
+        name = "tag" if table.item_where else f"{column}[{j}]"
+        if not isinstance(item, str):
+            raise DataError(f"{at}: {name!r} is {_kind(item)}, expected a string")
+        _scalar(item, at, name)
+        if tags and not TAG.fullmatch(item):
+            raise DataError(f"{at}: {name}: {item!r} is not an IOB tag ({TAG_HELP})")
+        if not tags and not item.strip():
+            raise DataError(f"{at}: {name!r} is empty: a word with no characters has no token for its tag")
+    return value
+
+
+def _pairs(task: str, table: Table, columns: list[str]) -> tuple[list[tuple[Any, Any]], list[list[str]]]:
+    """Every record as the task's ``(input, target)`` pair, checked; and each record's label names."""
+    pairs, names = [], []
+    first, second = [*columns, None][:2]
+    for i in range(len(table.records)):
+        if task == "sequence-classification":
+            label = label_name(_scalar(_cell(table, i, second), table.where[i], second))
+            pairs.append((_text(table, i, first), label))
+            names.append([label])
+        elif task == "token-classification":
+            tokens, tags = _words(table, i, first, tags=False), _words(table, i, second, tags=True)
+            if len(tokens) != len(tags):
+                raise DataError(f"{table.where[i]}: {first!r} has {len(tokens)} items, {second!r} has {len(tags)}")
+            pairs.append((tokens, tags))
+            names.append(tags)
+        elif second:  # causal-lm, prompt and response: the loss is on the response
+            pairs.append((_text(table, i, first, empty_ok=True), _text(table, i, second)))
+        else:
+            pairs.append((_text(table, i, first), ""))
+    return pairs, names
 
 
 def load_examples(cfg: StudyConfig) -> Examples:
-    """Read and check the study's train and eval files for its task.
+    """Read and check the study's train and eval files for its task; needs neither torch nor transformers.
+
+    Every value the task reads is checked in every row: a text, label, prompt or response is a string
+    or a number (not null, missing, a list or an object; a text or response not empty); tokens and tags
+    are lists of strings of one length, tags in IOB. Labels are named by :func:`label_name`.
 
     Raises:
-        ConfigError: unreadable file, missing column, no rows, a label or tag
-            that train never shows, tokens and tags of different lengths.
+        ConfigError: unreadable or malformed file, missing column, no rows, a bad value (naming the file
+            and line), a label or tag that train never shows, fewer than 2 labels.
     """
     d = cfg.data
     columns = {
@@ -68,49 +348,121 @@ def load_examples(cfg: StudyConfig) -> Examples:
         "causal-lm": ({"prompt_column": d.prompt_column, "response_column": d.response_column} if d.prompt_column
                       else {"text_column": d.text_column}),
     }[cfg.task]
-    frames = {}
+    pairs, names, where = {}, {}, {}
     for split, path in (("train", d.train), ("eval", d.eval)):
         try:
-            df = read_table(path)
-        except (ValueError, OSError) as e:
-            raise cfg.error(("data", split), f"cannot read {path.name}: {e}") from None
-        if path.suffix.lower() == ".conll":
-            df = df.rename(columns={"tokens": d.tokens_column, "tags": d.tags_column})
-        for key, column in columns.items():
-            if column not in df.columns:
-                raise cfg.error(("data", key), f"column {column!r} not in {path.name} (columns: {', '.join(map(str, df.columns))})")
-        if df.empty:
-            raise cfg.error(("data", split), f"{path.name} has no rows")
+            table = read_table(path)
+            if path.suffix.lower() == ".conll":
+                table.columns = [d.tokens_column, d.tags_column]
+                table.records = [{d.tokens_column: r["tokens"], d.tags_column: r["tags"]} for r in table.records]
+            for key, column in columns.items():
+                if column not in table.columns:
+                    raise cfg.error(("data", key), f"column {column!r} not in {path.name} "
+                                                   f"(columns: {', '.join(map(str, table.columns))})")
+            rows, labels = _pairs(cfg.task, table, list(columns.values()))
+        except DataError as e:
+            raise cfg.error(("data", split), str(e)) from None
         limit = d.max_train_rows if split == "train" else d.max_eval_rows
-        frames[split] = df.sample(n=limit, random_state=0) if limit and limit < len(df) else df
-    first, second = [*columns.values(), None][:2]
+        # the same rows as DataFrame.sample(n=limit, random_state=0) of earlier versions
+        keep = (pd.Series(range(len(rows))).sample(n=limit, random_state=0).tolist() if limit and limit < len(rows)
+                else range(len(rows)))
+        pairs[split] = [rows[i] for i in keep]
+        if cfg.task != "causal-lm":
+            names[split] = [labels[i] for i in keep]
+            where[split] = [table.item_where[i] if table.item_where else [table.where[i]] * len(labels[i])
+                            for i in keep]
     if cfg.task == "causal-lm":
-        pairs = {s: list(zip(df[first].astype(str), df[second].astype(str) if second else [""] * len(df), strict=True))
-                 for s, df in frames.items()}
         return Examples(pairs["train"], pairs["eval"], labels=[])
-    if cfg.task == "token-classification":
-        for split, df in frames.items():
-            for i, (tokens, tags) in enumerate(zip(df[first], df[second], strict=True)):
-                if not isinstance(tokens, list) or not isinstance(tags, list) or len(tokens) != len(tags):
-                    raise cfg.error(("data", split), f"row {i + 1}: {first!r} and {second!r} must be lists of equal length")
-        seen = {s: [str(t) for tags in df[second] for t in tags] for s, df in frames.items()}
-    else:
-        seen = {s: df[second].astype(str).tolist() for s, df in frames.items()}
-    labels = sorted(set(seen["train"]))
-    unseen = sorted(set(seen["eval"]) - set(labels))
-    if unseen:
-        raise cfg.error(("data", "eval"), f"eval labels not in train: {', '.join(unseen[:5])}")
+    labels = sorted({name for row in names["train"] for name in row})
+    ids = {name: i for i, name in enumerate(labels)}
+    unseen = {}  # label → where eval first shows it, in the order eval shows them
+    for row, at in zip(names["eval"], where["eval"], strict=True):
+        for name, place in zip(row, at, strict=True):
+            if name not in ids:
+                unseen.setdefault(name, place)
+    if unseen:  # repr: an empty label must show as ''
+        shown = ", ".join(map(repr, list(unseen)[:5])) + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else "")
+        raise cfg.error(("data", "eval"), f"eval labels not in train: {shown} (the first at {next(iter(unseen.values()))})")
     if len(labels) < 2:
         raise cfg.error(("data", "tags_column" if cfg.task == "token-classification" else "label_column"),
                         f"need at least 2 labels in train, found {labels}")
-    ids = {name: i for i, name in enumerate(labels)}
+    if cfg.task == "token-classification":
+        return Examples(*([(tokens, [ids[t] for t in tags]) for tokens, tags in pairs[s]] for s in ("train", "eval")),
+                        labels)
+    return Examples(*([(text, ids[label]) for text, label in pairs[s]] for s in ("train", "eval")), labels)
 
-    def pairs(df: pd.DataFrame) -> list[tuple[Any, Any]]:
-        if cfg.task == "token-classification":
-            return [([str(t) for t in tokens], [ids[str(t)] for t in tags]) for tokens, tags in zip(df[first], df[second], strict=True)]
-        return [(text, ids[label]) for text, label in zip(df[first].astype(str), df[second].astype(str), strict=True)]
 
-    return Examples(pairs(frames["train"]), pairs(frames["eval"]), labels)
+def _cut(text: str, n_chars: int) -> str:
+    """About the first ``n_chars`` characters of ``text``, ended before a blank when one is near the end."""
+    end = n_chars
+    while end > n_chars // 2 and not text[end].isspace():
+        end -= 1
+    return text[:end].rstrip() if text[end].isspace() else text[:n_chars]
+
+
+def _capped(texts: list[Any], max_length: int, count: Any) -> list[Any]:
+    """``texts`` with each very long one cut short where that cannot change its first ``max_length`` tokens.
+
+    Tokenizing a 50 MB text whole to keep 128 tokens took minutes and GBs. A cut at a blank changes
+    at most the last few tokens of the cut text (tokenizers split on blanks first and merge only
+    within a word), so a cut that still gives ``max_length + SLACK_TOKENS`` tokens (``count``) gives
+    the first ``max_length`` tokens of the whole text exactly. A cut that gives fewer (one huge "word",
+    pages of blanks) grows 4x until it is the whole text.
+    """
+    out = list(texts)
+    n_chars = CHARS_PER_TOKEN * max_length
+    todo = [i for i, text in enumerate(texts) if len(text) > n_chars]
+    while todo:
+        cuts = [_cut(texts[i], n_chars) for i in todo]
+        short = []
+        for i, cut, n in zip(todo, cuts, count(cuts), strict=True):
+            if n >= max_length + SLACK_TOKENS:
+                out[i] = cut
+            else:
+                short.append(i)
+        n_chars *= 4
+        todo = [i for i in short if len(texts[i]) > n_chars]  # the others stay whole
+    return out
+
+
+def _counter(tokenizer: PreTrainedTokenizerBase, **kwargs: Any) -> Any:
+    """A function from texts (or word lists, with ``is_split_into_words=True``) to their token counts."""
+    def count(texts: list[Any]) -> list[int]:
+        if not texts:
+            return []
+        enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                        return_token_type_ids=False, **kwargs)
+        return [len(ids) for ids in enc["input_ids"]]
+
+    return count
+
+
+def _capped_words(examples: list[list[str]], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[list[str]]:
+    # Each word is tokenized alone (is_split_into_words), so a word boundary is a hard one: a row keeps its
+    # first max_length words when they give max_length tokens or more (a word gives at least one token,
+    # unless the tokenizer's normalizer erases it), and each very long word is cut alone, as a text.
+    words = _counter(tokenizer, is_split_into_words=True)
+    n_chars = CHARS_PER_TOKEN * max_length
+
+    def cap(rows: dict[int, list[str]]) -> dict[int, list[str]]:
+        long = [(i, j) for i, row in rows.items() for j, w in enumerate(row) if len(w) > n_chars]
+        cut = _capped([rows[i][j] for i, j in long], max_length, lambda texts: words([[t] for t in texts]))
+        for (i, j), word in zip(long, cut, strict=True):
+            rows[i][j] = word
+        return rows
+
+    out = list(examples)
+    heads = cap({i: row[:max_length] for i, row in enumerate(examples)
+                 if len(row) > max_length or any(len(w) > n_chars for w in row)})
+    rest = {}
+    for (i, head), n in zip(heads.items(), words(list(heads.values())), strict=True):
+        if len(examples[i]) <= max_length or n >= max_length:
+            out[i] = head
+        else:
+            rest[i] = list(examples[i])
+    for i, row in cap(rest).items():
+        out[i] = row
+    return out
 
 
 def tokenize(task: str, examples: list[tuple[Any, Any]], tokenizer: PreTrainedTokenizerBase,
@@ -118,23 +470,29 @@ def tokenize(task: str, examples: list[tuple[Any, Any]], tokenizer: PreTrainedTo
     """Tokenized rows without padding (the task's collator pads each batch to its longest row).
 
     token-classification labels the first sub-word of each word and ignores the rest; causal-lm
-    predicts every token of a text, or only the response's tokens after a prompt.
+    predicts every token of a text, or only the response's tokens after a prompt. Very long texts
+    and word lists are cut before tokenizing, to the same result (see :func:`_capped`).
     """
+    count = _counter(tokenizer)
     if task == "sequence-classification":
-        enc = tokenizer([t for t, _ in examples], truncation=True, max_length=max_length)
+        texts = _capped([t for t, _ in examples], max_length, count)
+        enc = tokenizer(texts, truncation=True, max_length=max_length)
         return [{**{k: v[i] for k, v in enc.items()}, "labels": label} for i, (_, label) in enumerate(examples)]
     if task == "token-classification":
-        enc = tokenizer([t for t, _ in examples], is_split_into_words=True, truncation=True, max_length=max_length)
+        words = _capped_words([w for w, _ in examples], tokenizer, max_length)
+        enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
         rows = []
         for i, (_, tags) in enumerate(examples):
-            words, previous, labels = enc.word_ids(i), None, []
-            for w in words:
+            word_ids, previous, labels = enc.word_ids(i), None, []
+            for w in word_ids:
                 labels.append(IGNORE if w is None or w == previous else tags[w])
                 previous = w
             rows.append({**{k: v[i] for k, v in enc.items()}, "labels": labels})
         return rows
+    prompts = _capped([p for p, _ in examples], max_length, count)
+    responses = _capped([r for _, r in examples], max_length, count)
     rows = []
-    for prompt, response in examples:
+    for prompt, response in zip(prompts, responses, strict=True):
         if not response:  # plain text: predict every token
             ids = tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
             rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)})
