@@ -4,7 +4,9 @@ This is Optuna's own distributed design, local: every worker runs hpo's trial lo
 study and pulls its next trial from the storage, like an ``hpo run`` on another machine. hpo only
 starts the processes, pins one GPU to each, forwards Ctrl-C/SIGTERM and waits. Separate processes,
 not threads or a pool, so that a worker that crashes or is killed by the OOM killer takes down only
-itself; its trial goes stale and another worker retries it.
+itself; its trial goes stale and another worker retries it. The other way round, a worker does not
+outlive its parent: when ``hpo run`` dies (kill -9, the OOM killer), each worker gets SIGTERM and
+ends its trial as interrupted, as on Ctrl-C, instead of going on starting trials that nothing can stop.
 
 On CPU the workers are forked from the process that checked the model and data, so they start
 with torch and transformers imported and the data tokenized: a fresh interpreter per worker spent
@@ -14,10 +16,13 @@ is initialised, and libraries check for GPUs at import, so GPU workers start fre
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import signal
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Sequence
 
@@ -29,6 +34,9 @@ from hpo.study import count_finished, mask_url, print_summary, run_study, sigter
 from hpo.trial import Workbench
 
 STOP_WAIT_S = 60  # after Ctrl-C, how long workers get to end their trials before SIGKILL
+PARENT_POLL_S = 1.0  # where the kernel cannot signal a parent's death, how often a worker looks for it
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PARENT_DEATH_SIGNAL = signal.SIGUSR1  # the kernel's word to a worker that its parent died; it becomes one SIGTERM
 
 
 def gpu_ids(gpus: str | None = None) -> list[str]:
@@ -56,11 +64,13 @@ def worker_env(k: int, n: int, gpus: Sequence[str]) -> dict[str, str]:
     return env
 
 
-def run_workers(cfg: StudyConfig, n: int, gpus: Sequence[str], console: Console | None = None) -> int:
+def run_workers(cfg: StudyConfig, n: int, gpus: Sequence[str], console: Console | None = None,
+                bench: Workbench | None = None, allow_changes: bool = False) -> int:
     """Run the study with ``n`` worker processes; return the exit code.
 
     The study is created (or loaded) here first, so a bad model, data or storage fails once, before
-    any worker starts. Exit code: 0 when every worker ended normally or the study reached its target
+    any worker starts. ``bench``: the model and data already checked; ``allow_changes``: as in
+    :func:`hpo.study.start_study`. Exit code: 0 when every worker ended normally or the study reached its target
     anyway; 1 when a worker crashed and the target was not reached.
 
     Raises:
@@ -69,7 +79,7 @@ def run_workers(cfg: StudyConfig, n: int, gpus: Sequence[str], console: Console 
             ``fail_reason: interrupted``, and are queued for the next run).
     """
     console = console or Console()
-    study, bench = start_study(cfg)
+    study, bench = start_study(cfg, bench=bench, allow_changes=allow_changes)
     threads = worker_env(0, n, gpus).get("OMP_NUM_THREADS", "?")
     where = f"GPU {', '.join(gpus)}" if gpus else f"CPU, {threads} thread(s) each"
     console.print(f"[bold]{cfg.study}[/]: {count_finished(study)} finished trial(s) in {mask_url(cfg.storage_url)}; "
@@ -78,8 +88,9 @@ def run_workers(cfg: StudyConfig, n: int, gpus: Sequence[str], console: Console 
     sys.stdout.flush()
     sys.stderr.flush()
     context = multiprocessing.get_context("spawn" if gpus else "fork")
-    procs = [context.Process(target=_worker, args=(cfg, None if gpus else bench, k, worker_env(k, n, gpus)),
-                             name=f"w{k}") for k in range(n)]
+    procs = [context.Process(target=_worker, name=f"w{k}",
+                             args=(cfg, None if gpus else bench, k, worker_env(k, n, gpus), os.getpid(), allow_changes))
+             for k in range(n)]
     try:
         with sigterm_interrupts():
             for p in procs:
@@ -97,17 +108,19 @@ def run_workers(cfg: StudyConfig, n: int, gpus: Sequence[str], console: Console 
     return 1 if crashed and count_finished(study) < cfg.n_trials else 0
 
 
-def _worker(cfg: StudyConfig, bench: Workbench | None, k: int, env: dict[str, str]) -> None:
-    """Worker ``k``: run the trial loop, then leave with an exit code like ``hpo run``'s."""
+def _worker(cfg: StudyConfig, bench: Workbench | None, k: int, env: dict[str, str], parent: int,
+            allow_changes: bool) -> None:
+    """Worker ``k`` of process ``parent``: run the trial loop, then leave with an exit code like ``hpo run``'s."""
     code = 1
     try:
+        die_with_parent(parent)
         os.setsid()  # its own session: Ctrl-C at the terminal reaches the parent, which stops each worker once
         os.environ.update(env)  # before a spawned worker imports torch
         if bench is not None and "OMP_NUM_THREADS" in env:  # forked: torch read the variable in the parent
             import torch
 
             torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-        run_study(cfg, worker=k, bench=bench)
+        run_study(cfg, worker=k, bench=bench, allow_changes=allow_changes)
         code = 0
     except KeyboardInterrupt:
         code = 130
@@ -120,6 +133,45 @@ def _worker(cfg: StudyConfig, bench: Workbench | None, k: int, env: dict[str, st
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)  # not the parent's clean-up (atexit handlers, its database connections)
+
+
+def die_with_parent(parent: int) -> None:
+    """Have one SIGTERM sent to this process when process ``parent``, its parent, dies; now if it already has.
+
+    A worker's SIGTERM ends its trial FAIL (``fail_reason: interrupted``) and queues it for the next run.
+    On Linux the kernel tells the worker (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon thread looks
+    for a new parent every :data:`PARENT_POLL_S` seconds. Call it from the main thread.
+    """
+    once = threading.Lock()
+
+    def parent_died(*_) -> None:
+        if os.getppid() != parent and once.acquire(blocking=False):  # the orphan was adopted: its parent pid changed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    if _kernel_signals_parent_death(parent_died):
+        parent_died()  # in case the parent died before the prctl: then no signal comes
+    else:
+        threading.Thread(target=_watch_parent, args=(parent, parent_died), name="parent-watch", daemon=True).start()
+
+
+def _kernel_signals_parent_death(handler) -> bool:
+    # Not SIGTERM itself: the signal comes when the parent *thread* exits, and a dying parent's children pass
+    # to its other threads first (getppid() unchanged), so a worker gets it several times; a second SIGTERM
+    # would interrupt the clean-up of the first one's trial (seen: trials left RUNNING, retries not queued).
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # no C library with prctl
+        return False
+    signal.signal(PARENT_DEATH_SIGNAL, handler)
+    return prctl(PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL, 0, 0, 0) == 0
+
+
+def _watch_parent(parent: int, parent_died) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    parent_died()
 
 
 def _close_connections(study) -> None:

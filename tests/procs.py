@@ -1,13 +1,31 @@
-"""Real ``hpo run`` subprocesses for the fault and worker tests."""
+"""Real ``hpo run`` subprocesses for the fault and worker tests, and waits for their events.
+
+Every wait here is for an event (a trial training, a process gone, a port answering) with a generous
+cap: the tests run on busy 2-core laptops too, where a fixed few seconds is not enough.
+"""
 
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
+
+WAIT_S = 120  # the cap on every wait: a loaded machine is slow, not stuck
+
+
+def wait_for(condition, what: str, timeout: float = WAIT_S, poll: float = 0.2):
+    """``condition()``'s first truthy value, asked every ``poll`` seconds; fails the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if value := condition():
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout:.0f} s for {what}")
+        time.sleep(poll)
 
 
 def start(path, *args: str, **env: str) -> subprocess.Popen:
@@ -16,21 +34,51 @@ def start(path, *args: str, **env: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
 
 
-def wait_for_running(storage, name="tiny", timeout=120) -> optuna.Study:
-    """The study, once one of its trials is training (past its first evaluation)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def wait_for_running(storage, name="tiny", timeout=WAIT_S, n=1) -> optuna.Study:
+    """The study, once ``n`` of its trials are training (each past its first evaluation)."""
+
+    def training():
         try:
             study = optuna.load_study(study_name=name, storage=storage)
-            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if running and running[0].intermediate_values:  # training, past its first evaluation
-                return study
         except Exception:  # no storage or study yet
-            pass
-        time.sleep(0.2)
-    pytest.fail("no trial started training in time")
+            return None
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return study if sum(bool(t.intermediate_values) for t in running) >= n else None
+
+    return wait_for(training, f"{n} trial(s) to start training", timeout)
+
+
+def wait_until_stale(storage_url: str, name: str, number: int, heartbeat_interval: int, grace_period: int) -> None:
+    """Until the storage counts trial ``number`` as stale: its last heartbeat is older than the grace period.
+
+    Asks the storage's own check (optuna's ``_get_stale_trial_ids``: the database's clock, which SQLite
+    keeps in whole seconds) rather than sleeping past the grace period on the test's clock.
+    """
+    storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+    study = optuna.load_study(study_name=name, storage=storage)
+    trial_id = study.trials[number]._trial_id
+    wait_for(lambda: trial_id in storage._get_stale_trial_ids(study._study_id), f"trial {number} to go stale")
+    storage.engine.dispose()
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs; a zombie (exited, not yet reaped by whoever adopted it) does not."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):  # gone; or the pid now belongs to someone else's process
+        return False
+    if not Path("/proc").is_dir():  # no procfs: a zombie looks alive, and the caller's cap fails the wait
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:  # reaped meanwhile
+        return False
+
+
+SLOW_EPOCHS = 40  # of the tiny model: several seconds per trial, long enough to be caught mid-trial
 
 
 def slow_study(write_study, **changes):
-    # 40 epochs of the tiny model: several seconds per trial, long enough to be caught mid-trial
-    return write_study(**{"n_trials": 2, "train": {"num_train_epochs": 40, "seed": 0}, "eval_every": 1.0, **changes})
+    """A study file whose trials evaluate once per epoch, :data:`SLOW_EPOCHS` times."""
+    return write_study(**{"n_trials": 2, "train": {"num_train_epochs": SLOW_EPOCHS, "seed": 0}, "eval_every": 1.0,
+                          **changes})

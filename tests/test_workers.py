@@ -1,4 +1,4 @@
-"""hpo run --workers: N processes on one storage, GPU pinning, crashes, Ctrl-C; many nodes on PostgreSQL."""
+"""hpo run --workers: N processes on one storage, GPU pinning, crashes, Ctrl-C, a killed parent; many nodes."""
 
 import contextlib
 import os
@@ -7,13 +7,14 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
+import threading
 
 import optuna
 import psycopg
+import pytest
 from conftest import POSTGRES
 from optuna.trial import TrialState
-from procs import slow_study, start, wait_for_running
+from procs import SLOW_EPOCHS, WAIT_S, alive, slow_study, start, wait_for, wait_for_running
 
 from hpo.workers import gpu_ids, worker_env
 
@@ -85,19 +86,85 @@ def test_a_killed_worker_takes_down_only_itself_and_its_trial_is_retried(write_s
 def test_ctrl_c_stops_every_worker_and_leaves_no_trial_running(write_study):
     path = slow_study(write_study, n_trials=4)
     proc = start(path, "--workers", "2")
-    wait_for_running(sqlite_url(path))
-    time.sleep(1)  # let the second worker start its trial too
-    sent = time.monotonic()
+    wait_for_running(sqlite_url(path), n=2)  # both workers mid-trial
     proc.send_signal(signal.SIGINT)
-    output = proc.communicate(timeout=120)[0]
-    assert time.monotonic() - sent < 20, "stops within seconds"
+    output = proc.communicate(timeout=WAIT_S)[0]
     assert proc.returncode == 130, output
     study = optuna.load_study(study_name="tiny", storage=sqlite_url(path))
     assert not study.get_trials(states=(TrialState.RUNNING,))
     stopped = study.get_trials(states=(TrialState.FAIL,))
-    assert stopped and all(t.user_attrs["fail_reason"] == "interrupted" for t in stopped)
+    assert len(stopped) == 2 and all(t.user_attrs["fail_reason"] == "interrupted" for t in stopped)
+    assert all(len(t.intermediate_values) < SLOW_EPOCHS for t in stopped), "stopped mid-trial"
     queued = study.get_trials(states=(TrialState.WAITING,))  # the next run starts with them
     assert sorted(repr(t.system_attrs["fixed_params"]) for t in queued) == sorted(repr(t.params) for t in stopped)
+
+
+@pytest.mark.parametrize("how", [("--workers", "2"), ("--gpus", "0,1")], ids=["forked", "spawned"])
+def test_workers_stop_when_their_parent_is_killed(write_study, how):
+    """kill -9 of `hpo run --workers`: each worker ends its trial as interrupted and starts no other."""
+    path = slow_study(write_study, n_trials=6)
+    proc = start(path, *how)
+    study = wait_for_running(sqlite_url(path), n=2)
+    running = study.get_trials(states=(TrialState.RUNNING,))
+    workers = {t.user_attrs["worker"]["pid"] for t in running}
+    started = {t.number for t in study.get_trials(states=(*FINISHED, TrialState.FAIL, TrialState.RUNNING))}
+    proc.kill()  # no handler runs: the parent cannot stop its workers
+    proc.wait(timeout=WAIT_S)
+    output = []  # the workers still write to the pipe: read it, or they block once it is full
+    reader = threading.Thread(target=lambda: output.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: not any(alive(pid) for pid in workers), "the workers to exit after their parent died")
+    finally:
+        for pid in filter(alive, workers):  # the old behaviour: orphans that would go on for the whole study
+            os.kill(pid, signal.SIGKILL)
+    reader.join(timeout=WAIT_S)
+    output = "".join(output)
+    assert len(workers) == 2, output
+    study = optuna.load_study(study_name="tiny", storage=sqlite_url(path))
+    assert not study.get_trials(states=(TrialState.RUNNING,)), output
+    assert {t.number for t in study.trials if t.state != TrialState.WAITING} == started, "a trial started after"
+    for t in running:
+        stopped = study.trials[t.number]
+        assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"] == "interrupted", output
+    queued = study.get_trials(states=(TrialState.WAITING,))  # the next run starts with them
+    assert sorted(repr(t.system_attrs["fixed_params"]) for t in queued) == sorted(repr(t.params) for t in running)
+
+
+# A grandchild that watches its parent (as a worker does) and says when SIGTERM reaches it.
+WATCHER = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: (print("SIGTERM", flush=True), os._exit(0)))
+from hpo import workers
+if sys.argv[2] == "poll":  # as on a platform without prctl
+    workers._kernel_signals_parent_death = lambda handler: False
+workers.die_with_parent(int(sys.argv[1]))
+print("watching", flush=True)
+time.sleep(600)
+"""
+MIDDLE = """
+import os, subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(os.getpid()), sys.argv[2]])
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+@pytest.mark.parametrize("how, when", [("kernel", "watching"), ("kernel", "starting"), ("poll", "watching")],
+                         ids=["prctl", "parent-died-before-prctl", "polling-fallback"])
+def test_a_worker_gets_sigterm_when_its_parent_dies(how, when):
+    """The worker's side of a killed parent, each way: the kernel's signal, the race before it, the fallback."""
+    middle = subprocess.Popen([sys.executable, "-c", MIDDLE, WATCHER, how], stdout=subprocess.PIPE, text=True)
+    child = int(middle.stdout.readline())
+    if when == "watching":  # else the child is still importing hpo when its parent dies
+        assert middle.stdout.readline() == "watching\n"
+    middle.kill()
+    try:
+        rest = middle.communicate(timeout=WAIT_S)[0]  # until the grandchild, the last writer, has exited
+    finally:
+        if alive(child):
+            os.kill(child, signal.SIGKILL)
+    assert rest.splitlines()[-1:] == ["SIGTERM"], rest
 
 
 def test_nodes_starting_at_once_join_one_study_on_postgresql(write_study, fresh_postgres_url):
