@@ -5,12 +5,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import optuna
 import pytest
+from procs import WAIT_S, wait_for
 from rich.console import Console
 
 from hpo import load_study, run_study
@@ -85,17 +85,23 @@ def test_dashboard_in_chromium(study_file):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}/dashboard"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+
+    def answers() -> bool:
+        if server.poll() is not None:
+            pytest.fail(f"hpo dashboard exited with {server.returncode}:\n{server.stdout.read()}")
+        try:
+            with urllib.request.urlopen(base, timeout=5):
+                return True
+        except OSError:
+            return False
+
     try:
-        for _ in range(100):  # up to 20 s for the server to answer
-            try:
-                urllib.request.urlopen(base, timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
+        wait_for(answers, f"hpo dashboard to answer at {base}")
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM,
+            browser = p.chromium.launch(executable_path=CHROMIUM, timeout=WAIT_S * 1000,
                                         args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(WAIT_S * 1000)  # each wait_for and goto: a loaded machine renders slowly
             page.goto(base)
             page.get_by_text("1. tiny").wait_for()
             page.screenshot(path=str(ARTIFACTS / "dashboard-studies.png"))
@@ -110,7 +116,7 @@ def test_dashboard_in_chromium(study_file):
             browser.close()
     finally:
         server.terminate()
-        output = server.communicate(timeout=10)[0]
+        output = server.communicate(timeout=WAIT_S)[0]
     assert f"serving {base}" in output
     assert "Intermediate Values" in body and "\n18 " in f"\n{body}"  # steps are examples seen: 18, 36, ...
     for artifact in ("config.json", "metrics.json", "best.json"):
