@@ -166,11 +166,14 @@ def test_a_secret_in_the_data_path_is_masked(write_study, tmp_path, monkeypatch)
     assert "t.jsonl:2: 'label' is null" in found and "s3cr3t" not in found, found
 
 
-def test_conll_columns_and_iobes_tags(write_study, tmp_path):
+@pytest.mark.parametrize("tag", ["b-FOOD", "BFOOD", "U-FOOD", "L-FOOD", "B-", "FOOD", "0", "o"])
+def test_conll_takes_iob_and_iobes_tags_and_nothing_else(write_study, tmp_path, tag):
     train = "-DOCSTART- -X- O\n\ni PRP O\nwant VB O\nfresh JJ B-FOOD\nfish NN E-FOOD\n\nrain NN S-WX\n"
     data = load_examples(study(write_study, tmp_path, TOK, train={"t.conll": train}, eval={"e.conll": train}))
     assert data.labels == ["B-FOOD", "E-FOOD", "O", "S-WX"]
     assert data.eval[0] == (["i", "want", "fresh", "fish"], [2, 2, 0, 1])
+    found = error(study(write_study, tmp_path, TOK, train={"t.conll": train.replace("E-FOOD", tag)}))
+    assert f"{tmp_path / 't.conll'}:6: tag: {tag!r} is not an IOB tag" in found, found
 
 
 def test_checking_data_needs_no_torch_and_little_memory(write_study, tmp_path):
