@@ -64,6 +64,8 @@ BAD = [
     (SEQ, "a.jsonl", jsonl(GOOD, {"text": "cold", "label": [1, 2]}), 2, "'label' is a list"),
     (SEQ, "a.jsonl", '{"text": "hi", "label": 1}\n{"text": "cold", "label": Infinity}\n', 2, "'label' is inf"),
     (SEQ, "a.jsonl", jsonl(GOOD, {"text": "  ", "label": "x"}), 2, "'text' is empty"),
+    (SEQ, "a.jsonl", '{"text": "hi", "label": 1}\n{"text": "cold",\n "label": 2}\n', 2, "a record spans lines"),
+    (SEQ, "a.jsonl", '{"text": "hi", "label": 1}\n{"text": "x", "label": 2}  {"text": "y"}\n', 2, "not valid JSON: Extra data (column 28)"),
     (SEQ, "a.json", '[\n {"text": "hi", "label": 1},\n\n {"text": "cold",\n  "label": null}]', "4: [1]", "'label' is null"),
     (SEQ, "a.json", '[{"text": "hi", "label": 1}, 7]', "1: [1]", "expected a record {...}, found a number"),
     (SEQ, "a.json", '[{"text": "hi", "label": 1},\n {"text": "cold" "label": 2}]', 2, "not valid JSON"),
