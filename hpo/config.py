@@ -11,6 +11,7 @@ import copy
 import difflib
 import importlib.util
 import json
+import math
 import os
 import re
 import typing
@@ -38,7 +39,7 @@ from pydantic import (
 )
 
 from hpo import samplers, space
-from hpo.errors import ConfigError, KeyPath, Problem, SourceMap
+from hpo.errors import ConfigError, KeyPath, Problem, SourceMap, format_path
 from hpo.expr import Expression
 
 TASKS = ("sequence-classification", "token-classification", "causal-lm")
@@ -86,7 +87,16 @@ Condition = Annotated[str, AfterValidator(_condition)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _study_name(name: str) -> str:
+    # The name is a folder under outputs/: it must stay one folder there.
+    if name in (".", "..") or any(c in name for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError(f"{name!r} names the study's output folder: no '/', '\\', control characters, '.' or '..'")
+    if name != name.strip() or len(name.encode()) > 200:
+        raise ValueError(f"{name[:60]!r}: at most 200 bytes, without leading or trailing spaces")
+    return name
 
 
 class Param(_Strict):
@@ -259,7 +269,7 @@ class PrunerSpec(SamplerSpec):
 class StudyConfig(_Strict):
     """A validated study file. Build it with :func:`load_study`."""
 
-    study: str = Field(min_length=1)
+    study: Annotated[str, AfterValidator(_study_name)] = Field(min_length=1)
     task: Literal[TASKS] = "sequence-classification"  # type: ignore[valid-type]
     model: ModelConfig
     data: DataConfig
@@ -286,6 +296,7 @@ class StudyConfig(_Strict):
     _source: SourceMap = PrivateAttr(default_factory=SourceMap)
     _environment: str | None = PrivateAttr(default=None)
     _secrets: frozenset[str] = PrivateAttr(default=frozenset())
+    _derived_values: dict[str, list[Any]] = PrivateAttr(default_factory=dict)  # seen at validation's test points
 
     @field_validator("model", mode="before")
     @classmethod
@@ -310,6 +321,11 @@ class StudyConfig(_Strict):
     def masked_data(self, data: Any) -> Any:
         """:meth:`masked` over every string in a JSON-like ``data``."""
         return json.loads(self.masked(json.dumps(data, default=str)))
+
+    @property
+    def derived_values(self) -> dict[str, list[Any]]:
+        """Values each derived parameter took at validation's test points (corners and random points)."""
+        return self._derived_values
 
     @property
     def environment(self) -> str | None:
@@ -355,8 +371,8 @@ class StudyConfig(_Strict):
         return self.model.lora is not None or bool(space.LORA_PARAMS & set(self.search_space))
 
     def problem(self, path: KeyPath, message: str) -> Problem:
-        """A ``Problem`` pointing at ``path`` in the file it came from."""
-        return self._source.problem(path, message)
+        """A ``Problem`` pointing at ``path`` in the file it came from, secrets masked."""
+        return self._source.problem(path, self.masked(message))
 
     def error(self, path: KeyPath, message: str) -> ConfigError:
         """A ``ConfigError`` pointing at ``path`` in the file it came from."""
@@ -423,14 +439,38 @@ def _build(path: Path, layers: dict[str, Any], source: SourceMap, env: str | Non
         source.add((*parents, leaf), "<command line>", None)
 
     try:
-        cfg = StudyConfig.model_validate(raw, context={"root": path.parent})
-    except ValidationError as e:
-        raise ConfigError([_problem(err, source) for err in e.errors()]) from None
-    cfg._file, cfg._source, cfg._environment, cfg._secrets = path, source, env, secrets
-    problems = _cross_checks(cfg)
-    if problems:
-        raise ConfigError(problems)
+        problems = _non_finite(raw, source)
+        if problems:
+            raise ConfigError(problems)
+        try:
+            cfg = StudyConfig.model_validate(raw, context={"root": path.parent})
+        except ValidationError as e:
+            raise ConfigError([_problem(err, source) for err in e.errors()]) from None
+        cfg._file, cfg._source, cfg._environment, cfg._secrets = path, source, env, secrets
+        problems = _cross_checks(cfg)
+        if problems:
+            raise ConfigError(problems)
+    except ConfigError as e:  # a value from ${SECRET} may be quoted in a message: a data path, a bad setting
+        raise ConfigError([_mask(p, secrets) for p in e.problems]) from None
     return cfg
+
+
+def _mask(problem: Problem, secrets: frozenset[str]) -> Problem:
+    message = problem.message
+    for secret in secrets:
+        message = message.replace(secret, "***")
+    return Problem(problem.file, problem.line, problem.key, message)
+
+
+def _non_finite(node: Any, source: SourceMap, at: KeyPath = ()) -> list[Problem]:
+    """NaN and infinity, anywhere: ``low: .nan`` passes every comparison, and a trial then fails on it."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return [source.problem(at, f"{node} is not a finite number")]
+    if isinstance(node, dict):
+        return [p for k, v in node.items() if k != "environments" for p in _non_finite(v, source, at + (str(k),))]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _non_finite(v, source, at + (i,))]
+    return []
 
 
 #: Keys that hold paths; a relative one resolves against the file that wrote it.
@@ -467,6 +507,25 @@ def _absolute_paths(layer: dict[str, Any], folder: Path) -> None:
             node = node.get(k) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(leaf), str) and not node[leaf].startswith("${"):
             node[leaf] = os.path.normpath(folder / node[leaf])  # a path from ${VAR} resolves against the study file
+    if isinstance(layer.get("storage"), str):
+        layer["storage"] = absolute_sqlite(layer["storage"], folder)
+
+
+def absolute_sqlite(url: str, folder: Path) -> str:
+    """``sqlite:///x.db`` with ``x.db`` made absolute against ``folder``; any other URL as it is.
+
+    A relative SQLite path would otherwise name another file from every folder hpo is run in.
+    """
+    if not url.startswith("sqlite:///") or url.startswith("sqlite:////") or "${" in url:
+        return url
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - the storage check reports a malformed URL
+        return url
+    if not parsed.database or parsed.database == ":memory:" or parsed.database.startswith("file:"):
+        return url
+    return parsed.set(database=os.path.normpath(folder.absolute() / parsed.database)).render_as_string(
+        hide_password=False)
 
 
 def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -478,29 +537,102 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
     return merged
 
 
+#: Values a study file may hold once aliases are expanded; a real one has a few hundred. Beyond this it is
+#: an alias bomb ("billion laughs": 1 KB of nested aliases that expands to 10^9 values) or not a study file.
+MAX_NODES = 100_000
+MAX_DEPTH = 64  # nesting levels; a study file needs about 6
+
+
 def _read_yaml(path: Path) -> tuple[Any, SourceMap]:
+    """Parse one YAML file, refusing what would hang or silently mislead before building any value.
+
+    Refused, each as one ``FILE:LINE`` problem: bytes that are not UTF-8, duplicate keys, nesting
+    deeper than ``MAX_DEPTH``, recursive aliases, and more than ``MAX_NODES`` values after alias
+    expansion. PyYAML composes aliases as shared nodes, so its node graph stays as small as the
+    file; every check below walks that graph with memoisation, never the expanded tree.
+    """
+    file = str(path)
     try:
-        text = path.read_text()
+        raw_bytes = path.read_bytes()
     except OSError as e:
-        raise ConfigError([Problem(str(path), None, "", f"cannot read: {e.strerror or e}")]) from None
+        raise ConfigError([Problem(file, None, "", f"cannot read: {e.strerror or e}")]) from None
+    text = _decode(raw_bytes, file)
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
+        if node is not None:
+            _check_graph(node, file)
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
         col = f" (column {mark.column + 1})" if mark else ""
-        raise ConfigError([Problem(str(path), line, "", f"YAML syntax error: {e.problem or e.context}{col}")]) from None
+        raise ConfigError([Problem(file, line, "", f"YAML syntax error: {e.problem or e.context}{col}")]) from None
     except yaml.YAMLError as e:
-        raise ConfigError([Problem(str(path), None, "", f"YAML error: {e}")]) from None
+        raise ConfigError([Problem(file, None, "", f"YAML error: {e}")]) from None
+    except RecursionError:  # PyYAML composes recursively: ~300 levels of [ or { exhaust the stack
+        raise ConfigError([Problem(file, loader.get_mark().line + 1, "",
+                                   f"nested deeper than {MAX_DEPTH} levels")]) from None
     finally:
         loader.dispose()
     source = SourceMap()
-    source.default_file = str(path)
+    source.default_file = file
     if node is not None:
-        _index(node, (), str(path), source)
+        _index(node, (), file, source)
     return data, source
+
+
+def _decode(raw: bytes, file: str) -> str:
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(raw) > 1 and b"\x00" in raw[:2]):
+        raise ConfigError([Problem(file, None, "", "the file is UTF-16: save it as UTF-8")])
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError([Problem(file, line, "", f"not UTF-8 (byte 0x{raw[e.start]:02x}): save the file as "
+                                                   "UTF-8")]) from None
+
+
+def _check_graph(root: yaml.Node, file: str) -> None:
+    """Duplicate keys, nesting depth, recursive aliases and the expanded size, in one memoised walk."""
+    sizes: dict[int, int] = {}  # id(node) → values under it once aliases are expanded
+    open_nodes: set[int] = set()  # on the current path: seeing one again is a recursive alias
+
+    def fail(node: yaml.Node, at: KeyPath, message: str) -> ConfigError:
+        return ConfigError([Problem(file, node.start_mark.line + 1, format_path(at), message)])
+
+    def size(node: yaml.Node, at: KeyPath, depth: int) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise fail(node, at, "an alias refers to a value that contains it (recursive alias)")
+        if depth > MAX_DEPTH:
+            raise fail(node, at, f"nested deeper than {MAX_DEPTH} levels")
+        open_nodes.add(id(node))
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if key.value in seen:
+                        raise fail(key, at + (key.value,), f"duplicate key (first on line {seen[key.value]}); "
+                                                           "keep one")
+                    seen[key.value] = key.start_mark.line + 1
+                total += size(key, at, depth + 1) + size(value, at + (str(key.value),), depth + 1)
+                if total > MAX_NODES:
+                    raise fail(key, at + (str(key.value),), f"over {MAX_NODES:,} values once aliases are expanded "
+                                                            "(an alias bomb?)")
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                total += size(item, at + (i,), depth + 1)
+                if total > MAX_NODES:
+                    raise fail(item, at + (i,), f"over {MAX_NODES:,} values once aliases are expanded "
+                                                "(an alias bomb?)")
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    size(root, (), 0)
 
 
 def _index(node: yaml.Node, at: KeyPath, file: str, source: SourceMap) -> None:
@@ -673,15 +805,79 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
     if cfg.objective.metric not in metrics:
         problems.append(src.problem(("objective", "metric"),
                                     f"{cfg.objective.metric!r} is not reported by {cfg.task}; one of {', '.join(metrics)}"))
+    report_to = cfg.train.get("report_to")
+    if report_to not in (None, "none", "tensorboard", [], ["tensorboard"]):
+        problems.append(src.problem(("train", "report_to"), f"{report_to!r}: hpo logs every trial to TensorBoard "
+                                    "(outputs/<study>/tensorboard); other trackers are not supported yet, so this "
+                                    "would be ignored: remove it"))
+    sampler = pruner = None
     try:
-        samplers.make_sampler(cfg.sampler.name, cfg.sampler.args, dists)
+        sampler = samplers.make_sampler(cfg.sampler.name, cfg.sampler.args, dists)
     except ValueError as e:
         problems.append(src.problem(("sampler",), str(e)))
     try:
-        samplers.make_pruner(cfg.pruner.name, cfg.pruner.args)
+        pruner = samplers.make_pruner(cfg.pruner.name, cfg.pruner.args)
     except ValueError as e:
         problems.append(src.problem(("pruner",), str(e)))
+    if sampler is not None and pruner is not None and not problems:
+        try:  # what only shows when the sampler runs: an argument the constructor stores unchecked
+            samplers.dry_run(sampler, pruner, dists, cfg.objective.direction)
+        except Exception as e:  # noqa: BLE001 - any error here would fail every trial
+            problems.append(src.problem(("sampler",), f"{cfg.sampler.name} sampler with {cfg.pruner.name} pruner "
+                                        f"fails on a test study: {type(e).__name__}: {str(e)[:200]}"))
+    if not problems:
+        problems += _expression_problems(cfg)
     return problems
+
+
+#: Valid values of the model-side and LoRA names a ``derive:`` may compute (training arguments are checked
+#: against TrainingArguments itself, in :func:`hpo.trial.check_training_arguments`).
+_DERIVED_RANGES = {
+    "dropout": (lambda v: isinstance(v, int | float) and 0 <= v < 1, "a probability in [0, 1)"),
+    "lora_dropout": (lambda v: isinstance(v, int | float) and 0 <= v < 1, "a probability in [0, 1)"),
+    "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive whole number (use //)"),
+    "lora_alpha": (lambda v: isinstance(v, int | float) and v > 0, "a positive number"),
+}
+
+
+def _expression_problems(cfg: StudyConfig) -> list[Problem]:
+    """Evaluate ``derive:`` and ``constraints:`` at the corners of the space and at random points.
+
+    What fails there would fail trials an hour into the study: division by zero, a result too large, a
+    derived value outside its target's valid range. Records the derived values seen, for the
+    TrainingArguments checks that need transformers.
+    """
+    derives = [name for name, p in cfg.search_space.items() if p.expression is not None]
+    if not derives and not cfg.constraints:
+        return []
+    found: dict[KeyPath, Problem] = {}
+    seen: dict[str, dict[str, Any]] = {name: {} for name in derives}
+    for point in space.corners(cfg.distributions):
+        where = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
+        try:
+            sampled, derived = space.walk(cfg.search_space, cfg.distributions, lambda name, d: point[name], cfg.train)
+        except space.DeriveError as e:
+            key, _, message = str(e).partition(": ")
+            path = tuple(key.split("."))
+            found.setdefault(path, cfg.problem(path, f"{message} at {where}"))
+            continue
+        for name, value in derived.items():
+            seen[name].setdefault(repr(value), value)
+            check = _DERIVED_RANGES.get(name)
+            if check and not check[0](value):
+                found.setdefault(("search_space", name, "derive"),
+                                 cfg.problem(("search_space", name, "derive"),
+                                             f"gives {value!r} at {where}; {name} must be {check[1]}"))
+        values = {**cfg.train, **sampled, **derived}
+        for i, c in enumerate(cfg.constraint_expressions):
+            try:
+                c.evaluate(values)
+            except KeyError:
+                pass
+            except ValueError as e:
+                found.setdefault(("constraints", i), cfg.problem(("constraints", i), f"{e} at {where}"))
+    cfg._derived_values = {name: list(values.values())[:20] for name, values in seen.items()}
+    return list(found.values())
 
 
 def _contains(d: BaseDistribution, value: Any) -> bool:

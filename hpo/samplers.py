@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import inspect
+import typing
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import optuna
+from pydantic import TypeAdapter, ValidationError
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
@@ -75,17 +79,49 @@ def make_pruner(
     if name == "hyperband" and last_step is not None:
         kwargs.setdefault("max_resource", last_step)
     if name == "patient":
-        wrapped = dict(kwargs.pop("wrapped", None) or {"name": "none"})
-        inner = wrapped.pop("name", "none")
-        if inner not in PRUNERS:
-            raise ValueError(f"unknown wrapped pruner {inner!r}")
-        kwargs["wrapped_pruner"] = make_pruner(inner, wrapped, first_step, last_step)
+        # Without ``wrapped``, Optuna's PatientPruner(None, patience) prunes on patience alone.
+        wrapped = kwargs.pop("wrapped", None)
+        if wrapped is None:
+            kwargs["wrapped_pruner"] = None
+        else:
+            if not isinstance(wrapped, Mapping) or wrapped.get("name") not in PRUNERS:
+                raise ValueError(f"wrapped: a pruner like {{name: median}}, one of {', '.join(PRUNERS)}")
+            wrapped = dict(wrapped)
+            kwargs["wrapped_pruner"] = make_pruner(wrapped.pop("name"), wrapped, first_step, last_step)
     return _construct(PRUNERS[name], kwargs)
 
 
-def _construct(cls: type, kwargs: dict[str, Any]) -> Any:
+def dry_run(sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner,
+            space: Mapping[str, BaseDistribution], direction: str, n_trials: int = 3) -> None:
+    """Ask, report, prune and tell a few trials of an in-memory study with made-up values.
+
+    Constructors store most arguments unchecked; an argument of the wrong kind then fails in every trial.
+    This finds it before the study starts.
+
+    Raises:
+        Exception: whatever the sampler or pruner raises.
+    """
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
     try:
-        return cls(**kwargs)
+        study = optuna.create_study(sampler=sampler, pruner=pruner, direction=direction)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    rng = np.random.default_rng(0)
+    for _ in range(n_trials):
+        trial = study.ask(dict(space))
+        for step in (1, 2, 3):
+            trial.report(float(rng.random()), step)
+            trial.should_prune()
+        study.tell(trial, float(rng.random()))
+
+
+def _construct(cls: type, kwargs: dict[str, Any]) -> Any:
+    kwargs = _typed(cls, kwargs)
+    try:
+        with warnings.catch_warnings():  # the study file asked for it by name: no "experimental" warning
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return cls(**kwargs)
     except TypeError as e:  # unexpected or missing keyword: say it in the user's words, with a hint
         message = str(e).replace(".__init__()", ":")
         accepted = list(inspect.signature(cls).parameters)
@@ -96,6 +132,40 @@ def _construct(cls: type, kwargs: dict[str, Any]) -> Any:
         raise ValueError(message) from None
     except ImportError as e:
         raise ValueError(f"{cls.__name__} needs a package that is not installed: {e}") from None
+
+
+def _typed(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` checked against the constructor's annotations (pydantic, lax: ``"10"`` → 10).
+
+    Optuna's constructors store arguments unchecked, so ``n_startup_trials: ten`` would fail in every trial.
+    An annotation that does not resolve (a name imported only for type checkers) is left unchecked.
+    """
+    namespace = {**vars(collections.abc), **vars(typing), "np": np, "optuna": optuna,
+                 "FrozenTrial": optuna.trial.FrozenTrial, "BaseSampler": optuna.samplers.BaseSampler,
+                 "BaseDistribution": BaseDistribution, "Study": optuna.Study, "TrialState": optuna.trial.TrialState,
+                 "BasePruner": optuna.pruners.BasePruner}
+    try:
+        hints = typing.get_type_hints(cls.__init__, localns=namespace)
+    except Exception:  # noqa: BLE001 - an annotation we cannot resolve: the dry run still checks
+        return kwargs
+    out = {}
+    for key, value in kwargs.items():
+        hint = hints.get(key)
+        if hint is None or key == "wrapped_pruner":
+            out[key] = value
+            continue
+        try:
+            adapter = TypeAdapter(hint, config={"arbitrary_types_allowed": True})
+        except Exception:  # noqa: BLE001 - pydantic cannot check this annotation: the dry run still does
+            out[key] = value
+            continue
+        try:
+            out[key] = adapter.validate_python(value)
+        except ValidationError:
+            expected = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "").replace(
+                "collections.abc.", "")
+            raise ValueError(f"{key}: {value!r} is not {expected}") from None
+    return out
 
 
 def _grid_values(name: str, d: BaseDistribution) -> list[Any]:

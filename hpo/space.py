@@ -5,11 +5,14 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib.util
-from collections.abc import Mapping
+import itertools
+import math
+from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import optuna
 from optuna.distributions import (
     BaseDistribution,
@@ -22,6 +25,7 @@ from hpo import recipe
 
 if TYPE_CHECKING:
     from hpo.config import Param
+    from hpo.expr import Expression
 
 #: Model-side knobs: ``dropout`` sets every dropout probability in the model config.
 MODEL_PARAMS = frozenset({"dropout"})
@@ -118,6 +122,35 @@ def sample(
     one is computed from ``fixed`` settings and the parameters before it (and
     left out when one of them is). This is the one place that calls
     ``trial.suggest_*``.
+
+    Raises:
+        ValueError: a ``derive:`` expression failed (division by zero, overflow).
+    """
+
+    def suggest(name: str, d: BaseDistribution) -> Any:
+        if isinstance(d, CategoricalDistribution):
+            return trial.suggest_categorical(name, d.choices)
+        if isinstance(d, IntDistribution):
+            return trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
+        return trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
+
+    return walk(space, distributions, suggest, fixed)
+
+
+class DeriveError(ValueError):
+    """A ``derive:`` expression failed at a point of the space."""
+
+
+def walk(
+    space: Mapping[str, Param],
+    distributions: Mapping[str, BaseDistribution],
+    choose: Callable[[str, BaseDistribution], Any],
+    fixed: Mapping[str, Any] = {},  # noqa: B006 - read only
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The parameters of one point, in file order, with ``choose(name, distribution)`` picking each sampled value.
+
+    Conditions and derived values as :func:`sample` describes; validation walks the corners of the space
+    with the same function that trials sample with.
     """
     sampled: dict[str, Any] = {}
     derived: dict[str, Any] = {}
@@ -126,17 +159,67 @@ def sample(
         if not active(p.when, values):
             continue
         if p.expression is not None:
-            with contextlib.suppress(KeyError):
+            try:
                 derived[name] = p.expression.evaluate(values)
+            except KeyError:  # reads a parameter that is inactive here: so is this one
+                pass
+            except ValueError as e:
+                raise DeriveError(f"search_space.{name}.derive: {e}") from None
             continue
-        d = distributions[name]
-        if isinstance(d, CategoricalDistribution):
-            sampled[name] = trial.suggest_categorical(name, d.choices)
-        elif isinstance(d, IntDistribution):
-            sampled[name] = trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
-        else:
-            sampled[name] = trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
+        sampled[name] = choose(name, distributions[name])
     return sampled, derived
+
+
+def broken_constraint(constraints: Iterable[Expression], values: Mapping[str, Any]) -> str | None:
+    """The first constraint that ``values`` break, or None.
+
+    A constraint that reads a parameter inactive at this point (its ``when`` does not hold) does not apply.
+
+    Raises:
+        ValueError: a constraint failed to evaluate (division by zero, overflow).
+    """
+    for c in constraints:
+        with contextlib.suppress(KeyError):
+            if not c.evaluate(values):
+                return c.source
+    return None
+
+
+def corners(distributions: Mapping[str, BaseDistribution], n_random: int = 32,
+            max_corners: int = 256) -> list[dict[str, Any]]:
+    """Points that validation evaluates ``derive:`` and ``constraints:`` at.
+
+    Every combination of each parameter's extremes (low and high, or every choice), up to
+    ``max_corners`` of them (then a random subset, seed 0), plus ``n_random`` random points.
+    """
+    rng = np.random.default_rng(0)
+    ends = {name: _ends(d) for name, d in distributions.items()}
+    n_combinations = math.prod(len(v) for v in ends.values())
+    if n_combinations <= max_corners:
+        points = [dict(zip(ends, combo, strict=True)) for combo in itertools.product(*ends.values())]
+    else:
+        points = [{name: v[int(rng.integers(len(v)))] for name, v in ends.items()} for _ in range(max_corners)]
+    for _ in range(n_random):
+        points.append({name: _random(d, rng) for name, d in distributions.items()})
+    return points
+
+
+def _ends(d: BaseDistribution) -> list[Any]:
+    if isinstance(d, CategoricalDistribution):
+        return list(d.choices)
+    return [d.low, d.high] if d.low != d.high else [d.low]
+
+
+def _random(d: BaseDistribution, rng: np.random.Generator) -> Any:
+    if isinstance(d, CategoricalDistribution):
+        return d.choices[int(rng.integers(len(d.choices)))]
+    low, high = (math.log(d.low), math.log(d.high)) if d.log else (d.low, d.high)
+    value = float(rng.uniform(low, high))
+    value = math.exp(value) if d.log else value
+    if d.step is not None:
+        value = d.low + round((value - d.low) / d.step) * d.step
+    value = min(max(value, d.low), d.high)
+    return int(round(value)) if isinstance(d, IntDistribution) else value
 
 
 def split_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

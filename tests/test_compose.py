@@ -172,3 +172,31 @@ def test_data_slices_for_quick_environments(write_study):
     assert (len(dev.train_rows), len(dev.eval_rows)) == (9, 3)
     full = prepare(load_study(path))
     assert (len(full.train_rows), len(full.eval_rows)) == (36, 6)
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"search_space": {"r": {"type": "categorical", "choices": [4, 8]}, "lora_alpha": {"derive": "32 / (r - 4)"}}},
+     "search_space.lora_alpha.derive: '32 / (r - 4)': division by zero at r=4"),
+    ({"search_space": {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2},
+                       "lora_dropout": {"derive": "learning_rate * 1000"}}},
+     "search_space.lora_dropout.derive: gives 10.0 at learning_rate=0.01; lora_dropout must be a probability"),
+    ({"search_space": {"per_device_train_batch_size": {"type": "int", "low": 0, "high": 8}},
+      "constraints": ["64 // per_device_train_batch_size <= 8"]},
+     "constraints[0]: '64 // per_device_train_batch_size <= 8': integer division or modulo by zero"),
+])
+def test_derive_and_constraints_are_evaluated_at_the_corners(write_study, changes, expected):
+    with pytest.raises(ConfigError) as e:
+        load_study(write_study(**changes))
+    assert any(expected in str(p) for p in e.value.problems), e.value
+
+
+def test_a_constraint_on_an_inactive_parameter_does_not_apply(write_study):
+    # momentum exists only for sgd: with adamw the constraint has nothing to check (it used to fail the trial).
+    path = write_study(n_trials=2, search_space={
+        "optimizer": {"type": "categorical", "choices": ["adamw", "sgd"]},
+        "momentum": {"type": "float", "low": 0.5, "high": 0.9, "when": {"optimizer": "sgd"}},
+        "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+        constraints=["momentum <= 0.95"], enqueue=[{"optimizer": "adamw", "learning_rate": 1e-3}])
+    study = run_study(load_study(path), quiet)
+    first = study.trials[0]
+    assert first.params["optimizer"] == "adamw" and first.state.name == "COMPLETE"

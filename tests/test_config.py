@@ -133,7 +133,7 @@ def test_data_checks_run_before_training(write_study, tmp_path):
     from tests.conftest import DATA
 
     cfg = load_study(write_study(data={"train": str(DATA / "train.csv"), "eval": str(bad)}))
-    with pytest.raises(ConfigError, match="data.eval: eval labels not in train: unseen_label"):
+    with pytest.raises(ConfigError, match="data.eval: eval labels not in train: 'unseen_label'"):
         prepare(cfg)
     cfg = load_study(write_study(data={"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"),
                                        "text_column": "sentence"}))
@@ -184,3 +184,44 @@ def test_variables_from_the_environment_and_dotenv(write_study, tmp_path, monkey
     monkeypatch.delenv("DB_DIR")
     line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("storage:"))
     assert errors(path) == [f"{path}:{line}: storage: ${{DB_DIR}} is not set in the environment or .env"]
+
+
+def test_ordinary_anchors_aliases_and_merge_keys_work_and_point_at_their_lines(write_study):
+    path = write_study()
+    head = path.read_text().split("search_space:")[0]
+    path.write_text(head + """x-float: &float {type: float, log: true}
+x-bad: &bad {type: float, low: 0.5, high: 0.1}
+x-typo: &typo {type: float, low: 0.1, high: 0.5, lgo: true}
+search_space:
+  learning_rate:
+    <<: *float
+    low: 1.0e-4
+    high: 1.0e-2
+  weight_decay: *bad
+  adam_beta2: *typo
+""")
+    lines = path.read_text().splitlines()
+    at = {name: next(i for i, line in enumerate(lines, 1) if name in line) for name in ("weight_decay", "&typo")}
+    found = [p for p in errors(path) if not p.split(": ")[1].startswith("x-")]  # x- keys are unknown: expected
+    assert found == [  # the merge key is no duplicate; each error at the line to fix
+        f"{path}:{at['weight_decay']}: search_space.weight_decay: low=0.5 > high=0.1",
+        f"{path}:{at['&typo']}: search_space.adam_beta2.lgo: unknown key; did you mean 'low'?",
+    ]
+
+
+def test_a_relative_sqlite_path_is_relative_to_the_study_file(write_study, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_study(write_study(storage="sqlite:///runs/x.db?timeout=30"))
+    assert cfg.storage_url == f"sqlite:///{tmp_path / 'runs' / 'x.db'}?timeout=30"
+    assert load_study(write_study(storage="sqlite:////abs/x.db")).storage_url == "sqlite:////abs/x.db"
+    assert load_study(write_study(storage="sqlite:///:memory:")).storage_url == "sqlite:///:memory:"
+
+
+def test_a_relative_storage_flag_is_relative_to_where_the_command_runs(tmp_path, monkeypatch):
+    from hpo.cli import _storage
+
+    monkeypatch.chdir(tmp_path)
+    assert _storage("sqlite:///x.db") == {"storage": f"sqlite:///{tmp_path / 'x.db'}"}
+    assert _storage("postgresql://u@h/db") == {"storage": "postgresql://u@h/db"}

@@ -107,3 +107,49 @@ def test_conditional_and_derived_parameters():
 def test_bad_derived_entries(spec, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         Param(**spec)
+
+
+@pytest.mark.parametrize("source, values, message", [
+    ("0 * ((((9**64)**64)**64)**64)**64", {}, "is over 2**1024"),  # used to hang every trial
+    ("10**10**10", {}, "exponent 10000000000 is over 64"),
+    ("1e308 * 10", {}, "overflow"),
+    ("x * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60", {"x": 1}, "a value over 2**1024"),
+    ("2 * optim", {"optim": "sgd"}, "arithmetic on 'sgd', which is not a number"),  # "sgdsgd" before
+    ("(0 - 8) ** 0.5", {}, "not a real number"),
+    ("1 / (r - 4)", {"r": 4}, "division by zero"),
+])
+def test_expressions_are_bounded(source, values, message):
+    from hpo.expr import Expression
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Expression(source).evaluate(values)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("max(r)", "max() takes two or more values"),  # max(8) raised TypeError in every trial
+    ("min(*r)", "is not allowed"),
+    ("-" * 100 + "r", "nested deeper than 50 levels"),
+    ("(" * 300 + "r" + ")" * 300, "cannot parse"),
+    ("r + " * 300 + "r", "longer than 1000 characters"),
+    ("9" * 5000, "longer than 1000 characters"),
+])
+def test_expressions_that_cannot_be_evaluated_do_not_parse(source, message):
+    from hpo.expr import Expression
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Expression(source)
+
+
+def test_corners_cover_every_extreme_and_random_points():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from hpo.space import corners
+
+    dists = {"lr": FloatDistribution(1e-5, 1e-3, log=True), "bs": CategoricalDistribution([4, 8, 16]),
+             "n": IntDistribution(1, 9, step=2)}
+    points = corners(dists, n_random=10)
+    assert len(points) == 2 * 3 * 2 + 10
+    assert {(p["lr"], p["bs"], p["n"]) for p in points[:12]} == {
+        (lr, bs, n) for lr in (1e-5, 1e-3) for bs in (4, 8, 16) for n in (1, 9)}
+    for p in points[12:]:
+        assert 1e-5 <= p["lr"] <= 1e-3 and p["bs"] in (4, 8, 16) and p["n"] in (1, 3, 5, 7, 9)
