@@ -11,6 +11,7 @@ import optuna
 
 from hpo import recipe
 from hpo.config import TASK_METRICS, LoraSettings, StudyConfig
+from hpo.revisions import REVISIONS, trial_revision
 from hpo.space import split_params, training_arguments
 
 CREDENTIALS = ("hub_token",)  # TrainingArguments fields that hold secrets
@@ -49,7 +50,10 @@ def best_config(cfg: StudyConfig, study: optuna.Study) -> tuple[dict[str, Any], 
         ValueError: the study has no complete trial.
     """
     trial = study.best_trial
-    return trial_config(cfg, best_params(study), trial.number, trial.value)
+    args, rest = trial_config(cfg, best_params(study), trial.number, trial.value)
+    revision = trial_revision(trial)
+    current = study.user_attrs.get(REVISIONS, [{}])[-1].get("revision", 0)
+    return args, {**rest, "revision": revision, "current_revision": current}
 
 
 def write_best(cfg: StudyConfig, study: optuna.Study, path: Path) -> tuple[Path, Path]:
@@ -80,7 +84,7 @@ def train_best(cfg: StudyConfig, study: optuna.Study, all_data: bool = False) ->
     params = best_params(study)
     result: TrialResult = run_trial(bench, params, optuna.trial.FixedTrial(params), run_name="final")
     args, rest = best_config(cfg, study)
-    folder = save_model(bench, result, params, study.best_trial.number, name="final_model")
+    folder = save_model(bench, result, params, study.best_trial.number, cfg.output_path / "final_model")
     (folder / "training_args.json").write_text(json.dumps(args, indent=2, sort_keys=True) + "\n")
     (folder / "README.md").write_text(_model_card(cfg, rest, args, result.attrs, all_data))
     release(result)

@@ -33,6 +33,8 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from hpo.revisions import REVISION
+
 #: Trial metrics (user attrs): name → (higher is better, counts toward ``score``).
 TRIAL_METRICS: dict[str, tuple[bool, bool]] = {
     "objective": (True, True),  # oriented per study: a minimized objective is negated first
@@ -59,7 +61,7 @@ STUDY_METRICS: dict[str, tuple[bool, bool]] = {
 ATTRS = ("best_eval_loss", "last_eval_loss", "eval_accuracy", "eval_f1_macro", "eval_f1", "eval_precision",
          "eval_recall", "eval_perplexity", "optimizer_steps",
          "planned_steps", "examples_seen", "train_seconds", "samples_per_second", "peak_memory_mb",
-         "pruned_at_step")
+         "pruned_at_step", REVISION)  # the revision of the study file the trial ran under
 #: The columns whose values must agree for rows to be compared: z-scores, score and rank never cross a group.
 #: Every z-score, not only the objective's, stays within it: ``score`` averages them, so a rank would otherwise
 #: move when a study of another objective joins the report.
@@ -142,6 +144,7 @@ def trials_frame(studies: Sequence[optuna.Study], include_pruned: bool = False) 
             row: dict[str, Any] = {"study": study.study_name, "trial": t.number, "state": t.state.name.lower(),
                                    "final": t.state == TrialState.COMPLETE, **group, "objective": t.value}
             row.update({k: t.user_attrs.get(k) for k in ATTRS})
+            row[REVISION] = t.user_attrs.get(REVISION, 0)  # trials from before revisions were kept: 0
             row.update({f"params_{k}": v for k, v in {**t.params, **t.user_attrs.get("derived_params", {})}.items()})
             rows.append(row)
     columns = ["study", "trial", "state", "final", *GROUP, "objective", *ATTRS]

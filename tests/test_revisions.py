@@ -1,0 +1,123 @@
+"""A changed study file never silently joins the old study: objective refused, other changes recorded as revisions."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from rich.console import Console
+
+from hpo import ConfigError, load_study, run_study
+from hpo.revisions import changes
+
+quiet = Console(quiet=True)
+
+
+def hpo(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "hpo.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "400"}, timeout=600)
+
+
+def edit(path, **changes):
+    data = yaml.safe_load(path.read_text())
+    data.update(changes)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_another_objective_is_refused_and_best_stays_right(write_study, tmp_path):
+    # The issue's repro: b.yaml reuses a.yaml's study and storage with accuracy (maximize) and another space.
+    a = write_study("a.yaml", n_trials=2)
+    b = write_study("b.yaml", n_trials=2, storage=f"sqlite:///{tmp_path / 'a.db'}",
+                    objective={"metric": "eval_accuracy", "direction": "maximize"},
+                    search_space={"learning_rate": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}})
+    assert hpo("run", a).returncode == 0
+    before = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'a.db'}")
+    for extra in ([], ["--allow-changes"]):  # the objective cannot change, even when changes are allowed
+        result = hpo("run", b, "--n-trials", 4, *extra)
+        assert result.returncode == 2, result.stdout + result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert "b.yaml" in line and "objective" in line and "eval_loss (minimize)" in line
+        assert "eval_accuracy (maximize)" in line and "use a new study name" in line
+    after = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'a.db'}")
+    assert len(after.trials) == len(before.trials) == 2
+    best = hpo("best", a, "-o", tmp_path / "best.json")
+    assert best.returncode == 0 and f"trial {before.best_trial.number}" in best.stdout
+    assert hpo("best", b).returncode == 2  # reading the study under another objective is refused too
+
+
+def test_a_widened_range_is_refused_then_recorded_with_allow_changes(write_study, tmp_path):
+    path = write_study(n_trials=2)
+    run_study(load_study(path), quiet)
+    space = yaml.safe_load(path.read_text())["search_space"]
+    space["learning_rate"]["high"] = 0.1
+    edit(path, search_space=space, n_trials=3)
+
+    refused = hpo("run", path)
+    assert refused.returncode == 2
+    (line,) = refused.stderr.strip().splitlines()
+    assert "search_space.learning_rate.high: 0.01 → 0.1" in line and "--allow-changes" in line
+    assert len(optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}").trials) == 2
+
+    ran = hpo("run", path, "--allow-changes")
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}")
+    assert [t.user_attrs["revision"] for t in study.trials] == [0, 0, 1]
+    (first, second) = study.user_attrs["revisions"]
+    assert second["revision"] == 1 and second["changes"] == ["search_space.learning_rate.high: 0.01 → 0.1"]
+    assert second["time"] >= first["time"]
+    assert hpo("run", path).returncode == 0  # the new revision is now the study's: no flag needed again
+
+    report = hpo("report", path, "--csv", tmp_path / "trials.csv")
+    assert report.returncode == 0, report.stderr
+    assert pd.read_csv(tmp_path / "trials.csv").set_index("trial")["revision"].to_dict() == {0: 0, 1: 0, 2: 1}
+    best = hpo("best", path, "-o", tmp_path / "best.json")
+    rest = json.loads((tmp_path / "best.model.json").read_text())
+    assert rest["revision"] == study.best_trial.user_attrs["revision"] and rest["current_revision"] == 1
+    assert f"revision {rest['revision']} of 1" in best.stdout
+
+
+@pytest.mark.parametrize("change", ["data", "train", "eval_every", "model"])
+def test_what_makes_trials_comparable_is_fingerprinted(write_study, tmp_path, tiny_model, change):
+    from tests.conftest import DATA
+
+    path = write_study(n_trials=1)
+    run_study(load_study(path), quiet)
+    if change == "data":  # the same path, other content: only the hash can tell
+        data = tmp_path / "train.csv"
+        shutil.copy(DATA / "train.csv", data)
+        edit(path, data={"train": str(data), "eval": str(DATA / "eval.csv"), "max_length": 16})
+        run_study(load_study(path), quiet)  # a copy of the same rows is the same data
+        with open(data, "a") as f:
+            f.write("one more row of text,greeting\n")
+    elif change == "train":
+        edit(path, train={"num_train_epochs": 3, "seed": 0, "warmup_ratio": 0.1})
+    elif change == "eval_every":
+        edit(path, eval_every=0.25)
+    else:
+        edit(path, model={"name": str(tiny_model), "lora": {"r": 4}})
+    with pytest.raises(ConfigError, match=f"{change}[.:].*--allow-changes") as refused:
+        run_study(load_study(path, {"n_trials": 2}), quiet)
+    assert len(refused.value.problems) == 1
+    study = run_study(load_study(path, {"n_trials": 2}), quiet, allow_changes=True)
+    assert [t.user_attrs["revision"] for t in study.trials] == [0, 1]
+
+
+def test_sampler_pruner_and_budget_may_change_freely(write_study):
+    path = write_study(n_trials=1)
+    run_study(load_study(path), quiet)
+    edit(path, n_trials=2, sampler={"name": "tpe", "seed": 1}, pruner={"name": "median"}, max_retry=0)
+    study = run_study(load_study(path), quiet)
+    assert len(study.trials) == 2 and len(study.user_attrs["revisions"]) == 1
+
+
+def test_changes_name_each_leaf():
+    old = {"a": {"b": 1, "c": [1, 2]}, "d": "x"}
+    new = {"a": {"b": 2, "c": [1, 2]}, "e": 1}
+    assert changes(old, new) == ["a.b: 1 → 2", "d: removed", "e: added"]
+    assert changes(old, old) == []
