@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -40,7 +41,10 @@ def _parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
 
 
 def _storage(url: str | None) -> dict[str, Any]:
-    return {} if url is None else {"storage": url}
+    """``--storage``; a relative SQLite path in it is relative to the folder the command runs in."""
+    from hpo.config import absolute_sqlite
+
+    return {} if url is None else {"storage": absolute_sqlite(url, Path.cwd())}
 
 
 def _load(path: Path, overrides: dict[str, Any], env: str | None = None):
@@ -69,36 +73,64 @@ def run(
                                                             "(default: one per GPU named in --gpus, else 1).")] = None,
     gpus: Annotated[str | None, typer.Option(help="GPUs for the workers, e.g. 0,1,2,3: one per worker, round "
                                                   "robin (default: every visible GPU).")] = None,
+    allow_changes: Annotated[bool, typer.Option("--allow-changes", help="Accept a study file that changed what "
+                                                "the study's trials mean (search space, data, train: …) and record "
+                                                "it as a new revision; the objective cannot change.")] = False,
 ) -> None:
     """Create or resume the study and run trials until it holds n_trials finished ones."""
-    flags = {"n_trials": n_trials, "timeout": timeout, "storage": storage}
+    flags = {"n_trials": n_trials, "timeout": timeout, **_storage(storage)}
     cfg = _load(study, {**_parse_overrides(overrides), **{k: v for k, v in flags.items() if v is not None}}, env)
-    from hpo.study import run_study  # imports torch and transformers: only once the file is valid
+    examples = _examples(cfg)
+    import optuna
+    import sqlalchemy
+
+    from hpo.study import TrialsFailed, mask_url, run_study  # imports torch and transformers: only once the file is valid
+    from hpo.trial import prepare
     from hpo.workers import gpu_ids, run_workers
 
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # hpo prints its own line per trial
     n = workers or (len(gpu_ids(gpus)) if gpus else 1)
     code = 0
     try:
+        bench = prepare(cfg, examples)
         if n > 1 or gpus:
-            code = run_workers(cfg, n, gpu_ids(gpus))
+            code = run_workers(cfg, n, gpu_ids(gpus), bench=bench, allow_changes=allow_changes)
         else:
-            run_study(cfg)
+            run_study(cfg, bench=bench, allow_changes=allow_changes)
     except ConfigError as e:
         _fail(e)
+    except TrialsFailed:
+        code = 1  # the red "stopping:" line said why
     except KeyboardInterrupt:
         err.print("interrupted: finished trials are kept; run the same command again to resume")
         raise typer.Exit(130) from None
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
+        reason = cfg.masked(str(getattr(e, "orig", None) or e.__cause__ or e).strip().splitlines()[0][:200])
+        err.print(f"[red]error[/] lost the storage {escape(mask_url(cfg.storage_url))}: {escape(reason)}; finished "
+                  "trials are kept: run the same command again to resume")
+        code = 1
     raise typer.Exit(code)
+
+
+def _examples(cfg):
+    """Read and check the data before torch is imported: a broken file fails in a second, in little memory."""
+    from hpo.data import load_examples
+
+    try:
+        return load_examples(cfg)
+    except ConfigError as e:
+        _fail(e)
 
 
 @app.command()
 def validate(study: StudyFile, overrides: Overrides = None, env: Env = None) -> None:
     """Check a study file without training; print every problem, exit 2 if any."""
     cfg = _load(study, _parse_overrides(overrides), env)
+    examples = _examples(cfg)
     from hpo.trial import prepare
 
     try:
-        prepare(cfg)
+        prepare(cfg, examples)
     except ConfigError as e:
         _fail(e)
     Console().print(f"{study}: ok ({len(cfg.search_space)} parameters, {cfg.n_trials} trials)")
@@ -172,14 +204,20 @@ def best(
 
     cfg = _load(study, _storage(storage), env)
     try:
-        written = write_best(cfg, load_existing(cfg), out or cfg.output_path / "best.json")
+        loaded = load_existing(cfg)
+        written = write_best(cfg, loaded, out or cfg.output_path / "best.json")
     except ConfigError as e:
         _fail(e)
     except ValueError:
         err.print(f"[red]error[/] {escape(str(study))}: the study has no complete trial yet")
         raise typer.Exit(2) from None
+    console = Console()
+    rest = json.loads(written[1].read_text())
+    revision = (f" (revision {rest['revision']} of {rest['current_revision']}: see the report's revision column)"
+                if rest["current_revision"] else "")
+    console.print(f"best: trial {rest['trial']}, {rest['metric']}={rest['value']:.4f}{revision}")
     for path in written:
-        Console().print(f"wrote {path}")
+        console.print(f"wrote {path}")
 
 
 @app.command()

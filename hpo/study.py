@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import gc
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -17,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import sqlalchemy
 import yaml
@@ -25,14 +29,16 @@ from rich.console import Console
 from rich.markup import escape
 from sqlalchemy.engine import make_url
 
-from hpo import samplers, space
+from hpo import revisions, samplers, space
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError
 from hpo.best import trial_config
 from hpo.dashboard import artifact_store, save_study_note, upload_json
-from hpo.trial import Workbench, prepare, release, run_trial, save_model
+from hpo.trial import TrialResult, Workbench, prepare, release, replace_folder, run_trial, save_model
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+SAVE_ERROR = "save_error"  # trial user attr: why a winning trial's model was not saved
+REJECTED_DUPLICATE = "rejected_duplicate"  # trial user attr: the finished trial whose parameters it repeated
 MAX_REJECTED_IN_A_ROW = 100  # constraints that leave almost no feasible space
 SQLITE_TIMEOUT_S = 60  # wait this long for another writer's lock instead of "database is locked"
 WAIT_POLL_S = 1.0  # how often a worker waiting for trials running elsewhere looks again (two small queries)
@@ -48,30 +54,37 @@ def mask_url(url: str) -> str:
 
 
 def open_study(cfg: StudyConfig, first_step: int = 1, last_step: int | None = None,
-               worker: int | None = None) -> optuna.Study:
+               worker: int | None = None, fingerprint: dict[str, Any] | None = None,
+               allow_changes: bool = False) -> optuna.Study:
     """Create the study in its storage, or load it if it exists, and queue the file's ``enqueue:`` entries.
 
-    Safe when workers on one machine or many start at once: see :func:`_setup_lock`. Worker ``k`` of
-    ``hpo run --workers`` seeds its sampler with ``sampler.seed + k``: the same seed everywhere would
-    have every worker sample the same configurations.
+    Safe when workers on one machine or many start at once: see :func:`_setup_lock`. ``fingerprint``
+    (:func:`hpo.revisions.fingerprint`) is checked against the study's: a study file that changed what
+    its trials mean is refused, or with ``allow_changes`` recorded as a new revision.
+
+    The sampler's seed is ``sampler.seed`` for the first process of a new study; worker ``k`` of
+    ``hpo run --workers`` and a resumed study get a seed derived from it, the worker and the trials
+    already in the study: the same seed everywhere would have every worker sample the same
+    configurations, and a resumed study replay the ones it ran first.
 
     Raises:
-        ConfigError: the storage cannot be opened (server unreachable, no driver, no such folder).
+        ConfigError: the storage cannot be opened (server unreachable, no driver, no such folder), or the
+            study file changed what the study's trials mean.
     """
     url = cfg.storage_url
-    sampler_args = dict(cfg.sampler.args)
-    if worker and sampler_args.get("seed") is not None:
-        sampler_args["seed"] += worker
     try:
         with _setup_lock(url):
             study = optuna.create_study(
                 storage=_storage(cfg),
                 study_name=cfg.study,
                 direction=cfg.objective.direction,
-                sampler=samplers.make_sampler(cfg.sampler.name, sampler_args, cfg.distributions),
+                sampler=optuna.samplers.RandomSampler(),  # replaced below, once the trials already run are known
                 pruner=samplers.make_pruner(cfg.pruner.name, cfg.pruner.args, first_step, last_step),
                 load_if_exists=True,
             )
+            n_before = len(study.get_trials(deepcopy=False))
+            if fingerprint is not None:
+                revisions.check(study, cfg, fingerprint, allow_changes)
             if "config" not in study.user_attrs:
                 resolved = resolved_config(cfg)
                 study.set_user_attr("config", resolved)
@@ -80,8 +93,13 @@ def open_study(cfg: StudyConfig, first_step: int = 1, last_step: int | None = No
             # point anyway, and would not count an enqueued one as visited: it would run twice.
             for params in cfg.enqueue if cfg.sampler.name != "grid" else ():
                 study.enqueue_trial(params, skip_if_exists=True)
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError) as e:
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError, sqlite3.Error) as e:
         raise _cannot_open(cfg, e) from None
+    sampler_args = dict(cfg.sampler.args)
+    if sampler_args.get("seed") is not None and (worker or n_before):
+        sampler_args["seed"] = int(np.random.SeedSequence([sampler_args["seed"], worker or 0, n_before])
+                                   .generate_state(1)[0])
+    study.sampler = samplers.make_sampler(cfg.sampler.name, sampler_args, cfg.distributions)
     return study
 
 
@@ -92,9 +110,11 @@ def _cannot_open(cfg: StudyConfig, e: Exception) -> ConfigError:
 
 def _storage(cfg: StudyConfig) -> optuna.storages.RDBStorage:
     url = cfg.storage_url
-    engine_kwargs = None
+    # A pooled connection that the server dropped while it sat idle (a restart, an idle timeout, a failover)
+    # is replaced when it is next checked out, instead of failing the trial that happened to use it.
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if make_url(url).get_backend_name() == "sqlite":
-        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
         if database := make_url(url).database:
             # WAL lets readers (the dashboard, hpo report) and N local workers share the file: readers no
             # longer block the writer, and a commit is one append. The mode is stored in the file.
@@ -157,7 +177,9 @@ def load_existing(cfg: StudyConfig) -> optuna.Study:
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise cfg.error(("storage",), f"no storage at {mask_url(url)}: {hint}")
     try:
-        return optuna.load_study(study_name=cfg.study, storage=url)
+        study = optuna.load_study(study_name=cfg.study, storage=url)
+        revisions.check_objective(study, cfg)
+        return study
     except KeyError:
         raise cfg.error(("study",), f"no study {cfg.study!r} in {mask_url(url)}: {hint}") from None
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e:
@@ -177,52 +199,101 @@ def resolved_config(cfg: StudyConfig) -> dict[str, Any]:
     return cfg.masked_data(data)
 
 
-def start_study(cfg: StudyConfig, worker: int | None = None,
-                bench: Workbench | None = None) -> tuple[optuna.Study, Workbench]:
-    """Check the model and data, then create or load the study; nothing is created if the check fails.
-
-    ``bench``: the model and data a parent process already checked (``hpo run --workers``).
+def _check_paths(cfg: StudyConfig) -> None:
+    """Where the study writes must be writable, checked before anything is created there.
 
     Raises:
-        ConfigError: the model, the data or the storage cannot be loaded.
+        ConfigError: the SQLite file's folder is missing, or the output folder cannot be created.
+    """
+    problems = []
+    url = make_url(cfg.storage_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        folder = Path(url.database).parent
+        if not folder.is_dir():
+            problems.append(cfg.problem(("storage",), f"folder not found for the SQLite file: {folder}"))
+        elif Path(url.database).is_dir():
+            problems.append(cfg.problem(("storage",), f"{url.database} is a folder, not a SQLite file"))
+    existing = cfg.output_path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problems.append(cfg.problem(("output_dir",), f"cannot create {cfg.output_path}: {existing} is not a folder"))
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problems.append(cfg.problem(("output_dir",), f"cannot create {cfg.output_path}: {existing} is not writable"))
+    if problems:
+        raise ConfigError(problems)
+
+
+def start_study(cfg: StudyConfig, worker: int | None = None, bench: Workbench | None = None,
+                allow_changes: bool = False) -> tuple[optuna.Study, Workbench]:
+    """Check the model and data, then create or load the study; nothing is created if the check fails.
+
+    ``bench``: the model and data already checked (by the CLI, or the parent of ``hpo run --workers``).
+    ``allow_changes``: record a changed study file as a new revision instead of refusing it.
+
+    Raises:
+        ConfigError: the model, the data or the storage cannot be loaded, or the study file changed what
+            the study's trials mean (see :mod:`hpo.revisions`).
     """
     bench = bench or prepare(cfg)
+    _check_paths(cfg)
     n_train = len(bench.train_rows)
     # The run's length in examples, when every trial has the same (else Hyperband estimates it).
     varies = {"num_train_epochs", "max_steps"} & set(cfg.search_space) or "max_steps" in cfg.train
     last_step = None if varies else round(float(cfg.train.get("num_train_epochs", 3)) * n_train)
-    study = open_study(cfg, round(cfg.eval_every.examples_between(n_train)), last_step, worker)
-    cfg.output_path.mkdir(parents=True, exist_ok=True)
-    if worker is None:  # under hpo run --workers, the parent process wrote it
-        (cfg.output_path / "resolved.yaml").write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
+    try:
+        fp = revisions.fingerprint(cfg, {"train": n_train, "eval": len(bench.eval_rows)})
+    except OSError as e:
+        raise cfg.error(("data",), f"cannot read the data to fingerprint it: {e.strerror or e}") from None
+    study = open_study(cfg, round(cfg.eval_every.examples_between(n_train)), last_step, worker, fp,
+                       allow_changes)
+    try:
+        cfg.output_path.mkdir(parents=True, exist_ok=True)
+        if worker is None:  # under hpo run --workers, the parent process wrote it
+            (cfg.output_path / "resolved.yaml").write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
+        with _output_lock(cfg.output_path):
+            _install_staged_best(cfg, study)
+    except OSError as e:
+        raise cfg.error(("output_dir",), f"cannot write {cfg.output_path}: {e.strerror or e}") from None
     return study, bench
 
 
+class TrialsFailed(RuntimeError):
+    """The run stopped because ``max_failures_in_a_row`` trials failed in a row (``study`` holds them)."""
+
+    def __init__(self, message: str, study: optuna.Study):
+        super().__init__(message)
+        self.study = study
+
+
 def run_study(cfg: StudyConfig, console: Console | None = None, worker: int | None = None,
-              bench: Workbench | None = None) -> optuna.Study:
+              bench: Workbench | None = None, allow_changes: bool = False) -> optuna.Study:
     """Run trials until the study holds ``cfg.n_trials`` finished (complete or pruned) trials.
 
     Trials that other processes run on the same storage count too: when the rest of the target is
     running elsewhere, this process waits for it (and retries any whose worker died). ``worker`` is
     this process's index under ``hpo run --workers`` (it prefixes the output lines), ``bench`` the model
-    and data its parent checked. Returns the study.
+    and data already checked, ``allow_changes`` as in :func:`start_study`. Returns the study.
 
     Raises:
-        ConfigError: the model, the data or the storage cannot be loaded.
+        ConfigError: the model, the data or the storage cannot be loaded, or the study file changed.
+        TrialsFailed: the run stopped after ``max_failures_in_a_row`` failed trials.
     """
     console = console or Console()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # hpo prints its own lines per trial
-    study, bench = start_study(cfg, worker, bench)
+    study, bench = start_study(cfg, worker, bench, allow_changes)
+    revision = study.user_attrs.get(revisions.REVISIONS, [{}])[-1].get("revision", 0)
     done = count_finished(study)
     if worker is None:
-        console.print(f"[bold]{cfg.study}[/]: {done} finished trial(s) in {mask_url(cfg.storage_url)}; "
-                      f"target {cfg.n_trials}")
+        console.print(f"[bold]{escape(cfg.study)}[/]: {done} finished trial(s) in {mask_url(cfg.storage_url)}; "
+                      f"target {cfg.n_trials}" + (f"; revision {revision}" if revision else ""))
+    progress = _Progress(console, cfg, worker)
     if cfg.n_trials > done:
-        progress = _Progress(console, cfg, worker)
         with sigterm_interrupts(), _frozen_heap():
-            _optimize(study, _objective(bench, progress), progress, cfg)
+            _optimize(study, _objective(bench, progress, revision), progress, cfg)
     if worker is None:
         print_summary(console, cfg, study)
+    if progress.stopped_on_failures:
+        raise TrialsFailed(progress.stopped_on_failures, study)
     return study
 
 
@@ -270,7 +341,8 @@ def _optimize(study: optuna.Study, objective, progress: _Progress, cfg: StudyCon
         if finished >= cfg.n_trials:
             return
         if finished + running < cfg.n_trials:
-            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[progress.trial_done])
+            study.optimize(objective, n_trials=1, catch=(Exception,),
+                           callbacks=[functools.partial(_after_tell, cfg), progress.trial_done])
             continue
         # The rest of the target runs on other workers. Wait: one may fail (then this worker runs another)
         # or its worker may die (then its trial goes stale, and this worker retries it).
@@ -281,49 +353,67 @@ def _optimize(study: optuna.Study, objective, progress: _Progress, cfg: StudyCon
             optuna.storages.fail_stale_trials(study)
 
 
-class ConstraintViolation(Exception):
-    """The sampled parameters break a ``constraints:`` entry: the trial ends FAIL before training."""
+def _after_tell(cfg: StudyConfig, study: optuna.Study, trial: FrozenTrial) -> None:
+    """Once a trial's value is stored: if its model was staged, install it when it is the study's best.
+
+    Deciding after the value is stored, under the output folder's lock, is what keeps two workers that
+    both beat the old best from leaving the worse model in ``best_model/``.
+    """
+    if _staged(cfg, trial.number).exists():
+        with _output_lock(cfg.output_path):
+            _install_staged_best(cfg, study)
 
 
-def _objective(bench: Workbench, progress: _Progress):
+class Rejected(Exception):
+    """The sampled parameters break a ``constraints:`` entry, or repeat a finished trial: FAIL before training."""
+
+
+def _objective(bench: Workbench, progress: _Progress, revision: int = 0):
     cfg = bench.cfg
     store = artifact_store(cfg)
+    size = _space_size(cfg)
 
     def objective(trial: optuna.Trial) -> float:
-        sampled, derived = space.sample(trial, cfg.search_space, cfg.distributions, cfg.train)
-        params = {**sampled, **derived}
-        if derived:
-            trial.set_user_attr("derived_params", derived)
-        broken = [c.source for c in cfg.constraint_expressions if not c.evaluate({**cfg.train, **params})]
-        if broken:
-            trial.set_user_attr("rejected_by_constraint", broken[0])
-            raise ConstraintViolation(f"constraint not met: {broken[0]}")
-        progress.trial_start(trial.number, params)
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(),
-                                       "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
-        args, rest = trial_config(cfg, params, trial.number, None)
-        upload_json(store, trial, "config.json", {"training_arguments": args, **rest})
-        result = None
+        # Everything a trial does is inside this try, from sampling to saving: whatever fails, the trial
+        # ends FAIL with its cause in fail_reason and fail_traceback ("interrupted" only after a signal).
+        result = sampled = None
         try:
+            sampled, derived = space.sample(trial, cfg.search_space, cfg.distributions, cfg.train)
+            params = {**sampled, **derived}
+            trial.set_user_attr(revisions.REVISION, revision)
+            if derived:
+                trial.set_user_attr("derived_params", derived)
+            broken = space.broken_constraint(cfg.constraint_expressions, {**cfg.train, **params})
+            if broken:
+                trial.set_user_attr("rejected_by_constraint", broken)
+                raise Rejected(f"constraint not met: {broken}")
+            twin = _finished_twin(trial, sampled, size)
+            if twin is not None:
+                trial.set_user_attr(REJECTED_DUPLICATE, twin)
+                raise Rejected(f"the same parameters as trial {twin}, which finished")
+            progress.trial_start(trial.number, params)
+            trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(),
+                                           "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
+            args, rest = trial_config(cfg, params, trial.number, None)
+            upload_json(store, trial, "config.json", {"training_arguments": args, **rest})
+            upload_json(store, trial, "training_arguments.json", args)  # TrainingArguments(**json.load(f))
             result = run_trial(bench, params, trial, on_eval=progress.evaluated)
             for key, value in result.attrs.items():
                 trial.set_user_attr(key, value)
             upload_json(store, trial, "metrics.json", {"evaluations": result.history, **result.attrs})
             if result.pruned:
                 raise optuna.TrialPruned(f"pruned at step {result.attrs['pruned_at_step']}")
-            if _beats_best(trial.study, result.value):
-                save_model(bench, result, params, trial.number)
-                trial.set_user_attr("saved_model", True)
-                upload_json(store, trial, "best.json", args)  # TrainingArguments(**json.load(f))
+            _stage_if_best(bench, result, params, trial)
             return result.value
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL and re-raises
             trial.set_user_attr("fail_reason", "interrupted")
-            trial.study.enqueue_trial(sampled, user_attrs={"retry_of": trial.number})  # the rerun starts with it
+            if sampled is not None:
+                trial.study.enqueue_trial(sampled, user_attrs={"retry_of": trial.number})  # the rerun starts with it
             raise
         except Exception as e:
-            trial.set_user_attr("fail_reason", cfg.masked(f"{type(e).__name__}: {e}")[:1000])
+            trial.set_user_attr("fail_reason", cfg.masked(_reason(e))[:1000])
             trial.set_user_attr("fail_traceback", cfg.masked(traceback.format_exc())[-4000:])
             raise
         finally:
@@ -332,20 +422,119 @@ def _objective(bench: Workbench, progress: _Progress):
     return objective
 
 
-def _beats_best(study: optuna.Study, value: float) -> bool:
+def _reason(e: BaseException) -> str:
+    """``Type: message``; for a storage error, its cause (Optuna's own text blames "invalid data")."""
+    if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ is not None:
+        cause = str(getattr(e.__cause__, "orig", None) or e.__cause__).strip().splitlines()
+        return f"storage error: {cause[0] if cause else type(e.__cause__).__name__}"
+    return f"{type(e).__name__}: {e}"
+
+
+def _space_size(cfg: StudyConfig) -> int | None:
+    """How many configurations the space holds, when it is finite (choices, integers, stepped floats)."""
+    size = 1
+    for d in cfg.distributions.values():
+        if isinstance(d, optuna.distributions.CategoricalDistribution):
+            size *= len(d.choices)
+        elif isinstance(d, optuna.distributions.IntDistribution):
+            size *= (d.high - d.low) // d.step + 1
+        elif d.step is not None:
+            size *= round((d.high - d.low) / d.step) + 1
+        else:
+            return None
+    return size
+
+
+def _finished_twin(trial: optuna.Trial, sampled: dict[str, Any], size: int | None) -> int | None:
+    """The finished trial that ``sampled`` repeats, unless the trial was queued or the space is exhausted.
+
+    Samplers repeat configurations (a resumed seeded sampler replays its first draws; TPE on a small
+    categorical space proposes its favourite again); a finished one would only be trained again.
+    """
+    # Optuna's Trial does not expose system attrs; optuna-integration reads them from the storage the same way.
+    if "fixed_params" in trial.storage.get_trial_system_attrs(trial._trial_id):  # enqueued: a retry, or asked for
+        return None
+    finished = trial.study.get_trials(deepcopy=False, states=FINISHED)
+    if size is not None and len({repr(sorted(t.params.items())) for t in finished}) >= size:
+        return None
+    return next((t.number for t in finished if t.params == sampled), None)
+
+
+def _stage_if_best(bench: Workbench, result: TrialResult, params: dict[str, Any], trial: optuna.Trial) -> None:
+    """Save the model aside if the trial beats every value stored so far; after its value is stored,
+    :func:`_install_staged_best` decides, under a lock, whether it is the study's best.
+
+    A trial that does not beat the stored best now can never become the best (later values only add
+    rivals), so only possible winners are written. A failed save (a full disk) is a warning on the
+    trial, which keeps its value; :func:`hpo.trial.save_model` removes the partial folder.
+    """
+    study = trial.study
     try:
         best = study.best_value
     except ValueError:  # no complete trial yet
-        return True
-    return value < best if study.direction == optuna.study.StudyDirection.MINIMIZE else value > best
+        best = None
+    minimize = study.direction == optuna.study.StudyDirection.MINIMIZE
+    if best is not None and not (result.value < best if minimize else result.value > best):
+        return
+    try:
+        save_model(bench, result, params, trial.number, _staged(bench.cfg, trial.number))
+    except Exception as e:  # noqa: BLE001 - OSError, or safetensors' own error for the same full disk
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        trial.set_user_attr(SAVE_ERROR, bench.cfg.masked(f"the model was not saved: {reason}")[:500])
+        with contextlib.suppress(OSError):  # when no other worker stages a model there
+            _staged(bench.cfg, trial.number).parent.rmdir()
+
+
+def _staged(cfg: StudyConfig, number: int) -> Path:
+    return cfg.output_path / ".staged" / f"trial-{number:04d}"
+
+
+@contextlib.contextmanager
+def _output_lock(folder: Path):
+    """``flock`` on the output folder: one process at a time decides and swaps ``best_model/``."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _install_staged_best(cfg: StudyConfig, study: optuna.Study) -> None:
+    """Swap the best trial's staged model in as ``best_model/``; drop staged models that lost.
+
+    Runs after each trial's value is stored and when a run starts (a process killed between storing a
+    value and installing its model left it staged). Staged models of trials still running stay.
+    Call it holding :func:`_output_lock`.
+    """
+    folder = cfg.output_path / ".staged"
+    if not folder.is_dir():
+        return
+    try:
+        best: FrozenTrial | None = study.best_trial
+    except ValueError:
+        best = None
+    trials = study.get_trials(deepcopy=False)
+    for staged in sorted(folder.iterdir()):
+        found = re.search(r"trial-(\d+)", staged.name)  # trial-0007, or .trial-0007.tmp.<pid> while being written
+        number = int(found.group(1)) if found else -1
+        if 0 <= number < len(trials) and trials[number].state == TrialState.RUNNING:
+            continue
+        if best is not None and number == best.number and staged.name.startswith("trial-"):
+            replace_folder(staged, cfg.output_path / "best_model")
+        else:
+            shutil.rmtree(staged, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 class _Progress:
     """One line per finished trial, and the running trial's last evaluation; decides when to stop."""
 
     def __init__(self, console: Console, cfg: StudyConfig, worker: int | None = None):
-        self.console, self.metric = console, cfg.objective.metric
+        self.console, self.metric, self.masked = console, cfg.objective.metric, cfg.masked
         self.max_failures = cfg.max_failures_in_a_row
+        self.stopped_on_failures = ""  # why the run stopped, when failed trials stopped it
         self.prefix = "" if worker is None else f"w{worker}: "
         self.failures_in_a_row = 0
         self.rejected_in_a_row = 0
@@ -357,7 +546,7 @@ class _Progress:
         self.number = -1
 
     def print(self, line: str) -> None:
-        self.console.print(self.prefix + line)
+        self.console.print(self.masked(self.prefix + line))
 
     def trial_start(self, number: int, params: dict[str, Any]) -> None:
         self.number, self.waiting_for = number, 0
@@ -381,12 +570,15 @@ class _Progress:
     def trial_done(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if self.status:
             self.status.stop()
-        if "rejected_by_constraint" in trial.user_attrs:
+        if "rejected_by_constraint" in trial.user_attrs or REJECTED_DUPLICATE in trial.user_attrs:
             self.rejected_in_a_row += 1
-            self.print(f"trial {trial.number:3d} [dim]rejected before training: "
-                       f"{trial.user_attrs['rejected_by_constraint']} is false[/]")
+            why = (f"{escape(trial.user_attrs['rejected_by_constraint'])} is false"
+                   if "rejected_by_constraint" in trial.user_attrs
+                   else f"repeats trial {trial.user_attrs[REJECTED_DUPLICATE]}")
+            self.print(f"trial {trial.number:3d} [dim]rejected before training: {why}[/]")
             if self.rejected_in_a_row >= MAX_REJECTED_IN_A_ROW:
-                self.stop(f"the constraints rejected {self.rejected_in_a_row} samples in a row")
+                self.stop(f"{self.rejected_in_a_row} samples in a row broke the constraints or repeated finished "
+                          "trials: the feasible space looks exhausted")
             return
         self.rejected_in_a_row = 0
         counts = {s: 0 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
@@ -404,14 +596,25 @@ class _Progress:
             self.print(f"trial {trial.number:3d} [yellow]pruned[/] at {at} examples ({secs:.0f}s)  {tally}\n"
                        f"{' ' * len(self.prefix)}    [dim]{params}[/]")
         else:
-            reason = escape(trial.user_attrs.get("fail_reason", "interrupted"))
+            reason = escape(trial.user_attrs.get("fail_reason", "no reason recorded"))
             self.print(f"trial {trial.number:3d} [red]failed[/]: {reason}  {tally}")
+        if SAVE_ERROR in trial.user_attrs:
+            self.print(f"    [yellow]warning[/]: {escape(trial.user_attrs[SAVE_ERROR])}")
         if trial.state == TrialState.COMPLETE:
             self.best = f" (best so far {study.best_value:.4f})"
         self.failures_in_a_row = self.failures_in_a_row + 1 if trial.state == TrialState.FAIL else 0
         if self.failures_in_a_row >= self.max_failures:
-            self.stop(f"{self.failures_in_a_row} trials failed in a row (max_failures_in_a_row; "
-                      "see fail_reason / fail_traceback in the trials' user attrs)")
+            self.stopped_on_failures = (f"{self.failures_in_a_row} trials failed in a row (max_failures_in_a_row; "
+                                        "see fail_reason / fail_traceback in the trials' user attrs)")
+            self.stop(self.stopped_on_failures)
+
+
+def saved_trial(cfg: StudyConfig) -> int | None:
+    """The trial whose model ``<outputs>/best_model`` holds, from its ``hpo_trial.json``."""
+    try:
+        return json.loads((cfg.output_path / "best_model" / "hpo_trial.json").read_text())["trial"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _fmt_params(params: dict[str, Any]) -> str:
@@ -424,8 +627,15 @@ def print_summary(console: Console, cfg: StudyConfig, study: optuna.Study) -> No
     except ValueError:
         console.print("[red]no trial completed[/]")
         return
-    console.print(f"\n[bold]best[/] trial {best.number}: {cfg.objective.metric}={best.value:.4f}")
+    revision = revisions.trial_revision(best)
+    under = f" (revision {revision})" if study.user_attrs.get(revisions.REVISIONS, [{}])[-1].get("revision") else ""
+    console.print(f"\n[bold]best[/] trial {best.number}{under}: {cfg.objective.metric}={best.value:.4f}")
     console.print(json.dumps(best.params, indent=2))
+    saved = saved_trial(cfg)
+    if saved != best.number:
+        why = escape(best.user_attrs.get(SAVE_ERROR, "it was not saved by this run"))
+        held = f"holds trial {saved}'s model" if saved is not None else "is empty"
+        console.print(f"[yellow]warning[/]: best_model/ {held}, not trial {best.number}'s: {why}")
     console.print(f"storage:    {mask_url(cfg.storage_url)}")
     console.print(f"outputs:    {cfg.output_path}")
     console.print(f"dashboard:  hpo dashboard {cfg.file}")

@@ -6,9 +6,11 @@ import contextlib
 import copy
 import gc
 import importlib
+import importlib.metadata
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import time
@@ -39,7 +41,7 @@ from transformers.integrations import TensorBoardCallback
 
 from hpo import recipe, tasks
 from hpo.config import TASK_METRICS, LoraSettings, StudyConfig
-from hpo.data import load_examples, tokenize
+from hpo.data import Examples, load_examples, tokenize
 from hpo.errors import ConfigError
 from hpo.pruning import PruningCallback
 from hpo.space import split_params, training_arguments, training_names
@@ -89,11 +91,26 @@ def resolve_model(name: str, root: Path) -> str:
     return name
 
 
-def device_settings() -> dict[str, Any]:
+def device_settings(settings: Mapping[str, Any] = {}) -> dict[str, Any]:  # noqa: B006 - read only
     """TrainingArguments for the best precision here: CUDA bf16, else CUDA fp16, else CPU fp32."""
-    if torch.cuda.is_available():
-        return {"bf16": True} if torch.cuda.is_bf16_supported() else {"fp16": True}
-    return {"dataloader_pin_memory": False}  # pinning needs an accelerator
+    cuda = torch.cuda.is_available()
+    return precision(settings, cuda, cuda and torch.cuda.is_bf16_supported())
+
+
+def precision(settings: Mapping[str, Any], cuda: bool, bf16_supported: bool) -> dict[str, Any]:
+    """hpo's precision defaults on a device, given the study's own ``settings``.
+
+    A study file that chose a precision (``fp16`` or ``bf16``, even false) keeps its choice: adding hpo's
+    would set both, which TrainingArguments refuses in every trial.
+
+    >>> precision({"fp16": True}, cuda=True, bf16_supported=True)
+    {}
+    """
+    if not cuda:
+        return {"dataloader_pin_memory": False}  # pinning needs an accelerator
+    if {"fp16", "bf16"} & set(settings):
+        return {}
+    return {"bf16": True} if bf16_supported else {"fp16": True}
 
 
 @dataclass
@@ -110,8 +127,8 @@ class Workbench:
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
 
 
-def prepare(cfg: StudyConfig) -> Workbench:
-    """Resolve the model, read and tokenize the data once.
+def prepare(cfg: StudyConfig, data: Examples | None = None) -> Workbench:
+    """Resolve the model, read (unless ``data`` was read already) and tokenize the data once.
 
     Raises:
         ConfigError: the model or the data cannot be loaded.
@@ -121,7 +138,7 @@ def prepare(cfg: StudyConfig) -> Workbench:
     check_training_arguments(cfg)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft 0.21 on transformers 5
     warnings.filterwarnings("ignore", message=".*fan_in_fan_out is set to False.*")  # peft fixes it for GPT-2's Conv1D
-    data = load_examples(cfg)
+    data = data or load_examples(cfg)
     task = tasks.TASKS[cfg.task]
     labels = {"num_labels": len(data.labels), "id2label": dict(enumerate(data.labels)),
               "label2id": {name: i for i, name in enumerate(data.labels)}} if task.classifies else {}
@@ -174,18 +191,26 @@ def check_training_arguments(cfg: StudyConfig) -> None:
     hints = typing.get_type_hints(TrainingArguments)
     problems = []
 
-    def check(path: tuple, name: str, value: Any) -> None:
+    def check(path: tuple, name: str, value: Any, strict: bool = False) -> None:
         ((field, value),) = training_arguments({name: value}).items()
         try:
             if field in recipe.NAMES:  # hpo's own knob
-                recipe.Recipe(**{field: value})
+                recipe.Recipe.model_validate({field: value}, strict=strict or None)
             elif not (field == "lr_scheduler_type" and value in recipe.OWN_SCHEDULES):
-                TypeAdapter(hints[field]).validate_python(value)
+                TypeAdapter(hints[field]).validate_python(value, strict=strict or None)
                 TrainingArguments(output_dir=os.devnull, **{field: value})
         except ValidationError as e:
-            problems.append(cfg.problem(path, f"{value!r}: {e.errors()[0]['msg']}"))
+            hint = " (a derived value: use // for a whole number)" if strict and isinstance(value, float) else ""
+            problems.append(cfg.problem(path, f"{value!r}: {e.errors()[0]['msg']}{hint}"))
         except (ValueError, TypeError) as e:
             problems.append(cfg.problem(path, str(e).splitlines()[0][:300]))
+        except (ImportError, importlib.metadata.PackageNotFoundError) as e:  # deepspeed: {...} without deepspeed
+            wanted = re.search(r"'([^']+)' distribution was not found", str(e))
+            package = wanted.group(1) if wanted else getattr(e, "name", None) or str(e).splitlines()[0][:100]
+            problems.append(cfg.problem(path, f"needs a package that is not installed: {package}"))
+        except Exception as e:  # noqa: BLE001 - whatever TrainingArguments raises would fail every trial
+            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            problems.append(cfg.problem(path, f"{type(e).__name__}: {reason}"))
 
     for name, value in cfg.train.items():
         check(("train", name), name, value)
@@ -200,8 +225,14 @@ def check_training_arguments(cfg: StudyConfig) -> None:
         values = d.choices if isinstance(d, CategoricalDistribution) else (d.low, d.high)
         for value in dict.fromkeys(values):
             check(("search_space", name), name, value)
+    for name, values in cfg.derived_values.items():  # what derive: gave at the corners of the space
+        if name in training_names():
+            before = len(problems)
+            for value in values:
+                if len(problems) == before:  # the first bad value says it
+                    check(("search_space", name, "derive"), name, value, strict=True)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(list(dict.fromkeys(problems)))
 
 
 @dataclass
@@ -241,7 +272,7 @@ def run_trial(
     transformers.set_seed(seed)
     settings, knobs = recipe.split(training_arguments({**cfg.train, **training}))
     model, load_report = _build_model(bench, model_params, lora_params, knobs)
-    heads = recipe.head_modules(load_report["missing_keys"])
+    heads = load_report["new_heads"]
 
     name = run_name or f"trial-{trial.number:04d}"
     task = tasks.TASKS[cfg.task]
@@ -251,7 +282,7 @@ def run_trial(
         **LENGTH_GROUPING,
         "logging_steps": LOGGING_STEPS,
         "disable_tqdm": True,
-        **device_settings(),
+        **device_settings(settings),
         **settings,  # the user's settings win over the defaults above
         "output_dir": str(cfg.output_path / "trials" / name),
         "eval_strategy": "no",  # PruningCallback decides when to evaluate
@@ -272,7 +303,7 @@ def run_trial(
         processing_class=bench.tokenizer,
         compute_metrics=task.metrics(bench.labels) if task.metrics else None,
         callbacks=[*([] if task.metrics else [tasks.PerplexityCallback()]), callback, clock := _FirstStep(),
-                   TensorBoardCallback(SummaryWriter(str(cfg.output_path / "tensorboard" / name)))],
+                   TensorBoardCallback(_MaskedWriter(str(cfg.output_path / "tensorboard" / name), cfg.masked))],
     )
     trainer.remove_callback(PrinterCallback)  # hpo prints its own progress
     if bench.device == "cuda":
@@ -318,12 +349,22 @@ def _build_model(bench: Workbench, model_params: Mapping[str, Any], lora_params:
     task = tasks.TASKS[cfg.task]
     if bench.model_path is None:  # random init from cfg.model.config: nothing is pretrained, nothing is a new head
         model = task.auto_model.from_config(config)
-        report = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "from_config": True}
+        report = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "new_heads": [], "from_config": True}
     else:
         # The weights file is memory-mapped: after the first trial this reads from the page cache (~30 ms for MiniLM).
-        model, info = task.auto_model.from_pretrained(bench.model_path, config=config, output_loading_info=True)
-        report = {k: sorted(map(str, info.get(k) or []))[:50] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-        recipe.init_heads(model, recipe.head_modules(report["missing_keys"]), knobs)
+        # A classifier checkpoint with another number of labels has a head of another shape: it is
+        # re-initialised like a missing head (and reported), but a body weight of another shape is an error.
+        model, info = task.auto_model.from_pretrained(bench.model_path, config=config, output_loading_info=True,
+                                                      ignore_mismatched_sizes=True)
+        mismatched = {str(k[0]): k for k in info.get("mismatched_keys") or []}
+        body = [k for k in mismatched if k.startswith(f"{model.base_model_prefix}.")]
+        if body:
+            _, saved, wanted = mismatched[body[0]]
+            raise ValueError(f"the checkpoint's {body[0]} has shape {tuple(saved)}, this model's {tuple(wanted)}")
+        report = {k: sorted(map(str, info.get(k) or []))[:50] for k in ("missing_keys", "unexpected_keys")}
+        report["mismatched_keys"] = sorted(f"{k}: {tuple(v[1])} → {tuple(v[2])}" for k, v in mismatched.items())[:50]
+        report["new_heads"] = recipe.head_modules([*report["missing_keys"], *mismatched])
+        recipe.init_heads(model, report["new_heads"], knobs)
     if not cfg.is_lora:
         return model, report
     from peft import LoraConfig, TaskType, get_peft_model
@@ -332,6 +373,17 @@ def _build_model(bench: Workbench, model_params: Mapping[str, Any], lora_params:
     if isinstance(settings["target_modules"], str) and settings["target_modules"] != "all-linear":
         settings["target_modules"] = [m.strip() for m in settings["target_modules"].split(",")]
     return get_peft_model(model, LoraConfig(task_type=TaskType[task.peft_task], **settings)), report
+
+
+class _MaskedWriter(SummaryWriter):
+    """TensorBoard's writer, with ``${SECRET}`` values masked in the text it logs (the run's TrainingArguments)."""
+
+    def __init__(self, logdir: str, masked: Callable[[str], str]):
+        super().__init__(logdir)
+        self._masked = masked
+
+    def add_text(self, tag, text_string, *args, **kwargs):
+        return super().add_text(tag, self._masked(text_string), *args, **kwargs)
 
 
 class _FirstStep(TrainerCallback):
@@ -382,27 +434,38 @@ def _measurements(bench: Workbench, trainer: Trainer, callback: PruningCallback,
     return {k: v for k, v in attrs.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
 
 
-def save_model(
-    bench: Workbench, result: TrialResult, params: Mapping[str, Any], trial_number: int, name: str = "best_model"
-) -> Path:
-    """Save the trial's model (or LoRA adapter) and tokenizer as ``<outputs>/<name>``.
+def save_model(bench: Workbench, result: TrialResult, params: Mapping[str, Any], trial_number: int,
+               target: Path) -> Path:
+    """Save the trial's model (or LoRA adapter), tokenizer and ``hpo_trial.json`` as the folder ``target``.
 
-    Writes to a sibling folder first and swaps it in, so a crash never leaves a
-    half-written model.
+    Writes a sibling temporary folder and swaps it in: a crash never leaves a half-written model, and
+    a failed write (a full disk) removes the temporary folder before raising.
+
+    Raises:
+        OSError: the model could not be written.
     """
-    target = bench.cfg.output_path / name
-    tmp = target.with_name(f".{name}.{os.getpid()}")
+    tmp = target.with_name(f".{target.name}.tmp.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    result.model.save_pretrained(tmp)
-    bench.tokenizer.save_pretrained(tmp)
-    info = {"study": bench.cfg.study, "trial": trial_number, "value": result.value, "params": dict(params)}
-    (tmp / "hpo_trial.json").write_text(json.dumps(info, indent=2) + "\n")
-    old = target.with_name(f".{name}.old.{os.getpid()}")
+    try:
+        result.model.save_pretrained(tmp)
+        bench.tokenizer.save_pretrained(tmp)
+        info = {"study": bench.cfg.study, "trial": trial_number, "value": result.value, "params": dict(params)}
+        (tmp / "hpo_trial.json").write_text(json.dumps(info, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_folder(tmp, target)
+    return target
+
+
+def replace_folder(source: Path, target: Path) -> None:
+    """Make ``source`` the folder ``target``: the old one is renamed aside, then removed."""
+    old = target.with_name(f".{target.name}.old.{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         target.rename(old)
-    tmp.rename(target)
+    source.rename(target)
     shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def release(result: TrialResult | None = None) -> None:

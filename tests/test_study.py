@@ -1,14 +1,22 @@
 """End to end on a tiny BERT: real Trainer, real SQLite, real pruners."""
 
 import contextlib
+import io
 import json
+import os
+import resource
+import signal
 import sqlite3
+import subprocess
+import sys
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 from rich.console import Console
 
 from hpo import load_study, run_study
+from hpo.study import TrialsFailed
 from hpo.trial import prepare
 
 quiet = Console(quiet=True)
@@ -122,8 +130,9 @@ def test_failure_is_recorded_with_its_cause_and_the_study_goes_on(write_study):
     # TrainingArguments accepts a batch size of 0; the DataLoader refuses it once training starts.
     path = write_study(n_trials=1, max_failures_in_a_row=2,
                        search_space={"per_device_train_batch_size": {"type": "categorical", "choices": [0]}})
-    study = run_study(load_study(path), quiet)
-    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    with pytest.raises(TrialsFailed, match="2 trials failed in a row") as stopped:
+        run_study(load_study(path), quiet)
+    failed = [t for t in stopped.value.study.trials if t.state == TrialState.FAIL]
     assert len(failed) == 2  # stopped after max_failures_in_a_row instead of looping forever
     assert "batch_size" in failed[0].user_attrs["fail_reason"]
     assert failed[0].value is None  # a failure is a state, never a number
@@ -138,3 +147,112 @@ def test_dropout_reaches_the_model_config(write_study, tiny_model):
     assert model.config.hidden_dropout_prob == 0.37
     assert model.config.attention_probs_dropout_prob == 0.37
     assert model.config.num_labels == 3
+
+
+def test_every_failure_carries_its_cause(write_study):
+    # The derive divides by zero only at the enqueued learning rate, which validation's corners miss: the
+    # trial fails at sampling, before training. It used to end FAIL with no reason, printed "interrupted".
+    path = write_study(n_trials=1, search_space={
+        "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "max_grad_norm": {"derive": "1 / (learning_rate * 1000 - 1)"}}, enqueue=[{"learning_rate": 0.001}])
+    console = Console(file=io.StringIO(), width=300)
+    study = run_study(load_study(path), console)
+    failed = study.trials[0]
+    assert failed.state == TrialState.FAIL
+    assert failed.user_attrs["fail_reason"].startswith("DeriveError: search_space.max_grad_norm.derive")
+    assert "division by zero" in failed.user_attrs["fail_reason"] and "Traceback" in failed.user_attrs["fail_traceback"]
+    output = console.file.getvalue()
+    assert "trial   0 failed: DeriveError" in output and "interrupted" not in output
+    assert study.trials[1].state == TrialState.COMPLETE  # and the study went on
+
+
+def test_a_resumed_seeded_study_does_not_replay_its_first_configurations(write_study):
+    path = write_study(n_trials=2)  # random sampler, seed 0
+    run_study(load_study(path), quiet)
+    study = run_study(load_study(path, {"n_trials": 4}), quiet)
+    params = [repr(sorted(t.params.items())) for t in study.trials]
+    assert len(set(params)) == len(params) == 4, params
+
+
+def test_a_finished_configuration_is_not_trained_again_until_the_space_is_exhausted(write_study):
+    space = {"learning_rate": {"type": "categorical", "choices": [1e-3, 1e-2]},
+             "per_device_train_batch_size": {"type": "categorical", "choices": [4, 8]}}
+    path = write_study(n_trials=4, search_space=space)  # 4 configurations in all
+    study = run_study(load_study(path), quiet)
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len({repr(sorted(t.params.items())) for t in finished}) == 4
+    for t in study.get_trials(states=(TrialState.FAIL,)):  # repeats were rejected before training
+        assert "rejected_duplicate" in t.user_attrs and "train_seconds" not in t.user_attrs
+    study = run_study(load_study(path, {"n_trials": 5}), quiet)  # exhausted: a repeat is the only way on
+    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 5
+
+
+def test_a_run_stopped_by_failures_exits_non_zero(write_study):
+    path = write_study(n_trials=1, max_failures_in_a_row=2,
+                       search_space={"per_device_train_batch_size": {"type": "categorical", "choices": [0]}})
+    result = subprocess.run([sys.executable, "-m", "hpo.cli", "run", str(path)], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300"}, timeout=600)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "no trial completed" in result.stdout and "stopping: 2 trials failed in a row" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_best_model_is_decided_after_values_are_stored(write_study):
+    # Two workers each stage a model that beats the best stored so far. Whatever order their after-tell
+    # steps run in, best_model/ ends up holding the study's best, and the loser's staged model is removed.
+    from hpo.study import _after_tell, _staged
+
+    for order in ("worse first", "better first"):
+        cfg = load_study(write_study(study=order.replace(" ", "-")))
+        study = optuna.create_study(study_name=cfg.study, storage=cfg.storage_url)
+        better, worse = study.ask(), study.ask()
+        for trial in (better, worse):
+            _staged(cfg, trial.number).mkdir(parents=True)
+            (_staged(cfg, trial.number) / "hpo_trial.json").write_text(json.dumps({"trial": trial.number}))
+        if order == "worse first":
+            study.tell(worse, 0.5)
+            _after_tell(cfg, study, study.trials[worse.number])  # the better one still runs: its model stays staged
+            assert _staged(cfg, better.number).exists()
+            study.tell(better, 0.3)
+            _after_tell(cfg, study, study.trials[better.number])
+        else:
+            study.tell(better, 0.3)
+            study.tell(worse, 0.5)
+            _after_tell(cfg, study, study.trials[worse.number])  # the worse one's step runs last
+            _after_tell(cfg, study, study.trials[better.number])
+        saved = json.loads((cfg.output_path / "best_model" / "hpo_trial.json").read_text())
+        assert saved["trial"] == study.best_trial.number == better.number, order
+        assert not (cfg.output_path / ".staged").exists()
+
+
+def test_a_model_that_cannot_be_saved_keeps_its_trial_and_leaves_nothing_behind(write_study, tmp_path):
+    # A write that fails as on a full disk (RLIMIT_FSIZE: any file past 8 MiB fails with EFBIG): the 30 MB
+    # model cannot be saved; the study file's SQLite and logs stay far smaller.
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from tests.conftest import DATA
+
+    big = tmp_path / "big-bert"
+    words = sorted({w for f in ("train.csv", "eval.csv") for line in (DATA / f).read_text().splitlines()[1:]
+                    for w in line.rsplit(",", 1)[0].split()})
+    BertTokenizerFast(vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+                      ).save_pretrained(big)
+    BertModel(BertConfig(vocab_size=len(words) + 5, hidden_size=768, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=768, max_position_embeddings=64)).save_pretrained(big)
+    path = write_study(n_trials=2, model=str(big), train={"num_train_epochs": 1, "seed": 0})
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 2**20, 8 * 2**20))
+
+    result = subprocess.run([sys.executable, "-m", "hpo.cli", "run", str(path)], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300"}, timeout=600,
+                            preexec_fn=limit_file_size)
+    assert result.returncode == 0, result.stdout + result.stderr
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2  # the values are kept
+    assert "the model was not saved" in study.trials[0].user_attrs["save_error"]
+    assert "warning: best_model/ is empty" in result.stdout
+    outputs = tmp_path / "outputs" / "tiny"
+    assert not [p.name for p in outputs.rglob("*") if p.name.startswith(".") or "staged" in p.name]
+    assert not (outputs / "best_model").exists()
