@@ -25,14 +25,9 @@ import pytest
 CORPUS = Path(__file__).parent / "broken_data"
 FILES = sorted(CORPUS.glob("*.yaml"))
 
-# The goal (issue 13): a broken data file fails in well under 5 s of CPU and 300 MB, because `hpo run`
-# reads and checks the data (hpo.data.load_examples, pandas only) before it imports torch. Until that
-# wiring lands, `hpo run` imports torch and transformers first (~470 MB, ~4 s of CPU alone), so the
-# caps asserted here are the loose ones below. TODO(lead): once `hpo run` checks the data before
-# importing torch, set MAX_CPU_S = 5 and MAX_RSS_MB = 300. (tests/test_data.py already holds
-# load_examples itself to those goals, in a subprocess without torch.)
-GOAL_CPU_S, GOAL_RSS_MB = 5, 300
-MAX_CPU_S, MAX_RSS_MB = 60, 1500
+# A broken data file fails in well under 5 s of CPU and 300 MB: `hpo run` reads and checks the data
+# (hpo.data.load_examples, pandas only) before it imports torch, which alone takes ~470 MB.
+MAX_CPU_S, MAX_RSS_MB = 5, 300
 
 
 def test_the_corpus_covers_each_format_and_task():

@@ -20,7 +20,7 @@ def test_run_then_rerun_then_raise_the_target(write_study):
     assert "best trial" in first.stdout and f"hpo dashboard {path}" in first.stdout
     again = hpo("run", path)
     assert again.returncode == 0 and "2 finished trial(s)" in again.stdout
-    more = hpo("run", path, "n_trials=3", "train.num_train_epochs=1")
+    more = hpo("run", path, "n_trials=3", "train.num_train_epochs=1", "--allow-changes")  # a new revision
     assert more.returncode == 0, more.stderr
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}")
     assert len(study.trials) == 3

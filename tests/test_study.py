@@ -256,3 +256,48 @@ def test_a_model_that_cannot_be_saved_keeps_its_trial_and_leaves_nothing_behind(
     outputs = tmp_path / "outputs" / "tiny"
     assert not [p.name for p in outputs.rglob("*") if p.name.startswith(".") or "staged" in p.name]
     assert not (outputs / "best_model").exists()
+
+
+def test_a_classifier_with_another_number_of_labels_gets_a_new_head(write_study, tmp_path, tiny_model):
+    # The seed article's strict=False case: a 5-label checkpoint fine-tuned on 3-label data.
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    five = tmp_path / "five-labels"
+    config = BertConfig.from_pretrained(tiny_model, num_labels=5)
+    BertForSequenceClassification(config).save_pretrained(five)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(five)
+    study = run_study(load_study(write_study(n_trials=1, model=str(five))), quiet)
+    (trial,) = study.trials
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+    report = trial.user_attrs["load_report"]
+    assert report["new_heads"] == ["classifier"]
+    assert report["mismatched_keys"] == ["classifier.bias: (5,) → (3,)", "classifier.weight: (5, 32) → (3, 32)"]
+
+
+def test_a_chosen_precision_is_kept():
+    from hpo.trial import precision
+
+    assert precision({}, cuda=True, bf16_supported=True) == {"bf16": True}
+    assert precision({}, cuda=True, bf16_supported=False) == {"fp16": True}
+    assert precision({"fp16": True}, cuda=True, bf16_supported=True) == {}  # was bf16 too: every trial failed
+    assert precision({"bf16": False}, cuda=True, bf16_supported=True) == {}
+    assert precision({"fp16": True}, cuda=False, bf16_supported=False) == {"dataloader_pin_memory": False}
+
+
+def test_a_dropped_storage_connection_does_not_fail_the_trial(write_study, fresh_postgres_url, postgres_admin):
+    # The server ends every connection of the study mid-trial (a restart, a failover, an idle timeout).
+    # It used to fail the trial with Optuna's "invalid data in the commit"; the pool now pings and reconnects.
+    from procs import start, wait_for_running
+
+    database = fresh_postgres_url.rsplit("/", 1)[1]
+    path = write_study(n_trials=1, storage=fresh_postgres_url, train={"num_train_epochs": 20, "seed": 0},
+                       eval_every=1.0)
+    proc = start(path)
+    wait_for_running(fresh_postgres_url)
+    ended = postgres_admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                   "WHERE datname = %s AND pid <> pg_backend_pid()", (database,)).fetchone()[0]
+    output = proc.communicate(timeout=600)[0]
+    assert ended > 0 and proc.returncode == 0, output
+    assert "invalid data" not in output
+    study = optuna.load_study(study_name="tiny", storage=fresh_postgres_url)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]
