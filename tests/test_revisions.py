@@ -13,7 +13,6 @@ import yaml
 from rich.console import Console
 
 from hpo import ConfigError, load_study, run_study
-from hpo.revisions import changes
 
 quiet = Console(quiet=True)
 
@@ -117,6 +116,8 @@ def test_sampler_pruner_and_budget_may_change_freely(write_study):
 
 
 def test_changes_name_each_leaf():
+    from hpo.revisions import changes
+
     old = {"a": {"b": 1, "c": [1, 2]}, "d": "x"}
     new = {"a": {"b": 2, "c": [1, 2]}, "e": 1}
     assert changes(old, new) == ["a.b: 1 → 2", "d: removed", "e: added"]

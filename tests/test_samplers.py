@@ -5,7 +5,7 @@ import pytest
 from optuna.distributions import FloatDistribution
 
 from hpo import ConfigError, load_study
-from hpo.samplers import dry_run, make_pruner, make_sampler
+from hpo.samplers import make_pruner, make_sampler
 
 SPACE = {"x": FloatDistribution(0.0, 1.0)}
 
@@ -56,6 +56,8 @@ def test_lax_numbers_are_converted():
 
 
 def test_dry_run_asks_reports_and_tells():
+    from hpo.samplers import dry_run
+
     study_sampler = make_sampler("tpe", {"n_startup_trials": 1, "seed": 0}, SPACE)
     dry_run(study_sampler, make_pruner("median", {"n_startup_trials": 0}), SPACE, "minimize")  # raises on trouble
 

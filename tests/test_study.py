@@ -16,7 +16,6 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from hpo import load_study, run_study
-from hpo.study import TrialsFailed
 from hpo.trial import prepare
 
 quiet = Console(quiet=True)
@@ -130,6 +129,8 @@ def test_failure_is_recorded_with_its_cause_and_the_study_goes_on(write_study):
     # TrainingArguments accepts a batch size of 0; the DataLoader refuses it once training starts.
     path = write_study(n_trials=1, max_failures_in_a_row=2,
                        search_space={"per_device_train_batch_size": {"type": "categorical", "choices": [0]}})
+    from hpo.study import TrialsFailed
+
     with pytest.raises(TrialsFailed, match="2 trials failed in a row") as stopped:
         run_study(load_study(path), quiet)
     failed = [t for t in stopped.value.study.trials if t.state == TrialState.FAIL]
