@@ -14,7 +14,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-WAIT_S = 120  # the cap on every wait: a loaded machine is slow, not stuck
+WAIT_S = 120  # the cap on every wait for an event: a loaded machine is slow, not stuck
+RUN_S = 900  # the cap on a whole `hpo run` of a few trials: a 40-epoch trial took 173 s with the load at 10 on 2 cores
 
 
 def wait_for(condition, what: str, timeout: float = WAIT_S, poll: float = 0.2):

@@ -5,7 +5,7 @@ import signal
 import optuna
 import pytest
 from optuna.trial import TrialState
-from procs import SLOW_EPOCHS, WAIT_S, slow_study, start, wait_for_running, wait_until_stale
+from procs import RUN_S, SLOW_EPOCHS, WAIT_S, slow_study, start, wait_for_running, wait_until_stale
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -23,7 +23,8 @@ def test_a_signal_ends_the_trial_interrupted_and_a_rerun_resumes(write_study, si
     assert not study.get_trials(states=(TrialState.RUNNING,))
 
     rerun = start(path)
-    assert rerun.wait(timeout=300) == 0
+    output = rerun.communicate(timeout=RUN_S)[0]
+    assert rerun.returncode == 0, output
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}")
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(complete) == 2
@@ -42,7 +43,7 @@ def test_killed_worker_trial_is_failed_and_retried(write_study, storage_url, req
     wait_until_stale(storage_url, name, victim.number, heartbeat_interval=1, grace_period=3)
 
     rerun = start(path)
-    output = rerun.communicate(timeout=300)[0]
+    output = rerun.communicate(timeout=RUN_S)[0]
     assert rerun.returncode == 0, output
     study = optuna.load_study(study_name=name, storage=storage_url)
     assert study.trials[victim.number].state == TrialState.FAIL

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from conftest import POSTGRES
 from optuna.trial import TrialState
-from procs import SLOW_EPOCHS, WAIT_S, alive, slow_study, start, wait_for, wait_for_running
+from procs import RUN_S, SLOW_EPOCHS, WAIT_S, alive, slow_study, start, wait_for, wait_for_running
 
 from hpo.workers import gpu_ids, worker_env
 
@@ -36,7 +36,7 @@ def assert_accounted_for(study: optuna.Study, n_trials: int, n_workers: int) -> 
 def test_four_local_workers_on_the_default_storage_account_for_every_trial(write_study):
     path = write_study(n_trials=12, train={"num_train_epochs": 1, "seed": 0})
     proc = start(path, "--workers", "4")
-    output = proc.communicate(timeout=600)[0]
+    output = proc.communicate(timeout=RUN_S)[0]
     assert proc.returncode == 0, output
     assert "4 workers on CPU" in output and "database is locked" not in output
     study = optuna.load_study(study_name="tiny", storage=sqlite_url(path))
@@ -52,7 +52,7 @@ def test_four_local_workers_on_the_default_storage_account_for_every_trial(write
 def test_gpus_pins_one_device_per_worker(write_study):
     path = write_study(n_trials=4)
     proc = start(path, "--gpus", "0,1")  # no GPU here: each worker still gets its CUDA_VISIBLE_DEVICES
-    output = proc.communicate(timeout=600)[0]
+    output = proc.communicate(timeout=RUN_S)[0]
     assert proc.returncode == 0, output
     assert "2 workers on GPU 0, 1" in output
     study = optuna.load_study(study_name="tiny", storage=sqlite_url(path))
@@ -73,7 +73,7 @@ def test_a_killed_worker_takes_down_only_itself_and_its_trial_is_retried(write_s
     study = wait_for_running(sqlite_url(path))
     victim = study.get_trials(states=(TrialState.RUNNING,))[0]
     os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)  # as the OOM killer would
-    output = proc.communicate(timeout=600)[0]
+    output = proc.communicate(timeout=RUN_S)[0]
     assert proc.returncode == 0, output  # the study reached its target all the same
     assert "was killed by SIGKILL" in output
     study = optuna.load_study(study_name="tiny", storage=sqlite_url(path))
@@ -172,7 +172,7 @@ def test_nodes_starting_at_once_join_one_study_on_postgresql(write_study, fresh_
     rule_of_thumb = {"learning_rate": 1e-3, "per_device_train_batch_size": 8}
     path = write_study(n_trials=4, storage=fresh_postgres_url, enqueue=[rule_of_thumb])
     nodes = [start(path) for _ in range(4)]
-    outputs = [p.communicate(timeout=600)[0] for p in nodes]
+    outputs = [p.communicate(timeout=RUN_S)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0] * 4, "\n".join(outputs)
     assert optuna.get_all_study_names(storage=fresh_postgres_url) == ["tiny"]
     study = optuna.load_study(study_name="tiny", storage=fresh_postgres_url)
@@ -190,7 +190,7 @@ def test_credentials_are_masked_in_every_line_printed_or_saved(write_study, fres
     for command in (["run", str(path), "--workers", "2"], ["report", str(path)], ["best", str(path)],
                     ["run", str(path), "--storage", url.replace(":5432/", ":1/")]):  # unreachable: exit 2, one line
         proc = subprocess.run([sys.executable, "-m", "hpo.cli", *command], capture_output=True, text=True,
-                              env={**os.environ, **env}, timeout=600)
+                              env={**os.environ, **env}, timeout=RUN_S)
         printed += proc.stdout + proc.stderr
         assert proc.returncode == (2 if "--storage" in command else 0), proc.stdout + proc.stderr
     assert "postgres:***@" in printed and "cannot open" in printed.splitlines()[-1]
