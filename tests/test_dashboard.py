@@ -53,12 +53,9 @@ def test_artifacts_and_note(study_file):
     from optuna_dashboard import get_note
 
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_file.with_suffix('.db')}")
-    best = study.best_trial
-    names = {m.filename for m in get_all_artifact_meta(best, storage=study._storage)}
-    assert names == {"config.json", "metrics.json", "best.json"}
-    for t in study.trials:
-        if t.number != best.number:
-            assert {"config.json", "metrics.json"} <= {m.filename for m in get_all_artifact_meta(t, storage=study._storage)}
+    for t in study.trials:  # complete and pruned alike
+        names = {m.filename for m in get_all_artifact_meta(t, storage=study._storage)}
+        assert names == {"config.json", "metrics.json", "training_arguments.json"}, t.number
     assert get_note(study).startswith("## Resolved study file") and "study: tiny" in get_note(study)
 
 
@@ -119,5 +116,5 @@ def test_dashboard_in_chromium(study_file):
         output = server.communicate(timeout=WAIT_S)[0]
     assert f"serving {base}" in output
     assert "Intermediate Values" in body and "\n18 " in f"\n{body}"  # steps are examples seen: 18, 36, ...
-    for artifact in ("config.json", "metrics.json", "best.json"):
+    for artifact in ("config.json", "metrics.json", "training_arguments.json"):
         assert artifact in body
