@@ -11,10 +11,14 @@ import optuna
 
 from hpo import recipe
 from hpo.config import TASK_METRICS, LoraSettings, StudyConfig
-from hpo.revisions import REVISIONS, trial_revision
+from hpo.revisions import REVISIONS, check_trial_settings, trial_revision
 from hpo.space import split_params, training_arguments
 
 CREDENTIALS = ("hub_token",)  # TrainingArguments fields that hold secrets
+
+
+class NoCompleteTrial(ValueError):
+    """The study has no complete trial, so no best one."""
 
 
 def best_params(study: optuna.Study) -> dict[str, Any]:
@@ -47,9 +51,14 @@ def best_config(cfg: StudyConfig, study: optuna.Study) -> tuple[dict[str, Any], 
     """:func:`trial_config` of the study's best trial.
 
     Raises:
-        ValueError: the study has no complete trial.
+        NoCompleteTrial: the study has no complete trial.
+        ConfigError: the study file's settings differ from those the best trial ran under.
     """
-    trial = study.best_trial
+    try:
+        trial = study.best_trial
+    except ValueError:  # Optuna says "Record does not exist."
+        raise NoCompleteTrial(f"{cfg.file}: the study has no complete trial yet") from None
+    check_trial_settings(study, cfg, trial)
     args, rest = trial_config(cfg, best_params(study), trial.number, trial.value)
     revision = trial_revision(trial)
     current = study.user_attrs.get(REVISIONS, [{}])[-1].get("revision", 0)
@@ -78,12 +87,12 @@ def train_best(cfg: StudyConfig, study: optuna.Study, all_data: bool = False) ->
     """
     from hpo.trial import TrialResult, prepare, release, run_trial, save_model
 
+    args, rest = best_config(cfg, study)  # before training: refuses a study file that changed
     bench = prepare(cfg)
     if all_data:
         bench = dataclasses.replace(bench, train_rows=bench.train_rows + bench.eval_rows)
     params = best_params(study)
     result: TrialResult = run_trial(bench, params, optuna.trial.FixedTrial(params), run_name="final")
-    args, rest = best_config(cfg, study)
     folder = save_model(bench, result, params, study.best_trial.number, cfg.output_path / "final_model")
     (folder / "training_args.json").write_text(json.dumps(args, indent=2, sort_keys=True) + "\n")
     (folder / "README.md").write_text(_model_card(cfg, rest, args, result.attrs, all_data))

@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from hpo.config import load_study
+from hpo.config import load_study, parse_yaml
 from hpo.errors import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -33,10 +32,12 @@ def _parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         if not sep or not key:
             err.print(f"[red]error[/] <command line>: {escape(repr(pair))}: an override is key.path=value")
             raise typer.Exit(2)
-        try:  # YAML typing: 3 → int, 1.0e-4 → float, [a, b] → list
-            out[key] = yaml.safe_load(value) if value else None
-        except yaml.YAMLError:
-            out[key] = value
+        try:  # YAML typing: 3 → int, 1.0e-4 → float, [a, b] → list; checked like a study file (alias bombs)
+            out[key] = parse_yaml(value, "<command line>")[0] if value else None
+        except ConfigError as e:
+            if not e.problems[0].message.startswith("YAML syntax error"):
+                _fail(e)
+            out[key] = value  # not YAML: the text as it is
     return out
 
 
@@ -84,7 +85,7 @@ def run(
     import optuna
     import sqlalchemy
 
-    from hpo.study import TrialsFailed, mask_url, run_study  # imports torch and transformers: only once the file is valid
+    from hpo.study import TrialsFailed, run_study  # imports torch and transformers: only once the file is valid
     from hpo.trial import prepare
     from hpo.workers import gpu_ids, run_workers
 
@@ -106,7 +107,7 @@ def run(
         raise typer.Exit(130) from None
     except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
         reason = cfg.masked(str(getattr(e, "orig", None) or e.__cause__ or e).strip().splitlines()[0][:200])
-        err.print(f"[red]error[/] lost the storage {escape(mask_url(cfg.storage_url))}: {escape(reason)}; finished "
+        err.print(f"[red]error[/] lost the storage {escape(cfg.storage_label)}: {escape(reason)}; finished "
                   "trials are kept: run the same command again to resume")
         code = 1
     raise typer.Exit(code)
@@ -158,8 +159,12 @@ def report(
     trials = rep.trials_frame(loaded, include_pruned=include_pruned)
     summary = rep.studies_frame(loaded, trials)
     folder = cfgs[0].output_path / "report"
-    csv_paths = rep.write_csv(trials, summary, csv or folder / "trials.csv")
-    html_path = rep.write_html(loaded, trials, summary, html or folder / "report.html")
+    try:
+        csv_paths = rep.write_csv(trials, summary, csv or folder / "trials.csv")
+        html_path = rep.write_html(loaded, trials, summary, html or folder / "report.html")
+    except OSError as e:
+        err.print(f"[red]error[/] cannot write {escape(str(e.filename or folder))}: {escape(e.strerror or str(e))}")
+        raise typer.Exit(2) from None
     from hpo.dashboard import save_study_note
     from hpo.study import resolved_config
 
@@ -199,7 +204,7 @@ def best(
     storage: Storage = None,
 ) -> None:
     """Write the best configuration: TrainingArguments JSON, and <stem>.model.json beside it."""
-    from hpo.best import write_best
+    from hpo.best import NoCompleteTrial, write_best
     from hpo.study import load_existing
 
     cfg = _load(study, _storage(storage), env)
@@ -208,8 +213,12 @@ def best(
         written = write_best(cfg, loaded, out or cfg.output_path / "best.json")
     except ConfigError as e:
         _fail(e)
-    except ValueError:
-        err.print(f"[red]error[/] {escape(str(study))}: the study has no complete trial yet")
+    except NoCompleteTrial as e:
+        err.print(f"[red]error[/] {escape(str(e))}")
+        raise typer.Exit(2) from None
+    except OSError as e:
+        err.print(f"[red]error[/] cannot write {escape(str(out or cfg.output_path / 'best.json'))}: "
+                  f"{escape(e.strerror or str(e))}")
         raise typer.Exit(2) from None
     console = Console()
     rest = json.loads(written[1].read_text())
@@ -229,7 +238,7 @@ def train(
     storage: Storage = None,
 ) -> None:
     """Retrain the best configuration and save the model with a model card."""
-    from hpo.best import train_best
+    from hpo.best import NoCompleteTrial, train_best
     from hpo.study import load_existing
 
     if not best:
@@ -240,8 +249,8 @@ def train(
         folder = train_best(cfg, load_existing(cfg), all_data)
     except ConfigError as e:
         _fail(e)
-    except ValueError as e:
-        err.print(f"[red]error[/] {escape(str(study))}: {escape(str(e))}")
+    except NoCompleteTrial as e:
+        err.print(f"[red]error[/] {escape(str(e))}")
         raise typer.Exit(2) from None
     Console().print(f"saved {folder}")
 
@@ -256,7 +265,7 @@ def dashboard(
 ) -> None:
     """Serve optuna-dashboard on the study's storage, with the trials' artifacts."""
     from hpo.dashboard import exposed, serve
-    from hpo.study import load_existing, mask_url
+    from hpo.study import load_existing
 
     cfg = _load(study, _storage(storage), env)
     try:
@@ -266,7 +275,7 @@ def dashboard(
     if exposed(host):
         err.print(f"[yellow]warning[/] binding {escape(host)}: optuna-dashboard has no authentication; anyone who "
                   "reaches this address can read and change the study")
-    Console().print(f"{cfg.study} in {mask_url(cfg.storage_url)}\nserving http://{host}:{port}/dashboard  (Ctrl-C stops)")
+    Console().print(f"{cfg.study} in {cfg.storage_label}\nserving http://{host}:{port}/dashboard  (Ctrl-C stops)")
     serve(cfg, host, port)
 
 

@@ -14,7 +14,9 @@ import json
 import math
 import os
 import re
+import stat
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
@@ -203,7 +205,7 @@ class DataConfig(_Strict):
     tags_column: str = "tags"  # token-classification: one tag per token, IOB2 (B-PER, I-PER, O)
     prompt_column: str | None = None  # causal-lm: with response_column, the loss is on the response only
     response_column: str | None = None
-    max_length: PositiveInt = 128  # tokens; longer texts are truncated
+    max_length: int = Field(128, gt=0, le=2**20)  # tokens; longer texts are truncated
     max_train_rows: PositiveInt | None = None  # a random slice (seed 0) for quick runs, e.g. in a dev environment
     max_eval_rows: PositiveInt | None = None
 
@@ -283,8 +285,8 @@ class StudyConfig(_Strict):
     enqueue: list[dict[str, Any]] = []  # known configurations to try first (warm start)
     n_trials: PositiveInt = 10  # finished (complete + pruned) trials the study should hold
     timeout: PositiveFloat | None = None  # seconds for this run
-    heartbeat_interval: PositiveInt = 10  # seconds between a running trial's heartbeats
-    grace_period: PositiveInt | None = None  # seconds without a heartbeat before a trial is stale (default 2x interval)
+    heartbeat_interval: int = Field(10, gt=0, le=3600)  # seconds between a running trial's heartbeats
+    grace_period: int | None = Field(None, gt=0, le=86400)  # seconds without a heartbeat before a trial is stale (default 2x interval)
     max_retry: int = Field(2, ge=0)  # re-runs of a trial whose worker died (same params)
     max_failures_in_a_row: PositiveInt = 3  # a worker stops after this many failed trials in a row
     storage: str | None = None  # default: sqlite beside the study file
@@ -313,14 +315,23 @@ class StudyConfig(_Strict):
         return self._file
 
     def masked(self, text: str) -> str:
-        """``text`` with every value of a secret-looking ``${VAR}`` (PASSWORD, SECRET, TOKEN, KEY) as ``***``."""
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        """``text`` with every value of a secret-looking ``${VAR}`` (PASSWORD, SECRET, TOKEN, KEY) as ``***``.
+
+        Also the secret as JSON and ``repr`` spell it inside text that quotes it (``\\"``, ``\\u00e9``).
+        """
+        return mask(text, self._secrets)
 
     def masked_data(self, data: Any) -> Any:
-        """:meth:`masked` over every string in a JSON-like ``data``."""
-        return json.loads(self.masked(json.dumps(data, default=str)))
+        """:meth:`masked` over every string (keys too) in a JSON-like ``data``."""
+        if isinstance(data, dict):
+            return {self.masked(str(k)): self.masked_data(v) for k, v in data.items()}
+        if isinstance(data, list | tuple):
+            return [self.masked_data(v) for v in data]
+        if isinstance(data, str):
+            return self.masked(data)
+        if data is None or isinstance(data, bool | int | float):
+            return data
+        return self.masked(str(data))
 
     @property
     def derived_values(self) -> dict[str, list[Any]]:
@@ -350,6 +361,15 @@ class StudyConfig(_Strict):
                 and importlib.util.find_spec("psycopg"):
             return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
         return self.storage
+
+    @property
+    def storage_label(self) -> str:
+        """The storage URL as printed and saved: password and secrets masked."""
+        try:
+            url = make_url(self.storage_url).render_as_string(hide_password=True)
+        except Exception:  # noqa: BLE001 - not a URL: validation reports it
+            url = self.storage_url
+        return self.masked(url)
 
     @property
     def output_path(self) -> Path:
@@ -407,7 +427,8 @@ def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None, env
         try:
             _build(path, layers, source, name, overrides or {}, strict_variables=False)
         except ConfigError as e:
-            problems += [Problem(p.file, p.line, f"environments.{name}.{p.key}", p.message)
+            problems += [Problem(p.file, p.line, p.key if p.key.startswith(f"environments.{name}")
+                                 else f"environments.{name}.{p.key}", p.message)
                          for p in e.problems if (p.file, p.line) in overlay_lines]
     if problems:
         raise ConfigError(problems)
@@ -425,10 +446,16 @@ def _build(path: Path, layers: dict[str, Any], source: SourceMap, env: str | Non
             raise source.error(("environments",), f"no environment {env!r} (defined: {defined})")
         if not isinstance(environments[env], dict):
             raise source.error(("environments", env), "an environment is a mapping of study keys")
+        if "extends" in environments[env]:
+            raise source.error(("environments", env, "extends"), "extends: belongs at the top of a study file, "
+                                                                 "not in an environment")
         raw = _deep_merge(raw, environments[env])
         source.update(source.subtree(("environments", env)))
     raw, secrets = _expand_variables(raw, path.parent / ".env", source, strict_variables)
     for key, value in overrides.items():
+        if key.split(".")[0] in ("extends", "environments"):
+            raise ConfigError([Problem("<command line>", None, key, "cannot be set from the command line "
+                                                                    "(write it in the study file)")])
         *parents, leaf = key.split(".")
         node = raw
         for k in parents:
@@ -456,10 +483,16 @@ def _build(path: Path, layers: dict[str, Any], source: SourceMap, env: str | Non
 
 
 def _mask(problem: Problem, secrets: frozenset[str]) -> Problem:
-    message = problem.message
+    return Problem(problem.file, problem.line, problem.key, mask(problem.message, secrets))
+
+
+def mask(text: str, secrets: typing.Iterable[str]) -> str:
+    """``text`` with each secret, as written or as JSON and ``repr`` escape it, replaced by ``***``."""
     for secret in secrets:
-        message = message.replace(secret, "***")
-    return Problem(problem.file, problem.line, problem.key, message)
+        for spelling in {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1],
+                         repr(secret)[1:-1]}:
+            text = text.replace(spelling, "***")
+    return text
 
 
 def _non_finite(node: Any, source: SourceMap, at: KeyPath = ()) -> list[Problem]:
@@ -479,10 +512,10 @@ PATH_KEYS = (("data", "train"), ("data", "eval"), ("output_dir",))
 
 def _read_layers(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], SourceMap]:
     """One study file with its ``extends:`` chain merged under it."""
+    raw, source = _read_yaml(path)  # first: it refuses a symlink loop, which resolve() raises on
     if path.resolve() in seen:
         chain = " → ".join(p.name for p in (*seen, path.resolve()))
         raise ConfigError([Problem(str(path), None, "extends", f"files extend each other in a cycle: {chain}")])
-    raw, source = _read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError([source.problem((), "a study file is a YAML mapping of keys")])
     if isinstance(raw.get("search_space"), str):
@@ -541,22 +574,41 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
 #: an alias bomb ("billion laughs": 1 KB of nested aliases that expands to 10^9 values) or not a study file.
 MAX_NODES = 100_000
 MAX_DEPTH = 64  # nesting levels; a study file needs about 6
+MAX_FILE_BYTES = 10 * 2**20  # a study file is a few KB; this keeps /dev/zero from filling the memory
 
 
 def _read_yaml(path: Path) -> tuple[Any, SourceMap]:
     """Parse one YAML file, refusing what would hang or silently mislead before building any value.
 
-    Refused, each as one ``FILE:LINE`` problem: bytes that are not UTF-8, duplicate keys, nesting
-    deeper than ``MAX_DEPTH``, recursive aliases, and more than ``MAX_NODES`` values after alias
-    expansion. PyYAML composes aliases as shared nodes, so its node graph stays as small as the
-    file; every check below walks that graph with memoisation, never the expanded tree.
+    Refused, each as one ``FILE:LINE`` problem: anything but a regular file under ``MAX_FILE_BYTES``
+    (a FIFO, ``/dev/zero``, a symlink loop), bytes that are not UTF-8, and what :func:`parse_yaml`
+    refuses.
     """
     file = str(path)
     try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError([Problem(file, None, "", "not a regular file")])
+        if info.st_size > MAX_FILE_BYTES:
+            raise ConfigError([Problem(file, None, "", f"{info.st_size:,} bytes: a study file is at most "
+                                                       f"{MAX_FILE_BYTES:,}")])
         raw_bytes = path.read_bytes()
     except OSError as e:
         raise ConfigError([Problem(file, None, "", f"cannot read: {e.strerror or e}")]) from None
-    text = _decode(raw_bytes, file)
+    return parse_yaml(_decode(raw_bytes, file), file)
+
+
+def parse_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
+    """YAML ``text`` (from ``file``) → (data, source map), safely.
+
+    Refused, each as one ``FILE:LINE`` problem: duplicate keys, nesting deeper than ``MAX_DEPTH``,
+    recursive aliases, and more than ``MAX_NODES`` values after alias expansion. PyYAML composes
+    aliases as shared nodes, so its node graph stays as small as the text; every check walks that
+    graph with memoisation, never the expanded tree.
+
+    Raises:
+        ConfigError: naming the line.
+    """
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -569,7 +621,7 @@ def _read_yaml(path: Path) -> tuple[Any, SourceMap]:
         col = f" (column {mark.column + 1})" if mark else ""
         raise ConfigError([Problem(file, line, "", f"YAML syntax error: {e.problem or e.context}{col}")]) from None
     except yaml.YAMLError as e:
-        raise ConfigError([Problem(file, None, "", f"YAML error: {e}")]) from None
+        raise ConfigError([Problem(file, None, "", f"YAML error: {str(e)[:200]}")]) from None
     except RecursionError:  # PyYAML composes recursively: ~300 levels of [ or { exhaust the stack
         raise ConfigError([Problem(file, loader.get_mark().line + 1, "",
                                    f"nested deeper than {MAX_DEPTH} levels")]) from None
@@ -613,7 +665,7 @@ def _check_graph(root: yaml.Node, file: str) -> None:
         if isinstance(node, yaml.MappingNode):
             seen: dict[Any, int] = {}
             for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if isinstance(key, yaml.ScalarNode):  # two << merge keys too: the second would silently win
                     if key.value in seen:
                         raise fail(key, at + (key.value,), f"duplicate key (first on line {seen[key.value]}); "
                                                            "keep one")
@@ -680,9 +732,17 @@ def _expand_variables(
                     return m.group(0)
                 problems.append(source.problem(at, f"${{{m.group(1)}}} is not set in the environment or {dotenv.name}"))
                 return m.group(0)
-            if _SECRET_NAME.search(m.group(1)) and env[m.group(1)]:
-                secrets.add(env[m.group(1)])
-            return env[m.group(1)]
+            secret = env[m.group(1)]
+            if not (_SECRET_NAME.search(m.group(1)) and secret):
+                return secret
+            if at[:1] == ("study",):  # the name is a folder and a database key, printed everywhere
+                problems.append(source.problem(at, f"${{{m.group(1)}}} is a secret: it cannot name a study"))
+                return m.group(0)
+            secrets.add(secret)
+            if at[:1] == ("storage",):  # a password in a URL is percent-encoded, or an @ in it splits the URL
+                secret = urllib.parse.quote(secret, safe="")
+                secrets.add(secret)
+            return secret
 
         return _VARIABLE.sub(value, node)
 
@@ -830,9 +890,9 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
     return problems
 
 
-#: Valid values of the model-side and LoRA names a ``derive:`` may compute (training arguments are checked
-#: against TrainingArguments itself, in :func:`hpo.trial.check_training_arguments`).
-_DERIVED_RANGES = {
+#: Valid values of the model-side and LoRA names, searched or derived (training arguments are checked
+#: against TrainingArguments and hpo's own ranges, in :func:`hpo.trial.check_training_arguments`).
+_VALUE_RANGES = {
     "dropout": (lambda v: isinstance(v, int | float) and 0 <= v < 1, "a probability in [0, 1)"),
     "lora_dropout": (lambda v: isinstance(v, int | float) and 0 <= v < 1, "a probability in [0, 1)"),
     "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive whole number (use //)"),
@@ -847,11 +907,18 @@ def _expression_problems(cfg: StudyConfig) -> list[Problem]:
     derived value outside its target's valid range. Records the derived values seen, for the
     TrainingArguments checks that need transformers.
     """
+    found: dict[KeyPath, Problem] = {}
+    for name, d in cfg.distributions.items():  # searched values: each end of the range, or every choice
+        check = _VALUE_RANGES.get(name)
+        values = list(d.choices) if isinstance(d, CategoricalDistribution) else [d.low, d.high]
+        bad = next((v for v in values if check and not check[0](v)), None)
+        if bad is not None:
+            found[("search_space", name)] = cfg.problem(("search_space", name), f"{bad!r}: {name} must be {check[1]}")
     derives = [name for name, p in cfg.search_space.items() if p.expression is not None]
     if not derives and not cfg.constraints:
-        return []
-    found: dict[KeyPath, Problem] = {}
+        return list(found.values())
     seen: dict[str, dict[str, Any]] = {name: {} for name in derives}
+    feasible = False
     for point in space.corners(cfg.distributions):
         where = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
         try:
@@ -863,19 +930,25 @@ def _expression_problems(cfg: StudyConfig) -> list[Problem]:
             continue
         for name, value in derived.items():
             seen[name].setdefault(repr(value), value)
-            check = _DERIVED_RANGES.get(name)
+            check = _VALUE_RANGES.get(name)
             if check and not check[0](value):
                 found.setdefault(("search_space", name, "derive"),
                                  cfg.problem(("search_space", name, "derive"),
                                              f"gives {value!r} at {where}; {name} must be {check[1]}"))
         values = {**cfg.train, **sampled, **derived}
+        met = True
         for i, c in enumerate(cfg.constraint_expressions):
             try:
-                c.evaluate(values)
-            except KeyError:
+                met = c.evaluate(values) is not False and met
+            except KeyError:  # reads a parameter inactive here: does not apply
                 pass
             except ValueError as e:
                 found.setdefault(("constraints", i), cfg.problem(("constraints", i), f"{e} at {where}"))
+                met = False
+        feasible = feasible or met
+    if cfg.constraints and not feasible and not found:
+        found[("constraints",)] = cfg.problem(("constraints",), "no corner of the space and none of 32 random "
+                                              "points meets every constraint: no trial could run")
     cfg._derived_values = {name: list(values.values())[:20] for name, values in seen.items()}
     return list(found.values())
 

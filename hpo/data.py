@@ -7,6 +7,7 @@ each defect is one ``ConfigError`` that names the data file and the line (or JSO
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -45,6 +46,7 @@ class Examples:
     train: list[tuple[Any, Any]]
     eval: list[tuple[Any, Any]]
     labels: list[str]
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # split → SHA-256 of the bytes read, rows used
 
 
 class DataError(Exception):
@@ -59,6 +61,7 @@ class Table:
     records: list[dict[str, Any]]
     where: list[str]
     item_where: list[list[str]] = field(default_factory=list)  # CoNLL: ``FILE:LINE`` of each token of each record
+    sha256: str = ""  # of the bytes read: what a study's fingerprint records, even if the file changes later
 
 
 def read_table(path: Path, shown: str | None = None) -> Table:
@@ -72,17 +75,13 @@ def read_table(path: Path, shown: str | None = None) -> Table:
         DataError: unreadable, not UTF-8, empty, or not valid for its format; the message names the line.
     """
     shown = shown or _shown(path)
-    text = _read_text(path, shown)
+    text, digest = _read_text(path, shown)
     if not re.search(r"\S", text):
         raise DataError(f"{shown}: the file is empty")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return _read_csv(text, shown)
-    if suffix == ".conll":
-        return _read_conll(text, shown)
-    if suffix == ".jsonl":
-        return _read_jsonl(text, shown)
-    return _read_json(text, shown)
+    read = {".csv": _read_csv, ".conll": _read_conll, ".jsonl": _read_jsonl}.get(path.suffix.lower(), _read_json)
+    table = read(text, shown)
+    table.sha256 = digest
+    return table
 
 
 def _shown(path: Path) -> str:
@@ -92,10 +91,11 @@ def _shown(path: Path) -> str:
     return full if relative.startswith("..") else relative
 
 
-def _read_text(path: Path, shown: str) -> str:
+def _read_text(path: Path, shown: str) -> tuple[str, str]:
     # The same rules as study files (config._decode): UTF-8, an optional BOM, nothing else.
     try:
         raw = path.read_bytes()
+        digest = hashlib.sha256(raw).hexdigest()
     except OSError as e:
         raise DataError(f"{shown}: cannot read: {e.strerror or e}") from None
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw[:2]:
@@ -108,7 +108,7 @@ def _read_text(path: Path, shown: str) -> str:
     nul = text.find("\x00")
     if nul >= 0:
         raise DataError(f"{shown}:{text.count(chr(10), 0, nul) + 1}: a NUL byte: not a text file?")
-    return text
+    return text, digest
 
 
 def _read_csv(text: str, shown: str) -> Table:
@@ -356,7 +356,7 @@ def load_examples(cfg: StudyConfig) -> Examples:
         "causal-lm": ({"prompt_column": d.prompt_column, "response_column": d.response_column} if d.prompt_column
                       else {"text_column": d.text_column}),
     }[cfg.task]
-    pairs, names, where = {}, {}, {}
+    pairs, names, where, files = {}, {}, {}, {}
     for split, path in (("train", d.train), ("eval", d.eval)):
         try:
             table = read_table(path)
@@ -375,13 +375,20 @@ def load_examples(cfg: StudyConfig) -> Examples:
         keep = (pd.Series(range(len(rows))).sample(n=limit, random_state=0).tolist() if limit and limit < len(rows)
                 else range(len(rows)))
         pairs[split] = [rows[i] for i in keep]
+        files[split] = {"sha256": table.sha256, "rows": len(pairs[split])}
         if cfg.task != "causal-lm":
             names[split] = [labels[i] for i in keep]
             where[split] = [table.item_where[i] if table.item_where else [table.where[i]] * len(labels[i])
                             for i in keep]
     if cfg.task == "causal-lm":
-        return Examples(pairs["train"], pairs["eval"], labels=[])
+        return Examples(pairs["train"], pairs["eval"], labels=[], files=files)
     labels = sorted({name for row in names["train"] for name in row})
+    if cfg.task == "sequence-classification" and {"true", "false"} & set(labels) \
+            and any(_NUMBER.fullmatch(name) for name in labels):  # JSON true among 0/1/2: a typo, not a class
+        name, place = next((n, at) for row, places in zip(names["train"], where["train"], strict=True)
+                           for n, at in zip(row, places, strict=True) if n in ("true", "false"))
+        raise cfg.error(("data", "train"), f"{place}: label {name!r} among numbers "
+                                           f"({', '.join(repr(n) for n in labels if n != name)[:60]}): one kind of label")
     ids = {name: i for i, name in enumerate(labels)}
     unseen = {}  # label → where eval first shows it, in the order eval shows them
     for row, at in zip(names["eval"], where["eval"], strict=True):
@@ -396,8 +403,8 @@ def load_examples(cfg: StudyConfig) -> Examples:
                         f"need at least 2 labels in train, found {labels}")
     if cfg.task == "token-classification":
         return Examples(*([(tokens, [ids[t] for t in tags]) for tokens, tags in pairs[s]] for s in ("train", "eval")),
-                        labels)
-    return Examples(*([(text, ids[label]) for text, label in pairs[s]] for s in ("train", "eval")), labels)
+                        labels, files)
+    return Examples(*([(text, ids[label]) for text, label in pairs[s]] for s in ("train", "eval")), labels, files)
 
 
 def _cut(text: str, n_chars: int) -> str:

@@ -14,10 +14,12 @@ by default: their objective is the last intermediate value, not a final one.
 Z-scores use the population standard deviation (``ddof=0``), so every ``z_``
 column has mean 0 and standard deviation 1 over the scored rows of a group; a
 constant column gives 0, not NaN. Each is oriented so that higher is better.
-``score`` is the mean of the quality z-scores (objective, accuracy, macro F1
-for trials; best and median objective for studies) and ``rank`` orders by it
-within the group (1 = best). Cost metrics (steps, seconds, memory) get
-z-scores too, outside the score.
+``rank`` orders by the objective within the group (1 = best; for trials of one
+study, rank 1 is the trial ``hpo best`` exports; studies rank by their best
+value), ties broken by ``score``: the mean of the quality z-scores (objective,
+accuracy, macro F1 for trials; best and median objective for studies), a
+second opinion that weighs the other metrics too. Cost metrics (steps,
+seconds, memory) get z-scores too, outside the score.
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ def add_scores(df: pd.DataFrame, metrics: dict[str, tuple[bool, bool]], oriented
     ``oriented`` metrics flip by the row's ``direction``; the others by ``metrics``. Groups are the
     distinct values of the ``by`` columns present in ``df`` (none: one group). ``rows``, a boolean
     mask (default: all), picks the rows scored; the others get NaN z-scores, score and rank.
-    ``rank`` is 1 for the best score of each group.
+    ``rank`` is 1 for the best value of the first metric of ``metrics`` (the objective) in each group,
+    ties broken by ``score``: what the report calls best is what ``hpo best`` calls best.
     """
     df = df.copy()
     keep = pd.Series(True, index=df.index) if rows is None else rows.astype(bool)
@@ -112,7 +115,12 @@ def add_scores(df: pd.DataFrame, metrics: dict[str, tuple[bool, bool]], oriented
         if in_score:
             score_columns.append(f"z_{metric}")
     df["score"] = df[score_columns].mean(axis=1, skipna=True).where(keep) if score_columns else np.nan
-    df["rank"] = df["score"].groupby(groups).rank(ascending=False, method="min").astype("Int64")
+    first = f"z_{next(iter(metrics))}"
+    if first in df:  # the objective first, the score among equal objectives: (z, score) as one sortable key
+        key = df[first].rank(method="dense") * (len(df) + 1) + df["score"].rank(method="dense").fillna(0)
+        df["rank"] = key.where(df[first].notna()).groupby(groups).rank(ascending=False, method="min").astype("Int64")
+    else:
+        df["rank"] = df["score"].groupby(groups).rank(ascending=False, method="min").astype("Int64")
     return df
 
 

@@ -26,17 +26,29 @@ FINGERPRINT = "fingerprint"  # study user attr: the current revision's fingerpri
 REVISIONS = "revisions"  # study user attr: [{"revision", "time", "changes"}], oldest first
 REVISION = "revision"  # trial user attr: the revision the trial ran under
 MAX_LISTED = 4  # changes named in the one-line refusal
+WHOLE_FILE_BYTES = 64 * 2**20  # model and tokenizer files up to this size are hashed whole
+BLOCK_BYTES, SAMPLED_BLOCKS = 2**20, 10  # bigger ones: 10 blocks of 1 MiB, first to last
 
 
-def fingerprint(cfg: StudyConfig, rows: dict[str, int]) -> dict[str, Any]:
-    """What makes ``cfg``'s trials comparable, as JSON; ``rows`` are the rows used per split after slicing."""
+def fingerprint(cfg: StudyConfig, data_files: dict[str, dict[str, Any]] | None = None,
+                model_dirs: tuple[str | None, ...] = ()) -> dict[str, Any]:
+    """What makes ``cfg``'s trials comparable, as JSON.
+
+    ``data_files``: per split, the SHA-256 of the bytes read and the rows used (:class:`hpo.data.Examples`);
+    ``model_dirs``: the model's and tokenizer's folders, whose files are digested (:func:`folder_digest`),
+    so a model replaced in the same folder is a change. Without them, only the settings.
+    """
     data = cfg.data.model_dump(mode="json", exclude={"train", "eval"}, exclude_none=True)
-    for split in ("train", "eval"):
-        data[split] = {"sha256": file_sha256(getattr(cfg.data, split)), "rows": rows[split]}
+    data.update(data_files or {})
+    model = cfg.model.model_dump(mode="json", exclude_none=True)
+    files = {name: digest for folder in dict.fromkeys(model_dirs) if folder and Path(folder).is_dir()
+             for name, digest in folder_digest(Path(folder)).items()}
+    if files:
+        model["files"] = files
     return cfg.masked_data({
         "task": cfg.task,
         "objective": cfg.objective.model_dump(mode="json"),
-        "model": cfg.model.model_dump(mode="json", exclude_none=True),
+        "model": model,
         "data": data,
         "eval_every": cfg.eval_every.model_dump(mode="json", exclude_none=True),
         "train": cfg.train,
@@ -44,12 +56,38 @@ def fingerprint(cfg: StudyConfig, rows: dict[str, int]) -> dict[str, Any]:
     })
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def exported(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """What ``hpo best`` writes from the study file rather than from the trial: task, model, data and
+    ``train:`` settings (without file digests: the file alone decides these)."""
+    out = {k: json.loads(json.dumps(fingerprint.get(k))) for k in ("task", "model", "data", "train")}
+    for split in ("train", "eval"):
+        (out["data"] or {}).pop(split, None)
+    (out["model"] or {}).pop("files", None)
+    return out
+
+
+def folder_digest(folder: Path, max_files: int = 200) -> dict[str, str]:
+    """``{file name: digest}`` of a model or tokenizer folder's files (not hidden ones, at most ``max_files``).
+
+    Files up to ``WHOLE_FILE_BYTES`` are hashed whole; bigger ones (weights) by size and 10 blocks of
+    1 MiB spread over the file: seconds for a 14 GB checkpoint instead of a minute, and new weights
+    (re-initialised, fine-tuned, another model) differ in every block.
+    """
+    out = {}
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".")
+                                                                           for part in p.relative_to(folder).parts))
+    for path in files[:max_files]:
+        size = path.stat().st_size
+        digest = hashlib.sha256(str(size).encode())
+        with open(path, "rb") as f:
+            if size <= WHOLE_FILE_BYTES:
+                digest.update(f.read())
+            else:
+                for k in range(SAMPLED_BLOCKS):
+                    f.seek((size - BLOCK_BYTES) * k // (SAMPLED_BLOCKS - 1))
+                    digest.update(f.read(BLOCK_BYTES))
+        out[path.relative_to(folder).as_posix()] = digest.hexdigest()[:16]
+    return out
 
 
 def changes(old: Any, new: Any, at: str = "") -> list[str]:
@@ -88,7 +126,8 @@ def check(study: optuna.Study, cfg: StudyConfig, new: dict[str, Any], allow_chan
     check_objective(study, cfg)
     if stored is None:  # a new study, or one made before hpo kept fingerprints: its trials are revision 0
         study.set_user_attr(FINGERPRINT, new)
-        study.set_user_attr(REVISIONS, [_revision(0, [] if not study.trials else ["fingerprint first recorded"])])
+        study.set_user_attr(REVISIONS, [_revision(0, [] if not study.trials else ["fingerprint first recorded"],
+                                                  new)])
         return 0
     changed = changes(stored, new)
     current = revisions[-1]["revision"] if revisions else 0
@@ -101,7 +140,7 @@ def check(study: optuna.Study, cfg: StudyConfig, new: dict[str, Any], allow_chan
         raise cfg.error(key, f"study {cfg.study!r} holds trials run with other settings ({listed}): rerun with "
                              "--allow-changes to record them as a new revision, or use a new study name")
     study.set_user_attr(FINGERPRINT, new)
-    study.set_user_attr(REVISIONS, [*revisions, _revision(current + 1, changed)])
+    study.set_user_attr(REVISIONS, [*revisions, _revision(current + 1, changed, new)])
     return current + 1
 
 
@@ -120,9 +159,29 @@ def check_objective(study: optuna.Study, cfg: StudyConfig) -> None:
                                         "together: use a new study name")
 
 
-def _revision(number: int, changed: list[str]) -> dict[str, Any]:
+def _revision(number: int, changed: list[str], fingerprint: dict[str, Any]) -> dict[str, Any]:
     return {"revision": number, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "changes": changed}
+            "changes": changed, "fingerprint": fingerprint}
+
+
+def check_trial_settings(study: optuna.Study, cfg: StudyConfig, trial: optuna.trial.FrozenTrial) -> None:
+    """Refuse to export ``trial``'s configuration from ``cfg`` when the file's settings differ from the ones
+    the trial ran under: ``hpo best`` would write a ``train:`` (or model, or data) it never trained with.
+
+    Raises:
+        ConfigError: listing what differs.
+    """
+    revision = trial_revision(trial)
+    ran = next((r.get("fingerprint") for r in study.user_attrs.get(REVISIONS, []) if r["revision"] == revision), None)
+    if ran is None:  # a study from before fingerprints: nothing to compare with
+        return
+    changed = changes(exported(ran), exported(fingerprint(cfg)))
+    if changed:
+        listed = "; ".join(changed[:MAX_LISTED]) + (f"; and {len(changed) - MAX_LISTED} more"
+                                                     if len(changed) > MAX_LISTED else "")
+        raise cfg.error(tuple(changed[0].split(":")[0].split(".")),
+                        f"trial {trial.number} ran under revision {revision} of the study, with other settings "
+                        f"than this file's ({listed}): run this command with that revision's study file")
 
 
 def _objective(objective: dict[str, Any]) -> str:

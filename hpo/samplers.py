@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections.abc
 import difflib
 import inspect
+import math
 import typing
 import warnings
 from collections.abc import Mapping
@@ -29,6 +30,8 @@ SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
     "qmc": optuna.samplers.QMCSampler,
     "nsga2": optuna.samplers.NSGAIISampler,
 }
+
+MAX_GRID_POINTS = 100_000  # GridSampler lists every point: a 10-line file must not ask for billions
 
 PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
     "median": optuna.pruners.MedianPruner,
@@ -56,6 +59,10 @@ def make_sampler(
     cls = SAMPLERS[name]
     kwargs = dict(args)
     if name == "grid" and "search_space" not in kwargs:
+        points = math.prod(_grid_size(k, d) for k, d in space.items())  # before listing a single value
+        if points > MAX_GRID_POINTS:
+            raise ValueError(f"the grid has {points:,} points (at most {MAX_GRID_POINTS:,}): fewer choices, "
+                             "a larger step, or another sampler")
         kwargs["search_space"] = {k: _grid_values(k, d) for k, d in space.items()}
     return _construct(cls, kwargs)
 
@@ -168,11 +175,20 @@ def _typed(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _grid_size(name: str, d: BaseDistribution) -> int:
+    if isinstance(d, CategoricalDistribution):
+        return len(d.choices)
+    if isinstance(d, IntDistribution) and not d.log:
+        return (d.high - d.low) // d.step + 1
+    if isinstance(d, FloatDistribution) and d.step is not None:
+        return round((d.high - d.low) / d.step) + 1
+    raise ValueError(f"grid sampler needs categorical or stepped parameters; {name!r} is continuous")
+
+
 def _grid_values(name: str, d: BaseDistribution) -> list[Any]:
+    """The grid points of one parameter (:func:`_grid_size` has checked that it has any)."""
     if isinstance(d, CategoricalDistribution):
         return list(d.choices)
-    if isinstance(d, IntDistribution) and not d.log:
+    if isinstance(d, IntDistribution):
         return list(range(d.low, d.high + 1, d.step))
-    if isinstance(d, FloatDistribution) and d.step is not None:
-        return [float(v) for v in np.arange(d.low, d.high + d.step / 2, d.step)]
-    raise ValueError(f"grid sampler needs categorical or stepped parameters; {name!r} is continuous")
+    return [float(v) for v in np.arange(d.low, d.high + d.step / 2, d.step)]

@@ -45,14 +45,6 @@ WAIT_POLL_S = 1.0  # how often a worker waiting for trials running elsewhere loo
 SETUP_LOCK_KEY = 0x68706F  # "hpo": the PostgreSQL advisory lock around storage and study setup
 
 
-def mask_url(url: str) -> str:
-    """``postgresql://u:secret@h/db`` → ``postgresql://u:***@h/db``."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url
-
-
 def open_study(cfg: StudyConfig, first_step: int = 1, last_step: int | None = None,
                worker: int | None = None, fingerprint: dict[str, Any] | None = None,
                allow_changes: bool = False) -> optuna.Study:
@@ -105,7 +97,7 @@ def open_study(cfg: StudyConfig, first_step: int = 1, last_step: int | None = No
 
 def _cannot_open(cfg: StudyConfig, e: Exception) -> ConfigError:
     reason = cfg.masked(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
-    return cfg.error(("storage",), f"cannot open {mask_url(cfg.storage_url)}: {reason}")
+    return cfg.error(("storage",), f"cannot open {cfg.storage_label}: {reason}")
 
 
 def _storage(cfg: StudyConfig) -> optuna.storages.RDBStorage:
@@ -175,13 +167,13 @@ def load_existing(cfg: StudyConfig) -> optuna.Study:
     url = cfg.storage_url
     hint = f"run `hpo run {cfg.file}` first"
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        raise cfg.error(("storage",), f"no storage at {mask_url(url)}: {hint}")
+        raise cfg.error(("storage",), f"no storage at {cfg.storage_label}: {hint}")
     try:
         study = optuna.load_study(study_name=cfg.study, storage=url)
         revisions.check_objective(study, cfg)
         return study
     except KeyError:
-        raise cfg.error(("study",), f"no study {cfg.study!r} in {mask_url(url)}: {hint}") from None
+        raise cfg.error(("study",), f"no study {cfg.study!r} in {cfg.storage_label}: {hint}") from None
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e:
         raise _cannot_open(cfg, e) from None
 
@@ -193,7 +185,7 @@ def count_finished(study: optuna.Study) -> int:
 def resolved_config(cfg: StudyConfig) -> dict[str, Any]:
     """The study file as hpo understood it: defaults filled, paths absolute, storage masked."""
     data = cfg.model_dump(mode="json", exclude_none=True, exclude={"extends", "environments"})
-    data["storage"] = mask_url(cfg.storage_url)
+    data["storage"] = cfg.storage_label
     if cfg.environment:
         data["environment"] = cfg.environment
     return cfg.masked_data(data)
@@ -213,6 +205,11 @@ def _check_paths(cfg: StudyConfig) -> None:
             problems.append(cfg.problem(("storage",), f"folder not found for the SQLite file: {folder}"))
         elif Path(url.database).is_dir():
             problems.append(cfg.problem(("storage",), f"{url.database} is a folder, not a SQLite file"))
+    owner = _owner(cfg.output_path)
+    if owner is not None and owner != _ownership(cfg):
+        problems.append(cfg.problem(("output_dir",), f"{cfg.output_path} holds the outputs of study "
+                                    f"{owner.get('study')!r} in {owner.get('storage')}; this study is in "
+                                    f"{cfg.storage_label}: set output_dir, or use another study name"))
     existing = cfg.output_path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -222,6 +219,23 @@ def _check_paths(cfg: StudyConfig) -> None:
         problems.append(cfg.problem(("output_dir",), f"cannot create {cfg.output_path}: {existing} is not writable"))
     if problems:
         raise ConfigError(problems)
+
+
+OWNER_FILE = "hpo_study.json"  # in the output folder: the study and storage whose outputs it holds
+
+
+def _ownership(cfg: StudyConfig) -> dict[str, str]:
+    return {"study": cfg.study, "storage": cfg.storage_label}
+
+
+def _owner(folder: Path) -> dict[str, Any] | None:
+    """Which study and storage an output folder belongs to: two studies of one name in two storages (two
+    study files, the default SQLite beside each) would otherwise mix their models and logs in one folder."""
+    try:
+        owner = json.loads((folder / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
 
 
 def start_study(cfg: StudyConfig, worker: int | None = None, bench: Workbench | None = None,
@@ -242,13 +256,15 @@ def start_study(cfg: StudyConfig, worker: int | None = None, bench: Workbench | 
     varies = {"num_train_epochs", "max_steps"} & set(cfg.search_space) or "max_steps" in cfg.train
     last_step = None if varies else round(float(cfg.train.get("num_train_epochs", 3)) * n_train)
     try:
-        fp = revisions.fingerprint(cfg, {"train": n_train, "eval": len(bench.eval_rows)})
+        fp = revisions.fingerprint(cfg, bench.data_files, (bench.model_path, bench.tokenizer_path))
     except OSError as e:
-        raise cfg.error(("data",), f"cannot read the data to fingerprint it: {e.strerror or e}") from None
+        raise cfg.error(("model",), f"cannot read the model's files to fingerprint them: {e.strerror or e}") from None
     study = open_study(cfg, round(cfg.eval_every.examples_between(n_train)), last_step, worker, fp,
                        allow_changes)
     try:
         cfg.output_path.mkdir(parents=True, exist_ok=True)
+        if _owner(cfg.output_path) is None:
+            (cfg.output_path / OWNER_FILE).write_text(json.dumps(_ownership(cfg), indent=2) + "\n")
         if worker is None:  # under hpo run --workers, the parent process wrote it
             (cfg.output_path / "resolved.yaml").write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
         with _output_lock(cfg.output_path):
@@ -259,7 +275,7 @@ def start_study(cfg: StudyConfig, worker: int | None = None, bench: Workbench | 
 
 
 class TrialsFailed(RuntimeError):
-    """The run stopped because ``max_failures_in_a_row`` trials failed in a row (``study`` holds them)."""
+    """The run gave up: ``max_failures_in_a_row`` trials failed, or 100 samples were rejected, in a row."""
 
     def __init__(self, message: str, study: optuna.Study):
         super().__init__(message)
@@ -277,14 +293,15 @@ def run_study(cfg: StudyConfig, console: Console | None = None, worker: int | No
 
     Raises:
         ConfigError: the model, the data or the storage cannot be loaded, or the study file changed.
-        TrialsFailed: the run stopped after ``max_failures_in_a_row`` failed trials.
+        TrialsFailed: the run stopped after ``max_failures_in_a_row`` failed trials, or 100 rejected samples,
+            in a row.
     """
     console = console or Console()
     study, bench = start_study(cfg, worker, bench, allow_changes)
     revision = study.user_attrs.get(revisions.REVISIONS, [{}])[-1].get("revision", 0)
     done = count_finished(study)
     if worker is None:
-        console.print(f"[bold]{escape(cfg.study)}[/]: {done} finished trial(s) in {mask_url(cfg.storage_url)}; "
+        console.print(f"[bold]{escape(cfg.study)}[/]: {done} finished trial(s) in {cfg.storage_label}; "
                       f"target {cfg.n_trials}" + (f"; revision {revision}" if revision else ""))
     progress = _Progress(console, cfg, worker)
     if cfg.n_trials > done:
@@ -292,8 +309,8 @@ def run_study(cfg: StudyConfig, console: Console | None = None, worker: int | No
             _optimize(study, _objective(bench, progress, revision), progress, cfg)
     if worker is None:
         print_summary(console, cfg, study)
-    if progress.stopped_on_failures:
-        raise TrialsFailed(progress.stopped_on_failures, study)
+    if progress.gave_up:
+        raise TrialsFailed(progress.gave_up, study)
     return study
 
 
@@ -317,6 +334,9 @@ def _frozen_heap():
 def sigterm_interrupts():
     """SIGTERM (a scheduler's stop, a preemption notice) ends the run like Ctrl-C: the trial ends FAIL, never RUNNING."""
     def interrupt(signum, frame):
+        # Once: a second SIGTERM (systemd signalling the whole group, then the parent its workers) would land
+        # in the clean-up of the first and leave the trial RUNNING, with no retry queued.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt(f"signal {signum}")
 
     if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
@@ -534,7 +554,7 @@ class _Progress:
     def __init__(self, console: Console, cfg: StudyConfig, worker: int | None = None):
         self.console, self.metric, self.masked = console, cfg.objective.metric, cfg.masked
         self.max_failures = cfg.max_failures_in_a_row
-        self.stopped_on_failures = ""  # why the run stopped, when failed trials stopped it
+        self.gave_up = ""  # why the run stopped, when failed or rejected trials in a row stopped it
         self.prefix = "" if worker is None else f"w{worker}: "
         self.failures_in_a_row = 0
         self.rejected_in_a_row = 0
@@ -577,8 +597,9 @@ class _Progress:
                    else f"repeats trial {trial.user_attrs[REJECTED_DUPLICATE]}")
             self.print(f"trial {trial.number:3d} [dim]rejected before training: {why}[/]")
             if self.rejected_in_a_row >= MAX_REJECTED_IN_A_ROW:
-                self.stop(f"{self.rejected_in_a_row} samples in a row broke the constraints or repeated finished "
-                          "trials: the feasible space looks exhausted")
+                self.gave_up = (f"{self.rejected_in_a_row} samples in a row broke the constraints or repeated "
+                                "finished trials: the feasible space looks exhausted")
+                self.stop(self.gave_up)
             return
         self.rejected_in_a_row = 0
         counts = {s: 0 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
@@ -604,17 +625,21 @@ class _Progress:
             self.best = f" (best so far {study.best_value:.4f})"
         self.failures_in_a_row = self.failures_in_a_row + 1 if trial.state == TrialState.FAIL else 0
         if self.failures_in_a_row >= self.max_failures:
-            self.stopped_on_failures = (f"{self.failures_in_a_row} trials failed in a row (max_failures_in_a_row; "
+            self.gave_up = (f"{self.failures_in_a_row} trials failed in a row (max_failures_in_a_row; "
                                         "see fail_reason / fail_traceback in the trials' user attrs)")
-            self.stop(self.stopped_on_failures)
+            self.stop(self.gave_up)
 
 
 def saved_trial(cfg: StudyConfig) -> int | None:
-    """The trial whose model ``<outputs>/best_model`` holds, from its ``hpo_trial.json``."""
+    """The trial of this study whose model ``<outputs>/best_model`` holds, from its ``hpo_trial.json``."""
     try:
-        return json.loads((cfg.output_path / "best_model" / "hpo_trial.json").read_text())["trial"]
-    except (OSError, ValueError, KeyError, TypeError):
+        info = json.loads((cfg.output_path / "best_model" / "hpo_trial.json").read_text())
+    except (OSError, ValueError):
         return None
+    if not isinstance(info, dict) or info.get("study") != cfg.study or info.get("storage", cfg.storage_label) \
+            != cfg.storage_label:
+        return None
+    return info.get("trial")
 
 
 def _fmt_params(params: dict[str, Any]) -> str:
@@ -636,7 +661,6 @@ def print_summary(console: Console, cfg: StudyConfig, study: optuna.Study) -> No
         why = escape(best.user_attrs.get(SAVE_ERROR, "it was not saved by this run"))
         held = f"holds trial {saved}'s model" if saved is not None else "is empty"
         console.print(f"[yellow]warning[/]: best_model/ {held}, not trial {best.number}'s: {why}")
-    console.print(f"storage:    {mask_url(cfg.storage_url)}")
-    console.print(f"outputs:    {cfg.output_path}")
-    console.print(f"dashboard:  hpo dashboard {cfg.file}")
-    console.print(f"tensorboard: tensorboard --logdir {cfg.output_path / 'tensorboard'}")
+    console.print(cfg.masked(f"storage:    {cfg.storage_label}\noutputs:    {cfg.output_path}\n"
+                             f"dashboard:  hpo dashboard {cfg.file}\n"
+                             f"tensorboard: tensorboard --logdir {cfg.output_path / 'tensorboard'}"), markup=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import importlib
 import importlib.metadata
@@ -25,7 +26,7 @@ import optuna
 import torch
 import transformers
 from optuna.distributions import CategoricalDistribution
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ConfigDict, PydanticUserError, TypeAdapter, ValidationError
 from torch.utils.tensorboard import SummaryWriter
 from transformers import (
     AutoConfig,
@@ -124,6 +125,8 @@ class Workbench:
     labels: list[str]
     train_rows: list[dict[str, Any]]
     eval_rows: list[dict[str, Any]]
+    data_files: dict[str, dict[str, Any]]  # split → SHA-256 of the bytes read and the rows used
+    tokenizer_path: str | None  # the folder the tokenizer came from (None: a hub id not on disk)
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -143,9 +146,9 @@ def prepare(cfg: StudyConfig, data: Examples | None = None) -> Workbench:
     labels = {"num_labels": len(data.labels), "id2label": dict(enumerate(data.labels)),
               "label2id": {name: i for i, name in enumerate(data.labels)}} if task.classifies else {}
     path = None if cfg.model.name is None else _model_path(cfg, cfg.model.name, ("model",))
+    tokenizer_path = path if cfg.model.tokenizer is None else _model_path(cfg, cfg.model.tokenizer, ("model", "tokenizer"))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            path if cfg.model.tokenizer is None else _model_path(cfg, cfg.model.tokenizer, ("model", "tokenizer")))
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         if tokenizer.pad_token is None:  # GPT-2, Llama: batches still need padding
             tokenizer.pad_token = tokenizer.eos_token
         if path is None:  # a small random-init model for demos and tests: sized to the tokenizer
@@ -168,6 +171,8 @@ def prepare(cfg: StudyConfig, data: Examples | None = None) -> Workbench:
         # Shortest first: each eval batch pads to its longest row, so sorted batches carry ~1.5x fewer
         # tokens than shuffled ones on the quickstart data. Metrics are per example or per entity, so order-free.
         eval_rows=sorted(tokenize(cfg.task, data.eval, tokenizer, max_length), key=lambda row: len(row["input_ids"])),
+        data_files=data.files,
+        tokenizer_path=tokenizer_path,
     )
 
 
@@ -178,12 +183,33 @@ def _model_path(cfg: StudyConfig, name: str, key: tuple[str, ...]) -> str:
     return path
 
 
-def check_training_arguments(cfg: StudyConfig) -> None:
-    """Check every ``train:`` value and every searched TrainingArguments value before any trial.
+#: Values TrainingArguments accepts but training refuses, every trial: a batch of 0, a negative rate, a seed
+#: over 2**32 (the DataLoader, the optimizer and set_seed raise, an hour into the study).
+TRAINING_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "learning_rate": (lambda v: v > 0, "> 0"),
+    "per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
+    "per_device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
+    "num_train_epochs": (lambda v: v > 0, "> 0"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    "data_seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_epsilon": (lambda v: v >= 0, ">= 0"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0"),
+    "label_smoothing_factor": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
 
-    Each value is checked against the field's type (pydantic, lax) and then by
-    ``TrainingArguments`` itself, alone, so an error names the key to fix: an
-    unknown optimizer fails here, not in trial 7.
+
+def check_training_arguments(cfg: StudyConfig) -> None:
+    """Check every ``train:`` value, searched value and derived value of TrainingArguments before any trial.
+
+    Each value is checked against the field's type (pydantic; lax for ``train:``, whose ``1e-3`` YAML
+    reads as text and is stored back as the number; strict for searched and derived values, which
+    reach the trial as they are), against :data:`TRAINING_RANGES`, and by ``TrainingArguments``
+    itself, alone, so an error names the key to fix: an unknown optimizer fails here, not in trial 7.
 
     Raises:
         ConfigError: with one problem per bad value.
@@ -191,17 +217,23 @@ def check_training_arguments(cfg: StudyConfig) -> None:
     hints = typing.get_type_hints(TrainingArguments)
     problems = []
 
-    def check(path: tuple, name: str, value: Any, strict: bool = False) -> None:
+    def check(path: tuple, name: str, value: Any, strict: bool = False) -> Any:
         ((field, value),) = training_arguments({name: value}).items()
         try:
             if field in recipe.NAMES:  # hpo's own knob
-                recipe.Recipe.model_validate({field: value}, strict=strict or None)
-            elif not (field == "lr_scheduler_type" and value in recipe.OWN_SCHEDULES):
-                TypeAdapter(hints[field]).validate_python(value, strict=strict or None)
-                TrainingArguments(output_dir=os.devnull, **{field: value})
+                return getattr(recipe.Recipe.model_validate({field: value}, strict=strict or None), field)
+            if field == "lr_scheduler_type" and value in recipe.OWN_SCHEDULES:
+                return value
+            typed = _type_adapter(hints[field]).validate_python(value, strict=strict or None)
+            bounds = TRAINING_RANGES.get(field)
+            if bounds and isinstance(typed, int | float) and not isinstance(typed, bool) and not bounds[0](typed):
+                problems.append(cfg.problem(path, f"{_brief(value)}: {field} must be {bounds[1]}"))
+                return value
+            TrainingArguments(output_dir=os.devnull, **{field: typed})
+            return typed
         except ValidationError as e:
             hint = " (a derived value: use // for a whole number)" if strict and isinstance(value, float) else ""
-            problems.append(cfg.problem(path, f"{value!r}: {e.errors()[0]['msg']}{hint}"))
+            problems.append(cfg.problem(path, f"{_brief(value)}: {e.errors()[0]['msg']}{hint}"))
         except (ValueError, TypeError) as e:
             problems.append(cfg.problem(path, str(e).splitlines()[0][:300]))
         except (ImportError, importlib.metadata.PackageNotFoundError) as e:  # deepspeed: {...} without deepspeed
@@ -211,9 +243,12 @@ def check_training_arguments(cfg: StudyConfig) -> None:
         except Exception as e:  # noqa: BLE001 - whatever TrainingArguments raises would fail every trial
             reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             problems.append(cfg.problem(path, f"{type(e).__name__}: {reason}"))
+        return value
 
-    for name, value in cfg.train.items():
-        check(("train", name), name, value)
+    for name, value in list(cfg.train.items()):
+        typed = check(("train", name), name, value)
+        if isinstance(value, str) and isinstance(typed, int | float):  # learning_rate: 1e-3 is text in YAML 1.1
+            cfg.train[name] = typed
     try:  # the knobs together (e.g. head_learning_rate and head_lr_multiplier both set)
         recipe.split(training_arguments(cfg.train))
     except ValidationError as e:
@@ -223,16 +258,31 @@ def check_training_arguments(cfg: StudyConfig) -> None:
         if name not in training_names():
             continue
         values = d.choices if isinstance(d, CategoricalDistribution) else (d.low, d.high)
+        before = len(problems)
         for value in dict.fromkeys(values):
-            check(("search_space", name), name, value)
+            if len(problems) == before:  # the first bad value says it
+                check(("search_space", name), name, value, strict=True)
     for name, values in cfg.derived_values.items():  # what derive: gave at the corners of the space
         if name in training_names():
             before = len(problems)
             for value in values:
-                if len(problems) == before:  # the first bad value says it
+                if len(problems) == before:
                     check(("search_space", name, "derive"), name, value, strict=True)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
+
+
+@functools.cache
+def _type_adapter(hint: Any) -> TypeAdapter:
+    try:
+        return TypeAdapter(hint, config=ConfigDict(allow_inf_nan=False))  # max_grad_norm: "nan" is no number
+    except PydanticUserError:  # a type with a config of its own
+        return TypeAdapter(hint)
+
+
+def _brief(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 @dataclass
@@ -449,7 +499,8 @@ def save_model(bench: Workbench, result: TrialResult, params: Mapping[str, Any],
     try:
         result.model.save_pretrained(tmp)
         bench.tokenizer.save_pretrained(tmp)
-        info = {"study": bench.cfg.study, "trial": trial_number, "value": result.value, "params": dict(params)}
+        info = {"study": bench.cfg.study, "storage": bench.cfg.storage_label, "trial": trial_number,
+                "value": result.value, "params": dict(params)}
         (tmp / "hpo_trial.json").write_text(json.dumps(info, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,12 +27,14 @@ import traceback
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError
-from hpo.study import count_finished, mask_url, print_summary, run_study, sigterm_interrupts, start_study
+from hpo.study import TrialsFailed, count_finished, print_summary, run_study, sigterm_interrupts, start_study
 from hpo.trial import Workbench
 
+STOPPED_ON_FAILURES = 3  # a worker's exit code when max_failures_in_a_row stopped it
 STOP_WAIT_S = 60  # after Ctrl-C, how long workers get to end their trials before SIGKILL
 PARENT_POLL_S = 1.0  # where the kernel cannot signal a parent's death, how often a worker looks for it
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -82,7 +84,7 @@ def run_workers(cfg: StudyConfig, n: int, gpus: Sequence[str], console: Console 
     study, bench = start_study(cfg, bench=bench, allow_changes=allow_changes)
     threads = worker_env(0, n, gpus).get("OMP_NUM_THREADS", "?")
     where = f"GPU {', '.join(gpus)}" if gpus else f"CPU, {threads} thread(s) each"
-    console.print(f"[bold]{cfg.study}[/]: {count_finished(study)} finished trial(s) in {mask_url(cfg.storage_url)}; "
+    console.print(f"[bold]{escape(cfg.study)}[/]: {count_finished(study)} finished trial(s) in {cfg.storage_label}; "
                   f"target {cfg.n_trials}; {n} workers on {where}")
     _close_connections(study)  # no database socket shared with a forked child: SQLAlchemy's rule for fork
     sys.stdout.flush()
@@ -100,12 +102,13 @@ def run_workers(cfg: StudyConfig, n: int, gpus: Sequence[str], console: Console 
     except KeyboardInterrupt:
         _stop(procs)
         raise
-    crashed = {k: p.exitcode for k, p in enumerate(procs) if p.exitcode != 0}
+    crashed = {k: p.exitcode for k, p in enumerate(procs) if p.exitcode not in (0, STOPPED_ON_FAILURES)}
     for k, code in crashed.items():
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         console.print(f"[red]worker w{k} {how}[/]; the other workers went on")
     print_summary(console, cfg, study)
-    return 1 if crashed and count_finished(study) < cfg.n_trials else 0
+    stopped = any(p.exitcode == STOPPED_ON_FAILURES for p in procs)  # each printed why
+    return 1 if (crashed or stopped) and count_finished(study) < cfg.n_trials else 0
 
 
 def _worker(cfg: StudyConfig, bench: Workbench | None, k: int, env: dict[str, str], parent: int,
@@ -120,8 +123,13 @@ def _worker(cfg: StudyConfig, bench: Workbench | None, k: int, env: dict[str, st
             import torch
 
             torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # a spawned worker's own optuna: hpo prints its lines
         run_study(cfg, worker=k, bench=bench, allow_changes=allow_changes)
         code = 0
+    except TrialsFailed:  # its progress line said why
+        code = STOPPED_ON_FAILURES
     except KeyboardInterrupt:
         code = 130
     except ConfigError as e:

@@ -1,10 +1,30 @@
 """Run a command and measure it the way a busy machine cannot distort: its own CPU time and peak memory."""
 
-import os
+import json
 import subprocess
+import sys
 import tempfile
-import threading
 from dataclasses import dataclass
+from pathlib import Path
+
+# A launcher in between, because Linux gives a process exec'd from a fork of pytest (hundreds of MB once a
+# test imported torch) pytest's peak RSS as its own. The launcher is small; its child's ru_maxrss is honest.
+LAUNCHER = """
+import json, os, resource, signal, subprocess, sys, threading
+cpu_s, mb, timeout, out, err, *args = sys.argv[1:]
+
+def limits():  # a regression dies (SIGXCPU, or a failed allocation), never hangs or takes the machine
+    resource.setrlimit(resource.RLIMIT_CPU, (int(cpu_s), int(cpu_s)))
+    resource.setrlimit(resource.RLIMIT_AS, (int(mb) << 20, int(mb) << 20))
+
+with open(out, "w") as o, open(err, "w") as e:
+    proc = subprocess.Popen(args, stdout=o, stderr=e, preexec_fn=limits)
+killer = threading.Timer(float(timeout), lambda: os.kill(proc.pid, signal.SIGKILL))
+killer.start()
+_, status, usage = os.wait4(proc.pid, 0)
+killer.cancel()
+print(json.dumps([os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024]))
+"""
 
 
 @dataclass
@@ -16,18 +36,13 @@ class Measured:
     rss_mib: float  # the child's peak resident memory
 
 
-def run_measured(cmd: list[str], timeout: float = 300, **kwargs) -> Measured:
-    """``cmd`` to completion, reaped with ``os.wait4`` for its resource usage; killed after ``timeout`` s."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, **kwargs)
-        killer = threading.Timer(timeout, proc.kill)  # only against a hang
-        killer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            killer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
-        out.seek(0)
-        err.seek(0)
-        return Measured(proc.returncode, out.read(), err.read(), usage.ru_utime + usage.ru_stime,
-                        usage.ru_maxrss / 1024)
+def run_measured(cmd: list[str], cwd: Path | str | None = None, env: dict[str, str] | None = None,
+                 timeout: float = 300, limit_cpu_s: int = 300, limit_mib: int = 8192) -> Measured:
+    """``cmd`` to completion under hard limits (killed after ``timeout`` s), with its rusage from ``os.wait4``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        report = subprocess.run([sys.executable, "-c", LAUNCHER, str(limit_cpu_s), str(limit_mib), str(timeout),
+                                 str(out), str(err), *cmd], cwd=cwd, env=env, capture_output=True, text=True,
+                                timeout=timeout + 60, check=True)
+        code, cpu_s, rss_mib = json.loads(report.stdout)
+        return Measured(code, out.read_text(), err.read_text(), cpu_s, rss_mib)

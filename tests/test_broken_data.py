@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from measure import run_measured
 
 CORPUS = Path(__file__).parent / "broken_data"
 FILES = sorted(CORPUS.glob("*.yaml"))
@@ -46,40 +47,6 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
-# Runs a command and reports its rusage from os.wait4. A launcher in between, because Linux gives a
-# process exec'd from a fork of pytest (hundreds of MB, torch imported) pytest's peak RSS as its own.
-LAUNCHER = """
-import json, os, resource, signal, subprocess, sys, threading
-cpu_s, mb, timeout, out, err, *args = sys.argv[1:]
-
-def limits():  # a regression dies (SIGXCPU, or a failed allocation), never hangs or takes the machine
-    resource.setrlimit(resource.RLIMIT_CPU, (int(cpu_s), int(cpu_s)))
-    resource.setrlimit(resource.RLIMIT_AS, (int(mb) << 20, int(mb) << 20))
-
-with open(out, "w") as o, open(err, "w") as e:
-    proc = subprocess.Popen(args, stdout=o, stderr=e, preexec_fn=limits)
-killer = threading.Timer(float(timeout), lambda: os.kill(proc.pid, signal.SIGKILL))
-killer.start()
-_, status, usage = os.wait4(proc.pid, 0)
-killer.cancel()
-print(json.dumps([os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024]))
-"""
-
-
-def run_measured(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300,
-                 limit_cpu_s: int = 300, limit_mb: int = 8192) -> tuple[int, str, str, float, float]:
-    """Run ``args`` in ``cwd``: its exit code, stdout, stderr, CPU seconds and peak RSS in MB (``os.wait4``)."""
-    out, err = cwd / ".measured.stdout", cwd / ".measured.stderr"
-    report = subprocess.run([sys.executable, "-c", LAUNCHER, str(limit_cpu_s), str(limit_mb), str(timeout),
-                             str(out), str(err), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=timeout + 60, check=True)
-    code, cpu_s, rss_mb = json.loads(report.stdout)
-    stdout, stderr = out.read_text(), err.read_text()
-    out.unlink()
-    err.unlink()
-    return code, stdout, stderr, cpu_s, rss_mb
-
-
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
 def test_broken_data_fails_cleanly(path, corpus, tiny_model):
     expected = path.read_text().splitlines()[0].removeprefix("# expect: ")
@@ -87,7 +54,9 @@ def test_broken_data_fails_cleanly(path, corpus, tiny_model):
     key, _, message = rest.partition(": ")
     name = f"broken_data/{path.name}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "400", "HPO_TEST_MODEL": str(tiny_model)}
-    code, stdout, stderr, cpu_s, rss_mb = run_measured([sys.executable, "-m", "hpo.cli", "run", name], corpus, env)
+    result = run_measured([sys.executable, "-m", "hpo.cli", "run", name], corpus, env)
+    code, stdout, stderr, cpu_s, rss_mb = (result.returncode, result.stdout, result.stderr, result.cpu_s,
+                                           result.rss_mib)
     assert code == 2, stdout + stderr
     assert "Traceback" not in stdout + stderr
     (error,) = stderr.strip().splitlines()

@@ -3,8 +3,10 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import optuna
+import pytest
 
 
 def hpo(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -60,3 +62,66 @@ def test_bad_override(write_study):
     assert result.stderr.strip() == "error <command line>: n_trials: Input should be a valid integer, unable to parse string as an integer"
     result = hpo("validate", write_study(), "n_trials")
     assert result.returncode == 2 and "an override is key.path=value" in result.stderr
+
+
+def bomb(levels: int) -> str:
+    """A YAML alias bomb of 9**levels strings in a few hundred bytes."""
+    text = "[&l0 [x, x, x, x, x, x, x, x, x]"
+    for i in range(1, levels):
+        text += f", &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]"
+    return text + "]"
+
+
+@pytest.mark.parametrize("value, message", [
+    (bomb(8), "once aliases are expanded"),
+    ("&a [*a]", "recursive alias"),
+    ("[" * 2000 + "]" * 2000, "nested deeper than 64 levels"),
+], ids=["alias-bomb", "recursive-alias", "deep-nesting"])
+def test_overrides_are_read_as_carefully_as_study_files(write_study, value, message):
+    from measure import run_measured
+
+    result = run_measured([sys.executable, "-m", "hpo.cli", "validate", str(write_study()), f"train.label_names={value}"],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300"}, limit_cpu_s=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error <command line>") and message in line and len(line) < 300
+    assert result.cpu_s < 5 and result.rss_mib < 300
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink-loop", "folder", "dev-zero"])
+def test_a_study_file_that_is_not_a_file_is_one_line(tmp_path, kind):
+    path = tmp_path / "study.yaml"
+    if kind == "fifo":
+        os.mkfifo(path)  # reading it would wait forever for a writer
+    elif kind == "symlink-loop":
+        path.symlink_to(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path = Path("/dev/zero")  # reading it would fill the memory
+    result = hpo("validate", path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error {path}: ") and ("not a regular file" in line or "cannot read" in line), line
+
+
+def test_outputs_that_cannot_be_written_are_one_line(write_study, tmp_path):
+    path = write_study(n_trials=1)
+    assert hpo("run", path).returncode == 0
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    for command in (["best", path, "-o", folder], ["report", path, "--csv", folder],
+                    ["best", path, "-o", path / "best.json"]):  # a folder, a folder, under a file
+        result = hpo(*command)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("error cannot write"), line
+
+
+def test_best_and_train_say_the_same_when_no_trial_completed(write_study):
+    path = write_study(n_trials=1, pruner={"name": "threshold", "upper": 0.0})  # every trial pruned
+    assert hpo("run", path).returncode == 0
+    for command in (["best", path], ["train", path, "--best"]):
+        result = hpo(*command)
+        assert result.returncode == 2
+        assert result.stderr.strip() == f"error {path}: the study has no complete trial yet"  # not "Record does not exist."

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import DATA
-from test_broken_data import run_measured
+from measure import run_measured
 
 from hpo import ConfigError, load_study
 from hpo.data import IGNORE, load_examples, tokenize
@@ -128,11 +128,18 @@ def test_numbers_are_one_label_however_spelled(write_study, tmp_path):
 
 def test_booleans_stay_booleans_and_match_csv(write_study, tmp_path):
     # True is an int to Python: it must not become class "1"; JSON true and CSV "true" are one class
-    train = jsonl(*({"text": f"t{i}", "label": v} for i, v in enumerate([True, 1, False, 0, " true"])))
-    cfg = study(write_study, tmp_path, train={"train.jsonl": train}, eval={"eval.csv": "text,label\na,true\nb,1\n"})
+    train = jsonl(*({"text": f"t{i}", "label": v} for i, v in enumerate([True, False, " true", False])))
+    cfg = study(write_study, tmp_path, train={"train.jsonl": train}, eval={"eval.csv": "text,label\na,true\nb,false\n"})
     data = load_examples(cfg)
-    assert data.labels == ["0", "1", "false", "true"]
-    assert [data.labels[label] for _, label in data.eval] == ["true", "1"]
+    assert data.labels == ["false", "true"]
+    assert [data.labels[label] for _, label in data.eval] == ["true", "false"]
+
+
+def test_a_boolean_among_numeric_labels_is_an_error(write_study, tmp_path):
+    # JSON true in a file of 0/1/2 labels is a typo, not a fourth class
+    train = jsonl(*({"text": f"t{i}", "label": v} for i, v in enumerate([0, 1, 2, True, 1])))
+    found = error(study(write_study, tmp_path, train={"train.jsonl": train}, eval={"eval.csv": "text,label\na,1\n"}))
+    assert f"data.train: {tmp_path / 'train.jsonl'}:4: label 'true' among numbers ('0', '1', '2')" in found, found
 
 
 def test_label_names():
@@ -194,10 +201,9 @@ def test_checking_data_needs_no_torch_and_little_memory(write_study, tmp_path):
 def measured(args: list[str], cwd: Path, limit_cpu_s: int = 120, limit_mb: int = 4096) -> tuple[str, float, float]:
     """Run ``args`` under CPU and memory limits: its stdout, CPU seconds and peak RSS in MB (``os.wait4``)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    code, stdout, stderr, cpu_s, rss_mb = run_measured(args, cwd, env, limit_cpu_s=limit_cpu_s,
-                                                       limit_mb=limit_mb)
-    assert code == 0, f"exit {code}: {stderr[-2000:]}"
-    return stdout, cpu_s, rss_mb
+    result = run_measured(args, cwd, env, limit_cpu_s=limit_cpu_s, limit_mib=limit_mb)
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    return result.stdout, result.cpu_s, result.rss_mib
 
 
 # --- tokenizing: long texts are cut first, to the same tokens -------------------------------------------

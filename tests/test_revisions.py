@@ -122,3 +122,60 @@ def test_changes_name_each_leaf():
     new = {"a": {"b": 2, "c": [1, 2]}, "e": 1}
     assert changes(old, new) == ["a.b: 1 → 2", "d: removed", "e: added"]
     assert changes(old, old) == []
+
+
+def test_two_studies_of_one_name_do_not_share_an_output_folder(write_study, tmp_path):
+    # a.yaml and b.yaml both say study: tiny, each with its default SQLite beside it: b's models and logs
+    # went into a's outputs/tiny, and a's rerun reported b's model as its best_model without a word.
+    a, b = write_study("a.yaml", n_trials=1), write_study("b.yaml", n_trials=1)
+    run_study(load_study(a), quiet)
+    with pytest.raises(ConfigError, match=r"output_dir: .*holds the outputs of study 'tiny' in .*a\.db.*b\.db"):
+        run_study(load_study(b), quiet)
+    assert not (tmp_path / "b.db").exists()
+    run_study(load_study(b, {"output_dir": "b-outputs"}), quiet)
+    saved = json.loads((tmp_path / "outputs" / "tiny" / "best_model" / "hpo_trial.json").read_text())
+    assert saved["storage"].endswith("a.db")
+
+
+def test_hpo_best_refuses_settings_the_best_trial_did_not_run_with(write_study, tmp_path):
+    path = write_study(n_trials=1, train={"num_train_epochs": 1, "seed": 0})
+    run_study(load_study(path), quiet)
+    edit(path, train={"num_train_epochs": 7, "seed": 0, "weight_decay": 0.3})
+    result = hpo("best", path, "-o", tmp_path / "best.json")
+    assert result.returncode == 2 and not (tmp_path / "best.json").exists()
+    (line,) = result.stderr.strip().splitlines()
+    assert "train.num_train_epochs: 1 → 7" in line and "revision 0" in line
+    trained = hpo("train", path, "--best")
+    assert trained.returncode == 2 and "revision 0" in trained.stderr  # refused before any training
+    assert not (tmp_path / "outputs" / "tiny" / "final_model").exists()
+
+
+def test_a_model_replaced_in_its_folder_is_a_change(write_study, tmp_path, tiny_model):
+    from transformers import BertConfig, BertModel
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    path = write_study(n_trials=1, model=str(model))
+    run_study(load_study(path), quiet)
+    BertModel(BertConfig.from_pretrained(model)).save_pretrained(model)  # the same config, other weights
+    with pytest.raises(ConfigError, match=r"model\.files\.model\.safetensors: .*--allow-changes"):
+        run_study(load_study(path, {"n_trials": 2}), quiet)
+
+
+def test_the_fingerprint_holds_the_data_that_was_read(write_study, tmp_path):
+    # The data file changes between reading it and recording the study: the study records what trials train on.
+    from hpo.trial import prepare
+    from tests.conftest import DATA
+
+    data = tmp_path / "train.csv"
+    shutil.copy(DATA / "train.csv", data)
+    path = write_study(n_trials=1, data={"train": str(data), "eval": str(DATA / "eval.csv"), "max_length": 16})
+    cfg = load_study(path)
+    bench = prepare(cfg)
+    with open(data, "a") as f:
+        f.write("a row written while the run started,greeting\n")
+    from hpo.study import run_study as run_with_bench
+
+    run_with_bench(cfg, quiet, bench=bench)
+    with pytest.raises(ConfigError, match=r"data\.train\.sha256"):
+        run_study(load_study(path, {"n_trials": 2}), quiet)

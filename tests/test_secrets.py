@@ -1,5 +1,6 @@
 """A ``${...SECRET/TOKEN/KEY/PASSWORD}`` value never reaches a printed line, a written file or the database."""
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -13,17 +14,25 @@ SECRET = "tok-9f3c2e7a51"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300", "MY_SECRET_TOKEN": SECRET}
 
 
-def hpo(*args):
+def hpo(*args, secret=SECRET, **env):
     return subprocess.run([sys.executable, "-m", "hpo.cli", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=600)
+                          env={**ENV, "MY_SECRET_TOKEN": secret, **env}, timeout=600)
 
 
-def test_a_secret_in_a_setting_stays_out_of_tensorboard_artifacts_the_note_and_every_table(write_study):
-    # train.run_name reached each trial's TensorBoard events (TrainingArguments as text) in clear.
+def spellings(secret: str) -> list[bytes]:
+    """The secret as written, as JSON escapes it (ASCII or not) and as repr does, in UTF-8."""
+    texts = {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1], repr(secret)[1:-1]}
+    return [t.encode() for t in texts]
+
+
+@pytest.mark.parametrize("secret", [SECRET, 'sëcrét"Zq9\\x'], ids=["plain", "quote-backslash-accents"])
+def test_a_secret_in_a_setting_stays_out_of_tensorboard_artifacts_the_note_and_every_table(write_study, secret):
+    # train.run_name reached each trial's TensorBoard events (TrainingArguments as text) in clear, and a
+    # secret that JSON escapes (a quote, a backslash, an accent) slipped past the masking of saved configs.
     path = write_study(n_trials=2, train={"num_train_epochs": 1, "seed": 0, "run_name": "run-${MY_SECRET_TOKEN}"})
     printed = ""
     for command in ("run", "report", "best"):
-        result = hpo(command, path)
+        result = hpo(command, path, secret=secret)
         assert result.returncode == 0, result.stdout + result.stderr
         printed += result.stdout + result.stderr
     files = [f for f in path.parent.rglob("*") if f.is_file() and f != path]
@@ -34,9 +43,10 @@ def test_a_secret_in_a_setting_stays_out_of_tensorboard_artifacts_the_note_and_e
         tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         rows = repr([db.execute(f'SELECT * FROM "{t}"').fetchall() for t in tables])
     assert "note" in rows  # optuna-dashboard keeps the study note in the study's system attrs
-    assert SECRET not in printed and SECRET not in rows
-    leaked = [str(f) for f in files if SECRET.encode() in f.read_bytes()]
-    assert not leaked
+    for spelling in spellings(secret):
+        assert spelling.decode() not in printed and spelling.decode() not in rows
+        leaked = [str(f) for f in files if spelling in f.read_bytes()]
+        assert not leaked, (spelling, leaked)
 
 
 @pytest.mark.parametrize("changes", [
@@ -51,3 +61,24 @@ def test_a_secret_in_a_bad_value_is_masked_in_the_error(write_study, changes):
         (line,) = result.stderr.strip().splitlines()
         assert SECRET not in result.stdout + result.stderr, line
     assert not path.with_suffix(".db").exists()
+
+
+def test_a_secret_cannot_name_a_study(write_study):
+    # The name is a folder, a database key and the first word of every run: it was printed and saved in clear.
+    path = write_study(study="exp-${MY_SECRET_TOKEN}")
+    result = hpo("run", path)
+    assert result.returncode == 2 and SECRET not in result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert ": study: ${MY_SECRET_TOKEN} is a secret: it cannot name a study" in line
+    assert not path.with_suffix(".db").exists() and not (path.parent / "outputs").exists()
+
+
+def test_a_password_with_url_characters_is_encoded_and_masked_whole(write_study):
+    # postgres:${HPO_DB_PASSWORD}@host with an @ in the password split the URL: "zW9" was printed.
+    path = write_study(storage="postgresql+psycopg://postgres:${HPO_DB_PASSWORD}@127.0.0.1:1/nodb")
+    for command in ("run", "report"):
+        result = hpo(command, path, HPO_DB_PASSWORD="Xy@zW9/q")
+        assert result.returncode == 2, result.stdout + result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert "postgres:***@127.0.0.1:1/nodb" in line, line
+        assert "zW9" not in result.stdout + result.stderr and "Xy" not in line

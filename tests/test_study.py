@@ -302,3 +302,22 @@ def test_a_dropped_storage_connection_does_not_fail_the_trial(write_study, fresh
     assert "invalid data" not in output
     study = optuna.load_study(study_name="tiny", storage=fresh_postgres_url)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+
+
+def test_a_run_that_only_rejects_samples_gives_up_and_says_so(write_study):
+    # Only the highest learning rate meets the constraint: validation's corners find it feasible, random
+    # samples never are. The run gives up after 100 rejections and raises, rather than exiting 0 with nothing.
+    from hpo.study import TrialsFailed
+
+    path = write_study(n_trials=1, search_space={"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2}},
+                       constraints=["learning_rate >= 0.01"])
+    with pytest.raises(TrialsFailed, match="100 samples in a row broke the constraints"):
+        run_study(load_study(path), quiet)
+
+
+def test_a_number_that_yaml_reads_as_text_trains_as_the_number(write_study):
+    # YAML 1.1 reads 1e-3 (no dot) as the text "1e-3": it validated, then every trial failed on it.
+    path = write_study(n_trials=1, train={"num_train_epochs": 1, "seed": 0, "weight_decay": "1e-3"})
+    (trial,) = run_study(load_study(path), quiet).trials
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+    assert {g["weight_decay"] for g in trial.user_attrs["param_groups"]} <= {0.001, 0.0}

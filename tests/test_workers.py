@@ -206,3 +206,20 @@ def test_credentials_are_masked_in_every_line_printed_or_saved(write_study, fres
         assert secret not in rows
         leaked = [f for f in saved if secret.encode() in f.read_bytes()]
         assert not leaked, f"{secret} saved in {leaked}"
+
+
+def test_workers_stopped_by_failures_say_so_in_one_line_each(write_study):
+    # Both enqueued learning rates divide by zero in the derive (validation's corners and samples miss them):
+    # each spawned worker fails one trial, hits max_failures_in_a_row and stops. It used to print a
+    # TrialsFailed traceback per worker, raw Optuna log lines, and call a clean stop a crash.
+    path = write_study(n_trials=2, max_failures_in_a_row=1, search_space={
+        "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+        "max_grad_norm": {"derive": "1 / ((learning_rate * 1000 - 1) * (learning_rate * 100 - 1))"}},
+        enqueue=[{"learning_rate": 0.001}, {"learning_rate": 0.01}])
+    proc = start(path, "--gpus", "0,1")  # spawned workers: fresh interpreters with Optuna's default logging
+    output = proc.communicate(timeout=RUN_S)[0]
+    assert proc.returncode == 1, output
+    assert "Traceback" not in output and "TrialsFailed" not in output
+    assert not re.search(r"^(w\d: )?\[[IWE] \d{4}-", output, re.M), "a raw Optuna log line"
+    assert len(re.findall(r"^w\d: stopping: 1 trials failed in a row", output, re.M)) == 2, output
+    assert "exited with code" not in output
