@@ -21,9 +21,23 @@ class NoCompleteTrial(ValueError):
     """The study has no complete trial, so no best one."""
 
 
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """The study's best complete trial; among equal values, the earliest.
+
+    Optuna's ``study.best_trial`` returns whichever of several equal values the database lists first:
+    the report, ``best_model/`` and ``hpo best`` must all name the same one.
+
+    Raises:
+        ValueError: no complete trial.
+    """
+    value = study.best_value
+    return min((t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                if t.value == value), key=lambda t: t.number)
+
+
 def best_params(study: optuna.Study) -> dict[str, Any]:
     """The best trial's sampled and derived parameters."""
-    trial = study.best_trial
+    trial = best_trial(study)
     return {**trial.params, **trial.user_attrs.get("derived_params", {})}
 
 
@@ -55,7 +69,7 @@ def best_config(cfg: StudyConfig, study: optuna.Study) -> tuple[dict[str, Any], 
         ConfigError: the study file's settings differ from those the best trial ran under.
     """
     try:
-        trial = study.best_trial
+        trial = best_trial(study)
     except ValueError:  # Optuna says "Record does not exist."
         raise NoCompleteTrial(f"{cfg.file}: the study has no complete trial yet") from None
     check_trial_settings(study, cfg, trial)
@@ -93,7 +107,7 @@ def train_best(cfg: StudyConfig, study: optuna.Study, all_data: bool = False) ->
         bench = dataclasses.replace(bench, train_rows=bench.train_rows + bench.eval_rows)
     params = best_params(study)
     result: TrialResult = run_trial(bench, params, optuna.trial.FixedTrial(params), run_name="final")
-    folder = save_model(bench, result, params, study.best_trial.number, cfg.output_path / "final_model")
+    folder = save_model(bench, result, params, rest["trial"], cfg.output_path / "final_model")
     (folder / "training_args.json").write_text(json.dumps(args, indent=2, sort_keys=True) + "\n")
     (folder / "README.md").write_text(_model_card(cfg, rest, args, result.attrs, all_data))
     release(result)

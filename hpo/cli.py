@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -90,6 +91,11 @@ def run(
     from hpo.workers import gpu_ids, run_workers
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # hpo prints its own line per trial
+    bad_gpu = next((g for g in gpu_ids(gpus) if not re.fullmatch(r"\d+|(GPU|MIG)-[\w-]+", g)), None) if gpus else None
+    if bad_gpu is not None or (gpus is not None and not gpu_ids(gpus)):
+        err.print(f"[red]error[/] <command line>: --gpus: {escape(repr(bad_gpu or gpus))} is not a GPU index "
+                  "(0, 1, …) or UUID (GPU-…, MIG-…)")
+        raise typer.Exit(2)
     n = workers or (len(gpu_ids(gpus)) if gpus else 1)
     code = 0
     try:
@@ -152,6 +158,11 @@ def report(
     from hpo.study import load_existing
 
     cfgs = [_load(path, _storage(storage), env) for path in studies]
+    named = [(cfg.study, cfg.storage_label) for cfg in cfgs]
+    if len(set(named)) < len(named):  # its trials would count twice in every z-score
+        twice = next(path for path, key in zip(studies, named, strict=True) if named.count(key) > 1)
+        err.print(f"[red]error[/] {escape(str(twice))}: the same study is named twice")
+        raise typer.Exit(2)
     try:
         loaded = [load_existing(cfg) for cfg in cfgs]
     except ConfigError as e:
@@ -258,7 +269,7 @@ def train(
 @app.command()
 def dashboard(
     study: StudyFile,
-    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8080,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to serve on.")] = 8080,
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback exposes the study.")] = "127.0.0.1",
     env: Env = None,
     storage: Storage = None,
@@ -276,7 +287,11 @@ def dashboard(
         err.print(f"[yellow]warning[/] binding {escape(host)}: optuna-dashboard has no authentication; anyone who "
                   "reaches this address can read and change the study")
     Console().print(f"{cfg.study} in {cfg.storage_label}\nserving http://{host}:{port}/dashboard  (Ctrl-C stops)")
-    serve(cfg, host, port)
+    try:
+        serve(cfg, host, port)
+    except OSError as e:  # the port is taken, or the address is not this machine's
+        err.print(f"[red]error[/] cannot serve on {escape(host)}:{port}: {escape(e.strerror or str(e))}")
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from dotenv import dotenv_values
 from sqlalchemy.engine import make_url
-from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -71,9 +71,11 @@ def _training_arg(name: str) -> str:
     if name not in space.training_names():
         raise ValueError(f"not a TrainingArguments field: {name!r}{_closest(name, space.training_names())}")
     if name in space.RESERVED_TRAINING_ARGS:
-        raise ValueError(f"{name!r} is set by hpo (see eval_every and output_dir)")
+        raise ValueError(f"{name!r} is set by hpo for every trial ({_RESERVED_WHY.get(name, 'see eval_every and output_dir')})")
     return name
 
+
+_RESERVED_WHY = {"label_names": "the data gives every task its labels column"}
 
 SearchName = Annotated[str, AfterValidator(_searchable)]
 TrainingArgName = Annotated[str, AfterValidator(_training_arg)]
@@ -458,6 +460,8 @@ def _build(path: Path, layers: dict[str, Any], source: SourceMap, env: str | Non
                                                                     "(write it in the study file)")])
         *parents, leaf = key.split(".")
         node = raw
+        if parents and parents[0] == "model" and isinstance(raw.get("model"), str):
+            raw["model"] = {"name": raw["model"]}  # model: NAME is short for {name: NAME}; model.lora.r=4 adds to it
         for k in parents:
             if not isinstance(node.get(k), dict):
                 node[k] = {}
@@ -834,6 +838,16 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
                 if unknown:
                     problems.append(src.problem(("search_space", name, "when", ref),
                                                 f"{unknown[0]!r} is not one of {ref}'s choices {list(dists[ref].choices)}"))
+            elif ref in dists:  # a number range: only values it can sample, and never a continuous one
+                d = dists[ref]
+                if getattr(d, "step", None) is None and not isinstance(d, IntDistribution):
+                    problems.append(src.problem(("search_space", name, "when", ref), f"{ref} is continuous: it never "
+                                                "equals one value (make it categorical or give it a step)"))
+                else:
+                    unknown = [v for v in (want if isinstance(want, list) else [want]) if not _contains(d, v)]
+                    if unknown:
+                        problems.append(src.problem(("search_space", name, "when", ref),
+                                                    f"{unknown[0]!r} is not a value {ref} takes ({d.low}..{d.high})"))
         if p.expression is not None:
             missing = sorted(p.expression.names - defined - set(cfg.train))
             if missing:
@@ -844,6 +858,7 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
         missing = sorted(c.names - set(cfg.search_space) - set(cfg.train))
         if missing:
             problems.append(src.problem(("constraints", i), f"unknown name {missing[0]!r}{_closest(missing[0], cfg.search_space)}"))
+    seen_entries: dict[str, int] = {}
     for i, entry in enumerate(cfg.enqueue):
         for name, value in entry.items():
             if name in cfg.search_space and name not in dists:
@@ -852,6 +867,12 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
                 problems.append(src.problem(("enqueue", i, name), f"not in search_space{_closest(name, dists)}"))
             elif not _contains(dists[name], value):
                 problems.append(src.problem(("enqueue", i, name), f"{value!r} is outside the search space"))
+            else:  # the space's own spelling: 8.0 for a choice of 8 would reach TrainingArguments as a float
+                entry[name] = dists[name].to_external_repr(dists[name].to_internal_repr(value))
+        key = repr(sorted(entry.items()))
+        if key in seen_entries:
+            problems.append(src.problem(("enqueue", i), f"the same configuration as enqueue[{seen_entries[key]}]"))
+        seen_entries.setdefault(key, i)
     if cfg.storage is not None:
         try:
             make_url(cfg.storage)
@@ -949,6 +970,18 @@ def _expression_problems(cfg: StudyConfig) -> list[Problem]:
     if cfg.constraints and not feasible and not found:
         found[("constraints",)] = cfg.problem(("constraints",), "no corner of the space and none of 32 random "
                                               "points meets every constraint: no trial could run")
+    for i, entry in enumerate(cfg.enqueue):  # a queued configuration the constraints reject would never run
+        try:
+            sampled, derived = space.walk(cfg.search_space, cfg.distributions, lambda name, d: entry[name], cfg.train)
+            broken = space.broken_constraint(cfg.constraint_expressions, {**cfg.train, **sampled, **derived})
+        except KeyError:  # a partial entry: the sampler picks the rest
+            continue
+        except ValueError as e:  # a derive or a constraint fails there
+            found.setdefault(("enqueue", i), cfg.problem(("enqueue", i), str(e)))
+            continue
+        if broken:
+            found.setdefault(("enqueue", i), cfg.problem(("enqueue", i), f"breaks the constraint {broken!r}: "
+                                                                        "it would be rejected, never trained"))
     cfg._derived_values = {name: list(values.values())[:20] for name, values in seen.items()}
     return list(found.values())
 

@@ -16,7 +16,9 @@ class PruningCallback(TrainerCallback):
     evaluation point, so trials with different batch sizes or accumulation are
     compared at the same amount of data. A final evaluation always follows the
     last optimizer step. When the pruner says so, training stops and
-    ``pruned_at`` holds the step; a NaN metric stops training too (``nan_at``).
+    ``pruned_at`` holds the step. A NaN or infinite objective or eval loss stops training too
+    (``diverged``: the step and what diverged): a diverged model's accuracy is whatever argmax of NaN
+    logits gives, and must never be ranked.
     """
 
     def __init__(
@@ -31,7 +33,7 @@ class PruningCallback(TrainerCallback):
         self.on_eval = on_eval
         self.history: list[tuple[int, dict[str, float]]] = []
         self.pruned_at: int | None = None
-        self.nan_at: int | None = None
+        self.diverged: tuple[int, str] | None = None
         self._next = 1  # index of the next grid point
 
     def _seen(self, state) -> float:
@@ -47,8 +49,10 @@ class PruningCallback(TrainerCallback):
         self._next = max(self._next, k + 1)
         value = metrics[self.metric]
         self.history.append((step, dict(metrics)))
-        if math.isnan(value):
-            self.nan_at, control.should_training_stop = step, True
+        bad = next((f"{k} is {metrics[k]}" for k in (self.metric, "eval_loss")
+                    if k in metrics and not math.isfinite(metrics[k])), None)
+        if bad is not None:
+            self.diverged, control.should_training_stop = (step, bad), True
             return
         self.trial.report(value, step)
         if self.on_eval:

@@ -35,6 +35,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from hpo import best
 from hpo.revisions import REVISION
 
 #: Trial metrics (user attrs): name → (higher is better, counts toward ``score``).
@@ -82,21 +83,30 @@ def zscore(x: pd.Series) -> pd.Series:
 
 
 def _zscores(x: pd.Series, groups: pd.Series) -> pd.Series:
-    """:func:`zscore` within each group, vectorized (10,000 trials)."""
+    """:func:`zscore` within each group, vectorized (10,000 trials).
+
+    Infinite values get no z-score. The rest are divided by the group's largest magnitude first (z is
+    scale-free): a diverged trial's perplexity of 1e304 would otherwise overflow the variance and zero
+    every z of the group.
+    """
+    x = x.where(np.isfinite(x))
+    scale = x.abs().groupby(groups).transform("max").replace(0.0, 1.0)
+    x = x / scale
     g = x.groupby(groups)
     z = (x - g.transform("mean")) / g.transform("std", ddof=0)
     return z.where(g.transform("nunique") > 1, x.where(x.isna(), 0.0))
 
 
 def add_scores(df: pd.DataFrame, metrics: dict[str, tuple[bool, bool]], oriented: Sequence[str] = (),
-               by: Sequence[str] = GROUP, rows: pd.Series | None = None) -> pd.DataFrame:
+               by: Sequence[str] = GROUP, rows: pd.Series | None = None, tiebreak: str | None = None) -> pd.DataFrame:
     """A copy of ``df`` with ``z_<metric>``, ``score`` and ``rank`` columns, each computed within a group.
 
     ``oriented`` metrics flip by the row's ``direction``; the others by ``metrics``. Groups are the
     distinct values of the ``by`` columns present in ``df`` (none: one group). ``rows``, a boolean
     mask (default: all), picks the rows scored; the others get NaN z-scores, score and rank.
-    ``rank`` is 1 for the best value of the first metric of ``metrics`` (the objective) in each group,
-    ties broken by ``score``: what the report calls best is what ``hpo best`` calls best.
+    ``rank`` orders each group by the raw value of the first metric of ``metrics`` (the objective;
+    infinities included), ties broken by the ``tiebreak`` column (lowest first: the trial number, as
+    :func:`hpo.best.best_trial` breaks them) or else by ``score``: the report's rank 1 is ``hpo best``'s trial.
     """
     df = df.copy()
     keep = pd.Series(True, index=df.index) if rows is None else rows.astype(bool)
@@ -106,22 +116,25 @@ def add_scores(df: pd.DataFrame, metrics: dict[str, tuple[bool, bool]], oriented
     for metric, (higher_is_better, in_score) in metrics.items():
         if metric not in df:
             continue
-        values = pd.to_numeric(df[metric], errors="coerce").astype(float)
-        if metric in oriented:
-            values = values.where(df["direction"] == "maximize", -values)
-        elif not higher_is_better:
-            values = -values
+        values = _oriented(df, metric, higher_is_better, metric in oriented)
         df[f"z_{metric}"] = _zscores(values.where(keep), groups)
         if in_score:
             score_columns.append(f"z_{metric}")
     df["score"] = df[score_columns].mean(axis=1, skipna=True).where(keep) if score_columns else np.nan
-    first = f"z_{next(iter(metrics))}"
-    if first in df:  # the objective first, the score among equal objectives: (z, score) as one sortable key
-        key = df[first].rank(method="dense") * (len(df) + 1) + df["score"].rank(method="dense").fillna(0)
-        df["rank"] = key.where(df[first].notna()).groupby(groups).rank(ascending=False, method="min").astype("Int64")
-    else:
-        df["rank"] = df["score"].groupby(groups).rank(ascending=False, method="min").astype("Int64")
+    first = next(iter(metrics))
+    value = _oriented(df, first, metrics[first][0], first in oriented) if first in df else df["score"]
+    second = -df[tiebreak] if tiebreak in df else df["score"]  # higher is better, like value
+    order = pd.DataFrame({"value": value.where(keep), "second": second, "group": groups}).dropna(subset=["value"])
+    order = order.sort_values(["group", "value", "second"], ascending=[True, False, False], na_position="last")
+    df["rank"] = (order.groupby("group").cumcount() + 1).reindex(df.index).astype("Int64")
     return df
+
+
+def _oriented(df: pd.DataFrame, metric: str, higher_is_better: bool, by_direction: bool) -> pd.Series:
+    values = pd.to_numeric(df[metric], errors="coerce").astype(float)
+    if by_direction:
+        return values.where(df["direction"] == "maximize", -values)
+    return values if higher_is_better else -values
 
 
 def _group(study: optuna.Study) -> dict[str, Any]:
@@ -159,7 +172,7 @@ def trials_frame(studies: Sequence[optuna.Study], include_pruned: bool = False) 
     df = pd.DataFrame(rows, columns=columns + sorted({c for r in rows for c in r} - set(columns)))
     df["final"] = df["final"].astype(bool)
     scored = (df["final"] | include_pruned) & df["objective"].notna()
-    return add_scores(df, TRIAL_METRICS, oriented=("objective",), rows=scored)
+    return add_scores(df, TRIAL_METRICS, oriented=("objective",), rows=scored, tiebreak="trial")
 
 
 def studies_frame(studies: Sequence[optuna.Study], trials: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -181,7 +194,7 @@ def studies_frame(studies: Sequence[optuna.Study], trials: pd.DataFrame | None =
         pruned = mine[mine["state"] == "pruned"]
         states = [t.state for t in study.get_trials(deepcopy=False)]
         try:
-            best_trial = study.best_trial
+            best_trial = best.best_trial(study)
         except ValueError:
             best_trial = None
         key = (study.study_name, group["metric"])

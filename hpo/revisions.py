@@ -28,6 +28,9 @@ REVISION = "revision"  # trial user attr: the revision the trial ran under
 MAX_LISTED = 4  # changes named in the one-line refusal
 WHOLE_FILE_BYTES = 64 * 2**20  # model and tokenizer files up to this size are hashed whole
 BLOCK_BYTES, SAMPLED_BLOCKS = 2**20, 10  # bigger ones: 10 blocks of 1 MiB, first to last
+#: What from_pretrained reads from a model or tokenizer folder: weights (and their shard index), configs,
+#: vocabularies, merges and sentencepiece models.
+MODEL_FILES = frozenset({".safetensors", ".bin", ".json", ".txt", ".model", ".tiktoken", ".pt", ".pth"})
 
 
 def fingerprint(cfg: StudyConfig, data_files: dict[str, dict[str, Any]] | None = None,
@@ -41,10 +44,9 @@ def fingerprint(cfg: StudyConfig, data_files: dict[str, dict[str, Any]] | None =
     data = cfg.data.model_dump(mode="json", exclude={"train", "eval"}, exclude_none=True)
     data.update(data_files or {})
     model = cfg.model.model_dump(mode="json", exclude_none=True)
-    files = {name: digest for folder in dict.fromkeys(model_dirs) if folder and Path(folder).is_dir()
-             for name, digest in folder_digest(Path(folder)).items()}
-    if files:
-        model["files"] = files
+    for key, folder in zip(("files", "tokenizer_files"), dict.fromkeys(model_dirs)):  # the tokenizer's: when apart
+        if folder and Path(folder).is_dir():
+            model[key] = folder_digest(Path(folder))
     return cfg.masked_data({
         "task": cfg.task,
         "objective": cfg.objective.model_dump(mode="json"),
@@ -62,21 +64,24 @@ def exported(fingerprint: dict[str, Any]) -> dict[str, Any]:
     out = {k: json.loads(json.dumps(fingerprint.get(k))) for k in ("task", "model", "data", "train")}
     for split in ("train", "eval"):
         (out["data"] or {}).pop(split, None)
-    (out["model"] or {}).pop("files", None)
+    for key in ("files", "tokenizer_files"):
+        (out["model"] or {}).pop(key, None)
     return out
 
 
-def folder_digest(folder: Path, max_files: int = 200) -> dict[str, str]:
-    """``{file name: digest}`` of a model or tokenizer folder's files (not hidden ones, at most ``max_files``).
+def folder_digest(folder: Path) -> dict[str, str]:
+    """``{file name: digest}`` of the files transformers loads from a model or tokenizer folder.
 
-    Files up to ``WHOLE_FILE_BYTES`` are hashed whole; bigger ones (weights) by size and 10 blocks of
-    1 MiB spread over the file: seconds for a 14 GB checkpoint instead of a minute, and new weights
-    (re-initialised, fine-tuned, another model) differ in every block.
+    Only the folder's own top-level weights, configs and vocabularies (``MODEL_FILES``): not training
+    checkpoints in subfolders, not a study file, storage or outputs kept beside the model. Files up to
+    ``WHOLE_FILE_BYTES`` are hashed whole; bigger ones (weights) by size and 10 blocks of 1 MiB spread
+    over the file: seconds for a 14 GB checkpoint instead of a minute, and new weights (re-initialised,
+    fine-tuned, another model) differ in every block.
     """
     out = {}
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".")
-                                                                           for part in p.relative_to(folder).parts))
-    for path in files[:max_files]:
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith(".") or path.suffix not in MODEL_FILES:
+            continue
         size = path.stat().st_size
         digest = hashlib.sha256(str(size).encode())
         with open(path, "rb") as f:
@@ -86,7 +91,7 @@ def folder_digest(folder: Path, max_files: int = 200) -> dict[str, str]:
                 for k in range(SAMPLED_BLOCKS):
                     f.seek((size - BLOCK_BYTES) * k // (SAMPLED_BLOCKS - 1))
                     digest.update(f.read(BLOCK_BYTES))
-        out[path.relative_to(folder).as_posix()] = digest.hexdigest()[:16]
+        out[path.name] = digest.hexdigest()[:16]
     return out
 
 
@@ -145,10 +150,11 @@ def check(study: optuna.Study, cfg: StudyConfig, new: dict[str, Any], allow_chan
 
 
 def check_objective(study: optuna.Study, cfg: StudyConfig) -> None:
-    """Refuse ``cfg`` on a study whose trials were ranked by another objective or direction.
+    """Refuse ``cfg`` on a study whose trials were ranked by another objective or direction, or trained
+    for another task: their values could never be ranked beside the new ones.
 
     Raises:
-        ConfigError: naming both objectives.
+        ConfigError: naming both.
     """
     stored = study.user_attrs.get(FINGERPRINT)
     old = stored["objective"] if stored else _legacy_objective(study)
@@ -157,6 +163,10 @@ def check_objective(study: optuna.Study, cfg: StudyConfig) -> None:
         raise cfg.error(("objective",), f"study {cfg.study!r} ranks its trials by {_objective(old)}; this file "
                                         f"asks for {_objective(new)}, and values of both cannot be ranked "
                                         "together: use a new study name")
+    old_task = stored["task"] if stored else study.user_attrs.get("config", {}).get("task")
+    if old_task is not None and old_task != cfg.task:
+        raise cfg.error(("task",), f"study {cfg.study!r} holds {old_task} trials; this file is {cfg.task}, and "
+                                   "losses of two tasks cannot be ranked together: use a new study name")
 
 
 def _revision(number: int, changed: list[str], fingerprint: dict[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ LORA_PARAMS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules"})
 #: (transformers 5 reads a float ``warmup_steps`` below 1 as a ratio of the total steps).
 RENAMED_TRAINING_ARGS = {"warmup_ratio": "warmup_steps"}
 #: TrainingArguments that hpo owns: each trial sets them itself.
-RESERVED_TRAINING_ARGS = frozenset({"output_dir", "eval_strategy", "eval_steps", "save_strategy"})
+RESERVED_TRAINING_ARGS = frozenset({"output_dir", "eval_strategy", "eval_steps", "save_strategy", "label_names"})
 
 
 @lru_cache(maxsize=1)
@@ -183,6 +183,31 @@ def broken_constraint(constraints: Iterable[Expression], values: Mapping[str, An
             if not c.evaluate(values):
                 return c.source
     return None
+
+
+def finite_size(space: Mapping[str, Param], distributions: Mapping[str, BaseDistribution],
+                fixed: Mapping[str, Any] = {}, max_points: int = 100_000) -> int | None:  # noqa: B006 - read only
+    """How many distinct configurations the space holds, counting ``when:`` conditions; None when it is
+    continuous or over ``max_points`` combinations (too many to count)."""
+    values = {}
+    for name, d in distributions.items():
+        if isinstance(d, CategoricalDistribution):
+            values[name] = list(d.choices)
+        elif isinstance(d, IntDistribution) or d.step is not None:
+            n = (d.high - d.low) // d.step + 1 if isinstance(d, IntDistribution) else round((d.high - d.low) / d.step) + 1
+            if n > max_points:
+                return None
+            values[name] = [d.low + k * d.step for k in range(n)]
+        else:
+            return None
+    if math.prod(len(v) for v in values.values()) > max_points:
+        return None
+    seen = set()
+    for combo in itertools.product(*values.values()):
+        point = dict(zip(values, combo, strict=True))
+        with contextlib.suppress(ValueError):  # a derive that fails here: the trial would fail, not count
+            seen.add(repr(sorted(walk(space, distributions, lambda name, d: point[name], fixed)[0].items())))
+    return len(seen)
 
 
 def corners(distributions: Mapping[str, BaseDistribution], n_random: int = 32,

@@ -32,7 +32,7 @@ from sqlalchemy.engine import make_url
 from hpo import revisions, samplers, space
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError
-from hpo.best import trial_config
+from hpo.best import best_trial, trial_config
 from hpo.dashboard import artifact_store, save_study_note, upload_json
 from hpo.trial import TrialResult, Workbench, prepare, release, replace_folder, run_trial, save_model
 
@@ -75,9 +75,11 @@ def open_study(cfg: StudyConfig, first_step: int = 1, last_step: int | None = No
                 load_if_exists=True,
             )
             n_before = len(study.get_trials(deepcopy=False))
+            before = study.user_attrs.get(revisions.REVISIONS)
             if fingerprint is not None:
                 revisions.check(study, cfg, fingerprint, allow_changes)
-            if "config" not in study.user_attrs:
+            if "config" not in study.user_attrs or study.user_attrs.get(revisions.REVISIONS) != before:
+                # the resolved file of the latest revision: what the report and the dashboard note show
                 resolved = resolved_config(cfg)
                 study.set_user_attr("config", resolved)
                 save_study_note(study, resolved)
@@ -169,6 +171,14 @@ def load_existing(cfg: StudyConfig) -> optuna.Study:
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise cfg.error(("storage",), f"no storage at {cfg.storage_label}: {hint}")
     try:
+        # Optuna's storage creates its tables when it opens a database: reading commands must create nothing.
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            found = sqlalchemy.inspect(engine).has_table("studies")
+        finally:
+            engine.dispose()
+        if not found:
+            raise KeyError(cfg.study)
         study = optuna.load_study(study_name=cfg.study, storage=url)
         revisions.check_objective(study, cfg)
         return study
@@ -361,8 +371,12 @@ def _optimize(study: optuna.Study, objective, progress: _Progress, cfg: StudyCon
         if finished >= cfg.n_trials:
             return
         if finished + running < cfg.n_trials:
-            study.optimize(objective, n_trials=1, catch=(Exception,),
-                           callbacks=[functools.partial(_after_tell, cfg), progress.trial_done])
+            try:
+                study.optimize(objective, n_trials=1, catch=(Exception,),
+                               callbacks=[functools.partial(_after_tell, cfg), progress.trial_done])
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                if not _taken_over(study, progress):
+                    raise
             continue
         # The rest of the target runs on other workers. Wait: one may fail (then this worker runs another)
         # or its worker may die (then its trial goes stale, and this worker retries it).
@@ -371,6 +385,20 @@ def _optimize(study: optuna.Study, objective, progress: _Progress, cfg: StudyCon
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
+
+
+def _taken_over(study: optuna.Study, progress: _Progress) -> bool:
+    """Whether this worker's trial was ended by another one while it ran: its heartbeat went stale (the process
+    was paused, swapped out or starved), another worker marked it FAIL and queued a retry, and Optuna now
+    refuses this worker's result. Says so in one line."""
+    if progress.number < 0:
+        return False
+    trials = study.get_trials(deepcopy=False)
+    if progress.number >= len(trials) or trials[progress.number].state != TrialState.FAIL:
+        return False
+    progress.print(f"trial {progress.number:3d} [yellow]taken over[/]: another worker found its heartbeat stale "
+                   "and queued a retry; this run's result for it is dropped")
+    return True
 
 
 def _after_tell(cfg: StudyConfig, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -391,13 +419,19 @@ class Rejected(Exception):
 def _objective(bench: Workbench, progress: _Progress, revision: int = 0):
     cfg = bench.cfg
     store = artifact_store(cfg)
-    size = _space_size(cfg)
+    size = space.finite_size(cfg.search_space, cfg.distributions, cfg.train)
 
     def objective(trial: optuna.Trial) -> float:
         # Everything a trial does is inside this try, from sampling to saving: whatever fails, the trial
         # ends FAIL with its cause in fail_reason and fail_traceback ("interrupted" only after a signal).
         result = sampled = None
         try:
+            # Optuna's Trial does not expose system attrs; optuna-integration reads them from the storage too.
+            fixed = trial.storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
+            outside = _outside(fixed, cfg.distributions)
+            if outside:  # queued under an earlier revision of the study file, or by hand
+                trial.set_user_attr("rejected_enqueued", outside)
+                raise Rejected(f"queued parameters outside the search space: {outside}")
             sampled, derived = space.sample(trial, cfg.search_space, cfg.distributions, cfg.train)
             params = {**sampled, **derived}
             trial.set_user_attr(revisions.REVISION, revision)
@@ -407,7 +441,7 @@ def _objective(bench: Workbench, progress: _Progress, revision: int = 0):
             if broken:
                 trial.set_user_attr("rejected_by_constraint", broken)
                 raise Rejected(f"constraint not met: {broken}")
-            twin = _finished_twin(trial, sampled, size)
+            twin = None if fixed is not None else _finished_twin(trial, sampled, size)
             if twin is not None:
                 trial.set_user_attr(REJECTED_DUPLICATE, twin)
                 raise Rejected(f"the same parameters as trial {twin}, which finished")
@@ -450,30 +484,26 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _space_size(cfg: StudyConfig) -> int | None:
-    """How many configurations the space holds, when it is finite (choices, integers, stepped floats)."""
-    size = 1
-    for d in cfg.distributions.values():
-        if isinstance(d, optuna.distributions.CategoricalDistribution):
-            size *= len(d.choices)
-        elif isinstance(d, optuna.distributions.IntDistribution):
-            size *= (d.high - d.low) // d.step + 1
-        elif d.step is not None:
-            size *= round((d.high - d.low) / d.step) + 1
-        else:
-            return None
-    return size
+def _outside(fixed: dict[str, Any] | None, distributions: dict[str, Any]) -> str:
+    """The queued parameters that the search space does not hold, as ``name=value`` (empty: none)."""
+    bad = []
+    for name, value in (fixed or {}).items():
+        d = distributions.get(name)
+        try:
+            ok = d is not None and d._contains(d.to_internal_repr(value))  # Optuna's own membership test
+        except (ValueError, TypeError):
+            ok = False
+        if not ok:
+            bad.append(f"{name}={value!r}")
+    return ", ".join(bad)
 
 
 def _finished_twin(trial: optuna.Trial, sampled: dict[str, Any], size: int | None) -> int | None:
-    """The finished trial that ``sampled`` repeats, unless the trial was queued or the space is exhausted.
+    """The finished trial that ``sampled`` repeats, unless the space is exhausted (queued trials may repeat).
 
     Samplers repeat configurations (a resumed seeded sampler replays its first draws; TPE on a small
     categorical space proposes its favourite again); a finished one would only be trained again.
     """
-    # Optuna's Trial does not expose system attrs; optuna-integration reads them from the storage the same way.
-    if "fixed_params" in trial.storage.get_trial_system_attrs(trial._trial_id):  # enqueued: a retry, or asked for
-        return None
     finished = trial.study.get_trials(deepcopy=False, states=FINISHED)
     if size is not None and len({repr(sorted(t.params.items())) for t in finished}) >= size:
         return None
@@ -531,7 +561,7 @@ def _install_staged_best(cfg: StudyConfig, study: optuna.Study) -> None:
     if not folder.is_dir():
         return
     try:
-        best: FrozenTrial | None = study.best_trial
+        best: FrozenTrial | None = best_trial(study)
     except ValueError:
         best = None
     trials = study.get_trials(deepcopy=False)
@@ -590,11 +620,12 @@ class _Progress:
     def trial_done(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if self.status:
             self.status.stop()
-        if "rejected_by_constraint" in trial.user_attrs or REJECTED_DUPLICATE in trial.user_attrs:
+        if {"rejected_by_constraint", REJECTED_DUPLICATE, "rejected_enqueued"} & set(trial.user_attrs):
             self.rejected_in_a_row += 1
             why = (f"{escape(trial.user_attrs['rejected_by_constraint'])} is false"
                    if "rejected_by_constraint" in trial.user_attrs
-                   else f"repeats trial {trial.user_attrs[REJECTED_DUPLICATE]}")
+                   else f"repeats trial {trial.user_attrs[REJECTED_DUPLICATE]}" if REJECTED_DUPLICATE in trial.user_attrs
+                   else f"queued with {escape(trial.user_attrs['rejected_enqueued'])}, outside the search space")
             self.print(f"trial {trial.number:3d} [dim]rejected before training: {why}[/]")
             if self.rejected_in_a_row >= MAX_REJECTED_IN_A_ROW:
                 self.gave_up = (f"{self.rejected_in_a_row} samples in a row broke the constraints or repeated "
@@ -609,7 +640,7 @@ class _Progress:
         secs = trial.user_attrs.get("train_seconds", 0)
         params = _fmt_params(trial.params)
         if trial.state == TrialState.COMPLETE:
-            best = " [green]★ best[/]" if study.best_trial.number == trial.number else ""
+            best = " [green]★ best[/]" if best_trial(study).number == trial.number else ""
             self.print(f"trial {trial.number:3d} [green]complete[/] {self.metric}={trial.value:.4f}{best} "
                        f"({secs:.0f}s)  {tally}\n{' ' * len(self.prefix)}    [dim]{params}[/]")
         elif trial.state == TrialState.PRUNED:
@@ -648,7 +679,7 @@ def _fmt_params(params: dict[str, Any]) -> str:
 
 def print_summary(console: Console, cfg: StudyConfig, study: optuna.Study) -> None:
     try:
-        best = study.best_trial
+        best = best_trial(study)
     except ValueError:
         console.print("[red]no trial completed[/]")
         return

@@ -8,6 +8,7 @@ import functools
 import gc
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -42,7 +43,7 @@ from transformers.integrations import TensorBoardCallback
 
 from hpo import recipe, tasks
 from hpo.config import TASK_METRICS, LoraSettings, StudyConfig
-from hpo.data import Examples, load_examples, tokenize
+from hpo.data import IGNORE, Examples, load_examples, tokenize
 from hpo.errors import ConfigError
 from hpo.pruning import PruningCallback
 from hpo.space import split_params, training_arguments, training_names
@@ -160,20 +161,71 @@ def prepare(cfg: StudyConfig, data: Examples | None = None) -> Workbench:
     except (OSError, ValueError, KeyError) as e:
         reason = str(e).strip("'").splitlines()[0]
         raise cfg.error(("model",), f"cannot load {cfg.model.label!r}: {reason}") from None
+    check_model_fits(cfg, config)
     max_length = cfg.data.max_length
+    rows = {split: tokenize(cfg.task, getattr(data, split), tokenizer, max_length) for split in ("train", "eval")}
+    for split, tokenized in rows.items():  # a prompt that fills max_length leaves no response token to learn
+        if not any(label != IGNORE for row in tokenized for label in _flat(row["labels"])):
+            raise cfg.error(("data", "max_length"), f"no {split} row has a token left to predict at max_length "
+                                                    f"{max_length}: every trial would fail")
     return Workbench(
         cfg=cfg,
         model_path=path,
         config=config,
         tokenizer=tokenizer,
         labels=data.labels,
-        train_rows=tokenize(cfg.task, data.train, tokenizer, max_length),
+        train_rows=rows["train"],
         # Shortest first: each eval batch pads to its longest row, so sorted batches carry ~1.5x fewer
         # tokens than shuffled ones on the quickstart data. Metrics are per example or per entity, so order-free.
-        eval_rows=sorted(tokenize(cfg.task, data.eval, tokenizer, max_length), key=lambda row: len(row["input_ids"])),
+        eval_rows=sorted(rows["eval"], key=lambda row: len(row["input_ids"])),
         data_files=data.files,
         tokenizer_path=tokenizer_path,
     )
+
+
+def _flat(labels: Any) -> list[int]:
+    return labels if isinstance(labels, list) else [labels]
+
+
+def check_model_fits(cfg: StudyConfig, config: PretrainedConfig) -> None:
+    """What the model itself decides, checked before any trial: ``max_length`` within its positions, and
+    LoRA ``target_modules`` (fixed or searched) naming modules it has, on a weightless copy (meta device).
+
+    Raises:
+        ConfigError: one problem per setting that would fail every trial.
+    """
+    problems = []
+    limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions")
+                  if isinstance(getattr(config, k, None), int)), None)
+    if limit and cfg.data.max_length > limit:
+        problems.append(cfg.problem(("data", "max_length"), f"{cfg.data.max_length} is over the model's {limit} "
+                                                            "positions: a longer row would fail its trial"))
+    targets = []  # (key path, module names)
+    if cfg.is_lora and (cfg.model.lora or LoraSettings()).target_modules is not None:
+        targets.append((("model", "lora", "target_modules"), tuple(lora_target_list(cfg.model.lora.target_modules))))
+    searched = cfg.distributions.get("target_modules")
+    if isinstance(searched, CategoricalDistribution):
+        targets += [(("search_space", "target_modules"), tuple(lora_target_list(c))) for c in searched.choices]
+    if targets:
+        with torch.device("meta"):  # module names without weights: no memory, no time
+            modules = dict(tasks.TASKS[cfg.task].auto_model.from_config(copy.deepcopy(config)).named_modules())
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if type(m).__name__ in ("Linear", "Conv1D")})
+        for path, wanted in dict.fromkeys(targets):
+            bad = [t for t in wanted if not any(n == t or n.endswith(f".{t}") for n in modules)]
+            if bad:
+                problems.append(cfg.problem(path, f"{bad[0]!r} names no module of this {config.model_type} model "
+                                                  f"(its linear layers: {', '.join(linear[:12])})"))
+    if problems:
+        raise ConfigError(list(dict.fromkeys(problems)))
+
+
+def lora_target_list(target_modules: Any) -> list[str]:
+    """LoRA ``target_modules`` as module names: ``"q,v"`` → ``["q", "v"]``; ``all-linear`` and None name none."""
+    if target_modules is None or target_modules == "all-linear":
+        return []
+    if isinstance(target_modules, str):
+        return [m.strip() for m in target_modules.split(",") if m.strip()]
+    return list(target_modules)
 
 
 def _model_path(cfg: StudyConfig, name: str, key: tuple[str, ...]) -> str:
@@ -200,6 +252,8 @@ TRAINING_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "adam_epsilon": (lambda v: v >= 0, ">= 0"),
     "max_grad_norm": (lambda v: v >= 0, ">= 0"),
     "label_smoothing_factor": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "eval_accumulation_steps": (lambda v: v >= 1, ">= 1"),
+    "max_steps": (lambda v: v == -1 or v >= 1, "-1 (use num_train_epochs) or >= 1"),
 }
 
 
@@ -229,7 +283,11 @@ def check_training_arguments(cfg: StudyConfig) -> None:
             if bounds and isinstance(typed, int | float) and not isinstance(typed, bool) and not bounds[0](typed):
                 problems.append(cfg.problem(path, f"{_brief(value)}: {field} must be {bounds[1]}"))
                 return value
-            TrainingArguments(output_dir=os.devnull, **{field: typed})
+            args = TrainingArguments(output_dir=os.devnull, **{field: typed})
+            if field == "optim":  # bitsandbytes, GaLore, LOMO optimizers import their package only here
+                Trainer.get_optimizer_cls_and_kwargs(args)
+            if field == "use_liger_kernel" and typed and importlib.util.find_spec("liger_kernel") is None:
+                raise ImportError("liger-kernel", name="liger-kernel")
             return typed
         except ValidationError as e:
             hint = " (a derived value: use // for a whole number)" if strict and isinstance(value, float) else ""
@@ -238,8 +296,9 @@ def check_training_arguments(cfg: StudyConfig) -> None:
             problems.append(cfg.problem(path, str(e).splitlines()[0][:300]))
         except (ImportError, importlib.metadata.PackageNotFoundError) as e:  # deepspeed: {...} without deepspeed
             wanted = re.search(r"'([^']+)' distribution was not found", str(e))
-            package = wanted.group(1) if wanted else getattr(e, "name", None) or str(e).splitlines()[0][:100]
-            problems.append(cfg.problem(path, f"needs a package that is not installed: {package}"))
+            package = wanted.group(1) if wanted else getattr(e, "name", None)
+            problems.append(cfg.problem(path, f"needs a package that is not installed: {package}" if package
+                                        else str(e).strip().splitlines()[0][:200]))
         except Exception as e:  # noqa: BLE001 - whatever TrainingArguments raises would fail every trial
             reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             problems.append(cfg.problem(path, f"{type(e).__name__}: {reason}"))
@@ -312,7 +371,7 @@ def run_trial(
     with), whether the pruner stopped it, and the measurements to keep.
 
     Raises:
-        FloatingPointError: the objective became NaN.
+        FloatingPointError: the objective or the eval loss became NaN or infinite.
         Exception: whatever training raised (Optuna records the trial as FAIL).
     """
     began = time.perf_counter()
@@ -362,8 +421,9 @@ def run_trial(
     trainer.train()
     seconds = time.perf_counter() - start
 
-    if callback.nan_at is not None:
-        raise FloatingPointError(f"{cfg.objective.metric} is NaN at step {callback.nan_at}")
+    if callback.diverged is not None:
+        step, what = callback.diverged
+        raise FloatingPointError(f"{what} at step {step}: the model diverged")
     if not callback.history:
         raise RuntimeError("training ended before the first evaluation")
     attrs = _measurements(bench, trainer, callback, seconds)
@@ -421,7 +481,7 @@ def _build_model(bench: Workbench, model_params: Mapping[str, Any], lora_params:
 
     settings = (cfg.model.lora or LoraSettings()).model_dump() | dict(lora_params)
     if isinstance(settings["target_modules"], str) and settings["target_modules"] != "all-linear":
-        settings["target_modules"] = [m.strip() for m in settings["target_modules"].split(",")]
+        settings["target_modules"] = lora_target_list(settings["target_modules"])
     return get_peft_model(model, LoraConfig(task_type=TaskType[task.peft_task], **settings)), report
 
 

@@ -125,3 +125,34 @@ def test_best_and_train_say_the_same_when_no_trial_completed(write_study):
         result = hpo(*command)
         assert result.returncode == 2
         assert result.stderr.strip() == f"error {path}: the study has no complete trial yet"  # not "Record does not exist."
+
+
+def test_reading_commands_create_nothing_in_an_empty_database(write_study, fresh_postgres_url, postgres_admin):
+    # hpo report, best and dashboard opened the storage through Optuna, which creates its 13 tables.
+    path = write_study(storage=fresh_postgres_url)
+    for command in (["report", path], ["best", path], ["dashboard", path, "--port", "1"]):
+        result = hpo(*command)
+        assert result.returncode == 2 and "no study 'tiny'" in result.stderr, result.stderr
+    import psycopg
+
+    with psycopg.connect(fresh_postgres_url.replace("+psycopg", "")) as db:
+        assert db.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone() == (0,)
+
+
+def test_command_line_mistakes_are_one_line(write_study, tmp_path):
+    path = write_study(n_trials=1)
+    gpus = hpo("run", path, "--gpus", "abc")
+    assert gpus.returncode == 2 and gpus.stderr.strip() == (
+        "error <command line>: --gpus: 'abc' is not a GPU index (0, 1, …) or UUID (GPU-…, MIG-…)")
+    assert not path.with_suffix(".db").exists()
+    assert hpo("run", path).returncode == 0
+    twice = hpo("report", path, path)  # its trials would count twice in every z-score
+    assert twice.returncode == 2 and twice.stderr.strip() == f"error {path}: the same study is named twice"
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = hpo("dashboard", path, "--port", taken.getsockname()[1])
+    assert busy.returncode == 2 and "Traceback" not in busy.stderr
+    assert busy.stderr.strip().splitlines()[-1].startswith("error cannot serve on 127.0.0.1:")

@@ -225,3 +225,9 @@ def test_a_relative_storage_flag_is_relative_to_where_the_command_runs(tmp_path,
     monkeypatch.chdir(tmp_path)
     assert _storage("sqlite:///x.db") == {"storage": f"sqlite:///{tmp_path / 'x.db'}"}
     assert _storage("postgresql://u@h/db") == {"storage": "postgresql://u@h/db"}
+
+
+def test_an_override_adds_to_a_model_given_by_name(write_study, tiny_model):
+    # model: NAME is short for {name: NAME}: model.lora.r=4 used to replace it with {lora: {r: 4}}.
+    cfg = load_study(write_study(), {"model.lora.r": 4})
+    assert cfg.model.name == str(tiny_model) and cfg.model.lora.r == 4

@@ -50,3 +50,25 @@ def test_killed_worker_trial_is_failed_and_retried(write_study, storage_url, req
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE and retries[0].params == victim.params
     assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 2
+
+
+def test_a_paused_worker_whose_trial_was_taken_over_says_so_and_goes_on(write_study):
+    # A worker paused past the grace period (SIGSTOP, a laptop lid, swapping): another worker fails its trial
+    # as stale and retries it. When the paused one resumes, Optuna refuses its result; that was a raw
+    # "ValueError: Cannot tell a FAIL trial." traceback and exit 1.
+    path = slow_study(write_study, n_trials=1, heartbeat_interval=1, grace_period=3)
+    storage = f"sqlite:///{path.with_suffix('.db')}"
+    paused = start(path)
+    study = wait_for_running(storage)
+    (victim,) = study.get_trials(states=(TrialState.RUNNING,))
+    paused.send_signal(signal.SIGSTOP)
+    try:
+        wait_until_stale(storage, "tiny", victim.number, heartbeat_interval=1, grace_period=3)
+        other = start(path, "--n-trials", "2")  # fails the stale trial, runs its retry and one more
+        output = other.communicate(timeout=RUN_S)[0]
+        assert other.returncode == 0, output
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    output = paused.communicate(timeout=RUN_S)[0]
+    assert "Traceback" not in output, output
+    assert f"trial {victim.number:3d} taken over" in output and paused.returncode == 0, output

@@ -190,6 +190,32 @@ def test_rank_one_is_the_trial_hpo_best_exports():
     assert trials["score"].idxmax() == 1  # the score alone would have named trial 1
 
 
+def test_ties_and_diverged_values_rank_as_hpo_best_picks():
+    # Three trials tie at accuracy 0.5: the earliest is the best everywhere (Optuna's own pick among ties
+    # is whatever the database lists first). A diverged perplexity of 1e304 overflowed the variance and
+    # gave every trial rank 1; an infinite one left every trial unranked.
+    import optuna
+    from optuna.trial import create_trial
+
+    from hpo.best import best_trial
+
+    tied = optuna.create_study(direction="maximize")
+    tied.set_user_attr("config", {"task": "sequence-classification", "objective": {"metric": "eval_accuracy"}})
+    for acc, f1 in ((0.4, 0.9), (0.5, 0.1), (0.5, 0.9), (0.5, 0.5)):
+        tied.add_trial(create_trial(value=acc, user_attrs={"eval_f1_macro": f1}))
+    ranks = trials_frame([tied]).set_index("trial")["rank"]
+    assert ranks.idxmin() == best_trial(tied).number == 1 and ranks.tolist() == [4, 1, 2, 3]
+
+    for worst in (1e304, float("inf")):
+        lm = optuna.create_study(direction="minimize")
+        lm.set_user_attr("config", {"task": "causal-lm", "objective": {"metric": "eval_perplexity"}})
+        for v in (12.0, worst, 9.0):
+            lm.add_trial(create_trial(value=v))
+        trials = trials_frame([lm]).set_index("trial")
+        assert trials["rank"].tolist() == [2, 3, 1], worst
+        assert trials.loc[[0, 2], "z_objective"].notna().all()  # finite, not NaN from an overflowed variance
+
+
 def test_the_same_metric_of_two_tasks_is_not_compared():
     # A causal-lm's eval_loss (next-token cross-entropy, ~3) and a classifier's (~0.6) share a name, not a scale.
     lm = _study("lm", "causal-lm", "eval_loss", "minimize", [2.9, 3.4])

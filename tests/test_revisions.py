@@ -153,13 +153,20 @@ def test_hpo_best_refuses_settings_the_best_trial_did_not_run_with(write_study, 
 def test_a_model_replaced_in_its_folder_is_a_change(write_study, tmp_path, tiny_model):
     from transformers import BertConfig, BertModel
 
+    # The model folder also holds 250 training checkpoints, and this study's own file, storage and outputs:
+    # a capped walk over every file once hashed the checkpoints and never the weights; the storage and
+    # outputs change with every run.
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
-    path = write_study(n_trials=1, model=str(model))
+    for k in range(250):
+        (model / f"checkpoint-{k:03d}").mkdir()
+        (model / f"checkpoint-{k:03d}" / "config.json").write_text("{}")
+    path = write_study(name="model/study.yaml", n_trials=1, model=".")
     run_study(load_study(path), quiet)
+    run_study(load_study(path, {"n_trials": 2}), quiet)  # its own storage and outputs are no change
     BertModel(BertConfig.from_pretrained(model)).save_pretrained(model)  # the same config, other weights
     with pytest.raises(ConfigError, match=r"model\.files\.model\.safetensors: .*--allow-changes"):
-        run_study(load_study(path, {"n_trials": 2}), quiet)
+        run_study(load_study(path, {"n_trials": 3}), quiet)
 
 
 def test_the_fingerprint_holds_the_data_that_was_read(write_study, tmp_path):
@@ -179,3 +186,29 @@ def test_the_fingerprint_holds_the_data_that_was_read(write_study, tmp_path):
     run_with_bench(cfg, quiet, bench=bench)
     with pytest.raises(ConfigError, match=r"data\.train\.sha256"):
         run_study(load_study(path, {"n_trials": 2}), quiet)
+
+
+def test_another_task_is_refused_even_with_allow_changes(write_study, tmp_path):
+    # Both report eval_loss, but a token classifier's loss and a sequence classifier's are not comparable.
+    from tests.conftest import DATA
+
+    path = write_study(n_trials=1)
+    run_study(load_study(path), quiet)
+    edit(path, task="token-classification",
+         data={"train": str(DATA / "ner_train.jsonl"), "eval": str(DATA / "ner_eval.jsonl"), "max_length": 16})
+    with pytest.raises(ConfigError, match="task: study 'tiny' holds sequence-classification trials"):
+        run_study(load_study(path, {"n_trials": 2}), quiet, allow_changes=True)
+
+
+def test_entries_queued_under_an_older_revision_are_not_trained_outside_the_new_space(write_study):
+    path = write_study(n_trials=1, enqueue=[{"learning_rate": 1e-4, "per_device_train_batch_size": 4},
+                                            {"learning_rate": 2e-4, "per_device_train_batch_size": 4}])
+    run_study(load_study(path), quiet)  # runs the first entry; the second stays queued
+    space = yaml.safe_load(path.read_text())["search_space"]
+    space["learning_rate"] = {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}
+    edit(path, search_space=space, enqueue=[], n_trials=2)
+    study = run_study(load_study(path), quiet, allow_changes=True)
+    queued = study.trials[1]
+    assert queued.params == {} and queued.user_attrs["rejected_enqueued"] == "learning_rate=0.0002"
+    assert "train_seconds" not in queued.user_attrs  # rejected before training
+    assert all(1e-3 <= t.params["learning_rate"] <= 1e-2 for t in study.trials[2:])

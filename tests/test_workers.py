@@ -188,7 +188,7 @@ def test_credentials_are_masked_in_every_line_printed_or_saved(write_study, fres
     env = {"HPO_STORAGE": url, "HF_TOKEN": token}
     printed = ""
     for command in (["run", str(path), "--workers", "2"], ["report", str(path)], ["best", str(path)],
-                    ["run", str(path), "--storage", url.replace(":5432/", ":1/")]):  # unreachable: exit 2, one line
+                    ["run", str(path), "output_dir=elsewhere", "--storage", url.replace(":5432/", ":1/")]):  # unreachable: exit 2, one line
         proc = subprocess.run([sys.executable, "-m", "hpo.cli", *command], capture_output=True, text=True,
                               env={**os.environ, **env}, timeout=RUN_S)
         printed += proc.stdout + proc.stderr
@@ -208,14 +208,16 @@ def test_credentials_are_masked_in_every_line_printed_or_saved(write_study, fres
         assert not leaked, f"{secret} saved in {leaked}"
 
 
-def test_workers_stopped_by_failures_say_so_in_one_line_each(write_study):
-    # Both enqueued learning rates divide by zero in the derive (validation's corners and samples miss them):
-    # each spawned worker fails one trial, hits max_failures_in_a_row and stops. It used to print a
-    # TrialsFailed traceback per worker, raw Optuna log lines, and call a clean stop a crash.
-    path = write_study(n_trials=2, max_failures_in_a_row=1, search_space={
-        "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
-        "max_grad_norm": {"derive": "1 / ((learning_rate * 1000 - 1) * (learning_rate * 100 - 1))"}},
-        enqueue=[{"learning_rate": 0.001}, {"learning_rate": 0.01}])
+def test_workers_stopped_by_failures_say_so_in_one_line_each(write_study, tiny_model, tmp_path):
+    # The model's weights file is cut short (validation reads only its config and tokenizer): each spawned
+    # worker fails one trial, hits max_failures_in_a_row and stops. It used to print a TrialsFailed traceback
+    # per worker, raw Optuna log lines, and call a clean stop a crash.
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:1000])
+    path = write_study(n_trials=2, max_failures_in_a_row=1, model=str(model))
     proc = start(path, "--gpus", "0,1")  # spawned workers: fresh interpreters with Optuna's default logging
     output = proc.communicate(timeout=RUN_S)[0]
     assert proc.returncode == 1, output
