@@ -20,7 +20,6 @@ from typing import Any
 import optuna
 
 from hpo.config import StudyConfig
-from hpo.errors import ConfigError
 
 FINGERPRINT = "fingerprint"  # study user attr: the current revision's fingerprint
 REVISIONS = "revisions"  # study user attr: [{"revision", "time", "changes"}], oldest first
@@ -44,7 +43,7 @@ def fingerprint(cfg: StudyConfig, data_files: dict[str, dict[str, Any]] | None =
     data = cfg.data.model_dump(mode="json", exclude={"train", "eval"}, exclude_none=True)
     data.update(data_files or {})
     model = cfg.model.model_dump(mode="json", exclude_none=True)
-    for key, folder in zip(("files", "tokenizer_files"), dict.fromkeys(model_dirs)):  # the tokenizer's: when apart
+    for key, folder in zip(("files", "tokenizer_files"), dict.fromkeys(model_dirs), strict=False):  # tokenizer: when apart
         if folder and Path(folder).is_dir():
             model[key] = folder_digest(Path(folder))
     return cfg.masked_data({

@@ -13,10 +13,8 @@ The run must print exactly that one error (no traceback), create neither a stora
 nor outputs, and stay within a CPU time and peak memory measured with ``os.wait4``.
 """
 
-import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -55,14 +53,12 @@ def test_broken_data_fails_cleanly(path, corpus, tiny_model):
     name = f"broken_data/{path.name}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "400", "HPO_TEST_MODEL": str(tiny_model)}
     result = run_measured([sys.executable, "-m", "hpo.cli", "run", name], corpus, env)
-    code, stdout, stderr, cpu_s, rss_mb = (result.returncode, result.stdout, result.stderr, result.cpu_s,
-                                           result.rss_mib)
-    assert code == 2, stdout + stderr
-    assert "Traceback" not in stdout + stderr
-    (error,) = stderr.strip().splitlines()
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    (error,) = result.stderr.strip().splitlines()
     assert error.startswith(f"error {name}:{line}: {key}: "), error
     assert message in error, error
     assert f"broken_data/data/{path.stem}." in error, "the error names the data file"
     assert not (corpus / "broken_data" / f"{path.stem}.db").exists()
     assert not (corpus / "broken_data" / "outputs").exists()
-    assert cpu_s < MAX_CPU_S and rss_mb < MAX_RSS_MB, f"{cpu_s:.1f} s CPU, {rss_mb:.0f} MB"
+    assert result.cpu_s < MAX_CPU_S and result.rss_mib < MAX_RSS_MB, f"{result.cpu_s:.1f} s CPU, {result.rss_mib:.0f} MB"

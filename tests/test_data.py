@@ -7,7 +7,6 @@ The one-line CLI errors of whole hostile files are in tests/broken_data/ (test_b
 import json
 import os
 import random
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
