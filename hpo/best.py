@@ -9,7 +9,7 @@ from typing import Any
 
 import optuna
 
-from hpo import recipe
+from hpo import knobs
 from hpo.config import TASK_METRICS, LoraSettings, StudyConfig
 from hpo.revisions import REVISIONS, check_trial_settings, trial_revision
 from hpo.space import split_params, training_arguments
@@ -48,14 +48,14 @@ def trial_config(cfg: StudyConfig, params: dict[str, Any], trial: int, value: fl
     settings with the trial's training parameters over them.
     """
     training, model_params, lora_params = split_params(params)
-    args, own = recipe.split(training_arguments({**cfg.train, **training}))
+    args, own = knobs.split(training_arguments({**cfg.train, **training}))
     # Saved configurations carry no credentials: the hub reads the token from HF_TOKEN when pushing.
     args = {k: v for k, v in args.items() if k not in CREDENTIALS}
     lora = {**(cfg.model.lora or LoraSettings()).model_dump(), **lora_params} if cfg.is_lora else None
     rest = {
         "study": cfg.study, "trial": trial, "metric": cfg.objective.metric, "value": value,
         "task": cfg.task, "model": cfg.model.label, "model_params": model_params, "lora": lora,
-        "recipe": own.model_dump(exclude_defaults=True),  # hpo's own knobs (optimizer, schedules, head rates)
+        "knobs": own.model_dump(exclude_defaults=True),  # hpo's own knobs (optimizer, schedules, head rates)
         "data": cfg.data.model_dump(mode="json", exclude_none=True),
     }
     return cfg.masked_data(args), cfg.masked_data(rest)

@@ -21,7 +21,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from hpo import recipe
+from hpo import knobs
 
 if TYPE_CHECKING:
     from hpo.config import Param
@@ -64,9 +64,9 @@ def training_argument_names() -> frozenset[str]:
 
 
 def training_names() -> frozenset[str]:
-    """What ``train:`` and a search space may set: TrainingArguments fields, renamed ones, hpo's recipe knobs."""
+    """What ``train:`` and a search space may set: TrainingArguments fields, renamed ones, hpo's knobs."""
     renamed = {k for k in RENAMED_TRAINING_ARGS if k not in training_argument_names()}
-    return training_argument_names() | renamed | recipe.NAMES
+    return training_argument_names() | renamed | knobs.NAMES
 
 
 def training_arguments(kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from transformers import (
 )
 from transformers.integrations import TensorBoardCallback
 
-from hpo import recipe, tasks
+from hpo import knobs, tasks
 from hpo.config import TASK_METRICS, LoraSettings, StudyConfig
 from hpo.data import IGNORE, Examples, load_examples, tokenize
 from hpo.errors import ConfigError
@@ -274,9 +274,9 @@ def check_training_arguments(cfg: StudyConfig) -> None:
     def check(path: tuple, name: str, value: Any, strict: bool = False) -> Any:
         ((field, value),) = training_arguments({name: value}).items()
         try:
-            if field in recipe.NAMES:  # hpo's own knob
-                return getattr(recipe.Recipe.model_validate({field: value}, strict=strict or None), field)
-            if field == "lr_scheduler_type" and value in recipe.OWN_SCHEDULES:
+            if field in knobs.NAMES:  # hpo's own knob
+                return getattr(knobs.Knobs.model_validate({field: value}, strict=strict or None), field)
+            if field == "lr_scheduler_type" and value in knobs.OWN_SCHEDULES:
                 return value
             typed = _type_adapter(hints[field]).validate_python(value, strict=strict or None)
             bounds = TRAINING_RANGES.get(field)
@@ -309,7 +309,7 @@ def check_training_arguments(cfg: StudyConfig) -> None:
         if isinstance(value, str) and isinstance(typed, int | float):  # learning_rate: 1e-3 is text in YAML 1.1
             cfg.train[name] = typed
     try:  # the knobs together (e.g. head_learning_rate and head_lr_multiplier both set)
-        recipe.split(training_arguments(cfg.train))
+        knobs.split(training_arguments(cfg.train))
     except ValidationError as e:
         if not problems:  # a bad value alone is reported above
             problems.append(cfg.problem(("train",), e.errors()[0]["msg"].removeprefix("Value error, ")))
@@ -379,8 +379,8 @@ def run_trial(
     training, model_params, lora_params = split_params(params)
     seed = int(cfg.train.get("seed", 42))
     transformers.set_seed(seed)
-    settings, knobs = recipe.split(training_arguments({**cfg.train, **training}))
-    model, load_report = _build_model(bench, model_params, lora_params, knobs)
+    settings, own = knobs.split(training_arguments({**cfg.train, **training}))
+    model, load_report = _build_model(bench, model_params, lora_params, own)
     heads = load_report["new_heads"]
 
     name = run_name or f"trial-{trial.number:04d}"
@@ -401,8 +401,8 @@ def run_trial(
     n_train = len(bench.train_rows)
     every = cfg.eval_every.examples_between(n_train)
     callback = PruningCallback(trial, cfg.objective.metric, n_train, every, on_eval)
-    trainer = recipe.make_trainer_class()(
-        recipe=knobs,
+    trainer = knobs.make_trainer_class()(
+        knobs=own,
         heads=heads,
         model=model,
         args=args,
@@ -446,7 +446,7 @@ def run_trial(
 
 
 def _build_model(bench: Workbench, model_params: Mapping[str, Any], lora_params: Mapping[str, Any],
-                 knobs: recipe.Recipe) -> tuple[Any, dict[str, list[str]]]:
+                 own: knobs.Knobs) -> tuple[Any, dict[str, list[str]]]:
     """The trial's model (PEFT-wrapped for LoRA), its new heads initialised, and the load report."""
     cfg = bench.cfg
     config = copy.deepcopy(bench.config)
@@ -473,8 +473,8 @@ def _build_model(bench: Workbench, model_params: Mapping[str, Any], lora_params:
             raise ValueError(f"the checkpoint's {body[0]} has shape {tuple(saved)}, this model's {tuple(wanted)}")
         report = {k: sorted(map(str, info.get(k) or []))[:50] for k in ("missing_keys", "unexpected_keys")}
         report["mismatched_keys"] = sorted(f"{k}: {tuple(v[1])} → {tuple(v[2])}" for k, v in mismatched.items())[:50]
-        report["new_heads"] = recipe.head_modules([*report["missing_keys"], *mismatched])
-        recipe.init_heads(model, report["new_heads"], knobs)
+        report["new_heads"] = knobs.head_modules([*report["missing_keys"], *mismatched])
+        knobs.init_heads(model, report["new_heads"], own)
     if not cfg.is_lora:
         return model, report
     from peft import LoraConfig, TaskType, get_peft_model

@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, m
 OWN_SCHEDULES = ("step", "reduce_lr_on_plateau")
 
 
-class Recipe(BaseModel):
-    """hpo's own knobs of one trial, validated."""
+class Knobs(BaseModel):
+    """hpo's own knobs of one trial (those TrainingArguments lacks), validated."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -43,7 +43,7 @@ class Recipe(BaseModel):
     head_init_std: PositiveFloat | None = None  # default: the model config's initializer_range
 
     @model_validator(mode="after")
-    def _one_head_rate(self) -> Recipe:
+    def _one_head_rate(self) -> Knobs:
         if self.head_learning_rate is not None and self.head_lr_multiplier is not None:
             raise ValueError("set head_learning_rate or head_lr_multiplier, not both")
         return self
@@ -53,14 +53,14 @@ class Recipe(BaseModel):
         return self.optimizer is not None or self.head_learning_rate is not None or self.head_lr_multiplier is not None
 
 
-NAMES = frozenset(Recipe.model_fields) - {"schedule"}
+NAMES = frozenset(Knobs.model_fields) - {"schedule"}
 
 
-def split(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], Recipe]:
-    """(TrainingArguments kwargs, Recipe) from one trial's training settings.
+def split(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], Knobs]:
+    """(TrainingArguments kwargs, Knobs) from one trial's training settings.
 
-    >>> args, recipe = split({"learning_rate": 1e-3, "optimizer": "sgd", "lr_scheduler_type": "step"})
-    >>> args, recipe.optimizer, recipe.schedule
+    >>> args, knobs = split({"learning_rate": 1e-3, "optimizer": "sgd", "lr_scheduler_type": "step"})
+    >>> args, knobs.optimizer, knobs.schedule
     ({'learning_rate': 0.001, 'lr_scheduler_type': 'constant'}, 'sgd', 'step')
 
     Raises:
@@ -73,11 +73,11 @@ def split(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], Recipe]:
         args["lr_scheduler_type"] = "constant"
         if own["schedule"] == "reduce_lr_on_plateau":
             args["metric_for_best_model"] = "loss"  # Trainer steps a plateau schedule with this metric
-    recipe = Recipe(**own)
-    if recipe.lr_scaling == "linear":
+    knobs = Knobs(**own)
+    if knobs.lr_scaling == "linear":
         batch = args.get("per_device_train_batch_size", 8) * args.get("gradient_accumulation_steps", 1)
-        args["learning_rate"] = args.get("learning_rate", 5e-5) * batch * _devices() / recipe.lr_base_batch_size
-    return args, recipe
+        args["learning_rate"] = args.get("learning_rate", 5e-5) * batch * _devices() / knobs.lr_base_batch_size
+    return args, knobs
 
 
 def _devices() -> int:
@@ -97,14 +97,14 @@ def is_head(name: str, heads: Iterable[str]) -> bool:
     return any(f".{h}." in dotted for h in heads)
 
 
-def init_heads(model, heads: Iterable[str], recipe: Recipe) -> None:
+def init_heads(model, heads: Iterable[str], knobs: Knobs) -> None:
     """Initialise the new heads' linear layers explicitly: weights normal or xavier, biases zero."""
     import torch
 
-    std = recipe.head_init_std or getattr(model.config, "initializer_range", 0.02)
+    std = knobs.head_init_std or getattr(model.config, "initializer_range", 0.02)
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and is_head(f"{name}.weight", heads):
-            if recipe.head_init == "xavier":
+            if knobs.head_init == "xavier":
                 torch.nn.init.xavier_uniform_(module.weight)
             else:
                 torch.nn.init.normal_(module.weight, std=std)
@@ -121,18 +121,18 @@ def make_trainer_class():
     optimizers = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
                   "rmsprop": torch.optim.RMSprop, "adafactor": Adafactor}
 
-    class RecipeTrainer(Trainer):
+    class KnobsTrainer(Trainer):
         """Param groups (decay × head/body), the optimizer by name, and the step and plateau schedules."""
 
-        def __init__(self, *args, recipe: Recipe, heads: list[str], **kwargs):
+        def __init__(self, *args, knobs: Knobs, heads: list[str], **kwargs):
             super().__init__(*args, **kwargs)
-            self.recipe, self.heads = recipe, heads
+            self.knobs, self.heads = knobs, heads
 
         def create_optimizer(self, model=None):
-            if self.optimizer is not None or not self.recipe.own_optimizer:
+            if self.optimizer is not None or not self.knobs.own_optimizer:
                 return super().create_optimizer(model)
             model = model or self.model
-            a, r = self.args, self.recipe
+            a, r = self.args, self.knobs
             head_lr = r.head_learning_rate or a.learning_rate * (r.head_lr_multiplier or 1.0)
             decay = set(self.get_decay_parameter_names(model))
             groups: dict[tuple[bool, bool], list] = {}
@@ -157,7 +157,7 @@ def make_trainer_class():
             return self.optimizer
 
         def create_scheduler(self, num_training_steps: int, optimizer=None):
-            r = self.recipe
+            r = self.knobs
             if self.lr_scheduler is not None or r.schedule is None:
                 return super().create_scheduler(num_training_steps, optimizer)
             optimizer = optimizer or self.optimizer
@@ -180,4 +180,4 @@ def make_trainer_class():
             self._created_lr_scheduler = True
             return self.lr_scheduler
 
-    return RecipeTrainer
+    return KnobsTrainer

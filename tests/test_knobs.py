@@ -8,7 +8,7 @@ from rich.console import Console
 from transformers import AutoModelForSequenceClassification
 
 from hpo import ConfigError, load_study, run_study
-from hpo.recipe import Recipe, head_modules, init_heads, split
+from hpo.knobs import Knobs, head_modules, init_heads, split
 
 quiet = Console(quiet=True)
 FIXED = {"per_device_train_batch_size": {"type": "categorical", "choices": [4]}}  # 48 rows: 12 steps per epoch
@@ -70,18 +70,18 @@ def test_load_report_and_explicit_head_init(tiny_model):
     heads = head_modules(info["missing_keys"])
     assert heads == ["classifier"]
     torch.manual_seed(0)
-    init_heads(model, heads, Recipe(head_init="normal", head_init_std=0.5))
+    init_heads(model, heads, Knobs(head_init="normal", head_init_std=0.5))
     assert model.classifier.weight.std().item() == pytest.approx(0.5, rel=0.3)
     assert not model.classifier.bias.any()
-    init_heads(model, heads, Recipe(head_init="xavier"))
+    init_heads(model, heads, Knobs(head_init="xavier"))
     bound = math.sqrt(6 / (32 + 3))
     assert model.classifier.weight.abs().max().item() <= bound and model.classifier.weight.std().item() < 0.5
 
 
 def test_split():
-    args, recipe = split({"learning_rate": 1e-3, "lr_scheduler_type": "reduce_lr_on_plateau", "momentum": 0.5})
+    args, knobs = split({"learning_rate": 1e-3, "lr_scheduler_type": "reduce_lr_on_plateau", "momentum": 0.5})
     assert args == {"learning_rate": 1e-3, "lr_scheduler_type": "constant", "metric_for_best_model": "loss"}
-    assert recipe.schedule == "reduce_lr_on_plateau" and recipe.momentum == 0.5
+    assert knobs.schedule == "reduce_lr_on_plateau" and knobs.momentum == 0.5
 
 
 @pytest.mark.parametrize("train, key, message", [
