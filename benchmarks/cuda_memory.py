@@ -1,4 +1,4 @@
-"""GPU memory across trials (issue 8, part 6, on CUDA): python benchmarks/cuda_memory.py [--trials 6]
+"""GPU memory across trials (part 6 of the suite, on CUDA): python benchmarks/cuda_memory.py [--trials 6]
 
 One worker runs N trials of a full fine-tune, then N of LoRA, on a random-init BERT built from a
 config (hidden 256, 4 layers, sized to the shipped chat BPE tokenizer; no download) on the quickstart's

@@ -1,10 +1,10 @@
-"""Every issue-8 benchmark in one run, then one table: python benchmarks/run_all.py [--out FILE]
+"""Every benchmark of the suite in one run, then one table: python benchmarks/run_all.py [--out FILE]
 
 Runs, one after another (each in its own process, so none inherits another's warm caches):
 same_work.py (3 rounds), time_breakdown.py, search.py (5 seeds), trial_overhead.py,
 control_plane.py (2 rounds), report_10k.py --html, and cuda_memory.py when a GPU is visible. Prints each
-benchmark's own tables as it finishes, then the summary against issue 8's targets. About 27 min on
-this project's 2-core machine. ``--out FILE`` also writes everything printed, as Markdown.
+benchmark's own tables as it finishes, then the summary against the suite's targets (docs/performance.md).
+About 27 min on this project's 2-core machine. ``--out FILE`` also writes everything printed, as Markdown.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def gpu() -> bool:
 
 
 def summary(r: dict) -> list[str]:
-    """The table: one row per measure, against issue 8's target where it sets one."""
+    """The table: one row per measure, against the suite's target where it sets one."""
     rows = []
 
     def row(part, measure, figure, target="", met=None):

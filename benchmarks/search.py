@@ -1,6 +1,6 @@
 """Pruning and search quality over seeds: python benchmarks/search.py [--seeds 5] [--trials 12] [--rows 96]
 
-Issue 8, parts 3 and 4. For each seed, four runs of MiniLM on the first ``--rows`` rows of the
+Parts 3 and 4 of the suite (docs/performance.md). For each seed, four runs of MiniLM on the first ``--rows`` rows of the
 quickstart's intent data (3 epochs, 2 evaluations per epoch, the 96 eval rows), all with
 ``studies/quickstart.yaml``'s search space (its ``enqueue:`` left out, so the searches start cold):
 

@@ -4,7 +4,7 @@ Runs a small MiniLM study in this process (quickstart data, 1 epoch, 4 evaluatio
 timers around the places the model computes: ``Trainer.training_step`` (forward and backward),
 ``Trainer.prediction_step`` (eval forward), ``AdamW.step``, gradient clipping and zeroing. Everything else (start-up, reading and
 tokenizing, collation, Trainer set-up, storage, sampler, logging, artifacts, saving the best model)
-is the wall time minus those. Issue 8's target: model compute >= 90% of the wall time.
+is the wall time minus those. The suite's target: model compute >= 90% of the wall time.
 """
 
 from __future__ import annotations

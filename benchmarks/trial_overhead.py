@@ -4,7 +4,7 @@ One ``hpo run`` process runs N short MiniLM trials (64 rows, 1 epoch, batch 16: 
 and reads back what each trial recorded:
 
 * ``seconds_to_first_step``: from the trial's start to its first optimizer step (model load, Trainer,
-  first batch), the first trial against the later ones (issue 8 target on CPU: later ones <= 0.5 s);
+  first batch), the first trial against the later ones (target on CPU: later ones <= 0.5 s);
 * ``rss_mb``: the process's resident memory after each trial (target: growth <= 10% over 20 trials).
 """
 
