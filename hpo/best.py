@@ -10,9 +10,10 @@ from typing import Any
 import optuna
 
 from hpo import knobs
-from hpo.config import TASK_METRICS, LoraSettings, StudyConfig
+from hpo.config import LoraSettings, StudyConfig
 from hpo.revisions import REVISIONS, check_trial_settings, trial_revision
 from hpo.space import split_params, training_arguments
+from hpo.tasks import TASKS
 
 CREDENTIALS = ("hub_token",)  # TrainingArguments fields that hold secrets
 
@@ -117,7 +118,7 @@ def train_best(cfg: StudyConfig, study: optuna.Study, all_data: bool = False) ->
 def _model_card(cfg: StudyConfig, rest: dict[str, Any], args: dict[str, Any], attrs: dict[str, Any], all_data: bool) -> str:
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in sorted({**args, **rest["model_params"], **(rest["lora"] or {})}.items()))
     trained_on = "train + eval" if all_data else "train"
-    metrics = ", ".join(f"{m.removeprefix('eval_')} {attrs[m]:.4f}" for m in TASK_METRICS[cfg.task] if m in attrs and m != "eval_loss")
+    metrics = ", ".join(f"{m.removeprefix('eval_')} {attrs[m]:.4f}" for m in TASKS[cfg.task].metrics if m in attrs and m != "eval_loss")
     return f"""# {cfg.study}: best configuration, retrained
 
 Fine-tuned from `{cfg.model.label}` ({cfg.task}{", LoRA adapter" if rest["lora"] else ""}) on {trained_on}

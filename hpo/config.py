@@ -43,14 +43,8 @@ from pydantic import (
 from hpo import samplers, space
 from hpo.errors import ConfigError, KeyPath, Problem, SourceMap, format_path
 from hpo.expr import Expression
+from hpo.tasks import TASKS
 
-TASKS = ("sequence-classification", "token-classification", "causal-lm")
-#: Metrics each task reports at every evaluation (Trainer's ``eval_`` prefix).
-TASK_METRICS = {
-    "sequence-classification": ("eval_loss", "eval_accuracy", "eval_f1_macro"),
-    "token-classification": ("eval_loss", "eval_f1", "eval_precision", "eval_recall", "eval_accuracy"),  # entity level
-    "causal-lm": ("eval_loss", "eval_perplexity"),
-}
 DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".conll")
 
 
@@ -274,7 +268,7 @@ class StudyConfig(_Strict):
     """A validated study file. Build it with :func:`load_study`."""
 
     study: Annotated[str, AfterValidator(_study_name)] = Field(min_length=1)
-    task: Literal[TASKS] = "sequence-classification"  # type: ignore[valid-type]
+    task: Literal[tuple(TASKS)] = "sequence-classification"  # type: ignore[valid-type]
     model: ModelConfig
     data: DataConfig
     train: dict[TrainingArgName, Any] = {}
@@ -882,7 +876,7 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
     if (cfg.data.prompt_column is None) != (cfg.data.response_column is None):
         problems.append(src.problem(("data", "prompt_column" if cfg.data.prompt_column is None else "response_column"),
                                     "prompt_column and response_column go together"))
-    metrics = TASK_METRICS[cfg.task]
+    metrics = TASKS[cfg.task].metrics
     if cfg.objective.metric not in metrics:
         problems.append(src.problem(("objective", "metric"),
                                     f"{cfg.objective.metric!r} is not reported by {cfg.task}; one of {', '.join(metrics)}"))

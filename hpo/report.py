@@ -37,16 +37,16 @@ from optuna.trial import TrialState
 
 from hpo import best
 from hpo.revisions import REVISION
+from hpo.tasks import HIGHER_IS_BETTER
 
+#: Task metrics that count toward ``score`` (precision and recall are in F1 already; the loss is the objective's or
+#: best/last_eval_loss's).
+SCORED = frozenset({"eval_accuracy", "eval_f1_macro", "eval_f1", "eval_perplexity"})
+TASK_METRICS = tuple(m for m in HIGHER_IS_BETTER if m != "eval_loss")
 #: Trial metrics (user attrs): name → (higher is better, counts toward ``score``).
 TRIAL_METRICS: dict[str, tuple[bool, bool]] = {
     "objective": (True, True),  # oriented per study: a minimized objective is negated first
-    "eval_accuracy": (True, True),
-    "eval_f1_macro": (True, True),
-    "eval_f1": (True, True),  # token classification, entity level
-    "eval_precision": (True, False),
-    "eval_recall": (True, False),
-    "eval_perplexity": (False, True),  # causal-lm
+    **{m: (HIGHER_IS_BETTER[m], m in SCORED) for m in TASK_METRICS},
     "best_eval_loss": (False, False),
     "last_eval_loss": (False, False),
     "optimizer_steps": (False, False),
@@ -61,8 +61,7 @@ STUDY_METRICS: dict[str, tuple[bool, bool]] = {
     "steps_spent": (False, False),
 }
 #: Trial user attrs copied into the trials table, in this order.
-ATTRS = ("best_eval_loss", "last_eval_loss", "eval_accuracy", "eval_f1_macro", "eval_f1", "eval_precision",
-         "eval_recall", "eval_perplexity", "optimizer_steps",
+ATTRS = ("best_eval_loss", "last_eval_loss", *TASK_METRICS, "optimizer_steps",
          "planned_steps", "examples_seen", "train_seconds", "samples_per_second", "peak_memory_mb",
          "pruned_at_step", REVISION)  # the revision of the study file the trial ran under
 #: The columns whose values must agree for rows to be compared: z-scores, score and rank never cross a group.

@@ -1,96 +1,59 @@
-"""What differs between tasks: the model class, the PEFT task type, the collator and the metrics."""
+"""The one registry of tasks: names, the metrics each reports, the model class, PEFT task type and collator.
+
+Importable without torch or transformers (config validation and its tests need no model): classes are
+named here and imported by :meth:`Task.model_class` and :meth:`Task.make_collator` when a trial needs them.
+
+>>> TASKS["causal-lm"].metrics
+('eval_loss', 'eval_perplexity')
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+import importlib
 from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    DataCollatorForSeq2Seq,
-    DataCollatorForTokenClassification,
-    DataCollatorWithPadding,
-    EvalPrediction,
-    TrainerCallback,
-)
-
-from hpo.data import IGNORE
 
 
 @dataclass(frozen=True)
 class Task:
-    auto_model: Any  # the transformers Auto class
+    name: str
+    metrics: tuple[str, ...]  # what each evaluation reports, eval_loss first: the objectives a study may choose
+    auto_model: str  # the transformers Auto class
     peft_task: str  # peft.TaskType name
-    collator: Callable[[Any], Any]  # tokenizer → a collator that pads each batch
-    metrics: Callable[[list[str]], Callable[[EvalPrediction], dict[str, float]]] | None  # labels → compute_metrics
-    classifies: bool  # whether the model gets num_labels / id2label
+    collator: str  # the transformers collator class that pads each batch
+    classifies: bool  # whether the model gets num_labels / id2label, and compute_metrics gets labels
+
+    def model_class(self) -> Any:
+        return getattr(importlib.import_module("transformers"), self.auto_model)
+
+    def make_collator(self, tokenizer) -> Any:
+        from hpo.data import IGNORE
+
+        cls = getattr(importlib.import_module("transformers"), self.collator)
+        # causal-lm labels are given (the prompt is masked), so the seq2seq collator's padding of labels fits.
+        return cls(tokenizer, label_pad_token_id=IGNORE) if self.collator == "DataCollatorForSeq2Seq" else cls(tokenizer)
+
+    def compute_metrics(self, labels: list[str]):
+        """``EvalPrediction → dict`` for ``Trainer``, or None where only the loss is evaluated."""
+        from hpo import metrics
+
+        return metrics.COMPUTE[self.name](labels) if self.name in metrics.COMPUTE else None
 
 
-def macro_f1(gold: np.ndarray, predicted: np.ndarray) -> float:
-    """scikit-learn's ``f1_score(average="macro", zero_division=0)``: the mean F1 over every label that occurs.
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("sequence-classification", ("eval_loss", "eval_accuracy", "eval_f1_macro"),
+         "AutoModelForSequenceClassification", "SEQ_CLS", "DataCollatorWithPadding", classifies=True),
+    Task("token-classification", ("eval_loss", "eval_f1", "eval_precision", "eval_recall", "eval_accuracy"),  # entity level
+         "AutoModelForTokenClassification", "TOKEN_CLS", "DataCollatorForTokenClassification", classifies=True),
+    # No compute_metrics: gathering vocabulary-sized logits would cost memory for nothing but perplexity,
+    # which hpo.metrics.PerplexityCallback derives from the loss.
+    Task("causal-lm", ("eval_loss", "eval_perplexity"),
+         "AutoModelForCausalLM", "CAUSAL_LM", "DataCollatorForSeq2Seq", classifies=False),
+)}
 
-    By hand because importing ``sklearn.metrics`` took 1.2 s of a 4-trial study's first trial (cProfile),
-    for six lines of counting; tests/test_tasks.py checks it against scikit-learn.
-    """
-    present = np.union1d(gold, predicted)
-    tp = np.array([np.sum((gold == c) & (predicted == c)) for c in present])
-    wrong = np.array([np.sum(gold == c) + np.sum(predicted == c) for c in present]) - 2 * tp  # FP + FN
-    f1 = np.divide(2 * tp, 2 * tp + wrong, out=np.zeros(len(present)), where=(2 * tp + wrong) > 0)
-    return float(f1.mean())
-
-
-def _sequence_metrics(labels: list[str]):
-    def compute(pred: EvalPrediction) -> dict[str, float]:
-        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-        predicted = np.asarray(logits).argmax(-1)
-        gold = np.asarray(pred.label_ids)
-        return {"accuracy": float((predicted == gold).mean()), "f1_macro": macro_f1(gold, predicted)}
-
-    return compute
-
-
-def _entity_metrics(labels: list[str]):
-    """Entity-level precision, recall and F1 with seqeval (CoNLL semantics), on the first sub-word of each word."""
-    from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
-
-    def compute(pred: EvalPrediction) -> dict[str, float]:
-        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-        predicted = np.asarray(logits).argmax(-1)
-        gold, guess = [], []
-        for p_row, l_row in zip(predicted, pred.label_ids, strict=True):
-            keep = l_row != IGNORE
-            gold.append([labels[i] for i in l_row[keep]])
-            guess.append([labels[i] for i in p_row[keep]])
-        return {
-            "precision": float(precision_score(gold, guess, zero_division=0)),
-            "recall": float(recall_score(gold, guess, zero_division=0)),
-            "f1": float(f1_score(gold, guess, zero_division=0)),
-            "accuracy": float(accuracy_score(gold, guess)),
-        }
-
-    return compute
-
-
-TASKS = {
-    "sequence-classification": Task(AutoModelForSequenceClassification, "SEQ_CLS", DataCollatorWithPadding,
-                                    _sequence_metrics, classifies=True),
-    "token-classification": Task(AutoModelForTokenClassification, "TOKEN_CLS", DataCollatorForTokenClassification,
-                                 _entity_metrics, classifies=True),
-    # Labels are given (the prompt is masked), so the seq2seq collator's padding of labels with -100 fits.
-    # No compute_metrics: gathering vocabulary-sized logits would cost memory for nothing but perplexity.
-    "causal-lm": Task(AutoModelForCausalLM, "CAUSAL_LM",
-                      lambda tok: DataCollatorForSeq2Seq(tok, label_pad_token_id=IGNORE), None, classifies=False),
+#: Every metric a task reports → whether higher is better.
+HIGHER_IS_BETTER: dict[str, bool] = {
+    "eval_loss": False, "eval_accuracy": True, "eval_f1_macro": True,
+    "eval_f1": True, "eval_precision": True, "eval_recall": True, "eval_perplexity": False,
 }
-
-
-class PerplexityCallback(TrainerCallback):
-    """Adds ``eval_perplexity = exp(eval_loss)`` to each evaluation's metrics, before pruning reads them."""
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if metrics is not None and "eval_loss" in metrics:
-            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))  # exp overflows past ~709
+assert {m for t in TASKS.values() for m in t.metrics} == set(HIGHER_IS_BETTER)

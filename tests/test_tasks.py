@@ -11,7 +11,7 @@ from transformers import BertTokenizerFast, EvalPrediction
 
 from hpo import load_study, run_study
 from hpo.data import IGNORE, load_examples, tokenize
-from hpo.tasks import _entity_metrics, macro_f1
+from hpo.metrics import _entity_metrics, macro_f1
 
 quiet = Console(quiet=True)
 LR = {"learning_rate": {"type": "float", "low": 3e-3, "high": 3e-2, "log": True}}
