@@ -9,13 +9,10 @@ from typing import Any
 
 import optuna
 
-from hpo import knobs
-from hpo.config import LoraSettings, StudyConfig
+from hpo.config import StudyConfig
+from hpo.plan import make_plan
 from hpo.revisions import REVISIONS, check_trial_settings, trial_revision
-from hpo.space import split_params, training_arguments
 from hpo.tasks import TASKS
-
-CREDENTIALS = ("hub_token",)  # TrainingArguments fields that hold secrets
 
 
 class NoCompleteTrial(ValueError):
@@ -42,28 +39,10 @@ def best_params(study: optuna.Study) -> dict[str, Any]:
     return {**trial.params, **trial.user_attrs.get("derived_params", {})}
 
 
-def trial_config(cfg: StudyConfig, params: dict[str, Any], trial: int, value: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(TrainingArguments kwargs, the rest: model, task, dropout, LoRA settings, provenance) for ``params``.
-
-    The first loads with ``TrainingArguments(**kwargs)``: the fixed ``train:``
-    settings with the trial's training parameters over them.
-    """
-    training, model_params, lora_params = split_params(params)
-    args, own = knobs.split(training_arguments({**cfg.train, **training}))
-    # Saved configurations carry no credentials: the hub reads the token from HF_TOKEN when pushing.
-    args = {k: v for k, v in args.items() if k not in CREDENTIALS}
-    lora = {**(cfg.model.lora or LoraSettings()).model_dump(), **lora_params} if cfg.is_lora else None
-    rest = {
-        "study": cfg.study, "trial": trial, "metric": cfg.objective.metric, "value": value,
-        "task": cfg.task, "model": cfg.model.label, "model_params": model_params, "lora": lora,
-        "knobs": own.model_dump(exclude_defaults=True),  # hpo's own knobs (optimizer, schedules, head rates)
-        "data": cfg.data.model_dump(mode="json", exclude_none=True),
-    }
-    return cfg.masked_data(args), cfg.masked_data(rest)
-
-
 def best_config(cfg: StudyConfig, study: optuna.Study) -> tuple[dict[str, Any], dict[str, Any]]:
-    """:func:`trial_config` of the study's best trial.
+    """The best trial's exported :class:`~hpo.plan.TrialPlan`: (TrainingArguments kwargs, the rest).
+
+    The rest names the study, trial, metric and value, and the revision of the study file it ran under.
 
     Raises:
         NoCompleteTrial: the study has no complete trial.
@@ -74,10 +53,10 @@ def best_config(cfg: StudyConfig, study: optuna.Study) -> tuple[dict[str, Any], 
     except ValueError:  # Optuna says "Record does not exist."
         raise NoCompleteTrial(f"{cfg.file}: the study has no complete trial yet") from None
     check_trial_settings(study, cfg, trial)
-    args, rest = trial_config(cfg, best_params(study), trial.number, trial.value)
-    revision = trial_revision(trial)
+    args, rest = make_plan(cfg, best_params(study)).exported(cfg)
     current = study.user_attrs.get(REVISIONS, [{}])[-1].get("revision", 0)
-    return args, {**rest, "revision": revision, "current_revision": current}
+    return args, {"study": cfg.study, "trial": trial.number, "metric": cfg.objective.metric, "value": trial.value,
+                  **rest, "revision": trial_revision(trial), "current_revision": current}
 
 
 def write_best(cfg: StudyConfig, study: optuna.Study, path: Path) -> tuple[Path, Path]:
@@ -86,7 +65,7 @@ def write_best(cfg: StudyConfig, study: optuna.Study, path: Path) -> tuple[Path,
 
 
 def write_config(args: dict[str, Any], rest: dict[str, Any], path: Path) -> tuple[Path, Path]:
-    """Write a :func:`trial_config` as ``path`` and ``<stem>.model.json``."""
+    """Write :func:`best_config`'s two parts as ``path`` and ``<stem>.model.json``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     side = path.with_name(f"{path.stem}.model.json")
     path.write_text(json.dumps(args, indent=2, sort_keys=True) + "\n")
@@ -107,7 +86,8 @@ def train_best(cfg: StudyConfig, study: optuna.Study, all_data: bool = False) ->
     if all_data:
         bench = dataclasses.replace(bench, train_rows=bench.train_rows + bench.eval_rows)
     params = best_params(study)
-    result: TrialResult = run_trial(bench, params, optuna.trial.FixedTrial(params), run_name="final")
+    plan = make_plan(cfg, params)
+    result: TrialResult = run_trial(bench, plan, optuna.trial.FixedTrial(params), run_name="final")
     folder = save_model(bench, result, params, rest["trial"], cfg.output_path / "final_model")
     (folder / "training_args.json").write_text(json.dumps(args, indent=2, sort_keys=True) + "\n")
     (folder / "README.md").write_text(_model_card(cfg, rest, args, result.attrs, all_data))

@@ -32,7 +32,8 @@ from sqlalchemy.engine import make_url
 from hpo import revisions, samplers, space
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError
-from hpo.best import best_trial, trial_config
+from hpo.best import best_trial
+from hpo.plan import make_plan
 from hpo.dashboard import artifact_store, save_study_note, upload_json
 from hpo.trial import TrialResult, Workbench, prepare, release, replace_folder, run_trial, save_model
 
@@ -448,10 +449,12 @@ def _objective(bench: Workbench, progress: _Progress, revision: int = 0):
             progress.trial_start(trial.number, params)
             trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(),
                                            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
-            args, rest = trial_config(cfg, params, trial.number, None)
-            upload_json(store, trial, "config.json", {"training_arguments": args, **rest})
+            plan = make_plan(cfg, params)
+            args, rest = plan.exported(cfg)
+            upload_json(store, trial, "config.json", {"study": cfg.study, "trial": trial.number,
+                                                      "metric": cfg.objective.metric, "training_arguments": args, **rest})
             upload_json(store, trial, "training_arguments.json", args)  # TrainingArguments(**json.load(f))
-            result = run_trial(bench, params, trial, on_eval=progress.evaluated)
+            result = run_trial(bench, plan, trial, on_eval=progress.evaluated)
             for key, value in result.attrs.items():
                 trial.set_user_attr(key, value)
             upload_json(store, trial, "metrics.json", {"evaluations": result.history, **result.attrs})

@@ -46,8 +46,9 @@ from hpo.config import LoraSettings, StudyConfig
 from hpo.data import IGNORE, Examples, load_examples, tokenize
 from hpo.errors import ConfigError
 from hpo.metrics import PerplexityCallback
+from hpo.plan import TrialPlan, lora_target_list
 from hpo.pruning import PruningCallback
-from hpo.space import split_params, training_arguments, training_names
+from hpo.space import training_arguments, training_names
 from hpo.tasks import TASKS
 
 #: Models that a pip package ships, so they resolve with no network.
@@ -221,15 +222,6 @@ def check_model_fits(cfg: StudyConfig, config: PretrainedConfig) -> None:
         raise ConfigError(list(dict.fromkeys(problems)))
 
 
-def lora_target_list(target_modules: Any) -> list[str]:
-    """LoRA ``target_modules`` as module names: ``"q,v"`` → ``["q", "v"]``; ``all-linear`` and None name none."""
-    if target_modules is None or target_modules == "all-linear":
-        return []
-    if isinstance(target_modules, str):
-        return [m.strip() for m in target_modules.split(",") if m.strip()]
-    return list(target_modules)
-
-
 def _model_path(cfg: StudyConfig, name: str, key: tuple[str, ...]) -> str:
     path = resolve_model(name, cfg.root)
     if name.startswith((".", "/", "~")) and not Path(path).is_dir():
@@ -359,12 +351,12 @@ class TrialResult:
 
 def run_trial(
     bench: Workbench,
-    params: Mapping[str, Any],
+    plan: TrialPlan,
     trial: optuna.Trial,
     on_eval: Callable[[int, float], None] | None = None,
     run_name: str | None = None,
 ) -> TrialResult:
-    """Fine-tune once with ``params`` and report evaluations to ``trial``.
+    """Fine-tune once as ``plan`` says and report evaluations to ``trial``.
 
     Logs go to ``<outputs>/tensorboard/<run_name>`` (default ``trial-NNNN``):
     one TensorBoard run per trial.
@@ -378,11 +370,9 @@ def run_trial(
     """
     began = time.perf_counter()
     cfg = bench.cfg
-    training, model_params, lora_params = split_params(params)
-    seed = int(cfg.train.get("seed", 42))
-    transformers.set_seed(seed)
-    settings, own = knobs.split(training_arguments({**cfg.train, **training}))
-    model, load_report = _build_model(bench, model_params, lora_params, own)
+    settings = plan.training_arguments
+    transformers.set_seed(int(settings.get("seed", 42)))
+    model, load_report = _build_model(bench, plan)
     heads = load_report["new_heads"]
 
     name = run_name or f"trial-{trial.number:04d}"
@@ -405,7 +395,7 @@ def run_trial(
     every = cfg.eval_every.examples_between(n_train)
     callback = PruningCallback(trial, cfg.objective.metric, n_train, every, on_eval)
     trainer = knobs.make_trainer_class()(
-        knobs=own,
+        knobs=plan.knobs,
         heads=heads,
         model=model,
         args=args,
@@ -448,17 +438,16 @@ def run_trial(
     return TrialResult(value=value, pruned=callback.pruned_at is not None, attrs=attrs, history=history, model=model)
 
 
-def _build_model(bench: Workbench, model_params: Mapping[str, Any], lora_params: Mapping[str, Any],
-                 own: knobs.Knobs) -> tuple[Any, dict[str, list[str]]]:
+def _build_model(bench: Workbench, plan: TrialPlan) -> tuple[Any, dict[str, list[str]]]:
     """The trial's model (PEFT-wrapped for LoRA), its new heads initialised, and the load report."""
     cfg = bench.cfg
     config = copy.deepcopy(bench.config)
-    if "dropout" in model_params:
+    if "dropout" in plan.model_params:
         found = [f for f in DROPOUT_FIELDS if hasattr(config, f)]
         if not found:
             raise ValueError(f"{config.model_type} config has no dropout field to set")
         for f in found:
-            setattr(config, f, model_params["dropout"])
+            setattr(config, f, plan.model_params["dropout"])
     task = TASKS[cfg.task]
     if bench.model_path is None:  # random init from cfg.model.config: nothing is pretrained, nothing is a new head
         model = task.model_class().from_config(config)
@@ -477,15 +466,12 @@ def _build_model(bench: Workbench, model_params: Mapping[str, Any], lora_params:
         report = {k: sorted(map(str, info.get(k) or []))[:50] for k in ("missing_keys", "unexpected_keys")}
         report["mismatched_keys"] = sorted(f"{k}: {tuple(v[1])} → {tuple(v[2])}" for k, v in mismatched.items())[:50]
         report["new_heads"] = knobs.head_modules([*report["missing_keys"], *mismatched])
-        knobs.init_heads(model, report["new_heads"], own)
-    if not cfg.is_lora:
+        knobs.init_heads(model, report["new_heads"], plan.knobs)
+    if plan.lora is None:
         return model, report
     from peft import LoraConfig, TaskType, get_peft_model
 
-    settings = (cfg.model.lora or LoraSettings()).model_dump() | dict(lora_params)
-    if isinstance(settings["target_modules"], str) and settings["target_modules"] != "all-linear":
-        settings["target_modules"] = lora_target_list(settings["target_modules"])
-    return get_peft_model(model, LoraConfig(task_type=TaskType[task.peft_task], **settings)), report
+    return get_peft_model(model, LoraConfig(task_type=TaskType[task.peft_task], **plan.lora)), report
 
 
 class _MaskedWriter(SummaryWriter):

@@ -148,11 +148,11 @@ def test_failure_is_recorded_with_its_cause_and_the_study_goes_on(write_study, t
 
 
 def test_dropout_reaches_the_model_config(write_study, tiny_model):
-    from hpo.knobs import Knobs
+    from hpo.plan import make_plan
     from hpo.trial import _build_model, prepare
 
     bench = prepare(load_study(write_study()))
-    model, _ = _build_model(bench, {"dropout": 0.37}, {}, Knobs())
+    model, _ = _build_model(bench, make_plan(bench.cfg, {"dropout": 0.37}))
     assert model.config.hidden_dropout_prob == 0.37
     assert model.config.attention_probs_dropout_prob == 0.37
     assert model.config.num_labels == 3

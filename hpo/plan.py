@@ -1,0 +1,67 @@
+"""A trial plan: what one trial runs with, computed once from the study file and the trial's parameters.
+
+The trial trains with it, the artifacts (``config.json``, ``training_arguments.json``), ``hpo best`` and
+``hpo train --best`` export it: what is saved is what ran.
+
+
+>>> plan = make_plan(cfg, {"learning_rate": 1e-4, "target_modules": "query, value"})  # doctest: +SKIP
+>>> plan.lora["target_modules"], plan.training_arguments["learning_rate"]  # doctest: +SKIP
+(['query', 'value'], 0.0001)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from hpo import knobs
+from hpo.config import LoraSettings, StudyConfig
+from hpo.space import split_params, training_arguments
+
+CREDENTIALS = ("hub_token",)  # TrainingArguments fields that hold secrets: never exported
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    training_arguments: dict[str, Any]  # TrainingArguments kwargs: ``train:`` with the trial's values over it
+    knobs: knobs.Knobs  # hpo's own knobs (optimizer, step/plateau schedules, head rates)
+    model_params: dict[str, Any]  # model config changes, e.g. {"dropout": 0.1}
+    lora: dict[str, Any] | None  # LoraConfig kwargs (target_modules as a list of names), None for a full fine-tune
+
+    def exported(self, cfg: StudyConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(TrainingArguments kwargs, the rest: task, model, model_params, lora, knobs, data), secrets masked.
+
+        The first loads with ``TrainingArguments(**kwargs)``; credentials are left out (the hub reads the
+        token from HF_TOKEN when pushing).
+        """
+        args = {k: v for k, v in self.training_arguments.items() if k not in CREDENTIALS}
+        rest = {"task": cfg.task, "model": cfg.model.label, "model_params": self.model_params, "lora": self.lora,
+                "knobs": self.knobs.model_dump(exclude_defaults=True),
+                "data": cfg.data.model_dump(mode="json", exclude_none=True)}
+        return cfg.masked_data(args), cfg.masked_data(rest)
+
+
+def make_plan(cfg: StudyConfig, params: Mapping[str, Any]) -> TrialPlan:
+    """The plan of a trial with sampled and derived ``params``.
+
+    Raises:
+        pydantic.ValidationError: a bad value of one of hpo's knobs (validation checks the space's corners).
+    """
+    training, model_params, lora_params = split_params(params)
+    args, own = knobs.split(training_arguments({**cfg.train, **training}))
+    lora = None
+    if cfg.is_lora:
+        lora = {**(cfg.model.lora or LoraSettings()).model_dump(), **lora_params}
+        if lora["target_modules"] is not None and lora["target_modules"] != "all-linear":
+            lora["target_modules"] = lora_target_list(lora["target_modules"])
+    return TrialPlan(args, own, model_params, lora)
+
+
+def lora_target_list(target_modules: Any) -> list[str]:
+    """LoRA ``target_modules`` as module names: ``"q,v"`` → ``["q", "v"]``; ``all-linear`` and None name none."""
+    if target_modules is None or target_modules == "all-linear":
+        return []
+    if isinstance(target_modules, str):
+        return [m.strip() for m in target_modules.split(",") if m.strip()]
+    return list(target_modules)

@@ -1,0 +1,54 @@
+"""A trial's plan is computed once: what the artifacts, ``hpo best`` and ``hpo train`` save is what the trial ran."""
+
+import json
+
+from conftest import DATA, study_dict
+from rich.console import Console
+
+from hpo.best import best_config, write_best
+from hpo.config import StudyConfig, load_study
+from hpo.plan import make_plan
+
+
+def _config(tmp_path, **changes) -> StudyConfig:
+    path = tmp_path / "study.yaml"
+    path.write_text(json.dumps(study_dict(tmp_path, **changes)))
+    return load_study(path)
+
+
+def test_the_plan_splits_what_each_library_reads(tmp_path):
+    cfg = _config(tmp_path, model={"name": str(tmp_path), "lora": {"r": 4, "target_modules": "query , value"}},
+                  train={"num_train_epochs": 1, "optimizer": "sgd", "lr_scheduler_type": "step", "hub_token": "x"})
+    plan = make_plan(cfg, {"learning_rate": 0.01, "dropout": 0.2, "lora_alpha": 16})
+    assert plan.training_arguments == {"num_train_epochs": 1, "lr_scheduler_type": "constant", "hub_token": "x",
+                                       "learning_rate": 0.01}
+    assert (plan.knobs.optimizer, plan.knobs.schedule) == ("sgd", "step")
+    assert plan.model_params == {"dropout": 0.2}
+    assert plan.lora["target_modules"] == ["query", "value"]  # as peft gets them: a list of module names
+    assert (plan.lora["r"], plan.lora["lora_alpha"]) == (4, 16)
+    args, rest = plan.exported(cfg)
+    assert "hub_token" not in args  # credentials are never exported
+    assert rest["lora"] == plan.lora and rest["knobs"] == {"optimizer": "sgd", "schedule": "step"}
+    assert make_plan(_config(tmp_path), {"learning_rate": 0.01}).lora is None  # a full fine-tune
+
+
+def test_what_is_saved_is_what_ran(write_study, tiny_model, tmp_path):
+    from hpo.study import run_study
+
+    # A comma-separated target_modules string, and a learning rate that lr_scaling changes: once the trial
+    # split the string and scaled the rate while best.model.json recorded the string as written.
+    path = write_study(n_trials=1, model={"name": str(tiny_model), "lora": {"target_modules": "query, value"}},
+                       train={"num_train_epochs": 1, "seed": 0, "lr_scaling": "linear", "lr_base_batch_size": 16},
+                       data={"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "max_length": 16})
+    cfg = load_study(path)
+    study = run_study(cfg, Console(quiet=True))
+    trial = study.best_trial
+    adapter = json.loads((cfg.output_path / "best_model" / "adapter_config.json").read_text())
+    args, rest = best_config(cfg, study)
+    assert sorted(rest["lora"]["target_modules"]) == sorted(adapter["target_modules"]) == ["query", "value"]
+    assert rest["lora"]["r"] == adapter["r"] and rest["lora"]["lora_alpha"] == adapter["lora_alpha"]
+    ran = trial.user_attrs["param_groups"][0]["lr"]  # the rate the optimizer had
+    assert args["learning_rate"] == ran != trial.params["learning_rate"]
+    assert args["per_device_train_batch_size"] == trial.params["per_device_train_batch_size"]
+    written, side = write_best(cfg, study, tmp_path / "best.json")
+    assert json.loads(written.read_text()) == args and json.loads(side.read_text())["lora"] == rest["lora"]
