@@ -1,4 +1,5 @@
-# make quickstart — set up and run the quickstart study; make test — set up and run the tests.
+# make quickstart — set up and run the quickstart study; make test — set up and run every test;
+# make test-fast — the unit tier (trains nothing, under a minute); make lint — ruff's checks and formatting.
 PYTHON ?= python3
 VENV   ?= .venv
 # PyTorch is installed first and pinned here: on our dev and CI machines this version is a CPU
@@ -21,4 +22,10 @@ quickstart: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-.PHONY: setup quickstart test
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not integration"
+
+lint: setup
+	$(BIN)/ruff check hpo tests benchmarks && $(BIN)/ruff format --check hpo tests benchmarks
+
+.PHONY: setup quickstart test test-fast lint
