@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,3 +87,13 @@ def format_path(path: KeyPath) -> str:
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
+
+
+def did_you_mean(name: str, options: Iterable[str]) -> str:
+    """A hint naming the closest of ``options`` to a misspelt ``name``, or ``""``.
+
+    >>> did_you_mean("lerning_rate", ["learning_rate", "weight_decay"])
+    "; did you mean 'learning_rate'?"
+    """
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""

@@ -1,4 +1,10 @@
-"""Search-space spec → Optuna distributions, and the names a space may search."""
+"""The search space: its schema (``Param``, ``when:`` conditions, constraints) and its compiler.
+
+A study file's ``search_space:`` is validated into :class:`Param` entries here, compiled once into
+Optuna distributions (:func:`compile_space`), and sampled in one place (:func:`sample`); derived
+parameters, conditions and constraints are evaluated by the same walk at trial time and at
+validation (:func:`walk`, :func:`corners`). Also the names a space may search.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,9 @@ import importlib.util
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import optuna
@@ -20,12 +26,11 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, model_validator
 
 from hpo import knobs
-
-if TYPE_CHECKING:
-    from hpo.config import Param
-    from hpo.expr import Expression
+from hpo.errors import did_you_mean
+from hpo.expr import Expression
 
 #: Model-side knobs: ``dropout`` sets every dropout probability in the model config.
 MODEL_PARAMS = frozenset({"dropout"})
@@ -36,6 +41,104 @@ LORA_PARAMS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules"})
 RENAMED_TRAINING_ARGS = {"warmup_ratio": "warmup_steps"}
 #: TrainingArguments that hpo owns: each trial sets them itself.
 RESERVED_TRAINING_ARGS = frozenset({"output_dir", "eval_strategy", "eval_steps", "save_strategy", "label_names"})
+
+
+# The schema of one search-space entry. It sits beside the compiler below: the entry's checks end
+# with Optuna's own (to_distribution), and the compiler reads nothing else.
+
+Choice = bool | int | float | str | None
+
+
+def _searchable(name: str) -> str:
+    if name not in searchable_names():
+        if name in RESERVED_TRAINING_ARGS:
+            raise ValueError(f"{name!r} is set by hpo and cannot be searched")
+        raise ValueError(f"unknown parameter {name!r}{did_you_mean(name, searchable_names())}")
+    return name
+
+
+def _condition(source: str) -> str:
+    Expression(source, condition=True)  # raises ValueError naming what is not allowed
+    return source
+
+
+#: A search-space key: a TrainingArguments field, one of hpo's knobs, ``dropout`` or a LoRA setting.
+SearchName = Annotated[str, AfterValidator(_searchable)]
+#: A ``constraints:`` entry: a comparison over parameter names, e.g. ``"a * b <= 128"``.
+Condition = Annotated[str, AfterValidator(_condition)]
+
+
+class Param(BaseModel):
+    """One search-space entry: an Optuna distribution, or a value derived from other parameters.
+
+    ``when`` makes it conditional: it is sampled only when every named parameter
+    has the given value (or one of a list of values).
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    type: Literal["float", "int", "categorical"] | None = Field(
+        None, description="float or int: a number between low and high; categorical: one of choices. "
+                          "Leave it out when the value is derived.")
+    low: float | None = Field(None, description="The smallest value, inclusive (int: a whole number; "
+                                                "log: true: above 0).")
+    high: float | None = Field(None, description="The largest value, inclusive; at least low.")
+    log: bool = Field(False, description="Sample on a log scale, for ranges spanning orders of magnitude "
+                                         "(learning_rate 1e-5..1e-3). Needs low > 0; not with step.")
+    step: PositiveFloat | None = Field(None, description="Spacing of the values counted from low (0.05; int: "
+                                                         "a whole number). Default: continuous for float, 1 for int.")
+    choices: list[Choice] | None = Field(None, description="The values of a categorical parameter: all numbers, "
+                                                           "all strings or all booleans, none repeated.")
+    derive: str | None = Field(None, description='Computed, not sampled: arithmetic over the parameters above it '
+                                                 'and train: settings, e.g. "2 * r" (+ - * / // % **, min, max).')
+    when: dict[str, Choice | list[Choice]] | None = Field(
+        None, description="Sample it only when each named parameter (defined above it) has this value or one of "
+                          "a list of values, e.g. {optim: sgd}; otherwise the trial leaves it out.")
+
+    @cached_property
+    def expression(self) -> Expression | None:
+        return Expression(self.derive) if self.derive is not None else None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Param:
+        if self.when is not None and not self.when:
+            raise ValueError("'when' needs at least one {parameter: value}")
+        if self.derive is not None:
+            if self.type is not None or self.low is not None or self.high is not None or self.choices is not None:
+                raise ValueError("a derived parameter takes 'derive' (and 'when') only")
+            self.expression  # noqa: B018 - parse now, so a bad expression fails validation
+            return self
+        if self.type is None:
+            raise ValueError("give 'type' (float, int, categorical) or 'derive'")
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs a non-empty 'choices' list")
+            if self.low is not None or self.high is not None or self.step is not None or self.log:
+                raise ValueError("categorical takes 'choices' only (no low/high/step/log)")
+            kinds = {"number" if isinstance(c, int | float) and not isinstance(c, bool) else type(c).__name__
+                     for c in self.choices}
+            if len(kinds) > 1:
+                raise ValueError(f"choices mix types ({', '.join(sorted(kinds))}): {self.choices}")
+            if len(set(map(repr, self.choices))) != len(self.choices):
+                raise ValueError(f"choices repeat a value: {self.choices}")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"{self.type} takes low/high (choices are for categorical)")
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs both 'low' and 'high'")
+        if self.low > self.high:
+            raise ValueError(f"low={self.low:g} > high={self.high:g}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log=true needs low > 0 (low={self.low:g})")
+        if self.log and self.step is not None:
+            raise ValueError("step and log=true cannot be combined")
+        if self.type == "int":
+            for key in ("low", "high", "step"):
+                value = getattr(self, key)
+                if value is not None and value != int(value):
+                    raise ValueError(f"int parameter needs whole numbers: {key}={value:g}")
+        to_distribution(self)  # Optuna's own checks, e.g. step not dividing the range
+        return self
 
 
 @lru_cache(maxsize=1)
@@ -83,7 +186,6 @@ def searchable_names() -> frozenset[str]:
 def to_distribution(p: Param) -> BaseDistribution:
     """One search-space entry as an Optuna distribution.
 
-    >>> from hpo.config import Param
     >>> to_distribution(Param(type="float", low=1e-5, high=1e-3, log=True))
     FloatDistribution(high=0.001, log=True, low=1e-05, step=None)
 
@@ -114,7 +216,7 @@ def sample(
     trial: optuna.Trial,
     space: Mapping[str, Param],
     distributions: Mapping[str, BaseDistribution],
-    fixed: Mapping[str, Any] = {},  # noqa: B006 - read only
+    fixed: Mapping[str, Any] = {},  # read only
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Sample ``trial``'s parameters in file order: (sampled, derived).
 
@@ -145,7 +247,7 @@ def walk(
     space: Mapping[str, Param],
     distributions: Mapping[str, BaseDistribution],
     choose: Callable[[str, BaseDistribution], Any],
-    fixed: Mapping[str, Any] = {},  # noqa: B006 - read only
+    fixed: Mapping[str, Any] = {},  # read only
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The parameters of one point, in file order, with ``choose(name, distribution)`` picking each sampled value.
 
@@ -186,7 +288,7 @@ def broken_constraint(constraints: Iterable[Expression], values: Mapping[str, An
 
 
 def finite_size(space: Mapping[str, Param], distributions: Mapping[str, BaseDistribution],
-                fixed: Mapping[str, Any] = {}, max_points: int = 100_000) -> int | None:  # noqa: B006 - read only
+                fixed: Mapping[str, Any] = {}, max_points: int = 100_000) -> int | None:  # read only
     """How many distinct configurations the space holds, counting ``when:`` conditions; None when it is
     continuous or over ``max_points`` combinations (too many to count)."""
     values = {}
@@ -206,7 +308,7 @@ def finite_size(space: Mapping[str, Param], distributions: Mapping[str, BaseDist
     for combo in itertools.product(*values.values()):
         point = dict(zip(values, combo, strict=True))
         with contextlib.suppress(ValueError):  # a derive that fails here: the trial would fail, not count
-            seen.add(repr(sorted(walk(space, distributions, lambda name, d: point[name], fixed)[0].items())))
+            seen.add(repr(sorted(walk(space, distributions, lambda name, d, point=point: point[name], fixed)[0].items())))
     return len(seen)
 
 
@@ -244,7 +346,7 @@ def _random(d: BaseDistribution, rng: np.random.Generator) -> Any:
     if d.step is not None:
         value = d.low + round((value - d.low) / d.step) * d.step
     value = min(max(value, d.low), d.high)
-    return int(round(value)) if isinstance(d, IntDistribution) else value
+    return round(value) if isinstance(d, IntDistribution) else value
 
 
 def split_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

@@ -4,8 +4,7 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from hpo.config import Param
-from hpo.space import compile_space, searchable_names, sample, split_params, training_argument_names
+from hpo.space import Param, compile_space, sample, searchable_names, split_params, training_argument_names
 
 
 def test_every_type_compiles():

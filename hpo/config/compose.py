@@ -1,0 +1,230 @@
+"""Stage 2, compose: a study file's layers → one document (``extends:``, an environment, overrides, ``${VAR}``).
+
+``extends:`` chains deep-merge (the extending file wins), ``search_space: FILE`` is inlined and relative
+paths resolve against the file that wrote them (:func:`read_layers`); then the chosen ``environments:``
+overlay, ``${VAR}`` from the environment or ``.env``, and the command line's dotted overrides go on top
+(:func:`overlay`). Secret-looking variables' values are kept, for :func:`mask`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values
+from sqlalchemy.engine import make_url
+
+from hpo.config.parse import read_yaml
+from hpo.errors import ConfigError, KeyPath, Problem, SourceMap
+
+#: Keys that hold paths; a relative one resolves against the file that wrote it.
+PATH_KEYS = (("data", "train"), ("data", "eval"), ("output_dir",))
+
+
+def read_layers(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], SourceMap]:
+    """One study file with its ``extends:`` chain merged under it: (data, source map).
+
+    A ``search_space: FILE`` is inlined, and relative paths (data files, ``output_dir``, a SQLite
+    ``storage``) are made absolute against the file that wrote them, before layers merge.
+
+    Raises:
+        ConfigError: a file that cannot be read or parsed, a missing base, files that extend each other.
+    """
+    raw, source = read_yaml(path)  # first: it refuses a symlink loop, which resolve() raises on
+    if path.resolve() in seen:
+        chain = " → ".join(p.name for p in (*seen, path.resolve()))
+        raise ConfigError([Problem(str(path), None, "extends", f"files extend each other in a cycle: {chain}")])
+    if not isinstance(raw, dict):
+        raise ConfigError([source.problem((), "a study file is a YAML mapping of keys")])
+    if isinstance(raw.get("search_space"), str):
+        _inline_search_space(raw, source, path.parent)
+    for layer in (raw, *(v for v in (raw.get("environments") or {}).values() if isinstance(v, dict))):
+        _absolute_paths(layer, path.parent.absolute())
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw, source
+    base_path = Path(os.path.normpath(path.parent / str(base)))
+    if not isinstance(base, str) or not base_path.is_file():
+        raise source.error(("extends",), f"file not found: {base_path}")
+    base_raw, merged_source = read_layers(base_path, (*seen, path.resolve()))
+    merged_source.update(source)  # the extending file's lines win
+    return _deep_merge(base_raw, raw), merged_source
+
+
+def overlay(path: Path, layers: dict[str, Any], source: SourceMap, env: str | None,
+            overrides: Mapping[str, Any], strict_variables: bool = True,
+            ) -> tuple[dict[str, Any], SourceMap, frozenset[str]]:
+    """The environment ``env`` and the dotted ``overrides`` over the merged ``layers``, ``${VAR}`` expanded.
+
+    Returns the composed document, its source map (overrides point at ``<command line>``) and the values
+    of secret-looking variables, to mask. ``layers`` and ``source`` are left as they were. Not
+    ``strict_variables``: an unset variable's value is left out (another run sets it, and checks it).
+
+    Raises:
+        ConfigError: an unknown or malformed environment, an unset variable, a secret naming the study,
+            an override of ``extends``/``environments``.
+    """
+    raw, source = copy.deepcopy(layers), source.copy()
+    if env is not None:
+        environments = raw.get("environments")
+        defined = ", ".join(environments) if isinstance(environments, dict) and environments else "none"
+        if not isinstance(environments, dict) or env not in environments:
+            raise source.error(("environments",), f"no environment {env!r} (defined: {defined})")
+        if not isinstance(environments[env], dict):
+            raise source.error(("environments", env), "an environment is a mapping of study keys")
+        if "extends" in environments[env]:
+            raise source.error(("environments", env, "extends"), "extends: belongs at the top of a study file, "
+                                                                 "not in an environment")
+        raw = _deep_merge(raw, environments[env])
+        source.update(source.subtree(("environments", env)))
+    raw, secrets = _expand_variables(raw, path.parent / ".env", source, strict_variables)
+    for key, value in overrides.items():
+        if key.split(".")[0] in ("extends", "environments"):
+            raise ConfigError([Problem("<command line>", None, key, "cannot be set from the command line "
+                                                                    "(write it in the study file)")])
+        *parents, leaf = key.split(".")
+        node = raw
+        if parents and parents[0] == "model" and isinstance(raw.get("model"), str):
+            raw["model"] = {"name": raw["model"]}  # model: NAME is short for {name: NAME}; model.lora.r=4 adds to it
+        for k in parents:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[leaf] = value
+        source.add((*parents, leaf), "<command line>", None)
+    return raw, source, secrets
+
+
+def mask(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with each secret, as written or as JSON and ``repr`` escape it, replaced by ``***``.
+
+    >>> mask("postgresql://hpo:hunter2@db/hpo", {"hunter2"})
+    'postgresql://hpo:***@db/hpo'
+    """
+    for secret in secrets:
+        for spelling in {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1],
+                         repr(secret)[1:-1]}:
+            text = text.replace(spelling, "***")
+    return text
+
+
+def _absolute_paths(layer: dict[str, Any], folder: Path) -> None:
+    for *parents, leaf in PATH_KEYS:
+        node = layer
+        for k in parents:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str) and not node[leaf].startswith("${"):
+            node[leaf] = os.path.normpath(folder / node[leaf])  # a path from ${VAR} resolves against the study file
+    if isinstance(layer.get("storage"), str):
+        layer["storage"] = absolute_sqlite(layer["storage"], folder)
+
+
+def absolute_sqlite(url: str, folder: Path) -> str:
+    """``sqlite:///x.db`` with ``x.db`` made absolute against ``folder``; any other URL as it is.
+
+    A relative SQLite path would otherwise name another file from every folder hpo is run in.
+    """
+    if not url.startswith("sqlite:///") or url.startswith("sqlite:////") or "${" in url:
+        return url
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - the storage check reports a malformed URL
+        return url
+    if not parsed.database or parsed.database == ":memory:" or parsed.database.startswith("file:"):
+        return url
+    return parsed.set(database=os.path.normpath(folder.absolute() / parsed.database)).render_as_string(
+        hide_password=False)
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: mappings merge key by key, anything else is replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        both = isinstance(merged.get(key), dict) and isinstance(value, dict)
+        merged[key] = _deep_merge(merged[key], value) if both else value
+    return merged
+
+
+def _inline_search_space(raw: dict[str, Any], source: SourceMap, root: Path) -> None:
+    """Replace ``search_space: path.yaml`` by that file's ``search_space`` mapping.
+
+    The file's ``enqueue:`` (its rule-of-thumb starting points) is used when the study has none.
+    """
+    ref = root / raw["search_space"]
+    if not ref.is_file():
+        raise source.error(("search_space",), f"file not found: {ref}")
+    data, ref_source = read_yaml(ref)
+    if not isinstance(data, dict) or not isinstance(data.get("search_space"), dict):
+        raise ConfigError([Problem(str(ref), 1, "", "a search-space file holds a 'search_space:' mapping")])
+    unknown = sorted(set(data) - {"search_space", "enqueue"})
+    if unknown:
+        raise ref_source.error((unknown[0],), "unknown key in a search-space file (only 'search_space' and 'enqueue')")
+    raw["search_space"] = data["search_space"]
+    if "enqueue" in data and "enqueue" not in raw:
+        raw["enqueue"] = data["enqueue"]
+    source.update(ref_source)
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|KEY", re.IGNORECASE)
+
+
+def _expand_variables(
+    raw: dict[str, Any], dotenv: Path, source: SourceMap, strict: bool = True
+) -> tuple[dict[str, Any], frozenset[str]]:
+    """Replace ``${VAR}`` in string values from the environment, else from ``.env`` beside the study.
+
+    Returns the expanded document and the values of secret-looking variables, to mask.
+    Not ``strict``: an unset variable stays as written (and its value unchecked).
+    """
+    env = {**dotenv_values(dotenv), **os.environ} if dotenv.is_file() else dict(os.environ)
+    problems: list[Problem] = []
+    secrets: set[str] = set()
+    unset: set[KeyPath] = set()
+
+    def expand(node: Any, at: KeyPath) -> Any:
+        if isinstance(node, dict):
+            return {k: expand(v, at + (str(k),)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [expand(v, at + (i,)) for i, v in enumerate(node)]
+        if not isinstance(node, str):
+            return node
+
+        def value(m: re.Match) -> str:
+            if env.get(m.group(1)) is None:
+                if not strict:
+                    unset.add(at)
+                    return m.group(0)
+                problems.append(source.problem(at, f"${{{m.group(1)}}} is not set in the environment or {dotenv.name}"))
+                return m.group(0)
+            secret = env[m.group(1)]
+            if not (_SECRET_NAME.search(m.group(1)) and secret):
+                return secret
+            if at[:1] == ("study",):  # the name is a folder and a database key, printed everywhere
+                problems.append(source.problem(at, f"${{{m.group(1)}}} is a secret: it cannot name a study"))
+                return m.group(0)
+            secrets.add(secret)
+            if at[:1] == ("storage",):  # a password in a URL is percent-encoded, or an @ in it splits the URL
+                secret = urllib.parse.quote(secret, safe="")
+                secrets.add(secret)
+            return secret
+
+        return _VARIABLE.sub(value, node)
+
+    raw = {k: v if k == "environments" else expand(v, (k,)) for k, v in raw.items()}  # only the chosen one
+    for at in unset:  # leave the value out: the run that sets the variable checks it
+        node = raw
+        for k in at[:-1]:
+            node = node[k]
+        del node[at[-1]]
+    if problems:
+        raise ConfigError(problems)
+    return raw, frozenset(secrets)

@@ -1,0 +1,55 @@
+"""The pipeline: parse → compose → validate, for the chosen environment and, for their own lines, every other."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hpo.config import validate
+from hpo.config.compose import overlay, read_layers
+from hpo.config.models import StudyConfig
+from hpo.errors import ConfigError, Problem, SourceMap
+
+
+def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None, env: str | None = None) -> StudyConfig:
+    """Read, compose and validate a study file.
+
+    Composition, in order: ``extends:`` base files (deep merge, the extending
+    file wins), then the environment ``env`` from ``environments:``, then
+    ``overrides`` — dotted key paths (``{"train.num_train_epochs": 1}``).
+    ``${VAR}`` comes from the environment, else from ``.env`` beside the study
+    file. Relative paths resolve against the file that wrote them.
+
+    Raises:
+        ConfigError: with every problem found, each naming file, line and key.
+    """
+    path = Path(path)
+    layers, source = read_layers(path, ())
+    problems = []
+    try:
+        cfg = _build(path, layers, source, env, overrides or {})
+    except ConfigError as e:
+        problems = list(e.problems)
+    # The environments not chosen are checked too: a typo in prod should not wait for the prod run.
+    environments = layers.get("environments")
+    for name in environments if isinstance(environments, dict) else ():
+        if name == env:
+            continue
+        overlay_lines = {source.locate(p) for p in source.paths_under(("environments", name))}
+        try:
+            _build(path, layers, source, name, overrides or {}, strict_variables=False)
+        except ConfigError as e:
+            problems += [Problem(p.file, p.line, p.key if p.key.startswith(f"environments.{name}")
+                                 else f"environments.{name}.{p.key}", p.message)
+                         for p in e.problems if (p.file, p.line) in overlay_lines]
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _build(path: Path, layers: dict[str, Any], source: SourceMap, env: str | None,
+           overrides: Mapping[str, Any], strict_variables: bool = True) -> StudyConfig:
+    """Compose one environment and the overrides over the merged layers, and validate the result."""
+    raw, source, secrets = overlay(path, layers, source, env, overrides, strict_variables)
+    return validate.build(raw, source, path, env, secrets)
