@@ -8,6 +8,7 @@ import inspect
 import math
 import typing
 import warnings
+from decimal import Decimal
 from collections.abc import Mapping
 from typing import Any
 
@@ -191,4 +192,7 @@ def _grid_values(name: str, d: BaseDistribution) -> list[Any]:
         return list(d.choices)
     if isinstance(d, IntDistribution):
         return list(range(d.low, d.high + 1, d.step))
-    return [float(v) for v in np.arange(d.low, d.high + d.step / 2, d.step)]
+    # In decimal, as written: np.arange(0, 0.3 + 0.05, 0.1) ends at 0.30000000000000004, past high, which Optuna
+    # warns is out of range and trains anyway. Clamped to high: Optuna cuts high to the last whole step.
+    low, step = Decimal(repr(d.low)), Decimal(repr(d.step))
+    return [min(float(low + i * step), d.high) for i in range(_grid_size(name, d))]
