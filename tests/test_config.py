@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from hpo import ConfigError, load_study
-from tests.conftest import study_dict
+from tests.conftest import DATA, study_dict
 
 
 def errors(path, overrides=None) -> list[str]:
@@ -22,6 +22,11 @@ def test_valid_study_loads_with_defaults(write_study):
 
 def test_direction_follows_the_metric(write_study):
     assert load_study(write_study(objective={"metric": "eval_f1_macro"})).objective.direction == "maximize"
+    # Perplexity is a loss in all but name: it was maximized, so hpo called the worst model the best.
+    causal = write_study(task="causal-lm", objective={"metric": "eval_perplexity"},
+                         data={"train": str(DATA / "chat_train.jsonl"), "eval": str(DATA / "chat_eval.jsonl"),
+                               "prompt_column": "prompt", "response_column": "response"})
+    assert load_study(causal).objective.direction == "minimize"
 
 
 def test_relative_paths_resolve_against_the_study_file(tmp_path, tiny_model):
@@ -124,7 +129,7 @@ def test_lora_section_or_lora_names_make_a_lora_study(write_study, tiny_model):
 
 
 def test_data_checks_run_before_training(write_study, tmp_path):
-    from hpo.trial import prepare
+    from hpo.workbench import prepare
 
     bad = tmp_path / "eval.csv"
     bad.write_text("text,label\nhello,greeting\nwhat,unseen_label\n")
@@ -163,7 +168,7 @@ def test_enqueued_configurations_run_first_and_only_once(write_study):
     from optuna.trial import TrialState
     from rich.console import Console
 
-    from hpo import run_study
+    from hpo.study import run_study
 
     start = {"learning_rate": 1e-3, "per_device_train_batch_size": 8}
     path = write_study(n_trials=2, enqueue=[start])

@@ -27,8 +27,10 @@ from hpo.errors import ConfigError, KeyPath, Problem, SourceMap
 PATH_KEYS = (("data", "train"), ("data", "eval"), ("output_dir",))
 
 
-def read_layers(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], SourceMap]:
-    """One study file with its ``extends:`` chain merged under it: (data, source map).
+def read_layers(path: Path, seen: tuple[Path, ...], document: tuple[Any, SourceMap] | None = None,
+                ) -> tuple[dict[str, Any], SourceMap]:
+    """One study file (or ``document``, a dict parsed as if it were the file ``path``) with its ``extends:``
+    chain merged under it: (data, source map).
 
     A ``search_space: FILE`` is inlined, and relative paths (data files, ``output_dir``, a SQLite
     ``storage``) are made absolute against the file that wrote them, before layers merge.
@@ -36,7 +38,7 @@ def read_layers(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], Sou
     Raises:
         ConfigError: a file that cannot be read or parsed, a missing base, files that extend each other.
     """
-    raw, source = read_yaml(path)  # first: it refuses a symlink loop, which resolve() raises on
+    raw, source = document or read_yaml(path)  # first: it refuses a symlink loop, which resolve() raises on
     if path.resolve() in seen:
         chain = " → ".join(p.name for p in (*seen, path.resolve()))
         raise ConfigError([Problem(str(path), None, "extends", f"files extend each other in a cycle: {chain}")])

@@ -2,30 +2,44 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from hpo.config import validate
 from hpo.config.compose import overlay, read_layers
+from hpo.config.parse import parse_yaml
 from hpo.config.models import StudyConfig
 from hpo.errors import ConfigError, Problem, SourceMap
 
 
-def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None, env: str | None = None) -> StudyConfig:
-    """Read, compose and validate a study file.
+#: How problems name a study given as a dict (``hpo.run({...})``): there is no file or line to point at.
+DICT = "<dict>"
+
+
+def load_study(study: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
+               env: str | None = None) -> StudyConfig:
+    """Read, compose and validate a study file, or a dict shaped like one.
 
     Composition, in order: ``extends:`` base files (deep merge, the extending
     file wins), then the environment ``env`` from ``environments:``, then
     ``overrides`` — dotted key paths (``{"train.num_train_epochs": 1}``).
     ``${VAR}`` comes from the environment, else from ``.env`` beside the study
-    file. Relative paths resolve against the file that wrote them.
+    file. Relative paths resolve against the file that wrote them. A dict is read like a file in the
+    current folder: its relative paths and ``.env`` are found there, its default storage is
+    ``<study>.db`` there, and its problems name ``<dict>`` and the key.
 
     Raises:
         ConfigError: with every problem found, each naming file, line and key.
     """
-    path = Path(path)
-    layers, source = read_layers(path, ())
+    if isinstance(study, Mapping):
+        path, document = Path.cwd() / DICT, _document(study)
+    else:
+        path, document = Path(study), None
+    layers, source = read_layers(path, (), document)
     problems = []
     try:
         cfg = _build(path, layers, source, env, overrides or {})
@@ -53,3 +67,18 @@ def _build(path: Path, layers: dict[str, Any], source: SourceMap, env: str | Non
     """Compose one environment and the overrides over the merged layers, and validate the result."""
     raw, source, secrets = overlay(path, layers, source, env, overrides, strict_variables)
     return validate.build(raw, source, path, env, secrets)
+
+
+def _document(study: Mapping[str, Any]) -> tuple[Any, SourceMap]:
+    """A dict as the parsed document of a file: the same limits as YAML (nesting, size, duplicate keys cannot
+    happen), plain values only (a ``Path`` becomes its text), and a source map with no lines."""
+    try:
+        text = yaml.safe_dump(json.loads(json.dumps(study, default=str)), sort_keys=False)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ConfigError([Problem(DICT, None, "", f"not a study: {e}")]) from None
+    raw, lines = parse_yaml(text, DICT)
+    source = SourceMap()
+    source.default_file = DICT
+    for key in lines.paths_under(()):
+        source.add(key, DICT, None)
+    return raw, source

@@ -32,7 +32,7 @@ from hpo.config.compose import mask
 from hpo.errors import ConfigError, KeyPath, Problem, SourceMap, did_you_mean
 from hpo.expr import Expression
 from hpo.space import Condition, Param, SearchName
-from hpo.tasks import TASKS
+from hpo.tasks import HIGHER_IS_BETTER, TASKS
 
 DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".conll")
 
@@ -170,12 +170,14 @@ class Objective(_Strict):
     metric: str = Field("eval_loss", description="A metric the task reports (eval_loss, eval_accuracy, "
                                                  "eval_f1, ...); eval_loss, because every task reports it.")
     direction: Literal["minimize", "maximize"] | None = Field(
-        None, description="Default: minimize a metric whose name ends in loss, maximize any other.")
+        None, description="Default: the metric's own (minimize eval_loss and eval_perplexity, maximize accuracy, "
+                          "F1, precision and recall).")
 
     @model_validator(mode="after")
     def _infer_direction(self) -> Objective:
         if self.direction is None:
-            self.direction = "minimize" if self.metric.endswith("loss") else "maximize"
+            self.direction = "maximize" if HIGHER_IS_BETTER.get(self.metric, not self.metric.endswith("loss")) \
+                else "minimize"
         return self
 
 
@@ -310,13 +312,15 @@ class StudyConfig(_Strict):
 
     @property
     def storage_url(self) -> str:
-        """The storage as a SQLAlchemy URL: ``storage:``, else a SQLite file beside the study file.
+        """The storage as a SQLAlchemy URL: ``storage:``, else a SQLite file beside the study file (for a dict,
+        ``<study>.db`` in the current folder).
 
         A plain ``postgresql://`` URL names SQLAlchemy's psycopg2 driver; when only psycopg 3 is
         installed (``pip install hpo[postgres]``), it is used instead of failing on the import.
         """
         if self.storage is None:
-            return f"sqlite:///{(self.root / (self._file.stem + '.db')).resolve()}"
+            stem = self.study if self._file.name == "<dict>" else self._file.stem  # a study given as a dict
+            return f"sqlite:///{(self.root / (stem + '.db')).resolve()}"
         url = make_url(self.storage)
         if url.drivername == "postgresql" and not importlib.util.find_spec("psycopg2") \
                 and importlib.util.find_spec("psycopg"):
