@@ -53,7 +53,8 @@ def main() -> None:
     from rich.console import Console
 
     import hpo.study
-    from hpo import load_study, run_study
+    from hpo import load_study
+    from hpo.study import run_study
     from hpo.trial import device_settings
 
     if not torch.cuda.is_available():

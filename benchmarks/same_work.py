@@ -54,7 +54,8 @@ def run_hpo(epochs: int, rows: int, folder: Path, workers: int = 1) -> float:
     import yaml
     from rich.console import Console
 
-    from hpo import load_study, run_study
+    from hpo import load_study
+    from hpo.study import run_study
     from hpo.workers import run_workers
 
     study = {

@@ -51,7 +51,8 @@ def main() -> None:
     from rich.console import Console
     from transformers import Trainer
 
-    from hpo import load_study, run_study
+    from hpo import load_study
+    from hpo.study import run_study
 
     imports = time.perf_counter() - start
     timed(Trainer, "training_step", "train forward + backward")

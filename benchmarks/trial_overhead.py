@@ -32,7 +32,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rich.console import Console
 
-    from hpo import load_study, run_study
+    from hpo import load_study
+    from hpo.study import run_study
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "overhead.yaml"

@@ -51,7 +51,9 @@ def _noop_worker(path: str, overrides: dict, k: int, plain: bool, ready, out) ->
     from rich.console import Console
 
     from hpo import load_study, space
-    from hpo.study import _optimize, _Progress, open_study  # hpo's own loop, without the fine-tune
+    from hpo.progress import Progress
+    from hpo.storage import open_study
+    from hpo.study import StopRule, _optimize  # hpo's own loop, without the fine-tune
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     cfg = load_study(path, overrides)
@@ -71,7 +73,8 @@ def _noop_worker(path: str, overrides: dict, k: int, plain: bool, ready, out) ->
         if plain:
             study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials)])
         else:
-            _optimize(study, objective, _Progress(Console(quiet=True), cfg, worker=k), cfg)
+            _optimize(study, objective, Progress(Console(quiet=True), cfg, worker=k),
+                      StopRule(cfg.max_failures_in_a_row), cfg)
     except Exception:  # "database is locked" ends a plain-optuna worker
         errors = 1
     out.put(errors)

@@ -1,20 +1,16 @@
 """hpo: hyperparameter optimization for fine-tuning transformer models.
 
->>> from hpo import load_study, run_study
->>> study = run_study(load_study("studies/quickstart.yaml"))  # doctest: +SKIP
+Each command of the ``hpo`` CLI is one call here; a study is a file path or a dict shaped like one.
+
+>>> import hpo
+>>> study = hpo.run("studies/quickstart.yaml", n_trials=8)  # doctest: +SKIP
+>>> trials, studies = hpo.report(["studies/quickstart.yaml"])  # doctest: +SKIP
+>>> args, rest = hpo.best("studies/quickstart.yaml")  # doctest: +SKIP
 """
 
+from hpo.api import best, report, run, train, validate
 from hpo.config import StudyConfig, load_study
-from hpo.errors import ConfigError
+from hpo.errors import ConfigError, NoCompleteTrial, TrialsFailed
 
-
-def run_study(cfg: StudyConfig, console=None, allow_changes: bool = False):
-    """Run ``cfg``'s study to ``n_trials`` finished trials; see :func:`hpo.study.run_study`."""
-    from hpo.study import (
-        run_study as _run,  # torch/transformers load only when trials run
-    )
-
-    return _run(cfg, console, allow_changes=allow_changes)
-
-
-__all__ = ["ConfigError", "StudyConfig", "load_study", "run_study"]
+__all__ = ["ConfigError", "NoCompleteTrial", "StudyConfig", "TrialsFailed", "best", "load_study", "report", "run",
+           "train", "validate"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,8 +9,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from hpo import api
 from hpo.config import load_study, parse_yaml
-from hpo.errors import ConfigError
+from hpo.errors import ConfigError, NoCompleteTrial, TrialsFailed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Hyperparameter optimization for fine-tuning transformer models.")
@@ -82,28 +81,19 @@ def run(
     """Create or resume the study and run trials until it holds n_trials finished ones."""
     flags = {"n_trials": n_trials, "timeout": timeout, **_storage(storage)}
     cfg = _load(study, {**_parse_overrides(overrides), **{k: v for k, v in flags.items() if v is not None}}, env)
-    examples = _examples(cfg)
     import optuna
     import sqlalchemy
 
-    from hpo.study import TrialsFailed, run_study  # imports torch and transformers: only once the file is valid
-    from hpo.trial import prepare
-    from hpo.workers import gpu_ids, run_workers
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # hpo prints its own line per trial
-    bad_gpu = next((g for g in gpu_ids(gpus) if not re.fullmatch(r"\d+|(GPU|MIG)-[\w-]+", g)), None) if gpus else None
-    if bad_gpu is not None or (gpus is not None and not gpu_ids(gpus)):
-        err.print(f"[red]error[/] <command line>: --gpus: {escape(repr(bad_gpu or gpus))} is not a GPU index "
-                  "(0, 1, …) or UUID (GPU-…, MIG-…)")
-        raise typer.Exit(2)
-    n = workers or (len(gpu_ids(gpus)) if gpus else 1)
+    try:
+        api.parse_gpus(gpus)
+    except ValueError as e:
+        err.print(f"[red]error[/] <command line>: --gpus: {escape(str(e))}")
+        raise typer.Exit(2) from None
     code = 0
     try:
-        bench = prepare(cfg, examples)
-        if n > 1 or gpus:
-            code = run_workers(cfg, n, gpu_ids(gpus), bench=bench, allow_changes=allow_changes)
-        else:
-            run_study(cfg, bench=bench, allow_changes=allow_changes)
+        api.run(cfg, workers=workers, gpus=gpus, allow_changes=allow_changes)
     except ConfigError as e:
         _fail(e)
     except TrialsFailed:
@@ -119,25 +109,12 @@ def run(
     raise typer.Exit(code)
 
 
-def _examples(cfg):
-    """Read and check the data before torch is imported: a broken file fails in a second, in little memory."""
-    from hpo.data import load_examples
-
-    try:
-        return load_examples(cfg)
-    except ConfigError as e:
-        _fail(e)
-
-
 @app.command()
 def validate(study: StudyFile, overrides: Overrides = None, env: Env = None) -> None:
     """Check a study file without training; print every problem, exit 2 if any."""
     cfg = _load(study, _parse_overrides(overrides), env)
-    examples = _examples(cfg)
-    from hpo.trial import prepare
-
     try:
-        prepare(cfg, examples)
+        api.validate(cfg)
     except ConfigError as e:
         _fail(e)
     Console().print(f"{study}: ok ({len(cfg.search_space)} parameters, {cfg.n_trials} trials)")
@@ -154,33 +131,18 @@ def report(
                                                  "intermediate value (final = False in the tables).")] = False,
 ) -> None:
     """Compare trials and studies on Z-scores within each task, metric and direction; write CSV and HTML."""
-    from hpo import report as rep
-    from hpo.study import load_existing
+    from hpo import tables as rep
 
     cfgs = [_load(path, _storage(storage), env) for path in studies]
-    named = [(cfg.study, cfg.storage_label) for cfg in cfgs]
-    if len(set(named)) < len(named):  # its trials would count twice in every z-score
-        twice = next(path for path, key in zip(studies, named, strict=True) if named.count(key) > 1)
-        err.print(f"[red]error[/] {escape(str(twice))}: the same study is named twice")
-        raise typer.Exit(2)
+    folder = cfgs[0].output_path / "report"
+    csv, html = csv or folder / "trials.csv", html or folder / "report.html"
     try:
-        loaded = [load_existing(cfg) for cfg in cfgs]
+        trials, summary = api.report(cfgs, include_pruned=include_pruned, csv=csv, html=html)
     except ConfigError as e:
         _fail(e)
-    trials = rep.trials_frame(loaded, include_pruned=include_pruned)
-    summary = rep.studies_frame(loaded, trials)
-    folder = cfgs[0].output_path / "report"
-    try:
-        csv_paths = rep.write_csv(trials, summary, csv or folder / "trials.csv")
-        html_path = rep.write_html(loaded, trials, summary, html or folder / "report.html")
     except OSError as e:
         err.print(f"[red]error[/] cannot write {escape(str(e.filename or folder))}: {escape(e.strerror or str(e))}")
         raise typer.Exit(2) from None
-    from hpo.dashboard import save_study_note
-    from hpo.study import resolved_config
-
-    for cfg, study_ in zip(cfgs, loaded, strict=True):  # the dashboard's study note carries the summary
-        save_study_note(study_, resolved_config(cfg), rep.markdown_table(summary, rep.SUMMARY_COLUMNS))
     console = Console()
     for label, rows in rep.by_group(summary):  # a rank is only ever shown beside the group it ranks in
         console.print(_table(rows, ["rank", "study", "best", "median", "mean", "std", "n_complete", "n_pruned",
@@ -190,7 +152,7 @@ def report(
         console.print(_table(rows.head(10), ["rank", "study", "trial", "state", "objective", "eval_accuracy",
                                              "optimizer_steps", "score"],
                              f"top 10 trials: {label}{pruned} (params in the CSV and HTML)"))
-    for path in (*csv_paths, html_path):
+    for path in (csv, rep.studies_csv(csv), html):
         console.print(f"wrote {path}")
 
 
@@ -215,28 +177,25 @@ def best(
     storage: Storage = None,
 ) -> None:
     """Write the best configuration: TrainingArguments JSON, and <stem>.model.json beside it."""
-    from hpo.best import NoCompleteTrial, write_best
-    from hpo.study import load_existing
+    from hpo.export import model_json
 
     cfg = _load(study, _storage(storage), env)
+    out = out or cfg.output_path / "best.json"
     try:
-        loaded = load_existing(cfg)
-        written = write_best(cfg, loaded, out or cfg.output_path / "best.json")
+        _, rest = api.best(cfg, out=out)
     except ConfigError as e:
         _fail(e)
     except NoCompleteTrial as e:
         err.print(f"[red]error[/] {escape(str(e))}")
         raise typer.Exit(2) from None
     except OSError as e:
-        err.print(f"[red]error[/] cannot write {escape(str(out or cfg.output_path / 'best.json'))}: "
-                  f"{escape(e.strerror or str(e))}")
+        err.print(f"[red]error[/] cannot write {escape(str(out))}: {escape(e.strerror or str(e))}")
         raise typer.Exit(2) from None
     console = Console()
-    rest = json.loads(written[1].read_text())
     revision = (f" (revision {rest['revision']} of {rest['current_revision']}: see the report's revision column)"
                 if rest["current_revision"] else "")
     console.print(f"best: trial {rest['trial']}, {rest['metric']}={rest['value']:.4f}{revision}")
-    for path in written:
+    for path in (out, model_json(out)):
         console.print(f"wrote {path}")
 
 
@@ -249,15 +208,12 @@ def train(
     storage: Storage = None,
 ) -> None:
     """Retrain the best configuration and save the model with a model card."""
-    from hpo.best import NoCompleteTrial, train_best
-    from hpo.study import load_existing
-
     if not best:
         err.print("[red]error[/] hpo train needs --best (the only configuration it trains)")
         raise typer.Exit(2)
     cfg = _load(study, _storage(storage), env)
     try:
-        folder = train_best(cfg, load_existing(cfg), all_data)
+        folder = api.train(cfg, all_data=all_data)
     except ConfigError as e:
         _fail(e)
     except NoCompleteTrial as e:
@@ -276,7 +232,7 @@ def dashboard(
 ) -> None:
     """Serve optuna-dashboard on the study's storage, with the trials' artifacts."""
     from hpo.dashboard import exposed, serve
-    from hpo.study import load_existing
+    from hpo.storage import load_existing
 
     cfg = _load(study, _storage(storage), env)
     try:

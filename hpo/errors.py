@@ -1,4 +1,4 @@
-"""Configuration errors that point at a file, a line and a key path."""
+"""The errors hpo raises: configuration problems that point at a file, a line and a key path, and two outcomes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -97,3 +98,15 @@ def did_you_mean(name: str, options: Iterable[str]) -> str:
     """
     match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
     return f"; did you mean {match[0]!r}?" if match else ""
+
+
+class NoCompleteTrial(ValueError):
+    """The study has no complete trial, so no best one."""
+
+
+class TrialsFailed(RuntimeError):
+    """The run gave up: ``max_failures_in_a_row`` trials failed, or 100 samples were rejected, in a row."""
+
+    def __init__(self, message: str, study: Any):
+        super().__init__(message)
+        self.study = study  # the optuna.Study, as far as it got

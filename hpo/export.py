@@ -9,34 +9,19 @@ from typing import Any
 
 import optuna
 
+from hpo.attrs import DERIVED_PARAMS
 from hpo.config import StudyConfig
+from hpo.errors import NoCompleteTrial
 from hpo.plan import make_plan
-from hpo.revisions import REVISIONS, check_trial_settings, trial_revision
+from hpo.revisions import check_trial_settings, current_revision, trial_revision
+from hpo.storage import best_trial
 from hpo.tasks import TASKS
-
-
-class NoCompleteTrial(ValueError):
-    """The study has no complete trial, so no best one."""
-
-
-def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
-    """The study's best complete trial; among equal values, the earliest.
-
-    Optuna's ``study.best_trial`` returns whichever of several equal values the database lists first:
-    the report, ``best_model/`` and ``hpo best`` must all name the same one.
-
-    Raises:
-        ValueError: no complete trial.
-    """
-    value = study.best_value
-    return min((t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                if t.value == value), key=lambda t: t.number)
 
 
 def best_params(study: optuna.Study) -> dict[str, Any]:
     """The best trial's sampled and derived parameters."""
     trial = best_trial(study)
-    return {**trial.params, **trial.user_attrs.get("derived_params", {})}
+    return {**trial.params, **trial.user_attrs.get(DERIVED_PARAMS, {})}
 
 
 def best_config(cfg: StudyConfig, study: optuna.Study) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -54,20 +39,19 @@ def best_config(cfg: StudyConfig, study: optuna.Study) -> tuple[dict[str, Any], 
         raise NoCompleteTrial(f"{cfg.file}: the study has no complete trial yet") from None
     check_trial_settings(study, cfg, trial)
     args, rest = make_plan(cfg, best_params(study)).exported(cfg)
-    current = study.user_attrs.get(REVISIONS, [{}])[-1].get("revision", 0)
     return args, {"study": cfg.study, "trial": trial.number, "metric": cfg.objective.metric, "value": trial.value,
-                  **rest, "revision": trial_revision(trial), "current_revision": current}
+                  **rest, "revision": trial_revision(trial), "current_revision": current_revision(study)}
 
 
-def write_best(cfg: StudyConfig, study: optuna.Study, path: Path) -> tuple[Path, Path]:
-    """Write ``path`` (TrainingArguments JSON) and ``<stem>.model.json`` beside it."""
-    return write_config(*best_config(cfg, study), path)
+def model_json(path: Path) -> Path:
+    """Where :func:`write_config` puts the rest when the TrainingArguments go to ``path``."""
+    return path.with_name(f"{path.stem}.model.json")
 
 
 def write_config(args: dict[str, Any], rest: dict[str, Any], path: Path) -> tuple[Path, Path]:
     """Write :func:`best_config`'s two parts as ``path`` and ``<stem>.model.json``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    side = path.with_name(f"{path.stem}.model.json")
+    side = model_json(path)
     path.write_text(json.dumps(args, indent=2, sort_keys=True) + "\n")
     side.write_text(json.dumps(rest, indent=2, sort_keys=True) + "\n")
     return path, side
@@ -79,7 +63,8 @@ def train_best(cfg: StudyConfig, study: optuna.Study, all_data: bool = False) ->
     ``all_data`` trains on train + eval (the eval numbers then say little).
     Returns the folder, ``<outputs>/final_model``.
     """
-    from hpo.trial import TrialResult, prepare, release, run_trial, save_model
+    from hpo.trial import TrialResult, release, run_trial, save_model
+    from hpo.workbench import prepare
 
     args, rest = best_config(cfg, study)  # before training: refuses a study file that changed
     bench = prepare(cfg)

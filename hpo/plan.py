@@ -3,7 +3,6 @@
 The trial trains with it, the artifacts (``config.json``, ``training_arguments.json``), ``hpo best`` and
 ``hpo train --best`` export it: what is saved is what ran.
 
-
 >>> plan = make_plan(cfg, {"learning_rate": 1e-4, "target_modules": "query, value"})  # doctest: +SKIP
 >>> plan.lora["target_modules"], plan.training_arguments["learning_rate"]  # doctest: +SKIP
 (['query', 'value'], 0.0001)

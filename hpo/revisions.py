@@ -19,11 +19,9 @@ from typing import Any
 
 import optuna
 
+from hpo.attrs import CONFIG, FINGERPRINT, REVISION, REVISIONS
 from hpo.config import StudyConfig
 
-FINGERPRINT = "fingerprint"  # study user attr: the current revision's fingerprint
-REVISIONS = "revisions"  # study user attr: [{"revision", "time", "changes"}], oldest first
-REVISION = "revision"  # trial user attr: the revision the trial ran under
 MAX_LISTED = 4  # changes named in the one-line refusal
 WHOLE_FILE_BYTES = 64 * 2**20  # model and tokenizer files up to this size are hashed whole
 BLOCK_BYTES, SAMPLED_BLOCKS = 2**20, 10  # bigger ones: 10 blocks of 1 MiB, first to last
@@ -162,7 +160,7 @@ def check_objective(study: optuna.Study, cfg: StudyConfig) -> None:
         raise cfg.error(("objective",), f"study {cfg.study!r} ranks its trials by {_objective(old)}; this file "
                                         f"asks for {_objective(new)}, and values of both cannot be ranked "
                                         "together: use a new study name")
-    old_task = stored["task"] if stored else study.user_attrs.get("config", {}).get("task")
+    old_task = stored["task"] if stored else study.user_attrs.get(CONFIG, {}).get("task")
     if old_task is not None and old_task != cfg.task:
         raise cfg.error(("task",), f"study {cfg.study!r} holds {old_task} trials; this file is {cfg.task}, and "
                                    "losses of two tasks cannot be ranked together: use a new study name")
@@ -199,12 +197,17 @@ def _objective(objective: dict[str, Any]) -> str:
 
 def _legacy_objective(study: optuna.Study) -> dict[str, Any] | None:
     """The objective of a study made before fingerprints: from its saved config and Optuna's direction."""
-    if not study.trials and "config" not in study.user_attrs:
+    if not study.trials and CONFIG not in study.user_attrs:
         return None
-    metric = study.user_attrs.get("config", {}).get("objective", {}).get("metric", "eval_loss")
+    metric = study.user_attrs.get(CONFIG, {}).get("objective", {}).get("metric", "eval_loss")
     return {"metric": metric, "direction": study.direction.name.lower()}
 
 
 def trial_revision(trial: optuna.trial.FrozenTrial) -> int:
     """The revision a trial ran under (0 for trials from before revisions were kept)."""
     return int(trial.user_attrs.get(REVISION, 0))
+
+
+def current_revision(study: optuna.Study) -> int:
+    """The study file's latest revision (0 until a change was allowed)."""
+    return int(study.user_attrs.get(REVISIONS, [{}])[-1].get("revision", 0))

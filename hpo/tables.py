@@ -35,8 +35,8 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from hpo import best
-from hpo.revisions import REVISION
+from hpo.storage import best_trial
+from hpo.attrs import CONFIG, DERIVED_PARAMS, PRUNED_AT_STEP, REVISION
 from hpo.tasks import HIGHER_IS_BETTER
 
 #: Task metrics that count toward ``score`` (precision and recall are in F1 already; the loss is the objective's or
@@ -63,7 +63,7 @@ STUDY_METRICS: dict[str, tuple[bool, bool]] = {
 #: Trial user attrs copied into the trials table, in this order.
 ATTRS = ("best_eval_loss", "last_eval_loss", *TASK_METRICS, "optimizer_steps",
          "planned_steps", "examples_seen", "train_seconds", "samples_per_second", "peak_memory_mb",
-         "pruned_at_step", REVISION)  # the revision of the study file the trial ran under
+         PRUNED_AT_STEP, REVISION)  # the revision of the study file the trial ran under
 #: The columns whose values must agree for rows to be compared: z-scores, score and rank never cross a group.
 #: Every z-score, not only the objective's, stays within it: ``score`` averages them, so a rank would otherwise
 #: move when a study of another objective joins the report.
@@ -105,7 +105,7 @@ def add_scores(df: pd.DataFrame, metrics: dict[str, tuple[bool, bool]], oriented
     mask (default: all), picks the rows scored; the others get NaN z-scores, score and rank.
     ``rank`` orders each group by the raw value of the first metric of ``metrics`` (the objective;
     infinities included), ties broken by the ``tiebreak`` column (lowest first: the trial number, as
-    :func:`hpo.best.best_trial` breaks them) or else by ``score``: the report's rank 1 is ``hpo best``'s trial.
+    :func:`hpo.storage.best_trial` breaks them) or else by ``score``: the report's rank 1 is ``hpo best``'s trial.
     """
     df = df.copy()
     keep = pd.Series(True, index=df.index) if rows is None else rows.astype(bool)
@@ -138,7 +138,7 @@ def _oriented(df: pd.DataFrame, metric: str, higher_is_better: bool, by_directio
 
 def _group(study: optuna.Study) -> dict[str, Any]:
     """The study's task, objective metric and direction (``GROUP``), from the resolved config it was saved with."""
-    config = study.user_attrs.get("config", {})
+    config = study.user_attrs.get(CONFIG, {})
     return {"task": config.get("task"), "metric": config.get("objective", {}).get("metric", "objective"),
             "direction": study.direction.name.lower()}
 
@@ -165,7 +165,7 @@ def trials_frame(studies: Sequence[optuna.Study], include_pruned: bool = False) 
                                    "final": t.state == TrialState.COMPLETE, **group, "objective": t.value}
             row.update({k: t.user_attrs.get(k) for k in ATTRS})
             row[REVISION] = t.user_attrs.get(REVISION, 0)  # trials from before revisions were kept: 0
-            row.update({f"params_{k}": v for k, v in {**t.params, **t.user_attrs.get("derived_params", {})}.items()})
+            row.update({f"params_{k}": v for k, v in {**t.params, **t.user_attrs.get(DERIVED_PARAMS, {})}.items()})
             rows.append(row)
     columns = ["study", "trial", "state", "final", *GROUP, "objective", *ATTRS]
     df = pd.DataFrame(rows, columns=columns + sorted({c for r in rows for c in r} - set(columns)))
@@ -193,9 +193,9 @@ def studies_frame(studies: Sequence[optuna.Study], trials: pd.DataFrame | None =
         pruned = mine[mine["state"] == "pruned"]
         states = [t.state for t in study.get_trials(deepcopy=False)]
         try:
-            best_trial = best.best_trial(study)
+            best: optuna.trial.FrozenTrial | None = best_trial(study)
         except ValueError:
-            best_trial = None
+            best = None
         key = (study.study_name, group["metric"])
         rows.append({
             "study": study.study_name,
@@ -203,13 +203,13 @@ def studies_frame(studies: Sequence[optuna.Study], trials: pd.DataFrame | None =
             "n_complete": states.count(TrialState.COMPLETE),
             "n_pruned": states.count(TrialState.PRUNED),
             "n_failed": states.count(TrialState.FAIL),
-            "best": best_trial.value if best_trial else np.nan,
+            "best": best.value if best else np.nan,
             "median": final.loc[final["study"] == study.study_name, "objective"].median(),
             **(stats.loc[key].to_dict() if key in stats.index else {"count": 0} | dict.fromkeys(STATS[1:], np.nan)),
             "steps_spent": int(mine["optimizer_steps"].fillna(0).sum()),
             "steps_saved_by_pruning": int((pruned["planned_steps"] - pruned["optimizer_steps"]).fillna(0).sum()),
-            "best_trial": best_trial.number if best_trial else None,
-            "best_params": json.dumps(best_trial.params if best_trial else {}, sort_keys=True),
+            "best_trial": best.number if best else None,
+            "best_params": json.dumps(best.params if best else {}, sort_keys=True),
         })
     df = pd.DataFrame(rows)
     if len(df):
@@ -248,10 +248,15 @@ SUMMARY_COLUMNS = ("rank", "study", "task", "metric", "direction", "best", "medi
                    "n_pruned", "n_failed", "steps_spent", "steps_saved_by_pruning", "score")
 
 
+def studies_csv(path: Path) -> Path:
+    """Where :func:`write_csv` puts the per-study table when the trials go to ``path``."""
+    return path.with_name(f"{path.stem}.studies.csv")
+
+
 def write_csv(trials: pd.DataFrame, studies: pd.DataFrame, path: Path) -> tuple[Path, Path]:
     """``path`` gets the trials table; ``<stem>.studies.csv`` beside it the per-study one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    studies_path = path.with_name(f"{path.stem}.studies.csv")
+    studies_path = studies_csv(path)
     trials.to_csv(path, index=False)
     studies.to_csv(studies_path, index=False)
     return path, studies_path

@@ -1,7 +1,7 @@
 """The one registry of tasks: names, the metrics each reports, the model class, PEFT task type and collator.
 
 Importable without torch or transformers (config validation and its tests need no model): classes are
-named here and imported by :meth:`Task.model_class` and :meth:`Task.make_collator` when a trial needs them.
+named here and imported when a trial needs them (:meth:`Task.model_class`, :func:`hpo.trial.collator`).
 
 >>> TASKS["causal-lm"].metrics
 ('eval_loss', 'eval_perplexity')
@@ -21,23 +21,10 @@ class Task:
     auto_model: str  # the transformers Auto class
     peft_task: str  # peft.TaskType name
     collator: str  # the transformers collator class that pads each batch
-    classifies: bool  # whether the model gets num_labels / id2label, and compute_metrics gets labels
+    classifies: bool  # whether the model gets num_labels / id2label
 
     def model_class(self) -> Any:
         return getattr(importlib.import_module("transformers"), self.auto_model)
-
-    def make_collator(self, tokenizer) -> Any:
-        from hpo.data import IGNORE
-
-        cls = getattr(importlib.import_module("transformers"), self.collator)
-        # causal-lm labels are given (the prompt is masked), so the seq2seq collator's padding of labels fits.
-        return cls(tokenizer, label_pad_token_id=IGNORE) if self.collator == "DataCollatorForSeq2Seq" else cls(tokenizer)
-
-    def compute_metrics(self, labels: list[str]):
-        """``EvalPrediction → dict`` for ``Trainer``, or None where only the loss is evaluated."""
-        from hpo import metrics
-
-        return metrics.COMPUTE[self.name](labels) if self.name in metrics.COMPUTE else None
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (

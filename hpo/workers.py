@@ -30,9 +30,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from hpo.config import StudyConfig
-from hpo.errors import ConfigError
-from hpo.study import TrialsFailed, count_finished, print_summary, run_study, sigterm_interrupts, start_study
-from hpo.trial import Workbench
+from hpo.errors import ConfigError, TrialsFailed
+from hpo.progress import print_summary
+from hpo.storage import count_finished
+from hpo.study import run_study, sigterm_interrupts, start_study
+from hpo.workbench import Workbench
 
 STOPPED_ON_FAILURES = 3  # a worker's exit code when max_failures_in_a_row stopped it
 STOP_WAIT_S = 60  # after Ctrl-C, how long workers get to end their trials before SIGKILL

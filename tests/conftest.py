@@ -149,9 +149,9 @@ INTEGRATION_MODULES = {
     "test_faults", "test_workers",  # signals, killed and spawned workers
     "test_quickstart", "test_shipped",  # the shipped studies, trained
 }
-#: Names whose use means training (``run_study``) or another process (``subprocess``, ``multiprocessing``,
+#: Names whose use means training (``run_study``, ``hpo.run``) or another process (``subprocess``, ``multiprocessing``,
 #: a browser). A helper in tests/ that uses one (procs.start, measure.run_measured) passes it on to its callers.
-INTEGRATION_CALLS = {"run_study", "subprocess", "multiprocessing", "sync_playwright"}
+INTEGRATION_CALLS = {"run_study", "run", "subprocess", "multiprocessing", "sync_playwright"}  # run: hpo.run
 TESTS = Path(__file__).parent
 
 

@@ -13,7 +13,8 @@ import pytest
 from procs import WAIT_S, wait_for
 from rich.console import Console
 
-from hpo import load_study, run_study
+from hpo import load_study
+from hpo.study import run_study
 from hpo.dashboard import exposed
 
 CHROMIUM = "/usr/bin/chromium"

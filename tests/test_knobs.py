@@ -7,7 +7,8 @@ import torch
 from rich.console import Console
 from transformers import AutoModelForSequenceClassification
 
-from hpo import ConfigError, load_study, run_study
+from hpo import ConfigError, load_study
+from hpo.study import run_study
 from hpo.knobs import Knobs, head_modules, init_heads, split
 
 quiet = Console(quiet=True)
@@ -91,7 +92,7 @@ def test_split():
 ])
 def test_bad_knobs_fail_before_any_trial(write_study, train, key, message):
     with pytest.raises(ConfigError) as e:
-        from hpo.trial import prepare
+        from hpo.workbench import prepare
 
         prepare(load_study(write_study(train=train)))
     (problem,) = e.value.problems

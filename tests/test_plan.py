@@ -5,7 +5,8 @@ import json
 from conftest import DATA, study_dict
 from rich.console import Console
 
-from hpo.best import best_config, write_best
+from hpo import api
+from hpo.export import best_config
 from hpo.config import StudyConfig, load_study
 from hpo.plan import make_plan
 
@@ -50,5 +51,6 @@ def test_what_is_saved_is_what_ran(write_study, tiny_model, tmp_path):
     ran = trial.user_attrs["param_groups"][0]["lr"]  # the rate the optimizer had
     assert args["learning_rate"] == ran != trial.params["learning_rate"]
     assert args["per_device_train_batch_size"] == trial.params["per_device_train_batch_size"]
-    written, side = write_best(cfg, study, tmp_path / "best.json")
-    assert json.loads(written.read_text()) == args and json.loads(side.read_text())["lora"] == rest["lora"]
+    assert api.best(cfg, out=tmp_path / "best.json") == (args, rest)
+    assert json.loads((tmp_path / "best.json").read_text()) == args
+    assert json.loads((tmp_path / "best.model.json").read_text())["lora"] == rest["lora"]

@@ -6,7 +6,8 @@ import pytest
 from optuna.trial import TrialState
 from rich.console import Console
 
-from hpo import load_study, run_study
+from hpo import load_study
+from hpo.study import run_study
 
 QUICKSTART = Path(__file__).parent.parent / "studies" / "quickstart.yaml"
 

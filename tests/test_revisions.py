@@ -12,7 +12,8 @@ import pytest
 import yaml
 from rich.console import Console
 
-from hpo import ConfigError, load_study, run_study
+from hpo import ConfigError, load_study
+from hpo.study import run_study
 
 quiet = Console(quiet=True)
 
@@ -171,7 +172,7 @@ def test_a_model_replaced_in_its_folder_is_a_change(write_study, tmp_path, tiny_
 
 def test_the_fingerprint_holds_the_data_that_was_read(write_study, tmp_path):
     # The data file changes between reading it and recording the study: the study records what trials train on.
-    from hpo.trial import prepare
+    from hpo.workbench import prepare
     from tests.conftest import DATA
 
     data = tmp_path / "train.csv"

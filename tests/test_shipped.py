@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from hpo import load_study
-from hpo.trial import prepare
+from hpo.workbench import prepare
 
 ROOT = Path(__file__).parent.parent
 STUDIES = sorted((ROOT / "studies").glob("*.yaml"))  # not outputs/
@@ -30,7 +30,7 @@ def test_shipped_study_runs(path, tmp_path):
     """Each shipped study, shrunk to 2 one-epoch trials on 32 rows, runs end to end (full runs: README)."""
     from rich.console import Console
 
-    from hpo import run_study
+    from hpo.study import run_study
 
     small = {"n_trials": 2, "train.num_train_epochs": 1, "data.max_train_rows": 32, "data.max_eval_rows": 32,
              "storage": f"sqlite:///{tmp_path / 'study.db'}", "output_dir": str(tmp_path / "outputs")}

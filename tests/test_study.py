@@ -16,8 +16,9 @@ import pytest
 from optuna.trial import TrialState
 from rich.console import Console
 
-from hpo import load_study, run_study
-from hpo.trial import prepare
+from hpo import load_study
+from hpo.study import run_study
+from hpo.workbench import prepare
 
 quiet = Console(quiet=True)
 
@@ -101,7 +102,7 @@ def test_pruner_prunes(write_study):
 
 
 def test_median_pruner_prunes_a_bad_trial(write_study):
-    from hpo.study import open_study
+    from hpo.storage import open_study
 
     path = write_study(n_trials=2, pruner={"name": "median", "n_startup_trials": 1},
                        search_space={"learning_rate": {"type": "categorical", "choices": [3e-3, 1e-9]}})
@@ -137,7 +138,7 @@ def broken_weights(tiny_model, folder):
 
 def test_failure_is_recorded_with_its_cause_and_the_study_goes_on(write_study, tiny_model, tmp_path):
     path = write_study(n_trials=1, max_failures_in_a_row=2, model=str(broken_weights(tiny_model, tmp_path / "m")))
-    from hpo.study import TrialsFailed
+    from hpo.errors import TrialsFailed
 
     with pytest.raises(TrialsFailed, match="2 trials failed in a row") as stopped:
         run_study(load_study(path), quiet)
@@ -149,7 +150,8 @@ def test_failure_is_recorded_with_its_cause_and_the_study_goes_on(write_study, t
 
 def test_dropout_reaches_the_model_config(write_study, tiny_model):
     from hpo.plan import make_plan
-    from hpo.trial import _build_model, prepare
+    from hpo.trial import _build_model
+    from hpo.workbench import prepare
 
     bench = prepare(load_study(write_study()))
     model, _ = _build_model(bench, make_plan(bench.cfg, {"dropout": 0.37}))
@@ -162,7 +164,7 @@ def test_every_failure_carries_its_cause(write_study):
     # The derive divides by zero only at a learning rate queued through Optuna (validation checks the file's
     # enqueue: entries, corners and random points): the trial fails at sampling, before training. It used
     # to end FAIL with no reason, printed "interrupted".
-    from hpo.study import open_study
+    from hpo.storage import open_study
 
     path = write_study(n_trials=1, search_space={
         "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
@@ -213,7 +215,7 @@ def test_a_run_stopped_by_failures_exits_non_zero(write_study, tiny_model, tmp_p
 def test_best_model_is_decided_after_values_are_stored(write_study):
     # Two workers each stage a model that beats the best stored so far. Whatever order their after-tell
     # steps run in, best_model/ ends up holding the study's best, and the loser's staged model is removed.
-    from hpo.study import _after_tell, _staged
+    from hpo.outputs import _staged, install_if_best
 
     for order in ("worse first", "better first"):
         cfg = load_study(write_study(study=order.replace(" ", "-")))
@@ -224,15 +226,15 @@ def test_best_model_is_decided_after_values_are_stored(write_study):
             (_staged(cfg, trial.number) / "hpo_trial.json").write_text(json.dumps({"trial": trial.number}))
         if order == "worse first":
             study.tell(worse, 0.5)
-            _after_tell(cfg, study, study.trials[worse.number])  # the better one still runs: its model stays staged
+            install_if_best(cfg, study, study.trials[worse.number])  # the better one still runs: its model stays staged
             assert _staged(cfg, better.number).exists()
             study.tell(better, 0.3)
-            _after_tell(cfg, study, study.trials[better.number])
+            install_if_best(cfg, study, study.trials[better.number])
         else:
             study.tell(better, 0.3)
             study.tell(worse, 0.5)
-            _after_tell(cfg, study, study.trials[worse.number])  # the worse one's step runs last
-            _after_tell(cfg, study, study.trials[better.number])
+            install_if_best(cfg, study, study.trials[worse.number])  # the worse one's step runs last
+            install_if_best(cfg, study, study.trials[better.number])
         saved = json.loads((cfg.output_path / "best_model" / "hpo_trial.json").read_text())
         assert saved["trial"] == study.best_trial.number == better.number, order
         assert not (cfg.output_path / ".staged").exists()
@@ -319,7 +321,7 @@ def test_a_dropped_storage_connection_does_not_fail_the_trial(write_study, fresh
 def test_a_run_that_only_rejects_samples_gives_up_and_says_so(write_study):
     # Only the highest learning rate meets the constraint: validation's corners find it feasible, random
     # samples never are. The run gives up after 100 rejections and raises, rather than exiting 0 with nothing.
-    from hpo.study import TrialsFailed
+    from hpo.errors import TrialsFailed
 
     path = write_study(n_trials=1, search_space={"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2}},
                        constraints=["learning_rate >= 0.01"])
@@ -336,7 +338,7 @@ def test_a_number_that_yaml_reads_as_text_trains_as_the_number(write_study):
 
 
 def test_a_diverged_trial_fails_whatever_the_objective(write_study):
-    from hpo.study import TrialsFailed
+    from hpo.errors import TrialsFailed
 
     # At a learning rate of 1e30 the weights become NaN; argmax over NaN logits still gives an "accuracy"
     # (the majority class), which was ranked, saved as best_model/ and exported by hpo best.

@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from hpo import load_study, run_study
-from hpo.report import add_scores, studies_frame, trials_frame, zscore
+from hpo import load_study
+from hpo.study import run_study
+from hpo.tables import add_scores, studies_frame, trials_frame, zscore
 
 quiet = Console(quiet=True)
 CHROMIUM = "/usr/bin/chromium"
@@ -197,7 +198,7 @@ def test_ties_and_diverged_values_rank_as_hpo_best_picks():
     import optuna
     from optuna.trial import create_trial
 
-    from hpo.best import best_trial
+    from hpo.storage import best_trial
 
     tied = optuna.create_study(direction="maximize")
     tied.set_user_attr("config", {"task": "sequence-classification", "objective": {"metric": "eval_accuracy"}})
@@ -222,7 +223,7 @@ def test_the_same_metric_of_two_tasks_is_not_compared():
     clf = _study("clf", "sequence-classification", "eval_loss", "minimize", [0.7, 0.6])
     trials = trials_frame([lm, clf])
     assert trials.groupby("study")["rank"].apply(sorted).to_dict() == {"clf": [1, 2], "lm": [1, 2]}
-    from hpo.report import by_group
+    from hpo.tables import by_group
 
     assert [label for label, _ in by_group(trials)] == [
         "task=causal-lm, metric=eval_loss, direction=minimize",
@@ -248,7 +249,7 @@ def test_pruned_trials_are_listed_unranked_unless_asked():
 def test_report_ranks_each_objective_apart(write_study, tmp_path):
     # Real studies: one minimizes eval_loss (a good trial, then one that cannot learn and is pruned),
     # one maximizes eval_f1_macro.
-    from hpo.study import open_study
+    from hpo.storage import open_study
 
     loss = write_study("loss.yaml", study="loss", n_trials=2, pruner={"name": "median", "n_startup_trials": 1},
                        search_space={"learning_rate": {"type": "categorical", "choices": [3e-3, 1e-9]}})

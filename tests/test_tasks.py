@@ -9,8 +9,10 @@ from conftest import DATA, TINY_GPT2
 from rich.console import Console
 from transformers import BertTokenizerFast, EvalPrediction
 
-from hpo import load_study, run_study
-from hpo.data import IGNORE, load_examples, tokenize
+from hpo import load_study
+from hpo.study import run_study
+from hpo.data import load_examples
+from hpo.tokens import IGNORE, tokenize
 from hpo.metrics import _entity_metrics, macro_f1
 
 quiet = Console(quiet=True)
@@ -87,7 +89,7 @@ def test_prompt_response_pairs_put_the_loss_on_the_response(write_study, tiny_bp
     path = lm_study(write_study, tiny_bpe_tokenizer, train=str(DATA / "chat_train.jsonl"),
                     eval=str(DATA / "chat_eval.jsonl"), prompt_column="prompt", response_column="response")
     cfg = load_study(path)
-    from hpo.trial import prepare
+    from hpo.workbench import prepare
 
     bench = prepare(cfg)
     row = bench.train_rows[0]  # prompt "hello there", response "greeting"

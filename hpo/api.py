@@ -1,0 +1,184 @@
+"""hpo from Python: each command of the CLI is one call here.
+
+A study is a file path, a dict shaped like a study file, or a loaded :class:`~hpo.config.StudyConfig`.
+Calls raise :class:`~hpo.errors.ConfigError` for anything wrong with the study (every problem, each naming
+its key), print only through the ``console`` they are given, and leave the process's logging and warning
+settings as they found them.
+
+>>> import hpo
+>>> study = hpo.run("studies/quickstart.yaml", n_trials=8)  # doctest: +SKIP
+>>> trials, studies = hpo.report(["studies/quickstart.yaml"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from hpo.config import StudyConfig, load_study
+from hpo.errors import ConfigError, Problem, TrialsFailed
+
+if TYPE_CHECKING:
+    import optuna
+    import pandas as pd
+    from rich.console import Console
+
+Study = str | Path | Mapping[str, Any] | StudyConfig
+
+
+def load(study: Study, overrides: Mapping[str, Any] | None = None, env: str | None = None) -> StudyConfig:
+    """The study, validated: a ``StudyConfig`` as it is, a path or a dict through :func:`hpo.config.load_study`.
+
+    Raises:
+        ConfigError: every problem of the study file (or dict).
+    """
+    if isinstance(study, StudyConfig):
+        if overrides or env:
+            raise TypeError("overrides and env apply to a study file or dict, not to a loaded StudyConfig")
+        return study
+    return load_study(study, overrides, env)
+
+
+def validate(study: Study, overrides: Mapping[str, Any] | None = None, env: str | None = None) -> StudyConfig:
+    """Check a study without training: the file, its data (every row), the model and the training settings.
+
+    Returns the loaded study. Raises:
+        ConfigError: every problem found, each naming its file, line and key (or data file and row).
+    """
+    cfg = load(study, overrides, env)
+    examples = _examples(cfg)
+    from hpo.workbench import prepare
+
+    prepare(cfg, examples)
+    return cfg
+
+
+def run(study: Study, n_trials: int | None = None, *, overrides: Mapping[str, Any] | None = None,
+        env: str | None = None, timeout: float | None = None, storage: str | None = None,
+        workers: int | None = None, gpus: str | Sequence[str] | None = None, allow_changes: bool = False,
+        console: Console | None = None) -> optuna.Study:
+    """Create or resume the study and run trials until it holds ``n_trials`` finished ones; returns it.
+
+    ``workers`` processes share the study on this machine (default: one per GPU in ``gpus``, else 1);
+    ``gpus`` (``"0,1"`` or a list) spreads them round robin. ``allow_changes`` records a study file that
+    changed what its trials mean as a new revision instead of refusing it (see :mod:`hpo.revisions`).
+
+    Raises:
+        ConfigError: the study, its data, model or storage is wrong, or it changed without ``allow_changes``.
+        ValueError: ``gpus`` names no GPU (see :func:`parse_gpus`).
+        TrialsFailed: the run stopped on ``max_failures_in_a_row`` failed (or 100 rejected) trials in a row.
+    """
+    flags = {"n_trials": n_trials, "timeout": timeout, "storage": storage}
+    cfg = load(study, {**(overrides or {}), **{k: v for k, v in flags.items() if v is not None}}, env)
+    examples = _examples(cfg)  # before torch is imported: a broken data file fails in a second
+    from hpo.storage import load_existing
+    from hpo.study import run_study
+    from hpo.workbench import prepare
+    from hpo.workers import gpu_ids, run_workers
+
+    devices = parse_gpus(gpus)
+    n = workers or (len(devices) if devices else 1)
+    bench = prepare(cfg, examples)
+    if n == 1 and gpus is None:
+        return run_study(cfg, console, bench=bench, allow_changes=allow_changes)
+    code = run_workers(cfg, n, devices if gpus is not None else gpu_ids(), console, bench=bench,
+                       allow_changes=allow_changes)
+    study_ = load_existing(cfg)
+    if code:
+        raise TrialsFailed("a worker stopped on failed trials (its lines above say why)", study_)
+    return study_
+
+
+def parse_gpus(gpus: str | Sequence[str] | None) -> list[str]:
+    """GPU indexes or UUIDs: ``"0, 1"`` → ``["0", "1"]``; None → ``[]``.
+
+    Raises:
+        ValueError: one that is neither an index nor a ``GPU-``/``MIG-`` UUID, or none at all.
+    """
+    if gpus is None:
+        return []
+    ids = [str(g).strip() for g in (gpus.split(",") if isinstance(gpus, str) else gpus) if str(g).strip()]
+    bad = next((g for g in ids if not re.fullmatch(r"\d+|(GPU|MIG)-[\w-]+", g)), None)
+    if bad is not None or not ids:
+        raise ValueError(f"{bad or gpus!r} is not a GPU index (0, 1, …) or UUID (GPU-…, MIG-…)")
+    return ids
+
+
+def _examples(cfg: StudyConfig):
+    from hpo.data import load_examples
+
+    return load_examples(cfg)
+
+
+class Report(NamedTuple):
+    trials: pd.DataFrame  # one row per trial: params, metrics, z-scores and rank within (task, metric, direction)
+    studies: pd.DataFrame  # one row per study: best, median, count/mean/std/min/max, steps spent and saved
+
+
+def report(studies: Sequence[Study], *, include_pruned: bool = False, csv: Path | None = None,
+           html: Path | None = None, env: str | None = None, storage: str | None = None) -> Report:
+    """Compare the trials of ``studies`` on Z-scores within each task, metric and direction.
+
+    ``include_pruned`` ranks pruned trials on their last intermediate value. With ``csv`` (the trials;
+    ``<stem>.studies.csv`` beside it) or ``html``, writes those files and puts the study table in each
+    study's dashboard note.
+
+    Raises:
+        ConfigError: a study that does not exist yet, or one named twice (its trials would count twice).
+    """
+    from hpo import tables as rep
+    from hpo.dashboard import save_study_note
+    from hpo.storage import load_existing, resolved_config
+
+    cfgs = [load(s, {"storage": storage} if storage else None, env) for s in studies]
+    named = [(cfg.study, cfg.storage_label) for cfg in cfgs]
+    for cfg, key in zip(cfgs, named, strict=True):
+        if named.count(key) > 1:
+            raise ConfigError([Problem(str(cfg.file), None, "", "the same study is named twice")])
+    loaded = [load_existing(cfg) for cfg in cfgs]
+    trials = rep.trials_frame(loaded, include_pruned=include_pruned)
+    summary = rep.studies_frame(loaded, trials)
+    if csv is not None:
+        rep.write_csv(trials, summary, Path(csv))
+    if html is not None:
+        rep.write_html(loaded, trials, summary, Path(html))
+    if csv is not None or html is not None:
+        for cfg, study_ in zip(cfgs, loaded, strict=True):
+            save_study_note(study_, resolved_config(cfg), rep.markdown_table(summary, rep.SUMMARY_COLUMNS))
+    return Report(trials, summary)
+
+
+def best(study: Study, *, out: Path | None = None, env: str | None = None,
+         storage: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The best trial's configuration: (TrainingArguments kwargs, the rest: model, LoRA, knobs, data, trial).
+
+    With ``out``, also writes them as ``out`` and ``<stem>.model.json``.
+
+    Raises:
+        NoCompleteTrial: the study has no complete trial.
+        ConfigError: no such study, or the study file's settings differ from those the best trial ran under.
+    """
+    from hpo.export import best_config, write_config
+    from hpo.storage import load_existing
+
+    cfg = load(study, {"storage": storage} if storage else None, env)
+    args, rest = best_config(cfg, load_existing(cfg))
+    if out is not None:
+        write_config(args, rest, Path(out))
+    return args, rest
+
+
+def train(study: Study, *, all_data: bool = False, env: str | None = None, storage: str | None = None) -> Path:
+    """Retrain the best configuration (on train + eval with ``all_data``); returns ``<outputs>/final_model``.
+
+    Raises:
+        NoCompleteTrial: the study has no complete trial.
+        ConfigError: no such study, or the study file changed since the best trial ran.
+    """
+    from hpo.export import train_best
+    from hpo.storage import load_existing
+
+    cfg = load(study, {"storage": storage} if storage else None, env)
+    return train_best(cfg, load_existing(cfg), all_data)

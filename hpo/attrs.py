@@ -1,0 +1,24 @@
+"""The names hpo stores on Optuna studies and trials (user attrs), defined once.
+
+The report, the dashboard and anyone reading the storage with Optuna see these keys; a trial's
+measurements (``train_seconds``, ``eval_accuracy``, …) are stored under their own names beside them.
+"""
+
+# Trial user attrs
+FAIL_REASON = "fail_reason"  # "Type: message" of a FAIL; "interrupted" only after a signal
+FAIL_TRACEBACK = "fail_traceback"  # the last 4,000 characters of the traceback, secrets masked
+PRUNED_AT_STEP = "pruned_at_step"  # examples seen when the pruner stopped the trial
+DERIVED_PARAMS = "derived_params"  # the values of derive: entries, computed from the sampled ones
+REVISION = "revision"  # the revision of the study file the trial ran under (see hpo.revisions)
+SAVE_ERROR = "save_error"  # why a winning trial's model was not saved (its value is kept)
+REJECTED_BY_CONSTRAINT = "rejected_by_constraint"  # the constraints: entry the sampled values broke
+REJECTED_DUPLICATE = "rejected_duplicate"  # the finished trial whose parameters it repeated
+REJECTED_ENQUEUED = "rejected_enqueued"  # queued parameters outside the search space
+REJECTIONS = (REJECTED_BY_CONSTRAINT, REJECTED_DUPLICATE, REJECTED_ENQUEUED)  # a FAIL before training
+RETRY_OF = "retry_of"  # the interrupted trial whose parameters a queued trial reruns
+WORKER = "worker"  # host, pid and CUDA_VISIBLE_DEVICES of the process that ran it
+
+# Study user attrs
+CONFIG = "config"  # the resolved study file of the latest revision
+FINGERPRINT = "fingerprint"  # what makes the trials comparable, as of the latest revision
+REVISIONS = "revisions"  # [{"revision", "time", "changes", "fingerprint"}], oldest first

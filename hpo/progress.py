@@ -1,0 +1,113 @@
+"""What a run prints: a line per finished trial, the running trial's last evaluation, and the summary."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+from rich.markup import escape
+
+from hpo.attrs import FAIL_REASON, REJECTED_BY_CONSTRAINT, REJECTED_DUPLICATE, REJECTED_ENQUEUED, SAVE_ERROR
+from hpo.config import StudyConfig
+from hpo.outputs import saved_trial
+from hpo.revisions import current_revision, trial_revision
+from hpo.storage import best_trial
+
+
+class Progress:
+    """One line per finished trial, and the running trial's last evaluation."""
+
+    def __init__(self, console: Console, cfg: StudyConfig, worker: int | None = None):
+        self.console, self.metric, self.masked = console, cfg.objective.metric, cfg.masked
+        self.prefix = "" if worker is None else f"w{worker}: "
+        self.waiting_for = 0  # trials running elsewhere that this worker last said it waits for
+        self.best = ""  # " (best so far 0.1234)" once a trial completed
+        # Several workers share one terminal: a live status line each would overwrite the others'.
+        self.status = console.status("") if worker is None else None
+        self.number = -1
+
+    def print(self, line: str) -> None:
+        self.console.print(self.masked(self.prefix + line))
+
+    def trial_start(self, number: int, params: dict[str, Any]) -> None:
+        self.number, self.waiting_for = number, 0
+        if self.status:
+            self.status.start()
+            self.status.update(f"trial {number}: training…")
+
+    def evaluated(self, step: int, value: float) -> None:
+        if self.status:
+            self.status.update(f"trial {self.number}: {self.metric} {value:.4f} after {step} examples{self.best}")
+
+    def waiting(self, running: int) -> None:
+        if running != self.waiting_for:
+            self.print(f"[dim]waiting for {running} trial(s) running on other workers[/]")
+            self.waiting_for = running
+
+    def stopping(self, why: str) -> None:
+        self.print(f"[red]stopping: {why}[/]")
+
+    def trial_done(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self.status:
+            self.status.stop()
+        if why := _rejection(trial.user_attrs):
+            self.print(f"trial {trial.number:3d} [dim]rejected before training: {why}[/]")
+            return
+        counts = {s: 0 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+        for t in study.get_trials(deepcopy=False, states=tuple(counts)):
+            counts[t.state] += 1
+        tally = f"[dim]{counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, {counts[TrialState.FAIL]} failed[/]"
+        secs = trial.user_attrs.get("train_seconds", 0)
+        params = _fmt_params(trial.params)
+        if trial.state == TrialState.COMPLETE:
+            best = " [green]★ best[/]" if best_trial(study).number == trial.number else ""
+            self.print(f"trial {trial.number:3d} [green]complete[/] {self.metric}={trial.value:.4f}{best} "
+                       f"({secs:.0f}s)  {tally}\n{' ' * len(self.prefix)}    [dim]{params}[/]")
+        elif trial.state == TrialState.PRUNED:
+            at = trial.user_attrs.get("pruned_at_step", "?")
+            self.print(f"trial {trial.number:3d} [yellow]pruned[/] at {at} examples ({secs:.0f}s)  {tally}\n"
+                       f"{' ' * len(self.prefix)}    [dim]{params}[/]")
+        else:
+            reason = escape(trial.user_attrs.get(FAIL_REASON, "no reason recorded"))
+            self.print(f"trial {trial.number:3d} [red]failed[/]: {reason}  {tally}")
+        if SAVE_ERROR in trial.user_attrs:
+            self.print(f"    [yellow]warning[/]: {escape(trial.user_attrs[SAVE_ERROR])}")
+        if trial.state == TrialState.COMPLETE:
+            self.best = f" (best so far {study.best_value:.4f})"
+
+
+def _rejection(attrs: dict[str, Any]) -> str:
+    if REJECTED_BY_CONSTRAINT in attrs:
+        return f"{escape(attrs[REJECTED_BY_CONSTRAINT])} is false"
+    if REJECTED_DUPLICATE in attrs:
+        return f"repeats trial {attrs[REJECTED_DUPLICATE]}"
+    if REJECTED_ENQUEUED in attrs:
+        return f"queued with {escape(attrs[REJECTED_ENQUEUED])}, outside the search space"
+    return ""
+
+
+def _fmt_params(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def print_summary(console: Console, cfg: StudyConfig, study: optuna.Study) -> None:
+    try:
+        best = best_trial(study)
+    except ValueError:
+        console.print("[red]no trial completed[/]")
+        return
+    under = f" (revision {trial_revision(best)})" if current_revision(study) else ""
+    console.print(f"\n[bold]best[/] trial {best.number}{under}: {cfg.objective.metric}={best.value:.4f}")
+    console.print(json.dumps(best.params, indent=2))
+    saved = saved_trial(cfg)
+    if saved != best.number:
+        why = escape(best.user_attrs.get(SAVE_ERROR, "it was not saved by this run"))
+        held = f"holds trial {saved}'s model" if saved is not None else "is empty"
+        console.print(f"[yellow]warning[/]: best_model/ {held}, not trial {best.number}'s: {why}")
+    env = f" --env {cfg.environment}" if cfg.environment else ""  # the study's name and storage may depend on it
+    console.print(cfg.masked(f"storage:    {cfg.storage_label}\noutputs:    {cfg.output_path}\n"
+                             f"dashboard:  hpo dashboard {cfg.file}{env}\n"
+                             f"tensorboard: tensorboard --logdir {cfg.output_path / 'tensorboard'}"), markup=False)
