@@ -29,7 +29,7 @@ def synthetic_study(n: int, seed: int = 0) -> optuna.Study:
     study = optuna.create_study(study_name="synthetic", direction="minimize")
     study.set_user_attr("config", {"objective": {"metric": "eval_loss"}})
     trials = []
-    for i in range(n):
+    for _i in range(n):
         lr = float(np.exp(rng.uniform(np.log(1e-5), np.log(1e-3))))
         loss = abs(np.log10(lr) + 3.7) + rng.normal(0, 0.05) + 0.05
         pruned = rng.random() < 0.3

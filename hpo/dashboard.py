@@ -17,6 +17,7 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from hpo.config import StudyConfig
 
+
 def exposed(host: str) -> bool:
     """Whether binding ``host`` reaches beyond this machine (anything but a loopback address)."""
     if host == "localhost":

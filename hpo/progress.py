@@ -56,7 +56,7 @@ class Progress:
         if why := _rejection(trial.user_attrs):
             self.print(f"trial {trial.number:3d} [dim]rejected before training: {why}[/]")
             return
-        counts = {s: 0 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+        counts = dict.fromkeys((TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL), 0)
         for t in study.get_trials(deepcopy=False, states=tuple(counts)):
             counts[t.state] += 1
         tally = f"[dim]{counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, {counts[TrialState.FAIL]} failed[/]"

@@ -8,19 +8,19 @@ import inspect
 import math
 import typing
 import warnings
-from decimal import Decimal
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
 import optuna
-from pydantic import TypeAdapter, ValidationError
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
     FloatDistribution,
     IntDistribution,
 )
+from pydantic import TypeAdapter, ValidationError
 
 SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
     "tpe": optuna.samplers.TPESampler,

@@ -32,8 +32,8 @@ from hpo.attrs import (
     WORKER,
 )
 from hpo.config import StudyConfig
-from hpo.errors import TrialsFailed
 from hpo.dashboard import artifact_store, upload_json
+from hpo.errors import TrialsFailed
 from hpo.plan import make_plan
 from hpo.progress import Progress, print_summary
 from hpo.storage import FINISHED, count_finished, open_study, storage_error

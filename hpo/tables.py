@@ -35,8 +35,8 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from hpo.storage import best_trial
 from hpo.attrs import CONFIG, DERIVED_PARAMS, PRUNED_AT_STEP, REVISION
+from hpo.storage import best_trial
 from hpo.tasks import HIGHER_IS_BETTER
 
 #: Task metrics that count toward ``score`` (precision and recall are in F1 already; the loss is the objective's or

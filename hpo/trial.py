@@ -32,11 +32,11 @@ from transformers.integrations import TensorBoardCallback
 
 from hpo import knobs, metrics
 from hpo.attrs import PRUNED_AT_STEP
-from hpo.tokens import IGNORE
 from hpo.metrics import PerplexityCallback
 from hpo.plan import TrialPlan
 from hpo.pruning import PruningCallback
 from hpo.tasks import TASKS, Task
+from hpo.tokens import IGNORE
 from hpo.workbench import Workbench, quiet
 
 #: Config fields that the searchable ``dropout`` sets, across architectures.
@@ -58,7 +58,7 @@ LOGGING_STEPS = 10  # optimizer steps between train-loss/learning-rate/grad-norm
 
 
 
-def device_settings(settings: Mapping[str, Any] = {}) -> dict[str, Any]:  # noqa: B006 - read only
+def device_settings(settings: Mapping[str, Any] = {}) -> dict[str, Any]:
     """TrainingArguments for the best precision here: CUDA bf16, else CUDA fp16, else CPU fp32."""
     cuda = torch.cuda.is_available()
     return precision(settings, cuda, cuda and torch.cuda.is_bf16_supported())

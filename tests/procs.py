@@ -41,7 +41,7 @@ def wait_for_running(storage, name="tiny", timeout=WAIT_S, n=1) -> optuna.Study:
     def training():
         try:
             study = optuna.load_study(study_name=name, storage=storage)
-        except Exception:  # no storage or study yet
+        except Exception:  # noqa: BLE001 - no storage or study yet: keep waiting
             return None
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         return study if sum(bool(t.intermediate_values) for t in running) >= n else None

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -138,11 +140,11 @@ def test_data_checks_run_before_training(write_study, tmp_path):
     from tests.conftest import DATA
 
     cfg = load_study(write_study(data={"train": str(DATA / "train.csv"), "eval": str(bad)}))
-    with pytest.raises(ConfigError, match="data.eval: eval labels not in train: 'unseen_label'"):
+    with pytest.raises(ConfigError, match=re.escape("data.eval: eval labels not in train: 'unseen_label'")):
         prepare(cfg)
     cfg = load_study(write_study(data={"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"),
                                        "text_column": "sentence"}))
-    with pytest.raises(ConfigError, match="data.text_column: column 'sentence' not in train.csv"):
+    with pytest.raises(ConfigError, match=re.escape("data.text_column: column 'sentence' not in train.csv")):
         prepare(cfg)
 
 

@@ -10,6 +10,7 @@ import random
 import sys
 import textwrap
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 import pytest
@@ -240,7 +241,7 @@ def spying(cls):
     """``cls`` (a real tokenizer class) that also records the longest text and word list each call was given."""
 
     class Spy(cls):
-        seen: list[int] = []
+        seen: ClassVar[list[int]] = []
 
         def __call__(self, text, *args, **kwargs):
             texts = [text] if isinstance(text, str) else text

@@ -12,6 +12,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from hpo.samplers import MAX_GRID_POINTS, _grid_size, _grid_values, make_sampler
 
+
 def suggest(trial, name, d):
     if isinstance(d, CategoricalDistribution):
         return trial.suggest_categorical(name, d.choices)

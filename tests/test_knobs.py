@@ -8,8 +8,8 @@ from rich.console import Console
 from transformers import AutoModelForSequenceClassification
 
 from hpo import ConfigError, load_study
-from hpo.study import run_study
 from hpo.knobs import Knobs, head_modules, init_heads, split
+from hpo.study import run_study
 
 quiet = Console(quiet=True)
 FIXED = {"per_device_train_batch_size": {"type": "categorical", "choices": [4]}}  # 48 rows: 12 steps per epoch
@@ -91,9 +91,9 @@ def test_split():
     ({"lr_gamma": 2}, "train.lr_gamma", "less than or equal to 1"),
 ])
 def test_bad_knobs_fail_before_any_trial(write_study, train, key, message):
-    with pytest.raises(ConfigError) as e:
-        from hpo.workbench import prepare
+    from hpo.workbench import prepare
 
+    with pytest.raises(ConfigError) as e:
         prepare(load_study(write_study(train=train)))
     (problem,) = e.value.problems
     assert problem.key == key and message in problem.message

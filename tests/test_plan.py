@@ -6,8 +6,8 @@ from conftest import DATA, study_dict
 from rich.console import Console
 
 from hpo import api
-from hpo.export import best_config
 from hpo.config import StudyConfig, load_study
+from hpo.export import best_config
 from hpo.plan import make_plan
 
 

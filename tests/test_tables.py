@@ -91,7 +91,7 @@ def test_html_report_renders_offline_in_chromium(two_studies, tmp_path):
         pytest.skip("Debian chromium is not installed")
     from playwright.sync_api import sync_playwright
 
-    folder, full, lora = two_studies
+    _folder, full, lora = two_studies
     page_path = tmp_path / "report.html"
     assert hpo("report", full, lora, "--html", page_path, "--csv", tmp_path / "t.csv").returncode == 0
     requests = []
@@ -113,13 +113,13 @@ def test_html_report_renders_offline_in_chromium(two_studies, tmp_path):
                 "Slices", "Optimization histories"]
     missing = [e for e in expected if not [t for t in titles if str(t).startswith(e)]]
     assert not missing, titles
-    assert all(url.startswith("file:") or url.startswith("data:") for url in requests), requests
+    assert all(url.startswith(("file:", "data:")) for url in requests), requests
 
 
 def test_best_json_loads_into_training_arguments(two_studies, tmp_path):
     from transformers import TrainingArguments
 
-    folder, full, lora = two_studies
+    _folder, _full, lora = two_studies
     result = hpo("best", lora, "-o", tmp_path / "best.json")
     assert result.returncode == 0, result.stderr
     args = TrainingArguments(**json.loads((tmp_path / "best.json").read_text()))
@@ -130,7 +130,7 @@ def test_best_json_loads_into_training_arguments(two_studies, tmp_path):
 
 
 def test_train_best_saves_model_and_card(two_studies):
-    folder, full, lora = two_studies
+    folder, full, _lora = two_studies
     result = hpo("train", full, "--best", "--all-data")
     assert result.returncode == 0, result.stderr
     final = folder / "outputs" / "full" / "final_model"

@@ -10,10 +10,10 @@ from rich.console import Console
 from transformers import BertTokenizerFast, EvalPrediction
 
 from hpo import load_study
-from hpo.study import run_study
 from hpo.data import load_examples
-from hpo.tokens import IGNORE, tokenize
 from hpo.metrics import _entity_metrics, macro_f1
+from hpo.study import run_study
+from hpo.tokens import IGNORE, tokenize
 
 quiet = Console(quiet=True)
 LR = {"learning_rate": {"type": "float", "low": 3e-3, "high": 3e-2, "log": True}}

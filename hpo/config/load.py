@@ -11,10 +11,9 @@ import yaml
 
 from hpo.config import validate
 from hpo.config.compose import overlay, read_layers
-from hpo.config.parse import parse_yaml
 from hpo.config.models import StudyConfig
+from hpo.config.parse import parse_yaml
 from hpo.errors import ConfigError, Problem, SourceMap
-
 
 #: How problems name a study given as a dict (``hpo.run({...})``): there is no file or line to point at.
 DICT = "<dict>"

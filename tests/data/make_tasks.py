@@ -35,7 +35,7 @@ def main() -> None:
     for name, rows in (("ner_train.jsonl", train), ("ner_eval.jsonl", dev)):
         (HERE / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     (HERE / "ner_eval.conll").write_text("-DOCSTART- O\n\n" + "".join(
-        "".join(f"{t} {g}\n" for t, g in zip(r["tokens"], r["tags"])) + "\n" for r in dev))
+        "".join(f"{t} {g}\n" for t, g in zip(r["tokens"], r["tags"], strict=False)) + "\n" for r in dev))
     for split in ("train", "eval"):  # causal-LM pairs: the reply is the intent
         with open(HERE / f"{split}.csv") as f:
             rows = [{"prompt": r["text"], "response": r["label"]} for r in csv.DictReader(f)]
