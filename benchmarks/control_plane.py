@@ -37,7 +37,9 @@ def main() -> None:
     print(f"{args.trials} no-op trials, TPE, SQLite, one worker; mean of {args.rounds} rounds")
     print("| loop | ms per trial | rounds | vs plain Optuna |\n|---|---|---|---|")
     for name, v in ms.items():
-        print(f"| {name} | {mean[name]:.1f} | {' '.join(f'{x:.1f}' for x in v)} | {mean[name] / mean['plain Optuna']:.2f} |")
+        print(
+            f"| {name} | {mean[name]:.1f} | {' '.join(f'{x:.1f}' for x in v)} | {mean[name] / mean['plain Optuna']:.2f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(mean))
 

@@ -26,21 +26,39 @@ DATA = ROOT / "studies" / "data" / "intents"
 
 
 def study_file(folder: Path, name: str, trials: int, lora: bool) -> Path:
-    model = {"config": {"architecture": "bert", "hidden_size": 256, "num_hidden_layers": 4,
-                        "num_attention_heads": 4, "intermediate_size": 1024},
-             "tokenizer": str(ROOT / "studies" / "data" / "chat" / "tokenizer")}
+    model = {
+        "config": {
+            "architecture": "bert",
+            "hidden_size": 256,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "intermediate_size": 1024,
+        },
+        "tokenizer": str(ROOT / "studies" / "data" / "chat" / "tokenizer"),
+    }
     if lora:
         model["lora"] = {"target_modules": ["query", "key", "value", "dense"]}
     path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({
-        "study": name, "model": model,
-        "data": {"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "max_length": 64},
-        "train": {"num_train_epochs": 1, "seed": 0}, "eval_every": 0.5,
-        "search_space": {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-                         "per_device_train_batch_size": {"type": "categorical", "choices": [16, 32]}},
-        "sampler": {"name": "random", "seed": 0}, "pruner": {"name": "none"}, "n_trials": trials,
-        "storage": f"sqlite:///{folder / 'cuda.db'}",
-    }, sort_keys=False))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "study": name,
+                "model": model,
+                "data": {"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "max_length": 64},
+                "train": {"num_train_epochs": 1, "seed": 0},
+                "eval_every": 0.5,
+                "search_space": {
+                    "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                    "per_device_train_batch_size": {"type": "categorical", "choices": [16, 32]},
+                },
+                "sampler": {"name": "random", "seed": 0},
+                "pruner": {"name": "none"},
+                "n_trials": trials,
+                "storage": f"sqlite:///{folder / 'cuda.db'}",
+            },
+            sort_keys=False,
+        )
+    )
     return path
 
 
@@ -75,29 +93,40 @@ def main() -> None:
             start = time.perf_counter()
             study = run_study(load_study(study_file(Path(tmp), name, args.trials, lora)), Console(quiet=True))
             out["runs"][name] = {
-                "baseline_bytes": baseline, "after_each_trial_bytes": list(after),
+                "baseline_bytes": baseline,
+                "after_each_trial_bytes": list(after),
                 "peak_mb": [t.user_attrs.get("peak_memory_mb") for t in study.trials],
-                "states": [t.state.name for t in study.trials], "seconds": time.perf_counter() - start}
+                "states": [t.state.name for t in study.trials],
+                "seconds": time.perf_counter() - start,
+            }
         # A fresh `hpo run --workers 2`: its GPU workers are spawned, each with its own CUDA context.
         path = study_file(Path(tmp), "workers", 4, False)
-        proc = subprocess.run([sys.executable, "-m", "hpo.cli", "run", str(path), "--workers", "2"],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "hpo.cli", "run", str(path), "--workers", "2"], capture_output=True, text=True
+        )
         import optuna
 
         study = optuna.load_study(study_name="workers", storage=f"sqlite:///{Path(tmp) / 'cuda.db'}")
-        out["workers"] = {"exit_code": proc.returncode, "states": [t.state.name for t in study.trials],
-                          "pids": sorted({t.user_attrs["worker"]["pid"] for t in study.trials if "worker" in t.user_attrs}),
-                          "peak_mb": [t.user_attrs.get("peak_memory_mb") for t in study.trials],
-                          "output": (proc.stdout + proc.stderr)[-2000:]}
+        out["workers"] = {
+            "exit_code": proc.returncode,
+            "states": [t.state.name for t in study.trials],
+            "pids": sorted({t.user_attrs["worker"]["pid"] for t in study.trials if "worker" in t.user_attrs}),
+            "peak_mb": [t.user_attrs.get("peak_memory_mb") for t in study.trials],
+            "output": (proc.stdout + proc.stderr)[-2000:],
+        }
     print(f"{out['device']}; hpo picked {out['precision']}")
     print("| run | allocated before trial 0 | after each trial's release | back to baseline | peak per trial, MB |")
     print("|---|---|---|---|---|")
     for name, r in out["runs"].items():
         back = all(b <= r["baseline_bytes"] for b in r["after_each_trial_bytes"])
-        print(f"| {name} | {r['baseline_bytes']} B | {' '.join(str(b) for b in r['after_each_trial_bytes'])} B | "
-              f"{'yes' if back else 'NO'} | {' '.join(str(p) for p in r['peak_mb'])} |")
-    print(f"--workers 2: exit {out['workers']['exit_code']}, trials {out['workers']['states']}, "
-          f"{len(out['workers']['pids'])} worker pids, peaks {out['workers']['peak_mb']} MB")
+        print(
+            f"| {name} | {r['baseline_bytes']} B | {' '.join(str(b) for b in r['after_each_trial_bytes'])} B | "
+            f"{'yes' if back else 'NO'} | {' '.join(str(p) for p in r['peak_mb'])} |"
+        )
+    print(
+        f"--workers 2: exit {out['workers']['exit_code']}, trials {out['workers']['states']}, "
+        f"{len(out['workers']['pids'])} worker pids, peaks {out['workers']['peak_mb']} MB"
+    )
     if out["workers"]["exit_code"]:
         print(out["workers"]["output"])
     if args.json:

@@ -59,16 +59,22 @@ def run_hpo(epochs: int, rows: int, folder: Path, workers: int = 1) -> float:
     from hpo.workers import run_workers
 
     study = {
-        "study": "same-work", "model": "sentence-transformers/all-MiniLM-L6-v2",
-        "data": {"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "max_length": 64,
-                 "max_train_rows": rows},
+        "study": "same-work",
+        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "data": {
+            "train": str(DATA / "train.csv"),
+            "eval": str(DATA / "eval.csv"),
+            "max_length": 64,
+            "max_train_rows": rows,
+        },
         "train": {"num_train_epochs": epochs, "seed": SEED},
         "eval_every": 1 / EVALS_PER_EPOCH,
         "search_space": {k: {"type": "categorical", "choices": v} for k, v in GRID.items()},
         # Enqueued, not a grid: workers pop queued trials atomically, while two GridSamplers starting at
         # once can pick the same point and leave another unrun.
         "enqueue": [dict(zip(GRID, values, strict=False)) for values in itertools.product(*GRID.values())],
-        "sampler": {"name": "random", "seed": SEED}, "pruner": {"name": "none"},
+        "sampler": {"name": "random", "seed": SEED},
+        "pruner": {"name": "none"},
         "n_trials": math.prod(len(v) for v in GRID.values()),
     }
     path = folder / "study.yaml"
@@ -99,18 +105,36 @@ def run_hf(epochs: int, rows: int, folder: Path) -> float:
     def model_init(trial):
         return AutoModelForSequenceClassification.from_pretrained(MODEL_DIR, num_labels=n_labels)
 
-    args = TrainingArguments(output_dir=str(folder / "hf"), num_train_epochs=epochs, seed=SEED,
-                             eval_strategy="steps", eval_steps=1 / (EVALS_PER_EPOCH * epochs),
-                             save_strategy="no", report_to="none", disable_tqdm=True, logging_strategy="no")
-    trainer = Trainer(model_init=model_init, args=args, train_dataset=train, eval_dataset=dev,
-                      data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
+    args = TrainingArguments(
+        output_dir=str(folder / "hf"),
+        num_train_epochs=epochs,
+        seed=SEED,
+        eval_strategy="steps",
+        eval_steps=1 / (EVALS_PER_EPOCH * epochs),
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        logging_strategy="no",
+    )
+    trainer = Trainer(
+        model_init=model_init,
+        args=args,
+        train_dataset=train,
+        eval_dataset=dev,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+    )
 
     def hp_space(trial):
         return {k: trial.suggest_categorical(k, v) for k, v in GRID.items()}
 
-    best = trainer.hyperparameter_search(direction="minimize", backend="optuna", hp_space=hp_space,
-                                         n_trials=math.prod(len(v) for v in GRID.values()),
-                                         sampler=optuna.samplers.GridSampler(GRID, seed=SEED))
+    best = trainer.hyperparameter_search(
+        direction="minimize",
+        backend="optuna",
+        hp_space=hp_space,
+        n_trials=math.prod(len(v) for v in GRID.values()),
+        sampler=optuna.samplers.GridSampler(GRID, seed=SEED),
+    )
     return best.objective
 
 
@@ -150,8 +174,10 @@ def run_loop(epochs: int, rows: int, folder: Path) -> float:
                 if step % every == 0 or step == steps:
                     model.eval()
                     with torch.inference_mode():
-                        losses = [model(**b).loss.item() * len(b["labels"])
-                                  for b in DataLoader(dev, batch_size=64, collate_fn=collate)]
+                        losses = [
+                            model(**b).loss.item() * len(b["labels"])
+                            for b in DataLoader(dev, batch_size=64, collate_fn=collate)
+                        ]
                     loss = sum(losses) / len(dev)
         best = min(best, loss)
     return best
@@ -178,18 +204,26 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in RUNNERS}
     for _ in range(args.repeats):
         for name in RUNNERS:
-            out = subprocess.run([sys.executable, __file__, "--runner", name, "--epochs", str(args.epochs),
-                                  "--rows", str(args.rows)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--runner", name, "--epochs", str(args.epochs), "--rows", str(args.rows)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     seconds = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()}
     configs = math.prod(len(v) for v in GRID.values())
-    print(f"{configs} configurations x {args.epochs} epoch(s) on {args.rows} rows, {EVALS_PER_EPOCH} evaluations "
-          f"per epoch; median of {args.repeats} runs each")
+    print(
+        f"{configs} configurations x {args.epochs} epoch(s) on {args.rows} rows, {EVALS_PER_EPOCH} evaluations "
+        f"per epoch; median of {args.repeats} runs each"
+    )
     print("| runner | wall s (median) | runs | vs hf | best eval_loss |\n|---|---|---|---|---|")
     for name, rs in runs.items():
         each = " ".join(f"{r['seconds']:.1f}" for r in rs)
-        print(f"| {name} | {seconds[name]:.1f} | {each} "
-              f"| {seconds[name] / seconds['hf']:.2f} | {rs[0]['best_eval_loss']:.4f} |")
+        print(
+            f"| {name} | {seconds[name]:.1f} | {each} "
+            f"| {seconds[name] / seconds['hf']:.2f} | {rs[0]['best_eval_loss']:.4f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps({"seconds": seconds, "runs": runs}))
 

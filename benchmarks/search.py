@@ -58,19 +58,40 @@ def run_seed(seed: int, trials: int, rows: int, folder: Path) -> dict:
     out = {}
     for arm, (sampler, pruner, n) in ARMS.items():
         path = folder / f"{arm.replace(' ', '_').replace('+', '_')}-{seed}.yaml"
-        path.write_text(yaml.safe_dump({
-            "study": path.stem, "model": "sentence-transformers/all-MiniLM-L6-v2",
-            "data": {"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "max_length": 64,
-                     "max_train_rows": rows},
-            "train": {"num_train_epochs": EPOCHS, "seed": seed}, "eval_every": 0.5,
-            "search_space": space, "enqueue": [rule] if n == 1 else [],
-            "sampler": {**sampler, "seed": seed}, "pruner": pruner, "n_trials": n or trials,
-            "storage": f"sqlite:///{folder / 'search.db'}",
-        }, sort_keys=False))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "study": path.stem,
+                    "model": "sentence-transformers/all-MiniLM-L6-v2",
+                    "data": {
+                        "train": str(DATA / "train.csv"),
+                        "eval": str(DATA / "eval.csv"),
+                        "max_length": 64,
+                        "max_train_rows": rows,
+                    },
+                    "train": {"num_train_epochs": EPOCHS, "seed": seed},
+                    "eval_every": 0.5,
+                    "search_space": space,
+                    "enqueue": [rule] if n == 1 else [],
+                    "sampler": {**sampler, "seed": seed},
+                    "pruner": pruner,
+                    "n_trials": n or trials,
+                    "storage": f"sqlite:///{folder / 'search.db'}",
+                },
+                sort_keys=False,
+            )
+        )
         study = run_study(load_study(path), Console(quiet=True))
-        out[arm] = [{"value": t.value, "steps": t.user_attrs.get("optimizer_steps", 0), "state": t.state.name,
-                     "accuracy": t.user_attrs.get("eval_accuracy")}
-                    for t in sorted(study.trials, key=lambda t: t.number) if t.state != TrialState.FAIL]
+        out[arm] = [
+            {
+                "value": t.value,
+                "steps": t.user_attrs.get("optimizer_steps", 0),
+                "state": t.state.name,
+                "accuracy": t.user_attrs.get("eval_accuracy"),
+            }
+            for t in sorted(study.trials, key=lambda t: t.number)
+            if t.state != TrialState.FAIL
+        ]
     return out
 
 
@@ -90,8 +111,11 @@ def best(trials: list[dict]) -> dict:
 
 def summarize(runs: dict[int, dict]) -> tuple[list[str], dict]:
     """The table's lines, and its numbers: per seed, the pruning shares and each runner's best."""
-    lines = ["| seed | rule of thumb | random | tpe | tpe+median | pruned steps to within 2% of tpe's best "
-             "/ tpe's total steps | / tpe's steps to within 2% of its own best |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| seed | rule of thumb | random | tpe | tpe+median | pruned steps to within 2% of tpe's best "
+        "/ tpe's total steps | / tpe's steps to within 2% of its own best |",
+        "|---|---|---|---|---|---|---|",
+    ]
     numbers = {"pruning_shares": [], "pruning_shares_own": [], "best": {arm: [] for arm in ARMS}}
     for seed, arms in runs.items():
         unpruned = arms["tpe"]
@@ -104,9 +128,13 @@ def summarize(runs: dict[int, dict]) -> tuple[list[str], dict]:
         for arm in ARMS:
             numbers["best"][arm].append(best(arms[arm])["value"])
         cells = [f"{best(arms[a])['value']:.4f}" for a in ("rule of thumb", "random", "tpe", "tpe+median")]
-        lines.append(f"| {seed} | {' | '.join(cells)} | "
-                     + (f"{reached} / {total} = {reached / total:.0%}" if reached else f"never / {total}") + " | "
-                     + (f"{reached} / {own} = {reached / own:.0%}" if reached else "never") + " |")
+        lines.append(
+            f"| {seed} | {' | '.join(cells)} | "
+            + (f"{reached} / {total} = {reached / total:.0%}" if reached else f"never / {total}")
+            + " | "
+            + (f"{reached} / {own} = {reached / own:.0%}" if reached else "never")
+            + " |"
+        )
 
     def mean(arm):
         values = numbers["best"][arm]
@@ -116,8 +144,10 @@ def summarize(runs: dict[int, dict]) -> tuple[list[str], dict]:
         hit = [v for v in values if v is not None]
         return f"{statistics.median(hit):.0%} (reached in {len(hit)}/{len(values)} seeds)" if hit else "never reached"
 
-    lines.append(f"| mean ± sd | {mean('rule of thumb')} | {mean('random')} | {mean('tpe')} | {mean('tpe+median')} "
-                 f"| median {median_share(numbers['pruning_shares'])} | median {median_share(numbers['pruning_shares_own'])} |")
+    lines.append(
+        f"| mean ± sd | {mean('rule of thumb')} | {mean('random')} | {mean('tpe')} | {mean('tpe+median')} "
+        f"| median {median_share(numbers['pruning_shares'])} | median {median_share(numbers['pruning_shares_own'])} |"
+    )
     return lines, numbers
 
 
@@ -136,17 +166,22 @@ def main() -> None:
         return
 
     def one(seed: int) -> dict:
-        out = subprocess.run([sys.executable, __file__, "--seed", str(seed), "--trials", str(args.trials),
-                              "--rows", str(args.rows)], capture_output=True, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        out = subprocess.run(
+            [sys.executable, __file__, "--seed", str(seed), "--trials", str(args.trials), "--rows", str(args.rows)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         if out.returncode:
             raise SystemExit(f"seed {seed} failed:\n{out.stderr[-3000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     with ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
         runs = dict(zip(range(args.seeds), pool.map(one, range(args.seeds)), strict=False))
-    print(f"best eval_loss per runner: MiniLM, {args.rows} rows x {EPOCHS} epochs, {args.trials} trials per search "
-          f"(rule of thumb: 1 run), {args.seeds} seeds")
+    print(
+        f"best eval_loss per runner: MiniLM, {args.rows} rows x {EPOCHS} epochs, {args.trials} trials per search "
+        f"(rule of thumb: 1 run), {args.seeds} seeds"
+    )
     lines, numbers = summarize(runs)
     print("\n".join(lines))
     if args.json:

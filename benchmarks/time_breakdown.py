@@ -62,15 +62,30 @@ def main() -> None:
     timed(torch.nn.Module, "zero_grad", "optimizer step, gradient clipping and zeroing")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "breakdown.yaml"
-        path.write_text(yaml.safe_dump({
-            "study": "breakdown", "model": "sentence-transformers/all-MiniLM-L6-v2",
-            "data": {"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "max_length": 64,
-                     "max_train_rows": args.rows},
-            "train": {"num_train_epochs": 1, "seed": 42}, "eval_every": 0.25,
-            "search_space": {"learning_rate": {"type": "float", "low": 2e-5, "high": 2e-4, "log": True},
-                             "per_device_train_batch_size": {"type": "categorical", "choices": [16, 32]}},
-            "sampler": {"name": "random", "seed": 0}, "pruner": {"name": "none"}, "n_trials": args.trials,
-        }, sort_keys=False))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "study": "breakdown",
+                    "model": "sentence-transformers/all-MiniLM-L6-v2",
+                    "data": {
+                        "train": str(DATA / "train.csv"),
+                        "eval": str(DATA / "eval.csv"),
+                        "max_length": 64,
+                        "max_train_rows": args.rows,
+                    },
+                    "train": {"num_train_epochs": 1, "seed": 42},
+                    "eval_every": 0.25,
+                    "search_space": {
+                        "learning_rate": {"type": "float", "low": 2e-5, "high": 2e-4, "log": True},
+                        "per_device_train_batch_size": {"type": "categorical", "choices": [16, 32]},
+                    },
+                    "sampler": {"name": "random", "seed": 0},
+                    "pruner": {"name": "none"},
+                    "n_trials": args.trials,
+                },
+                sort_keys=False,
+            )
+        )
         begin = time.perf_counter()
         run_study(load_study(path), Console(quiet=True))
         wall = time.perf_counter() - begin

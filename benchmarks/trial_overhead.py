@@ -37,15 +37,28 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "overhead.yaml"
-        path.write_text(yaml.safe_dump({
-            "study": "overhead", "model": "sentence-transformers/all-MiniLM-L6-v2",
-            "data": {"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "max_length": 64,
-                     "max_train_rows": 64, "max_eval_rows": 32},
-            "train": {"num_train_epochs": 1, "per_device_train_batch_size": 16, "seed": 0},
-            "eval_every": 1.0,
-            "search_space": {"learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True}},
-            "sampler": {"name": "random", "seed": 0}, "pruner": {"name": "none"}, "n_trials": args.trials,
-        }, sort_keys=False))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "study": "overhead",
+                    "model": "sentence-transformers/all-MiniLM-L6-v2",
+                    "data": {
+                        "train": str(DATA / "train.csv"),
+                        "eval": str(DATA / "eval.csv"),
+                        "max_length": 64,
+                        "max_train_rows": 64,
+                        "max_eval_rows": 32,
+                    },
+                    "train": {"num_train_epochs": 1, "per_device_train_batch_size": 16, "seed": 0},
+                    "eval_every": 1.0,
+                    "search_space": {"learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True}},
+                    "sampler": {"name": "random", "seed": 0},
+                    "pruner": {"name": "none"},
+                    "n_trials": args.trials,
+                },
+                sort_keys=False,
+            )
+        )
         start = time.perf_counter()
         study = run_study(load_study(path), Console(quiet=True))
         wall = time.perf_counter() - start
@@ -58,7 +71,9 @@ def main() -> None:
     print("| measure | value | target |\n|---|---|---|")
     print(f"| seconds to first step, trial 0 | {first[0]:.2f} | |")
     print(f"| seconds to first step, later trials (median; max) | {later:.2f}; {max(first[1:]):.2f} | <= 0.5 |")
-    print(f"| RSS after trial 0 -> after trial {len(trials) - 1} | {rss[0]:.0f} MB -> {rss[-1]:.0f} MB ({growth:+.1%}) | <= +10% |")
+    print(
+        f"| RSS after trial 0 -> after trial {len(trials) - 1} | {rss[0]:.0f} MB -> {rss[-1]:.0f} MB ({growth:+.1%}) | <= +10% |"
+    )
     print(f"| RSS after each trial, MB | {' '.join(f'{r:.0f}' for r in rss)} | |")
     if args.json:
         args.json.write_text(json.dumps({"first_step": first, "rss_mb": rss, "wall": wall}))

@@ -40,8 +40,11 @@ def tiny_study(folder: Path) -> Path:
     """The tests' tiny BERT and data, as a study file in ``folder``."""
     from conftest import build_tiny_bert, study_dict
 
-    study = study_dict(build_tiny_bert(folder / "tiny-bert"), train={"num_train_epochs": 1, "seed": 0},
-                       sampler={"name": "tpe", "seed": 0})
+    study = study_dict(
+        build_tiny_bert(folder / "tiny-bert"),
+        train={"num_train_epochs": 1, "seed": 0},
+        sampler={"name": "tpe", "seed": 0},
+    )
     path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     return path
@@ -64,8 +67,12 @@ def _noop_worker(path: str, overrides: dict, k: int, plain: bool, ready, out) ->
 
     errors = 0
     if plain:
-        study = optuna.create_study(storage=cfg.storage_url, study_name=cfg.study, load_if_exists=True,
-                                    sampler=optuna.samplers.TPESampler(seed=k))
+        study = optuna.create_study(
+            storage=cfg.storage_url,
+            study_name=cfg.study,
+            load_if_exists=True,
+            sampler=optuna.samplers.TPESampler(seed=k),
+        )
     else:
         study = open_study(cfg, worker=k)
     ready.wait()
@@ -73,8 +80,9 @@ def _noop_worker(path: str, overrides: dict, k: int, plain: bool, ready, out) ->
         if plain:
             study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials)])
         else:
-            _optimize(study, objective, Progress(Console(quiet=True), cfg, worker=k),
-                      StopRule(cfg.max_failures_in_a_row), cfg)
+            _optimize(
+                study, objective, Progress(Console(quiet=True), cfg, worker=k), StopRule(cfg.max_failures_in_a_row), cfg
+            )
     except Exception:  # noqa: BLE001 - "database is locked" ends a plain-optuna worker: counted, not raised
         errors = 1
     out.put(errors)
@@ -85,8 +93,9 @@ def noop(path: Path, storage: str, n_workers: int, n_trials: int, plain: bool = 
     ready, out = ctx.Barrier(n_workers + 1), ctx.Queue()
     name = f"noop-{uuid.uuid4().hex[:8]}"
     overrides = {"storage": storage, "study": name, "n_trials": n_trials}
-    procs = [ctx.Process(target=_noop_worker, args=(str(path), overrides, k, plain, ready, out))
-             for k in range(n_workers)]
+    procs = [
+        ctx.Process(target=_noop_worker, args=(str(path), overrides, k, plain, ready, out)) for k in range(n_workers)
+    ]
     for p in procs:
         p.start()
     ready.wait()
@@ -95,16 +104,34 @@ def noop(path: Path, storage: str, n_workers: int, n_trials: int, plain: bool = 
     seconds = time.perf_counter() - t0
     for p in procs:
         p.join()
-    return {"seconds": seconds, "trials/s": n_trials / seconds, "crashed workers": crashed,
-            **_accounting(storage, name, n_trials)}
+    return {
+        "seconds": seconds,
+        "trials/s": n_trials / seconds,
+        "crashed workers": crashed,
+        **_accounting(storage, name, n_trials),
+    }
 
 
 def fine_tune(path: Path, storage: str, n_workers: int, n_trials: int) -> dict:
     name = f"tiny-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "hpo.cli", "run", str(path), "--workers", str(n_workers),
-                           "--storage", storage, f"study={name}", f"n_trials={n_trials}"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hpo.cli",
+            "run",
+            str(path),
+            "--workers",
+            str(n_workers),
+            "--storage",
+            storage,
+            f"study={name}",
+            f"n_trials={n_trials}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(proc.stdout + proc.stderr)
@@ -118,8 +145,12 @@ def _accounting(storage: str, name: str, n_trials: int) -> dict:
     trials = optuna.load_study(study_name=name, storage=storage).get_trials()
     states = [t.state for t in trials]
     finished = states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED)
-    return {"finished": finished, "failed": states.count(TrialState.FAIL),
-            "running": states.count(TrialState.RUNNING), "target": n_trials}
+    return {
+        "finished": finished,
+        "failed": states.count(TrialState.FAIL),
+        "running": states.count(TrialState.RUNNING),
+        "target": n_trials,
+    }
 
 
 def main() -> None:
@@ -140,24 +171,45 @@ def main() -> None:
         try:
             folder = Path(tmp)
             path = tiny_study(folder)
-            postgres = args.postgres.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{database}"
+            postgres = (
+                args.postgres.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{database}"
+            )
             storages = {"SQLite (WAL)": f"sqlite:///{folder / 'hpo.db'}", "PostgreSQL": postgres}
-            print(f"{os.cpu_count()} CPU cores; no-op: {args.noop_trials} trials, TPE; "
-                  f"tiny fine-tune: {args.fine_tune_trials} trials\n")
-            print("| load | storage | workers | wall s | throughput | finished/target | failed | running | crashed workers |")
+            print(
+                f"{os.cpu_count()} CPU cores; no-op: {args.noop_trials} trials, TPE; "
+                f"tiny fine-tune: {args.fine_tune_trials} trials\n"
+            )
+            print(
+                "| load | storage | workers | wall s | throughput | finished/target | failed | running | crashed workers |"
+            )
             print("|---|---|---|---|---|---|---|---|---|")
-            rows = [("no-op", label, n, lambda u=url, n=n: noop(path, u, n, args.noop_trials))
-                    for label, url in storages.items() for n in args.workers]
-            rows += [("no-op", "SQLite, plain optuna", n,
-                      lambda n=n: noop(path, f"sqlite:///{folder / f'plain{n}.db'}", n, args.noop_trials, plain=True))
-                     for n in args.workers]
-            rows += [("tiny fine-tune", label, n, lambda u=url, n=n: fine_tune(path, u, n, args.fine_tune_trials))
-                     for label, url in storages.items() for n in args.workers]
+            rows = [
+                ("no-op", label, n, lambda u=url, n=n: noop(path, u, n, args.noop_trials))
+                for label, url in storages.items()
+                for n in args.workers
+            ]
+            rows += [
+                (
+                    "no-op",
+                    "SQLite, plain optuna",
+                    n,
+                    lambda n=n: noop(path, f"sqlite:///{folder / f'plain{n}.db'}", n, args.noop_trials, plain=True),
+                )
+                for n in args.workers
+            ]
+            rows += [
+                ("tiny fine-tune", label, n, lambda u=url, n=n: fine_tune(path, u, n, args.fine_tune_trials))
+                for label, url in storages.items()
+                for n in args.workers
+            ]
             for load, label, n, run in rows:
                 r = run()
                 rate = f"{r['trials/s']:.1f} trials/s" if "trials/s" in r else f"{r['trials/min']:.1f} trials/min"
-                print(f"| {load} | {label} | {n} | {r['seconds']:.1f} | {rate} | {r['finished']}/{r['target']} | "
-                      f"{r['failed']} | {r['running']} | {r.get('crashed workers', 0)} |", flush=True)
+                print(
+                    f"| {load} | {label} | {n} | {r['seconds']:.1f} | {rate} | {r['finished']}/{r['target']} | "
+                    f"{r['failed']} | {r['running']} | {r.get('crashed workers', 0)} |",
+                    flush=True,
+                )
         finally:
             admin.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
 

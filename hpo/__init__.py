@@ -12,5 +12,15 @@ from hpo.api import best, report, run, train, validate
 from hpo.config import StudyConfig, load_study
 from hpo.errors import ConfigError, NoCompleteTrial, TrialsFailed
 
-__all__ = ["ConfigError", "NoCompleteTrial", "StudyConfig", "TrialsFailed", "best", "load_study", "report", "run",
-           "train", "validate"]
+__all__ = [
+    "ConfigError",
+    "NoCompleteTrial",
+    "StudyConfig",
+    "TrialsFailed",
+    "best",
+    "load_study",
+    "report",
+    "run",
+    "train",
+    "validate",
+]

@@ -55,10 +55,19 @@ def validate(study: Study, overrides: Mapping[str, Any] | None = None, env: str 
     return cfg
 
 
-def run(study: Study, n_trials: int | None = None, *, overrides: Mapping[str, Any] | None = None,
-        env: str | None = None, timeout: float | None = None, storage: str | None = None,
-        workers: int | None = None, gpus: str | Sequence[str] | None = None, allow_changes: bool = False,
-        console: Console | None = None) -> optuna.Study:
+def run(
+    study: Study,
+    n_trials: int | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    env: str | None = None,
+    timeout: float | None = None,
+    storage: str | None = None,
+    workers: int | None = None,
+    gpus: str | Sequence[str] | None = None,
+    allow_changes: bool = False,
+    console: Console | None = None,
+) -> optuna.Study:
     """Create or resume the study and run trials until it holds ``n_trials`` finished ones; returns it.
 
     ``workers`` processes share the study on this machine (default: one per GPU in ``gpus``, else 1);
@@ -83,8 +92,9 @@ def run(study: Study, n_trials: int | None = None, *, overrides: Mapping[str, An
     bench = prepare(cfg, examples)
     if n == 1 and gpus is None:
         return run_study(cfg, console, bench=bench, allow_changes=allow_changes)
-    code = run_workers(cfg, n, devices if gpus is not None else gpu_ids(), console, bench=bench,
-                       allow_changes=allow_changes)
+    code = run_workers(
+        cfg, n, devices if gpus is not None else gpu_ids(), console, bench=bench, allow_changes=allow_changes
+    )
     study_ = load_existing(cfg)
     if code:
         raise TrialsFailed("a worker stopped on failed trials (its lines above say why)", study_)
@@ -117,8 +127,15 @@ class Report(NamedTuple):
     studies: pd.DataFrame  # one row per study: best, median, count/mean/std/min/max, steps spent and saved
 
 
-def report(studies: Sequence[Study], *, include_pruned: bool = False, csv: Path | None = None,
-           html: Path | None = None, env: str | None = None, storage: str | None = None) -> Report:
+def report(
+    studies: Sequence[Study],
+    *,
+    include_pruned: bool = False,
+    csv: Path | None = None,
+    html: Path | None = None,
+    env: str | None = None,
+    storage: str | None = None,
+) -> Report:
     """Compare the trials of ``studies`` on Z-scores within each task, metric and direction.
 
     ``include_pruned`` ranks pruned trials on their last intermediate value. With ``csv`` (the trials;
@@ -150,8 +167,9 @@ def report(studies: Sequence[Study], *, include_pruned: bool = False, csv: Path 
     return Report(trials, summary)
 
 
-def best(study: Study, *, out: Path | None = None, env: str | None = None,
-         storage: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def best(
+    study: Study, *, out: Path | None = None, env: str | None = None, storage: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The best trial's configuration: (TrainingArguments kwargs, the rest: model, LoRA, knobs, data, trial).
 
     With ``out``, also writes them as ``out`` and ``<stem>.model.json``.

@@ -13,16 +13,26 @@ from hpo import api
 from hpo.config import load_study, parse_yaml
 from hpo.errors import ConfigError, NoCompleteTrial, TrialsFailed
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Hyperparameter optimization for fine-tuning transformer models.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Hyperparameter optimization for fine-tuning transformer models.",
+)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 StudyFile = Annotated[Path, typer.Argument(help="The study file (YAML).", show_default=False)]
 Env = Annotated[str | None, typer.Option("--env", help="An environment from the file's environments: mapping.")]
-Storage = Annotated[str | None, typer.Option(help="Storage URL, when not the study file's (e.g. the one given "
-                                                 "to hpo run --storage).")]
-Overrides = Annotated[list[str] | None, typer.Argument(help="key.path=value pairs that win over the file, "
-                                                          "e.g. n_trials=3 train.num_train_epochs=1.", show_default=False)]
+Storage = Annotated[
+    str | None, typer.Option(help="Storage URL, when not the study file's (e.g. the one given to hpo run --storage).")
+]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="key.path=value pairs that win over the file, e.g. n_trials=3 train.num_train_epochs=1.",
+        show_default=False,
+    ),
+]
 
 
 def _parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
@@ -65,25 +75,42 @@ def _fail(e: ConfigError):
 def run(
     study: StudyFile,
     overrides: Overrides = None,
-    n_trials: Annotated[int | None, typer.Option("--n-trials", min=1, help="Finished trials the study should hold.")] = None,
+    n_trials: Annotated[
+        int | None, typer.Option("--n-trials", min=1, help="Finished trials the study should hold.")
+    ] = None,
     timeout: Annotated[float | None, typer.Option(help="Stop starting trials after this many seconds.")] = None,
-    storage: Annotated[str | None, typer.Option(help="Storage URL (default: sqlite beside the study file); "
-                                                     "the same URL on many machines joins one study.")] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="Storage URL (default: sqlite beside the study file); the same URL on many machines joins one study."
+        ),
+    ] = None,
     env: Env = None,
-    workers: Annotated[int | None, typer.Option(min=1, help="Worker processes on this machine "
-                                                            "(default: one per GPU named in --gpus, else 1).")] = None,
-    gpus: Annotated[str | None, typer.Option(help="GPUs for the workers, e.g. 0,1,2,3: one per worker, round "
-                                                  "robin (default: every visible GPU).")] = None,
-    allow_changes: Annotated[bool, typer.Option("--allow-changes", help="Accept a study file that changed what "
-                                                "the study's trials mean (search space, data, train: …) and record "
-                                                "it as a new revision; the objective cannot change.")] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="Worker processes on this machine (default: one per GPU named in --gpus, else 1)."),
+    ] = None,
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            help="GPUs for the workers, e.g. 0,1,2,3: one per worker, round robin (default: every visible GPU)."
+        ),
+    ] = None,
+    allow_changes: Annotated[
+        bool,
+        typer.Option(
+            "--allow-changes",
+            help="Accept a study file that changed what "
+            "the study's trials mean (search space, data, train: …) and record "
+            "it as a new revision; the objective cannot change.",
+        ),
+    ] = False,
 ) -> None:
     """Create or resume the study and run trials until it holds n_trials finished ones."""
     flags = {"n_trials": n_trials, "timeout": timeout, **_storage(storage)}
     cfg = _load(study, {**_parse_overrides(overrides), **{k: v for k, v in flags.items() if v is not None}}, env)
     import optuna
     import sqlalchemy
-
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # hpo prints its own line per trial
     try:
@@ -103,8 +130,10 @@ def run(
         raise typer.Exit(130) from None
     except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
         reason = cfg.masked(str(getattr(e, "orig", None) or e.__cause__ or e).strip().splitlines()[0][:200])
-        err.print(f"[red]error[/] lost the storage {escape(cfg.storage_label)}: {escape(reason)}; finished "
-                  "trials are kept: run the same command again to resume")
+        err.print(
+            f"[red]error[/] lost the storage {escape(cfg.storage_label)}: {escape(reason)}; finished "
+            "trials are kept: run the same command again to resume"
+        )
         code = 1
     raise typer.Exit(code)
 
@@ -123,12 +152,19 @@ def validate(study: StudyFile, overrides: Overrides = None, env: Env = None) -> 
 @app.command()
 def report(
     studies: Annotated[list[Path], typer.Argument(help="One or more study files to compare.", show_default=False)],
-    csv: Annotated[Path | None, typer.Option(help="Trials CSV (the per-study table goes to <stem>.studies.csv).")] = None,
+    csv: Annotated[
+        Path | None, typer.Option(help="Trials CSV (the per-study table goes to <stem>.studies.csv).")
+    ] = None,
     html: Annotated[Path | None, typer.Option(help="The HTML report.")] = None,
     env: Env = None,
     storage: Storage = None,
-    include_pruned: Annotated[bool, typer.Option("--include-pruned", help="Rank pruned trials too, on their last "
-                                                 "intermediate value (final = False in the tables).")] = False,
+    include_pruned: Annotated[
+        bool,
+        typer.Option(
+            "--include-pruned",
+            help="Rank pruned trials too, on their last intermediate value (final = False in the tables).",
+        ),
+    ] = False,
 ) -> None:
     """Compare trials and studies on Z-scores within each task, metric and direction; write CSV and HTML."""
     from hpo import tables as rep
@@ -145,13 +181,34 @@ def report(
         raise typer.Exit(2) from None
     console = Console()
     for label, rows in rep.by_group(summary):  # a rank is only ever shown beside the group it ranks in
-        console.print(_table(rows, ["rank", "study", "best", "median", "mean", "std", "n_complete", "n_pruned",
-                                    "n_failed", "steps_spent", "steps_saved_by_pruning"], f"studies: {label}"))
+        console.print(
+            _table(
+                rows,
+                [
+                    "rank",
+                    "study",
+                    "best",
+                    "median",
+                    "mean",
+                    "std",
+                    "n_complete",
+                    "n_pruned",
+                    "n_failed",
+                    "steps_spent",
+                    "steps_saved_by_pruning",
+                ],
+                f"studies: {label}",
+            )
+        )
     pruned = "; pruned ranked on their last intermediate value" if include_pruned else ""
     for label, rows in rep.by_group(trials):
-        console.print(_table(rows.head(10), ["rank", "study", "trial", "state", "objective", "eval_accuracy",
-                                             "optimizer_steps", "score"],
-                             f"top 10 trials: {label}{pruned} (params in the CSV and HTML)"))
+        console.print(
+            _table(
+                rows.head(10),
+                ["rank", "study", "trial", "state", "objective", "eval_accuracy", "optimizer_steps", "score"],
+                f"top 10 trials: {label}{pruned} (params in the CSV and HTML)",
+            )
+        )
     for path in (csv, rep.studies_csv(csv), html):
         console.print(f"wrote {path}")
 
@@ -192,8 +249,11 @@ def best(
         err.print(f"[red]error[/] cannot write {escape(str(out))}: {escape(e.strerror or str(e))}")
         raise typer.Exit(2) from None
     console = Console()
-    revision = (f" (revision {rest['revision']} of {rest['current_revision']}: see the report's revision column)"
-                if rest["current_revision"] else "")
+    revision = (
+        f" (revision {rest['revision']} of {rest['current_revision']}: see the report's revision column)"
+        if rest["current_revision"]
+        else ""
+    )
     console.print(f"best: trial {rest['trial']}, {rest['metric']}={rest['value']:.4f}{revision}")
     for path in (out, model_json(out)):
         console.print(f"wrote {path}")
@@ -240,8 +300,10 @@ def dashboard(
     except ConfigError as e:
         _fail(e)
     if exposed(host):
-        err.print(f"[yellow]warning[/] binding {escape(host)}: optuna-dashboard has no authentication; anyone who "
-                  "reaches this address can read and change the study")
+        err.print(
+            f"[yellow]warning[/] binding {escape(host)}: optuna-dashboard has no authentication; anyone who "
+            "reaches this address can read and change the study"
+        )
     Console().print(f"{cfg.study} in {cfg.storage_label}\nserving http://{host}:{port}/dashboard  (Ctrl-C stops)")
     try:
         serve(cfg, host, port)

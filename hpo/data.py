@@ -126,10 +126,15 @@ def _read_csv(text: str, shown: str) -> Table:
                     raise DataError(f"{shown}:{line}: column {twice!r} twice in the header")
                 continue
             if len(fields) != len(header):
-                hint = ("a missing cell?" if len(fields) < len(header) else
-                        "a comma in a value that is not in double quotes?")
-                raise DataError(f"{shown}:{line}: {len(fields)} cell{'s' * (len(fields) > 1)}, but the header "
-                                f"(line {header_line}) has {len(header)}: {hint}")
+                hint = (
+                    "a missing cell?"
+                    if len(fields) < len(header)
+                    else "a comma in a value that is not in double quotes?"
+                )
+                raise DataError(
+                    f"{shown}:{line}: {len(fields)} cell{'s' * (len(fields) > 1)}, but the header "
+                    f"(line {header_line}) has {len(header)}: {hint}"
+                )
             records.append(dict(zip(header, fields, strict=True)))
             where.append(f"{shown}:{line}")
     except csv.Error as e:
@@ -182,7 +187,7 @@ def _read_json(text: str, shown: str) -> Table:
             raise DataError(f"{shown}: expected a list of records [{{...}}, {{...}}], found {_kind(found)}")
         records, where, columns = [], [], {}
         i, line, counted = _BLANK.match(text, i + 1).end(), 1, 0
-        while text[i:i + 1] != "]":
+        while text[i : i + 1] != "]":
             line, counted = line + text.count("\n", counted, i), i
             record, i = decoder.raw_decode(text, i)
             if not isinstance(record, dict):
@@ -191,11 +196,11 @@ def _read_json(text: str, shown: str) -> Table:
             where.append(f"{shown}:{line}: [{len(records) - 1}]")
             columns.update(dict.fromkeys(record))
             i = _BLANK.match(text, i).end()
-            if text[i:i + 1] == ",":
+            if text[i : i + 1] == ",":
                 i = _BLANK.match(text, i + 1).end()
-            elif text[i:i + 1] != "]":
+            elif text[i : i + 1] != "]":
                 raise json.JSONDecodeError("Expecting ',' delimiter", text, i)
-        if text[_BLANK.match(text, i + 1).end():]:
+        if text[_BLANK.match(text, i + 1).end() :]:
             raise json.JSONDecodeError("Extra data", text, _BLANK.match(text, i + 1).end())
     except json.JSONDecodeError as e:
         raise DataError(f"{shown}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
@@ -350,8 +355,11 @@ def load_examples(cfg: StudyConfig) -> Examples:
     columns = {
         "sequence-classification": {"text_column": d.text_column, "label_column": d.label_column},
         "token-classification": {"tokens_column": d.tokens_column, "tags_column": d.tags_column},
-        "causal-lm": ({"prompt_column": d.prompt_column, "response_column": d.response_column} if d.prompt_column
-                      else {"text_column": d.text_column}),
+        "causal-lm": (
+            {"prompt_column": d.prompt_column, "response_column": d.response_column}
+            if d.prompt_column
+            else {"text_column": d.text_column}
+        ),
     }[cfg.task]
     pairs, names, where, files = {}, {}, {}, {}
     for split, path in (("train", d.train), ("eval", d.eval)):
@@ -362,30 +370,46 @@ def load_examples(cfg: StudyConfig) -> Examples:
                 table.records = [{d.tokens_column: r["tokens"], d.tags_column: r["tags"]} for r in table.records]
             for key, column in columns.items():
                 if column not in table.columns:
-                    raise cfg.error(("data", key), f"column {column!r} not in {path.name} "
-                                                   f"(columns: {', '.join(map(str, table.columns))})")
+                    raise cfg.error(
+                        ("data", key),
+                        f"column {column!r} not in {path.name} (columns: {', '.join(map(str, table.columns))})",
+                    )
             rows, labels = _pairs(cfg.task, table, list(columns.values()))
         except DataError as e:
             raise cfg.error(("data", split), str(e)) from None
         limit = d.max_train_rows if split == "train" else d.max_eval_rows
         # the same rows as DataFrame.sample(n=limit, random_state=0) of earlier versions
-        keep = (pd.Series(range(len(rows))).sample(n=limit, random_state=0).tolist() if limit and limit < len(rows)
-                else range(len(rows)))
+        keep = (
+            pd.Series(range(len(rows))).sample(n=limit, random_state=0).tolist()
+            if limit and limit < len(rows)
+            else range(len(rows))
+        )
         pairs[split] = [rows[i] for i in keep]
         files[split] = {"sha256": table.sha256, "rows": len(pairs[split])}
         if cfg.task != "causal-lm":
             names[split] = [labels[i] for i in keep]
-            where[split] = [table.item_where[i] if table.item_where else [table.where[i]] * len(labels[i])
-                            for i in keep]
+            where[split] = [
+                table.item_where[i] if table.item_where else [table.where[i]] * len(labels[i]) for i in keep
+            ]
     if cfg.task == "causal-lm":
         return Examples(pairs["train"], pairs["eval"], labels=[], files=files)
     labels = sorted({name for row in names["train"] for name in row})
-    if cfg.task == "sequence-classification" and {"true", "false"} & set(labels) \
-            and any(_NUMBER.fullmatch(name) for name in labels):  # JSON true among 0/1/2: a typo, not a class
-        name, place = next((n, at) for row, places in zip(names["train"], where["train"], strict=True)
-                           for n, at in zip(row, places, strict=True) if n in ("true", "false"))
-        raise cfg.error(("data", "train"), f"{place}: label {name!r} among numbers "
-                                           f"({', '.join(repr(n) for n in labels if n != name)[:60]}): one kind of label")
+    if (
+        cfg.task == "sequence-classification"
+        and {"true", "false"} & set(labels)
+        and any(_NUMBER.fullmatch(name) for name in labels)
+    ):  # JSON true among 0/1/2: a typo, not a class
+        name, place = next(
+            (n, at)
+            for row, places in zip(names["train"], where["train"], strict=True)
+            for n, at in zip(row, places, strict=True)
+            if n in ("true", "false")
+        )
+        raise cfg.error(
+            ("data", "train"),
+            f"{place}: label {name!r} among numbers "
+            f"({', '.join(repr(n) for n in labels if n != name)[:60]}): one kind of label",
+        )
     ids = {name: i for i, name in enumerate(labels)}
     unseen = {}  # label → where eval first shows it, in the order eval shows them
     for row, at in zip(names["eval"], where["eval"], strict=True):
@@ -394,11 +418,16 @@ def load_examples(cfg: StudyConfig) -> Examples:
                 unseen.setdefault(name, place)
     if unseen:  # repr: an empty label must show as ''
         shown = ", ".join(map(repr, list(unseen)[:5])) + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else "")
-        raise cfg.error(("data", "eval"), f"eval labels not in train: {shown} (the first at {next(iter(unseen.values()))})")
+        raise cfg.error(
+            ("data", "eval"), f"eval labels not in train: {shown} (the first at {next(iter(unseen.values()))})"
+        )
     if len(labels) < 2:
-        raise cfg.error(("data", "tags_column" if cfg.task == "token-classification" else "label_column"),
-                        f"need at least 2 labels in train, found {labels}")
+        raise cfg.error(
+            ("data", "tags_column" if cfg.task == "token-classification" else "label_column"),
+            f"need at least 2 labels in train, found {labels}",
+        )
     if cfg.task == "token-classification":
-        return Examples(*([(tokens, [ids[t] for t in tags]) for tokens, tags in pairs[s]] for s in ("train", "eval")),
-                        labels, files)
+        return Examples(
+            *([(tokens, [ids[t] for t in tags]) for tokens, tags in pairs[s]] for s in ("train", "eval")), labels, files
+        )
     return Examples(*([(text, ids[label]) for text, label in pairs[s]] for s in ("train", "eval")), labels, files)

@@ -58,7 +58,7 @@ class SourceMap:
         return other
 
     def paths_under(self, prefix: KeyPath) -> list[KeyPath]:
-        return [path for path in self._lines if path[:len(prefix)] == prefix]
+        return [path for path in self._lines if path[: len(prefix)] == prefix]
 
     def subtree(self, prefix: KeyPath) -> SourceMap:
         """The entries under ``prefix``, with ``prefix`` taken off their paths."""

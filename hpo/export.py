@@ -39,8 +39,15 @@ def best_config(cfg: StudyConfig, study: optuna.Study) -> tuple[dict[str, Any], 
         raise NoCompleteTrial(f"{cfg.file}: the study has no complete trial yet") from None
     check_trial_settings(study, cfg, trial)
     args, rest = make_plan(cfg, best_params(study)).exported(cfg)
-    return args, {"study": cfg.study, "trial": trial.number, "metric": cfg.objective.metric, "value": trial.value,
-                  **rest, "revision": trial_revision(trial), "current_revision": current_revision(study)}
+    return args, {
+        "study": cfg.study,
+        "trial": trial.number,
+        "metric": cfg.objective.metric,
+        "value": trial.value,
+        **rest,
+        "revision": trial_revision(trial),
+        "current_revision": current_revision(study),
+    }
 
 
 def model_json(path: Path) -> Path:
@@ -80,10 +87,16 @@ def train_best(cfg: StudyConfig, study: optuna.Study, all_data: bool = False) ->
     return folder
 
 
-def _model_card(cfg: StudyConfig, rest: dict[str, Any], args: dict[str, Any], attrs: dict[str, Any], all_data: bool) -> str:
-    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in sorted({**args, **rest["model_params"], **(rest["lora"] or {})}.items()))
+def _model_card(
+    cfg: StudyConfig, rest: dict[str, Any], args: dict[str, Any], attrs: dict[str, Any], all_data: bool
+) -> str:
+    rows = "\n".join(
+        f"| `{k}` | `{v}` |" for k, v in sorted({**args, **rest["model_params"], **(rest["lora"] or {})}.items())
+    )
     trained_on = "train + eval" if all_data else "train"
-    metrics = ", ".join(f"{m.removeprefix('eval_')} {attrs[m]:.4f}" for m in TASKS[cfg.task].metrics if m in attrs and m != "eval_loss")
+    metrics = ", ".join(
+        f"{m.removeprefix('eval_')} {attrs[m]:.4f}" for m in TASKS[cfg.task].metrics if m in attrs and m != "eval_loss"
+    )
     return f"""# {cfg.study}: best configuration, retrained
 
 Fine-tuned from `{cfg.model.label}` ({cfg.task}{", LoRA adapter" if rest["lora"] else ""}) on {trained_on}

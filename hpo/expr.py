@@ -16,12 +16,23 @@ from collections.abc import Mapping
 from typing import Any
 
 _BINARY = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
 }
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
-_COMPARE = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge,
-            ast.Eq: operator.eq, ast.NotEq: operator.ne}
+_COMPARE = {
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+}
 _FUNCTIONS = {"min": min, "max": max}
 MAX_EXPONENT = 64
 #: Every value an expression computes stays below 2**MAX_BITS in magnitude (floats overflow near 2**1024), so
@@ -73,11 +84,17 @@ class Expression:
             children = [node.left, node.right]
         elif isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
             children = [node.operand]
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS
-              and not node.keywords and not any(isinstance(a, ast.Starred) for a in node.args)):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in _FUNCTIONS
+            and not node.keywords
+            and not any(isinstance(a, ast.Starred) for a in node.args)
+        ):
             if len(node.args) < 2:
-                raise ValueError(f"{ast.unparse(node)!r}: {node.func.id}() takes two or more values, "
-                                 f"e.g. {node.func.id}(a, 1)")
+                raise ValueError(
+                    f"{ast.unparse(node)!r}: {node.func.id}() takes two or more values, e.g. {node.func.id}(a, 1)"
+                )
             children = node.args
         elif self.condition and isinstance(node, ast.Compare) and all(type(op) in _COMPARE for op in node.ops):
             children = [node.left, *node.comparators]

@@ -31,7 +31,9 @@ class Knobs(BaseModel):
     optimizer: Literal["adamw", "adam", "sgd", "rmsprop", "adafactor"] | None = None  # None: TrainingArguments' optim
     momentum: float = Field(0.0, ge=0, lt=1)
     schedule: Literal[OWN_SCHEDULES] | None = None  # type: ignore[valid-type]  # from lr_scheduler_type
-    lr_step_size: PositiveFloat | None = None  # optimizer steps between decays; below 1, a fraction of the run (default 1/3)
+    lr_step_size: PositiveFloat | None = (
+        None  # optimizer steps between decays; below 1, a fraction of the run (default 1/3)
+    )
     lr_gamma: float = Field(0.1, gt=0, le=1)
     lr_plateau_factor: float = Field(0.5, gt=0, lt=1)
     lr_plateau_patience: int = Field(0, ge=0)  # evaluations without improvement before the rate drops
@@ -118,8 +120,13 @@ def make_trainer_class():
     from transformers import Trainer
     from transformers.optimization import Adafactor
 
-    optimizers = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
-                  "rmsprop": torch.optim.RMSprop, "adafactor": Adafactor}
+    optimizers = {
+        "adamw": torch.optim.AdamW,
+        "adam": torch.optim.Adam,
+        "sgd": torch.optim.SGD,
+        "rmsprop": torch.optim.RMSprop,
+        "adafactor": Adafactor,
+    }
 
     class KnobsTrainer(Trainer):
         """Param groups (decay × head/body), the optimizer by name, and the step and plateau schedules."""
@@ -139,9 +146,15 @@ def make_trainer_class():
             for name, p in model.named_parameters():
                 if p.requires_grad:
                     groups.setdefault((is_head(name, self.heads), name in decay), []).append(p)
-            param_groups = [{"params": ps, "lr": head_lr if head else a.learning_rate, "head": head,
-                             "weight_decay": a.weight_decay if decays else 0.0}
-                            for (head, decays), ps in sorted(groups.items())]
+            param_groups = [
+                {
+                    "params": ps,
+                    "lr": head_lr if head else a.learning_rate,
+                    "head": head,
+                    "weight_decay": a.weight_decay if decays else 0.0,
+                }
+                for (head, decays), ps in sorted(groups.items())
+            ]
             if r.optimizer is None:  # layer-wise rates with TrainingArguments' own optim
                 cls, kwargs = self.get_optimizer_cls_and_kwargs(a, model)
             else:
@@ -165,7 +178,8 @@ def make_trainer_class():
                 group.setdefault("initial_lr", group["lr"])
             if r.schedule == "reduce_lr_on_plateau":
                 self.lr_scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                    optimizer, mode="min", factor=r.lr_plateau_factor, patience=r.lr_plateau_patience)
+                    optimizer, mode="min", factor=r.lr_plateau_factor, patience=r.lr_plateau_patience
+                )
             else:
                 warmup = self.args.get_warmup_steps(num_training_steps)
                 size = r.lr_step_size or 1 / 3

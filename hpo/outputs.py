@@ -42,9 +42,14 @@ def check_paths(cfg: StudyConfig) -> None:
             problems.append(cfg.problem(("storage",), f"{url.database} is a folder, not a SQLite file"))
     owner = _owner(cfg.output_path)
     if owner is not None and owner != _ownership(cfg):
-        problems.append(cfg.problem(("output_dir",), f"{cfg.output_path} holds the outputs of study "
-                                    f"{owner.get('study')!r} in {owner.get('storage')}; this study is in "
-                                    f"{cfg.storage_label}: set output_dir, or use another study name"))
+        problems.append(
+            cfg.problem(
+                ("output_dir",),
+                f"{cfg.output_path} holds the outputs of study "
+                f"{owner.get('study')!r} in {owner.get('storage')}; this study is in "
+                f"{cfg.storage_label}: set output_dir, or use another study name",
+            )
+        )
     existing = cfg.output_path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -174,7 +179,10 @@ def saved_trial(cfg: StudyConfig) -> int | None:
         info = json.loads((cfg.output_path / "best_model" / "hpo_trial.json").read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(info, dict) or info.get("study") != cfg.study or info.get("storage", cfg.storage_label) \
-            != cfg.storage_label:
+    if (
+        not isinstance(info, dict)
+        or info.get("study") != cfg.study
+        or info.get("storage", cfg.storage_label) != cfg.storage_label
+    ):
         return None
     return info.get("trial")

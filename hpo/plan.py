@@ -35,9 +35,14 @@ class TrialPlan:
         token from HF_TOKEN when pushing).
         """
         args = {k: v for k, v in self.training_arguments.items() if k not in CREDENTIALS}
-        rest = {"task": cfg.task, "model": cfg.model.label, "model_params": self.model_params, "lora": self.lora,
-                "knobs": self.knobs.model_dump(exclude_defaults=True),
-                "data": cfg.data.model_dump(mode="json", exclude_none=True)}
+        rest = {
+            "task": cfg.task,
+            "model": cfg.model.label,
+            "model_params": self.model_params,
+            "lora": self.lora,
+            "knobs": self.knobs.model_dump(exclude_defaults=True),
+            "data": cfg.data.model_dump(mode="json", exclude_none=True),
+        }
         return cfg.masked_data(args), cfg.masked_data(rest)
 
 

@@ -64,12 +64,16 @@ class Progress:
         params = _fmt_params(trial.params)
         if trial.state == TrialState.COMPLETE:
             best = " [green]★ best[/]" if best_trial(study).number == trial.number else ""
-            self.print(f"trial {trial.number:3d} [green]complete[/] {self.metric}={trial.value:.4f}{best} "
-                       f"({secs:.0f}s)  {tally}\n{' ' * len(self.prefix)}    [dim]{params}[/]")
+            self.print(
+                f"trial {trial.number:3d} [green]complete[/] {self.metric}={trial.value:.4f}{best} "
+                f"({secs:.0f}s)  {tally}\n{' ' * len(self.prefix)}    [dim]{params}[/]"
+            )
         elif trial.state == TrialState.PRUNED:
             at = trial.user_attrs.get("pruned_at_step", "?")
-            self.print(f"trial {trial.number:3d} [yellow]pruned[/] at {at} examples ({secs:.0f}s)  {tally}\n"
-                       f"{' ' * len(self.prefix)}    [dim]{params}[/]")
+            self.print(
+                f"trial {trial.number:3d} [yellow]pruned[/] at {at} examples ({secs:.0f}s)  {tally}\n"
+                f"{' ' * len(self.prefix)}    [dim]{params}[/]"
+            )
         else:
             reason = escape(trial.user_attrs.get(FAIL_REASON, "no reason recorded"))
             self.print(f"trial {trial.number:3d} [red]failed[/]: {reason}  {tally}")
@@ -108,6 +112,11 @@ def print_summary(console: Console, cfg: StudyConfig, study: optuna.Study) -> No
         held = f"holds trial {saved}'s model" if saved is not None else "is empty"
         console.print(f"[yellow]warning[/]: best_model/ {held}, not trial {best.number}'s: {why}")
     env = f" --env {cfg.environment}" if cfg.environment else ""  # the study's name and storage may depend on it
-    console.print(cfg.masked(f"storage:    {cfg.storage_label}\noutputs:    {cfg.output_path}\n"
-                             f"dashboard:  hpo dashboard {cfg.file}{env}\n"
-                             f"tensorboard: tensorboard --logdir {cfg.output_path / 'tensorboard'}"), markup=False)
+    console.print(
+        cfg.masked(
+            f"storage:    {cfg.storage_label}\noutputs:    {cfg.output_path}\n"
+            f"dashboard:  hpo dashboard {cfg.file}{env}\n"
+            f"tensorboard: tensorboard --logdir {cfg.output_path / 'tensorboard'}"
+        ),
+        markup=False,
+    )

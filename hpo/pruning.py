@@ -49,8 +49,14 @@ class PruningCallback(TrainerCallback):
         self._next = max(self._next, k + 1)
         value = metrics[self.metric]
         self.history.append((step, dict(metrics)))
-        bad = next((f"{k} is {metrics[k]}" for k in (self.metric, "eval_loss")
-                    if k in metrics and not math.isfinite(metrics[k])), None)
+        bad = next(
+            (
+                f"{k} is {metrics[k]}"
+                for k in (self.metric, "eval_loss")
+                if k in metrics and not math.isfinite(metrics[k])
+            ),
+            None,
+        )
         if bad is not None:
             self.diverged, control.should_training_stop = (step, bad), True
             return

@@ -30,8 +30,9 @@ BLOCK_BYTES, SAMPLED_BLOCKS = 2**20, 10  # bigger ones: 10 blocks of 1 MiB, firs
 MODEL_FILES = frozenset({".safetensors", ".bin", ".json", ".txt", ".model", ".tiktoken", ".pt", ".pth"})
 
 
-def fingerprint(cfg: StudyConfig, data_files: dict[str, dict[str, Any]] | None = None,
-                model_dirs: tuple[str | None, ...] = ()) -> dict[str, Any]:
+def fingerprint(
+    cfg: StudyConfig, data_files: dict[str, dict[str, Any]] | None = None, model_dirs: tuple[str | None, ...] = ()
+) -> dict[str, Any]:
     """What makes ``cfg``'s trials comparable, as JSON.
 
     ``data_files``: per split, the SHA-256 of the bytes read and the rows used (:class:`hpo.data.Examples`);
@@ -41,18 +42,24 @@ def fingerprint(cfg: StudyConfig, data_files: dict[str, dict[str, Any]] | None =
     data = cfg.data.model_dump(mode="json", exclude={"train", "eval"}, exclude_none=True)
     data.update(data_files or {})
     model = cfg.model.model_dump(mode="json", exclude_none=True)
-    for key, folder in zip(("files", "tokenizer_files"), dict.fromkeys(model_dirs), strict=False):  # tokenizer: when apart
+    for key, folder in zip(
+        ("files", "tokenizer_files"), dict.fromkeys(model_dirs), strict=False
+    ):  # tokenizer: when apart
         if folder and Path(folder).is_dir():
             model[key] = folder_digest(Path(folder))
-    return cfg.masked_data({
-        "task": cfg.task,
-        "objective": cfg.objective.model_dump(mode="json"),
-        "model": model,
-        "data": data,
-        "eval_every": cfg.eval_every.model_dump(mode="json", exclude_none=True),
-        "train": cfg.train,
-        "search_space": {name: p.model_dump(mode="json", exclude_defaults=True) for name, p in cfg.search_space.items()},
-    })
+    return cfg.masked_data(
+        {
+            "task": cfg.task,
+            "objective": cfg.objective.model_dump(mode="json"),
+            "model": model,
+            "data": data,
+            "eval_every": cfg.eval_every.model_dump(mode="json", exclude_none=True),
+            "train": cfg.train,
+            "search_space": {
+                name: p.model_dump(mode="json", exclude_defaults=True) for name, p in cfg.search_space.items()
+            },
+        }
+    )
 
 
 def exported(fingerprint: dict[str, Any]) -> dict[str, Any]:
@@ -128,19 +135,22 @@ def check(study: optuna.Study, cfg: StudyConfig, new: dict[str, Any], allow_chan
     check_objective(study, cfg)
     if stored is None:  # a new study, or one made before hpo kept fingerprints: its trials are revision 0
         study.set_user_attr(FINGERPRINT, new)
-        study.set_user_attr(REVISIONS, [_revision(0, [] if not study.trials else ["fingerprint first recorded"],
-                                                  new)])
+        study.set_user_attr(REVISIONS, [_revision(0, [] if not study.trials else ["fingerprint first recorded"], new)])
         return 0
     changed = changes(stored, new)
     current = revisions[-1]["revision"] if revisions else 0
     if not changed:
         return current
     if not allow_changes:
-        listed = "; ".join(changed[:MAX_LISTED]) + (f"; and {len(changed) - MAX_LISTED} more"
-                                                     if len(changed) > MAX_LISTED else "")
+        listed = "; ".join(changed[:MAX_LISTED]) + (
+            f"; and {len(changed) - MAX_LISTED} more" if len(changed) > MAX_LISTED else ""
+        )
         key = tuple(changed[0].split(":")[0].split("."))
-        raise cfg.error(key, f"study {cfg.study!r} holds trials run with other settings ({listed}): rerun with "
-                             "--allow-changes to record them as a new revision, or use a new study name")
+        raise cfg.error(
+            key,
+            f"study {cfg.study!r} holds trials run with other settings ({listed}): rerun with "
+            "--allow-changes to record them as a new revision, or use a new study name",
+        )
     study.set_user_attr(FINGERPRINT, new)
     study.set_user_attr(REVISIONS, [*revisions, _revision(current + 1, changed, new)])
     return current + 1
@@ -157,18 +167,28 @@ def check_objective(study: optuna.Study, cfg: StudyConfig) -> None:
     old = stored["objective"] if stored else _legacy_objective(study)
     new = cfg.objective.model_dump(mode="json")
     if old is not None and old != new:
-        raise cfg.error(("objective",), f"study {cfg.study!r} ranks its trials by {_objective(old)}; this file "
-                                        f"asks for {_objective(new)}, and values of both cannot be ranked "
-                                        "together: use a new study name")
+        raise cfg.error(
+            ("objective",),
+            f"study {cfg.study!r} ranks its trials by {_objective(old)}; this file "
+            f"asks for {_objective(new)}, and values of both cannot be ranked "
+            "together: use a new study name",
+        )
     old_task = stored["task"] if stored else study.user_attrs.get(CONFIG, {}).get("task")
     if old_task is not None and old_task != cfg.task:
-        raise cfg.error(("task",), f"study {cfg.study!r} holds {old_task} trials; this file is {cfg.task}, and "
-                                   "losses of two tasks cannot be ranked together: use a new study name")
+        raise cfg.error(
+            ("task",),
+            f"study {cfg.study!r} holds {old_task} trials; this file is {cfg.task}, and "
+            "losses of two tasks cannot be ranked together: use a new study name",
+        )
 
 
 def _revision(number: int, changed: list[str], fingerprint: dict[str, Any]) -> dict[str, Any]:
-    return {"revision": number, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "changes": changed, "fingerprint": fingerprint}
+    return {
+        "revision": number,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "changes": changed,
+        "fingerprint": fingerprint,
+    }
 
 
 def check_trial_settings(study: optuna.Study, cfg: StudyConfig, trial: optuna.trial.FrozenTrial) -> None:
@@ -184,11 +204,14 @@ def check_trial_settings(study: optuna.Study, cfg: StudyConfig, trial: optuna.tr
         return
     changed = changes(exported(ran), exported(fingerprint(cfg)))
     if changed:
-        listed = "; ".join(changed[:MAX_LISTED]) + (f"; and {len(changed) - MAX_LISTED} more"
-                                                     if len(changed) > MAX_LISTED else "")
-        raise cfg.error(tuple(changed[0].split(":")[0].split(".")),
-                        f"trial {trial.number} ran under revision {revision} of the study, with other settings "
-                        f"than this file's ({listed}): run this command with that revision's study file")
+        listed = "; ".join(changed[:MAX_LISTED]) + (
+            f"; and {len(changed) - MAX_LISTED} more" if len(changed) > MAX_LISTED else ""
+        )
+        raise cfg.error(
+            tuple(changed[0].split(":")[0].split(".")),
+            f"trial {trial.number} ran under revision {revision} of the study, with other settings "
+            f"than this file's ({listed}): run this command with that revision's study file",
+        )
 
 
 def _objective(objective: dict[str, Any]) -> str:

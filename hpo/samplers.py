@@ -62,8 +62,10 @@ def make_sampler(
     if name == "grid" and "search_space" not in kwargs:
         points = math.prod(_grid_size(k, d) for k, d in space.items())  # before listing a single value
         if points > MAX_GRID_POINTS:
-            raise ValueError(f"the grid has {points:,} points (at most {MAX_GRID_POINTS:,}): fewer choices, "
-                             "a larger step, or another sampler")
+            raise ValueError(
+                f"the grid has {points:,} points (at most {MAX_GRID_POINTS:,}): fewer choices, "
+                "a larger step, or another sampler"
+            )
         kwargs["search_space"] = {k: _grid_values(k, d) for k, d in space.items()}
     return _construct(cls, kwargs)
 
@@ -99,8 +101,13 @@ def make_pruner(
     return _construct(PRUNERS[name], kwargs)
 
 
-def dry_run(sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner,
-            space: Mapping[str, BaseDistribution], direction: str, n_trials: int = 3) -> None:
+def dry_run(
+    sampler: optuna.samplers.BaseSampler,
+    pruner: optuna.pruners.BasePruner,
+    space: Mapping[str, BaseDistribution],
+    direction: str,
+    n_trials: int = 3,
+) -> None:
     """Ask, report, prune and tell a few trials of an in-memory study with made-up values.
 
     Constructors store most arguments unchecked; an argument of the wrong kind then fails in every trial.
@@ -148,10 +155,18 @@ def _typed(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
     Optuna's constructors store arguments unchecked, so ``n_startup_trials: ten`` would fail in every trial.
     An annotation that does not resolve (a name imported only for type checkers) is left unchecked.
     """
-    namespace = {**vars(collections.abc), **vars(typing), "np": np, "optuna": optuna,
-                 "FrozenTrial": optuna.trial.FrozenTrial, "BaseSampler": optuna.samplers.BaseSampler,
-                 "BaseDistribution": BaseDistribution, "Study": optuna.Study, "TrialState": optuna.trial.TrialState,
-                 "BasePruner": optuna.pruners.BasePruner}
+    namespace = {
+        **vars(collections.abc),
+        **vars(typing),
+        "np": np,
+        "optuna": optuna,
+        "FrozenTrial": optuna.trial.FrozenTrial,
+        "BaseSampler": optuna.samplers.BaseSampler,
+        "BaseDistribution": BaseDistribution,
+        "Study": optuna.Study,
+        "TrialState": optuna.trial.TrialState,
+        "BasePruner": optuna.pruners.BasePruner,
+    }
     try:
         hints = typing.get_type_hints(cls.__init__, localns=namespace)
     except Exception:  # noqa: BLE001 - an annotation we cannot resolve: the dry run still checks
@@ -170,8 +185,11 @@ def _typed(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
         try:
             out[key] = adapter.validate_python(value)
         except ValidationError:
-            expected = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "").replace(
-                "collections.abc.", "")
+            expected = (
+                hint.__name__
+                if isinstance(hint, type)
+                else str(hint).replace("typing.", "").replace("collections.abc.", "")
+            )
             raise ValueError(f"{key}: {value!r} is not {expected}") from None
     return out
 

@@ -21,14 +21,22 @@ def study_schema() -> dict[str, Any]:
     props = schema["properties"]
     # Shorthands that before-validators and the loader expand; pydantic cannot see them. The field's
     # description goes on the outer anyOf too: editors show the outermost one on hover.
-    props["model"] = {"anyOf": [{"type": "string", "description": "hub id or local folder"}, props["model"]],
-                      "description": props["model"]["description"]}
-    props["eval_every"] = {"anyOf": [{"type": "number", "exclusiveMinimum": 0, "description": "epochs"},
-                                     props["eval_every"]], "default": 0.25,
-                           "description": props["eval_every"]["description"]}
-    props["search_space"] = {"anyOf": [{"type": "string", "description": "path to a search-space file"},
-                                       _space_mapping(props["search_space"])],
-                             "description": props["search_space"]["description"]}
+    props["model"] = {
+        "anyOf": [{"type": "string", "description": "hub id or local folder"}, props["model"]],
+        "description": props["model"]["description"],
+    }
+    props["eval_every"] = {
+        "anyOf": [{"type": "number", "exclusiveMinimum": 0, "description": "epochs"}, props["eval_every"]],
+        "default": 0.25,
+        "description": props["eval_every"]["description"],
+    }
+    props["search_space"] = {
+        "anyOf": [
+            {"type": "string", "description": "path to a search-space file"},
+            _space_mapping(props["search_space"]),
+        ],
+        "description": props["search_space"]["description"],
+    }
     props["train"]["propertyNames"] = {"enum": sorted(space.training_names() - space.RESERVED_TRAINING_ARGS)}
     return {"$schema": DRAFT, "title": "hpo study file", **schema}
 
@@ -40,8 +48,10 @@ def search_space_schema() -> dict[str, Any]:
         "$schema": DRAFT,
         "title": "hpo search-space file",
         "type": "object",
-        "properties": {"search_space": _space_mapping(study["properties"]["search_space"]),
-                       "enqueue": study["properties"]["enqueue"]},
+        "properties": {
+            "search_space": _space_mapping(study["properties"]["search_space"]),
+            "enqueue": study["properties"]["enqueue"],
+        },
         "required": ["search_space"],
         "additionalProperties": False,
         "$defs": {"Param": study["$defs"]["Param"]},

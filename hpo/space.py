@@ -78,22 +78,38 @@ class Param(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: Literal["float", "int", "categorical"] | None = Field(
-        None, description="float or int: a number between low and high; categorical: one of choices. "
-                          "Leave it out when the value is derived.")
-    low: float | None = Field(None, description="The smallest value, inclusive (int: a whole number; "
-                                                "log: true: above 0).")
+        None,
+        description="float or int: a number between low and high; categorical: one of choices. "
+        "Leave it out when the value is derived.",
+    )
+    low: float | None = Field(
+        None, description="The smallest value, inclusive (int: a whole number; log: true: above 0)."
+    )
     high: float | None = Field(None, description="The largest value, inclusive; at least low.")
-    log: bool = Field(False, description="Sample on a log scale, for ranges spanning orders of magnitude "
-                                         "(learning_rate 1e-5..1e-3). Needs low > 0; not with step.")
-    step: PositiveFloat | None = Field(None, description="Spacing of the values counted from low (0.05; int: "
-                                                         "a whole number). Default: continuous for float, 1 for int.")
-    choices: list[Choice] | None = Field(None, description="The values of a categorical parameter: all numbers, "
-                                                           "all strings or all booleans, none repeated.")
-    derive: str | None = Field(None, description='Computed, not sampled: arithmetic over the parameters above it '
-                                                 'and train: settings, e.g. "2 * r" (+ - * / // % **, min, max).')
+    log: bool = Field(
+        False,
+        description="Sample on a log scale, for ranges spanning orders of magnitude "
+        "(learning_rate 1e-5..1e-3). Needs low > 0; not with step.",
+    )
+    step: PositiveFloat | None = Field(
+        None,
+        description="Spacing of the values counted from low (0.05; int: "
+        "a whole number). Default: continuous for float, 1 for int.",
+    )
+    choices: list[Choice] | None = Field(
+        None,
+        description="The values of a categorical parameter: all numbers, all strings or all booleans, none repeated.",
+    )
+    derive: str | None = Field(
+        None,
+        description="Computed, not sampled: arithmetic over the parameters above it "
+        'and train: settings, e.g. "2 * r" (+ - * / // % **, min, max).',
+    )
     when: dict[str, Choice | list[Choice]] | None = Field(
-        None, description="Sample it only when each named parameter (defined above it) has this value or one of "
-                          "a list of values, e.g. {optim: sgd}; otherwise the trial leaves it out.")
+        None,
+        description="Sample it only when each named parameter (defined above it) has this value or one of "
+        "a list of values, e.g. {optim: sgd}; otherwise the trial leaves it out.",
+    )
 
     @cached_property
     def expression(self) -> Expression | None:
@@ -115,8 +131,10 @@ class Param(BaseModel):
                 raise ValueError("categorical needs a non-empty 'choices' list")
             if self.low is not None or self.high is not None or self.step is not None or self.log:
                 raise ValueError("categorical takes 'choices' only (no low/high/step/log)")
-            kinds = {"number" if isinstance(c, int | float) and not isinstance(c, bool) else type(c).__name__
-                     for c in self.choices}
+            kinds = {
+                "number" if isinstance(c, int | float) and not isinstance(c, bool) else type(c).__name__
+                for c in self.choices
+            }
             if len(kinds) > 1:
                 raise ValueError(f"choices mix types ({', '.join(sorted(kinds))}): {self.choices}")
             if len(set(map(repr, self.choices))) != len(self.choices):
@@ -156,8 +174,7 @@ def training_argument_names() -> frozenset[str]:
             return frozenset(
                 s.target.id
                 for s in node.body
-                if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
-                and not s.target.id.startswith("_")
+                if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name) and not s.target.id.startswith("_")
             )
     from dataclasses import fields  # the source moved: fall back to the slow import
 
@@ -287,8 +304,12 @@ def broken_constraint(constraints: Iterable[Expression], values: Mapping[str, An
     return None
 
 
-def finite_size(space: Mapping[str, Param], distributions: Mapping[str, BaseDistribution],
-                fixed: Mapping[str, Any] = {}, max_points: int = 100_000) -> int | None:  # read only
+def finite_size(
+    space: Mapping[str, Param],
+    distributions: Mapping[str, BaseDistribution],
+    fixed: Mapping[str, Any] = {},
+    max_points: int = 100_000,
+) -> int | None:  # read only
     """How many distinct configurations the space holds, counting ``when:`` conditions; None when it is
     continuous or over ``max_points`` combinations (too many to count)."""
     values = {}
@@ -296,7 +317,11 @@ def finite_size(space: Mapping[str, Param], distributions: Mapping[str, BaseDist
         if isinstance(d, CategoricalDistribution):
             values[name] = list(d.choices)
         elif isinstance(d, IntDistribution) or d.step is not None:
-            n = (d.high - d.low) // d.step + 1 if isinstance(d, IntDistribution) else round((d.high - d.low) / d.step) + 1
+            n = (
+                (d.high - d.low) // d.step + 1
+                if isinstance(d, IntDistribution)
+                else round((d.high - d.low) / d.step) + 1
+            )
             if n > max_points:
                 return None
             values[name] = [d.low + k * d.step for k in range(n)]
@@ -308,12 +333,15 @@ def finite_size(space: Mapping[str, Param], distributions: Mapping[str, BaseDist
     for combo in itertools.product(*values.values()):
         point = dict(zip(values, combo, strict=True))
         with contextlib.suppress(ValueError):  # a derive that fails here: the trial would fail, not count
-            seen.add(repr(sorted(walk(space, distributions, lambda name, d, point=point: point[name], fixed)[0].items())))
+            seen.add(
+                repr(sorted(walk(space, distributions, lambda name, d, point=point: point[name], fixed)[0].items()))
+            )
     return len(seen)
 
 
-def corners(distributions: Mapping[str, BaseDistribution], n_random: int = 32,
-            max_corners: int = 256) -> list[dict[str, Any]]:
+def corners(
+    distributions: Mapping[str, BaseDistribution], n_random: int = 32, max_corners: int = 256
+) -> list[dict[str, Any]]:
     """Points that validation evaluates ``derive:`` and ``constraints:`` at.
 
     Every combination of each parameter's extremes (low and high, or every choice), up to

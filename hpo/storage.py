@@ -27,9 +27,14 @@ SQLITE_TIMEOUT_S = 60  # wait this long for another writer's lock instead of "da
 SETUP_LOCK_KEY = 0x68706F  # "hpo": the PostgreSQL advisory lock around storage and study setup
 
 
-def open_study(cfg: StudyConfig, first_step: int = 1, last_step: int | None = None,
-               worker: int | None = None, fingerprint: dict[str, Any] | None = None,
-               allow_changes: bool = False) -> optuna.Study:
+def open_study(
+    cfg: StudyConfig,
+    first_step: int = 1,
+    last_step: int | None = None,
+    worker: int | None = None,
+    fingerprint: dict[str, Any] | None = None,
+    allow_changes: bool = False,
+) -> optuna.Study:
     """Create the study in its storage, or load it if it exists, and queue the file's ``enqueue:`` entries.
 
     Safe when workers on one machine or many start at once: see :func:`_setup_lock`. ``fingerprint``
@@ -73,8 +78,9 @@ def open_study(cfg: StudyConfig, first_step: int = 1, last_step: int | None = No
         raise _cannot_open(cfg, e) from None
     sampler_args = dict(cfg.sampler.args)
     if sampler_args.get("seed") is not None and (worker or n_before):
-        sampler_args["seed"] = int(np.random.SeedSequence([sampler_args["seed"], worker or 0, n_before])
-                                   .generate_state(1)[0])
+        sampler_args["seed"] = int(
+            np.random.SeedSequence([sampler_args["seed"], worker or 0, n_before]).generate_state(1)[0]
+        )
     study.sampler = samplers.make_sampler(cfg.sampler.name, sampler_args, cfg.distributions)
     return study
 
@@ -101,8 +107,10 @@ def _rdb_storage(cfg: StudyConfig) -> optuna.storages.RDBStorage:
     with warnings.catch_warnings():  # heartbeats have been "experimental" since optuna 2.8; hpo relies on them
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs,
-            heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period,
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=cfg.heartbeat_interval,
+            grace_period=cfg.grace_period,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry),
         )
 
@@ -184,8 +192,10 @@ def best_trial(study: optuna.Study) -> FrozenTrial:
         ValueError: no complete trial.
     """
     value = study.best_value
-    return min((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.value == value), key=lambda t: t.number)
+    return min(
+        (t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value == value),
+        key=lambda t: t.number,
+    )
 
 
 def resolved_config(cfg: StudyConfig) -> dict[str, Any]:

@@ -44,8 +44,9 @@ MAX_REJECTED_IN_A_ROW = 100  # constraints that leave almost no feasible space
 WAIT_POLL_S = 1.0  # how often a worker waiting for trials running elsewhere looks again (two small queries)
 
 
-def start_study(cfg: StudyConfig, worker: int | None = None, bench: Workbench | None = None,
-                allow_changes: bool = False) -> tuple[optuna.Study, Workbench]:
+def start_study(
+    cfg: StudyConfig, worker: int | None = None, bench: Workbench | None = None, allow_changes: bool = False
+) -> tuple[optuna.Study, Workbench]:
     """Check the model and data, then create or load the study; nothing is created if the check fails.
 
     ``bench``: the model and data already checked (by the CLI, or the parent of ``hpo run --workers``).
@@ -65,14 +66,18 @@ def start_study(cfg: StudyConfig, worker: int | None = None, bench: Workbench | 
         fp = revisions.fingerprint(cfg, bench.data_files, (bench.model_path, bench.tokenizer_path))
     except OSError as e:
         raise cfg.error(("model",), f"cannot read the model's files to fingerprint them: {e.strerror or e}") from None
-    study = open_study(cfg, round(cfg.eval_every.examples_between(n_train)), last_step, worker, fp,
-                       allow_changes)
+    study = open_study(cfg, round(cfg.eval_every.examples_between(n_train)), last_step, worker, fp, allow_changes)
     outputs.prepare(cfg, study, resolved=worker is None)  # under hpo run --workers, the parent wrote resolved.yaml
     return study, bench
 
 
-def run_study(cfg: StudyConfig, console: Console | None = None, worker: int | None = None,
-              bench: Workbench | None = None, allow_changes: bool = False) -> optuna.Study:
+def run_study(
+    cfg: StudyConfig,
+    console: Console | None = None,
+    worker: int | None = None,
+    bench: Workbench | None = None,
+    allow_changes: bool = False,
+) -> optuna.Study:
     """Run trials until the study holds ``cfg.n_trials`` finished (complete or pruned) trials.
 
     Trials that other processes run on the same storage count too: when the rest of the target is
@@ -90,8 +95,10 @@ def run_study(cfg: StudyConfig, console: Console | None = None, worker: int | No
     revision = revisions.current_revision(study)
     done = count_finished(study)
     if worker is None:
-        console.print(f"[bold]{escape(cfg.study)}[/]: {done} finished trial(s) in {cfg.storage_label}; "
-                      f"target {cfg.n_trials}" + (f"; revision {revision}" if revision else ""))
+        console.print(
+            f"[bold]{escape(cfg.study)}[/]: {done} finished trial(s) in {cfg.storage_label}; "
+            f"target {cfg.n_trials}" + (f"; revision {revision}" if revision else "")
+        )
     progress = Progress(console, cfg, worker)
     stop = StopRule(cfg.max_failures_in_a_row)
     if cfg.n_trials > done:
@@ -123,6 +130,7 @@ def _frozen_heap():
 @contextlib.contextmanager
 def sigterm_interrupts():
     """SIGTERM (a scheduler's stop, a preemption notice) ends the run like Ctrl-C: the trial ends FAIL, never RUNNING."""
+
     def interrupt(signum, frame):
         # Once: a second SIGTERM (systemd signalling the whole group, then the parent its workers) would land
         # in the clean-up of the first and leave the trial RUNNING, with no retry queued.
@@ -144,6 +152,7 @@ def _optimize(study: optuna.Study, objective, progress: Progress, stop: StopRule
     # running trials (on every worker) fall short of n_trials: N workers then overshoot the target only
     # when two of them start within the same instant, instead of by up to N-1 trials at the end.
     deadline = None if cfg.timeout is None else time.monotonic() + cfg.timeout
+
     def after(study: optuna.Study, trial: FrozenTrial) -> None:
         outputs.install_if_best(cfg, study, trial)
         progress.trial_done(study, trial)
@@ -181,8 +190,10 @@ def _taken_over(study: optuna.Study, progress: Progress) -> bool:
     trials = study.get_trials(deepcopy=False)
     if progress.number >= len(trials) or trials[progress.number].state != TrialState.FAIL:
         return False
-    progress.print(f"trial {progress.number:3d} [yellow]taken over[/]: another worker found its heartbeat stale "
-                   "and queued a retry; this run's result for it is dropped")
+    progress.print(
+        f"trial {progress.number:3d} [yellow]taken over[/]: another worker found its heartbeat stale "
+        "and queued a retry; this run's result for it is dropped"
+    )
     return True
 
 
@@ -199,14 +210,18 @@ class StopRule:
         if set(REJECTIONS) & set(trial.user_attrs):
             self.rejected_in_a_row += 1
             if self.rejected_in_a_row >= MAX_REJECTED_IN_A_ROW:
-                self.gave_up = (f"{self.rejected_in_a_row} samples in a row broke the constraints or repeated "
-                                "finished trials: the feasible space looks exhausted")
+                self.gave_up = (
+                    f"{self.rejected_in_a_row} samples in a row broke the constraints or repeated "
+                    "finished trials: the feasible space looks exhausted"
+                )
             return self.gave_up
         self.rejected_in_a_row = 0
         self.failures_in_a_row = self.failures_in_a_row + 1 if trial.state == TrialState.FAIL else 0
         if self.failures_in_a_row >= self.max_failures:
-            self.gave_up = (f"{self.failures_in_a_row} trials failed in a row (max_failures_in_a_row; "
-                            "see fail_reason / fail_traceback in the trials' user attrs)")
+            self.gave_up = (
+                f"{self.failures_in_a_row} trials failed in a row (max_failures_in_a_row; "
+                "see fail_reason / fail_traceback in the trials' user attrs)"
+            )
         return self.gave_up
 
 
@@ -244,12 +259,28 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
                 trial.set_user_attr(REJECTED_DUPLICATE, twin)
                 raise Rejected(f"the same parameters as trial {twin}, which finished")
             progress.trial_start(trial.number, params)
-            trial.set_user_attr(WORKER, {"host": socket.gethostname(), "pid": os.getpid(),
-                                           "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
+            trial.set_user_attr(
+                WORKER,
+                {
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                },
+            )
             plan = make_plan(cfg, params)
             args, rest = plan.exported(cfg)
-            upload_json(store, trial, "config.json", {"study": cfg.study, "trial": trial.number,
-                                                      "metric": cfg.objective.metric, "training_arguments": args, **rest})
+            upload_json(
+                store,
+                trial,
+                "config.json",
+                {
+                    "study": cfg.study,
+                    "trial": trial.number,
+                    "metric": cfg.objective.metric,
+                    "training_arguments": args,
+                    **rest,
+                },
+            )
             upload_json(store, trial, "training_arguments.json", args)  # TrainingArguments(**json.load(f))
             result = run_trial(bench, plan, trial, on_eval=progress.evaluated)
             for key, value in result.attrs.items():

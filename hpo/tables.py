@@ -61,9 +61,19 @@ STUDY_METRICS: dict[str, tuple[bool, bool]] = {
     "steps_spent": (False, False),
 }
 #: Trial user attrs copied into the trials table, in this order.
-ATTRS = ("best_eval_loss", "last_eval_loss", *TASK_METRICS, "optimizer_steps",
-         "planned_steps", "examples_seen", "train_seconds", "samples_per_second", "peak_memory_mb",
-         PRUNED_AT_STEP, REVISION)  # the revision of the study file the trial ran under
+ATTRS = (
+    "best_eval_loss",
+    "last_eval_loss",
+    *TASK_METRICS,
+    "optimizer_steps",
+    "planned_steps",
+    "examples_seen",
+    "train_seconds",
+    "samples_per_second",
+    "peak_memory_mb",
+    PRUNED_AT_STEP,
+    REVISION,
+)  # the revision of the study file the trial ran under
 #: The columns whose values must agree for rows to be compared: z-scores, score and rank never cross a group.
 #: Every z-score, not only the objective's, stays within it: ``score`` averages them, so a rank would otherwise
 #: move when a study of another objective joins the report.
@@ -96,8 +106,14 @@ def _zscores(x: pd.Series, groups: pd.Series) -> pd.Series:
     return z.where(g.transform("nunique") > 1, x.where(x.isna(), 0.0))
 
 
-def add_scores(df: pd.DataFrame, metrics: dict[str, tuple[bool, bool]], oriented: Sequence[str] = (),
-               by: Sequence[str] = GROUP, rows: pd.Series | None = None, tiebreak: str | None = None) -> pd.DataFrame:
+def add_scores(
+    df: pd.DataFrame,
+    metrics: dict[str, tuple[bool, bool]],
+    oriented: Sequence[str] = (),
+    by: Sequence[str] = GROUP,
+    rows: pd.Series | None = None,
+    tiebreak: str | None = None,
+) -> pd.DataFrame:
     """A copy of ``df`` with ``z_<metric>``, ``score`` and ``rank`` columns, each computed within a group.
 
     ``oriented`` metrics flip by the row's ``direction``; the others by ``metrics``. Groups are the
@@ -139,8 +155,11 @@ def _oriented(df: pd.DataFrame, metric: str, higher_is_better: bool, by_directio
 def _group(study: optuna.Study) -> dict[str, Any]:
     """The study's task, objective metric and direction (``GROUP``), from the resolved config it was saved with."""
     config = study.user_attrs.get(CONFIG, {})
-    return {"task": config.get("task"), "metric": config.get("objective", {}).get("metric", "objective"),
-            "direction": study.direction.name.lower()}
+    return {
+        "task": config.get("task"),
+        "metric": config.get("objective", {}).get("metric", "objective"),
+        "direction": study.direction.name.lower(),
+    }
 
 
 def trials_frame(studies: Sequence[optuna.Study], include_pruned: bool = False) -> pd.DataFrame:
@@ -161,8 +180,14 @@ def trials_frame(studies: Sequence[optuna.Study], include_pruned: bool = False) 
     for study in studies:
         group = _group(study)
         for t in study.get_trials(deepcopy=False, states=FINISHED):
-            row: dict[str, Any] = {"study": study.study_name, "trial": t.number, "state": t.state.name.lower(),
-                                   "final": t.state == TrialState.COMPLETE, **group, "objective": t.value}
+            row: dict[str, Any] = {
+                "study": study.study_name,
+                "trial": t.number,
+                "state": t.state.name.lower(),
+                "final": t.state == TrialState.COMPLETE,
+                **group,
+                "objective": t.value,
+            }
             row.update({k: t.user_attrs.get(k) for k in ATTRS})
             row[REVISION] = t.user_attrs.get(REVISION, 0)  # trials from before revisions were kept: 0
             row.update({f"params_{k}": v for k, v in {**t.params, **t.user_attrs.get(DERIVED_PARAMS, {})}.items()})
@@ -197,20 +222,22 @@ def studies_frame(studies: Sequence[optuna.Study], trials: pd.DataFrame | None =
         except ValueError:
             best = None
         key = (study.study_name, group["metric"])
-        rows.append({
-            "study": study.study_name,
-            **group,
-            "n_complete": states.count(TrialState.COMPLETE),
-            "n_pruned": states.count(TrialState.PRUNED),
-            "n_failed": states.count(TrialState.FAIL),
-            "best": best.value if best else np.nan,
-            "median": final.loc[final["study"] == study.study_name, "objective"].median(),
-            **(stats.loc[key].to_dict() if key in stats.index else {"count": 0} | dict.fromkeys(STATS[1:], np.nan)),
-            "steps_spent": int(mine["optimizer_steps"].fillna(0).sum()),
-            "steps_saved_by_pruning": int((pruned["planned_steps"] - pruned["optimizer_steps"]).fillna(0).sum()),
-            "best_trial": best.number if best else None,
-            "best_params": json.dumps(best.params if best else {}, sort_keys=True),
-        })
+        rows.append(
+            {
+                "study": study.study_name,
+                **group,
+                "n_complete": states.count(TrialState.COMPLETE),
+                "n_pruned": states.count(TrialState.PRUNED),
+                "n_failed": states.count(TrialState.FAIL),
+                "best": best.value if best else np.nan,
+                "median": final.loc[final["study"] == study.study_name, "objective"].median(),
+                **(stats.loc[key].to_dict() if key in stats.index else {"count": 0} | dict.fromkeys(STATS[1:], np.nan)),
+                "steps_spent": int(mine["optimizer_steps"].fillna(0).sum()),
+                "steps_saved_by_pruning": int((pruned["planned_steps"] - pruned["optimizer_steps"]).fillna(0).sum()),
+                "best_trial": best.number if best else None,
+                "best_params": json.dumps(best.params if best else {}, sort_keys=True),
+            }
+        )
     df = pd.DataFrame(rows)
     if len(df):
         df["count"] = df["count"].astype(int)
@@ -227,9 +254,13 @@ def by_group(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
         return []
     if not keys:
         return [("", df.sort_values("rank", na_position="last", kind="stable"))]
-    return [(", ".join(f"{k}={v}" for k, v in zip(keys, key, strict=True) if not pd.isna(v)),
-             rows.sort_values("rank", na_position="last", kind="stable"))
-            for key, rows in df.groupby(keys, dropna=False, sort=False)]
+    return [
+        (
+            ", ".join(f"{k}={v}" for k, v in zip(keys, key, strict=True) if not pd.isna(v)),
+            rows.sort_values("rank", na_position="last", kind="stable"),
+        )
+        for key, rows in df.groupby(keys, dropna=False, sort=False)
+    ]
 
 
 def markdown_table(df: pd.DataFrame, columns: Sequence[str]) -> str:
@@ -244,8 +275,23 @@ def markdown_table(df: pd.DataFrame, columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-SUMMARY_COLUMNS = ("rank", "study", "task", "metric", "direction", "best", "median", "mean", "std", "n_complete",
-                   "n_pruned", "n_failed", "steps_spent", "steps_saved_by_pruning", "score")
+SUMMARY_COLUMNS = (
+    "rank",
+    "study",
+    "task",
+    "metric",
+    "direction",
+    "best",
+    "median",
+    "mean",
+    "std",
+    "n_complete",
+    "n_pruned",
+    "n_failed",
+    "steps_spent",
+    "steps_saved_by_pruning",
+    "score",
+)
 
 
 def studies_csv(path: Path) -> Path:
@@ -289,37 +335,52 @@ def write_html(studies: Sequence[optuna.Study], trials: pd.DataFrame, summary: p
         sections.append(f"<h2>{html.escape(study.study_name)}</h2>")
         lines, fanova = _sample(study, MAX_LINES), _sample(study, MAX_FANOVA)
         figure("Optimization history", lambda s=study: vis.plot_optimization_history(s))
-        figure(f"Intermediate values (pruned trials stop early){_shown(lines, study)}",
-               lambda s=lines: vis.plot_intermediate_values(s))
-        figure(f"Parameter importances (fANOVA){_shown(fanova, study)}", lambda s=fanova: vis.plot_param_importances(
-            s, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)))
+        figure(
+            f"Intermediate values (pruned trials stop early){_shown(lines, study)}",
+            lambda s=lines: vis.plot_intermediate_values(s),
+        )
+        figure(
+            f"Parameter importances (fANOVA){_shown(fanova, study)}",
+            lambda s=fanova: vis.plot_param_importances(
+                s, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+            ),
+        )
         figure(f"Parallel coordinates{_shown(lines, study)}", lambda s=lines: vis.plot_parallel_coordinate(s))
         figure("Slices", lambda s=study: vis.plot_slice(s))
     by_name = {s.study_name: s for s in studies}
     for label, rows in by_group(summary):  # one axis per objective: a loss and an F1 share no scale
         if len(rows) > 1:
             sections.append(f"<h2>Studies side by side: {html.escape(label)}</h2>")
-            figure("Optimization histories",
-                   lambda r=rows: vis.plot_optimization_history([by_name[n] for n in r["study"]]))
+            figure(
+                "Optimization histories", lambda r=rows: vis.plot_optimization_history([by_name[n] for n in r["study"]])
+            )
     if (~trials["final"] & trials["rank"].notna()).any():
-        pruned = ("Pruned trials (final = False) are ranked on their last intermediate value, "
-                  "not a final one (--include-pruned).")
+        pruned = (
+            "Pruned trials (final = False) are ranked on their last intermediate value, "
+            "not a final one (--include-pruned)."
+        )
     else:
         pruned = "Pruned trials (final = False) are listed unranked: their objective is a last intermediate value."
-    tables = ["<h2>Studies</h2><p class='note'>Z-scores, score and rank compare only rows of the same task, "
-              f"objective metric and direction; rank 1 is the best of each group. {html.escape(pruned)}</p>"]
-    tables += [f"<h3>{html.escape(label)}</h3>{rows.to_html(index=False, classes='studies', na_rep='')}"
-               for label, rows in by_group(summary)]
+    tables = [
+        "<h2>Studies</h2><p class='note'>Z-scores, score and rank compare only rows of the same task, "
+        f"objective metric and direction; rank 1 is the best of each group. {html.escape(pruned)}</p>"
+    ]
+    tables += [
+        f"<h3>{html.escape(label)}</h3>{rows.to_html(index=False, classes='studies', na_rep='')}"
+        for label, rows in by_group(summary)
+    ]
     tables.append("<h2>Trials</h2>")
     for label, rows in by_group(trials):
         shown = f" (the best {MAX_TABLE_ROWS} of {len(rows):,}; all in the CSV)" if len(rows) > MAX_TABLE_ROWS else ""
         top = rows.head(MAX_TABLE_ROWS).to_html(index=False, classes="trials", na_rep="", float_format="{:.4g}".format)
         tables.append(f"<h3>{html.escape(label)}{shown}</h3>{top}")
     names = ", ".join(html.escape(s.study_name) for s in studies)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>hpo report: {names}</title>"
-            "<style>body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
-            "td,th{border:1px solid #ccc;padding:2px 6px}.skipped{color:#888}</style></head>"
-            f"<body><h1>hpo report: {names}</h1>{''.join(tables)}{''.join(sections)}</body></html>")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>hpo report: {names}</title>"
+        "<style>body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:2px 6px}.skipped{color:#888}</style></head>"
+        f"<body><h1>hpo report: {names}</h1>{''.join(tables)}{''.join(sections)}</body></html>"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page)
     return path

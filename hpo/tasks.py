@@ -27,20 +27,46 @@ class Task:
         return getattr(importlib.import_module("transformers"), self.auto_model)
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("sequence-classification", ("eval_loss", "eval_accuracy", "eval_f1_macro"),
-         "AutoModelForSequenceClassification", "SEQ_CLS", "DataCollatorWithPadding", classifies=True),
-    Task("token-classification", ("eval_loss", "eval_f1", "eval_precision", "eval_recall", "eval_accuracy"),  # entity level
-         "AutoModelForTokenClassification", "TOKEN_CLS", "DataCollatorForTokenClassification", classifies=True),
-    # No compute_metrics: gathering vocabulary-sized logits would cost memory for nothing but perplexity,
-    # which hpo.metrics.PerplexityCallback derives from the loss.
-    Task("causal-lm", ("eval_loss", "eval_perplexity"),
-         "AutoModelForCausalLM", "CAUSAL_LM", "DataCollatorForSeq2Seq", classifies=False),
-)}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task(
+            "sequence-classification",
+            ("eval_loss", "eval_accuracy", "eval_f1_macro"),
+            "AutoModelForSequenceClassification",
+            "SEQ_CLS",
+            "DataCollatorWithPadding",
+            classifies=True,
+        ),
+        Task(
+            "token-classification",
+            ("eval_loss", "eval_f1", "eval_precision", "eval_recall", "eval_accuracy"),  # entity level
+            "AutoModelForTokenClassification",
+            "TOKEN_CLS",
+            "DataCollatorForTokenClassification",
+            classifies=True,
+        ),
+        # No compute_metrics: gathering vocabulary-sized logits would cost memory for nothing but perplexity,
+        # which hpo.metrics.PerplexityCallback derives from the loss.
+        Task(
+            "causal-lm",
+            ("eval_loss", "eval_perplexity"),
+            "AutoModelForCausalLM",
+            "CAUSAL_LM",
+            "DataCollatorForSeq2Seq",
+            classifies=False,
+        ),
+    )
+}
 
 #: Every metric a task reports → whether higher is better.
 HIGHER_IS_BETTER: dict[str, bool] = {
-    "eval_loss": False, "eval_accuracy": True, "eval_f1_macro": True,
-    "eval_f1": True, "eval_precision": True, "eval_recall": True, "eval_perplexity": False,
+    "eval_loss": False,
+    "eval_accuracy": True,
+    "eval_f1_macro": True,
+    "eval_f1": True,
+    "eval_precision": True,
+    "eval_recall": True,
+    "eval_perplexity": False,
 }
 assert {m for t in TASKS.values() for m in t.metrics} == set(HIGHER_IS_BETTER)

@@ -51,11 +51,13 @@ def _capped(texts: list[Any], max_length: int, count: Any) -> list[Any]:
 
 def _counter(tokenizer: PreTrainedTokenizerBase, **kwargs: Any) -> Any:
     """A function from texts (or word lists, with ``is_split_into_words=True``) to their token counts."""
+
     def count(texts: list[Any]) -> list[int]:
         if not texts:
             return []
-        enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
-                        return_token_type_ids=False, **kwargs)
+        enc = tokenizer(
+            texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, **kwargs
+        )
         return [len(ids) for ids in enc["input_ids"]]
 
     return count
@@ -76,8 +78,13 @@ def _capped_words(examples: list[list[str]], tokenizer: PreTrainedTokenizerBase,
         return rows
 
     out = list(examples)
-    heads = cap({i: row[:max_length] for i, row in enumerate(examples)
-                 if len(row) > max_length or any(len(w) > n_chars for w in row)})
+    heads = cap(
+        {
+            i: row[:max_length]
+            for i, row in enumerate(examples)
+            if len(row) > max_length or any(len(w) > n_chars for w in row)
+        }
+    )
     rest = {}
     for (i, head), n in zip(heads.items(), words(list(heads.values())), strict=True):
         if len(examples[i]) <= max_length or n >= max_length:
@@ -89,8 +96,9 @@ def _capped_words(examples: list[list[str]], tokenizer: PreTrainedTokenizerBase,
     return out
 
 
-def tokenize(task: str, examples: list[tuple[Any, Any]], tokenizer: PreTrainedTokenizerBase,
-             max_length: int) -> list[dict[str, Any]]:
+def tokenize(
+    task: str, examples: list[tuple[Any, Any]], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> list[dict[str, Any]]:
     """Tokenized rows without padding (the task's collator pads each batch to its longest row).
 
     token-classification labels the first sub-word of each word and ignores the rest; causal-lm

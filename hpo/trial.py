@@ -41,21 +41,26 @@ from hpo.workbench import Workbench, quiet
 
 #: Config fields that the searchable ``dropout`` sets, across architectures.
 DROPOUT_FIELDS = (
-    "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",  # BERT family
-    "dropout", "attention_dropout",  # DistilBERT, BART, Llama
-    "resid_pdrop", "embd_pdrop", "attn_pdrop",  # GPT-2
-    "hidden_dropout", "activation_dropout",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "classifier_dropout",  # BERT family
+    "dropout",
+    "attention_dropout",  # DistilBERT, BART, Llama
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",  # GPT-2
+    "hidden_dropout",
+    "activation_dropout",
 )
 EVAL_BATCH_SIZE = 64  # inference needs no activations for backward, so batch wider
 # Batches of rows of similar length (transformers' LengthGroupedSampler): less padding, so ~10% less
 # compute per study on short texts (benchmarks/same_work.py); `train_sampling_strategy: random` turns it off.
-LENGTH_GROUPING = ({"train_sampling_strategy": "group_by_length"}
-                   if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__
-                   else {"group_by_length": True})  # its name in the first transformers 5 releases
+LENGTH_GROUPING = (
+    {"train_sampling_strategy": "group_by_length"}
+    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__
+    else {"group_by_length": True}
+)  # its name in the first transformers 5 releases
 LOGGING_STEPS = 10  # optimizer steps between train-loss/learning-rate/grad-norm points in TensorBoard
-
-
-
 
 
 def device_settings(settings: Mapping[str, Any] = {}) -> dict[str, Any]:
@@ -121,19 +126,21 @@ def run_trial(
     name = run_name or f"trial-{trial.number:04d}"
     task = TASKS[cfg.task]
     compute_metrics = metrics.COMPUTE[cfg.task](bench.labels) if cfg.task in metrics.COMPUTE else None
-    args = TrainingArguments(**{
-        "prediction_loss_only": compute_metrics is None,  # causal-lm: perplexity needs the loss, not the logits
-        "per_device_eval_batch_size": EVAL_BATCH_SIZE,
-        **LENGTH_GROUPING,
-        "logging_steps": LOGGING_STEPS,
-        "disable_tqdm": True,
-        **device_settings(settings),
-        **settings,  # the user's settings win over the defaults above
-        "output_dir": str(cfg.output_path / "trials" / name),
-        "eval_strategy": "no",  # PruningCallback decides when to evaluate
-        "save_strategy": "no",  # no per-trial checkpoints: the best model is saved once, by the study
-        "report_to": "none",  # TensorBoard is added below, with one run folder per trial
-    })
+    args = TrainingArguments(
+        **{
+            "prediction_loss_only": compute_metrics is None,  # causal-lm: perplexity needs the loss, not the logits
+            "per_device_eval_batch_size": EVAL_BATCH_SIZE,
+            **LENGTH_GROUPING,
+            "logging_steps": LOGGING_STEPS,
+            "disable_tqdm": True,
+            **device_settings(settings),
+            **settings,  # the user's settings win over the defaults above
+            "output_dir": str(cfg.output_path / "trials" / name),
+            "eval_strategy": "no",  # PruningCallback decides when to evaluate
+            "save_strategy": "no",  # no per-trial checkpoints: the best model is saved once, by the study
+            "report_to": "none",  # TensorBoard is added below, with one run folder per trial
+        }
+    )
     n_train = len(bench.train_rows)
     every = cfg.eval_every.examples_between(n_train)
     callback = PruningCallback(trial, cfg.objective.metric, n_train, every, on_eval)
@@ -147,8 +154,12 @@ def run_trial(
         eval_dataset=bench.eval_rows,
         processing_class=bench.tokenizer,
         compute_metrics=compute_metrics,
-        callbacks=[*([] if compute_metrics else [PerplexityCallback()]), callback, clock := _FirstStep(),
-                   TensorBoardCallback(_MaskedWriter(str(cfg.output_path / "tensorboard" / name), cfg.masked))],
+        callbacks=[
+            *([] if compute_metrics else [PerplexityCallback()]),
+            callback,
+            clock := _FirstStep(),
+            TensorBoardCallback(_MaskedWriter(str(cfg.output_path / "tensorboard" / name), cfg.masked)),
+        ],
     )
     trainer.remove_callback(PrinterCallback)  # hpo prints its own progress
     if bench.device == "cuda":
@@ -167,12 +178,19 @@ def run_trial(
     attrs["train_sampling_strategy"] = getattr(args, "train_sampling_strategy", None)  # how batches were drawn
     attrs["rss_mb"] = _rss_mb()  # now, after training: growth across trials is a leak
     attrs["load_report"] = load_report  # what the checkpoint lacked (new heads) or had in excess
-    attrs["optimizer"] = type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
-                              else trainer.optimizer).__name__
+    attrs["optimizer"] = type(
+        trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    ).__name__
     attrs["param_groups"] = [  # the rates as the optimizer had them: layer-wise, scaled, scheduled
-        {"parameters": sum(p.numel() for p in g["params"]), "head": g.get("head", False),
-         "lr": g.get("initial_lr", g["lr"]), "final_lr": g["lr"], "weight_decay": g["weight_decay"]}
-        for g in trainer.optimizer.param_groups]
+        {
+            "parameters": sum(p.numel() for p in g["params"]),
+            "head": g.get("head", False),
+            "lr": g.get("initial_lr", g["lr"]),
+            "final_lr": g["lr"],
+            "weight_decay": g["weight_decay"],
+        }
+        for g in trainer.optimizer.param_groups
+    ]
     value = callback.history[-1][1][cfg.objective.metric]
     history = [{"step": step, **metrics} for step, metrics in callback.history]
     del trainer
@@ -194,13 +212,20 @@ def _build_model(bench: Workbench, plan: TrialPlan) -> tuple[Any, dict[str, list
     task = TASKS[cfg.task]
     if bench.model_path is None:  # random init from cfg.model.config: nothing is pretrained, nothing is a new head
         model = task.model_class().from_config(config)
-        report = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "new_heads": [], "from_config": True}
+        report = {
+            "missing_keys": [],
+            "unexpected_keys": [],
+            "mismatched_keys": [],
+            "new_heads": [],
+            "from_config": True,
+        }
     else:
         # The weights file is memory-mapped: after the first trial this reads from the page cache (~30 ms for MiniLM).
         # A classifier checkpoint with another number of labels has a head of another shape: it is
         # re-initialised like a missing head (and reported), but a body weight of another shape is an error.
-        model, info = task.model_class().from_pretrained(bench.model_path, config=config, output_loading_info=True,
-                                                        ignore_mismatched_sizes=True)
+        model, info = task.model_class().from_pretrained(
+            bench.model_path, config=config, output_loading_info=True, ignore_mismatched_sizes=True
+        )
         mismatched = {str(k[0]): k for k in info.get("mismatched_keys") or []}
         body = [k for k in mismatched if k.startswith(f"{model.base_model_prefix}.")]
         if body:
@@ -283,8 +308,9 @@ def _measurements(bench: Workbench, trainer: Trainer, callback: PruningCallback,
     return {k: v for k, v in attrs.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
 
 
-def save_model(bench: Workbench, result: TrialResult, params: Mapping[str, Any], trial_number: int,
-               target: Path) -> Path:
+def save_model(
+    bench: Workbench, result: TrialResult, params: Mapping[str, Any], trial_number: int, target: Path
+) -> Path:
     """Save the trial's model (or LoRA adapter), tokenizer and ``hpo_trial.json`` as the folder ``target``.
 
     Writes a sibling temporary folder and swaps it in: a crash never leaves a half-written model, and
@@ -298,8 +324,13 @@ def save_model(bench: Workbench, result: TrialResult, params: Mapping[str, Any],
     try:
         result.model.save_pretrained(tmp)
         bench.tokenizer.save_pretrained(tmp)
-        info = {"study": bench.cfg.study, "storage": bench.cfg.storage_label, "trial": trial_number,
-                "value": result.value, "params": dict(params)}
+        info = {
+            "study": bench.cfg.study,
+            "storage": bench.cfg.storage_label,
+            "trial": trial_number,
+            "value": result.value,
+            "params": dict(params),
+        }
         (tmp / "hpo_trial.json").write_text(json.dumps(info, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

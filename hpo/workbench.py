@@ -90,7 +90,9 @@ def quiet():
     transformers.logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft 0.21
+            warnings.filterwarnings(
+                "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+            )  # peft 0.21
             warnings.filterwarnings("ignore", message=".*fan_in_fan_out is set to False.*")  # peft fixes GPT-2's Conv1D
             yield
     finally:
@@ -109,10 +111,19 @@ def prepare(cfg: StudyConfig, data: Examples | None = None) -> Workbench:
     check_training_arguments(cfg)
     data = data or load_examples(cfg)
     task = TASKS[cfg.task]
-    labels = {"num_labels": len(data.labels), "id2label": dict(enumerate(data.labels)),
-              "label2id": {name: i for i, name in enumerate(data.labels)}} if task.classifies else {}
+    labels = (
+        {
+            "num_labels": len(data.labels),
+            "id2label": dict(enumerate(data.labels)),
+            "label2id": {name: i for i, name in enumerate(data.labels)},
+        }
+        if task.classifies
+        else {}
+    )
     path = None if cfg.model.name is None else _model_path(cfg, cfg.model.name, ("model",))
-    tokenizer_path = path if cfg.model.tokenizer is None else _model_path(cfg, cfg.model.tokenizer, ("model", "tokenizer"))
+    tokenizer_path = (
+        path if cfg.model.tokenizer is None else _model_path(cfg, cfg.model.tokenizer, ("model", "tokenizer"))
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         if tokenizer.pad_token is None:  # GPT-2, Llama: batches still need padding
@@ -131,8 +142,10 @@ def prepare(cfg: StudyConfig, data: Examples | None = None) -> Workbench:
     rows = {split: tokenize(cfg.task, getattr(data, split), tokenizer, max_length) for split in ("train", "eval")}
     for split, tokenized in rows.items():  # a prompt that fills max_length leaves no response token to learn
         if not any(label != IGNORE for row in tokenized for label in _flat(row["labels"])):
-            raise cfg.error(("data", "max_length"), f"no {split} row has a token left to predict at max_length "
-                                                    f"{max_length}: every trial would fail")
+            raise cfg.error(
+                ("data", "max_length"),
+                f"no {split} row has a token left to predict at max_length {max_length}: every trial would fail",
+            )
     return Workbench(
         cfg=cfg,
         model_path=path,
@@ -160,11 +173,21 @@ def check_model_fits(cfg: StudyConfig, config: PretrainedConfig) -> None:
         ConfigError: one problem per setting that would fail every trial.
     """
     problems = []
-    limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions")
-                  if isinstance(getattr(config, k, None), int)), None)
+    limit = next(
+        (
+            getattr(config, k)
+            for k in ("max_position_embeddings", "n_positions")
+            if isinstance(getattr(config, k, None), int)
+        ),
+        None,
+    )
     if limit and cfg.data.max_length > limit:
-        problems.append(cfg.problem(("data", "max_length"), f"{cfg.data.max_length} is over the model's {limit} "
-                                                            "positions: a longer row would fail its trial"))
+        problems.append(
+            cfg.problem(
+                ("data", "max_length"),
+                f"{cfg.data.max_length} is over the model's {limit} positions: a longer row would fail its trial",
+            )
+        )
     targets = []  # (key path, module names)
     if cfg.is_lora and (cfg.model.lora or LoraSettings()).target_modules is not None:
         targets.append((("model", "lora", "target_modules"), tuple(lora_target_list(cfg.model.lora.target_modules))))
@@ -178,8 +201,13 @@ def check_model_fits(cfg: StudyConfig, config: PretrainedConfig) -> None:
         for path, wanted in dict.fromkeys(targets):
             bad = [t for t in wanted if not any(n == t or n.endswith(f".{t}") for n in modules)]
             if bad:
-                problems.append(cfg.problem(path, f"{bad[0]!r} names no module of this {config.model_type} model "
-                                                  f"(its linear layers: {', '.join(linear[:12])})"))
+                problems.append(
+                    cfg.problem(
+                        path,
+                        f"{bad[0]!r} names no module of this {config.model_type} model "
+                        f"(its linear layers: {', '.join(linear[:12])})",
+                    )
+                )
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
 
@@ -253,8 +281,14 @@ def check_training_arguments(cfg: StudyConfig) -> None:
         except (ImportError, importlib.metadata.PackageNotFoundError) as e:  # deepspeed: {...} without deepspeed
             wanted = re.search(r"'([^']+)' distribution was not found", str(e))
             package = wanted.group(1) if wanted else getattr(e, "name", None)
-            problems.append(cfg.problem(path, f"needs a package that is not installed: {package}" if package
-                                        else str(e).strip().splitlines()[0][:200]))
+            problems.append(
+                cfg.problem(
+                    path,
+                    f"needs a package that is not installed: {package}"
+                    if package
+                    else str(e).strip().splitlines()[0][:200],
+                )
+            )
         except Exception as e:  # noqa: BLE001 - whatever TrainingArguments raises would fail every trial
             reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             problems.append(cfg.problem(path, f"{type(e).__name__}: {reason}"))

@@ -68,8 +68,14 @@ def worker_env(k: int, n: int, gpus: Sequence[str]) -> dict[str, str]:
     return env
 
 
-def run_workers(cfg: StudyConfig, n: int, gpus: Sequence[str], console: Console | None = None,
-                bench: Workbench | None = None, allow_changes: bool = False) -> int:
+def run_workers(
+    cfg: StudyConfig,
+    n: int,
+    gpus: Sequence[str],
+    console: Console | None = None,
+    bench: Workbench | None = None,
+    allow_changes: bool = False,
+) -> int:
     """Run the study with ``n`` worker processes; return the exit code.
 
     The study is created (or loaded) here first, so a bad model, data or storage fails once, before
@@ -86,15 +92,22 @@ def run_workers(cfg: StudyConfig, n: int, gpus: Sequence[str], console: Console 
     study, bench = start_study(cfg, bench=bench, allow_changes=allow_changes)
     threads = worker_env(0, n, gpus).get("OMP_NUM_THREADS", "?")
     where = f"GPU {', '.join(gpus)}" if gpus else f"CPU, {threads} thread(s) each"
-    console.print(f"[bold]{escape(cfg.study)}[/]: {count_finished(study)} finished trial(s) in {cfg.storage_label}; "
-                  f"target {cfg.n_trials}; {n} workers on {where}")
+    console.print(
+        f"[bold]{escape(cfg.study)}[/]: {count_finished(study)} finished trial(s) in {cfg.storage_label}; "
+        f"target {cfg.n_trials}; {n} workers on {where}"
+    )
     _close_connections(study)  # no database socket shared with a forked child: SQLAlchemy's rule for fork
     sys.stdout.flush()
     sys.stderr.flush()
     context = multiprocessing.get_context("spawn" if gpus else "fork")
-    procs = [context.Process(target=_worker, name=f"w{k}",
-                             args=(cfg, None if gpus else bench, k, worker_env(k, n, gpus), os.getpid(), allow_changes))
-             for k in range(n)]
+    procs = [
+        context.Process(
+            target=_worker,
+            name=f"w{k}",
+            args=(cfg, None if gpus else bench, k, worker_env(k, n, gpus), os.getpid(), allow_changes),
+        )
+        for k in range(n)
+    ]
     try:
         with sigterm_interrupts():
             for p in procs:
@@ -113,8 +126,9 @@ def run_workers(cfg: StudyConfig, n: int, gpus: Sequence[str], console: Console 
     return 1 if (crashed or stopped) and count_finished(study) < cfg.n_trials else 0
 
 
-def _worker(cfg: StudyConfig, bench: Workbench | None, k: int, env: dict[str, str], parent: int,
-            allow_changes: bool) -> None:
+def _worker(
+    cfg: StudyConfig, bench: Workbench | None, k: int, env: dict[str, str], parent: int, allow_changes: bool
+) -> None:
     """Worker ``k`` of process ``parent``: run the trial loop, then leave with an exit code like ``hpo run``'s."""
     code = 1
     try:

@@ -21,12 +21,25 @@ def build_tiny_bert(folder: Path) -> Path:
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    words = sorted({w for f in ("train.csv", "eval.csv") for line in (DATA / f).read_text().splitlines()[1:]
-                    for w in line.rsplit(",", 1)[0].split()})
+    words = sorted(
+        {
+            w
+            for f in ("train.csv", "eval.csv")
+            for line in (DATA / f).read_text().splitlines()[1:]
+            for w in line.rsplit(",", 1)[0].split()
+        }
+    )
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
     BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(folder)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, initializer_range=0.2)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+    )
     torch.manual_seed(0)  # the same tiny model every run: test outcomes must not depend on luck
     BertModel(config).save_pretrained(folder)
     return folder
@@ -48,7 +61,9 @@ def tiny_bpe_tokenizer(tmp_path_factory) -> Path:
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
     folder = tmp_path_factory.mktemp("tiny-bpe")
-    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(
+        folder
+    )
     return folder
 
 
@@ -144,10 +159,13 @@ def storage_url(request, tmp_path):
 # a new test that trains or spawns is marked without anyone listing it; one marked `slow` is integration too.
 
 INTEGRATION_MODULES = {
-    "test_broken", "test_broken_data",  # the hostile-file corpora, one `hpo` subprocess per file
+    "test_broken",
+    "test_broken_data",  # the hostile-file corpora, one `hpo` subprocess per file
     "test_dashboard",  # a browser, TensorBoard and a dashboard server over a trained study
-    "test_faults", "test_workers",  # signals, killed and spawned workers
-    "test_quickstart", "test_shipped",  # the shipped studies, trained
+    "test_faults",
+    "test_workers",  # signals, killed and spawned workers
+    "test_quickstart",
+    "test_shipped",  # the shipped studies, trained
 }
 #: Names whose use means training (``run_study``, ``hpo.run``) or another process (``subprocess``, ``multiprocessing``,
 #: a browser). A helper in tests/ that uses one (procs.start, measure.run_measured) passes it on to its callers.
@@ -204,6 +222,9 @@ def pytest_collection_modifyitems(config, items):
             continue
         fixtures = [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
         seen: set = set()
-        if (module.__name__.rsplit(".", 1)[-1] in INTEGRATION_MODULES or item.get_closest_marker("slow")
-                or any(_reaches_integration(f, seen) for f in [item.function, *fixtures])):
+        if (
+            module.__name__.rsplit(".", 1)[-1] in INTEGRATION_MODULES
+            or item.get_closest_marker("slow")
+            or any(_reaches_integration(f, seen) for f in [item.function, *fixtures])
+        ):
             item.add_marker(pytest.mark.integration)

@@ -36,13 +36,25 @@ class Measured:
     rss_mib: float  # the child's peak resident memory
 
 
-def run_measured(cmd: list[str], cwd: Path | str | None = None, env: dict[str, str] | None = None,
-                 timeout: float = 300, limit_cpu_s: int = 300, limit_mib: int = 8192) -> Measured:
+def run_measured(
+    cmd: list[str],
+    cwd: Path | str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    limit_cpu_s: int = 300,
+    limit_mib: int = 8192,
+) -> Measured:
     """``cmd`` to completion under hard limits (killed after ``timeout`` s), with its rusage from ``os.wait4``."""
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        report = subprocess.run([sys.executable, "-c", LAUNCHER, str(limit_cpu_s), str(limit_mib), str(timeout),
-                                 str(out), str(err), *cmd], cwd=cwd, env=env, capture_output=True, text=True,
-                                timeout=timeout + 60, check=True)
+        report = subprocess.run(
+            [sys.executable, "-c", LAUNCHER, str(limit_cpu_s), str(limit_mib), str(timeout), str(out), str(err), *cmd],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout + 60,
+            check=True,
+        )
         code, cpu_s, rss_mib = json.loads(report.stdout)
         return Measured(code, out.read_text(), err.read_text(), cpu_s, rss_mib)

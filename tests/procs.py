@@ -31,8 +31,13 @@ def wait_for(condition, what: str, timeout: float = WAIT_S, poll: float = 0.2):
 
 def start(path, *args: str, **env: str) -> subprocess.Popen:
     """``hpo run path *args`` in a subprocess; stdout and stderr together."""
-    return subprocess.Popen([sys.executable, "-m", "hpo.cli", "run", str(path), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+    return subprocess.Popen(
+        [sys.executable, "-m", "hpo.cli", "run", str(path), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+    )
 
 
 def wait_for_running(storage, name="tiny", timeout=WAIT_S, n=1) -> optuna.Study:
@@ -81,5 +86,6 @@ SLOW_EPOCHS = 40  # of the tiny model: several seconds per trial, long enough to
 
 def slow_study(write_study, **changes):
     """A study file whose trials evaluate once per epoch, :data:`SLOW_EPOCHS` times."""
-    return write_study(**{"n_trials": 2, "train": {"num_train_epochs": SLOW_EPOCHS, "seed": 0}, "eval_every": 1.0,
-                          **changes})
+    return write_study(
+        **{"n_trials": 2, "train": {"num_train_epochs": SLOW_EPOCHS, "seed": 0}, "eval_every": 1.0, **changes}
+    )

@@ -14,14 +14,20 @@ import hpo
 
 def _settings() -> tuple:
     """What a library call must leave as it found it: loggers, warning filters, verbosity, progress bars."""
-    return (optuna.logging.get_verbosity(), transformers.logging.get_verbosity(),
-            transformers.logging.is_progress_bar_enabled(), tuple(warnings.filters),
-            logging.getLogger().level, tuple(logging.getLogger().handlers))
+    return (
+        optuna.logging.get_verbosity(),
+        transformers.logging.get_verbosity(),
+        transformers.logging.is_progress_bar_enabled(),
+        tuple(warnings.filters),
+        logging.getLogger().level,
+        tuple(logging.getLogger().handlers),
+    )
 
 
 def test_a_study_from_a_dict(tiny_model, tmp_path):
-    study = study_dict(tiny_model, n_trials=2, storage=f"sqlite:///{tmp_path / 'nb.db'}",
-                       output_dir=str(tmp_path / "outputs"))
+    study = study_dict(
+        tiny_model, n_trials=2, storage=f"sqlite:///{tmp_path / 'nb.db'}", output_dir=str(tmp_path / "outputs")
+    )
     before = _settings()
     cfg = hpo.validate(study)
     assert cfg.study == "tiny" and set(cfg.search_space) == {"learning_rate", "per_device_train_batch_size"}
@@ -45,6 +51,16 @@ def test_a_bad_dict_names_the_key(tiny_model):
 
 
 def test_the_public_surface():
-    assert set(hpo.__all__) >= {"run", "validate", "report", "best", "train", "load_study", "StudyConfig",
-                                "ConfigError", "NoCompleteTrial", "TrialsFailed"}
+    assert set(hpo.__all__) >= {
+        "run",
+        "validate",
+        "report",
+        "best",
+        "train",
+        "load_study",
+        "StudyConfig",
+        "ConfigError",
+        "NoCompleteTrial",
+        "TrialsFailed",
+    }
     assert all(hasattr(hpo, name) for name in hpo.__all__)

@@ -55,8 +55,13 @@ def test_broken_file_fails_cleanly(path, corpus):
     name = f"broken/{path.name}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "400"}
     env.pop("HPO_BROKEN_UNSET", None)
-    result = run_measured([sys.executable, "-m", "hpo.cli", "run", name], cwd=corpus, env=env, timeout=WALL_CAP_S,
-                          limit_cpu_s=int(BUDGET[stage][0]) * 4)
+    result = run_measured(
+        [sys.executable, "-m", "hpo.cli", "run", name],
+        cwd=corpus,
+        env=env,
+        timeout=WALL_CAP_S,
+        limit_cpu_s=int(BUDGET[stage][0]) * 4,
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     (error,) = result.stderr.strip().splitlines()

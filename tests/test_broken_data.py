@@ -61,4 +61,6 @@ def test_broken_data_fails_cleanly(path, corpus, tiny_model):
     assert f"broken_data/data/{path.stem}." in error, "the error names the data file"
     assert not (corpus / "broken_data" / f"{path.stem}.db").exists()
     assert not (corpus / "broken_data" / "outputs").exists()
-    assert result.cpu_s < MAX_CPU_S and result.rss_mib < MAX_RSS_MB, f"{result.cpu_s:.1f} s CPU, {result.rss_mib:.0f} MB"
+    assert result.cpu_s < MAX_CPU_S and result.rss_mib < MAX_RSS_MB, (
+        f"{result.cpu_s:.1f} s CPU, {result.rss_mib:.0f} MB"
+    )

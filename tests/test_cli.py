@@ -11,8 +11,14 @@ import pytest
 
 def hpo(*args, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "hpo.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "hpo.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_run_then_rerun_then_raise_the_target(write_study):
@@ -59,7 +65,10 @@ def test_validate(write_study):
 def test_bad_override(write_study):
     result = hpo("validate", write_study(), "n_trials=zero")
     assert result.returncode == 2
-    assert result.stderr.strip() == "error <command line>: n_trials: Input should be a valid integer, unable to parse string as an integer"
+    assert (
+        result.stderr.strip()
+        == "error <command line>: n_trials: Input should be a valid integer, unable to parse string as an integer"
+    )
     result = hpo("validate", write_study(), "n_trials")
     assert result.returncode == 2 and "an override is key.path=value" in result.stderr
 
@@ -72,16 +81,23 @@ def bomb(levels: int) -> str:
     return text + "]"
 
 
-@pytest.mark.parametrize("value, message", [
-    (bomb(8), "once aliases are expanded"),
-    ("&a [*a]", "recursive alias"),
-    ("[" * 2000 + "]" * 2000, "nested deeper than 64 levels"),
-], ids=["alias-bomb", "recursive-alias", "deep-nesting"])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (bomb(8), "once aliases are expanded"),
+        ("&a [*a]", "recursive alias"),
+        ("[" * 2000 + "]" * 2000, "nested deeper than 64 levels"),
+    ],
+    ids=["alias-bomb", "recursive-alias", "deep-nesting"],
+)
 def test_overrides_are_read_as_carefully_as_study_files(write_study, value, message):
     from measure import run_measured
 
-    result = run_measured([sys.executable, "-m", "hpo.cli", "validate", str(write_study()), f"train.label_names={value}"],
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300"}, limit_cpu_s=60)
+    result = run_measured(
+        [sys.executable, "-m", "hpo.cli", "validate", str(write_study()), f"train.label_names={value}"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300"},
+        limit_cpu_s=60,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error <command line>") and message in line and len(line) < 300
@@ -110,8 +126,11 @@ def test_outputs_that_cannot_be_written_are_one_line(write_study, tmp_path):
     assert hpo("run", path).returncode == 0
     folder = tmp_path / "a-folder"
     folder.mkdir()
-    for command in (["best", path, "-o", folder], ["report", path, "--csv", folder],
-                    ["best", path, "-o", path / "best.json"]):  # a folder, a folder, under a file
+    for command in (
+        ["best", path, "-o", folder],
+        ["report", path, "--csv", folder],
+        ["best", path, "-o", path / "best.json"],
+    ):  # a folder, a folder, under a file
         result = hpo(*command)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         (line,) = result.stderr.strip().splitlines()
@@ -124,7 +143,9 @@ def test_best_and_train_say_the_same_when_no_trial_completed(write_study):
     for command in (["best", path], ["train", path, "--best"]):
         result = hpo(*command)
         assert result.returncode == 2
-        assert result.stderr.strip() == f"error {path}: the study has no complete trial yet"  # not "Record does not exist."
+        assert (
+            result.stderr.strip() == f"error {path}: the study has no complete trial yet"
+        )  # not "Record does not exist."
 
 
 def test_reading_commands_create_nothing_in_an_empty_database(write_study, fresh_postgres_url, postgres_admin):
@@ -143,7 +164,8 @@ def test_command_line_mistakes_are_one_line(write_study, tmp_path):
     path = write_study(n_trials=1)
     gpus = hpo("run", path, "--gpus", "abc")
     assert gpus.returncode == 2 and gpus.stderr.strip() == (
-        "error <command line>: --gpus: 'abc' is not a GPU index (0, 1, …) or UUID (GPU-…, MIG-…)")
+        "error <command line>: --gpus: 'abc' is not a GPU index (0, 1, …) or UUID (GPU-…, MIG-…)"
+    )
     assert not path.with_suffix(".db").exists()
     assert hpo("run", path).returncode == 0
     twice = hpo("report", path, path)  # its trials would count twice in every z-score

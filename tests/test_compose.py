@@ -36,8 +36,10 @@ def base(tmp_path, tiny_model):
 
 
 def test_extends_deep_merges_and_keeps_each_files_paths_and_lines(tmp_path, base):
-    child = write(tmp_path / "studies" / "child.yaml", {
-        "extends": "../shared/base.yaml", "study": "child", "n_trials": 3, "train": {"num_train_epochs": 1}})
+    child = write(
+        tmp_path / "studies" / "child.yaml",
+        {"extends": "../shared/base.yaml", "study": "child", "n_trials": 3, "train": {"num_train_epochs": 1}},
+    )
     cfg = load_study(child)
     assert (cfg.study, cfg.n_trials) == ("child", 3)
     assert cfg.train == {"num_train_epochs": 1, "seed": 0, "warmup_ratio": 0.1}  # merged, child wins
@@ -49,10 +51,12 @@ def test_extends_deep_merges_and_keeps_each_files_paths_and_lines(tmp_path, base
     with pytest.raises(ConfigError) as e:
         load_study(child)
     found = sorted(map(str, e.value.problems))
-    assert found == sorted([
-        f"{base}:{line_of(base, 'max_length')}: data.max_length: Input should be greater than 0",
-        f"{child}:{line_of(child, 'n_trials')}: n_trials: Input should be greater than 0",
-    ])
+    assert found == sorted(
+        [
+            f"{base}:{line_of(base, 'max_length')}: data.max_length: Input should be greater than 0",
+            f"{child}:{line_of(child, 'n_trials')}: n_trials: Input should be greater than 0",
+        ]
+    )
 
 
 def test_extends_cycle_and_missing_base(tmp_path):
@@ -67,25 +71,34 @@ def test_extends_cycle_and_missing_base(tmp_path):
 
 
 def test_environments_overlay_the_study(write_study, tmp_path):
-    path = write_study(environments={
-        "dev": {"n_trials": 1, "train": {"num_train_epochs": 1}},
-        "prod": {"storage": "postgresql://hpo:${DB_PASSWORD}@db.internal/hpo"},
-    })
+    path = write_study(
+        environments={
+            "dev": {"n_trials": 1, "train": {"num_train_epochs": 1}},
+            "prod": {"storage": "postgresql://hpo:${DB_PASSWORD}@db.internal/hpo"},
+        }
+    )
     assert load_study(path).n_trials == 2  # no --env: the file as written; prod's unset variable waits for prod
     dev = load_study(path, env="dev")
     assert (dev.n_trials, dev.train["num_train_epochs"], dev.train["seed"], dev.environment) == (1, 1, 0, "dev")
     with pytest.raises(ConfigError) as e:
         load_study(path, env="stage")
-    assert str(e.value) == f"{path}:{line_of(path, 'environments:')}: environments: no environment 'stage' (defined: dev, prod)"
+    assert (
+        str(e.value)
+        == f"{path}:{line_of(path, 'environments:')}: environments: no environment 'stage' (defined: dev, prod)"
+    )
     with pytest.raises(ConfigError) as e:  # an error inside an environment points at the environment's line
         load_study(path, env="prod")
-    assert str(e.value) == f"{path}:{line_of(path, 'DB_PASSWORD')}: storage: ${{DB_PASSWORD}} is not set in the environment or .env"
+    assert (
+        str(e.value)
+        == f"{path}:{line_of(path, 'DB_PASSWORD')}: storage: ${{DB_PASSWORD}} is not set in the environment or .env"
+    )
     path.write_text(path.read_text().replace("n_trials: 1", "n_trials: many"))
     with pytest.raises(ConfigError) as e:  # environments not chosen are checked too
         load_study(path, env="prod")
     assert str(e.value).splitlines() == [  # every problem at once
         f"{path}:{line_of(path, 'DB_PASSWORD')}: storage: ${{DB_PASSWORD}} is not set in the environment or .env",
-        f"{path}:{line_of(path, 'many')}: environments.dev.n_trials: Input should be a valid integer, unable to parse string as an integer"]
+        f"{path}:{line_of(path, 'many')}: environments.dev.n_trials: Input should be a valid integer, unable to parse string as an integer",
+    ]
 
 
 def test_environment_storage_password_is_masked(write_study, tmp_path, monkeypatch):
@@ -100,11 +113,15 @@ def test_environment_storage_password_is_masked(write_study, tmp_path, monkeypat
 
 
 def test_conditional_parameters_in_trials(write_study):
-    path = write_study(n_trials=4, search_space={
-        "optim": {"type": "categorical", "choices": ["sgd", "adamw_torch"]},
-        "adam_beta2": {"type": "float", "low": 0.9, "high": 0.999, "when": {"optim": "adamw_torch"}},
-        "learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
-    }, sampler={"name": "random", "seed": 3})
+    path = write_study(
+        n_trials=4,
+        search_space={
+            "optim": {"type": "categorical", "choices": ["sgd", "adamw_torch"]},
+            "adam_beta2": {"type": "float", "low": 0.9, "high": 0.999, "when": {"optim": "adamw_torch"}},
+            "learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+        },
+        sampler={"name": "random", "seed": 3},
+    )
     study = run_study(load_study(path), quiet)
     assert {t.params["optim"] for t in study.trials} == {"sgd", "adamw_torch"}
     for t in study.trials:
@@ -113,9 +130,11 @@ def test_conditional_parameters_in_trials(write_study):
 
 
 def test_derived_lora_alpha_reaches_the_adapter(write_study, tiny_model):
-    path = write_study(n_trials=2, model={"name": str(tiny_model), "lora": {"target_modules": ["query", "value"]}},
-                       search_space={"r": {"type": "categorical", "choices": [2, 4]},
-                                     "lora_alpha": {"derive": "2 * r"}})
+    path = write_study(
+        n_trials=2,
+        model={"name": str(tiny_model), "lora": {"target_modules": ["query", "value"]}},
+        search_space={"r": {"type": "categorical", "choices": [2, 4]}, "lora_alpha": {"derive": "2 * r"}},
+    )
     study = run_study(load_study(path), quiet)
     for t in study.trials:
         assert t.user_attrs["derived_params"] == {"lora_alpha": 2 * t.params["r"]}
@@ -124,10 +143,15 @@ def test_derived_lora_alpha_reaches_the_adapter(write_study, tiny_model):
 
 
 def test_constraints_reject_before_training(write_study):
-    path = write_study(n_trials=3, search_space={
-        "per_device_train_batch_size": {"type": "categorical", "choices": [4, 8]},
-        "gradient_accumulation_steps": {"type": "categorical", "choices": [1, 2]},
-    }, constraints=["per_device_train_batch_size * gradient_accumulation_steps <= 8"], sampler={"name": "random", "seed": 1})
+    path = write_study(
+        n_trials=3,
+        search_space={
+            "per_device_train_batch_size": {"type": "categorical", "choices": [4, 8]},
+            "gradient_accumulation_steps": {"type": "categorical", "choices": [1, 2]},
+        },
+        constraints=["per_device_train_batch_size * gradient_accumulation_steps <= 8"],
+        sampler={"name": "random", "seed": 1},
+    )
     study = run_study(load_study(path), quiet)
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     rejected = [t for t in study.trials if t.state == TrialState.FAIL]
@@ -140,16 +164,27 @@ def test_constraints_reject_before_training(write_study):
         assert t.user_attrs["rejected_by_constraint"].startswith("per_device_train_batch_size")
 
 
-@pytest.mark.parametrize("changes, expected", [
-    ({"constraints": ["per_device_train_batch_size * grad_acc <= 8"]}, "constraints[0]: unknown name 'grad_acc'"),
-    ({"constraints": ["open('x')"]}, "is not allowed"),
-    ({"search_space": {"lora_alpha": {"derive": "2 * r"}}}, "search_space.lora_alpha.derive: unknown name 'r'"),
-    ({"search_space": {"adam_beta2": {"type": "float", "low": 0.9, "high": 0.99, "when": {"optim": "sgd"}}}},
-     "search_space.adam_beta2.when.optim: 'optim' must be a parameter defined above 'adam_beta2'"),
-    ({"search_space": {"optim": {"type": "categorical", "choices": ["sgd"]},
-                       "adam_beta2": {"type": "float", "low": 0.9, "high": 0.99, "when": {"optim": "adam"}}}},
-     "search_space.adam_beta2.when.optim: 'adam' is not one of optim's choices ['sgd']"),
-])
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"constraints": ["per_device_train_batch_size * grad_acc <= 8"]}, "constraints[0]: unknown name 'grad_acc'"),
+        ({"constraints": ["open('x')"]}, "is not allowed"),
+        ({"search_space": {"lora_alpha": {"derive": "2 * r"}}}, "search_space.lora_alpha.derive: unknown name 'r'"),
+        (
+            {"search_space": {"adam_beta2": {"type": "float", "low": 0.9, "high": 0.99, "when": {"optim": "sgd"}}}},
+            "search_space.adam_beta2.when.optim: 'optim' must be a parameter defined above 'adam_beta2'",
+        ),
+        (
+            {
+                "search_space": {
+                    "optim": {"type": "categorical", "choices": ["sgd"]},
+                    "adam_beta2": {"type": "float", "low": 0.9, "high": 0.99, "when": {"optim": "adam"}},
+                }
+            },
+            "search_space.adam_beta2.when.optim: 'adam' is not one of optim's choices ['sgd']",
+        ),
+    ],
+)
 def test_search_space_power_errors(write_study, changes, expected):
     with pytest.raises(ConfigError) as e:
         load_study(write_study(**changes))
@@ -176,16 +211,36 @@ def test_data_slices_for_quick_environments(write_study):
     assert (len(full.train_rows), len(full.eval_rows)) == (36, 6)
 
 
-@pytest.mark.parametrize("changes, expected", [
-    ({"search_space": {"r": {"type": "categorical", "choices": [4, 8]}, "lora_alpha": {"derive": "32 / (r - 4)"}}},
-     "search_space.lora_alpha.derive: '32 / (r - 4)': division by zero at r=4"),
-    ({"search_space": {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2},
-                       "lora_dropout": {"derive": "learning_rate * 1000"}}},
-     "search_space.lora_dropout.derive: gives 10.0 at learning_rate=0.01; lora_dropout must be a probability"),
-    ({"search_space": {"per_device_train_batch_size": {"type": "int", "low": 0, "high": 8}},
-      "constraints": ["64 // per_device_train_batch_size <= 8"]},
-     "constraints[0]: '64 // per_device_train_batch_size <= 8': integer division or modulo by zero"),
-])
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        (
+            {
+                "search_space": {
+                    "r": {"type": "categorical", "choices": [4, 8]},
+                    "lora_alpha": {"derive": "32 / (r - 4)"},
+                }
+            },
+            "search_space.lora_alpha.derive: '32 / (r - 4)': division by zero at r=4",
+        ),
+        (
+            {
+                "search_space": {
+                    "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2},
+                    "lora_dropout": {"derive": "learning_rate * 1000"},
+                }
+            },
+            "search_space.lora_dropout.derive: gives 10.0 at learning_rate=0.01; lora_dropout must be a probability",
+        ),
+        (
+            {
+                "search_space": {"per_device_train_batch_size": {"type": "int", "low": 0, "high": 8}},
+                "constraints": ["64 // per_device_train_batch_size <= 8"],
+            },
+            "constraints[0]: '64 // per_device_train_batch_size <= 8': integer division or modulo by zero",
+        ),
+    ],
+)
 def test_derive_and_constraints_are_evaluated_at_the_corners(write_study, changes, expected):
     with pytest.raises(ConfigError) as e:
         load_study(write_study(**changes))
@@ -194,11 +249,16 @@ def test_derive_and_constraints_are_evaluated_at_the_corners(write_study, change
 
 def test_a_constraint_on_an_inactive_parameter_does_not_apply(write_study):
     # momentum exists only for sgd: with adamw the constraint has nothing to check (it used to fail the trial).
-    path = write_study(n_trials=2, search_space={
-        "optimizer": {"type": "categorical", "choices": ["adamw", "sgd"]},
-        "momentum": {"type": "float", "low": 0.5, "high": 0.9, "when": {"optimizer": "sgd"}},
-        "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
-        constraints=["momentum <= 0.95"], enqueue=[{"optimizer": "adamw", "learning_rate": 1e-3}])
+    path = write_study(
+        n_trials=2,
+        search_space={
+            "optimizer": {"type": "categorical", "choices": ["adamw", "sgd"]},
+            "momentum": {"type": "float", "low": 0.5, "high": 0.9, "when": {"optimizer": "sgd"}},
+            "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        },
+        constraints=["momentum <= 0.95"],
+        enqueue=[{"optimizer": "adamw", "learning_rate": 1e-3}],
+    )
     study = run_study(load_study(path), quiet)
     first = study.trials[0]
     assert first.params["optimizer"] == "adamw" and first.state.name == "COMPLETE"

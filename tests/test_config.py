@@ -25,9 +25,16 @@ def test_valid_study_loads_with_defaults(write_study):
 def test_direction_follows_the_metric(write_study):
     assert load_study(write_study(objective={"metric": "eval_f1_macro"})).objective.direction == "maximize"
     # Perplexity is a loss in all but name: it was maximized, so hpo called the worst model the best.
-    causal = write_study(task="causal-lm", objective={"metric": "eval_perplexity"},
-                         data={"train": str(DATA / "chat_train.jsonl"), "eval": str(DATA / "chat_eval.jsonl"),
-                               "prompt_column": "prompt", "response_column": "response"})
+    causal = write_study(
+        task="causal-lm",
+        objective={"metric": "eval_perplexity"},
+        data={
+            "train": str(DATA / "chat_train.jsonl"),
+            "eval": str(DATA / "chat_eval.jsonl"),
+            "prompt_column": "prompt",
+            "response_column": "response",
+        },
+    )
     assert load_study(causal).objective.direction == "minimize"
 
 
@@ -56,7 +63,10 @@ def test_errors_name_file_line_and_key(write_study):
     found = errors(path)
     assert len(found) == 2  # every problem at once
     lr_line = next(i for i, line in enumerate(lines, 1) if "lerning_rate" in line)
-    assert f"{path}:{lr_line}: search_space.lerning_rate: unknown parameter 'lerning_rate'; did you mean 'learning_rate'?" in found
+    assert (
+        f"{path}:{lr_line}: search_space.lerning_rate: unknown parameter 'lerning_rate'; did you mean 'learning_rate'?"
+        in found
+    )
     n_line = next(i for i, line in enumerate(lines, 1) if "n_trails" in line)
     assert f"{path}:{n_line}: n_trails: unknown key; did you mean 'n_trials'?" in found
 
@@ -64,26 +74,46 @@ def test_errors_name_file_line_and_key(write_study):
 def test_nested_unknown_key_suggests(write_study):
     from tests.conftest import DATA
 
-    (found,) = errors(write_study(data={"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"),
-                                        "text_colum": "text"}))
+    (found,) = errors(
+        write_study(data={"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "text_colum": "text"})
+    )
     assert "data.text_colum: unknown key; did you mean 'text_column'?" in found
 
 
-@pytest.mark.parametrize("changes, expected", [
-    ({"search_space": {"learning_rate": {"type": "float", "low": 0.1, "high": 0.01}}},
-     "search_space.learning_rate: low=0.1 > high=0.01"),
-    ({"search_space": {"output_dir": {"type": "categorical", "choices": ["a"]}}},
-     "search_space.output_dir: 'output_dir' is set by hpo"),
-    ({"train": {"num_train_epoch": 2}}, "train.num_train_epoch: not a TrainingArguments field: 'num_train_epoch'; did you mean 'num_train_epochs'?"),
-    ({"sampler": {"name": "tpee"}}, "sampler.name: Input should be 'tpe'"),
-    ({"pruner": {"name": "median", "n_startup_trails": 3}}, "pruner: MedianPruner: got an unexpected keyword argument 'n_startup_trails'; did you mean 'n_startup_trials'?"),
-    ({"n_trials": 0}, "n_trials: Input should be greater than 0"),
-    ({"eval_every": {"epochs": 0.5, "examples": 10}}, "eval_every: give a number of epochs"),
-    ({"objective": {"metric": "eval_bleu"}}, "objective.metric: 'eval_bleu' is not reported by sequence-classification"),
-    ({"data": {"train": "missing.csv", "eval": "missing.csv"}}, "data.train: file not found"),
-    ({"search_space": {"train_batch": {"type": "int", "low": 1, "high": 2}}}, "unknown parameter 'train_batch'"),
-    ({"sampler": {"name": "grid"}}, "grid sampler needs categorical or stepped parameters; 'learning_rate' is continuous"),
-])
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        (
+            {"search_space": {"learning_rate": {"type": "float", "low": 0.1, "high": 0.01}}},
+            "search_space.learning_rate: low=0.1 > high=0.01",
+        ),
+        (
+            {"search_space": {"output_dir": {"type": "categorical", "choices": ["a"]}}},
+            "search_space.output_dir: 'output_dir' is set by hpo",
+        ),
+        (
+            {"train": {"num_train_epoch": 2}},
+            "train.num_train_epoch: not a TrainingArguments field: 'num_train_epoch'; did you mean 'num_train_epochs'?",
+        ),
+        ({"sampler": {"name": "tpee"}}, "sampler.name: Input should be 'tpe'"),
+        (
+            {"pruner": {"name": "median", "n_startup_trails": 3}},
+            "pruner: MedianPruner: got an unexpected keyword argument 'n_startup_trails'; did you mean 'n_startup_trials'?",
+        ),
+        ({"n_trials": 0}, "n_trials: Input should be greater than 0"),
+        ({"eval_every": {"epochs": 0.5, "examples": 10}}, "eval_every: give a number of epochs"),
+        (
+            {"objective": {"metric": "eval_bleu"}},
+            "objective.metric: 'eval_bleu' is not reported by sequence-classification",
+        ),
+        ({"data": {"train": "missing.csv", "eval": "missing.csv"}}, "data.train: file not found"),
+        ({"search_space": {"train_batch": {"type": "int", "low": 1, "high": 2}}}, "unknown parameter 'train_batch'"),
+        (
+            {"sampler": {"name": "grid"}},
+            "grid sampler needs categorical or stepped parameters; 'learning_rate' is continuous",
+        ),
+    ],
+)
 def test_bad_values_are_reported_at_their_key(write_study, changes, expected):
     found = errors(write_study(**changes))
     assert any(expected in line for line in found), found
@@ -118,8 +148,10 @@ def test_overrides_win_and_are_validated(write_study):
 
 def test_search_space_file(write_study, tmp_path):
     spaces = tmp_path / "spaces.yaml"
-    spaces.write_text("search_space:\n  learning_rate: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}\n"
-                      "  warmup_ratio: {type: float, low: 0.5, high: 0.1}\n")
+    spaces.write_text(
+        "search_space:\n  learning_rate: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}\n"
+        "  warmup_ratio: {type: float, low: 0.5, high: 0.1}\n"
+    )
     found = errors(write_study(search_space="spaces.yaml"))
     assert found == [f"{spaces}:3: search_space.warmup_ratio: low=0.5 > high=0.1"]
 
@@ -142,8 +174,9 @@ def test_data_checks_run_before_training(write_study, tmp_path):
     cfg = load_study(write_study(data={"train": str(DATA / "train.csv"), "eval": str(bad)}))
     with pytest.raises(ConfigError, match=re.escape("data.eval: eval labels not in train: 'unseen_label'")):
         prepare(cfg)
-    cfg = load_study(write_study(data={"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"),
-                                       "text_column": "sentence"}))
+    cfg = load_study(
+        write_study(data={"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "text_column": "sentence"})
+    )
     with pytest.raises(ConfigError, match=re.escape("data.text_column: column 'sentence' not in train.csv")):
         prepare(cfg)
 
@@ -196,7 +229,9 @@ def test_variables_from_the_environment_and_dotenv(write_study, tmp_path, monkey
 def test_ordinary_anchors_aliases_and_merge_keys_work_and_point_at_their_lines(write_study):
     path = write_study()
     head = path.read_text().split("search_space:")[0]
-    path.write_text(head + """x-float: &float {type: float, log: true}
+    path.write_text(
+        head
+        + """x-float: &float {type: float, log: true}
 x-bad: &bad {type: float, low: 0.5, high: 0.1}
 x-typo: &typo {type: float, low: 0.1, high: 0.5, lgo: true}
 search_space:
@@ -206,7 +241,8 @@ search_space:
     high: 1.0e-2
   weight_decay: *bad
   adam_beta2: *typo
-""")
+"""
+    )
     lines = path.read_text().splitlines()
     at = {name: next(i for i, line in enumerate(lines, 1) if name in line) for name in ("weight_decay", "&typo")}
     found = [p for p in errors(path) if not p.split(": ")[1].startswith("x-")]  # x- keys are unknown: expected

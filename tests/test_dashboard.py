@@ -29,8 +29,11 @@ def study_file(tmp_path_factory, tiny_model):
 
     folder = tmp_path_factory.mktemp("dashboard")
     path = folder / "study.yaml"
-    path.write_text(yaml.safe_dump(study_dict(tiny_model, n_trials=3, pruner={"name": "median", "n_startup_trials": 1}),
-                                   sort_keys=False))
+    path.write_text(
+        yaml.safe_dump(
+            study_dict(tiny_model, n_trials=3, pruner={"name": "median", "n_startup_trials": 1}), sort_keys=False
+        )
+    )
     run_study(load_study(path), Console(quiet=True))
     return path
 
@@ -79,8 +82,12 @@ def test_dashboard_in_chromium(study_file):
     from playwright.sync_api import sync_playwright
 
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "hpo.cli", "dashboard", str(study_file), "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "hpo.cli", "dashboard", str(study_file), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}/dashboard"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
@@ -96,8 +103,11 @@ def test_dashboard_in_chromium(study_file):
     try:
         wait_for(answers, f"hpo dashboard to answer at {base}")
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, timeout=WAIT_S * 1000,
-                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM,
+                timeout=WAIT_S * 1000,
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+            )
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(WAIT_S * 1000)  # each wait_for and goto: a loaded machine renders slowly
             page.goto(base)

@@ -27,7 +27,9 @@ ROOT = Path(__file__).parents[1]
 
 def study(write_study, tmp_path, task=SEQ, train=None, eval=None, **data):
     """A study of ``task`` whose train/eval files are written from ``{name: content}`` (default: good ones)."""
-    good = {SEQ: "train.csv", TOK: "ner_train.jsonl", LM: "train.csv" if "text_column" in data else "chat_train.jsonl"}[task]
+    good = {SEQ: "train.csv", TOK: "ner_train.jsonl", LM: "train.csv" if "text_column" in data else "chat_train.jsonl"}[
+        task
+    ]
     paths = {}
     for split, files in (("train", train), ("eval", eval)):
         if files is None:
@@ -66,8 +68,20 @@ BAD = [
     (SEQ, "a.jsonl", '{"text": "hi", "label": 1}\n{"text": "cold", "label": Infinity}\n', 2, "'label' is inf"),
     (SEQ, "a.jsonl", jsonl(GOOD, {"text": "  ", "label": "x"}), 2, "'text' is empty"),
     (SEQ, "a.jsonl", '{"text": "hi", "label": 1}\n{"text": "cold",\n "label": 2}\n', 2, "a record spans lines"),
-    (SEQ, "a.jsonl", '{"text": "hi", "label": 1}\n{"text": "x", "label": 2}  {"text": "y"}\n', 2, "not valid JSON: Extra data (column 28)"),
-    (SEQ, "a.json", '[\n {"text": "hi", "label": 1},\n\n {"text": "cold",\n  "label": null}]', "4: [1]", "'label' is null"),
+    (
+        SEQ,
+        "a.jsonl",
+        '{"text": "hi", "label": 1}\n{"text": "x", "label": 2}  {"text": "y"}\n',
+        2,
+        "not valid JSON: Extra data (column 28)",
+    ),
+    (
+        SEQ,
+        "a.json",
+        '[\n {"text": "hi", "label": 1},\n\n {"text": "cold",\n  "label": null}]',
+        "4: [1]",
+        "'label' is null",
+    ),
     (SEQ, "a.json", '[{"text": "hi", "label": 1}, 7]', "1: [1]", "expected a record {...}, found a number"),
     (SEQ, "a.json", '[{"text": "hi", "label": 1},\n {"text": "cold" "label": 2}]', 2, "not valid JSON"),
     (SEQ, "a.json", '{"rows": [{"text": "hi", "label": 1}]}', None, "expected a list of records"),
@@ -85,7 +99,13 @@ BAD = [
     (TOK, "a.jsonl", jsonl(NER, {"tokens": ["cold"], "tags": ["b-wx"]}), 2, "tags[0]: 'b-wx' is not an IOB tag"),
     (TOK, "a.jsonl", jsonl(NER, {"tokens": ["cold"], "tags": ["B-"]}), 2, "tags[0]: 'B-' is not an IOB tag"),
     (TOK, "a.jsonl", jsonl(NER, {"tokens": ["cold"], "tags": ["U-WX"]}), 2, "tags[0]: 'U-WX' is not an IOB tag"),
-    (TOK, "a.jsonl", jsonl(NER, {"tokens": ["cold", "today"], "tags": ["B-WX"]}), 2, "'tokens' has 2 items, 'tags' has 1"),
+    (
+        TOK,
+        "a.jsonl",
+        jsonl(NER, {"tokens": ["cold", "today"], "tags": ["B-WX"]}),
+        2,
+        "'tokens' has 2 items, 'tags' has 1",
+    ),
     (TOK, "a.jsonl", jsonl(NER, {"tokens": ["cold", " "], "tags": ["B-WX", "O"]}), 2, "'tokens[1]' is empty"),
     (TOK, "a.conll", "-DOCSTART- -X- O O\n\ni PRP x O\nwant VB x O\npizza NN x\n", 5, "3 columns, but line 3 has 4"),
     (TOK, "a.conll", "i O\nwant O\n\npizza B-FOOD\nsoup\n", 5, "one column ('soup')"),
@@ -99,8 +119,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("task", "name", "content", "where", "message"), BAD,
-                         ids=[f"{i:02d}-{b[2][:24]!r}" for i, b in enumerate(BAD)])
+@pytest.mark.parametrize(
+    ("task", "name", "content", "where", "message"), BAD, ids=[f"{i:02d}-{b[2][:24]!r}" for i, b in enumerate(BAD)]
+)
 @pytest.mark.parametrize("split", ["train", "eval"])
 def test_a_bad_value_names_the_file_and_line(write_study, tmp_path, task, name, content, where, message, split):
     cfg = study(write_study, tmp_path, task, **{split: {name: content}})
@@ -111,16 +132,20 @@ def test_a_bad_value_names_the_file_and_line(write_study, tmp_path, task, name, 
 
 def test_plain_text_must_not_be_empty_or_null(write_study, tmp_path):
     rows = {"a.jsonl": jsonl({"text": "hello there"}, {"text": None})}
-    assert f"{tmp_path / 'a.jsonl'}:2: 'text' is null" in error(study(write_study, tmp_path, LM, train=rows,
-                                                                             eval=rows, text_column="text"))
+    assert f"{tmp_path / 'a.jsonl'}:2: 'text' is null" in error(
+        study(write_study, tmp_path, LM, train=rows, eval=rows, text_column="text")
+    )
     rows = {"a.csv": "text,label\nhello,x\n,y\n"}
-    assert f"{tmp_path / 'a.csv'}:3: 'text' is empty" in error(study(write_study, tmp_path, LM, eval=rows,
-                                                                          text_column="text"))
+    assert f"{tmp_path / 'a.csv'}:3: 'text' is empty" in error(
+        study(write_study, tmp_path, LM, eval=rows, text_column="text")
+    )
 
 
 def test_numbers_are_one_label_however_spelled(write_study, tmp_path):
     train = jsonl(*({"text": f"t{i}", "label": v} for i, v in enumerate([1, 1.0, "1.0", 0, 0.0, "-0", 2.5, "2.50"])))
-    cfg = study(write_study, tmp_path, train={"train.jsonl": train}, eval={"eval.csv": "text,label\na,1\nb,0.0\nc,2.5\n"})
+    cfg = study(
+        write_study, tmp_path, train={"train.jsonl": train}, eval={"eval.csv": "text,label\na,1\nb,0.0\nc,2.5\n"}
+    )
     data = load_examples(cfg)
     assert data.labels == ["0", "1", "2.5"]
     assert [label for _, label in data.train] == [1, 1, 1, 0, 0, 0, 2, 2]
@@ -147,8 +172,20 @@ def test_label_names():
     from hpo.data import label_name
 
     values = ["1.0", "1", "-0.0", "2.50", "1e3", "1.5e-07", " spam ", "007", "1.", "true", "", "1e999999999"]
-    assert [label_name(v) for v in values] == ["1", "1", "0", "2.5", "1000", "0.00000015", "spam", "007", "1.",
-                                               "true", "", "1e999999999"]
+    assert [label_name(v) for v in values] == [
+        "1",
+        "1",
+        "0",
+        "2.5",
+        "1000",
+        "0.00000015",
+        "spam",
+        "007",
+        "1.",
+        "true",
+        "",
+        "1e999999999",
+    ]
 
 
 def test_unseen_eval_labels_are_shown_as_repr_with_their_place(write_study, tmp_path):
@@ -158,8 +195,9 @@ def test_unseen_eval_labels_are_shown_as_repr_with_their_place(write_study, tmp_
 
 def test_max_rows_keep_the_same_sample_and_every_row_is_checked(write_study, tmp_path):
     rows = [{"text": f"text {i}", "label": i % 3} for i in range(40)]
-    data = load_examples(study(write_study, tmp_path, train={"t.jsonl": jsonl(*rows)}, eval={"e.jsonl": jsonl(*rows)},
-                               max_train_rows=7))
+    data = load_examples(
+        study(write_study, tmp_path, train={"t.jsonl": jsonl(*rows)}, eval={"e.jsonl": jsonl(*rows)}, max_train_rows=7)
+    )
     sample = pd.DataFrame(rows).sample(n=7, random_state=0)  # what earlier versions picked
     assert [text for text, _ in data.train] == sample["text"].tolist()
     rows[39]["label"] = None  # not in the sample, still a broken file
@@ -191,9 +229,11 @@ def test_checking_data_needs_no_torch_and_little_memory(write_study, tmp_path):
     rows = [{"text": f"hello there number {i}", "label": i % 2} for i in range(20_000)] + [{"text": "x", "label": None}]
     path = write_study(data={"train": str(tmp_path / "t.jsonl"), "eval": str(DATA / "eval.csv")})
     (tmp_path / "t.jsonl").write_text(jsonl(*rows))
-    code = ("import sys\nfrom hpo import ConfigError, load_study\nfrom hpo.data import load_examples\n"
-            "try:\n    load_examples(load_study(sys.argv[1]))\nexcept ConfigError as e:\n    print(e)\n"
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    code = (
+        "import sys\nfrom hpo import ConfigError, load_study\nfrom hpo.data import load_examples\n"
+        "try:\n    load_examples(load_study(sys.argv[1]))\nexcept ConfigError as e:\n    print(e)\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
     out, cpu_s, rss_mb = measured([sys.executable, "-c", code, str(path)], tmp_path)
     assert "data.train: t.jsonl:20001: 'label' is null" in out and "[]" in out, out  # run in tmp_path: relative
     assert cpu_s < 5 and rss_mb < 300, f"{cpu_s:.1f} s CPU, {rss_mb:.0f} MB"
@@ -208,6 +248,7 @@ def measured(args: list[str], cwd: Path, limit_cpu_s: int = 120, limit_mb: int =
 
 
 # --- tokenizing: long texts are cut first, to the same tokens -------------------------------------------
+
 
 def tokenize_whole(task, examples, tokenizer, max_length):
     """hpo.tokens.tokenize before texts were cut: each text tokenized whole, then truncated (the reference)."""
@@ -232,8 +273,13 @@ def tokenize_whole(task, examples, tokenizer, max_length):
             continue
         head = tokenizer(prompt)["input_ids"]
         tail = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append({"input_ids": (head + tail)[:max_length], "attention_mask": [1] * min(len(head + tail), max_length),
-                     "labels": ([IGNORE] * len(head) + tail)[:max_length]})
+        rows.append(
+            {
+                "input_ids": (head + tail)[:max_length],
+                "attention_mask": [1] * min(len(head + tail), max_length),
+                "labels": ([IGNORE] * len(head) + tail)[:max_length],
+            }
+        )
     return rows
 
 
@@ -257,9 +303,12 @@ def tokenizer(request, tmp_path):
     from transformers import BertTokenizerFast, PreTrainedTokenizerFast
 
     if request.param == "wordpiece":
-        words = sorted({w for line in (DATA / "train.csv").read_text().splitlines()[1:] for w in line.split(",")[0].split()})
-        BertTokenizerFast(vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
-                          ).save_pretrained(tmp_path / "wp")
+        words = sorted(
+            {w for line in (DATA / "train.csv").read_text().splitlines()[1:] for w in line.split(",")[0].split()}
+        )
+        BertTokenizerFast(
+            vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
+        ).save_pretrained(tmp_path / "wp")
         return spying(BertTokenizerFast).from_pretrained(tmp_path / "wp")
     return spying(PreTrainedTokenizerFast).from_pretrained(request.getfixturevalue("tiny_bpe_tokenizer"))
 
@@ -271,16 +320,29 @@ def long_texts() -> list[str]:
     rng = random.Random(0)
     vocab = [w for line in (DATA / "train.csv").read_text().splitlines()[1:] for w in line.split(",")[0].split()]
     words = lambda n, sep=" ": sep.join(rng.choice(vocab + ["zebra", "café", "über,", "x.y", "中文"]) for _ in range(n))
-    return ["hello there", "", words(30), words(400), words(400, "  \t"), words(300, "\n\n"), words(300, ", "),
-            words(150) + " " + "x" * 1000 + " " + words(150)]
+    return [
+        "hello there",
+        "",
+        words(30),
+        words(400),
+        words(400, "  \t"),
+        words(300, "\n\n"),
+        words(300, ", "),
+        words(150) + " " + "x" * 1000 + " " + words(150),
+    ]
 
 
 def pathological_texts() -> list[str]:
     # Cuts that give too few tokens, so the cut grows until it is the whole text: a word of thousands of
     # letters (WordPiece: one [UNK]) where the cut falls, pages of blanks, characters a normalizer erases.
-    return ["a" * 5000 + " hello there cold and windy please " * 3, " " * 5000 + "hello there " * 40,
-            "hello " + "\u200b " * 3000 + "cold and windy", "é" * 900 + " " + "hello there " * 100,
-            "hello there " * 60 + "unknownword" * 200 + " hello", "x" * 70_000 + " end"]
+    return [
+        "a" * 5000 + " hello there cold and windy please " * 3,
+        " " * 5000 + "hello there " * 40,
+        "hello " + "\u200b " * 3000 + "cold and windy",
+        "é" * 900 + " " + "hello there " * 100,
+        "hello there " * 60 + "unknownword" * 200 + " hello",
+        "x" * 70_000 + " end",
+    ]
 
 
 @pytest.mark.parametrize("task", [SEQ, LM, "prompt-response", TOK])
@@ -304,8 +366,10 @@ def test_cut_texts_give_the_tokens_of_whole_texts(tokenizer, task):
         examples = [(t, i % 2 if task == SEQ else "") for i, t in enumerate(pathological_texts())]
     else:
         examples = [(t.split(" "), [0] * len(t.split(" "))) for t in pathological_texts()]
-        examples += [([t], [0]) for t in pathological_texts()] + [(["\u200b"] * 40 + ["cold", "rain"], [0] * 42),
-                     (["x" * 900, "hello", "there"], [0, 1, 2])]
+        examples += [([t], [0]) for t in pathological_texts()] + [
+            (["\u200b"] * 40 + ["cold", "rain"], [0] * 42),
+            (["x" * 900, "hello", "there"], [0, 1, 2]),
+        ]
     assert tokenize(task, examples, tokenizer, MAX_LENGTH) == tokenize_whole(task, examples, tokenizer, MAX_LENGTH)
 
 

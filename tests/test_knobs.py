@@ -23,8 +23,16 @@ def one_trial(write_study, **train):
 
 
 def test_step_schedule_sgd_and_a_head_rate_ten_times_the_body(write_study):
-    attrs = one_trial(write_study, learning_rate=1e-3, optimizer="sgd", momentum=0.9, head_lr_multiplier=10,
-                      lr_scheduler_type="step", lr_step_size=5, lr_gamma=0.5).user_attrs
+    attrs = one_trial(
+        write_study,
+        learning_rate=1e-3,
+        optimizer="sgd",
+        momentum=0.9,
+        head_lr_multiplier=10,
+        lr_scheduler_type="step",
+        lr_step_size=5,
+        lr_gamma=0.5,
+    ).user_attrs
     assert attrs["optimizer"] == "SGD"
     steps = attrs["optimizer_steps"]
     groups = attrs["param_groups"]
@@ -38,8 +46,13 @@ def test_step_schedule_sgd_and_a_head_rate_ten_times_the_body(write_study):
 
 def test_plateau_schedule_follows_the_eval_loss(write_study):
     # at lr 1e-7 the eval loss barely moves, so most evaluations are plateaus
-    trial = one_trial(write_study, learning_rate=1e-7, lr_scheduler_type="reduce_lr_on_plateau",
-                      lr_plateau_factor=0.5, lr_plateau_patience=0)
+    trial = one_trial(
+        write_study,
+        learning_rate=1e-7,
+        lr_scheduler_type="reduce_lr_on_plateau",
+        lr_plateau_factor=0.5,
+        lr_plateau_patience=0,
+    )
     expected, best = 1e-7, math.inf
     for loss in trial.intermediate_values.values():  # the eval losses, in order
         if loss < best * (1 - 1e-4):  # ReduceLROnPlateau's default relative threshold
@@ -54,15 +67,22 @@ def test_plateau_schedule_follows_the_eval_loss(write_study):
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "rmsprop", "adafactor"])
 def test_optimizers_by_name_with_an_absolute_head_rate(write_study, optimizer):
-    attrs = one_trial(write_study, learning_rate=1e-3, optimizer=optimizer, head_learning_rate=0.05,
-                      lr_scheduler_type="constant").user_attrs
+    attrs = one_trial(
+        write_study, learning_rate=1e-3, optimizer=optimizer, head_learning_rate=0.05, lr_scheduler_type="constant"
+    ).user_attrs
     assert attrs["optimizer"].lower() == {"adamw": "adamw"}.get(optimizer, optimizer)
     assert {g["head"]: g["final_lr"] for g in attrs["param_groups"]} == {True: 0.05, False: 1e-3}
 
 
 def test_linear_lr_scaling(write_study):
-    attrs = one_trial(write_study, learning_rate=1e-3, lr_scaling="linear", lr_base_batch_size=2,
-                      gradient_accumulation_steps=2, lr_scheduler_type="constant").user_attrs
+    attrs = one_trial(
+        write_study,
+        learning_rate=1e-3,
+        lr_scaling="linear",
+        lr_base_batch_size=2,
+        gradient_accumulation_steps=2,
+        lr_scheduler_type="constant",
+    ).user_attrs
     assert [g["lr"] for g in attrs["param_groups"]] == pytest.approx([1e-3 * 4 * 2 / 2] * 2)  # batch 4 × accumulation 2
 
 
@@ -85,11 +105,14 @@ def test_split():
     assert knobs.schedule == "reduce_lr_on_plateau" and knobs.momentum == 0.5
 
 
-@pytest.mark.parametrize("train, key, message", [
-    ({"optimizer": "adamx"}, "train.optimizer", "'adamx'"),
-    ({"head_lr_multiplier": 2, "head_learning_rate": 1e-3}, "train", "not both"),
-    ({"lr_gamma": 2}, "train.lr_gamma", "less than or equal to 1"),
-])
+@pytest.mark.parametrize(
+    "train, key, message",
+    [
+        ({"optimizer": "adamx"}, "train.optimizer", "'adamx'"),
+        ({"head_lr_multiplier": 2, "head_learning_rate": 1e-3}, "train", "not both"),
+        ({"lr_gamma": 2}, "train.lr_gamma", "less than or equal to 1"),
+    ],
+)
 def test_bad_knobs_fail_before_any_trial(write_study, train, key, message):
     from hpo.workbench import prepare
 
@@ -102,8 +125,14 @@ def test_bad_knobs_fail_before_any_trial(write_study, train, key, message):
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_gradient_checkpointing_clipping_and_label_smoothing(write_study, tiny_model, lora):
     model = {"name": str(tiny_model), "lora": {"r": 4}} if lora else str(tiny_model)
-    path = write_study(n_trials=1, model=model, search_space={"max_grad_norm": {"type": "float", "low": 0.1, "high": 1.0},
-                                                               "label_smoothing_factor": {"type": "float", "low": 0.0, "high": 0.2}},
-                       train={"num_train_epochs": 1, "gradient_checkpointing": True})
+    path = write_study(
+        n_trials=1,
+        model=model,
+        search_space={
+            "max_grad_norm": {"type": "float", "low": 0.1, "high": 1.0},
+            "label_smoothing_factor": {"type": "float", "low": 0.0, "high": 0.2},
+        },
+        train={"num_train_epochs": 1, "gradient_checkpointing": True},
+    )
     (trial,) = run_study(load_study(path), quiet).trials
     assert trial.state.name == "COMPLETE", trial.user_attrs.get("fail_reason")

@@ -18,11 +18,18 @@ def _config(tmp_path, **changes) -> StudyConfig:
 
 
 def test_the_plan_splits_what_each_library_reads(tmp_path):
-    cfg = _config(tmp_path, model={"name": str(tmp_path), "lora": {"r": 4, "target_modules": "query , value"}},
-                  train={"num_train_epochs": 1, "optimizer": "sgd", "lr_scheduler_type": "step", "hub_token": "x"})
+    cfg = _config(
+        tmp_path,
+        model={"name": str(tmp_path), "lora": {"r": 4, "target_modules": "query , value"}},
+        train={"num_train_epochs": 1, "optimizer": "sgd", "lr_scheduler_type": "step", "hub_token": "x"},
+    )
     plan = make_plan(cfg, {"learning_rate": 0.01, "dropout": 0.2, "lora_alpha": 16})
-    assert plan.training_arguments == {"num_train_epochs": 1, "lr_scheduler_type": "constant", "hub_token": "x",
-                                       "learning_rate": 0.01}
+    assert plan.training_arguments == {
+        "num_train_epochs": 1,
+        "lr_scheduler_type": "constant",
+        "hub_token": "x",
+        "learning_rate": 0.01,
+    }
     assert (plan.knobs.optimizer, plan.knobs.schedule) == ("sgd", "step")
     assert plan.model_params == {"dropout": 0.2}
     assert plan.lora["target_modules"] == ["query", "value"]  # as peft gets them: a list of module names
@@ -38,9 +45,12 @@ def test_what_is_saved_is_what_ran(write_study, tiny_model, tmp_path):
 
     # A comma-separated target_modules string, and a learning rate that lr_scaling changes: once the trial
     # split the string and scaled the rate while best.model.json recorded the string as written.
-    path = write_study(n_trials=1, model={"name": str(tiny_model), "lora": {"target_modules": "query, value"}},
-                       train={"num_train_epochs": 1, "seed": 0, "lr_scaling": "linear", "lr_base_batch_size": 16},
-                       data={"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "max_length": 16})
+    path = write_study(
+        n_trials=1,
+        model={"name": str(tiny_model), "lora": {"target_modules": "query, value"}},
+        train={"num_train_epochs": 1, "seed": 0, "lr_scaling": "linear", "lr_base_batch_size": 16},
+        data={"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "max_length": 16},
+    )
     cfg = load_study(path)
     study = run_study(cfg, Console(quiet=True))
     trial = study.best_trial

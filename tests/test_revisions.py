@@ -19,8 +19,14 @@ quiet = Console(quiet=True)
 
 
 def hpo(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "hpo.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "400"}, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "hpo.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "400"},
+        timeout=600,
+    )
 
 
 def edit(path, **changes):
@@ -33,9 +39,13 @@ def edit(path, **changes):
 def test_another_objective_is_refused_and_best_stays_right(write_study, tmp_path):
     # The repro: b.yaml reuses a.yaml's study and storage with accuracy (maximize) and another space.
     a = write_study("a.yaml", n_trials=2)
-    b = write_study("b.yaml", n_trials=2, storage=f"sqlite:///{tmp_path / 'a.db'}",
-                    objective={"metric": "eval_accuracy", "direction": "maximize"},
-                    search_space={"learning_rate": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}})
+    b = write_study(
+        "b.yaml",
+        n_trials=2,
+        storage=f"sqlite:///{tmp_path / 'a.db'}",
+        objective={"metric": "eval_accuracy", "direction": "maximize"},
+        search_space={"learning_rate": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}},
+    )
     assert hpo("run", a).returncode == 0
     before = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'a.db'}")
     for extra in ([], ["--allow-changes"]):  # the objective cannot change, even when changes are allowed
@@ -195,15 +205,23 @@ def test_another_task_is_refused_even_with_allow_changes(write_study, tmp_path):
 
     path = write_study(n_trials=1)
     run_study(load_study(path), quiet)
-    edit(path, task="token-classification",
-         data={"train": str(DATA / "ner_train.jsonl"), "eval": str(DATA / "ner_eval.jsonl"), "max_length": 16})
+    edit(
+        path,
+        task="token-classification",
+        data={"train": str(DATA / "ner_train.jsonl"), "eval": str(DATA / "ner_eval.jsonl"), "max_length": 16},
+    )
     with pytest.raises(ConfigError, match="task: study 'tiny' holds sequence-classification trials"):
         run_study(load_study(path, {"n_trials": 2}), quiet, allow_changes=True)
 
 
 def test_entries_queued_under_an_older_revision_are_not_trained_outside_the_new_space(write_study):
-    path = write_study(n_trials=1, enqueue=[{"learning_rate": 1e-4, "per_device_train_batch_size": 4},
-                                            {"learning_rate": 2e-4, "per_device_train_batch_size": 4}])
+    path = write_study(
+        n_trials=1,
+        enqueue=[
+            {"learning_rate": 1e-4, "per_device_train_batch_size": 4},
+            {"learning_rate": 2e-4, "per_device_train_batch_size": 4},
+        ],
+    )
     run_study(load_study(path), quiet)  # runs the first entry; the second stays queued
     space = yaml.safe_load(path.read_text())["search_space"]
     space["learning_rate"] = {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}

@@ -30,22 +30,28 @@ def test_patient_wraps_the_named_pruner():
     assert pruner._wrapped_pruner._n_startup_trials == 1
 
 
-@pytest.mark.parametrize(("name", "args", "message"), [
-    ("tpe", {"n_startup_trials": "ten"}, "n_startup_trials: 'ten' is not int"),
-    ("tpe", {"gamma": 5}, "gamma: 5 is not"),
-    ("random", {"seed": 1.5}, "seed: 1.5 is not"),
-    ("nsga2", {"population_size": [50]}, "population_size: [50] is not int"),
-])
+@pytest.mark.parametrize(
+    ("name", "args", "message"),
+    [
+        ("tpe", {"n_startup_trials": "ten"}, "n_startup_trials: 'ten' is not int"),
+        ("tpe", {"gamma": 5}, "gamma: 5 is not"),
+        ("random", {"seed": 1.5}, "seed: 1.5 is not"),
+        ("nsga2", {"population_size": [50]}, "population_size: [50] is not int"),
+    ],
+)
 def test_wrong_typed_sampler_arguments_fail_at_construction(name, args, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         make_sampler(name, args, SPACE)
 
 
-@pytest.mark.parametrize(("name", "args", "message"), [
-    ("median", {"n_warmup_steps": "x"}, "n_warmup_steps: 'x' is not int"),
-    ("threshold", {"upper": "high"}, "upper: 'high' is not"),
-    ("patient", {"patience": 1, "wrapped": "median"}, "wrapped: a pruner like {name: median}"),
-])
+@pytest.mark.parametrize(
+    ("name", "args", "message"),
+    [
+        ("median", {"n_warmup_steps": "x"}, "n_warmup_steps: 'x' is not int"),
+        ("threshold", {"upper": "high"}, "upper: 'high' is not"),
+        ("patient", {"patience": 1, "wrapped": "median"}, "wrapped: a pruner like {name: median}"),
+    ],
+)
 def test_wrong_pruner_arguments_fail_at_construction(name, args, message):
     with pytest.raises(ValueError, match=message.replace("{", r"\{").replace("}", r"\}")):
         make_pruner(name, args)

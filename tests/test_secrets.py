@@ -15,8 +15,13 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300", "MY_SECRET_TOKEN":
 
 
 def hpo(*args, secret=SECRET, **env):
-    return subprocess.run([sys.executable, "-m", "hpo.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**ENV, "MY_SECRET_TOKEN": secret, **env}, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "hpo.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**ENV, "MY_SECRET_TOKEN": secret, **env},
+        timeout=600,
+    )
 
 
 def spellings(secret: str) -> list[bytes]:
@@ -49,10 +54,14 @@ def test_a_secret_in_a_setting_stays_out_of_tensorboard_artifacts_the_note_and_e
         assert not leaked, (spelling, leaked)
 
 
-@pytest.mark.parametrize("changes", [
-    {"train": {"num_train_epochs": 1, "optim": "${MY_SECRET_TOKEN}"}},  # a bad value is quoted in its error
-    {"data": {"train": "data/${MY_SECRET_TOKEN}.csv", "eval": str(DATA / "eval.csv")}},  # a path is quoted too
-], ids=["optim", "data-path"])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"train": {"num_train_epochs": 1, "optim": "${MY_SECRET_TOKEN}"}},  # a bad value is quoted in its error
+        {"data": {"train": "data/${MY_SECRET_TOKEN}.csv", "eval": str(DATA / "eval.csv")}},  # a path is quoted too
+    ],
+    ids=["optim", "data-path"],
+)
 def test_a_secret_in_a_bad_value_is_masked_in_the_error(write_study, changes):
     path = write_study(**changes)
     for command in ("validate", "run"):

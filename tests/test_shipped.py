@@ -32,8 +32,14 @@ def test_shipped_study_runs(path, tmp_path):
 
     from hpo.study import run_study
 
-    small = {"n_trials": 2, "train.num_train_epochs": 1, "data.max_train_rows": 32, "data.max_eval_rows": 32,
-             "storage": f"sqlite:///{tmp_path / 'study.db'}", "output_dir": str(tmp_path / "outputs")}
+    small = {
+        "n_trials": 2,
+        "train.num_train_epochs": 1,
+        "data.max_train_rows": 32,
+        "data.max_eval_rows": 32,
+        "storage": f"sqlite:///{tmp_path / 'study.db'}",
+        "output_dir": str(tmp_path / "outputs"),
+    }
     study = run_study(load_study(path, small), Console(quiet=True))
     assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))) == 2
     assert optuna.trial.TrialState.COMPLETE in {t.state for t in study.trials}
@@ -74,8 +80,10 @@ def test_schema_accepts_shipped_files_and_rejects_mutations(path):
     mutations = [lambda d: d.update(n_trails=3), lambda d: d.update(search_space=42)]
     if isinstance(data["search_space"], dict):  # else a path to a search-space file, checked on its own
         name = next(iter(data["search_space"]))
-        mutations += [lambda d: d["search_space"].update(lerning_rate={"type": "float", "low": 0, "high": 1}),
-                      lambda d: d["search_space"][name].update(type="floaty")]
+        mutations += [
+            lambda d: d["search_space"].update(lerning_rate={"type": "float", "low": 0, "high": 1}),
+            lambda d: d["search_space"][name].update(type="floaty"),
+        ]
     for mutate in mutations:
         broken = copy.deepcopy(data)
         mutate(broken)
@@ -87,4 +95,6 @@ def test_quickstart_environments(monkeypatch):
     assert (dev.study, dev.n_trials, dev.data.max_train_rows) == ("quickstart-dev", 3, 96)
     monkeypatch.setenv("HPO_DB_PASSWORD", "pw")
     prod = load_study(ROOT / "studies" / "quickstart.yaml", env="prod")
-    assert prod.storage == "postgresql+psycopg://hpo:pw@localhost:5432/hpo" and prod.masked(prod.storage).endswith(":***@localhost:5432/hpo")
+    assert prod.storage == "postgresql+psycopg://hpo:pw@localhost:5432/hpo" and prod.masked(prod.storage).endswith(
+        ":***@localhost:5432/hpo"
+    )

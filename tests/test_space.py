@@ -8,14 +8,16 @@ from hpo.space import Param, compile_space, sample, searchable_names, split_para
 
 
 def test_every_type_compiles():
-    space = compile_space({
-        "learning_rate": Param(type="float", low=1e-5, high=1e-3, log=True),
-        "weight_decay": Param(type="float", low=0.0, high=0.1, step=0.05),
-        "num_train_epochs": Param(type="int", low=1, high=5),
-        "warmup_steps": Param(type="int", low=0, high=100, step=10),
-        "per_device_train_batch_size": Param(type="categorical", choices=[8, 16, 32]),
-        "lr_scheduler_type": Param(type="categorical", choices=["linear", "cosine"]),
-    })
+    space = compile_space(
+        {
+            "learning_rate": Param(type="float", low=1e-5, high=1e-3, log=True),
+            "weight_decay": Param(type="float", low=0.0, high=0.1, step=0.05),
+            "num_train_epochs": Param(type="int", low=1, high=5),
+            "warmup_steps": Param(type="int", low=0, high=100, step=10),
+            "per_device_train_batch_size": Param(type="categorical", choices=[8, 16, 32]),
+            "lr_scheduler_type": Param(type="categorical", choices=["linear", "cosine"]),
+        }
+    )
     assert space["learning_rate"] == FloatDistribution(1e-5, 1e-3, log=True)
     assert space["weight_decay"] == FloatDistribution(0.0, 0.1, step=0.05)
     assert space["num_train_epochs"] == IntDistribution(1, 5)
@@ -60,14 +62,17 @@ def test_training_argument_names_match_the_dataclass():
     assert "output_dir" not in searchable_names()
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"type": "float", "low": 0.1, "high": 0.01}, "low=0.1 > high=0.01"),
-    ({"type": "float", "low": 0.0, "high": 1.0, "log": True}, "log=true needs low > 0"),
-    ({"type": "int", "low": 1.5, "high": 4}, "whole numbers"),
-    ({"type": "categorical", "choices": []}, "non-empty"),
-    ({"type": "categorical", "choices": [1, "a"]}, "mix types"),
-    ({"type": "float", "low": 1e-5}, "needs both"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"type": "float", "low": 0.1, "high": 0.01}, "low=0.1 > high=0.01"),
+        ({"type": "float", "low": 0.0, "high": 1.0, "log": True}, "log=true needs low > 0"),
+        ({"type": "int", "low": 1.5, "high": 4}, "whole numbers"),
+        ({"type": "categorical", "choices": []}, "non-empty"),
+        ({"type": "categorical", "choices": [1, "a"]}, "mix types"),
+        ({"type": "float", "low": 1e-5}, "needs both"),
+    ],
+)
 def test_inconsistent_entries_are_rejected(spec, message):
     with pytest.raises(ValueError, match=message):
         Param(**spec)
@@ -96,27 +101,37 @@ def test_conditional_and_derived_parameters():
     assert seen == {"sgd", "adamw_torch"}
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"derive": "2 * r", "type": "int"}, "derive' (and 'when') only"),
-    ({"derive": "__import__('os').system('true')"}, "is not allowed"),
-    ({"derive": "r if r else 2"}, "is not allowed"),
-    ({"derive": "r +"}, "cannot parse"),
-    ({"low": 1, "high": 2}, "give 'type'"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"derive": "2 * r", "type": "int"}, "derive' (and 'when') only"),
+        ({"derive": "__import__('os').system('true')"}, "is not allowed"),
+        ({"derive": "r if r else 2"}, "is not allowed"),
+        ({"derive": "r +"}, "cannot parse"),
+        ({"low": 1, "high": 2}, "give 'type'"),
+    ],
+)
 def test_bad_derived_entries(spec, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         Param(**spec)
 
 
-@pytest.mark.parametrize("source, values, message", [
-    ("0 * ((((9**64)**64)**64)**64)**64", {}, "is over 2**1024"),  # used to hang every trial
-    ("10**10**10", {}, "exponent 10000000000 is over 64"),
-    ("1e308 * 10", {}, "overflow"),
-    ("x * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60", {"x": 1}, "a value over 2**1024"),
-    ("2 * optim", {"optim": "sgd"}, "arithmetic on 'sgd', which is not a number"),  # "sgdsgd" before
-    ("(0 - 8) ** 0.5", {}, "not a real number"),
-    ("1 / (r - 4)", {"r": 4}, "division by zero"),
-])
+@pytest.mark.parametrize(
+    "source, values, message",
+    [
+        ("0 * ((((9**64)**64)**64)**64)**64", {}, "is over 2**1024"),  # used to hang every trial
+        ("10**10**10", {}, "exponent 10000000000 is over 64"),
+        ("1e308 * 10", {}, "overflow"),
+        (
+            "x * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60 * 2**60",
+            {"x": 1},
+            "a value over 2**1024",
+        ),
+        ("2 * optim", {"optim": "sgd"}, "arithmetic on 'sgd', which is not a number"),  # "sgdsgd" before
+        ("(0 - 8) ** 0.5", {}, "not a real number"),
+        ("1 / (r - 4)", {"r": 4}, "division by zero"),
+    ],
+)
 def test_expressions_are_bounded(source, values, message):
     from hpo.expr import Expression
 
@@ -124,14 +139,17 @@ def test_expressions_are_bounded(source, values, message):
         Expression(source).evaluate(values)
 
 
-@pytest.mark.parametrize("source, message", [
-    ("max(r)", "max() takes two or more values"),  # max(8) raised TypeError in every trial
-    ("min(*r)", "is not allowed"),
-    ("-" * 100 + "r", "nested deeper than 50 levels"),
-    ("(" * 300 + "r" + ")" * 300, "cannot parse"),
-    ("r + " * 300 + "r", "longer than 1000 characters"),
-    ("9" * 5000, "longer than 1000 characters"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("max(r)", "max() takes two or more values"),  # max(8) raised TypeError in every trial
+        ("min(*r)", "is not allowed"),
+        ("-" * 100 + "r", "nested deeper than 50 levels"),
+        ("(" * 300 + "r" + ")" * 300, "cannot parse"),
+        ("r + " * 300 + "r", "longer than 1000 characters"),
+        ("9" * 5000, "longer than 1000 characters"),
+    ],
+)
 def test_expressions_that_cannot_be_evaluated_do_not_parse(source, message):
     from hpo.expr import Expression
 
@@ -144,11 +162,15 @@ def test_corners_cover_every_extreme_and_random_points():
 
     from hpo.space import corners
 
-    dists = {"lr": FloatDistribution(1e-5, 1e-3, log=True), "bs": CategoricalDistribution([4, 8, 16]),
-             "n": IntDistribution(1, 9, step=2)}
+    dists = {
+        "lr": FloatDistribution(1e-5, 1e-3, log=True),
+        "bs": CategoricalDistribution([4, 8, 16]),
+        "n": IntDistribution(1, 9, step=2),
+    }
     points = corners(dists, n_random=10)
     assert len(points) == 2 * 3 * 2 + 10
     assert {(p["lr"], p["bs"], p["n"]) for p in points[:12]} == {
-        (lr, bs, n) for lr in (1e-5, 1e-3) for bs in (4, 8, 16) for n in (1, 9)}
+        (lr, bs, n) for lr in (1e-5, 1e-3) for bs in (4, 8, 16) for n in (1, 9)
+    }
     for p in points[12:]:
         assert 1e-5 <= p["lr"] <= 1e-3 and p["bs"] in (4, 8, 16) and p["n"] in (1, 3, 5, 7, 9)

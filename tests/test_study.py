@@ -51,8 +51,17 @@ def test_trial_records_measurements_and_best_model(write_study, tmp_path):
     path = write_study(n_trials=2)
     study = run_study(load_study(path), quiet)
     attrs = study.best_trial.user_attrs
-    for key in ("best_eval_loss", "last_eval_loss", "eval_accuracy", "eval_f1_macro", "optimizer_steps",
-                "train_seconds", "samples_per_second", "peak_memory_mb", "device"):
+    for key in (
+        "best_eval_loss",
+        "last_eval_loss",
+        "eval_accuracy",
+        "eval_f1_macro",
+        "optimizer_steps",
+        "train_seconds",
+        "samples_per_second",
+        "peak_memory_mb",
+        "device",
+    ):
         assert key in attrs, key
     assert attrs["device"] == "cpu"
     assert attrs["last_eval_loss"] == study.best_value
@@ -72,22 +81,36 @@ def test_less_padding_by_default_length_grouped_batches_and_sorted_eval_rows(wri
     (trial,) = run_study(cfg, quiet).trials
     assert trial.user_attrs["train_sampling_strategy"] == "group_by_length"
     # the study file's choice wins
-    (trial,) = run_study(load_study(write_study(study="shuffled", n_trials=1,
-                                                train={"num_train_epochs": 1, "train_sampling_strategy": "random"})), quiet).trials
+    (trial,) = run_study(
+        load_study(
+            write_study(
+                study="shuffled", n_trials=1, train={"num_train_epochs": 1, "train_sampling_strategy": "random"}
+            )
+        ),
+        quiet,
+    ).trials
     assert trial.user_attrs["train_sampling_strategy"] == "random"
 
 
 def test_steps_count_examples_seen_on_one_grid(write_study):
     # 36 train rows, eval every 0.5 epochs = 18 examples: batch 4 and batch 8 x accumulation 2
     # report at the same steps, whatever their number of optimizer steps.
-    path = write_study(n_trials=2, search_space={
-        "per_device_train_batch_size": {"type": "categorical", "choices": [4, 8]},
-        "gradient_accumulation_steps": {"type": "categorical", "choices": [1, 2]},
-    }, sampler={"name": "grid"})
+    path = write_study(
+        n_trials=2,
+        search_space={
+            "per_device_train_batch_size": {"type": "categorical", "choices": [4, 8]},
+            "gradient_accumulation_steps": {"type": "categorical", "choices": [1, 2]},
+        },
+        sampler={"name": "grid"},
+    )
     study = run_study(load_study(path, {"n_trials": 4}), quiet)
     steps = {tuple(sorted(t.intermediate_values)) for t in study.trials}
     assert steps == {(18, 36, 54, 72)}
-    assert {t.user_attrs["optimizer_steps"] for t in study.trials} == {18, 10, 6}  # 4x1, 4x2 and 8x1, 8x2 (last batch of an epoch is short)
+    assert {t.user_attrs["optimizer_steps"] for t in study.trials} == {
+        18,
+        10,
+        6,
+    }  # 4x1, 4x2 and 8x1, 8x2 (last batch of an epoch is short)
 
 
 def test_pruner_prunes(write_study):
@@ -104,22 +127,31 @@ def test_pruner_prunes(write_study):
 def test_median_pruner_prunes_a_bad_trial(write_study):
     from hpo.storage import open_study
 
-    path = write_study(n_trials=2, pruner={"name": "median", "n_startup_trials": 1},
-                       search_space={"learning_rate": {"type": "categorical", "choices": [3e-3, 1e-9]}})
+    path = write_study(
+        n_trials=2,
+        pruner={"name": "median", "n_startup_trials": 1},
+        search_space={"learning_rate": {"type": "categorical", "choices": [3e-3, 1e-9]}},
+    )
     cfg = load_study(path)
     for lr in (3e-3, 1e-9):  # a good trial first, then one that cannot learn
         open_study(cfg).enqueue_trial({"learning_rate": lr})
     study = run_study(cfg, quiet)
     assert [(t.params["learning_rate"], t.state) for t in study.trials] == [
-        (3e-3, TrialState.COMPLETE), (1e-9, TrialState.PRUNED)]
+        (3e-3, TrialState.COMPLETE),
+        (1e-9, TrialState.PRUNED),
+    ]
 
 
 def test_lora_trials_train_adapters_only(write_study, tiny_model):
-    path = write_study(n_trials=2, search_space={
-        "learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
-        "r": {"type": "categorical", "choices": [2, 4]},
-        "lora_alpha": {"type": "categorical", "choices": [4, 8]},
-    }, model={"name": str(tiny_model), "lora": {"target_modules": ["query", "value"]}})
+    path = write_study(
+        n_trials=2,
+        search_space={
+            "learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+            "r": {"type": "categorical", "choices": [2, 4]},
+            "lora_alpha": {"type": "categorical", "choices": [4, 8]},
+        },
+        model={"name": str(tiny_model), "lora": {"target_modules": ["query", "value"]}},
+    )
     study = run_study(load_study(path), quiet)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
     for t in study.trials:  # adapters + the new head: a small share of the tiny BERT's ~30k parameters
@@ -166,9 +198,13 @@ def test_every_failure_carries_its_cause(write_study):
     # to end FAIL with no reason, printed "interrupted".
     from hpo.storage import open_study
 
-    path = write_study(n_trials=1, search_space={
-        "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-        "max_grad_norm": {"derive": "1 / (learning_rate * 1000 - 1) ** 2"}})
+    path = write_study(
+        n_trials=1,
+        search_space={
+            "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+            "max_grad_norm": {"derive": "1 / (learning_rate * 1000 - 1) ** 2"},
+        },
+    )
     cfg = load_study(path)
     open_study(cfg).enqueue_trial({"learning_rate": 0.001})
     console = Console(file=io.StringIO(), width=300)
@@ -191,8 +227,10 @@ def test_a_resumed_seeded_study_does_not_replay_its_first_configurations(write_s
 
 
 def test_a_finished_configuration_is_not_trained_again_until_the_space_is_exhausted(write_study):
-    space = {"learning_rate": {"type": "categorical", "choices": [1e-3, 1e-2]},
-             "per_device_train_batch_size": {"type": "categorical", "choices": [4, 8]}}
+    space = {
+        "learning_rate": {"type": "categorical", "choices": [1e-3, 1e-2]},
+        "per_device_train_batch_size": {"type": "categorical", "choices": [4, 8]},
+    }
     path = write_study(n_trials=4, search_space=space)  # 4 configurations in all
     study = run_study(load_study(path), quiet)
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
@@ -205,8 +243,13 @@ def test_a_finished_configuration_is_not_trained_again_until_the_space_is_exhaus
 
 def test_a_run_stopped_by_failures_exits_non_zero(write_study, tiny_model, tmp_path):
     path = write_study(n_trials=1, max_failures_in_a_row=2, model=str(broken_weights(tiny_model, tmp_path / "m")))
-    result = subprocess.run([sys.executable, "-m", "hpo.cli", "run", str(path)], capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300"}, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "hpo.cli", "run", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300"},
+        timeout=600,
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "no trial completed" in result.stdout and "stopping: 2 trials failed in a row" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
@@ -248,21 +291,41 @@ def test_a_model_that_cannot_be_saved_keeps_its_trial_and_leaves_nothing_behind(
     from tests.conftest import DATA
 
     big = tmp_path / "big-bert"
-    words = sorted({w for f in ("train.csv", "eval.csv") for line in (DATA / f).read_text().splitlines()[1:]
-                    for w in line.rsplit(",", 1)[0].split()})
-    BertTokenizerFast(vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
-                      ).save_pretrained(big)
-    BertModel(BertConfig(vocab_size=len(words) + 5, hidden_size=768, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=768, max_position_embeddings=64)).save_pretrained(big)
+    words = sorted(
+        {
+            w
+            for f in ("train.csv", "eval.csv")
+            for line in (DATA / f).read_text().splitlines()[1:]
+            for w in line.rsplit(",", 1)[0].split()
+        }
+    )
+    BertTokenizerFast(
+        vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    ).save_pretrained(big)
+    BertModel(
+        BertConfig(
+            vocab_size=len(words) + 5,
+            hidden_size=768,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=768,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(big)
     path = write_study(n_trials=2, model=str(big), train={"num_train_epochs": 1, "seed": 0})
 
     def limit_file_size():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
         resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 2**20, 8 * 2**20))
 
-    result = subprocess.run([sys.executable, "-m", "hpo.cli", "run", str(path)], capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300"}, timeout=600,
-                            preexec_fn=limit_file_size)
+    result = subprocess.run(
+        [sys.executable, "-m", "hpo.cli", "run", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300"},
+        timeout=600,
+        preexec_fn=limit_file_size,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2  # the values are kept
@@ -305,12 +368,15 @@ def test_a_dropped_storage_connection_does_not_fail_the_trial(write_study, fresh
     from procs import start, wait_for_running
 
     database = fresh_postgres_url.rsplit("/", 1)[1]
-    path = write_study(n_trials=1, storage=fresh_postgres_url, train={"num_train_epochs": 20, "seed": 0},
-                       eval_every=1.0)
+    path = write_study(
+        n_trials=1, storage=fresh_postgres_url, train={"num_train_epochs": 20, "seed": 0}, eval_every=1.0
+    )
     proc = start(path)
     wait_for_running(fresh_postgres_url)
-    ended = postgres_admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                   "WHERE datname = %s AND pid <> pg_backend_pid()", (database,)).fetchone()[0]
+    ended = postgres_admin.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+        (database,),
+    ).fetchone()[0]
     output = proc.communicate(timeout=600)[0]
     assert ended > 0 and proc.returncode == 0, output
     assert "invalid data" not in output
@@ -323,8 +389,11 @@ def test_a_run_that_only_rejects_samples_gives_up_and_says_so(write_study):
     # samples never are. The run gives up after 100 rejections and raises, rather than exiting 0 with nothing.
     from hpo.errors import TrialsFailed
 
-    path = write_study(n_trials=1, search_space={"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2}},
-                       constraints=["learning_rate >= 0.01"])
+    path = write_study(
+        n_trials=1,
+        search_space={"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2}},
+        constraints=["learning_rate >= 0.01"],
+    )
     with pytest.raises(TrialsFailed, match="100 samples in a row broke the constraints"):
         run_study(load_study(path), quiet)
 
@@ -342,9 +411,12 @@ def test_a_diverged_trial_fails_whatever_the_objective(write_study):
 
     # At a learning rate of 1e30 the weights become NaN; argmax over NaN logits still gives an "accuracy"
     # (the majority class), which was ranked, saved as best_model/ and exported by hpo best.
-    path = write_study(n_trials=1, objective={"metric": "eval_accuracy", "direction": "maximize"},
-                       train={"num_train_epochs": 1, "seed": 0, "optimizer": "sgd"},
-                       search_space={"learning_rate": {"type": "categorical", "choices": [1e30]}})
+    path = write_study(
+        n_trials=1,
+        objective={"metric": "eval_accuracy", "direction": "maximize"},
+        train={"num_train_epochs": 1, "seed": 0, "optimizer": "sgd"},
+        search_space={"learning_rate": {"type": "categorical", "choices": [1e30]}},
+    )
     with pytest.raises(TrialsFailed):
         run_study(load_study(path, {"max_failures_in_a_row": 1}), quiet)
     (trial,) = optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}").trials
@@ -355,10 +427,14 @@ def test_a_diverged_trial_fails_whatever_the_objective(write_study):
 def test_a_conditional_space_is_exhausted_at_its_real_size(write_study):
     # optim sgd with two momentums, or adamw without one: 3 configurations, not 2 x 2 = 4. Counting 4,
     # the study never saw the space exhausted and rejected 100 repeats before giving up.
-    path = write_study(n_trials=5, search_space={
-        "optim": {"type": "categorical", "choices": ["sgd", "adamw_torch"]},
-        "learning_rate": {"type": "categorical", "choices": [1e-3]},
-        "adam_beta2": {"type": "categorical", "choices": [0.99, 0.999], "when": {"optim": "adamw_torch"}}})
+    path = write_study(
+        n_trials=5,
+        search_space={
+            "optim": {"type": "categorical", "choices": ["sgd", "adamw_torch"]},
+            "learning_rate": {"type": "categorical", "choices": [1e-3]},
+            "adam_beta2": {"type": "categorical", "choices": [0.99, 0.999], "when": {"optim": "adamw_torch"}},
+        },
+    )
     study = run_study(load_study(path), quiet)
     assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 5
     assert len({repr(sorted(t.params.items())) for t in study.trials if t.params}) == 3

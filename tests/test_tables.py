@@ -20,8 +20,14 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 def hpo(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "hpo.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "160"}, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "hpo.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "160"},
+        timeout=600,
+    )
 
 
 def test_zscore_population_std_and_constants():
@@ -33,10 +39,19 @@ def test_zscore_population_std_and_constants():
 
 
 def test_rank_follows_the_objective_when_the_metrics_agree():
-    df = pd.DataFrame({"direction": "minimize", "objective": [0.9, 0.2, 0.5, 0.7],
-                       "eval_accuracy": [0.6, 0.95, 0.8, 0.7], "eval_f1_macro": [0.55, 0.9, 0.8, 0.65]})
-    scored = add_scores(df, {"objective": (True, True), "eval_accuracy": (True, True), "eval_f1_macro": (True, True)},
-                        oriented=("objective",))
+    df = pd.DataFrame(
+        {
+            "direction": "minimize",
+            "objective": [0.9, 0.2, 0.5, 0.7],
+            "eval_accuracy": [0.6, 0.95, 0.8, 0.7],
+            "eval_f1_macro": [0.55, 0.9, 0.8, 0.65],
+        }
+    )
+    scored = add_scores(
+        df,
+        {"objective": (True, True), "eval_accuracy": (True, True), "eval_f1_macro": (True, True)},
+        oriented=("objective",),
+    )
     assert scored.sort_values("rank")["objective"].tolist() == [0.2, 0.5, 0.7, 0.9]
     assert (scored["z_objective"] > 0).tolist() == [False, True, True, False]  # oriented: a low loss scores high
 
@@ -50,14 +65,36 @@ def two_studies(tmp_path_factory, tiny_model):
 
     folder = tmp_path_factory.mktemp("reports")
     full = folder / "full.yaml"
-    full.write_text(yaml.safe_dump(sort_keys=False, data=study_dict(tiny_model, study="full", n_trials=4, storage=f"sqlite:///{folder}/s.db",
-                                              pruner={"name": "median", "n_startup_trials": 2})))
+    full.write_text(
+        yaml.safe_dump(
+            sort_keys=False,
+            data=study_dict(
+                tiny_model,
+                study="full",
+                n_trials=4,
+                storage=f"sqlite:///{folder}/s.db",
+                pruner={"name": "median", "n_startup_trials": 2},
+            ),
+        )
+    )
     lora = folder / "lora.yaml"
-    lora.write_text(yaml.safe_dump(sort_keys=False, data=study_dict(
-        tiny_model, study="lora", n_trials=3, storage=f"sqlite:///{folder}/s.db",
-        model={"name": str(tiny_model), "lora": {"target_modules": ["query", "value"]}},
-        search_space={"learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
-                      "r": {"type": "categorical", "choices": [2, 4]}, "lora_alpha": {"derive": "2 * r"}})))
+    lora.write_text(
+        yaml.safe_dump(
+            sort_keys=False,
+            data=study_dict(
+                tiny_model,
+                study="lora",
+                n_trials=3,
+                storage=f"sqlite:///{folder}/s.db",
+                model={"name": str(tiny_model), "lora": {"target_modules": ["query", "value"]}},
+                search_space={
+                    "learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+                    "r": {"type": "categorical", "choices": [2, 4]},
+                    "lora_alpha": {"derive": "2 * r"},
+                },
+            ),
+        )
+    )
     for path in (full, lora):
         run_study(load_study(path), quiet)
     return folder, full, lora
@@ -70,7 +107,9 @@ def test_report_csvs_have_unit_zscores(two_studies):
     trials = pd.read_csv(folder / "out" / "trials.csv")
     studies = pd.read_csv(folder / "out" / "trials.studies.csv")
     assert set(trials["study"]) == {"full", "lora"} and len(trials) == 7
-    assert {"params_learning_rate", "params_r", "params_lora_alpha", "z_objective", "score", "rank"} <= set(trials.columns)
+    assert {"params_learning_rate", "params_r", "params_lora_alpha", "z_objective", "score", "rank"} <= set(
+        trials.columns
+    )
     for table in (trials, studies):
         for column in [c for c in table.columns if c.startswith("z_")]:
             values = table[column].dropna()
@@ -79,8 +118,19 @@ def test_report_csvs_have_unit_zscores(two_studies):
             assert values.mean() == pytest.approx(0, abs=1e-9), column
             assert values.std(ddof=0) == pytest.approx(1), column
     assert (trials.dropna(subset=["params_r"])["params_lora_alpha"] == 2 * trials["params_r"].dropna()).all()
-    assert set(studies.columns) >= {"n_complete", "n_pruned", "n_failed", "best", "median", "steps_spent",
-                                    "steps_saved_by_pruning", "best_params", "z_best", "score", "rank"}
+    assert set(studies.columns) >= {
+        "n_complete",
+        "n_pruned",
+        "n_failed",
+        "best",
+        "median",
+        "steps_spent",
+        "steps_saved_by_pruning",
+        "best_params",
+        "z_best",
+        "score",
+        "rank",
+    }
     assert "top 10 trials" in result.stdout
 
 
@@ -96,8 +146,9 @@ def test_html_report_renders_offline_in_chromium(two_studies, tmp_path):
     assert hpo("report", full, lora, "--html", page_path, "--csv", tmp_path / "t.csv").returncode == 0
     requests = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+        )
         context = browser.new_context(offline=True)
         page = context.new_page()
         page.set_default_timeout(120_000)  # generous on a busy machine
@@ -109,8 +160,14 @@ def test_html_report_renders_offline_in_chromium(two_studies, tmp_path):
         page.screenshot(path=str(tmp_path / "report.png"))
         browser.close()
     assert graphs >= 11  # 5 plots per study + the side-by-side history
-    expected = ["Optimization history", "Intermediate values", "Parameter importances (fANOVA)", "Parallel coordinates",
-                "Slices", "Optimization histories"]
+    expected = [
+        "Optimization history",
+        "Intermediate values",
+        "Parameter importances (fANOVA)",
+        "Parallel coordinates",
+        "Slices",
+        "Optimization histories",
+    ]
     missing = [e for e in expected if not [t for t in titles if str(t).startswith(e)]]
     assert not missing, titles
     assert all(url.startswith(("file:", "data:")) for url in requests), requests
@@ -173,7 +230,10 @@ def test_a_low_f1_is_never_ranked_above_the_best_loss():
     studies = studies_frame([loss, f1], trials).set_index("study")
     assert studies["rank"].tolist() == [1, 1] and studies["z_best"].tolist() == [0, 0]  # alone in their groups
     assert studies.loc["loss", ["task", "metric", "direction"]].tolist() == [
-        "sequence-classification", "eval_loss", "minimize"]
+        "sequence-classification",
+        "eval_loss",
+        "minimize",
+    ]
 
 
 def test_rank_one_is_the_trial_hpo_best_exports():
@@ -227,7 +287,8 @@ def test_the_same_metric_of_two_tasks_is_not_compared():
 
     assert [label for label, _ in by_group(trials)] == [
         "task=causal-lm, metric=eval_loss, direction=minimize",
-        "task=sequence-classification, metric=eval_loss, direction=minimize"]
+        "task=sequence-classification, metric=eval_loss, direction=minimize",
+    ]
 
 
 def test_pruned_trials_are_listed_unranked_unless_asked():
@@ -251,8 +312,13 @@ def test_report_ranks_each_objective_apart(write_study, tmp_path):
     # one maximizes eval_f1_macro.
     from hpo.storage import open_study
 
-    loss = write_study("loss.yaml", study="loss", n_trials=2, pruner={"name": "median", "n_startup_trials": 1},
-                       search_space={"learning_rate": {"type": "categorical", "choices": [3e-3, 1e-9]}})
+    loss = write_study(
+        "loss.yaml",
+        study="loss",
+        n_trials=2,
+        pruner={"name": "median", "n_startup_trials": 1},
+        search_space={"learning_rate": {"type": "categorical", "choices": [3e-3, 1e-9]}},
+    )
     cfg = load_study(loss)
     for lr in (3e-3, 1e-9):
         open_study(cfg).enqueue_trial({"learning_rate": lr})

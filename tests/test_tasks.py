@@ -20,9 +20,15 @@ LR = {"learning_rate": {"type": "float", "low": 3e-3, "high": 3e-2, "log": True}
 
 
 def ner_study(write_study, eval_file="ner_eval.jsonl", **changes):
-    return write_study(task="token-classification", n_trials=2, objective={"metric": "eval_f1", "direction": "maximize"},
-                       data={"train": str(DATA / "ner_train.jsonl"), "eval": str(DATA / eval_file), "max_length": 16},
-                       train={"num_train_epochs": 8, "seed": 0}, search_space=LR, **changes)
+    return write_study(
+        task="token-classification",
+        n_trials=2,
+        objective={"metric": "eval_f1", "direction": "maximize"},
+        data={"train": str(DATA / "ner_train.jsonl"), "eval": str(DATA / eval_file), "max_length": 16},
+        train={"num_train_epochs": 8, "seed": 0},
+        search_space=LR,
+        **changes,
+    )
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -48,8 +54,12 @@ def test_macro_f1_matches_scikit_learn():
     from sklearn.metrics import f1_score
 
     rng = np.random.default_rng(0)
-    cases = [(rng.integers(0, 6, 50), rng.integers(0, 6, 50)), (np.array([0, 0, 1]), np.array([2, 2, 2])),
-             (np.array([1, 1, 1]), np.array([1, 1, 1])), (rng.integers(0, 3, 40), rng.integers(1, 5, 40))]
+    cases = [
+        (rng.integers(0, 6, 50), rng.integers(0, 6, 50)),
+        (np.array([0, 0, 1]), np.array([2, 2, 2])),
+        (np.array([1, 1, 1]), np.array([1, 1, 1])),
+        (rng.integers(0, 3, 40), rng.integers(1, 5, 40)),
+    ]
     for gold, predicted in cases:
         assert macro_f1(gold, predicted) == pytest.approx(f1_score(gold, predicted, average="macro", zero_division=0))
 
@@ -70,9 +80,15 @@ def test_conll_files_read_like_jsonl(write_study):
 
 def lm_study(write_study, tokenizer, lora=False, **data):
     model = {"config": TINY_GPT2, "tokenizer": str(tokenizer), **({"lora": {"r": 4}} if lora else {})}
-    return write_study(task="causal-lm", model=model, n_trials=2, objective={"metric": "eval_perplexity"},
-                       data={"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "max_length": 32, **data},
-                       train={"num_train_epochs": 2, "seed": 0}, search_space=LR)
+    return write_study(
+        task="causal-lm",
+        model=model,
+        n_trials=2,
+        objective={"metric": "eval_perplexity"},
+        data={"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "max_length": 32, **data},
+        train={"num_train_epochs": 2, "seed": 0},
+        search_space=LR,
+    )
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -80,14 +96,22 @@ def test_causal_lm_from_a_config_reports_perplexity(write_study, tiny_bpe_tokeni
     study = run_study(load_study(lm_study(write_study, tiny_bpe_tokenizer, lora)), quiet)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 2
     best = study.best_trial
-    assert best.value == best.user_attrs["eval_perplexity"] == pytest.approx(math.exp(best.user_attrs["last_eval_loss"]))
+    assert (
+        best.value == best.user_attrs["eval_perplexity"] == pytest.approx(math.exp(best.user_attrs["last_eval_loss"]))
+    )
     assert best.value < 300, "better than guessing among 300 tokens"
     assert best.user_attrs["load_report"]["from_config"] is True
 
 
 def test_prompt_response_pairs_put_the_loss_on_the_response(write_study, tiny_bpe_tokenizer):
-    path = lm_study(write_study, tiny_bpe_tokenizer, train=str(DATA / "chat_train.jsonl"),
-                    eval=str(DATA / "chat_eval.jsonl"), prompt_column="prompt", response_column="response")
+    path = lm_study(
+        write_study,
+        tiny_bpe_tokenizer,
+        train=str(DATA / "chat_train.jsonl"),
+        eval=str(DATA / "chat_eval.jsonl"),
+        prompt_column="prompt",
+        response_column="response",
+    )
     cfg = load_study(path)
     from hpo.workbench import prepare
 

@@ -150,8 +150,11 @@ child.wait()
 """
 
 
-@pytest.mark.parametrize("how, when", [("kernel", "watching"), ("kernel", "starting"), ("poll", "watching")],
-                         ids=["prctl", "parent-died-before-prctl", "polling-fallback"])
+@pytest.mark.parametrize(
+    "how, when",
+    [("kernel", "watching"), ("kernel", "starting"), ("poll", "watching")],
+    ids=["prctl", "parent-died-before-prctl", "polling-fallback"],
+)
 def test_a_worker_gets_sigterm_when_its_parent_dies(how, when):
     """The worker's side of a killed parent, each way: the kernel's signal, the race before it, the fallback."""
     middle = subprocess.Popen([sys.executable, "-c", MIDDLE, WATCHER, how], stdout=subprocess.PIPE, text=True)
@@ -187,10 +190,19 @@ def test_credentials_are_masked_in_every_line_printed_or_saved(write_study, fres
     path = write_study(n_trials=2, storage="${HPO_STORAGE}", train={"num_train_epochs": 1, "hub_token": "${HF_TOKEN}"})
     env = {"HPO_STORAGE": url, "HF_TOKEN": token}
     printed = ""
-    for command in (["run", str(path), "--workers", "2"], ["report", str(path)], ["best", str(path)],
-                    ["run", str(path), "output_dir=elsewhere", "--storage", url.replace(":5432/", ":1/")]):  # unreachable: exit 2, one line
-        proc = subprocess.run([sys.executable, "-m", "hpo.cli", *command], capture_output=True, text=True,
-                              env={**os.environ, **env}, timeout=RUN_S)
+    for command in (
+        ["run", str(path), "--workers", "2"],
+        ["report", str(path)],
+        ["best", str(path)],
+        ["run", str(path), "output_dir=elsewhere", "--storage", url.replace(":5432/", ":1/")],
+    ):  # unreachable: exit 2, one line
+        proc = subprocess.run(
+            [sys.executable, "-m", "hpo.cli", *command],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            timeout=RUN_S,
+        )
         printed += proc.stdout + proc.stderr
         assert proc.returncode == (2 if "--storage" in command else 0), proc.stdout + proc.stderr
     assert "postgres:***@" in printed and "cannot open" in printed.splitlines()[-1]

@@ -27,8 +27,11 @@ from hpo.errors import ConfigError, KeyPath, Problem, SourceMap
 PATH_KEYS = (("data", "train"), ("data", "eval"), ("output_dir",))
 
 
-def read_layers(path: Path, seen: tuple[Path, ...], document: tuple[Any, SourceMap] | None = None,
-                ) -> tuple[dict[str, Any], SourceMap]:
+def read_layers(
+    path: Path,
+    seen: tuple[Path, ...],
+    document: tuple[Any, SourceMap] | None = None,
+) -> tuple[dict[str, Any], SourceMap]:
     """One study file (or ``document``, a dict parsed as if it were the file ``path``) with its ``extends:``
     chain merged under it: (data, source map).
 
@@ -59,9 +62,14 @@ def read_layers(path: Path, seen: tuple[Path, ...], document: tuple[Any, SourceM
     return _deep_merge(base_raw, raw), merged_source
 
 
-def overlay(path: Path, layers: dict[str, Any], source: SourceMap, env: str | None,
-            overrides: Mapping[str, Any], strict_variables: bool = True,
-            ) -> tuple[dict[str, Any], SourceMap, frozenset[str]]:
+def overlay(
+    path: Path,
+    layers: dict[str, Any],
+    source: SourceMap,
+    env: str | None,
+    overrides: Mapping[str, Any],
+    strict_variables: bool = True,
+) -> tuple[dict[str, Any], SourceMap, frozenset[str]]:
     """The environment ``env`` and the dotted ``overrides`` over the merged ``layers``, ``${VAR}`` expanded.
 
     Returns the composed document, its source map (overrides point at ``<command line>``) and the values
@@ -81,15 +89,21 @@ def overlay(path: Path, layers: dict[str, Any], source: SourceMap, env: str | No
         if not isinstance(environments[env], dict):
             raise source.error(("environments", env), "an environment is a mapping of study keys")
         if "extends" in environments[env]:
-            raise source.error(("environments", env, "extends"), "extends: belongs at the top of a study file, "
-                                                                 "not in an environment")
+            raise source.error(
+                ("environments", env, "extends"), "extends: belongs at the top of a study file, not in an environment"
+            )
         raw = _deep_merge(raw, environments[env])
         source.update(source.subtree(("environments", env)))
     raw, secrets = _expand_variables(raw, path.parent / ".env", source, strict_variables)
     for key, value in overrides.items():
         if key.split(".")[0] in ("extends", "environments"):
-            raise ConfigError([Problem("<command line>", None, key, "cannot be set from the command line "
-                                                                    "(write it in the study file)")])
+            raise ConfigError(
+                [
+                    Problem(
+                        "<command line>", None, key, "cannot be set from the command line (write it in the study file)"
+                    )
+                ]
+            )
         *parents, leaf = key.split(".")
         node = raw
         if parents and parents[0] == "model" and isinstance(raw.get("model"), str):
@@ -110,8 +124,12 @@ def mask(text: str, secrets: Iterable[str]) -> str:
     'postgresql://hpo:***@db/hpo'
     """
     for secret in secrets:
-        for spelling in {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1],
-                         repr(secret)[1:-1]}:
+        for spelling in {
+            secret,
+            json.dumps(secret)[1:-1],
+            json.dumps(secret, ensure_ascii=False)[1:-1],
+            repr(secret)[1:-1],
+        }:
             text = text.replace(spelling, "***")
     return text
 
@@ -141,7 +159,8 @@ def absolute_sqlite(url: str, folder: Path) -> str:
     if not parsed.database or parsed.database == ":memory:" or parsed.database.startswith("file:"):
         return url
     return parsed.set(database=os.path.normpath(folder.absolute() / parsed.database)).render_as_string(
-        hide_password=False)
+        hide_password=False
+    )
 
 
 def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

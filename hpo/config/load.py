@@ -19,8 +19,9 @@ from hpo.errors import ConfigError, Problem, SourceMap
 DICT = "<dict>"
 
 
-def load_study(study: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
-               env: str | None = None) -> StudyConfig:
+def load_study(
+    study: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None, env: str | None = None
+) -> StudyConfig:
     """Read, compose and validate a study file, or a dict shaped like one.
 
     Composition, in order: ``extends:`` base files (deep merge, the extending
@@ -53,16 +54,29 @@ def load_study(study: str | Path | Mapping[str, Any], overrides: Mapping[str, An
         try:
             _build(path, layers, source, name, overrides or {}, strict_variables=False)
         except ConfigError as e:
-            problems += [Problem(p.file, p.line, p.key if p.key.startswith(f"environments.{name}")
-                                 else f"environments.{name}.{p.key}", p.message)
-                         for p in e.problems if (p.file, p.line) in overlay_lines]
+            problems += [
+                Problem(
+                    p.file,
+                    p.line,
+                    p.key if p.key.startswith(f"environments.{name}") else f"environments.{name}.{p.key}",
+                    p.message,
+                )
+                for p in e.problems
+                if (p.file, p.line) in overlay_lines
+            ]
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
-def _build(path: Path, layers: dict[str, Any], source: SourceMap, env: str | None,
-           overrides: Mapping[str, Any], strict_variables: bool = True) -> StudyConfig:
+def _build(
+    path: Path,
+    layers: dict[str, Any],
+    source: SourceMap,
+    env: str | None,
+    overrides: Mapping[str, Any],
+    strict_variables: bool = True,
+) -> StudyConfig:
     """Compose one environment and the overrides over the merged layers, and validate the result."""
     raw, source, secrets = overlay(path, layers, source, env, overrides, strict_variables)
     return validate.build(raw, source, path, env, secrets)

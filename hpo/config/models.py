@@ -41,7 +41,9 @@ def _training_arg(name: str) -> str:
     if name not in space.training_names():
         raise ValueError(f"not a TrainingArguments field: {name!r}{did_you_mean(name, space.training_names())}")
     if name in space.RESERVED_TRAINING_ARGS:
-        raise ValueError(f"{name!r} is set by hpo for every trial ({_RESERVED_WHY.get(name, 'see eval_every and output_dir')})")
+        raise ValueError(
+            f"{name!r} is set by hpo for every trial ({_RESERVED_WHY.get(name, 'see eval_every and output_dir')})"
+        )
     return name
 
 
@@ -66,28 +68,43 @@ def _study_name(name: str) -> str:
 class LoraSettings(_Strict):
     """Fixed LoRA settings (PEFT ``LoraConfig`` names); the search space may override any."""
 
-    r: PositiveInt = Field(8, description="Rank of each adapter: its capacity, memory and time grow with it. "
-                                          "8 is PEFT's default.")
-    lora_alpha: PositiveFloat = Field(16, description="Scale of the adapter's update (multiplied by lora_alpha / r); "
-                                                      "16 is twice the default r, a common start.")
+    r: PositiveInt = Field(
+        8, description="Rank of each adapter: its capacity, memory and time grow with it. 8 is PEFT's default."
+    )
+    lora_alpha: PositiveFloat = Field(
+        16,
+        description="Scale of the adapter's update (multiplied by lora_alpha / r); "
+        "16 is twice the default r, a common start.",
+    )
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on each adapter's input, in [0, 1).")
     target_modules: list[str] | str | None = Field(
-        None, description="The modules that get adapters, by name (e.g. [query, value]) or one regular expression; "
-                          "default: PEFT's choice for the architecture.")
+        None,
+        description="The modules that get adapters, by name (e.g. [query, value]) or one regular expression; "
+        "default: PEFT's choice for the architecture.",
+    )
 
 
 class ModelConfig(_Strict):
     """A pretrained model (``name``), or a small random-init one built from ``config`` (demos, tests)."""
 
-    name: str | None = Field(None, min_length=1, description="A local folder (relative to the study file) or a "
-                                                             "Hugging Face hub id, found in the cache first.")
+    name: str | None = Field(
+        None,
+        min_length=1,
+        description="A local folder (relative to the study file) or a Hugging Face hub id, found in the cache first.",
+    )
     config: dict[str, Any] | None = Field(
-        None, description="Instead of name: AutoConfig.for_model arguments for a small random-init model, "
-                          "e.g. {architecture: gpt2, n_layer: 2}; needs a tokenizer.")
-    tokenizer: str | None = Field(None, min_length=1, description="A tokenizer folder or hub id; default: the "
-                                                                  "model's own.")
-    lora: LoraSettings | None = Field(None, description="Fine-tune LoRA adapters with these settings instead of "
-                                                        "every weight (LoRA names in the search space do so too).")
+        None,
+        description="Instead of name: AutoConfig.for_model arguments for a small random-init model, "
+        "e.g. {architecture: gpt2, n_layer: 2}; needs a tokenizer.",
+    )
+    tokenizer: str | None = Field(
+        None, min_length=1, description="A tokenizer folder or hub id; default: the model's own."
+    )
+    lora: LoraSettings | None = Field(
+        None,
+        description="Fine-tune LoRA adapters with these settings instead of "
+        "every weight (LoRA names in the search space do so too).",
+    )
 
     @model_validator(mode="after")
     def _name_or_config(self) -> ModelConfig:
@@ -109,26 +126,38 @@ class DataConfig(_Strict):
     """The train and eval files, and the columns the task reads."""
 
     train: Path = Field(description="Training rows: .csv, .jsonl, .json or .conll, relative to the study file.")
-    eval: Path = Field(description="Evaluation rows, which every metric and the objective are measured on; "
-                                   "the same formats as train.")
-    text_column: str = Field("text", description="The input text (sequence-classification; causal-lm without "
-                                                 "prompt_column).")
+    eval: Path = Field(
+        description="Evaluation rows, which every metric and the objective are measured on; the same formats as train."
+    )
+    text_column: str = Field(
+        "text", description="The input text (sequence-classification; causal-lm without prompt_column)."
+    )
     label_column: str = Field("label", description="The class label (sequence-classification).")
-    tokens_column: str = Field("tokens", description="The list of tokens (token-classification, JSON Lines; "
-                                                     ".conll files have token and tag columns).")
-    tags_column: str = Field("tags", description="One tag per token, IOB2: B-PER, I-PER, O "
-                                                 "(token-classification).")
-    prompt_column: str | None = Field(None, description="causal-lm: the prompt; with response_column, the loss "
-                                                        "is on the response only. Default: on the whole text.")
-    response_column: str | None = Field(None, description="causal-lm: the response to learn, after "
-                                                          "prompt_column; the two go together.")
-    max_length: int = Field(128, gt=0, le=2**20, description="Tokens per row; longer rows are truncated. "
-                                                            "At most the model's positions.")
-    max_train_rows: PositiveInt | None = Field(None, description="Train on a random slice of this many rows "
-                                                                 "(seed 0), for quick runs, e.g. in a dev "
-                                                                 "environment; default: every row.")
-    max_eval_rows: PositiveInt | None = Field(None, description="Evaluate on a random slice of this many rows "
-                                                                "(seed 0); default: every row.")
+    tokens_column: str = Field(
+        "tokens",
+        description="The list of tokens (token-classification, JSON Lines; .conll files have token and tag columns).",
+    )
+    tags_column: str = Field("tags", description="One tag per token, IOB2: B-PER, I-PER, O (token-classification).")
+    prompt_column: str | None = Field(
+        None,
+        description="causal-lm: the prompt; with response_column, the loss "
+        "is on the response only. Default: on the whole text.",
+    )
+    response_column: str | None = Field(
+        None, description="causal-lm: the response to learn, after prompt_column; the two go together."
+    )
+    max_length: int = Field(
+        128, gt=0, le=2**20, description="Tokens per row; longer rows are truncated. At most the model's positions."
+    )
+    max_train_rows: PositiveInt | None = Field(
+        None,
+        description="Train on a random slice of this many rows "
+        "(seed 0), for quick runs, e.g. in a dev "
+        "environment; default: every row.",
+    )
+    max_eval_rows: PositiveInt | None = Field(
+        None, description="Evaluate on a random slice of this many rows (seed 0); default: every row."
+    )
 
     @field_validator("train", "eval")
     @classmethod
@@ -144,8 +173,9 @@ class DataConfig(_Strict):
 class EvalEvery(_Strict):
     """Distance between evaluations (= pruning points): a fraction of an epoch, or examples."""
 
-    epochs: PositiveFloat | None = Field(None, description="Epochs between evaluations: 0.25 evaluates four "
-                                                           "times per epoch.")
+    epochs: PositiveFloat | None = Field(
+        None, description="Epochs between evaluations: 0.25 evaluates four times per epoch."
+    )
     examples: PositiveInt | None = Field(None, description="Training examples seen between evaluations.")
 
     @model_validator(mode="before")
@@ -167,17 +197,23 @@ class EvalEvery(_Strict):
 class Objective(_Strict):
     """The metric that ranks trials, and which way is better."""
 
-    metric: str = Field("eval_loss", description="A metric the task reports (eval_loss, eval_accuracy, "
-                                                 "eval_f1, ...); eval_loss, because every task reports it.")
+    metric: str = Field(
+        "eval_loss",
+        description="A metric the task reports (eval_loss, eval_accuracy, "
+        "eval_f1, ...); eval_loss, because every task reports it.",
+    )
     direction: Literal["minimize", "maximize"] | None = Field(
-        None, description="Default: the metric's own (minimize eval_loss and eval_perplexity, maximize accuracy, "
-                          "F1, precision and recall).")
+        None,
+        description="Default: the metric's own (minimize eval_loss and eval_perplexity, maximize accuracy, "
+        "F1, precision and recall).",
+    )
 
     @model_validator(mode="after")
     def _infer_direction(self) -> Objective:
         if self.direction is None:
-            self.direction = "maximize" if HIGHER_IS_BETTER.get(self.metric, not self.metric.endswith("loss")) \
-                else "minimize"
+            self.direction = (
+                "maximize" if HIGHER_IS_BETTER.get(self.metric, not self.metric.endswith("loss")) else "minimize"
+            )
         return self
 
 
@@ -186,8 +222,10 @@ class SamplerSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     name: Literal[tuple(samplers.SAMPLERS)] = Field(  # type: ignore[valid-type]
-        "tpe", description="The Optuna sampler that picks each trial's parameters; the other keys are its "
-                           "arguments (e.g. seed). tpe: learns from finished trials, good from ~10 trials on.")
+        "tpe",
+        description="The Optuna sampler that picks each trial's parameters; the other keys are its "
+        "arguments (e.g. seed). tpe: learns from finished trials, good from ~10 trials on.",
+    )
 
     @property
     def args(self) -> dict[str, Any]:
@@ -198,64 +236,97 @@ class PrunerSpec(SamplerSpec):
     """``name`` plus the pruner's own keyword arguments."""
 
     name: Literal[tuple(samplers.PRUNERS)] = Field(  # type: ignore[valid-type]
-        "median", description="The Optuna pruner that stops unpromising trials at an evaluation; the other keys "
-                              "are its arguments. median: stops a trial worse than the median of earlier ones "
-                              "at the same step; none: never stops one.")
+        "median",
+        description="The Optuna pruner that stops unpromising trials at an evaluation; the other keys "
+        "are its arguments. median: stops a trial worse than the median of earlier ones "
+        "at the same step; none: never stops one.",
+    )
 
 
 class StudyConfig(_Strict):
     """A validated study file. Build it with :func:`load_study`."""
 
     study: Annotated[str, AfterValidator(_study_name)] = Field(
-        min_length=1, description="The study's name: its key in the storage and its folder under outputs/.")
+        min_length=1, description="The study's name: its key in the storage and its folder under outputs/."
+    )
     task: Literal[tuple(TASKS)] = Field(  # type: ignore[valid-type]
-        "sequence-classification", description=f"What the model learns: {', '.join(TASKS)}.")
-    model: ModelConfig = Field(description="The model to fine-tune: a hub id or folder, or a mapping "
-                                           "(name or config, tokenizer, lora).")
-    data: DataConfig = Field(description="The data: train and eval files, their columns, max_length and "
-                                         "row limits for quick runs.")
+        "sequence-classification", description=f"What the model learns: {', '.join(TASKS)}."
+    )
+    model: ModelConfig = Field(
+        description="The model to fine-tune: a hub id or folder, or a mapping (name or config, tokenizer, lora)."
+    )
+    data: DataConfig = Field(
+        description="The data: train and eval files, their columns, max_length and row limits for quick runs."
+    )
     train: dict[TrainingArgName, Any] = Field(
-        {}, description="Fixed settings of every trial: TrainingArguments names (num_train_epochs, "
-                        "learning_rate, ...) and hpo's own knobs (optimizer, lr_scaling, ...).")
-    eval_every: EvalEvery = Field(EvalEvery(epochs=0.25), description="Evaluate, and let the pruner stop the "
-                                                                     "trial, every this many epochs (0.25: four "
-                                                                     "times per epoch), or {examples: N}.")
+        {},
+        description="Fixed settings of every trial: TrainingArguments names (num_train_epochs, "
+        "learning_rate, ...) and hpo's own knobs (optimizer, lr_scaling, ...).",
+    )
+    eval_every: EvalEvery = Field(
+        EvalEvery(epochs=0.25),
+        description="Evaluate, and let the pruner stop the "
+        "trial, every this many epochs (0.25: four "
+        "times per epoch), or {examples: N}.",
+    )
     search_space: dict[SearchName, Param] = Field(
-        min_length=1, description="The parameters to tune, by TrainingArguments, LoRA or hpo knob name, in order: "
-                                  "when: and derive: read the parameters above them.")
-    objective: Objective = Field(Objective(), description="The metric to optimize; default: eval_loss, "
-                                                          "minimized.")
-    sampler: SamplerSpec = Field(SamplerSpec(), description="How each trial's parameters are chosen; "
-                                                            "default: tpe.")
+        min_length=1,
+        description="The parameters to tune, by TrainingArguments, LoRA or hpo knob name, in order: "
+        "when: and derive: read the parameters above them.",
+    )
+    objective: Objective = Field(Objective(), description="The metric to optimize; default: eval_loss, minimized.")
+    sampler: SamplerSpec = Field(SamplerSpec(), description="How each trial's parameters are chosen; default: tpe.")
     pruner: PrunerSpec = Field(PrunerSpec(), description="Which trials stop early; default: median.")
     constraints: list[Condition] = Field(
-        [], description="Conditions every trial's parameters must meet, e.g. \"per_device_train_batch_size * "
-                        "gradient_accumulation_steps <= 128\"; a sample that breaks one is rejected, not trained.")
+        [],
+        description="Conditions every trial's parameters must meet, e.g. \"per_device_train_batch_size * "
+        'gradient_accumulation_steps <= 128"; a sample that breaks one is rejected, not trained.',
+    )
     enqueue: list[dict[str, Any]] = Field(
-        [], description="Known configurations to try first (warm start), each {parameter: value}; the sampler "
-                        "picks any parameter left out.")
-    n_trials: PositiveInt = Field(10, description="Finished (complete + pruned) trials the study should hold; "
-                                                  "running the study again resumes up to it.")
-    timeout: PositiveFloat | None = Field(None, description="Seconds for this run: no trial starts after it "
-                                                            "(a running one finishes). Default: no limit.")
-    heartbeat_interval: int = Field(10, gt=0, le=3600, description="Seconds between a running trial's heartbeats "
-                                                                  "in the storage.")
-    grace_period: int | None = Field(None, gt=0, le=86400, description="Seconds without a heartbeat before a "
-                                                                      "running trial is stale, its worker taken "
-                                                                      "for dead (default: 2 x heartbeat_interval).")
+        [],
+        description="Known configurations to try first (warm start), each {parameter: value}; the sampler "
+        "picks any parameter left out.",
+    )
+    n_trials: PositiveInt = Field(
+        10,
+        description="Finished (complete + pruned) trials the study should hold; "
+        "running the study again resumes up to it.",
+    )
+    timeout: PositiveFloat | None = Field(
+        None, description="Seconds for this run: no trial starts after it (a running one finishes). Default: no limit."
+    )
+    heartbeat_interval: int = Field(
+        10, gt=0, le=3600, description="Seconds between a running trial's heartbeats in the storage."
+    )
+    grace_period: int | None = Field(
+        None,
+        gt=0,
+        le=86400,
+        description="Seconds without a heartbeat before a "
+        "running trial is stale, its worker taken "
+        "for dead (default: 2 x heartbeat_interval).",
+    )
     max_retry: int = Field(2, ge=0, description="Re-runs, with the same parameters, of a trial whose worker died.")
-    max_failures_in_a_row: PositiveInt = Field(3, description="A worker stops after this many failed trials in "
-                                                              "a row: a setting that fails every trial stops "
-                                                              "early.")
-    storage: str | None = Field(None, description="A database URL (sqlite:///study.db, postgresql://user@host/db); "
-                                                  "default: a SQLite file beside the study file, named after it.")
-    output_dir: Path | None = Field(None, description="Where trials, the best model and TensorBoard logs go, "
-                                                      "relative to the study file; default: outputs/<study>.")
-    extends: str | None = Field(None, description="A base study file this one deep-merges over (this file's "
-                                                  "keys win).")
-    environments: dict[str, dict[str, Any]] = Field({}, description="Overlays chosen with --env NAME, e.g. "
-                                                                    "{dev: {n_trials: 3}}; each deep-merges over "
-                                                                    "the file.")
+    max_failures_in_a_row: PositiveInt = Field(
+        3,
+        description="A worker stops after this many failed trials in "
+        "a row: a setting that fails every trial stops "
+        "early.",
+    )
+    storage: str | None = Field(
+        None,
+        description="A database URL (sqlite:///study.db, postgresql://user@host/db); "
+        "default: a SQLite file beside the study file, named after it.",
+    )
+    output_dir: Path | None = Field(
+        None,
+        description="Where trials, the best model and TensorBoard logs go, "
+        "relative to the study file; default: outputs/<study>.",
+    )
+    extends: str | None = Field(None, description="A base study file this one deep-merges over (this file's keys win).")
+    environments: dict[str, dict[str, Any]] = Field(
+        {}, description="Overlays chosen with --env NAME, e.g. {dev: {n_trials: 3}}; each deep-merges over the file."
+    )
 
     _file: Path = PrivateAttr(default=Path("study.yaml"))
     _source: SourceMap = PrivateAttr(default_factory=SourceMap)
@@ -322,8 +393,11 @@ class StudyConfig(_Strict):
             stem = self.study if self._file.name == "<dict>" else self._file.stem  # a study given as a dict
             return f"sqlite:///{(self.root / (stem + '.db')).resolve()}"
         url = make_url(self.storage)
-        if url.drivername == "postgresql" and not importlib.util.find_spec("psycopg2") \
-                and importlib.util.find_spec("psycopg"):
+        if (
+            url.drivername == "postgresql"
+            and not importlib.util.find_spec("psycopg2")
+            and importlib.util.find_spec("psycopg")
+        ):
             return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
         return self.storage
 

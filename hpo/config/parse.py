@@ -35,8 +35,9 @@ def read_yaml(path: Path) -> tuple[Any, SourceMap]:
         if not stat.S_ISREG(info.st_mode):
             raise ConfigError([Problem(file, None, "", "not a regular file")])
         if info.st_size > MAX_FILE_BYTES:
-            raise ConfigError([Problem(file, None, "", f"{info.st_size:,} bytes: a study file is at most "
-                                                       f"{MAX_FILE_BYTES:,}")])
+            raise ConfigError(
+                [Problem(file, None, "", f"{info.st_size:,} bytes: a study file is at most {MAX_FILE_BYTES:,}")]
+            )
         raw_bytes = path.read_bytes()
     except OSError as e:
         raise ConfigError([Problem(file, None, "", f"cannot read: {e.strerror or e}")]) from None
@@ -72,8 +73,9 @@ def parse_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
     except yaml.YAMLError as e:
         raise ConfigError([Problem(file, None, "", f"YAML error: {str(e)[:200]}")]) from None
     except RecursionError:  # PyYAML composes recursively: ~300 levels of [ or { exhaust the stack
-        raise ConfigError([Problem(file, loader.get_mark().line + 1, "",
-                                   f"nested deeper than {MAX_DEPTH} levels")]) from None
+        raise ConfigError(
+            [Problem(file, loader.get_mark().line + 1, "", f"nested deeper than {MAX_DEPTH} levels")]
+        ) from None
     finally:
         loader.dispose()
     source = SourceMap()
@@ -89,9 +91,10 @@ def _decode(raw: bytes, file: str) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ConfigError([Problem(file, line, "", f"not UTF-8 (byte 0x{raw[e.start]:02x}): save the file as "
-                                                   "UTF-8")]) from None
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            [Problem(file, line, "", f"not UTF-8 (byte 0x{raw[e.start]:02x}): save the file as UTF-8")]
+        ) from None
 
 
 def _check_graph(root: yaml.Node, file: str) -> None:
@@ -116,19 +119,20 @@ def _check_graph(root: yaml.Node, file: str) -> None:
             for key, value in node.value:
                 if isinstance(key, yaml.ScalarNode):  # two << merge keys too: the second would silently win
                     if key.value in seen:
-                        raise fail(key, at + (key.value,), f"duplicate key (first on line {seen[key.value]}); "
-                                                           "keep one")
+                        raise fail(key, at + (key.value,), f"duplicate key (first on line {seen[key.value]}); keep one")
                     seen[key.value] = key.start_mark.line + 1
                 total += size(key, at, depth + 1) + size(value, at + (str(key.value),), depth + 1)
                 if total > MAX_NODES:
-                    raise fail(key, at + (str(key.value),), f"over {MAX_NODES:,} values once aliases are expanded "
-                                                            "(an alias bomb?)")
+                    raise fail(
+                        key,
+                        at + (str(key.value),),
+                        f"over {MAX_NODES:,} values once aliases are expanded (an alias bomb?)",
+                    )
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 total += size(item, at + (i,), depth + 1)
                 if total > MAX_NODES:
-                    raise fail(item, at + (i,), f"over {MAX_NODES:,} values once aliases are expanded "
-                                                "(an alias bomb?)")
+                    raise fail(item, at + (i,), f"over {MAX_NODES:,} values once aliases are expanded (an alias bomb?)")
         open_nodes.discard(id(node))
         sizes[id(node)] = total
         return total

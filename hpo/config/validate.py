@@ -24,8 +24,7 @@ from hpo.errors import ConfigError, KeyPath, Problem, SourceMap, did_you_mean
 from hpo.tasks import TASKS
 
 
-def build(raw: dict[str, Any], source: SourceMap, path: Path, env: str | None,
-          secrets: frozenset[str]) -> StudyConfig:
+def build(raw: dict[str, Any], source: SourceMap, path: Path, env: str | None, secrets: frozenset[str]) -> StudyConfig:
     """The composed document as the ``StudyConfig`` of the study file ``path``.
 
     Non-finite numbers first, then the models' own checks, then the checks across keys and the
@@ -117,33 +116,56 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
     for name, p in cfg.search_space.items():
         for ref, want in (p.when or {}).items():
             if ref not in defined:
-                problems.append(src.problem(("search_space", name, "when", ref),
-                                            f"{ref!r} must be a parameter defined above {name!r}"))
+                problems.append(
+                    src.problem(
+                        ("search_space", name, "when", ref), f"{ref!r} must be a parameter defined above {name!r}"
+                    )
+                )
             elif isinstance(dists.get(ref), CategoricalDistribution):
                 unknown = [v for v in (want if isinstance(want, list) else [want]) if v not in dists[ref].choices]
                 if unknown:
-                    problems.append(src.problem(("search_space", name, "when", ref),
-                                                f"{unknown[0]!r} is not one of {ref}'s choices {list(dists[ref].choices)}"))
+                    problems.append(
+                        src.problem(
+                            ("search_space", name, "when", ref),
+                            f"{unknown[0]!r} is not one of {ref}'s choices {list(dists[ref].choices)}",
+                        )
+                    )
             elif ref in dists:  # a number range: only values it can sample, and never a continuous one
                 d = dists[ref]
                 if getattr(d, "step", None) is None and not isinstance(d, IntDistribution):
-                    problems.append(src.problem(("search_space", name, "when", ref), f"{ref} is continuous: it never "
-                                                "equals one value (make it categorical or give it a step)"))
+                    problems.append(
+                        src.problem(
+                            ("search_space", name, "when", ref),
+                            f"{ref} is continuous: it never equals one value (make it categorical or give it a step)",
+                        )
+                    )
                 else:
                     unknown = [v for v in (want if isinstance(want, list) else [want]) if not _contains(d, v)]
                     if unknown:
-                        problems.append(src.problem(("search_space", name, "when", ref),
-                                                    f"{unknown[0]!r} is not a value {ref} takes ({d.low}..{d.high})"))
+                        problems.append(
+                            src.problem(
+                                ("search_space", name, "when", ref),
+                                f"{unknown[0]!r} is not a value {ref} takes ({d.low}..{d.high})",
+                            )
+                        )
         if p.expression is not None:
             missing = sorted(p.expression.names - defined - set(cfg.train))
             if missing:
-                problems.append(src.problem(("search_space", name, "derive"), f"unknown name {missing[0]!r}: "
-                                            "derive reads parameters defined above it, or train: settings"))
+                problems.append(
+                    src.problem(
+                        ("search_space", name, "derive"),
+                        f"unknown name {missing[0]!r}: derive reads parameters defined above it, or train: settings",
+                    )
+                )
         defined.add(name)
     for i, c in enumerate(cfg.constraint_expressions):
         missing = sorted(c.names - set(cfg.search_space) - set(cfg.train))
         if missing:
-            problems.append(src.problem(("constraints", i), f"unknown name {missing[0]!r}{did_you_mean(missing[0], cfg.search_space)}"))
+            problems.append(
+                src.problem(
+                    ("constraints", i), f"unknown name {missing[0]!r}{did_you_mean(missing[0], cfg.search_space)}"
+                )
+            )
     seen_entries: dict[str, int] = {}
     for i, entry in enumerate(cfg.enqueue):
         for name, value in entry.items():
@@ -163,20 +185,34 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
         try:
             make_url(cfg.storage)
         except Exception:  # noqa: BLE001 - its message would echo the URL, password included
-            problems.append(src.problem(("storage",), "not a database URL (e.g. sqlite:///study.db, "
-                                        "postgresql://user@host/db)"))
+            problems.append(
+                src.problem(("storage",), "not a database URL (e.g. sqlite:///study.db, postgresql://user@host/db)")
+            )
     if (cfg.data.prompt_column is None) != (cfg.data.response_column is None):
-        problems.append(src.problem(("data", "prompt_column" if cfg.data.prompt_column is None else "response_column"),
-                                    "prompt_column and response_column go together"))
+        problems.append(
+            src.problem(
+                ("data", "prompt_column" if cfg.data.prompt_column is None else "response_column"),
+                "prompt_column and response_column go together",
+            )
+        )
     metrics = TASKS[cfg.task].metrics
     if cfg.objective.metric not in metrics:
-        problems.append(src.problem(("objective", "metric"),
-                                    f"{cfg.objective.metric!r} is not reported by {cfg.task}; one of {', '.join(metrics)}"))
+        problems.append(
+            src.problem(
+                ("objective", "metric"),
+                f"{cfg.objective.metric!r} is not reported by {cfg.task}; one of {', '.join(metrics)}",
+            )
+        )
     report_to = cfg.train.get("report_to")
     if report_to not in (None, "none", "tensorboard", [], ["tensorboard"]):
-        problems.append(src.problem(("train", "report_to"), f"{report_to!r}: hpo logs every trial to TensorBoard "
-                                    "(outputs/<study>/tensorboard); other trackers are not supported yet, so this "
-                                    "would be ignored: remove it"))
+        problems.append(
+            src.problem(
+                ("train", "report_to"),
+                f"{report_to!r}: hpo logs every trial to TensorBoard "
+                "(outputs/<study>/tensorboard); other trackers are not supported yet, so this "
+                "would be ignored: remove it",
+            )
+        )
     sampler = pruner = None
     try:
         sampler = samplers.make_sampler(cfg.sampler.name, cfg.sampler.args, dists)
@@ -190,8 +226,13 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
         try:  # what only shows when the sampler runs: an argument the constructor stores unchecked
             samplers.dry_run(sampler, pruner, dists, cfg.objective.direction)
         except Exception as e:  # noqa: BLE001 - any error here would fail every trial
-            problems.append(src.problem(("sampler",), f"{cfg.sampler.name} sampler with {cfg.pruner.name} pruner "
-                                        f"fails on a test study: {type(e).__name__}: {str(e)[:200]}"))
+            problems.append(
+                src.problem(
+                    ("sampler",),
+                    f"{cfg.sampler.name} sampler with {cfg.pruner.name} pruner "
+                    f"fails on a test study: {type(e).__name__}: {str(e)[:200]}",
+                )
+            )
     if not problems:
         problems += _expression_problems(cfg)
     return problems
@@ -229,7 +270,9 @@ def _expression_problems(cfg: StudyConfig) -> list[Problem]:
     for point in space.corners(cfg.distributions):
         where = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
         try:
-            sampled, derived = space.walk(cfg.search_space, cfg.distributions, lambda name, d, point=point: point[name], cfg.train)
+            sampled, derived = space.walk(
+                cfg.search_space, cfg.distributions, lambda name, d, point=point: point[name], cfg.train
+            )
         except space.DeriveError as e:
             key, _, message = str(e).partition(": ")
             path = tuple(key.split("."))
@@ -239,9 +282,12 @@ def _expression_problems(cfg: StudyConfig) -> list[Problem]:
             seen[name].setdefault(repr(value), value)
             check = _VALUE_RANGES.get(name)
             if check and not check[0](value):
-                found.setdefault(("search_space", name, "derive"),
-                                 cfg.problem(("search_space", name, "derive"),
-                                             f"gives {value!r} at {where}; {name} must be {check[1]}"))
+                found.setdefault(
+                    ("search_space", name, "derive"),
+                    cfg.problem(
+                        ("search_space", name, "derive"), f"gives {value!r} at {where}; {name} must be {check[1]}"
+                    ),
+                )
         values = {**cfg.train, **sampled, **derived}
         met = True
         for i, c in enumerate(cfg.constraint_expressions):
@@ -254,11 +300,15 @@ def _expression_problems(cfg: StudyConfig) -> list[Problem]:
                 met = False
         feasible = feasible or met
     if cfg.constraints and not feasible and not found:
-        found[("constraints",)] = cfg.problem(("constraints",), "no corner of the space and none of 32 random "
-                                              "points meets every constraint: no trial could run")
+        found[("constraints",)] = cfg.problem(
+            ("constraints",),
+            "no corner of the space and none of 32 random points meets every constraint: no trial could run",
+        )
     for i, entry in enumerate(cfg.enqueue):  # a queued configuration the constraints reject would never run
         try:
-            sampled, derived = space.walk(cfg.search_space, cfg.distributions, lambda name, d, entry=entry: entry[name], cfg.train)
+            sampled, derived = space.walk(
+                cfg.search_space, cfg.distributions, lambda name, d, entry=entry: entry[name], cfg.train
+            )
             broken = space.broken_constraint(cfg.constraint_expressions, {**cfg.train, **sampled, **derived})
         except KeyError:  # a partial entry: the sampler picks the rest
             continue
@@ -266,8 +316,10 @@ def _expression_problems(cfg: StudyConfig) -> list[Problem]:
             found.setdefault(("enqueue", i), cfg.problem(("enqueue", i), str(e)))
             continue
         if broken:
-            found.setdefault(("enqueue", i), cfg.problem(("enqueue", i), f"breaks the constraint {broken!r}: "
-                                                                        "it would be rejected, never trained"))
+            found.setdefault(
+                ("enqueue", i),
+                cfg.problem(("enqueue", i), f"breaks the constraint {broken!r}: it would be rejected, never trained"),
+            )
     cfg._derived_values = {name: list(values.values())[:20] for name, values in seen.items()}
     return list(found.values())
 

@@ -12,8 +12,16 @@ from pathlib import Path
 HERE = Path(__file__).parent
 FOOD = [["pizza"], ["pasta"], ["sushi"], ["soup"], ["fresh", "fish"], ["fresh", "bread"], ["salad"]]
 WEATHER = [["rain"], ["snow"], ["storm"], ["cold"], ["hot"], ["cloudy", "skies"], ["sunny"], ["windy"]]
-FRAMES = ["i want {F} today", "make {F} for dinner please", "{W} tomorrow maybe", "is it {W} today",
-          "i want {F} and {F}", "{W} and {W} today", "order {F} if it is {W}", "hello friend i want {F}"]
+FRAMES = [
+    "i want {F} today",
+    "make {F} for dinner please",
+    "{W} tomorrow maybe",
+    "is it {W} today",
+    "i want {F} and {F}",
+    "{W} and {W} today",
+    "order {F} if it is {W}",
+    "hello friend i want {F}",
+]
 
 
 def sentence(rng: random.Random) -> dict:
@@ -34,8 +42,10 @@ def main() -> None:
     train, dev = [sentence(rng) for _ in range(48)], [sentence(rng) for _ in range(16)]
     for name, rows in (("ner_train.jsonl", train), ("ner_eval.jsonl", dev)):
         (HERE / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (HERE / "ner_eval.conll").write_text("-DOCSTART- O\n\n" + "".join(
-        "".join(f"{t} {g}\n" for t, g in zip(r["tokens"], r["tags"], strict=False)) + "\n" for r in dev))
+    (HERE / "ner_eval.conll").write_text(
+        "-DOCSTART- O\n\n"
+        + "".join("".join(f"{t} {g}\n" for t, g in zip(r["tokens"], r["tags"], strict=False)) + "\n" for r in dev)
+    )
     for split in ("train", "eval"):  # causal-LM pairs: the reply is the intent
         with open(HERE / f"{split}.csv") as f:
             rows = [{"prompt": r["text"], "response": r["label"]} for r in csv.DictReader(f)]
