@@ -17,7 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from hpo.config import StudyConfig, load_study
+from hpo.config import StudyConfig, absolute_sqlite, load_study
+from hpo.config.load import plain
 from hpo.errors import ConfigError, Problem, TrialsFailed
 
 if TYPE_CHECKING:
@@ -28,17 +29,30 @@ if TYPE_CHECKING:
 Study = str | Path | Mapping[str, Any] | StudyConfig
 
 
+ARGUMENTS = "<arguments>"  # how problems name the keyword arguments of these calls
+
+
 def load(study: Study, overrides: Mapping[str, Any] | None = None, env: str | None = None) -> StudyConfig:
     """The study, validated: a ``StudyConfig`` as it is, a path or a dict through :func:`hpo.config.load_study`.
 
+    ``overrides`` are dotted key paths, as on the command line (``{"train.num_train_epochs": 1}``); their
+    problems name ``<arguments>``. A relative SQLite ``storage`` in them is relative to the current folder.
+
     Raises:
         ConfigError: every problem of the study file (or dict).
+        TypeError: overrides or ``env`` with a loaded ``StudyConfig``, which is used as it is.
     """
     if isinstance(study, StudyConfig):
         if overrides or env:
-            raise TypeError("overrides and env apply to a study file or dict, not to a loaded StudyConfig")
+            given = ", ".join([*(overrides or {}), *(["env"] if env else [])])
+            raise TypeError(
+                f"{given}: a loaded StudyConfig is used as it is; give the study as a file or dict to change it"
+            )
         return study
-    return load_study(study, overrides, env)
+    overrides = plain(dict(overrides or {}), ARGUMENTS)
+    if isinstance(overrides.get("storage"), str):
+        overrides["storage"] = absolute_sqlite(overrides["storage"], Path.cwd())
+    return load_study(study, overrides, env, overrides_label=ARGUMENTS)
 
 
 def validate(study: Study, overrides: Mapping[str, Any] | None = None, env: str | None = None) -> StudyConfig:
@@ -76,28 +90,39 @@ def run(
 
     Raises:
         ConfigError: the study, its data, model or storage is wrong, or it changed without ``allow_changes``.
-        ValueError: ``gpus`` names no GPU (see :func:`parse_gpus`).
+        ValueError: ``gpus`` names no GPU (see :func:`parse_gpus`), or ``workers`` is below 1.
         TrialsFailed: the run stopped on ``max_failures_in_a_row`` failed (or 100 rejected) trials in a row.
     """
     flags = {"n_trials": n_trials, "timeout": timeout, "storage": storage}
     cfg = load(study, {**(overrides or {}), **{k: v for k, v in flags.items() if v is not None}}, env)
+    devices = parse_gpus(gpus)
+    n = workers if workers is not None else len(devices) or 1
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"workers={workers!r}: the number of worker processes, 1 or more")
     examples = _examples(cfg)  # before torch is imported: a broken data file fails in a second
+    import optuna
+
     from hpo.storage import load_existing
     from hpo.study import run_study
     from hpo.workbench import prepare
     from hpo.workers import gpu_ids, run_workers
 
-    devices = parse_gpus(gpus)
-    n = workers or (len(devices) if devices else 1)
-    bench = prepare(cfg, examples)
-    if n == 1 and gpus is None:
-        return run_study(cfg, console, bench=bench, allow_changes=allow_changes)
-    code = run_workers(
-        cfg, n, devices if gpus is not None else gpu_ids(), console, bench=bench, allow_changes=allow_changes
-    )
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # hpo prints its own line per trial, through console
+    try:
+        bench = prepare(cfg, examples)
+        if n == 1 and gpus is None:
+            return run_study(cfg, console, bench=bench, allow_changes=allow_changes)
+        code = run_workers(
+            cfg, n, devices if gpus is not None else gpu_ids(), console, bench=bench, allow_changes=allow_changes
+        )
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     study_ = load_existing(cfg)
     if code:
-        raise TrialsFailed("a worker stopped on failed trials (its lines above say why)", study_)
+        raise TrialsFailed(
+            "workers stopped on failed trials before the study reached n_trials (their lines above say why)", study_
+        )
     return study_
 
 
@@ -109,7 +134,8 @@ def parse_gpus(gpus: str | Sequence[str] | None) -> list[str]:
     """
     if gpus is None:
         return []
-    ids = [str(g).strip() for g in (gpus.split(",") if isinstance(gpus, str) else gpus) if str(g).strip()]
+    listed = gpus.split(",") if isinstance(gpus, str) else [gpus] if isinstance(gpus, int) else gpus
+    ids = [str(g).strip() for g in listed if str(g).strip()]
     bad = next((g for g in ids if not re.fullmatch(r"\d+|(GPU|MIG)-[\w-]+", g)), None)
     if bad is not None or not ids:
         raise ValueError(f"{bad or gpus!r} is not a GPU index (0, 1, …) or UUID (GPU-…, MIG-…)")
@@ -149,6 +175,8 @@ def report(
     from hpo.dashboard import save_study_note
     from hpo.storage import load_existing, resolved_config
 
+    if isinstance(studies, str | Path | Mapping | StudyConfig):  # one study, not a list of them
+        studies = [studies]
     cfgs = [load(s, {"storage": storage} if storage else None, env) for s in studies]
     named = [(cfg.study, cfg.storage_label) for cfg in cfgs]
     for cfg, key in zip(cfgs, named, strict=True):

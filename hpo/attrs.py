@@ -17,6 +17,7 @@ REJECTED_ENQUEUED = "rejected_enqueued"  # queued parameters outside the search 
 REJECTIONS = (REJECTED_BY_CONSTRAINT, REJECTED_DUPLICATE, REJECTED_ENQUEUED)  # a FAIL before training
 RETRY_OF = "retry_of"  # the interrupted trial whose parameters a queued trial reruns
 WORKER = "worker"  # host, pid and CUDA_VISIBLE_DEVICES of the process that ran it
+DEVICES = "devices"  # the devices lr_scaling counted, so that an export scales the rate as the trial did
 
 # Study user attrs
 CONFIG = "config"  # the resolved study file of the latest revision

@@ -112,7 +112,6 @@ def run(
     import optuna
     import sqlalchemy
 
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # hpo prints its own line per trial
     try:
         api.parse_gpus(gpus)
     except ValueError as e:

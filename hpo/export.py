@@ -9,10 +9,10 @@ from typing import Any
 
 import optuna
 
-from hpo.attrs import DERIVED_PARAMS
+from hpo.attrs import DERIVED_PARAMS, DEVICES
 from hpo.config import StudyConfig
 from hpo.errors import NoCompleteTrial
-from hpo.plan import make_plan
+from hpo.plan import TrialPlan, make_plan
 from hpo.revisions import check_trial_settings, current_revision, trial_revision
 from hpo.storage import best_trial
 from hpo.tasks import TASKS
@@ -33,12 +33,8 @@ def best_config(cfg: StudyConfig, study: optuna.Study) -> tuple[dict[str, Any], 
         NoCompleteTrial: the study has no complete trial.
         ConfigError: the study file's settings differ from those the best trial ran under.
     """
-    try:
-        trial = best_trial(study)
-    except ValueError:  # Optuna says "Record does not exist."
-        raise NoCompleteTrial(f"{cfg.file}: the study has no complete trial yet") from None
-    check_trial_settings(study, cfg, trial)
-    args, rest = make_plan(cfg, best_params(study)).exported(cfg)
+    trial, plan = _best_plan(cfg, study)
+    args, rest = plan.exported(cfg)
     return args, {
         "study": cfg.study,
         "trial": trial.number,
@@ -48,6 +44,21 @@ def best_config(cfg: StudyConfig, study: optuna.Study) -> tuple[dict[str, Any], 
         "revision": trial_revision(trial),
         "current_revision": current_revision(study),
     }
+
+
+def _best_plan(cfg: StudyConfig, study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, TrialPlan]:
+    """The best trial and its plan, as it ran: ``lr_scaling`` counts the devices the trial had, not this machine's.
+
+    Raises:
+        NoCompleteTrial: the study has no complete trial.
+        ConfigError: the study file's settings differ from those the best trial ran under.
+    """
+    try:
+        trial = best_trial(study)
+    except ValueError:  # Optuna says "Record does not exist."
+        raise NoCompleteTrial(f"{cfg.file}: the study has no complete trial yet") from None
+    check_trial_settings(study, cfg, trial)
+    return trial, make_plan(cfg, best_params(study), trial.user_attrs.get(DEVICES))
 
 
 def model_json(path: Path) -> Path:
@@ -65,7 +76,8 @@ def write_config(args: dict[str, Any], rest: dict[str, Any], path: Path) -> tupl
 
 
 def train_best(cfg: StudyConfig, study: optuna.Study, all_data: bool = False) -> Path:
-    """Retrain the best configuration and save model (or adapter), tokenizer and a model card.
+    """Retrain the best configuration, as its trial ran, and save model (or adapter), tokenizer, its configuration
+    (``training_args.json`` and ``training_args.model.json``, as :func:`write_config`) and a model card.
 
     ``all_data`` trains on train + eval (the eval numbers then say little).
     Returns the folder, ``<outputs>/final_model``.
@@ -74,14 +86,14 @@ def train_best(cfg: StudyConfig, study: optuna.Study, all_data: bool = False) ->
     from hpo.workbench import prepare
 
     args, rest = best_config(cfg, study)  # before training: refuses a study file that changed
+    _, plan = _best_plan(cfg, study)
     bench = prepare(cfg)
     if all_data:
         bench = dataclasses.replace(bench, train_rows=bench.train_rows + bench.eval_rows)
     params = best_params(study)
-    plan = make_plan(cfg, params)
     result: TrialResult = run_trial(bench, plan, optuna.trial.FixedTrial(params), run_name="final")
     folder = save_model(bench, result, params, rest["trial"], cfg.output_path / "final_model")
-    (folder / "training_args.json").write_text(json.dumps(args, indent=2, sort_keys=True) + "\n")
+    write_config(args, rest, folder / "training_args.json")  # and training_args.model.json: knobs, LoRA, model
     (folder / "README.md").write_text(_model_card(cfg, rest, args, result.attrs, all_data))
     release(result)
     return folder
@@ -91,7 +103,8 @@ def _model_card(
     cfg: StudyConfig, rest: dict[str, Any], args: dict[str, Any], attrs: dict[str, Any], all_data: bool
 ) -> str:
     rows = "\n".join(
-        f"| `{k}` | `{v}` |" for k, v in sorted({**args, **rest["model_params"], **(rest["lora"] or {})}.items())
+        f"| `{k}` | `{v}` |"
+        for k, v in sorted({**args, **rest["model_params"], **(rest["lora"] or {}), **rest["knobs"]}.items())
     )
     trained_on = "train + eval" if all_data else "train"
     metrics = ", ".join(

@@ -58,8 +58,8 @@ class Knobs(BaseModel):
 NAMES = frozenset(Knobs.model_fields) - {"schedule"}
 
 
-def split(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], Knobs]:
-    """(TrainingArguments kwargs, Knobs) from one trial's training settings.
+def split(kwargs: Mapping[str, Any], devices: int = 1) -> tuple[dict[str, Any], Knobs]:
+    """(TrainingArguments kwargs, Knobs) from one trial's training settings; ``lr_scaling`` counts ``devices``.
 
     >>> args, knobs = split({"learning_rate": 1e-3, "optimizer": "sgd", "lr_scheduler_type": "step"})
     >>> args, knobs.optimizer, knobs.schedule
@@ -78,11 +78,12 @@ def split(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], Knobs]:
     knobs = Knobs(**own)
     if knobs.lr_scaling == "linear":
         batch = args.get("per_device_train_batch_size", 8) * args.get("gradient_accumulation_steps", 1)
-        args["learning_rate"] = args.get("learning_rate", 5e-5) * batch * _devices() / knobs.lr_base_batch_size
+        args["learning_rate"] = args.get("learning_rate", 5e-5) * batch * devices / knobs.lr_base_batch_size
     return args, knobs
 
 
-def _devices() -> int:
+def device_count() -> int:
+    """The devices a trial trains on, as ``lr_scaling`` counts them: the visible CUDA devices, or 1."""
     import torch
 
     return max(1, torch.cuda.device_count())

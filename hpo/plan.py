@@ -27,6 +27,7 @@ class TrialPlan:
     knobs: knobs.Knobs  # hpo's own knobs (optimizer, step/plateau schedules, head rates)
     model_params: dict[str, Any]  # model config changes, e.g. {"dropout": 0.1}
     lora: dict[str, Any] | None  # LoraConfig kwargs (target_modules as a list of names), None for a full fine-tune
+    devices: int | None = None  # the devices lr_scaling counted (None: no lr_scaling); a trial stores it
 
     def exported(self, cfg: StudyConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         """(TrainingArguments kwargs, the rest: task, model, model_params, lora, knobs, data), secrets masked.
@@ -46,20 +47,26 @@ class TrialPlan:
         return cfg.masked_data(args), cfg.masked_data(rest)
 
 
-def make_plan(cfg: StudyConfig, params: Mapping[str, Any]) -> TrialPlan:
+def make_plan(cfg: StudyConfig, params: Mapping[str, Any], devices: int | None = None) -> TrialPlan:
     """The plan of a trial with sampled and derived ``params``.
+
+    ``devices``: what ``lr_scaling`` counts; by default, the devices of this machine. An export passes the
+    number the trial ran with (a trial on one GPU of four, exported on the four, scaled by one).
 
     Raises:
         pydantic.ValidationError: a bad value of one of hpo's knobs (validation checks the space's corners).
     """
     training, model_params, lora_params = split_params(params)
-    args, own = knobs.split(training_arguments({**cfg.train, **training}))
+    settings = training_arguments({**cfg.train, **training})
+    if settings.get("lr_scaling") == "linear" and devices is None:
+        devices = knobs.device_count()
+    args, own = knobs.split(settings, devices or 1)
     lora = None
     if cfg.is_lora:
         lora = {**(cfg.model.lora or LoraSettings()).model_dump(), **lora_params}
         if lora["target_modules"] is not None and lora["target_modules"] != "all-linear":
             lora["target_modules"] = lora_target_list(lora["target_modules"])
-    return TrialPlan(args, own, model_params, lora)
+    return TrialPlan(args, own, model_params, lora, devices if own.lr_scaling else None)
 
 
 def lora_target_list(target_modules: Any) -> list[str]:

@@ -29,6 +29,14 @@ class Progress:
         self.status = console.status("") if worker is None else None
         self.number = -1
 
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """The live status line stops however the run ends (Ctrl-C, SIGTERM): it must not keep drawing."""
+        if self.status:
+            self.status.stop()
+
     def print(self, line: str) -> None:
         self.console.print(self.masked(self.prefix + line))
 
@@ -112,10 +120,11 @@ def print_summary(console: Console, cfg: StudyConfig, study: optuna.Study) -> No
         held = f"holds trial {saved}'s model" if saved is not None else "is empty"
         console.print(f"[yellow]warning[/]: best_model/ {held}, not trial {best.number}'s: {why}")
     env = f" --env {cfg.environment}" if cfg.environment else ""  # the study's name and storage may depend on it
+    dashboard = f"optuna-dashboard {cfg.storage_label}" if cfg.from_dict else f"hpo dashboard {cfg.file}{env}"
     console.print(
         cfg.masked(
             f"storage:    {cfg.storage_label}\noutputs:    {cfg.output_path}\n"
-            f"dashboard:  hpo dashboard {cfg.file}{env}\n"
+            f"dashboard:  {dashboard}\n"
             f"tensorboard: tensorboard --logdir {cfg.output_path / 'tensorboard'}"
         ),
         markup=False,

@@ -157,7 +157,7 @@ def load_existing(cfg: StudyConfig) -> optuna.Study:
         ConfigError: no such storage or study yet.
     """
     url = cfg.storage_url
-    hint = f"run `hpo run {cfg.file}` first"
+    hint = "run hpo.run(study) first" if cfg.from_dict else f"run `hpo run {cfg.file}` first"
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise cfg.error(("storage",), f"no storage at {cfg.storage_label}: {hint}")
     try:

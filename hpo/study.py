@@ -21,6 +21,7 @@ from rich.markup import escape
 from hpo import outputs, revisions, space
 from hpo.attrs import (
     DERIVED_PARAMS,
+    DEVICES,
     FAIL_REASON,
     FAIL_TRACEBACK,
     REJECTED_BY_CONSTRAINT,
@@ -49,7 +50,7 @@ def start_study(
 ) -> tuple[optuna.Study, Workbench]:
     """Check the model and data, then create or load the study; nothing is created if the check fails.
 
-    ``bench``: the model and data already checked (by the CLI, or the parent of ``hpo run --workers``).
+    ``bench``: the model and data already checked (by :func:`hpo.run`, or the parent of ``hpo run --workers``).
     ``allow_changes``: record a changed study file as a new revision instead of refusing it.
 
     Raises:
@@ -102,7 +103,7 @@ def run_study(
     progress = Progress(console, cfg, worker)
     stop = StopRule(cfg.max_failures_in_a_row)
     if cfg.n_trials > done:
-        with sigterm_interrupts(), _frozen_heap():
+        with sigterm_interrupts(), _frozen_heap(), progress:
             _optimize(study, _objective(bench, progress, revision), progress, stop, cfg)
     if worker is None:
         print_summary(console, cfg, study)
@@ -118,7 +119,11 @@ def _frozen_heap():
     Each trial starts (accelerate's ``free_memory``) and ends (hpo's ``release``) with ``gc.collect()``,
     which walks every tracked object: ~0.27 s per call with MiniLM loaded, measured with cProfile.
     ``gc.freeze()`` moves today's objects to a generation collections skip; ``unfreeze`` returns them.
+    A caller that froze objects itself keeps them frozen: ``unfreeze`` would return its objects too.
     """
+    if gc.get_freeze_count():
+        yield
+        return
     gc.collect()
     gc.freeze()
     try:
@@ -268,6 +273,8 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
                 },
             )
             plan = make_plan(cfg, params)
+            if plan.devices is not None:
+                trial.set_user_attr(DEVICES, plan.devices)
             args, rest = plan.exported(cfg)
             upload_json(
                 store,

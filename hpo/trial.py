@@ -308,6 +308,7 @@ def _measurements(bench: Workbench, trainer: Trainer, callback: PruningCallback,
     return {k: v for k, v in attrs.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
 
 
+@quiet()  # transformers' "Writing model shards" bar
 def save_model(
     bench: Workbench, result: TrialResult, params: Mapping[str, Any], trial_number: int, target: Path
 ) -> Path:

@@ -43,14 +43,8 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PARENT_DEATH_SIGNAL = signal.SIGUSR1  # the kernel's word to a worker that its parent died; it becomes one SIGTERM
 
 
-def gpu_ids(gpus: str | None = None) -> list[str]:
-    """The GPUs to spread workers over: ``"0,2"`` → ``["0", "2"]``; ``None`` → every visible CUDA device.
-
-    >>> gpu_ids("0, 1")
-    ['0', '1']
-    """
-    if gpus is not None:
-        return [g.strip() for g in gpus.split(",") if g.strip()]
+def gpu_ids() -> list[str]:
+    """The visible CUDA devices, to spread workers over when no GPUs are named (:func:`hpo.api.parse_gpus`)."""
     if (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
         return [g.strip() for g in visible.split(",") if g.strip()]
     import torch

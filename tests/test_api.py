@@ -1,5 +1,6 @@
 """hpo from Python: a notebook runs, validates, reports and exports a study given as a dict, with no YAML file."""
 
+import json
 import logging
 import warnings
 
@@ -64,3 +65,22 @@ def test_the_public_surface():
         "TrialsFailed",
     }
     assert all(hasattr(hpo, name) for name in hpo.__all__)
+
+
+def test_a_loaded_study_keeps_its_folder_and_bad_arguments_say_so(tiny_model, tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "s.yaml").write_text(json.dumps(study_dict(tiny_model)))
+    monkeypatch.chdir(tmp_path)
+    cfg = hpo.load_study("a/s.yaml")
+    monkeypatch.chdir(tmp_path / "a")
+    # A relative study path once followed os.chdir: the storage and outputs moved with the current folder.
+    assert cfg.storage_url == f"sqlite:///{tmp_path / 'a' / 's.db'}" and cfg.output_path == tmp_path / "a/outputs/tiny"
+    with pytest.raises(ValueError, match="workers=0"):
+        hpo.run(cfg, workers=0)
+    with pytest.raises(TypeError, match="n_trials: a loaded StudyConfig is used as it is"):
+        hpo.run(cfg, n_trials=2)
+    with pytest.raises(hpo.ConfigError, match="<arguments>: n_trials: Input should be greater than 0"):
+        hpo.validate("s.yaml", {"n_trials": 0})
+    assert hpo.api.load("s.yaml", {"storage": "sqlite:///x.db"}).storage_url == f"sqlite:///{tmp_path / 'a/x.db'}"
+    with pytest.raises(hpo.ConfigError, match="<dict>: not a study's value: bytes"):
+        hpo.validate(study_dict(tiny_model, study=b"tiny"))

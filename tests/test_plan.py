@@ -40,6 +40,16 @@ def test_the_plan_splits_what_each_library_reads(tmp_path):
     assert make_plan(_config(tmp_path), {"learning_rate": 0.01}).lora is None  # a full fine-tune
 
 
+def test_lr_scaling_counts_the_devices_the_trial_had(tmp_path):
+    cfg = _config(tmp_path, train={"lr_scaling": "linear", "lr_base_batch_size": 8})
+    here = make_plan(cfg, {"learning_rate": 0.01, "per_device_train_batch_size": 8})
+    assert (here.devices, here.training_arguments["learning_rate"]) == (1, 0.01)  # this machine: CPU, 1 device
+    # A trial that ran on 4 GPUs is exported with its own count, whatever the exporting machine has.
+    scaled = make_plan(cfg, {"learning_rate": 0.01, "per_device_train_batch_size": 8}, devices=4)
+    assert scaled.training_arguments["learning_rate"] == 0.04
+    assert make_plan(_config(tmp_path), {"learning_rate": 0.01}).devices is None  # no lr_scaling, nothing counted
+
+
 def test_what_is_saved_is_what_ran(write_study, tiny_model, tmp_path):
     from hpo.study import run_study
 
@@ -59,6 +69,7 @@ def test_what_is_saved_is_what_ran(write_study, tiny_model, tmp_path):
     assert sorted(rest["lora"]["target_modules"]) == sorted(adapter["target_modules"]) == ["query", "value"]
     assert rest["lora"]["r"] == adapter["r"] and rest["lora"]["lora_alpha"] == adapter["lora_alpha"]
     ran = trial.user_attrs["param_groups"][0]["lr"]  # the rate the optimizer had
+    assert trial.user_attrs["devices"] == 1  # what lr_scaling counted, for the export
     assert args["learning_rate"] == ran != trial.params["learning_rate"]
     assert args["per_device_train_batch_size"] == trial.params["per_device_train_batch_size"]
     assert api.best(cfg, out=tmp_path / "best.json") == (args, rest)

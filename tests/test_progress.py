@@ -1,13 +1,15 @@
 """What a run prints: the summary names the commands that reach the same study."""
 
+import gc
 import json
 
 import optuna
+import pytest
 from conftest import study_dict
 from rich.console import Console
 
 from hpo.config import load_study
-from hpo.progress import print_summary
+from hpo.progress import Progress, print_summary
 
 
 def test_the_summary_names_the_environment_that_chose_the_study(tmp_path):
@@ -19,3 +21,32 @@ def test_the_summary_names_the_environment_that_chose_the_study(tmp_path):
         console = Console(record=True, width=500)
         print_summary(console, load_study(path, env=env), study)
         assert expected in console.export_text()  # without --env, the dashboard would open another study
+
+
+def test_the_status_line_stops_however_the_run_ends(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text(json.dumps(study_dict(tmp_path)))
+    progress = Progress(Console(force_terminal=True), load_study(path))
+
+    def interrupted_trial():  # Ctrl-C mid-trial: Optuna runs no callback
+        with progress:
+            progress.trial_start(0, {})
+            assert progress.status._live.is_started
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        interrupted_trial()
+    assert not progress.status._live.is_started  # it used to keep drawing "trial 0: training…"
+
+
+def test_a_callers_frozen_objects_stay_frozen():
+    from hpo.study import _frozen_heap
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with _frozen_heap():
+            pass
+        assert gc.get_freeze_count() == frozen  # unfreeze would have thawed the caller's objects too
+    finally:
+        gc.unfreeze()

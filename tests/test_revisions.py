@@ -37,7 +37,7 @@ def edit(path, **changes):
 
 
 def test_another_objective_is_refused_and_best_stays_right(write_study, tmp_path):
-    # The repro: b.yaml reuses a.yaml's study and storage with accuracy (maximize) and another space.
+    # b.yaml reuses a.yaml's study and storage with accuracy (maximize) and another space.
     a = write_study("a.yaml", n_trials=2)
     b = write_study(
         "b.yaml",

@@ -195,6 +195,8 @@ def test_train_best_saves_model_and_card(two_studies):
     card = (final / "README.md").read_text()
     assert "trial" in card and "train + eval" in card and "learning_rate" in card
     assert json.loads((final / "training_args.json").read_text())["num_train_epochs"] == 2
+    rest = json.loads((final / "training_args.model.json").read_text())  # the knobs and LoRA settings it ran with
+    assert rest["study"] == "full" and rest["lora"] is None and rest["knobs"] == {}
 
 
 def test_report_on_a_study_never_run_creates_nothing(write_study):
@@ -219,7 +221,7 @@ def _study(name, task, metric, direction, values, pruned=()):
 
 
 def test_a_low_f1_is_never_ranked_above_the_best_loss():
-    # The example: a loss (minimized) and a macro F1 of 0.20 (maximized) in one report.
+    # A loss (minimized) and a macro F1 of 0.20 (maximized) in one report.
     loss = _study("loss", "sequence-classification", "eval_loss", "minimize", [0.3, 0.5, 0.9])
     f1 = _study("f1", "sequence-classification", "eval_f1_macro", "maximize", [0.20, 0.18])
     trials = trials_frame([loss, f1])

@@ -16,6 +16,7 @@ from conftest import POSTGRES
 from optuna.trial import TrialState
 from procs import RUN_S, SLOW_EPOCHS, WAIT_S, alive, slow_study, start, wait_for, wait_for_running
 
+from hpo.api import parse_gpus
 from hpo.workers import gpu_ids, worker_env
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -62,7 +63,12 @@ def test_gpus_pins_one_device_per_worker(write_study):
 
 def test_worker_environment(monkeypatch):
     assert worker_env(2, 4, ["0", "1"])["CUDA_VISIBLE_DEVICES"] == "0"  # round robin over the GPUs
-    assert gpu_ids(" 3,5 ") == ["3", "5"]
+    assert parse_gpus(" 3,5 ") == parse_gpus(["3", 5]) == ["3", "5"] and parse_gpus(0) == ["0"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,7")
+    assert gpu_ids() == ["2", "7"]
+    for bad in ("abc", "", "GPU-", []):
+        with pytest.raises(ValueError, match="is not a GPU index"):
+            parse_gpus(bad)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert worker_env(0, 2, [])["OMP_NUM_THREADS"] == str(max(1, os.cpu_count() // 2))  # a share of the cores
 

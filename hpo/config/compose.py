@@ -69,10 +69,11 @@ def overlay(
     env: str | None,
     overrides: Mapping[str, Any],
     strict_variables: bool = True,
+    overrides_label: str = "<command line>",
 ) -> tuple[dict[str, Any], SourceMap, frozenset[str]]:
     """The environment ``env`` and the dotted ``overrides`` over the merged ``layers``, ``${VAR}`` expanded.
 
-    Returns the composed document, its source map (overrides point at ``<command line>``) and the values
+    Returns the composed document, its source map (overrides point at ``overrides_label``) and the values
     of secret-looking variables, to mask. ``layers`` and ``source`` are left as they were. Not
     ``strict_variables``: an unset variable's value is left out (another run sets it, and checks it).
 
@@ -100,7 +101,10 @@ def overlay(
             raise ConfigError(
                 [
                     Problem(
-                        "<command line>", None, key, "cannot be set from the command line (write it in the study file)"
+                        overrides_label,
+                        None,
+                        key,
+                        f"cannot be set from {_where(overrides_label)} (write it in the study file)",
                     )
                 ]
             )
@@ -113,8 +117,12 @@ def overlay(
                 node[k] = {}
             node = node[k]
         node[leaf] = value
-        source.add((*parents, leaf), "<command line>", None)
+        source.add((*parents, leaf), overrides_label, None)
     return raw, source, secrets
+
+
+def _where(label: str) -> str:
+    return "the command line" if label == "<command line>" else "hpo.run's arguments"
 
 
 def mask(text: str, secrets: Iterable[str]) -> str:

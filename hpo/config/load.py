@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import yaml
@@ -20,7 +20,10 @@ DICT = "<dict>"
 
 
 def load_study(
-    study: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None, env: str | None = None
+    study: str | Path | Mapping[str, Any],
+    overrides: Mapping[str, Any] | None = None,
+    env: str | None = None,
+    overrides_label: str = "<command line>",
 ) -> StudyConfig:
     """Read, compose and validate a study file, or a dict shaped like one.
 
@@ -30,19 +33,20 @@ def load_study(
     ``${VAR}`` comes from the environment, else from ``.env`` beside the study
     file. Relative paths resolve against the file that wrote them. A dict is read like a file in the
     current folder: its relative paths and ``.env`` are found there, its default storage is
-    ``<study>.db`` there, and its problems name ``<dict>`` and the key.
+    ``<study>.db`` there, and its problems name ``<dict>`` and the key. Problems in ``overrides`` name
+    ``overrides_label``.
 
     Raises:
         ConfigError: with every problem found, each naming file, line and key.
     """
     if isinstance(study, Mapping):
-        path, document = Path.cwd() / DICT, _document(study)
+        path, document = Path(DICT), _document(study)  # its folder, ".", is made absolute at validation
     else:
         path, document = Path(study), None
     layers, source = read_layers(path, (), document)
     problems = []
     try:
-        cfg = _build(path, layers, source, env, overrides or {})
+        cfg = _build(path, layers, source, env, overrides or {}, overrides_label=overrides_label)
     except ConfigError as e:
         problems = list(e.problems)
     # The environments not chosen are checked too: a typo in prod should not wait for the prod run.
@@ -52,7 +56,7 @@ def load_study(
             continue
         overlay_lines = {source.locate(p) for p in source.paths_under(("environments", name))}
         try:
-            _build(path, layers, source, name, overrides or {}, strict_variables=False)
+            _build(path, layers, source, name, overrides or {}, False, overrides_label)
         except ConfigError as e:
             problems += [
                 Problem(
@@ -69,6 +73,27 @@ def load_study(
     return cfg
 
 
+def plain(value: Any, label: str = DICT) -> Any:
+    """``value`` as YAML could have written it: a ``Path`` becomes its text, a NumPy number or array its Python
+    value or list; anything else that is not JSON-like (bytes, sets, objects) is refused.
+
+    Raises:
+        ConfigError: a value of another type, or a structure that contains itself (named ``label``).
+    """
+
+    def default(o: Any) -> Any:
+        if isinstance(o, PurePath):
+            return str(o)
+        if type(o).__module__ == "numpy" and hasattr(o, "tolist"):
+            return o.tolist()
+        raise TypeError(f"{type(o).__name__} {o!r:.60} is not a value a study file can hold")
+
+    try:
+        return json.loads(json.dumps(value, default=default))
+    except (TypeError, ValueError, RecursionError) as e:  # ValueError: a circular reference
+        raise ConfigError([Problem(label, None, "", f"not a study's value: {e}")]) from None
+
+
 def _build(
     path: Path,
     layers: dict[str, Any],
@@ -76,20 +101,20 @@ def _build(
     env: str | None,
     overrides: Mapping[str, Any],
     strict_variables: bool = True,
+    overrides_label: str = "<command line>",
 ) -> StudyConfig:
     """Compose one environment and the overrides over the merged layers, and validate the result."""
-    raw, source, secrets = overlay(path, layers, source, env, overrides, strict_variables)
+    raw, source, secrets = overlay(path, layers, source, env, overrides, strict_variables, overrides_label)
     return validate.build(raw, source, path, env, secrets)
 
 
 def _document(study: Mapping[str, Any]) -> tuple[Any, SourceMap]:
-    """A dict as the parsed document of a file: the same limits as YAML (nesting, size, duplicate keys cannot
-    happen), plain values only (a ``Path`` becomes its text), and a source map with no lines."""
+    """A dict as the parsed document of a file: the same limits as YAML (nesting, size; duplicate keys cannot
+    happen), plain values only (see :func:`plain`), and a source map with no lines."""
     try:
-        text = yaml.safe_dump(json.loads(json.dumps(study, default=str)), sort_keys=False)
-    except (TypeError, ValueError, RecursionError) as e:
-        raise ConfigError([Problem(DICT, None, "", f"not a study: {e}")]) from None
-    raw, lines = parse_yaml(text, DICT)
+        raw, lines = parse_yaml(yaml.safe_dump(plain(study), sort_keys=False), DICT)
+    except ConfigError as e:  # the lines are the dump's, not the user's
+        raise ConfigError([Problem(DICT, None, p.key, p.message) for p in e.problems]) from None
     source = SourceMap()
     source.default_file = DICT
     for key in lines.paths_under(()):

@@ -79,7 +79,8 @@ class LoraSettings(_Strict):
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on each adapter's input, in [0, 1).")
     target_modules: list[str] | str | None = Field(
         None,
-        description="The modules that get adapters, by name (e.g. [query, value]) or one regular expression; "
+        description="The modules that get adapters, by name: a list (e.g. [query, value]), a comma-separated "
+        "string, or all-linear; "
         "default: PEFT's choice for the architecture.",
     )
 
@@ -329,6 +330,7 @@ class StudyConfig(_Strict):
     )
 
     _file: Path = PrivateAttr(default=Path("study.yaml"))
+    _root: Path = PrivateAttr(default_factory=Path.cwd)  # the study file's folder, absolute when loaded
     _source: SourceMap = PrivateAttr(default_factory=SourceMap)
     _environment: str | None = PrivateAttr(default=None)
     _secrets: frozenset[str] = PrivateAttr(default=frozenset())
@@ -379,7 +381,13 @@ class StudyConfig(_Strict):
 
     @property
     def root(self) -> Path:
-        return self._file.parent
+        """The folder relative paths resolve against: the study file's, or for a dict the current one at load."""
+        return self._root
+
+    @property
+    def from_dict(self) -> bool:
+        """Whether this study was given as a dict (``hpo.run({...})``), not as a file."""
+        return self._file.name == "<dict>"
 
     @property
     def storage_url(self) -> str:
@@ -390,7 +398,7 @@ class StudyConfig(_Strict):
         installed (``pip install hpo[postgres]``), it is used instead of failing on the import.
         """
         if self.storage is None:
-            stem = self.study if self._file.name == "<dict>" else self._file.stem  # a study given as a dict
+            stem = self.study if self.from_dict else self._file.stem
             return f"sqlite:///{(self.root / (stem + '.db')).resolve()}"
         url = make_url(self.storage)
         if (

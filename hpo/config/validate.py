@@ -34,15 +34,17 @@ def build(raw: dict[str, Any], source: SourceMap, path: Path, env: str | None, s
     Raises:
         ConfigError: one problem per defect, each at the key to fix.
     """
+    # Absolute now: a relative study path must not follow a later os.chdir (the storage would move with it).
+    root = path.parent.absolute()
     try:
         problems = _non_finite(raw, source)
         if problems:
             raise ConfigError(problems)
         try:
-            cfg = StudyConfig.model_validate(raw, context={"root": path.parent})
+            cfg = StudyConfig.model_validate(raw, context={"root": root})
         except ValidationError as e:
             raise ConfigError([_problem(err, source) for err in e.errors()]) from None
-        cfg._file, cfg._source, cfg._environment, cfg._secrets = path, source, env, secrets
+        cfg._file, cfg._root, cfg._source, cfg._environment, cfg._secrets = path, root, source, env, secrets
         problems = _cross_checks(cfg)
         if problems:
             raise ConfigError(problems)
@@ -239,7 +241,7 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
 
 
 #: Valid values of the model-side and LoRA names, searched or derived (training arguments are checked
-#: against TrainingArguments and hpo's own ranges, in :func:`hpo.trial.check_training_arguments`).
+#: against TrainingArguments and hpo's own ranges, in :func:`hpo.workbench.check_training_arguments`).
 _VALUE_RANGES = {
     "dropout": (lambda v: isinstance(v, int | float) and 0 <= v < 1, "a probability in [0, 1)"),
     "lora_dropout": (lambda v: isinstance(v, int | float) and 0 <= v < 1, "a probability in [0, 1)"),
