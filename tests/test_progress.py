@@ -44,9 +44,10 @@ def test_a_callers_frozen_objects_stay_frozen():
 
     gc.freeze()
     try:
-        frozen = gc.get_freeze_count()
         with _frozen_heap():
             pass
-        assert gc.get_freeze_count() == frozen  # unfreeze would have thawed the caller's objects too
+        # An unfreeze would have thawed the caller's objects too (the count drops to 0). Not an exact count:
+        # frozen objects that lose their last reference are freed, and the count falls with them.
+        assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
