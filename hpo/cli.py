@@ -183,19 +183,7 @@ def report(
         console.print(
             _table(
                 rows,
-                [
-                    "rank",
-                    "study",
-                    "best",
-                    "median",
-                    "mean",
-                    "std",
-                    "n_complete",
-                    "n_pruned",
-                    "n_failed",
-                    "steps_spent",
-                    "steps_saved_by_pruning",
-                ],
+                [c for c in rep.SUMMARY_COLUMNS if c not in (*rep.GROUP, "score")],  # the group is in the title
                 f"studies: {label}",
             )
         )
