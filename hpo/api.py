@@ -69,6 +69,23 @@ def validate(study: Study, overrides: Mapping[str, Any] | None = None, env: str 
     return cfg
 
 
+def check(study: Study, overrides: Mapping[str, Any] | None = None, env: str | None = None):
+    """Measure the study's hungriest and cheapest corners on this device: peak memory, its breakdown, and time.
+
+    Returns a :class:`hpo.check.CheckReport` (``.fits``, ``.as_json()``); writes nothing to the storage.
+
+    Raises:
+        ConfigError: every problem of the study, its data or its model.
+    """
+    cfg = load(study, overrides, env)
+    from hpo.check import check as measure
+    from hpo.workbench import prepare, quiet
+
+    bench = prepare(cfg, _examples(cfg))
+    with quiet():
+        return measure(cfg, bench)
+
+
 def run(
     study: Study,
     n_trials: int | None = None,

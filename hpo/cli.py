@@ -149,6 +149,31 @@ def validate(study: StudyFile, overrides: Overrides = None, env: Env = None) -> 
 
 
 @app.command()
+def check(
+    study: StudyFile,
+    overrides: Overrides = None,
+    env: Env = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Measure a few real steps at the hungriest and cheapest corners of the space: memory and time; exit 1 if a
+    corner does not fit."""
+    cfg = _load(study, _parse_overrides(overrides), env)
+    try:
+        report = api.check(cfg)
+    except ConfigError as e:
+        _fail(e)
+    if as_json:
+        import json
+
+        print(json.dumps(report.as_json(), indent=2, default=str))
+    else:
+        from hpo.check import print_report
+
+        print_report(Console(highlight=False), report)
+    raise typer.Exit(0 if report.fits else 1)
+
+
+@app.command()
 def report(
     studies: Annotated[list[Path], typer.Argument(help="One or more study files to compare.", show_default=False)],
     csv: Annotated[

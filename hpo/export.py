@@ -9,7 +9,7 @@ from typing import Any
 
 import optuna
 
-from hpo.attrs import DERIVED_PARAMS, DEVICES
+from hpo.attrs import DERIVED_PARAMS, DEVICES, MICRO_BATCH
 from hpo.config import StudyConfig
 from hpo.errors import NoCompleteTrial
 from hpo.plan import TrialPlan, make_plan
@@ -35,6 +35,9 @@ def best_config(cfg: StudyConfig, study: optuna.Study) -> tuple[dict[str, Any], 
     """
     trial, plan = _best_plan(cfg, study)
     args, rest = plan.exported(cfg)
+    micro = trial.user_attrs.get(MICRO_BATCH)
+    if micro is not None and micro != args.get("per_device_train_batch_size", micro):
+        rest["micro_batch"] = micro  # it ran out of memory above: the same effective batch in smaller steps
     return args, {
         "study": cfg.study,
         "trial": trial.number,
@@ -82,7 +85,8 @@ def train_best(cfg: StudyConfig, study: optuna.Study, all_data: bool = False) ->
     ``all_data`` trains on train + eval (the eval numbers then say little).
     Returns the folder, ``<outputs>/final_model``.
     """
-    from hpo.trial import TrialResult, release, run_trial, save_model
+    from hpo import memory
+    from hpo.trial import TrialResult, run_trial, save_model
     from hpo.workbench import prepare
 
     args, rest = best_config(cfg, study)  # before training: refuses a study file that changed
@@ -91,11 +95,18 @@ def train_best(cfg: StudyConfig, study: optuna.Study, all_data: bool = False) ->
     if all_data:
         bench = dataclasses.replace(bench, train_rows=bench.train_rows + bench.eval_rows)
     params = best_params(study)
-    result: TrialResult = run_trial(bench, plan, optuna.trial.FixedTrial(params), run_name="final")
+    fixed = optuna.trial.FixedTrial(params)
+    result: TrialResult
+    result, _, _ = memory.fit(  # at the micro-batch the trial ran at, smaller if this machine has less memory
+        plan,
+        lambda p, meter: run_trial(bench, p, fixed, run_name="final", meter=meter),
+        bench.device,
+        rest.get("micro_batch"),
+    )
     folder = save_model(bench, result, params, rest["trial"], cfg.output_path / "final_model")
     write_config(args, rest, folder / "training_args.json")  # and training_args.model.json: knobs, LoRA, model
     (folder / "README.md").write_text(_model_card(cfg, rest, args, result.attrs, all_data))
-    release(result)
+    memory.release(result)
     return folder
 
 

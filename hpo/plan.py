@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hpo import knobs
-from hpo.config import LoraSettings, StudyConfig
+from hpo.config import LoraSettings, Quantization, StudyConfig
 from hpo.space import split_params, training_arguments
 
 CREDENTIALS = ("hub_token",)  # TrainingArguments fields that hold secrets: never exported
@@ -28,6 +28,7 @@ class TrialPlan:
     model_params: dict[str, Any]  # model config changes, e.g. {"dropout": 0.1}
     lora: dict[str, Any] | None  # LoraConfig kwargs (target_modules as a list of names), None for a full fine-tune
     devices: int | None = None  # the devices lr_scaling counted (None: no lr_scaling); a trial stores it
+    quantization: dict[str, Any] | None = None  # Quantization fields (bits, type, ...), None: full-precision weights
 
     def exported(self, cfg: StudyConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         """(TrainingArguments kwargs, the rest: task, model, model_params, lora, knobs, data), secrets masked.
@@ -41,6 +42,7 @@ class TrialPlan:
             "model": cfg.model.label,
             "model_params": self.model_params,
             "lora": self.lora,
+            **({"quantization": self.quantization} if self.quantization else {}),
             "knobs": self.knobs.model_dump(exclude_defaults=True),
             "data": cfg.data.model_dump(mode="json", exclude_none=True),
         }
@@ -57,6 +59,11 @@ def make_plan(cfg: StudyConfig, params: Mapping[str, Any], devices: int | None =
         pydantic.ValidationError: a bad value of one of hpo's knobs (validation checks the space's corners).
     """
     training, model_params, lora_params = split_params(params)
+    quantization = None
+    if cfg.quantized:
+        quantization = (cfg.model.quantization or Quantization()).model_dump()
+        if "bits" in model_params:
+            quantization["bits"] = model_params.pop("bits")
     settings = training_arguments({**cfg.train, **training})
     if settings.get("lr_scaling") == "linear" and devices is None:
         devices = knobs.device_count()
@@ -66,7 +73,7 @@ def make_plan(cfg: StudyConfig, params: Mapping[str, Any], devices: int | None =
         lora = {**(cfg.model.lora or LoraSettings()).model_dump(), **lora_params}
         if lora["target_modules"] is not None and lora["target_modules"] != "all-linear":
             lora["target_modules"] = lora_target_list(lora["target_modules"])
-    return TrialPlan(args, own, model_params, lora, devices if own.lr_scaling else None)
+    return TrialPlan(args, own, model_params, lora, devices if own.lr_scaling else None, quantization)
 
 
 def lora_target_list(target_modules: Any) -> list[str]:

@@ -32,8 +32,9 @@ from hpo import knobs
 from hpo.errors import did_you_mean
 from hpo.expr import Expression
 
-#: Model-side knobs: ``dropout`` sets every dropout probability in the model config.
-MODEL_PARAMS = frozenset({"dropout"})
+#: Model-side knobs: ``dropout`` sets every dropout probability in the model config; ``bits`` the
+#: quantization of the frozen weights (``model.quantization``).
+MODEL_PARAMS = frozenset({"dropout", "bits"})
 #: PEFT ``LoraConfig`` names; any of them in a space makes trials LoRA fine-tunes.
 LORA_PARAMS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules"})
 #: Names people know from transformers 4 that hpo still takes, mapped to today's field

@@ -18,12 +18,16 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.markup import escape
 
-from hpo import outputs, revisions, space
+from hpo import memory, outputs, revisions, space
 from hpo.attrs import (
     DERIVED_PARAMS,
     DEVICES,
     FAIL_REASON,
     FAIL_TRACEBACK,
+    MICRO_BATCH,
+    OOM_AT,
+    OOM_RETRIES,
+    OUT_OF_MEMORY,
     REJECTED_BY_CONSTRAINT,
     REJECTED_DUPLICATE,
     REJECTED_ENQUEUED,
@@ -35,10 +39,11 @@ from hpo.attrs import (
 from hpo.config import StudyConfig
 from hpo.dashboard import artifact_store, upload_json
 from hpo.errors import TrialsFailed
+from hpo.memory import release
 from hpo.plan import make_plan
 from hpo.progress import Progress, print_summary
 from hpo.storage import FINISHED, count_finished, open_study, storage_error
-from hpo.trial import release, run_trial
+from hpo.trial import run_trial
 from hpo.workbench import Workbench, prepare
 
 MAX_REJECTED_IN_A_ROW = 100  # constraints that leave almost no feasible space
@@ -93,6 +98,7 @@ def run_study(
     """
     console = console or Console()
     study, bench = start_study(cfg, worker, bench, allow_changes)
+    memory.cap_cuda(cfg.resources.max_memory_gb)
     revision = revisions.current_revision(study)
     done = count_finished(study)
     if worker is None:
@@ -221,6 +227,8 @@ class StopRule:
                 )
             return self.gave_up
         self.rejected_in_a_row = 0
+        if trial.user_attrs.get(OUT_OF_MEMORY):  # a configuration too big for the device, not a broken worker
+            return self.gave_up
         self.failures_in_a_row = self.failures_in_a_row + 1 if trial.state == TrialState.FAIL else 0
         if self.failures_in_a_row >= self.max_failures:
             self.gave_up = (
@@ -289,7 +297,7 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
                 },
             )
             upload_json(store, trial, "training_arguments.json", args)  # TrainingArguments(**json.load(f))
-            result = run_trial(bench, plan, trial, on_eval=progress.evaluated)
+            result = _fitting(bench, plan, trial, params, progress)
             for key, value in result.attrs.items():
                 trial.set_user_attr(key, value)
             upload_json(store, trial, "metrics.json", {"evaluations": result.history, **result.attrs})
@@ -305,6 +313,8 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
                 trial.study.enqueue_trial(sampled, user_attrs={RETRY_OF: trial.number})  # the rerun starts with it
             raise
         except Exception as e:
+            for key, value in memory.failure_attrs(e).items():
+                trial.set_user_attr(key, value)
             trial.set_user_attr(FAIL_REASON, cfg.masked(storage_error(e))[:1000])
             trial.set_user_attr(FAIL_TRACEBACK, cfg.masked(traceback.format_exc())[-4000:])
             raise
@@ -312,6 +322,43 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
             release(result)
 
     return objective
+
+
+def _fitting(bench: Workbench, plan, trial: optuna.Trial, params: dict[str, Any], progress: Progress):
+    """Run the trial, at smaller micro-batches while it runs out of memory (:func:`hpo.memory.fit`).
+
+    It starts at the largest micro-batch known to fit from earlier trials of no greater demand, and records
+    the micro-batch it ran at and those that ran out (``oom_micro_batches``), for the trials after it.
+    """
+    earlier = [
+        {"params": {**t.params, **t.user_attrs.get(DERIVED_PARAMS, {})}, OOM_AT: t.user_attrs[OOM_AT]}
+        for t in trial.study.get_trials(deepcopy=False)
+        if OOM_AT in t.user_attrs and t.number != trial.number
+    ]
+    batch = plan.training_arguments.get(memory.BATCH, memory.DEFAULT_BATCH)
+
+    def retry(ran_out: list[int], smaller: int, reason: str) -> None:
+        trial.set_user_attr(OOM_AT, ran_out)  # at once: workers starting trials now learn from it
+        progress.print(
+            f"trial {trial.number:3d} [yellow]out of memory[/] at micro-batch {ran_out[-1]} ({escape(reason)}): "
+            f"training again at {smaller} × {batch // smaller} accumulation steps"
+        )
+
+    try:
+        result, micro, ran_out = memory.fit(
+            plan,
+            lambda p, meter: run_trial(bench, p, trial, on_eval=progress.evaluated, meter=meter),
+            bench.device,
+            memory.start_micro_batch(params, batch, earlier),
+            retry,
+        )
+    except memory.OutOfMemory as e:
+        if e.ran_out:
+            trial.set_user_attr(OOM_AT, e.ran_out)
+        raise
+    trial.set_user_attr(MICRO_BATCH, micro)
+    trial.set_user_attr(OOM_RETRIES, len(ran_out))
+    return result
 
 
 def _outside(fixed: dict[str, Any] | None, distributions: dict[str, Any]) -> str:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import json
 import math
 import os
-import resource
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from transformers.integrations import TensorBoardCallback
 
 from hpo import knobs, metrics
 from hpo.attrs import PRUNED_AT_STEP
+from hpo.memory import MemoryCap, PeakMeter, rss_mb
 from hpo.metrics import PerplexityCallback
 from hpo.plan import TrialPlan
 from hpo.pruning import PruningCallback
@@ -103,11 +102,14 @@ def run_trial(
     trial: optuna.Trial,
     on_eval: Callable[[int, float], None] | None = None,
     run_name: str | None = None,
+    meter: PeakMeter | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> TrialResult:
     """Fine-tune once as ``plan`` says and report evaluations to ``trial``.
 
     Logs go to ``<outputs>/tensorboard/<run_name>`` (default ``trial-NNNN``):
-    one TensorBoard run per trial.
+    one TensorBoard run per trial. ``meter`` measures the trial's peak memory (default: from now on);
+    ``callbacks`` join the Trainer's (``hpo check`` times steps with one).
 
     Returns the objective at the last evaluation (the model the trial ends
     with), whether the pruner stopped it, and the measurements to keep.
@@ -117,6 +119,7 @@ def run_trial(
         Exception: whatever training raised (Optuna records the trial as FAIL).
     """
     began = time.perf_counter()
+    meter = meter or PeakMeter(bench.device)
     cfg = bench.cfg
     settings = plan.training_arguments
     transformers.set_seed(int(settings.get("seed", 42)))
@@ -159,11 +162,11 @@ def run_trial(
             callback,
             clock := _FirstStep(),
             TensorBoardCallback(_MaskedWriter(str(cfg.output_path / "tensorboard" / name), cfg.masked)),
+            *([MemoryCap(meter, cfg.resources.max_memory_gb)] if cfg.resources.max_memory_gb else []),
+            *callbacks,
         ],
     )
     trainer.remove_callback(PrinterCallback)  # hpo prints its own progress
-    if bench.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -173,10 +176,11 @@ def run_trial(
         raise FloatingPointError(f"{what} at step {step}: the model diverged")
     if not callback.history:
         raise RuntimeError("training ended before the first evaluation")
-    attrs = _measurements(bench, trainer, callback, seconds)
+    attrs = _measurements(bench, trainer, callback, seconds, meter)
     attrs["seconds_to_first_step"] = round(clock.at - began, 3)  # model, Trainer, first batch: a trial's start-up
     attrs["train_sampling_strategy"] = getattr(args, "train_sampling_strategy", None)  # how batches were drawn
-    attrs["rss_mb"] = _rss_mb()  # now, after training: growth across trials is a leak
+    if (now := rss_mb()) is not None:
+        attrs["rss_mb"] = round(now, 1)  # now, after training: growth across trials is a leak
     attrs["load_report"] = load_report  # what the checkpoint lacked (new heads) or had in excess
     attrs["optimizer"] = type(
         trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
@@ -224,7 +228,11 @@ def _build_model(bench: Workbench, plan: TrialPlan) -> tuple[Any, dict[str, list
         # A classifier checkpoint with another number of labels has a head of another shape: it is
         # re-initialised like a missing head (and reported), but a body weight of another shape is an error.
         model, info = task.model_class().from_pretrained(
-            bench.model_path, config=config, output_loading_info=True, ignore_mismatched_sizes=True
+            bench.model_path,
+            config=config,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **_quantized(plan.quantization),
         )
         mismatched = {str(k[0]): k for k in info.get("mismatched_keys") or []}
         body = [k for k in mismatched if k.startswith(f"{model.base_model_prefix}.")]
@@ -237,9 +245,30 @@ def _build_model(bench: Workbench, plan: TrialPlan) -> tuple[Any, dict[str, list
         knobs.init_heads(model, report["new_heads"], plan.knobs)
     if plan.lora is None:
         return model, report
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
+    if plan.quantization:  # norms and head in fp32, inputs that require grads: QLoRA's recipe
+        checkpointing = bool(plan.training_arguments.get("gradient_checkpointing"))
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     return get_peft_model(model, LoraConfig(task_type=TaskType[task.peft_task], **plan.lora)), report
+
+
+def _quantized(quantization: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load the weights in 4 or 8 bits (bitsandbytes), on this CUDA device."""
+    if not quantization:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    dtype = getattr(torch, quantization["compute_dtype"])
+    bits = quantization["bits"]
+    config = BitsAndBytesConfig(
+        load_in_4bit=bits == 4,
+        load_in_8bit=bits == 8,
+        bnb_4bit_quant_type=quantization["type"],
+        bnb_4bit_use_double_quant=quantization["double_quant"],
+        bnb_4bit_compute_dtype=dtype,
+    )
+    return {"quantization_config": config, "dtype": dtype, "device_map": {"": torch.cuda.current_device()}}
 
 
 def collator(task: Task, tokenizer) -> Any:
@@ -268,26 +297,15 @@ class _FirstStep(TrainerCallback):
             self.at = time.perf_counter()
 
 
-def _rss_mb() -> float | None:
-    """The process's resident memory now (Linux), unlike ``ru_maxrss``, its peak."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
-
-
-def _measurements(bench: Workbench, trainer: Trainer, callback: PruningCallback, seconds: float) -> dict[str, Any]:
+def _measurements(
+    bench: Workbench, trainer: Trainer, callback: PruningCallback, seconds: float, meter: PeakMeter
+) -> dict[str, Any]:
     metric = bench.cfg.objective.metric
     last_step, last = callback.history[-1]
     losses = [m["eval_loss"] for _, m in callback.history]
     objective = [m[metric] for _, m in callback.history]
     pick = min if bench.cfg.objective.direction == "minimize" else max
     examples = round(trainer.state.epoch * len(bench.train_rows))
-    if bench.device == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:  # ru_maxrss is KiB on Linux: the process's peak, which includes earlier trials
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     attrs = {
         "best_eval_loss": min(losses),
         "last_eval_loss": last["eval_loss"],
@@ -299,7 +317,7 @@ def _measurements(bench: Workbench, trainer: Trainer, callback: PruningCallback,
         "last_step": last_step,
         "train_seconds": round(seconds, 3),
         "samples_per_second": round(examples / seconds, 2) if seconds > 0 else None,
-        "peak_memory_mb": round(peak_mb, 1),
+        "peak_memory_mb": round(meter.peak_mb, 1),  # the trial's own: above the process's level before it
         "device": bench.device,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
     }
@@ -348,15 +366,3 @@ def replace_folder(source: Path, target: Path) -> None:
         target.rename(old)
     source.rename(target)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def release(result: TrialResult | None = None) -> None:
-    """Drop the trial's model and give its memory back before the next trial."""
-    if result is not None:
-        result.model = None
-    gc.collect()
-    if torch.cuda.is_initialized():
-        # cuBLAS keeps a workspace per handle (64 MiB on an H200) through the caching allocator: without this,
-        # allocated memory never returns to its level before the first trial (benchmarks/cuda_memory.py).
-        torch._C._cuda_clearCublasWorkspaces()
-        torch.cuda.empty_cache()

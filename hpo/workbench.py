@@ -109,6 +109,7 @@ def prepare(cfg: StudyConfig, data: Examples | None = None) -> Workbench:
         ConfigError: the model or the data cannot be loaded.
     """
     check_training_arguments(cfg)
+    check_quantization(cfg)
     data = data or load_examples(cfg)
     task = TASKS[cfg.task]
     labels = (
@@ -210,6 +211,21 @@ def check_model_fits(cfg: StudyConfig, config: PretrainedConfig) -> None:
                 )
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
+
+
+def check_quantization(cfg: StudyConfig, cuda: bool | None = None) -> None:
+    """4- and 8-bit weights need a CUDA device and bitsandbytes: say so before any trial, in one line.
+
+    Raises:
+        ConfigError: bitsandbytes is not installed, or no CUDA device is visible (``cuda``: default, this machine's).
+    """
+    if not cfg.quantized:
+        return
+    where = ("model", "quantization") if cfg.model.quantization is not None else ("search_space", "bits")
+    if not (torch.cuda.is_available() if cuda is None else cuda):  # first: installing bitsandbytes would not help
+        raise cfg.error(where, "4- and 8-bit weights need a CUDA GPU (bitsandbytes' kernels); none is visible here")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise cfg.error(where, "needs bitsandbytes, which is not installed: pip install 'hpo[qlora]'")
 
 
 def _model_path(cfg: StudyConfig, name: str, key: tuple[str, ...]) -> str:

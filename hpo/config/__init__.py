@@ -41,6 +41,8 @@ from hpo.config.models import (
     ModelConfig,
     Objective,
     PrunerSpec,
+    Quantization,
+    Resources,
     SamplerSpec,
     StudyConfig,
 )
@@ -63,6 +65,8 @@ __all__ = [
     "Param",
     "Problem",
     "PrunerSpec",
+    "Quantization",
+    "Resources",
     "SamplerSpec",
     "StudyConfig",
     "absolute_sqlite",

@@ -86,6 +86,31 @@ class LoraSettings(_Strict):
     )
 
 
+class Quantization(_Strict):
+    """4- or 8-bit weights through bitsandbytes (QLoRA); the adapters train in ``compute_dtype``."""
+
+    bits: Literal[4, 8] = Field(
+        4,
+        description="Bits per frozen weight: 4 (QLoRA) or 8; searchable as bits: {type: categorical, choices: [4, 8]}.",
+    )
+    type: Literal["nf4", "fp4"] = Field("nf4", description="The 4-bit data type: nf4 (QLoRA's normal float) or fp4.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too: ~0.4 bits per weight less.")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="The dtype the layers compute in; bfloat16 needs an Ampere or newer GPU."
+    )
+
+
+class Resources(_Strict):
+    """What a trial may use on this machine."""
+
+    max_memory_gb: PositiveFloat | None = Field(
+        None,
+        description="The memory one trial may take (GB): on CUDA the allocator's cap, on CPU the trial's peak "
+        "resident memory above the process's before it. A trial that runs out trains again at half the "
+        "per-device batch and twice the accumulation. Default: the device's.",
+    )
+
+
 class ModelConfig(_Strict):
     """A pretrained model (``name``), or a small random-init one built from ``config`` (demos, tests)."""
 
@@ -106,6 +131,11 @@ class ModelConfig(_Strict):
         None,
         description="Fine-tune LoRA adapters with these settings instead of "
         "every weight (LoRA names in the search space do so too).",
+    )
+    quantization: Quantization | None = Field(
+        None,
+        description="Load the frozen weights in 4 or 8 bits (bitsandbytes, CUDA) and train LoRA adapters over "
+        "them (QLoRA): {bits: 4, type: nf4, double_quant: true, compute_dtype: bfloat16}.",
     )
 
     @model_validator(mode="after")
@@ -277,6 +307,7 @@ class StudyConfig(_Strict):
         "when: and derive: read the parameters above them.",
     )
     objective: Objective = Field(Objective(), description="The metric to optimize; default: eval_loss, minimized.")
+    resources: Resources = Field(Resources(), description="What a trial may use: max_memory_gb.")
     sampler: SamplerSpec = Field(SamplerSpec(), description="How each trial's parameters are chosen; default: tpe.")
     pruner: PrunerSpec = Field(PrunerSpec(), description="Which trials stop early; default: median.")
     constraints: list[Condition] = Field(
@@ -435,6 +466,11 @@ class StudyConfig(_Strict):
     @property
     def is_lora(self) -> bool:
         return self.model.lora is not None or bool(space.LORA_PARAMS & set(self.search_space))
+
+    @property
+    def quantized(self) -> bool:
+        """Whether trials load 4- or 8-bit weights: ``model.quantization``, or ``bits`` searched."""
+        return self.model.quantization is not None or "bits" in self.search_space
 
     def problem(self, path: KeyPath, message: str) -> Problem:
         """A ``Problem`` pointing at ``path`` in the file it came from, secrets masked."""

