@@ -4,7 +4,10 @@ One worker runs N trials of a full fine-tune, then N of LoRA, on a random-init B
 config (hidden 256, 4 layers, sized to the shipped chat BPE tokenizer; no download) on the quickstart's
 intent data, and reads ``torch.cuda.memory_allocated()`` before the first trial and after each
 trial's release. Target: back to the baseline after every trial. Also prints the precision hpo picked
-and each trial's peak. Then ``--workers 2`` of the same study checks that forked workers use CUDA.
+and each trial's peak. The third run forces real CUDA out-of-memory errors: a per-device batch of 256 under
+``resources.max_memory_gb: 0.5`` (hpo sets the allocator's memory fraction), so each trial recovers at a
+smaller micro-batch; memory must still come back to the baseline. Then ``--workers 2`` of the same study
+checks that forked workers use CUDA.
 Needs a GPU; ``--json PATH`` writes the numbers.
 """
 
@@ -25,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "studies" / "data" / "intents"
 
 
-def study_file(folder: Path, name: str, trials: int, lora: bool) -> Path:
+def study_file(folder: Path, name: str, trials: int, lora: bool, oom: bool = False) -> Path:
     model = {
         "config": {
             "architecture": "bert",
@@ -49,8 +52,9 @@ def study_file(folder: Path, name: str, trials: int, lora: bool) -> Path:
                 "eval_every": 0.5,
                 "search_space": {
                     "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-                    "per_device_train_batch_size": {"type": "categorical", "choices": [16, 32]},
+                    "per_device_train_batch_size": {"type": "categorical", "choices": [256] if oom else [16, 32]},
                 },
+                **({"resources": {"max_memory_gb": 0.5}} if oom else {}),
                 "sampler": {"name": "random", "seed": 0},
                 "pruner": {"name": "none"},
                 "n_trials": trials,
@@ -87,18 +91,21 @@ def main() -> None:
     hpo.study.release = measured_release
     out = {"device": torch.cuda.get_device_name(), "precision": device_settings(), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, lora in (("full", False), ("lora", True)):
+        for name, lora, oom in (("full", False, False), ("lora", True, False), ("oom", False, True)):
             after.clear()
             baseline = torch.cuda.memory_allocated()
             start = time.perf_counter()
-            study = run_study(load_study(study_file(Path(tmp), name, args.trials, lora)), Console(quiet=True))
+            study = run_study(load_study(study_file(Path(tmp), name, args.trials, lora, oom)), Console(quiet=True))
             out["runs"][name] = {
                 "baseline_bytes": baseline,
                 "after_each_trial_bytes": list(after),
                 "peak_mb": [t.user_attrs.get("peak_memory_mb") for t in study.trials],
                 "states": [t.state.name for t in study.trials],
+                "micro_batch": [t.user_attrs.get("micro_batch") for t in study.trials],
+                "oom_micro_batches": [t.user_attrs.get("oom_micro_batches") for t in study.trials],
                 "seconds": time.perf_counter() - start,
             }
+        torch.cuda.set_per_process_memory_fraction(1.0)
         # A fresh `hpo run --workers 2`: its GPU workers are spawned, each with its own CUDA context.
         path = study_file(Path(tmp), "workers", 4, False)
         proc = subprocess.run(
@@ -115,13 +122,17 @@ def main() -> None:
             "output": (proc.stdout + proc.stderr)[-2000:],
         }
     print(f"{out['device']}; hpo picked {out['precision']}")
-    print("| run | allocated before trial 0 | after each trial's release | back to baseline | peak per trial, MB |")
-    print("|---|---|---|---|---|")
+    print(
+        "| run | allocated before trial 0 | after each trial's release | back to baseline | peak per trial, MB "
+        "| micro-batches |"
+    )
+    print("|---|---|---|---|---|---|")
     for name, r in out["runs"].items():
         back = all(b <= r["baseline_bytes"] for b in r["after_each_trial_bytes"])
         print(
             f"| {name} | {r['baseline_bytes']} B | {' '.join(str(b) for b in r['after_each_trial_bytes'])} B | "
-            f"{'yes' if back else 'NO'} | {' '.join(str(p) for p in r['peak_mb'])} |"
+            f"{'yes' if back else 'NO'} | {' '.join(str(p) for p in r['peak_mb'])} | "
+            f"{' '.join(str(m) for m in r['micro_batch'])} (ran out: {r['oom_micro_batches']}) |"
         )
     print(
         f"--workers 2: exit {out['workers']['exit_code']}, trials {out['workers']['states']}, "

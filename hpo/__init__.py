@@ -6,9 +6,11 @@ Each command of the ``hpo`` CLI is one call here; a study is a file path or a di
 >>> study = hpo.run("studies/quickstart.yaml", n_trials=8)  # doctest: +SKIP
 >>> trials, studies = hpo.report(["studies/quickstart.yaml"])  # doctest: +SKIP
 >>> args, rest = hpo.best("studies/quickstart.yaml")  # doctest: +SKIP
+>>> hpo.check("studies/quickstart.yaml").fits  # doctest: +SKIP
+True
 """
 
-from hpo.api import best, report, run, train, validate
+from hpo.api import best, check, report, run, train, validate
 from hpo.config import StudyConfig, load_study
 from hpo.errors import ConfigError, NoCompleteTrial, TrialsFailed
 
@@ -18,6 +20,7 @@ __all__ = [
     "StudyConfig",
     "TrialsFailed",
     "best",
+    "check",
     "load_study",
     "report",
     "run",

@@ -76,6 +76,7 @@ def check(study: Study, overrides: Mapping[str, Any] | None = None, env: str | N
 
     Raises:
         ConfigError: every problem of the study, its data or its model.
+        hpo.check.CheckFailed: a corner's steps failed for another reason than memory.
     """
     cfg = load(study, overrides, env)
     from hpo.check import check as measure

@@ -28,10 +28,10 @@ from transformers import TrainerCallback, TrainingArguments
 from hpo import memory, space
 from hpo.config import EvalEvery, Resources, StudyConfig
 from hpo.plan import lora_target_list, make_plan
-from hpo.trial import EVAL_BATCH_SIZE, run_trial
+from hpo.trial import run_trial
 from hpo.workbench import Workbench, prepare
 
-STEPS = 3  # optimizer steps per corner: the first pays for start-up, the others are timed
+STEPS = 4  # optimizer steps per corner: the first pays for start-up, the others are timed
 #: How each memory-relevant parameter's choices rank, hungriest last (others take their first choice or low end).
 DEMAND = {
     memory.BATCH: lambda v: v,
@@ -46,6 +46,10 @@ DEMAND = {
 #: Bytes of optimizer state per trainable parameter (fp32 states), by the optimizer's class name.
 OPTIMIZER_BYTES = {"AdamW": 8, "Adam": 8, "RMSprop": 4, "SGD": 4, "Adafactor": 0}
 PRUNING_ASSUMPTION = "half the trials after the pruner's first {n} stop halfway through"
+
+
+class CheckFailed(RuntimeError):
+    """A corner's steps failed for another reason than memory (a trial there would fail the same way)."""
 
 
 @dataclass
@@ -106,6 +110,7 @@ def check(cfg: StudyConfig, bench: Workbench | None = None) -> CheckReport:
 
     Raises:
         ConfigError: the model or the data cannot be loaded.
+        CheckFailed: a corner's steps failed for another reason than memory.
     """
     bench = bench or prepare(cfg)
     budget_mb, budget_from = _budget(cfg, bench.device)
@@ -132,7 +137,12 @@ def check(cfg: StudyConfig, bench: Workbench | None = None) -> CheckReport:
 
 
 def corner(cfg: StudyConfig, hungry: bool) -> dict[str, Any]:
-    """The parameters of the hungriest (or cheapest) corner of the space, derived ones computed."""
+    """The parameters of the hungriest (or cheapest) corner of the space, derived ones computed.
+
+    Each memory-relevant parameter at its hungriest (cheapest) value, the others at their first choice or low
+    end. When that point breaks a ``constraints:`` entry (no trial would run it), the hungriest (cheapest) of
+    the space's corners that meet every constraint.
+    """
 
     def pick(name: str, d: BaseDistribution) -> Any:
         rank = DEMAND.get(name)
@@ -141,8 +151,30 @@ def corner(cfg: StudyConfig, hungry: bool) -> dict[str, Any]:
             return (max if hungry else min)(choices, key=rank) if rank else choices[0]
         return (d.high if hungry else d.low) if rank else d.low
 
-    sampled, derived = space.walk(cfg.search_space, cfg.distributions, pick, cfg.train)
-    return {**sampled, **derived}
+    def walked(choose) -> dict[str, Any] | None:
+        try:
+            sampled, derived = space.walk(cfg.search_space, cfg.distributions, choose, cfg.train)
+        except ValueError:  # a derive that fails there: no trial runs it
+            return None
+        params = {**sampled, **derived}
+        return None if space.broken_constraint(cfg.constraint_expressions, {**cfg.train, **params}) else params
+
+    params = walked(pick)
+    if params is not None:
+        return params
+    feasible = [
+        p
+        for point in space.corners(cfg.distributions, n_random=64)
+        if (p := walked(lambda name, d, point=point: point[name])) is not None
+    ]
+    if not feasible:  # validation found a feasible point; these did not: measure the plain corner
+        sampled, derived = space.walk(cfg.search_space, cfg.distributions, pick, cfg.train)
+        return {**sampled, **derived}
+
+    def demand(params: dict[str, Any]) -> tuple:
+        return tuple(rank(params[name]) if name in params else 0 for name, rank in DEMAND.items())
+
+    return (max if hungry else min)(feasible, key=demand)
 
 
 def _budget(cfg: StudyConfig, device: str) -> tuple[float, str]:
@@ -175,7 +207,7 @@ def _measure(bench: Workbench, name: str, params: dict[str, Any]) -> Corner:
     plan = make_plan(cfg, params)
     args = plan.training_arguments
     batch, accumulation = args.get(memory.BATCH, memory.DEFAULT_BATCH), args.get(memory.ACCUMULATION, 1)
-    eval_batch = args.get("per_device_eval_batch_size", EVAL_BATCH_SIZE)
+    eval_batch = args.get(memory.EVAL_BATCH, memory.EVAL_BATCH_SIZE)
     by_length = sorted(bench.train_rows, key=lambda row: len(row["input_ids"]), reverse=True)
     rng = random.Random(0)
     rows = (by_length * math.ceil(batch / len(by_length)))[:batch]  # the longest batch a trial can draw
@@ -203,7 +235,8 @@ def _measure(bench: Workbench, name: str, params: dict[str, Any]) -> Corner:
             )
         except Exception as e:
             if not memory.is_out_of_memory(e):
-                raise
+                reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                raise CheckFailed(f"the {name} corner's steps failed: {type(e).__name__}: {reason}") from e
             ran_out = str(e).strip().splitlines()[0][:200]
         else:
             ran_out = ""
@@ -224,7 +257,9 @@ def _measure(bench: Workbench, name: str, params: dict[str, Any]) -> Corner:
     steps = _trial_steps(args, n_train, batch * accumulation)
     every = cfg.eval_every.examples_between(n_train)
     evaluations = math.ceil(steps * batch * accumulation / every) if every else 1
-    full_eval = eval_seconds * len(bench.eval_rows) / max(1, len(eval_rows))
+    full_eval = (
+        eval_seconds * _padded_tokens(bench.eval_rows, eval_batch) / max(1, _padded_tokens(eval_rows, eval_batch))
+    )
     return Corner(
         name=name,
         params=params,
@@ -234,6 +269,14 @@ def _measure(bench: Workbench, name: str, params: dict[str, Any]) -> Corner:
         breakdown_mb=breakdown,
         seconds_per_step=round(step, 4),
         trial_seconds=round(startup + step * max(0, steps - 1) + evaluations * full_eval, 1),
+    )
+
+
+def _padded_tokens(rows: list[dict[str, Any]], batch: int) -> int:
+    """Tokens an evaluation computes over ``rows``: shortest first (as a trial orders them), each batch padded."""
+    lengths = sorted(len(row["input_ids"]) for row in rows)
+    return sum(
+        len(lengths[i : i + batch]) * lengths[min(i + batch, len(lengths)) - 1] for i in range(0, len(lengths), batch)
     )
 
 

@@ -158,10 +158,15 @@ def check(
     """Measure a few real steps at the hungriest and cheapest corners of the space: memory and time; exit 1 if a
     corner does not fit."""
     cfg = _load(study, _parse_overrides(overrides), env)
+    from hpo.check import CheckFailed  # torch: after the file is checked
+
     try:
         report = api.check(cfg)
     except ConfigError as e:
         _fail(e)
+    except CheckFailed as e:
+        err.print(f"[red]error[/] {escape(cfg.masked(str(e)))}")
+        raise typer.Exit(1) from None
     if as_json:
         import json
 

@@ -21,6 +21,7 @@ import dataclasses
 import gc
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,8 +32,13 @@ from transformers import TrainerCallback
 from hpo.attrs import OOM_AT, OUT_OF_MEMORY
 from hpo.plan import TrialPlan, lora_target_list
 
-BATCH, ACCUMULATION = "per_device_train_batch_size", "gradient_accumulation_steps"
+BATCH, ACCUMULATION, EVAL_BATCH = (
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "per_device_eval_batch_size",
+)
 DEFAULT_BATCH = 8  # TrainingArguments' per_device_train_batch_size
+EVAL_BATCH_SIZE = 64  # hpo's eval batch: inference keeps no activations for a backward pass, so it batches wider
 
 #: Parameters that change no tensor's shape: trials that differ only in them need the same memory.
 NEUTRAL = frozenset(
@@ -133,6 +139,10 @@ def with_micro_batch(plan: TrialPlan, micro: int) -> TrialPlan:
     return dataclasses.replace(plan, training_arguments={**args, BATCH: micro, ACCUMULATION: accumulation})
 
 
+class EvalOutOfMemory(torch.OutOfMemoryError):
+    """An evaluation ran out of memory: its batch is halved, which changes no result."""
+
+
 class OutOfMemory(RuntimeError):
     """A trial ran out of memory at micro-batch 1, or an earlier trial of no greater demand did."""
 
@@ -157,38 +167,55 @@ def fit(
     attempt: Callable[[TrialPlan, PeakMeter], T],
     device: str,
     start: int | None = None,
-    on_retry: Callable[[list[int], int, str], None] | None = None,
+    on_retry: Callable[[list[int], str], None] | None = None,
 ) -> tuple[T, int, list[int]]:
     """Run ``attempt`` on ``plan``, again at smaller micro-batches while it runs out of memory.
 
-    ``start``: the micro-batch to begin with (:func:`start_micro_batch`); ``on_retry(ran_out, next, reason)``
-    is told each fallback. Returns (the result, the micro-batch it ran at, the micro-batches that ran out).
+    ``start``: the micro-batch to begin with (:func:`start_micro_batch`). An evaluation that runs out halves
+    the eval batch instead. ``on_retry(ran_out, message)`` is told each fallback. Returns (the result, the
+    micro-batch it ran at, the micro-batches that ran out).
 
     Raises:
         OutOfMemory: it ran out at micro-batch 1 (``ran_out`` lists every one that did), or ``start`` is 0.
     """
-    batch = plan.training_arguments.get(BATCH, DEFAULT_BATCH)
+    args = plan.training_arguments
+    batch, accumulation = args.get(BATCH, DEFAULT_BATCH), args.get(ACCUMULATION, 1)
+    eval_batch = args.get(EVAL_BATCH, EVAL_BATCH_SIZE)
     if start == 0:
         raise OutOfMemory("out of memory: an earlier trial of no greater memory demand ran out at micro-batch 1", [])
     micro, failed = start or batch, []
     while True:
         meter = PeakMeter(device)
+        at = with_micro_batch(plan, micro)
+        if eval_batch != args.get(EVAL_BATCH, EVAL_BATCH_SIZE):
+            at = dataclasses.replace(at, training_arguments={**at.training_arguments, EVAL_BATCH: eval_batch})
         try:
-            return attempt(with_micro_batch(plan, micro), meter), micro, failed
+            with warnings.catch_warnings():  # a retry reports the grid points again: Optuna keeps the first values
+                warnings.filterwarnings("ignore", message=".*is already reported")
+                return attempt(at, meter), micro, failed
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
+            in_eval = isinstance(e, EvalOutOfMemory)
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         # Out of the except block: the traceback, which holds the attempt's model and tensors, is gone.
         peak_gb = meter.peak_mb / 1024
         release()
-        failed.append(micro)
-        smaller = divisors_below(batch, micro // 2 + 1)  # halved, or the next divisor below: 12 → 6 → 3 → 1
-        if not smaller:
-            raise OutOfMemory(f"out of memory at micro-batch {micro} (peak {peak_gb:.2f} GB)", failed)
+        if in_eval and eval_batch > 1:
+            eval_batch //= 2
+            message = f"evaluating ({reason}): again with evaluation batches of {eval_batch}"
+        else:
+            failed.append(micro)
+            smaller = divisors_below(batch, micro // 2 + 1)  # halved, or the next divisor below: 12 → 6 → 3 → 1
+            if not smaller:
+                raise OutOfMemory(f"out of memory at micro-batch {micro} (peak {peak_gb:.2f} GB)", failed)
+            micro = smaller[0]
+            message = (
+                f"at micro-batch {failed[-1]} ({reason}): "
+                f"again at {micro} × {accumulation * batch // micro} accumulation steps"
+            )
         if on_retry:
-            on_retry(list(failed), smaller[0], reason)
-        micro = smaller[0]
+            on_retry(list(failed), message)
 
 
 def failure_attrs(e: BaseException) -> dict[str, Any]:

@@ -34,6 +34,7 @@ class PruningCallback(TrainerCallback):
         self.history: list[tuple[int, dict[str, float]]] = []
         self.pruned_at: int | None = None
         self.diverged: tuple[int, str] | None = None
+        self.evaluating = False  # between asking for an evaluation and its result: where an out-of-memory came from
         self._next = 1  # index of the next grid point
 
     def _seen(self, state) -> float:
@@ -41,9 +42,10 @@ class PruningCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._seen(state) + 1e-6 >= self._next * self.every or state.global_step >= state.max_steps:
-            control.should_evaluate = True
+            control.should_evaluate = self.evaluating = True
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.evaluating = False
         k = math.floor(self._seen(state) / self.every + 1e-6)
         step = round(k * self.every) if k >= self._next else round(self._seen(state))
         self._next = max(self._next, k + 1)

@@ -47,6 +47,7 @@ from hpo.trial import run_trial
 from hpo.workbench import Workbench, prepare
 
 MAX_REJECTED_IN_A_ROW = 100  # constraints that leave almost no feasible space
+MAX_OUT_OF_MEMORY_IN_A_ROW = 10  # trials that fit at no micro-batch: the space needs more memory than the device has
 WAIT_POLL_S = 1.0  # how often a worker waiting for trials running elsewhere looks again (two small queries)
 
 
@@ -213,7 +214,7 @@ class StopRule:
 
     def __init__(self, max_failures: int):
         self.max_failures = max_failures
-        self.failures_in_a_row = self.rejected_in_a_row = 0
+        self.failures_in_a_row = self.rejected_in_a_row = self.out_of_memory_in_a_row = 0
         self.gave_up = ""  # why the run stopped
 
     def after(self, trial: FrozenTrial) -> str:
@@ -228,7 +229,14 @@ class StopRule:
             return self.gave_up
         self.rejected_in_a_row = 0
         if trial.user_attrs.get(OUT_OF_MEMORY):  # a configuration too big for the device, not a broken worker
+            self.out_of_memory_in_a_row += 1
+            if self.out_of_memory_in_a_row >= max(MAX_OUT_OF_MEMORY_IN_A_ROW, self.max_failures):
+                self.gave_up = (
+                    f"{self.out_of_memory_in_a_row} trials in a row ran out of memory at micro-batch 1: the search "
+                    "space needs more memory than this device has (hpo check shows where it goes)"
+                )
             return self.gave_up
+        self.out_of_memory_in_a_row = 0
         self.failures_in_a_row = self.failures_in_a_row + 1 if trial.state == TrialState.FAIL else 0
         if self.failures_in_a_row >= self.max_failures:
             self.gave_up = (
@@ -337,12 +345,10 @@ def _fitting(bench: Workbench, plan, trial: optuna.Trial, params: dict[str, Any]
     ]
     batch = plan.training_arguments.get(memory.BATCH, memory.DEFAULT_BATCH)
 
-    def retry(ran_out: list[int], smaller: int, reason: str) -> None:
-        trial.set_user_attr(OOM_AT, ran_out)  # at once: workers starting trials now learn from it
-        progress.print(
-            f"trial {trial.number:3d} [yellow]out of memory[/] at micro-batch {ran_out[-1]} ({escape(reason)}): "
-            f"training again at {smaller} × {batch // smaller} accumulation steps"
-        )
+    def retry(ran_out: list[int], message: str) -> None:
+        if ran_out:
+            trial.set_user_attr(OOM_AT, ran_out)  # at once: workers starting trials now learn from it
+        progress.print(f"trial {trial.number:3d} [yellow]out of memory[/] {escape(message)}")
 
     try:
         result, micro, ran_out = memory.fit(

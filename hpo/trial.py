@@ -30,7 +30,7 @@ from transformers.integrations import TensorBoardCallback
 
 from hpo import knobs, metrics
 from hpo.attrs import PRUNED_AT_STEP
-from hpo.memory import MemoryCap, PeakMeter, rss_mb
+from hpo.memory import EVAL_BATCH_SIZE, EvalOutOfMemory, MemoryCap, PeakMeter, is_out_of_memory, rss_mb
 from hpo.metrics import PerplexityCallback
 from hpo.plan import TrialPlan
 from hpo.pruning import PruningCallback
@@ -51,7 +51,6 @@ DROPOUT_FIELDS = (
     "hidden_dropout",
     "activation_dropout",
 )
-EVAL_BATCH_SIZE = 64  # inference needs no activations for backward, so batch wider
 # Batches of rows of similar length (transformers' LengthGroupedSampler): less padding, so ~10% less
 # compute per study on short texts (benchmarks/same_work.py); `train_sampling_strategy: random` turns it off.
 LENGTH_GROUPING = (
@@ -168,7 +167,12 @@ def run_trial(
     )
     trainer.remove_callback(PrinterCallback)  # hpo prints its own progress
     start = time.perf_counter()
-    trainer.train()
+    try:
+        trainer.train()
+    except Exception as e:
+        if callback.evaluating and is_out_of_memory(e):  # the eval batch, not the training one, ran out
+            raise EvalOutOfMemory(str(e)) from None
+        raise
     seconds = time.perf_counter() - start
 
     if callback.diverged is not None:

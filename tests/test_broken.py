@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from measure import run_measured
+from measure import run_measured_all
 
 CORPUS = Path(__file__).parent / "broken"
 FILES = sorted(CORPUS.glob("*.yaml"))
@@ -37,31 +37,40 @@ def header(path: Path) -> list[str]:
     return [line.decode("utf-8", errors="replace") for line in raw.splitlines()[:2]]
 
 
+def stage(path: Path) -> str:
+    second = header(path)[1]
+    return second.removeprefix("# stage: ") if second.startswith("# stage: ") else "config"
+
+
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A private copy, so a regression that writes files cannot touch the repository."""
+def runs(request, tmp_path_factory) -> dict[str, tuple[Path, object]]:
+    """``hpo run`` of every selected file, one per core at a time, each in a private copy of the corpus: a
+    regression that writes files cannot touch the repository, and what it writes is pinned on its file."""
     root = tmp_path_factory.mktemp("corpus")
-    shutil.copytree(CORPUS, root / "broken")
-    return root
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "400"}
+    env.pop("HPO_BROKEN_UNSET", None)
+    test = "test_broken_file_fails_cleanly"
+    selected = [i.callspec.params["path"] for i in request.session.items if getattr(i, "originalname", "") == test]
+    jobs = {}
+    for path in selected or FILES:
+        shutil.copytree(CORPUS, root / path.stem / "broken")
+        jobs[path.stem] = {
+            "cmd": [sys.executable, "-m", "hpo.cli", "run", f"broken/{path.name}"],
+            "cwd": root / path.stem,
+            "env": env,
+            "timeout": WALL_CAP_S,
+            "limit_cpu_s": int(BUDGET[stage(path)][0]) * 4,
+        }
+    return {stem: (root / stem, result) for stem, result in run_measured_all(jobs).items()}
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
-def test_broken_file_fails_cleanly(path, corpus):
-    first, second = header(path)
-    expected = first.removeprefix("# expect: ")
-    stage = second.removeprefix("# stage: ") if second.startswith("# stage: ") else "config"
+def test_broken_file_fails_cleanly(path, runs):
+    expected = header(path)[0].removeprefix("# expect: ")
     line, _, rest = expected.partition(": ")
     key, _, message = rest.partition(": ") if ": " in rest else ("", "", rest)
     name = f"broken/{path.name}"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "400"}
-    env.pop("HPO_BROKEN_UNSET", None)
-    result = run_measured(
-        [sys.executable, "-m", "hpo.cli", "run", name],
-        cwd=corpus,
-        env=env,
-        timeout=WALL_CAP_S,
-        limit_cpu_s=int(BUDGET[stage][0]) * 4,
-    )
+    corpus, result = runs[path.stem]
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     (error,) = result.stderr.strip().splitlines()
@@ -71,6 +80,6 @@ def test_broken_file_fails_cleanly(path, corpus):
     assert message in error, error
     assert not list((corpus / "broken").glob("*.db*"))
     assert not (corpus / "broken" / "outputs").exists()
-    cpu_s, rss_mib = BUDGET[stage]
+    cpu_s, rss_mib = BUDGET[stage(path)]
     assert result.cpu_s < cpu_s, f"{result.cpu_s:.1f} s of CPU"
     assert result.rss_mib < rss_mib, f"{result.rss_mib:.0f} MiB"

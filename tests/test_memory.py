@@ -76,16 +76,29 @@ def test_a_trial_that_ran_out_of_memory_does_not_count_toward_failures_in_a_row(
     assert stop.after(fail)
 
 
+def test_a_run_where_nothing_fits_stops_instead_of_trying_forever():
+    from hpo.study import MAX_OUT_OF_MEMORY_IN_A_ROW
+
+    stop = StopRule(max_failures=2)
+    oom = optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={OUT_OF_MEMORY: True})
+    for _ in range(MAX_OUT_OF_MEMORY_IN_A_ROW - 1):
+        assert not stop.after(oom)
+    assert "ran out of memory at micro-batch 1" in stop.after(oom)
+
+
 @contextlib.contextmanager
-def out_of_memory(above_rows: int, adapter_rank: int | None = None):
-    """Raise CUDA's out-of-memory error in training forwards of more than ``above_rows`` rows, and in every
-    training forward of a LoRA adapter of rank ``adapter_rank`` (a configuration that fits at no micro-batch).
+def out_of_memory(above_rows: int = 10**9, adapter_rank: int | None = None, eval_above_rows: int = 10**9):
+    """Raise CUDA's out-of-memory error in training forwards of more than ``above_rows`` rows, in every
+    training forward of a LoRA adapter of rank ``adapter_rank`` (a configuration that fits at no micro-batch),
+    and in evaluation forwards of more than ``eval_above_rows`` rows.
 
     A global forward hook of torch: the Trainer, transformers and peft run unchanged.
     """
 
     def hook(module, inputs):
         if not module.training:
+            if isinstance(module, torch.nn.Embedding) and inputs[0].shape[0] > eval_above_rows:
+                raise torch.OutOfMemoryError(f"CUDA out of memory (injected at {inputs[0].shape[0]} eval rows)")
             return
         if isinstance(module, torch.nn.Embedding) and inputs[0].shape[0] > above_rows:
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected at {inputs[0].shape[0]} rows)")
@@ -189,3 +202,13 @@ def test_gradient_checkpointing_trains_lora_adapters(write_study, tiny_model):
     adapter = load_file(path.parent / "outputs" / "tiny" / "best_model" / "adapter_model.safetensors")
     lora_b = [t for name, t in adapter.items() if "lora_B" in name]
     assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # B starts at zero: only gradients move it
+
+
+def test_an_evaluation_that_runs_out_of_memory_halves_the_eval_batch_not_the_training_one(write_study):
+    with out_of_memory(eval_above_rows=3):  # 6 eval rows, 64 at a time: fits at batches of 2 (64 → 32 → … → 2)
+        study = run_study(load_study(write_study(n_trials=1)), quiet)
+    (trial,) = study.trials
+    assert trial.state == TrialState.COMPLETE
+    assert (
+        OOM_AT not in trial.user_attrs and trial.user_attrs[MICRO_BATCH] == trial.params["per_device_train_batch_size"]
+    )
