@@ -26,6 +26,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from transformers import TrainerCallback, TrainingArguments
 
 from hpo import memory, space
+from hpo.checkpoints import KEEP
 from hpo.config import EvalEvery, Resources, StudyConfig
 from hpo.plan import lora_target_list, make_plan
 from hpo.trial import run_trial
@@ -81,6 +82,7 @@ class CheckReport:
     pruned_share: float  # the share of a study's time the pruner is assumed to save
     assumption: str
     advice: list[str] = field(default_factory=list)
+    checkpoint_every: bool = False  # the study saves trial checkpoints: their size is shown
 
     @property
     def fits(self) -> bool:
@@ -130,6 +132,7 @@ def check(cfg: StudyConfig, bench: Workbench | None = None) -> CheckReport:
         corners,
         share,
         "no pruning" if cfg.pruner.name == "none" else PRUNING_ASSUMPTION.format(n=n),
+        checkpoint_every=cfg.checkpoint_every is not None,
     )
     if not report.fits:
         report.advice = advice(cfg, corners[0])
@@ -317,11 +320,13 @@ def _breakdown(bench: Workbench, result, batch: int, tokens: int, args: dict[str
     if bench.cfg.task == "causal-lm":
         activations += 2 * b * s * len(bench.tokenizer) * 4
     mb = 2**-20
+    saved = gradients if bench.cfg.is_lora else weights  # a checkpoint holds the adapters, or every weight
     return {
         "weights": round(weights * mb, 1),
         "gradients": round(gradients * mb, 1),
         "optimizer": round(optimizer * mb, 1),
         "activations": round(activations * mb, 1),
+        "checkpoint": round((saved + optimizer) * mb, 1),  # with checkpoint_every: model or adapters + optimizer
     }
 
 
@@ -394,6 +399,12 @@ def print_report(console, report: CheckReport) -> None:
         f"~{_duration(low * keep)}–{_duration(high * keep)} with it ({report.assumption})",
         markup=False,
     )
+    if report.checkpoint_every and "checkpoint" in report.corners[0].breakdown_mb:
+        size = report.corners[0].breakdown_mb["checkpoint"]
+        console.print(
+            f"checkpoints (checkpoint_every): ~{_mb(size)} each, {KEEP} kept per running trial, removed when it ends",
+            markup=False,
+        )
     if report.fits:
         console.print("[green]every corner fits[/]")
         return

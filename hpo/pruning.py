@@ -40,6 +40,9 @@ class PruningCallback(TrainerCallback):
     def _seen(self, state) -> float:
         return state.epoch * self.n_train
 
+    def on_train_begin(self, args, state, control, **kwargs):  # resumed from a checkpoint: the grid goes on
+        self._next = max(self._next, math.floor(self._seen(state) / self.every + 1e-6) + 1)
+
     def on_step_end(self, args, state, control, **kwargs):
         if self._seen(state) + 1e-6 >= self._next * self.every or state.global_step >= state.max_steps:
             control.should_evaluate = self.evaluating = True

@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.markup import escape
 
-from hpo import memory, outputs, revisions, space
+from hpo import checkpoints, memory, outputs, revisions, space
 from hpo.attrs import (
     DERIVED_PARAMS,
     DEVICES,
@@ -147,11 +147,14 @@ def sigterm_interrupts():
         # Once: a second SIGTERM (systemd signalling the whole group, then the parent its workers) would land
         # in the clean-up of the first and leave the trial RUNNING, with no retry queued.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if checkpoints.stop_requested():  # the trial saves a checkpoint at the end of its step, then stops
+            return
         raise KeyboardInterrupt(f"signal {signum}")
 
     if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
         yield
         return
+    checkpoints.clear_stop()
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
@@ -172,6 +175,8 @@ def _optimize(study: optuna.Study, objective, progress: Progress, stop: StopRule
             progress.stopping(why)
 
     while not stop.gave_up and (deadline is None or time.monotonic() < deadline):
+        if checkpoints.stopping():  # SIGTERM came as a trial finished its last step: start no other
+            raise KeyboardInterrupt("SIGTERM")
         states = [t.state for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))]
         running = states.count(TrialState.RUNNING)
         finished = len(states) - running
@@ -258,7 +263,7 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
     def objective(trial: optuna.Trial) -> float:
         # Everything a trial does is inside this try, from sampling to saving: whatever fails, the trial
         # ends FAIL with its cause in fail_reason and fail_traceback ("interrupted" only after a signal).
-        result = sampled = None
+        result = sampled = saved = None
         try:
             # Optuna's Trial does not expose system attrs; optuna-integration reads them from the storage too.
             fixed = trial.storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
@@ -305,7 +310,10 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
                 },
             )
             upload_json(store, trial, "training_arguments.json", args)  # TrainingArguments(**json.load(f))
-            result = _fitting(bench, plan, trial, params, progress)
+            saved = checkpoints.folder(cfg, params) if cfg.checkpoint_every else None
+            if saved is not None:
+                _carry_over(trial, saved, len(bench.train_rows))
+            result = _fitting(bench, plan, trial, params, progress, saved)
             for key, value in result.attrs.items():
                 trial.set_user_attr(key, value)
             upload_json(store, trial, "metrics.json", {"evaluations": result.history, **result.attrs})
@@ -316,6 +324,7 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL and re-raises
+            saved = None  # kept: the rerun resumes from it
             trial.set_user_attr(FAIL_REASON, "interrupted")
             if sampled is not None:
                 trial.study.enqueue_trial(sampled, user_attrs={RETRY_OF: trial.number})  # the rerun starts with it
@@ -328,11 +337,33 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
             raise
         finally:
             release(result)
+            checkpoints.remove(saved)  # the trial ended: its retry, if any, starts afresh
 
     return objective
 
 
-def _fitting(bench: Workbench, plan, trial: optuna.Trial, params: dict[str, Any], progress: Progress):
+def _carry_over(trial: optuna.Trial, saved, n_train: int) -> None:
+    """A retry that resumes from a checkpoint: report what the trial it retries reported up to it, so the pruner
+    sees one curve. The retried trial is Optuna's ``failed_trial`` (a dead worker) or hpo's ``retry_of`` (a
+    signal)."""
+    checkpoint = checkpoints.latest(saved)
+    if checkpoint is None:
+        return
+    attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
+    before = attrs.get("failed_trial")
+    if before is None:
+        before = trial.storage.get_trial_user_attrs(trial._trial_id).get(RETRY_OF)
+    if before is None:
+        return
+    seen = checkpoints.examples_seen(checkpoint, n_train)
+    old = trial.study.get_trials(deepcopy=False)[before]
+    for step, value in sorted(old.intermediate_values.items()):
+        if step <= seen:
+            trial.report(value, step)
+    trial.set_user_attr("resumed_from_trial", before)
+
+
+def _fitting(bench: Workbench, plan, trial: optuna.Trial, params: dict[str, Any], progress: Progress, saved=None):
     """Run the trial, at smaller micro-batches while it runs out of memory (:func:`hpo.memory.fit`).
 
     It starts at the largest micro-batch known to fit from earlier trials of no greater demand, and records
@@ -353,7 +384,7 @@ def _fitting(bench: Workbench, plan, trial: optuna.Trial, params: dict[str, Any]
     try:
         result, micro, ran_out = memory.fit(
             plan,
-            lambda p, meter: run_trial(bench, p, trial, on_eval=progress.evaluated, meter=meter),
+            lambda p, meter: run_trial(bench, p, trial, on_eval=progress.evaluated, meter=meter, checkpoint_dir=saved),
             bench.device,
             memory.start_micro_batch(params, batch, earlier),
             retry,

@@ -28,7 +28,7 @@ from transformers import (
 )
 from transformers.integrations import TensorBoardCallback
 
-from hpo import knobs, metrics
+from hpo import checkpoints, knobs, metrics
 from hpo.attrs import PRUNED_AT_STEP
 from hpo.memory import EVAL_BATCH_SIZE, EvalOutOfMemory, MemoryCap, PeakMeter, is_out_of_memory, rss_mb
 from hpo.metrics import PerplexityCallback
@@ -103,12 +103,14 @@ def run_trial(
     run_name: str | None = None,
     meter: PeakMeter | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    checkpoint_dir: Path | None = None,
 ) -> TrialResult:
     """Fine-tune once as ``plan`` says and report evaluations to ``trial``.
 
     Logs go to ``<outputs>/tensorboard/<run_name>`` (default ``trial-NNNN``):
     one TensorBoard run per trial. ``meter`` measures the trial's peak memory (default: from now on);
-    ``callbacks`` join the Trainer's (``hpo check`` times steps with one).
+    ``callbacks`` join the Trainer's (``hpo check`` times steps with one). With ``checkpoint_dir`` (and the
+    study's ``checkpoint_every``) it saves checkpoints there and resumes from the newest complete one.
 
     Returns the objective at the last evaluation (the model the trial ends
     with), whether the pruner stopped it, and the measurements to keep.
@@ -137,15 +139,20 @@ def run_trial(
             "disable_tqdm": True,
             **device_settings(settings),
             **settings,  # the user's settings win over the defaults above
-            "output_dir": str(cfg.output_path / "trials" / name),
+            "output_dir": str(checkpoint_dir or cfg.output_path / "trials" / name),
             "eval_strategy": "no",  # PruningCallback decides when to evaluate
-            "save_strategy": "no",  # no per-trial checkpoints: the best model is saved once, by the study
+            "save_strategy": "no",  # CheckpointCallback decides when to save; the best model is saved by the study
+            "save_total_limit": checkpoints.KEEP,
             "report_to": "none",  # TensorBoard is added below, with one run folder per trial
         }
     )
     n_train = len(bench.train_rows)
     every = cfg.eval_every.examples_between(n_train)
     callback = PruningCallback(trial, cfg.objective.metric, n_train, every, on_eval)
+    saver = None
+    if checkpoint_dir is not None:
+        saver = checkpoints.CheckpointCallback(n_train, cfg.checkpoint_every.examples_between(n_train))
+    resume = checkpoints.latest(checkpoint_dir)
     trainer = knobs.make_trainer_class()(
         knobs=plan.knobs,
         heads=heads,
@@ -162,18 +169,24 @@ def run_trial(
             clock := _FirstStep(),
             TensorBoardCallback(_MaskedWriter(str(cfg.output_path / "tensorboard" / name), cfg.masked)),
             *([MemoryCap(meter, cfg.resources.max_memory_gb)] if cfg.resources.max_memory_gb else []),
+            *([saver] if saver else []),
             *callbacks,
         ],
     )
     trainer.remove_callback(PrinterCallback)  # hpo prints its own progress
     start = time.perf_counter()
     try:
-        trainer.train()
+        with checkpoints.training() if saver else contextlib.nullcontext():
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except Exception as e:
         if callback.evaluating and is_out_of_memory(e):  # the eval batch, not the training one, ran out
             raise EvalOutOfMemory(str(e)) from None
         raise
+    if resume is not None and not callback.history:  # resumed at its last step: only the final evaluation is left
+        trainer.evaluate()
     seconds = time.perf_counter() - start
+    if saver is not None and saver.stopped and trainer.state.global_step < trainer.state.max_steps:
+        raise KeyboardInterrupt(f"SIGTERM: checkpoint saved at step {trainer.state.global_step}")
 
     if callback.diverged is not None:
         step, what = callback.diverged
@@ -181,7 +194,10 @@ def run_trial(
     if not callback.history:
         raise RuntimeError("training ended before the first evaluation")
     attrs = _measurements(bench, trainer, callback, seconds, meter)
-    attrs["seconds_to_first_step"] = round(clock.at - began, 3)  # model, Trainer, first batch: a trial's start-up
+    if resume is not None:  # the checkpoint's optimizer step, and the first step this run trained
+        attrs["resumed_from_step"], attrs["first_step"] = int(resume.name.split("-")[1]), clock.step
+    if not math.isnan(clock.at):
+        attrs["seconds_to_first_step"] = round(clock.at - began, 3)  # model, Trainer, first batch: a trial's start-up
     attrs["train_sampling_strategy"] = getattr(args, "train_sampling_strategy", None)  # how batches were drawn
     if (now := rss_mb()) is not None:
         attrs["rss_mb"] = round(now, 1)  # now, after training: growth across trials is a leak
@@ -295,10 +311,11 @@ class _MaskedWriter(SummaryWriter):
 
 class _FirstStep(TrainerCallback):
     at = math.nan
+    step = 0  # the first optimizer step this run trained (after a resume, the checkpoint's + 1)
 
     def on_step_end(self, args, state, control, **kwargs):
         if math.isnan(self.at):
-            self.at = time.perf_counter()
+            self.at, self.step = time.perf_counter(), state.global_step
 
 
 def _measurements(

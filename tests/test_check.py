@@ -91,6 +91,7 @@ def test_the_measured_peak_is_within_a_quarter_of_a_real_trials_at_the_same_corn
     weights = hungriest.breakdown_mb["weights"]
     assert 80 < weights < 95  # MiniLM: 22.7M float32 parameters
     assert hungriest.breakdown_mb["optimizer"] == pytest.approx(2 * weights, rel=0.01)  # AdamW: two states
+    assert hungriest.breakdown_mb["checkpoint"] == pytest.approx(3 * weights, rel=0.01)  # weights + optimizer
 
     study = run_study(load_study(minilm_study(tmp_path, enqueue=[hungriest.params])), quiet)
     (trial,) = study.trials

@@ -5,7 +5,7 @@ import signal
 import optuna
 import pytest
 from optuna.trial import TrialState
-from procs import RUN_S, SLOW_EPOCHS, WAIT_S, slow_study, start, wait_for_running, wait_until_stale
+from procs import RUN_S, SLOW_EPOCHS, WAIT_S, slow_study, start, wait_for, wait_for_running, wait_until_stale
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -72,3 +72,64 @@ def test_a_paused_worker_whose_trial_was_taken_over_says_so_and_goes_on(write_st
     output = paused.communicate(timeout=RUN_S)[0]
     assert "Traceback" not in output, output
     assert f"trial {victim.number:3d} taken over" in output and paused.returncode == 0, output
+
+
+def checkpoint_markers(path) -> list:
+    return list((path.parent / "outputs" / "tiny" / "checkpoints").glob("*/checkpoint-*/hpo-complete"))
+
+
+def test_a_killed_trial_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(write_study):
+    from rich.console import Console
+
+    from hpo import load_study
+    from hpo.study import run_study
+
+    # One trial, evaluated every epoch, a checkpoint every 4 epochs; killed once one is written.
+    path = slow_study(write_study, n_trials=1, heartbeat_interval=1, grace_period=3, checkpoint_every={"epochs": 4})
+    storage = f"sqlite:///{path.with_suffix('.db')}"
+    proc = start(path)
+    wait_for(lambda: checkpoint_markers(path), "a complete checkpoint")
+    proc.kill()
+    proc.wait(timeout=WAIT_S)
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    (victim,) = study.get_trials(states=(TrialState.RUNNING,))
+    assert victim.intermediate_values, "killed after its first evaluations"
+    wait_until_stale(storage, "tiny", victim.number, heartbeat_interval=1, grace_period=3)
+
+    rerun = start(path)
+    output = rerun.communicate(timeout=RUN_S)[0]
+    assert rerun.returncode == 0, output
+    (retry,) = optuna.load_study(study_name="tiny", storage=storage).get_trials(states=(TrialState.COMPLETE,))
+    assert retry.params == victim.params and retry.user_attrs["resumed_from_trial"] == victim.number
+    resumed = retry.user_attrs["resumed_from_step"]
+    assert resumed > 0 and retry.user_attrs["first_step"] == resumed + 1  # not from step 0
+    kept = {s: v for s, v in victim.intermediate_values.items() if s in retry.intermediate_values}
+    assert kept and all(retry.intermediate_values[s] == v for s, v in kept.items()), "the curve before the kill"
+    assert len(retry.intermediate_values) == SLOW_EPOCHS  # one curve: the old points and the new ones
+    assert not (path.parent / "outputs" / "tiny" / "checkpoints").exists(), "removed when the trial ended"
+
+    # The same configuration, never interrupted, ends at the same eval loss.
+    again = slow_study(write_study, name="again.yaml", study="again", n_trials=1, enqueue=[victim.params])
+    (reference,) = run_study(load_study(again), Console(quiet=True)).trials
+    assert retry.value == pytest.approx(reference.value, rel=1e-4)
+
+
+def test_sigterm_saves_a_checkpoint_that_the_rerun_resumes_from(write_study):
+    # checkpoint_every far past the run's end: the only checkpoint is the one SIGTERM asks for.
+    path = slow_study(write_study, n_trials=1, checkpoint_every={"epochs": 10 * SLOW_EPOCHS})
+    storage = f"sqlite:///{path.with_suffix('.db')}"
+    proc = start(path)
+    wait_for_running(storage)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=WAIT_S)[0]
+    assert proc.returncode == 130, output
+    (stopped,) = optuna.load_study(study_name="tiny", storage=storage).get_trials(states=(TrialState.FAIL,))
+    assert stopped.user_attrs["fail_reason"] == "interrupted"
+    assert len(checkpoint_markers(path)) == 1
+
+    rerun = start(path)
+    output = rerun.communicate(timeout=RUN_S)[0]
+    assert rerun.returncode == 0, output
+    (done,) = optuna.load_study(study_name="tiny", storage=storage).get_trials(states=(TrialState.COMPLETE,))
+    assert done.user_attrs["resumed_from_trial"] == stopped.number and done.user_attrs["resumed_from_step"] > 0
+    assert len(done.intermediate_values) == SLOW_EPOCHS

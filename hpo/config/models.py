@@ -306,6 +306,12 @@ class StudyConfig(_Strict):
         description="The parameters to tune, by TrainingArguments, LoRA or hpo knob name, in order: "
         "when: and derive: read the parameters above them.",
     )
+    checkpoint_every: EvalEvery | None = Field(
+        None,
+        description="Save a Trainer checkpoint every this many epochs, or {examples: N}, and on SIGTERM: the "
+        "retry of a trial whose worker died or was stopped resumes from it. Removed when the trial ends. "
+        "Default: off.",
+    )
     objective: Objective = Field(Objective(), description="The metric to optimize; default: eval_loss, minimized.")
     resources: Resources = Field(Resources(), description="What a trial may use: max_memory_gb.")
     sampler: SamplerSpec = Field(SamplerSpec(), description="How each trial's parameters are chosen; default: tpe.")
