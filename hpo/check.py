@@ -120,7 +120,7 @@ def check(cfg: StudyConfig, bench: Workbench | None = None) -> CheckReport:
         _measure(bench, name, corner(cfg, hungry)) for name, hungry in (("hungriest", True), ("cheapest", False))
     ]
     for c in corners:
-        c.fits = c.peak_mb <= budget_mb
+        c.fits = not c.ran_out and c.peak_mb <= budget_mb
     n = int(cfg.pruner.args.get("n_startup_trials", 5))
     share = 0.0 if cfg.pruner.name == "none" else 0.25 * max(0, cfg.n_trials - n) / cfg.n_trials
     report = CheckReport(

@@ -16,7 +16,7 @@ import json
 import re
 import shutil
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +27,43 @@ from hpo.config import StudyConfig
 COMPLETE = "hpo-complete"  # written into a checkpoint folder once the Trainer finished writing it
 KEEP = 2  # checkpoints kept per trial: the newest may be cut short by a kill, the one before is whole
 
-#: Set by SIGTERM while a trial that checkpoints is training: it saves at the end of the step, then stops.
+#: Set by SIGTERM: a trial that checkpoints saves at the end of its step, then stops; no other trial starts.
 _stop = threading.Event()
 _training = threading.Event()
 
 
-def folder(cfg: StudyConfig, params: Mapping[str, Any]) -> Path:
-    """Where the checkpoints of a trial with these parameters go: the same folder for its retries."""
-    key = hashlib.sha256(json.dumps(dict(params), sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return cfg.output_path / "checkpoints" / key
+def folder(cfg: StudyConfig, params: Mapping[str, Any], revision: int) -> Path:
+    """Where the checkpoints of a trial with these parameters go under this revision of the study file: the same
+    folder for its retries, another once ``train:`` or the data changed."""
+    key = json.dumps({"params": dict(params), "revision": revision}, sort_keys=True, default=str)
+    return cfg.output_path / "checkpoints" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def claim(where: Path, trial: int, running: Callable[[int], bool]) -> bool:
+    """Make ``where`` trial ``trial``'s; False when another trial that is still ``running`` holds it (two trials
+    with the same parameters at once: the second runs without checkpoints rather than share them)."""
+    owner = where / "owner"
+    with contextlib.suppress(OSError, ValueError):
+        held = int(owner.read_text())
+        if held != trial and running(held):
+            return False
+    where.mkdir(parents=True, exist_ok=True)
+    owner.write_text(f"{trial}\n")
+    return True
+
+
+def clear(where: Path) -> None:
+    """Delete the checkpoints in ``where`` (a leftover a new trial must not resume from), keeping its claim."""
+    for path in where.glob("checkpoint-*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def latest(where: Path | None) -> Path | None:
     """The newest complete checkpoint in ``where``, or None."""
     if where is None or not where.is_dir():
         return None
-    done = [
-        p for p in where.glob("checkpoint-*") if (p / COMPLETE).exists() and re.fullmatch(r"checkpoint-\d+", p.name)
-    ]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    done = [p for p in where.glob("checkpoint-*") if _step(p) is not None and (p / COMPLETE).exists()]
+    return max(done, key=_step, default=None)
 
 
 def examples_seen(checkpoint: Path, n_train: int) -> int:
@@ -64,12 +82,11 @@ def remove(where: Path | None) -> None:
 
 
 def stop_requested() -> bool:
-    """Whether a SIGTERM is to be answered with a checkpoint (a trial that checkpoints is training): then
-    :class:`CheckpointCallback` saves at the end of the step and the trial ends interrupted."""
-    if _training.is_set():
-        _stop.set()
-        return True
-    return False
+    """Record a SIGTERM: the run starts no other trial (:func:`stopping`). Returns whether it is answered with a
+    checkpoint (a trial that checkpoints is training): then :class:`CheckpointCallback` saves at the end of the
+    step and the trial ends interrupted; else the caller interrupts at once."""
+    _stop.set()
+    return _training.is_set()
 
 
 def clear_stop() -> None:
@@ -78,7 +95,8 @@ def clear_stop() -> None:
 
 
 def stopping() -> bool:
-    """Whether a SIGTERM asked for a checkpoint: the run starts no other trial."""
+    """Whether a SIGTERM came: the run starts no other trial, even if the interrupt it raised was lost (raised
+    inside a finalizer, which Python ignores)."""
     return _stop.is_set()
 
 
@@ -109,10 +127,21 @@ class CheckpointCallback(TrainerCallback):
         if self.every and state.epoch * self.n_train + 1e-6 >= self._next * self.every:
             control.should_save = True
             self._next = int(state.epoch * self.n_train / self.every + 1e-6) + 1
-        if _stop.is_set():
+        if _stop.is_set() and _training.is_set():
             control.should_save = control.should_training_stop = self.stopped = True
 
     def on_save(self, args, state, control, **kwargs):
         saved = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if saved.is_dir():
-            (saved / COMPLETE).write_text(f"{state.global_step}\n")
+        if not saved.is_dir():
+            return
+        (saved / COMPLETE).write_text(f"{state.global_step}\n")
+        # hpo rotates, not the Trainer: the marker goes first, so a kill in the middle of a deletion leaves a
+        # folder that is never resumed from (the Trainer's rotation could leave a marked, half-deleted one).
+        done = sorted((p for p in Path(args.output_dir).glob("checkpoint-*") if _step(p) is not None), key=_step)
+        for old in done[:-KEEP]:
+            (old / COMPLETE).unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _step(path: Path) -> int | None:
+    return int(path.name.split("-")[1]) if re.fullmatch(r"checkpoint-\d+", path.name) else None

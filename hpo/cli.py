@@ -296,6 +296,13 @@ def train(
     except NoCompleteTrial as e:
         err.print(f"[red]error[/] {escape(str(e))}")
         raise typer.Exit(2) from None
+    except RuntimeError as e:
+        from hpo.memory import OutOfMemory  # torch: only once training ran
+
+        if not isinstance(e, OutOfMemory):
+            raise
+        err.print(f"[red]error[/] {escape(str(e))}")
+        raise typer.Exit(1) from None
     Console().print(f"saved {folder}")
 
 

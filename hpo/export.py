@@ -12,7 +12,7 @@ import optuna
 from hpo.attrs import DERIVED_PARAMS, DEVICES, MICRO_BATCH
 from hpo.config import StudyConfig
 from hpo.errors import NoCompleteTrial
-from hpo.plan import TrialPlan, make_plan
+from hpo.plan import DEFAULT_BATCH, TrialPlan, make_plan
 from hpo.revisions import check_trial_settings, current_revision, trial_revision
 from hpo.storage import best_trial
 from hpo.tasks import TASKS
@@ -36,7 +36,7 @@ def best_config(cfg: StudyConfig, study: optuna.Study) -> tuple[dict[str, Any], 
     trial, plan = _best_plan(cfg, study)
     args, rest = plan.exported(cfg)
     micro = trial.user_attrs.get(MICRO_BATCH)
-    if micro is not None and micro != args.get("per_device_train_batch_size", micro):
+    if micro is not None and micro != args.get("per_device_train_batch_size", DEFAULT_BATCH):
         rest["micro_batch"] = micro  # it ran out of memory above: the same effective batch in smaller steps
     return args, {
         "study": cfg.study,

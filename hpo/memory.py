@@ -30,14 +30,13 @@ import torch
 from transformers import TrainerCallback
 
 from hpo.attrs import OOM_AT, OUT_OF_MEMORY
-from hpo.plan import TrialPlan, lora_target_list
+from hpo.plan import DEFAULT_BATCH, TrialPlan, lora_target_list
 
 BATCH, ACCUMULATION, EVAL_BATCH = (
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
     "per_device_eval_batch_size",
 )
-DEFAULT_BATCH = 8  # TrainingArguments' per_device_train_batch_size
 EVAL_BATCH_SIZE = 64  # hpo's eval batch: inference keeps no activations for a backward pass, so it batches wider
 
 #: Parameters that change no tensor's shape: trials that differ only in them need the same memory.
@@ -113,10 +112,12 @@ def divisors_below(batch: int, limit: int) -> list[int]:
 
 
 def start_micro_batch(params: Mapping[str, Any], batch: int, earlier: Iterable[Mapping[str, Any]]) -> int | None:
-    """The micro-batch a trial starts at: its batch, or the largest below any micro-batch that ran out of memory
-    in an earlier trial of no greater demand; 0 when even 1 ran out there (the trial cannot fit).
+    """The micro-batch a trial starts at: None (its batch), or the largest below any micro-batch that ran out of
+    memory in an earlier trial of no greater demand; at least 1, so a trial is never failed untrained on what
+    another one saw.
 
-    ``earlier``: user attrs and params of earlier trials, as ``{"params": ..., OOM_AT: [...]}``.
+    ``earlier``: params and ``OOM_AT`` of earlier trials on the same memory (:func:`signature`), as
+    ``{"params": ..., OOM_AT: [...]}``.
     """
     limit = batch + 1
     for t in earlier:
@@ -126,7 +127,18 @@ def start_micro_batch(params: Mapping[str, Any], batch: int, earlier: Iterable[M
     if limit > batch:
         return None
     fitting = divisors_below(batch, limit)
-    return fitting[0] if fitting else 0
+    return fitting[0] if fitting else 1
+
+
+def signature(device: str, limit_gb: float | None, revision: int) -> str:
+    """What makes one trial's out-of-memory errors tell about another's: the same device model and size, the
+    same ``max_memory_gb``, the same revision of the study file (its fixed settings: max_length, train:)."""
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        where = f"{props.name}/{props.total_memory >> 20}MiB"
+    else:
+        where = f"cpu/{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') >> 20}MiB"
+    return f"{where}/cap={limit_gb}/revision={revision}"
 
 
 def with_micro_batch(plan: TrialPlan, micro: int) -> TrialPlan:
@@ -143,8 +155,12 @@ class EvalOutOfMemory(torch.OutOfMemoryError):
     """An evaluation ran out of memory: its batch is halved, which changes no result."""
 
 
+class TrainOutOfMemory(torch.OutOfMemoryError):
+    """Training ran over ``resources.max_memory_gb`` (raised at the end of a step, before any evaluation)."""
+
+
 class OutOfMemory(RuntimeError):
-    """A trial ran out of memory at micro-batch 1, or an earlier trial of no greater demand did."""
+    """A trial ran out of memory at micro-batch 1, or evaluating at batch 1."""
 
     def __init__(self, message: str, ran_out: list[int]):
         super().__init__(message)
@@ -155,7 +171,16 @@ def is_out_of_memory(e: BaseException) -> bool:
     """CUDA's ``torch.OutOfMemoryError``, the CPU allocator's failure, or hpo's cap (raised as the former)."""
     text = str(e)
     return isinstance(e, torch.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and ("CUDA out of memory" in text or "can't allocate memory" in text)
+        isinstance(e, RuntimeError)
+        and any(
+            s in text
+            for s in (
+                "CUDA out of memory",
+                "CUDA error: out of memory",
+                "can't allocate memory",
+                "CUBLAS_STATUS_ALLOC_FAILED",
+            )
+        )
     )
 
 
@@ -176,13 +201,11 @@ def fit(
     micro-batch it ran at, the micro-batches that ran out).
 
     Raises:
-        OutOfMemory: it ran out at micro-batch 1 (``ran_out`` lists every one that did), or ``start`` is 0.
+        OutOfMemory: it ran out at micro-batch 1 (``ran_out`` lists every one that did), or evaluating at batch 1.
     """
     args = plan.training_arguments
     batch, accumulation = args.get(BATCH, DEFAULT_BATCH), args.get(ACCUMULATION, 1)
     eval_batch = args.get(EVAL_BATCH, EVAL_BATCH_SIZE)
-    if start == 0:
-        raise OutOfMemory("out of memory: an earlier trial of no greater memory demand ran out at micro-batch 1", [])
     micro, failed = start or batch, []
     while True:
         meter = PeakMeter(device)
@@ -201,7 +224,13 @@ def fit(
         # Out of the except block: the traceback, which holds the attempt's model and tensors, is gone.
         peak_gb = meter.peak_mb / 1024
         release()
-        if in_eval and eval_batch > 1:
+        if in_eval:
+            if eval_batch == 1:  # no smaller eval batch; a smaller training one would not help
+                raise OutOfMemory(
+                    f"out of memory evaluating at batch 1 (peak {peak_gb:.2f} GB): set eval_accumulation_steps "
+                    "to move predictions off the device as they come",
+                    failed,
+                )
             eval_batch //= 2
             message = f"evaluating ({reason}): again with evaluation batches of {eval_batch}"
         else:
@@ -231,14 +260,19 @@ class PeakMeter:
         self.device = device
         self.reset()
 
+    #: Whether the CPU peak counts from the reset (Linux); else it is the process's peak since it started.
+    resettable = True
+
     def reset(self) -> None:
         if self.device == "cuda":
             self.base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             return
         trim()
-        with contextlib.suppress(OSError):
+        try:
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        except OSError:  # not Linux, or a sandbox that refuses it
+            self.resettable = False
         self.base = (rss_mb() or 0.0) * 2**20
 
     @property
@@ -252,8 +286,10 @@ def _status_kb(field: str) -> int:
         return int(re.search(rf"^{field}:\s+(\d+)", Path("/proc/self/status").read_text(), re.M).group(1))
     except (OSError, AttributeError):
         import resource
+        import sys
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS, KiB elsewhere
 
 
 def rss_mb() -> float | None:
@@ -273,18 +309,16 @@ class MemoryCap(TrainerCallback):
     def __init__(self, meter: PeakMeter, limit_gb: float):
         self.meter, self.limit_gb = meter, limit_gb
 
-    def _check(self) -> None:
+    def _check(self, error: type[torch.OutOfMemoryError]) -> None:
         peak_gb = self.meter.peak_mb / 1024
         if peak_gb > self.limit_gb:
-            raise torch.OutOfMemoryError(
-                f"out of memory: peak {peak_gb:.2f} GB over resources.max_memory_gb ({self.limit_gb:g} GB)"
-            )
+            raise error(f"out of memory: peak {peak_gb:.2f} GB over resources.max_memory_gb ({self.limit_gb:g} GB)")
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self._check()
+    def on_step_end(self, args, state, control, **kwargs):  # before the step's evaluation, if any
+        self._check(TrainOutOfMemory)
 
-    def on_evaluate(self, args, state, control, **kwargs):
-        self._check()
+    def on_evaluate(self, args, state, control, **kwargs):  # the steps before passed: evaluation went over
+        self._check(EvalOutOfMemory)
 
 
 def cap_cuda(limit_gb: float | None) -> None:

@@ -24,6 +24,7 @@ from hpo.attrs import (
     DEVICES,
     FAIL_REASON,
     FAIL_TRACEBACK,
+    MEMORY,
     MICRO_BATCH,
     OOM_AT,
     OOM_RETRIES,
@@ -175,7 +176,7 @@ def _optimize(study: optuna.Study, objective, progress: Progress, stop: StopRule
             progress.stopping(why)
 
     while not stop.gave_up and (deadline is None or time.monotonic() < deadline):
-        if checkpoints.stopping():  # SIGTERM came as a trial finished its last step: start no other
+        if checkpoints.stopping():  # a SIGTERM whose interrupt did not end the run (a trial's last step, a finalizer)
             raise KeyboardInterrupt("SIGTERM")
         states = [t.state for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))]
         running = states.count(TrialState.RUNNING)
@@ -310,10 +311,12 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
                 },
             )
             upload_json(store, trial, "training_arguments.json", args)  # TrainingArguments(**json.load(f))
-            saved = checkpoints.folder(cfg, params) if cfg.checkpoint_every else None
-            if saved is not None:
-                _carry_over(trial, saved, len(bench.train_rows))
-            result = _fitting(bench, plan, trial, params, progress, saved)
+            saved = _checkpoints(trial, cfg, params, revision, len(bench.train_rows)) if cfg.checkpoint_every else None
+            result = _fitting(bench, plan, trial, params, progress, revision, saved)
+            if "resumed_from_step" in result.attrs:  # the best of the whole curve, the carried-over part too
+                values = trial.storage.get_trial(trial._trial_id).intermediate_values.values()
+                pick = min if cfg.objective.direction == "minimize" else max
+                result.attrs[f"best_{cfg.objective.metric}"] = pick(values)
             for key, value in result.attrs.items():
                 trial.set_user_attr(key, value)
             upload_json(store, trial, "metrics.json", {"evaluations": result.history, **result.attrs})
@@ -342,37 +345,47 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
     return objective
 
 
-def _carry_over(trial: optuna.Trial, saved, n_train: int) -> None:
-    """A retry that resumes from a checkpoint: report what the trial it retries reported up to it, so the pruner
-    sees one curve. The retried trial is Optuna's ``failed_trial`` (a dead worker) or hpo's ``retry_of`` (a
-    signal)."""
-    checkpoint = checkpoints.latest(saved)
-    if checkpoint is None:
-        return
-    attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
-    before = attrs.get("failed_trial")
-    if before is None:
-        before = trial.storage.get_trial_user_attrs(trial._trial_id).get(RETRY_OF)
-    if before is None:
-        return
+def _checkpoints(trial: optuna.Trial, cfg: StudyConfig, params: dict[str, Any], revision: int, n_train: int):
+    """The trial's checkpoint folder (keyed by its parameters and the revision), claimed for it; None when
+    another running trial with the same parameters holds it (this one then runs without checkpoints).
+
+    A retry (Optuna's ``retry_history`` after a dead worker, hpo's ``retry_of`` after a signal) resumes from the
+    folder's newest checkpoint: what the trial it retries reported up to there is reported again, so the pruner
+    sees one curve. Any other trial starts afresh: what the folder holds is a leftover.
+    """
+    folder = checkpoints.folder(cfg, params, revision)
+    trials = trial.study.get_trials(deepcopy=False)
+    if not checkpoints.claim(folder, trial.number, lambda n: trials[n].state == TrialState.RUNNING):
+        return None
+    history = trial.storage.get_trial_system_attrs(trial._trial_id).get("retry_history")
+    before = history[-1] if history else trial.storage.get_trial_user_attrs(trial._trial_id).get(RETRY_OF)
+    checkpoint = checkpoints.latest(folder)
+    if before is None or checkpoint is None:
+        checkpoints.clear(folder)
+        return folder
     seen = checkpoints.examples_seen(checkpoint, n_train)
-    old = trial.study.get_trials(deepcopy=False)[before]
-    for step, value in sorted(old.intermediate_values.items()):
+    for step, value in sorted(trials[before].intermediate_values.items()):
         if step <= seen:
             trial.report(value, step)
     trial.set_user_attr("resumed_from_trial", before)
+    return folder
 
 
-def _fitting(bench: Workbench, plan, trial: optuna.Trial, params: dict[str, Any], progress: Progress, saved=None):
+def _fitting(
+    bench: Workbench, plan, trial: optuna.Trial, params: dict[str, Any], progress: Progress, revision: int, saved=None
+):
     """Run the trial, at smaller micro-batches while it runs out of memory (:func:`hpo.memory.fit`).
 
-    It starts at the largest micro-batch known to fit from earlier trials of no greater demand, and records
-    the micro-batch it ran at and those that ran out (``oom_micro_batches``), for the trials after it.
+    It starts at the largest micro-batch known to fit from earlier trials of no greater demand on the same
+    memory (device, cap, revision), and records the micro-batch it ran at and those that ran out
+    (``oom_micro_batches``), for the trials after it.
     """
+    mine = memory.signature(bench.device, bench.cfg.resources.max_memory_gb, revision)
+    trial.set_user_attr(MEMORY, mine)
     earlier = [
         {"params": {**t.params, **t.user_attrs.get(DERIVED_PARAMS, {})}, OOM_AT: t.user_attrs[OOM_AT]}
         for t in trial.study.get_trials(deepcopy=False)
-        if OOM_AT in t.user_attrs and t.number != trial.number
+        if OOM_AT in t.user_attrs and t.number != trial.number and t.user_attrs.get(MEMORY) == mine
     ]
     batch = plan.training_arguments.get(memory.BATCH, memory.DEFAULT_BATCH)
 

@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,15 @@ from transformers.integrations import TensorBoardCallback
 
 from hpo import checkpoints, knobs, metrics
 from hpo.attrs import PRUNED_AT_STEP
-from hpo.memory import EVAL_BATCH_SIZE, EvalOutOfMemory, MemoryCap, PeakMeter, is_out_of_memory, rss_mb
+from hpo.memory import (
+    EVAL_BATCH_SIZE,
+    EvalOutOfMemory,
+    MemoryCap,
+    PeakMeter,
+    TrainOutOfMemory,
+    is_out_of_memory,
+    rss_mb,
+)
 from hpo.metrics import PerplexityCallback
 from hpo.plan import TrialPlan
 from hpo.pruning import PruningCallback
@@ -142,7 +151,7 @@ def run_trial(
             "output_dir": str(checkpoint_dir or cfg.output_path / "trials" / name),
             "eval_strategy": "no",  # PruningCallback decides when to evaluate
             "save_strategy": "no",  # CheckpointCallback decides when to save; the best model is saved by the study
-            "save_total_limit": checkpoints.KEEP,
+            "save_total_limit": None,  # CheckpointCallback rotates
             "report_to": "none",  # TensorBoard is added below, with one run folder per trial
         }
     )
@@ -153,6 +162,7 @@ def run_trial(
     if checkpoint_dir is not None:
         saver = checkpoints.CheckpointCallback(n_train, cfg.checkpoint_every.examples_between(n_train))
     resume = checkpoints.latest(checkpoint_dir)
+    resumed_at = checkpoints.examples_seen(resume, n_train) if resume else 0  # read now: rotation deletes it
     trainer = knobs.make_trainer_class()(
         knobs=plan.knobs,
         heads=heads,
@@ -167,8 +177,8 @@ def run_trial(
             *([] if compute_metrics else [PerplexityCallback()]),
             callback,
             clock := _FirstStep(),
-            TensorBoardCallback(_MaskedWriter(str(cfg.output_path / "tensorboard" / name), cfg.masked)),
-            *([MemoryCap(meter, cfg.resources.max_memory_gb)] if cfg.resources.max_memory_gb else []),
+            TensorBoardCallback(writer := _MaskedWriter(str(cfg.output_path / "tensorboard" / name), cfg.masked)),
+            *([MemoryCap(meter, cfg.resources.max_memory_gb)] if _capped(cfg, meter) else []),
             *([saver] if saver else []),
             *callbacks,
         ],
@@ -178,15 +188,17 @@ def run_trial(
     try:
         with checkpoints.training() if saver else contextlib.nullcontext():
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except Exception as e:
-        if callback.evaluating and is_out_of_memory(e):  # the eval batch, not the training one, ran out
-            raise EvalOutOfMemory(str(e)) from None
+    except BaseException as e:
+        writer.close()  # the Trainer closes it at the end of training only: a failed attempt would leak its thread
+        if callback.evaluating and is_out_of_memory(e) and not isinstance(e, TrainOutOfMemory):
+            raise EvalOutOfMemory(str(e)) from None  # the eval batch ran out, not the training one
         raise
+    ended = callback.pruned_at is not None or callback.diverged is not None  # at the step SIGTERM stopped, too
+    if saver is not None and saver.stopped and not ended and trainer.state.global_step < trainer.state.max_steps:
+        raise KeyboardInterrupt(f"SIGTERM: checkpoint saved at step {trainer.state.global_step}")
     if resume is not None and not callback.history:  # resumed at its last step: only the final evaluation is left
         trainer.evaluate()
     seconds = time.perf_counter() - start
-    if saver is not None and saver.stopped and trainer.state.global_step < trainer.state.max_steps:
-        raise KeyboardInterrupt(f"SIGTERM: checkpoint saved at step {trainer.state.global_step}")
 
     if callback.diverged is not None:
         step, what = callback.diverged
@@ -196,6 +208,8 @@ def run_trial(
     attrs = _measurements(bench, trainer, callback, seconds, meter)
     if resume is not None:  # the checkpoint's optimizer step, and the first step this run trained
         attrs["resumed_from_step"], attrs["first_step"] = int(resume.name.split("-")[1]), clock.step
+        trained = attrs["examples_seen"] - resumed_at  # by this run
+        attrs["samples_per_second"] = round(trained / max(seconds, 1e-9), 2)
     if not math.isnan(clock.at):
         attrs["seconds_to_first_step"] = round(clock.at - began, 3)  # model, Trainer, first batch: a trial's start-up
     attrs["train_sampling_strategy"] = getattr(args, "train_sampling_strategy", None)  # how batches were drawn
@@ -271,6 +285,18 @@ def _build_model(bench: Workbench, plan: TrialPlan) -> tuple[Any, dict[str, list
         checkpointing = bool(plan.training_arguments.get("gradient_checkpointing"))
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     return get_peft_model(model, LoraConfig(task_type=TaskType[task.peft_task], **plan.lora)), report
+
+
+def _capped(cfg, meter: PeakMeter) -> bool:
+    """Whether ``resources.max_memory_gb`` is enforced here: on CUDA the allocator does it; on CPU only where
+    the trial's own peak can be measured (else the process's peak since it started would fail every trial)."""
+    if not cfg.resources.max_memory_gb or meter.device == "cuda":
+        return False
+    if not meter.resettable:
+        warnings.warn(
+            "resources.max_memory_gb is not enforced here: this system cannot reset the peak RSS", stacklevel=2
+        )
+    return meter.resettable
 
 
 def _quantized(quantization: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from pydantic import ConfigDict, PydanticUserError, TypeAdapter, ValidationError
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, Trainer, TrainingArguments
 
 from hpo import knobs
-from hpo.config import LoraSettings, StudyConfig
+from hpo.config import LoraSettings, Quantization, StudyConfig
 from hpo.data import Examples, load_examples
 from hpo.errors import ConfigError
 from hpo.plan import lora_target_list
@@ -226,6 +226,12 @@ def check_quantization(cfg: StudyConfig, cuda: bool | None = None) -> None:
         raise cfg.error(where, "4- and 8-bit weights need a CUDA GPU (bitsandbytes' kernels); none is visible here")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise cfg.error(where, "needs bitsandbytes, which is not installed: pip install 'hpo[qlora]'")
+    dtype = (cfg.model.quantization or Quantization()).compute_dtype
+    if dtype == "bfloat16" and cuda is None and not torch.cuda.is_bf16_supported():
+        raise cfg.error(
+            ("model", "quantization", "compute_dtype"),
+            "bfloat16 needs an Ampere or newer GPU; this one computes in float16: compute_dtype: float16",
+        )
 
 
 def _model_path(cfg: StudyConfig, name: str, key: tuple[str, ...]) -> str:

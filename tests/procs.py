@@ -5,6 +5,7 @@ cap: the tests run on busy 2-core laptops too, where a fixed few seconds is not 
 """
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -29,14 +30,21 @@ def wait_for(condition, what: str, timeout: float = WAIT_S, poll: float = 0.2):
         time.sleep(poll)
 
 
+def _default_sigint() -> None:
+    # A shell starts background jobs with SIGINT ignored, and children inherit it: pytest run with `&` (or by
+    # a CI runner that does) would hand `hpo run` an ignored SIGINT, and the Ctrl-C tests would fail for it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(path, *args: str, **env: str) -> subprocess.Popen:
-    """``hpo run path *args`` in a subprocess; stdout and stderr together."""
+    """``hpo run path *args`` in a subprocess, with SIGINT's default (Ctrl-C works); stdout and stderr together."""
     return subprocess.Popen(
         [sys.executable, "-m", "hpo.cli", "run", str(path), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+        preexec_fn=_default_sigint,
     )
 
 

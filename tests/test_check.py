@@ -112,6 +112,16 @@ def test_a_corner_that_does_not_fit_exits_1_and_names_what_to_change(write_study
     assert not (tmp_path / "study.db").exists()  # a check writes nothing to the study's storage
 
 
+def test_a_corner_that_ran_out_of_memory_does_not_fit(write_study):
+    from test_memory import out_of_memory
+
+    with out_of_memory(above_rows=4):  # the hungriest corner's batch of 8 runs out; the cheapest's 4 fits
+        report = api.check(write_study())
+    hungriest, cheapest = report.corners
+    assert hungriest.ran_out.startswith("CUDA out of memory") and not hungriest.fits
+    assert cheapest.fits and not report.fits
+
+
 def test_gradient_checkpointing_shows_in_the_activation_estimate(write_study):
     path = write_study(
         search_space={

@@ -8,6 +8,7 @@ import torch
 from optuna.trial import TrialState
 from rich.console import Console
 
+import hpo
 from hpo import load_study, memory
 from hpo.attrs import MICRO_BATCH, OOM_AT, OOM_RETRIES, OUT_OF_MEMORY
 from hpo.study import StopRule, run_study
@@ -55,7 +56,7 @@ def test_a_trial_starts_below_what_ran_out_in_an_earlier_trial_of_no_greater_dem
     assert memory.start_micro_batch({"r": 16}, 16, earlier) == 4
     assert memory.start_micro_batch({"r": 16}, 12, earlier) == 6  # the largest divisor of 12 below 8
     assert memory.start_micro_batch({"r": 4}, 16, earlier) is None  # needs less: learns nothing
-    assert memory.start_micro_batch({"r": 8}, 16, [{"params": {"r": 8}, OOM_AT: [2, 1]}]) == 0
+    assert memory.start_micro_batch({"r": 8}, 16, [{"params": {"r": 8}, OOM_AT: [2, 1]}]) == 1  # never untrained
 
 
 def test_the_cpu_peak_counts_from_the_start_of_the_measurement():
@@ -65,6 +66,15 @@ def test_the_cpu_peak_counts_from_the_start_of_the_measurement():
     assert 180 < meter.peak_mb < 260
     meter.reset()
     assert meter.peak_mb < 40
+
+
+def test_a_checkpoint_folder_is_held_by_one_running_trial(tmp_path):
+    from hpo import checkpoints
+
+    folder = tmp_path / "key"
+    assert checkpoints.claim(folder, 1, running=lambda n: True)
+    assert not checkpoints.claim(folder, 2, running=lambda n: n == 1)  # same parameters, trial 1 still running
+    assert checkpoints.claim(folder, 2, running=lambda n: False)  # trial 1 died: its retry takes it over
 
 
 def test_a_trial_that_ran_out_of_memory_does_not_count_toward_failures_in_a_row():
@@ -119,7 +129,7 @@ def test_out_of_memory_trains_again_at_smaller_micro_batches_with_the_same_effec
     }
     reference = run_study(load_study(write_study("ref.yaml", study="ref", search_space=space, n_trials=1)), quiet)
     with out_of_memory(above_rows=2):
-        study = run_study(load_study(write_study(search_space=space, n_trials=2)), quiet)
+        study = run_study(load_study(path := write_study(search_space=space, n_trials=2)), quiet)
     first, second = study.trials
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
     assert first.user_attrs[OOM_AT] == [8, 4] and first.user_attrs[OOM_RETRIES] == 2
@@ -131,6 +141,8 @@ def test_out_of_memory_trains_again_at_smaller_micro_batches_with_the_same_effec
         assert t.user_attrs["optimizer_steps"] == full["optimizer_steps"]
         assert t.user_attrs["planned_steps"] == full["planned_steps"]
         assert sorted(t.intermediate_values) == sorted(reference.trials[0].intermediate_values)
+    args, rest = hpo.best(path)  # the sampled batch; the micro-batch it needed beside it, for hpo train --best
+    assert args["per_device_train_batch_size"] == 8 and rest["micro_batch"] == 2
 
 
 def test_a_configuration_that_fits_at_no_micro_batch_fails_and_the_study_goes_on(write_study, tiny_model):
@@ -150,9 +162,8 @@ def test_a_configuration_that_fits_at_no_micro_batch_fails_and_the_study_goes_on
     assert first.state == TrialState.FAIL and first.user_attrs[OUT_OF_MEMORY] is True
     assert first.user_attrs["fail_reason"].startswith("OutOfMemory: out of memory at micro-batch 1 (peak ")
     assert first.user_attrs[OOM_AT] == [8, 4, 2, 1]  # TrainingArguments' batch of 8, halved down to 1
-    # The same demand again: failed at once, without training.
-    assert second.state == TrialState.FAIL and "earlier trial" in second.user_attrs["fail_reason"]
-    assert "train_seconds" not in second.user_attrs
+    # The same demand again starts at micro-batch 1, where the first ran out last, instead of at 8.
+    assert second.state == TrialState.FAIL and second.user_attrs[OOM_AT] == [1]
     assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 2
 
 
