@@ -44,11 +44,11 @@ def build_model(folder: Path, size: str) -> Path:
     return folder
 
 
-def study(folder: Path, model: Path, name: str, **changes) -> dict:
+def study(folder: Path, weights: Path, name: str, **changes) -> dict:
     spec = {
         "study": name,
         "task": "causal-lm",
-        "model": {"name": str(model)},
+        "model": {"name": str(weights)},
         "data": {
             "train": str(CHAT / "train.jsonl"),
             "eval": str(CHAT / "eval.jsonl"),

@@ -72,14 +72,14 @@ def validate(study: Study, overrides: Mapping[str, Any] | None = None, env: str 
 def check(study: Study, overrides: Mapping[str, Any] | None = None, env: str | None = None):
     """Measure the study's hungriest and cheapest corners on this device: peak memory, its breakdown, and time.
 
-    Returns a :class:`hpo.check.CheckReport` (``.fits``, ``.as_json()``); writes nothing to the storage.
+    Returns a :class:`hpo.preflight.CheckReport` (``.fits``, ``.as_json()``); writes nothing to the storage.
 
     Raises:
         ConfigError: every problem of the study, its data or its model.
-        hpo.check.CheckFailed: a corner's steps failed for another reason than memory.
+        hpo.preflight.CheckFailed: a corner's steps failed for another reason than memory.
     """
     cfg = load(study, overrides, env)
-    from hpo.check import check as measure
+    from hpo.preflight import check as measure
     from hpo.workbench import prepare, quiet
 
     bench = prepare(cfg, _examples(cfg))

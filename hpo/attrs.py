@@ -20,8 +20,9 @@ WORKER = "worker"  # host, pid and CUDA_VISIBLE_DEVICES of the process that ran 
 DEVICES = "devices"  # the devices lr_scaling counted, so that an export scales the rate as the trial did
 MICRO_BATCH = "micro_batch"  # the per-device batch the trial trained with (below the sampled one after running out)
 OOM_AT = "oom_micro_batches"  # the micro-batches that ran out of memory, largest first
+EVAL_BATCH = "eval_batch"  # the eval batch it evaluated with, after an evaluation ran out of memory above it
 MEMORY = "memory_signature"  # device model and size, max_memory_gb, revision: whose OOM_AT tells about whose
-OOM_RETRIES = "oom_retries"  # how many times the trial started again at a smaller micro-batch
+OOM_RETRIES = "oom_retries"  # how many times the trial started again at a smaller micro-batch or eval batch
 OUT_OF_MEMORY = "out_of_memory"  # a FAIL for memory: a trait of the configuration, not of the worker
 
 # Study user attrs

@@ -158,7 +158,7 @@ def check(
     """Measure a few real steps at the hungriest and cheapest corners of the space: memory and time; exit 1 if a
     corner does not fit."""
     cfg = _load(study, _parse_overrides(overrides), env)
-    from hpo.check import CheckFailed  # torch: after the file is checked
+    from hpo.preflight import CheckFailed  # torch: after the file is checked
 
     try:
         report = api.check(cfg)
@@ -172,7 +172,7 @@ def check(
 
         print(json.dumps(report.as_json(), indent=2, default=str))
     else:
-        from hpo.check import print_report
+        from hpo.preflight import print_report
 
         print_report(Console(highlight=False), report)
     raise typer.Exit(0 if report.fits else 1)

@@ -97,7 +97,7 @@ def train_best(cfg: StudyConfig, study: optuna.Study, all_data: bool = False) ->
     params = best_params(study)
     fixed = optuna.trial.FixedTrial(params)
     result: TrialResult
-    result, _, _ = memory.fit(  # at the micro-batch the trial ran at, smaller if this machine has less memory
+    result, _, _, _ = memory.fit(  # at the micro-batch the trial ran at, smaller if this machine has less memory
         plan,
         lambda p, meter: run_trial(bench, p, fixed, run_name="final", meter=meter),
         bench.device,

@@ -193,19 +193,21 @@ def fit(
     device: str,
     start: int | None = None,
     on_retry: Callable[[list[int], str], None] | None = None,
-) -> tuple[T, int, list[int]]:
+    eval_start: int | None = None,
+) -> tuple[T, int, list[int], int]:
     """Run ``attempt`` on ``plan``, again at smaller micro-batches while it runs out of memory.
 
     ``start``: the micro-batch to begin with (:func:`start_micro_batch`). An evaluation that runs out halves
-    the eval batch instead. ``on_retry(ran_out, message)`` is told each fallback. Returns (the result, the
-    micro-batch it ran at, the micro-batches that ran out).
+    the eval batch instead (``eval_start``: the eval batch to begin with, one that fitted in an earlier trial).
+    ``on_retry(ran_out, message)`` is told each fallback. Returns (the result, the micro-batch it ran at, the
+    micro-batches that ran out, the eval batch it ran at).
 
     Raises:
         OutOfMemory: it ran out at micro-batch 1 (``ran_out`` lists every one that did), or evaluating at batch 1.
     """
     args = plan.training_arguments
     batch, accumulation = args.get(BATCH, DEFAULT_BATCH), args.get(ACCUMULATION, 1)
-    eval_batch = args.get(EVAL_BATCH, EVAL_BATCH_SIZE)
+    eval_batch = min(args.get(EVAL_BATCH, EVAL_BATCH_SIZE), eval_start or EVAL_BATCH_SIZE * 2**20)
     micro, failed = start or batch, []
     while True:
         meter = PeakMeter(device)
@@ -215,7 +217,7 @@ def fit(
         try:
             with warnings.catch_warnings():  # a retry reports the grid points again: Optuna keeps the first values
                 warnings.filterwarnings("ignore", message=".*is already reported")
-                return attempt(at, meter), micro, failed
+                return attempt(at, meter), micro, failed, eval_batch
         except Exception as e:
             if not is_out_of_memory(e):
                 raise

@@ -41,7 +41,9 @@ LORA_PARAMS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules"})
 #: (transformers 5 reads a float ``warmup_steps`` below 1 as a ratio of the total steps).
 RENAMED_TRAINING_ARGS = {"warmup_ratio": "warmup_steps"}
 #: TrainingArguments that hpo owns: each trial sets them itself.
-RESERVED_TRAINING_ARGS = frozenset({"output_dir", "eval_strategy", "eval_steps", "save_strategy", "label_names"})
+RESERVED_TRAINING_ARGS = frozenset(
+    {"output_dir", "eval_strategy", "eval_steps", "save_strategy", "label_names", "auto_find_batch_size"}
+)
 
 
 # The schema of one search-space entry. It sits beside the compiler below: the entry's checks end

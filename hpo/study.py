@@ -22,6 +22,7 @@ from hpo import checkpoints, memory, outputs, revisions, space
 from hpo.attrs import (
     DERIVED_PARAMS,
     DEVICES,
+    EVAL_BATCH,
     FAIL_REASON,
     FAIL_TRACEBACK,
     MEMORY,
@@ -382,32 +383,44 @@ def _fitting(
     """
     mine = memory.signature(bench.device, bench.cfg.resources.max_memory_gb, revision)
     trial.set_user_attr(MEMORY, mine)
+    same = [
+        t
+        for t in trial.study.get_trials(deepcopy=False)
+        if t.user_attrs.get(MEMORY) == mine and t.number != trial.number
+    ]
     earlier = [
         {"params": {**t.params, **t.user_attrs.get(DERIVED_PARAMS, {})}, OOM_AT: t.user_attrs[OOM_AT]}
-        for t in trial.study.get_trials(deepcopy=False)
-        if OOM_AT in t.user_attrs and t.number != trial.number and t.user_attrs.get(MEMORY) == mine
+        for t in same
+        if OOM_AT in t.user_attrs
     ]
+    eval_start = min((t.user_attrs[EVAL_BATCH] for t in same if EVAL_BATCH in t.user_attrs), default=None)
     batch = plan.training_arguments.get(memory.BATCH, memory.DEFAULT_BATCH)
 
+    retries = []
+
     def retry(ran_out: list[int], message: str) -> None:
+        retries.append(message)
         if ran_out:
             trial.set_user_attr(OOM_AT, ran_out)  # at once: workers starting trials now learn from it
         progress.print(f"trial {trial.number:3d} [yellow]out of memory[/] {escape(message)}")
 
     try:
-        result, micro, ran_out = memory.fit(
+        result, micro, _, eval_batch = memory.fit(
             plan,
             lambda p, meter: run_trial(bench, p, trial, on_eval=progress.evaluated, meter=meter, checkpoint_dir=saved),
             bench.device,
             memory.start_micro_batch(params, batch, earlier),
             retry,
+            eval_start,
         )
     except memory.OutOfMemory as e:
         if e.ran_out:
             trial.set_user_attr(OOM_AT, e.ran_out)
         raise
     trial.set_user_attr(MICRO_BATCH, micro)
-    trial.set_user_attr(OOM_RETRIES, len(ran_out))
+    if eval_batch != plan.training_arguments.get(memory.EVAL_BATCH, memory.EVAL_BATCH_SIZE):
+        trial.set_user_attr(EVAL_BATCH, eval_batch)  # the trials after it start there
+    trial.set_user_attr(OOM_RETRIES, len(retries))  # restarts, for training or evaluation batches
     return result
 
 

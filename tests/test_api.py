@@ -84,3 +84,19 @@ def test_a_loaded_study_keeps_its_folder_and_bad_arguments_say_so(tiny_model, tm
     assert hpo.api.load("s.yaml", {"storage": "sqlite:///x.db"}).storage_url == f"sqlite:///{tmp_path / 'a/x.db'}"
     with pytest.raises(hpo.ConfigError, match="<dict>: not a study's value: bytes"):
         hpo.validate(study_dict(tiny_model, study=b"tiny"))
+
+
+def test_the_public_calls_stay_functions_once_every_module_is_imported():
+    # Importing a submodule sets it as an attribute of the package: a module named like a call (hpo/check.py
+    # beside hpo.check) would replace the call for everyone once anything imported the module.
+    import importlib
+    import pkgutil
+
+    import hpo
+    from hpo import api
+
+    for module in pkgutil.walk_packages(hpo.__path__, "hpo."):
+        importlib.import_module(module.name)
+    for name in hpo.__all__:
+        if hasattr(api, name):
+            assert getattr(hpo, name) is getattr(api, name), name

@@ -217,9 +217,11 @@ def test_gradient_checkpointing_trains_lora_adapters(write_study, tiny_model):
 
 def test_an_evaluation_that_runs_out_of_memory_halves_the_eval_batch_not_the_training_one(write_study):
     with out_of_memory(eval_above_rows=3):  # 6 eval rows, 64 at a time: fits at batches of 2 (64 → 32 → … → 2)
-        study = run_study(load_study(write_study(n_trials=1)), quiet)
-    (trial,) = study.trials
-    assert trial.state == TrialState.COMPLETE
-    assert (
-        OOM_AT not in trial.user_attrs and trial.user_attrs[MICRO_BATCH] == trial.params["per_device_train_batch_size"]
-    )
+        study = run_study(load_study(write_study(n_trials=2)), quiet)
+    first, second = study.trials
+    assert first.user_attrs[OOM_RETRIES] == 5  # 64 → 32 → 16 → 8 → 4 → 2
+    assert second.user_attrs[OOM_RETRIES] == 0  # it starts at the eval batch that fitted in the first
+    for trial in study.trials:
+        assert trial.state == TrialState.COMPLETE and trial.user_attrs["eval_batch"] == 2
+        assert OOM_AT not in trial.user_attrs
+        assert trial.user_attrs[MICRO_BATCH] == trial.params["per_device_train_batch_size"]

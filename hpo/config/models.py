@@ -48,7 +48,11 @@ def _training_arg(name: str) -> str:
     return name
 
 
-_RESERVED_WHY = {"label_names": "the data gives every task its labels column"}
+_RESERVED_WHY = {
+    "label_names": "the data gives every task its labels column",
+    "auto_find_batch_size": "a trial that runs out of memory trains again at half the per-device batch and twice "
+    "the accumulation, keeping the effective batch; the Trainer's own search would halve it",
+}
 
 TrainingArgName = Annotated[str, AfterValidator(_training_arg)]
 

@@ -9,7 +9,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from hpo import api, load_study
-from hpo.check import corner
+from hpo.preflight import corner
 from hpo.study import run_study
 from tests.conftest import DATA
 
