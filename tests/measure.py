@@ -72,3 +72,24 @@ def run_measured_all(jobs: dict[str, dict], workers: int | None = None) -> dict[
     with ThreadPoolExecutor(workers or os.cpu_count() or 2) as pool:
         futures = {key: pool.submit(run_measured, **job) for key, job in jobs.items()}
         return {key: future.result() for key, future in futures.items()}
+
+
+def run_corpus(request, root: Path, corpus: Path, files: list[Path], test: str, env: dict, limits=None) -> dict:
+    """``hpo run CORPUS/FILE`` for each of ``files`` that ``test`` was selected with (all of them when none),
+    one per core at a time, each in a private copy of ``corpus`` under ``root``: a regression that writes files
+    cannot touch the repository, and what it writes is pinned on its file. ``limits``: a function of the file
+    giving :func:`run_measured`'s limits (default: its defaults). Returns ``{stem: (its folder, Measured)}``.
+    """
+    import shutil
+
+    selected = [i.callspec.params["path"] for i in request.session.items if getattr(i, "originalname", "") == test]
+    jobs = {}
+    for path in selected or files:
+        shutil.copytree(corpus, root / path.stem / corpus.name)
+        jobs[path.stem] = {
+            "cmd": [sys.executable, "-m", "hpo.cli", "run", f"{corpus.name}/{path.name}"],
+            "cwd": root / path.stem,
+            "env": env,
+            **(limits(path) if limits else {}),
+        }
+    return {stem: (root / stem, result) for stem, result in run_measured_all(jobs).items()}

@@ -12,12 +12,10 @@ takes more than the budget of the other files.
 """
 
 import os
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
-from measure import run_measured_all
+from measure import run_corpus
 
 CORPUS = Path(__file__).parent / "broken"
 FILES = sorted(CORPUS.glob("*.yaml"))
@@ -46,22 +44,17 @@ def stage(path: Path) -> str:
 def runs(request, tmp_path_factory) -> dict[str, tuple[Path, object]]:
     """``hpo run`` of every selected file, one per core at a time, each in a private copy of the corpus: a
     regression that writes files cannot touch the repository, and what it writes is pinned on its file."""
-    root = tmp_path_factory.mktemp("corpus")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "400"}
     env.pop("HPO_BROKEN_UNSET", None)
-    test = "test_broken_file_fails_cleanly"
-    selected = [i.callspec.params["path"] for i in request.session.items if getattr(i, "originalname", "") == test]
-    jobs = {}
-    for path in selected or FILES:
-        shutil.copytree(CORPUS, root / path.stem / "broken")
-        jobs[path.stem] = {
-            "cmd": [sys.executable, "-m", "hpo.cli", "run", f"broken/{path.name}"],
-            "cwd": root / path.stem,
-            "env": env,
-            "timeout": WALL_CAP_S,
-            "limit_cpu_s": int(BUDGET[stage(path)][0]) * 4,
-        }
-    return {stem: (root / stem, result) for stem, result in run_measured_all(jobs).items()}
+    return run_corpus(
+        request,
+        tmp_path_factory.mktemp("corpus"),
+        CORPUS,
+        FILES,
+        "test_broken_file_fails_cleanly",
+        env,
+        limits=lambda path: {"timeout": WALL_CAP_S, "limit_cpu_s": int(BUDGET[stage(path)][0]) * 4},
+    )
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)

@@ -14,12 +14,10 @@ nor outputs, and stay within a CPU time and peak memory measured with ``os.wait4
 """
 
 import os
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
-from measure import run_measured_all
+from measure import run_corpus
 
 CORPUS = Path(__file__).parent / "broken_data"
 FILES = sorted(CORPUS.glob("*.yaml"))
@@ -41,19 +39,8 @@ def test_the_corpus_covers_each_format_and_task():
 def runs(request, tmp_path_factory, tiny_model) -> dict[str, tuple[Path, object]]:
     """``hpo run`` of every selected case, one per core at a time, each in a private copy of the corpus: a
     regression that writes files cannot touch the repository, and what it writes is pinned on its case."""
-    root = tmp_path_factory.mktemp("corpus")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "400", "HPO_TEST_MODEL": str(tiny_model)}
-    test = "test_broken_data_fails_cleanly"
-    selected = [i.callspec.params["path"] for i in request.session.items if getattr(i, "originalname", "") == test]
-    jobs = {}
-    for path in selected or FILES:
-        shutil.copytree(CORPUS, root / path.stem / "broken_data")
-        jobs[path.stem] = {
-            "cmd": [sys.executable, "-m", "hpo.cli", "run", f"broken_data/{path.name}"],
-            "cwd": root / path.stem,
-            "env": env,
-        }
-    return {stem: (root / stem, result) for stem, result in run_measured_all(jobs).items()}
+    return run_corpus(request, tmp_path_factory.mktemp("corpus"), CORPUS, FILES, "test_broken_data_fails_cleanly", env)
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
