@@ -123,13 +123,14 @@ def run(
     from hpo.storage import load_existing
     from hpo.study import run_study
     from hpo.workbench import prepare
-    from hpo.workers import gpu_ids, run_workers
+    from hpo.workers import check_devices, gpu_ids, run_workers
 
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # hpo prints its own line per trial, through console
     try:
         bench = prepare(cfg, examples)
         if n == 1 and gpus is None:
+            check_devices(cfg, 1, gpu_ids())
             return run_study(cfg, console, bench=bench, allow_changes=allow_changes)
         code = run_workers(
             cfg, n, devices if gpus is not None else gpu_ids(), console, bench=bench, allow_changes=allow_changes

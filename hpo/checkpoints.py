@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from hpo.config import StudyConfig
@@ -127,12 +128,14 @@ class CheckpointCallback(TrainerCallback):
         if self.every and state.epoch * self.n_train + 1e-6 >= self._next * self.every:
             control.should_save = True
             self._next = int(state.epoch * self.n_train / self.every + 1e-6) + 1
-        if _stop.is_set() and _training.is_set():
+        if _agreed(_stop.is_set() and _training.is_set(), args.device):
             control.should_save = control.should_training_stop = self.stopped = True
 
     def on_save(self, args, state, control, **kwargs):
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank has written its part (its RNG state)
         saved = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not saved.is_dir():
+        if not state.is_world_process_zero or not saved.is_dir():
             return
         (saved / COMPLETE).write_text(f"{state.global_step}\n")
         # hpo rotates, not the Trainer: the marker goes first, so a kill in the middle of a deletion leaves a
@@ -141,6 +144,16 @@ class CheckpointCallback(TrainerCallback):
         for old in done[:-KEEP]:
             (old / COMPLETE).unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _agreed(stop: bool, device) -> bool:
+    """Whether any rank of a multi-process trial was asked to stop: then all save and stop at this step (a rank
+    that saved alone would wait for the others' save forever). One process: ``stop`` itself."""
+    if not torch.distributed.is_initialized():
+        return stop
+    flag = torch.tensor([float(stop)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _step(path: Path) -> int | None:

@@ -266,6 +266,7 @@ class PeakMeter:
     resettable = True
 
     def reset(self) -> None:
+        self.elsewhere = 0.0  # a peak measured in another process: a rank of a multi-process trial
         if self.device == "cuda":
             self.base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
@@ -280,7 +281,11 @@ class PeakMeter:
     @property
     def peak_mb(self) -> float:
         peak = torch.cuda.max_memory_allocated() if self.device == "cuda" else _status_kb("VmHWM") * 1024
-        return max(0.0, (peak - self.base) / 2**20)
+        return max(self.elsewhere, (peak - self.base) / 2**20)
+
+    def record(self, peak_mb: float) -> None:
+        """Count a peak measured elsewhere (a rank of the trial, in its own process)."""
+        self.elsewhere = max(self.elsewhere, peak_mb)
 
 
 def _status_kb(field: str) -> int:

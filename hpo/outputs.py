@@ -113,6 +113,8 @@ def stage_if_best(bench: Workbench, result: TrialResult, params: dict[str, Any],
     rivals), so only possible winners are written. A failed save (a full disk) is a warning on the
     trial, which keeps its value; :func:`hpo.trial.save_model` removes the partial folder.
     """
+    if result.model is None:  # a multi-process trial: its rank 0 staged it (hpo.distributed)
+        return
     study = trial.study
     try:
         best = study.best_value

@@ -54,7 +54,7 @@ def open_study(
     try:
         with _setup_lock(url):
             study = optuna.create_study(
-                storage=_rdb_storage(cfg),
+                storage=rdb_storage(cfg),
                 study_name=cfg.study,
                 direction=cfg.objective.direction,
                 sampler=optuna.samplers.RandomSampler(),  # replaced below, once the trials already run are known
@@ -90,7 +90,7 @@ def _cannot_open(cfg: StudyConfig, e: Exception) -> ConfigError:
     return cfg.error(("storage",), f"cannot open {cfg.storage_label}: {reason}")
 
 
-def _rdb_storage(cfg: StudyConfig) -> optuna.storages.RDBStorage:
+def rdb_storage(cfg: StudyConfig) -> optuna.storages.RDBStorage:
     url = cfg.storage_url
     # A pooled connection that the server dropped while it sat idle (a restart, an idle timeout, a failover)
     # is replaced when it is next checked out, instead of failing the trial that happened to use it.

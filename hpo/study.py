@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.markup import escape
 
-from hpo import checkpoints, memory, outputs, revisions, space
+from hpo import checkpoints, distributed, memory, outputs, revisions, space
 from hpo.attrs import (
     DERIVED_PARAMS,
     DEVICES,
@@ -396,6 +396,7 @@ def _fitting(
     eval_start = min((t.user_attrs[EVAL_BATCH] for t in same if EVAL_BATCH in t.user_attrs), default=None)
     batch = plan.training_arguments.get(memory.BATCH, memory.DEFAULT_BATCH)
 
+    train = distributed.run_trial if distributed.needed(bench.cfg) else run_trial
     retries = []
 
     def retry(ran_out: list[int], message: str) -> None:
@@ -407,7 +408,7 @@ def _fitting(
     try:
         result, micro, _, eval_batch = memory.fit(
             plan,
-            lambda p, meter: run_trial(bench, p, trial, on_eval=progress.evaluated, meter=meter, checkpoint_dir=saved),
+            lambda p, meter: train(bench, p, trial, on_eval=progress.evaluated, meter=meter, checkpoint_dir=saved),
             bench.device,
             memory.start_micro_batch(params, batch, earlier),
             retry,

@@ -153,8 +153,12 @@ def run_trial(
             "save_strategy": "no",  # CheckpointCallback decides when to save; the best model is saved by the study
             "save_total_limit": None,  # CheckpointCallback rotates
             "report_to": "none",  # TensorBoard is added below, with one run folder per trial
+            # Under several processes the Trainer multiplies each rank's loss by their number for models whose
+            # loss is a mean over their own batch (classifiers): a 2-process eval loss came out twice the true one.
+            "average_tokens_across_devices": False,
         }
     )
+    lead = args.process_index == 0  # rank 0 of a multi-process trial writes the logs (hpo.distributed)
     n_train = len(bench.train_rows)
     every = cfg.eval_every.examples_between(n_train)
     callback = PruningCallback(trial, cfg.objective.metric, n_train, every, on_eval)
@@ -177,7 +181,7 @@ def run_trial(
             *([] if compute_metrics else [PerplexityCallback()]),
             callback,
             clock := _FirstStep(),
-            TensorBoardCallback(writer := _MaskedWriter(str(cfg.output_path / "tensorboard" / name), cfg.masked)),
+            *([TensorBoardCallback(writer)] if (writer := _writer(cfg, name, lead)) else []),
             *([MemoryCap(meter, cfg.resources.max_memory_gb)] if _capped(cfg, meter) else []),
             *([saver] if saver else []),
             *callbacks,
@@ -189,7 +193,8 @@ def run_trial(
         with checkpoints.training() if saver else contextlib.nullcontext():
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except BaseException as e:
-        writer.close()  # the Trainer closes it at the end of training only: a failed attempt would leak its thread
+        if writer:
+            writer.close()  # the Trainer closes it at the end of training only: a failed attempt would leak its thread
         if callback.evaluating and is_out_of_memory(e) and not isinstance(e, TrainOutOfMemory):
             raise EvalOutOfMemory(str(e)) from None  # the eval batch ran out, not the training one
         raise
@@ -287,6 +292,11 @@ def _build_model(bench: Workbench, plan: TrialPlan) -> tuple[Any, dict[str, list
     return get_peft_model(model, LoraConfig(task_type=TaskType[task.peft_task], **plan.lora)), report
 
 
+def _writer(cfg, name: str, lead: bool) -> _MaskedWriter | None:
+    """The trial's TensorBoard writer, on rank 0 only (others would write a second run into its folder)."""
+    return _MaskedWriter(str(cfg.output_path / "tensorboard" / name), cfg.masked) if lead else None
+
+
 def _capped(cfg, meter: PeakMeter) -> bool:
     """Whether ``resources.max_memory_gb`` is enforced here: on CUDA the allocator does it; on CPU only where
     the trial's own peak can be measured (else the process's peak since it started would fail every trial)."""
@@ -366,6 +376,7 @@ def _measurements(
         "samples_per_second": round(examples / seconds, 2) if seconds > 0 else None,
         "peak_memory_mb": round(meter.peak_mb, 1),  # the trial's own: above the process's level before it
         "device": bench.device,
+        "processes": trainer.args.world_size,  # ranks of a multi-process trial (peak memory: rank 0's)
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
     }
     if callback.pruned_at is not None:

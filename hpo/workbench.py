@@ -110,6 +110,7 @@ def prepare(cfg: StudyConfig, data: Examples | None = None) -> Workbench:
     """
     check_training_arguments(cfg)
     check_quantization(cfg)
+    check_engines(cfg)
     data = data or load_examples(cfg)
     task = TASKS[cfg.task]
     labels = (
@@ -232,6 +233,22 @@ def check_quantization(cfg: StudyConfig, cuda: bool | None = None) -> None:
             ("model", "quantization", "compute_dtype"),
             "bfloat16 needs an Ampere or newer GPU; this one computes in float16: compute_dtype: float16",
         )
+
+
+def check_engines(cfg: StudyConfig, cuda: bool | None = None) -> None:
+    """``train.deepspeed`` needs DeepSpeed and a CUDA GPU: say so before any trial, in one line.
+
+    Raises:
+        ConfigError: no CUDA device is visible (``cuda``: default, this machine's), or DeepSpeed is not installed.
+    """
+    if not cfg.train.get("deepspeed"):
+        return
+    if not (torch.cuda.is_available() if cuda is None else cuda):
+        raise cfg.error(
+            ("train", "deepspeed"), "DeepSpeed's ZeRO needs a CUDA GPU; none is visible here (on CPU: fsdp)"
+        )
+    if importlib.util.find_spec("deepspeed") is None:
+        raise cfg.error(("train", "deepspeed"), "needs DeepSpeed, which is not installed: pip install 'hpo[deepspeed]'")
 
 
 def _model_path(cfg: StudyConfig, name: str, key: tuple[str, ...]) -> str:

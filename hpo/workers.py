@@ -52,10 +52,26 @@ def gpu_ids() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def worker_env(k: int, n: int, gpus: Sequence[str]) -> dict[str, str]:
-    """What worker ``k`` changes in its environment: one GPU (round robin), or on CPU a share of the cores."""
+def check_devices(cfg: StudyConfig, n: int, gpus: Sequence[str]) -> None:
+    """``n`` workers × ``resources.processes_per_trial`` processes fit the GPUs (on CPU: the cores).
+
+    Raises:
+        ConfigError: they do not; one rank per GPU (or core) is the rule, sharing one would only slow both.
+    """
+    per = cfg.resources.processes_per_trial
+    have, what = (len(gpus), "GPU(s)") if gpus else (os.cpu_count() or 1, "CPU core(s)")
+    if n * per > have:
+        raise cfg.error(
+            ("resources", "processes_per_trial"),
+            f"{n} worker(s) × {per} processes per trial need {n * per} {what}; this machine has {have}",
+        )
+
+
+def worker_env(k: int, n: int, gpus: Sequence[str], per_trial: int = 1) -> dict[str, str]:
+    """What worker ``k`` changes in its environment: ``per_trial`` GPUs of its own (round robin), or on CPU a
+    share of the cores."""
     if gpus:
-        return {"CUDA_VISIBLE_DEVICES": gpus[k % len(gpus)]}
+        return {"CUDA_VISIBLE_DEVICES": ",".join(gpus[(k * per_trial + i) % len(gpus)] for i in range(per_trial))}
     env = {"TOKENIZERS_PARALLELISM": "false"}  # forked after the parent tokenized with threads: say so, once
     if "OMP_NUM_THREADS" not in os.environ:  # N workers × all cores each would oversubscribe the CPU
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
@@ -83,6 +99,8 @@ def run_workers(
             ``fail_reason: interrupted``, and are queued for the next run).
     """
     console = console or Console()
+    per = cfg.resources.processes_per_trial
+    check_devices(cfg, n, gpus)
     study, bench = start_study(cfg, bench=bench, allow_changes=allow_changes)
     threads = worker_env(0, n, gpus).get("OMP_NUM_THREADS", "?")
     where = f"GPU {', '.join(gpus)}" if gpus else f"CPU, {threads} thread(s) each"
@@ -98,7 +116,7 @@ def run_workers(
         context.Process(
             target=_worker,
             name=f"w{k}",
-            args=(cfg, None if gpus else bench, k, worker_env(k, n, gpus), os.getpid(), allow_changes),
+            args=(cfg, None if gpus else bench, k, worker_env(k, n, gpus, per), os.getpid(), allow_changes),
         )
         for k in range(n)
     ]

@@ -113,6 +113,12 @@ class Resources(_Strict):
         "resident memory above the process's before it. A trial that runs out trains again at half the "
         "per-device batch and twice the accumulation. Default: the device's.",
     )
+    processes_per_trial: PositiveInt = Field(
+        1,
+        description="Each trial runs as a torch.distributed job of this many processes on this machine (gloo on "
+        "CPU, NCCL on GPU, one GPU each); the global batch is the per-device batch × accumulation × processes. "
+        "hpo run --workers N needs N × this many GPUs (on CPU: cores).",
+    )
 
 
 class ModelConfig(_Strict):

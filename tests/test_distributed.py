@@ -1,0 +1,183 @@
+"""Multi-process trials (resources.processes_per_trial): gloo on this CPU, real torchrun ranks, real signals."""
+
+import json
+import signal
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import study_dict
+from optuna.trial import TrialState
+from procs import RUN_S, SLOW_EPOCHS, WAIT_S, alive, slow_study, start, wait_for, wait_for_running
+from rich.console import Console
+
+import hpo
+from hpo.errors import ConfigError
+
+TWO = {"processes_per_trial": 2}
+
+
+def trial_processes(folder: Path) -> list[int]:
+    """The pids of the launcher and the ranks (``... -m hpo.distributed JOB``) of trials under ``folder``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"hpo.distributed" in args and any(str(folder).encode() in a for a in args):
+            found.append(int(cmdline.parent.name))
+    return [pid for pid in found if alive(pid)]
+
+
+def reevaluated(study: dict, model: Path) -> float:
+    """The eval loss of the saved ``model`` on the study's eval rows, in this one process."""
+    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+    from hpo.api import load
+    from hpo.tasks import TASKS
+    from hpo.trial import collator
+    from hpo.workbench import prepare
+
+    bench = prepare(load(study))
+    args = TrainingArguments(output_dir=str(model.parent / "reeval"), report_to="none", use_cpu=True)
+    trainer = Trainer(
+        model=AutoModelForSequenceClassification.from_pretrained(model),
+        args=args,
+        eval_dataset=bench.eval_rows,
+        data_collator=collator(TASKS[bench.cfg.task], bench.tokenizer),
+    )
+    return trainer.evaluate()["eval_loss"]
+
+
+def test_a_two_process_trial_trains_what_one_process_does(tiny_model, tmp_path):
+    # The same global batch (4 = 4 × 1 process = 2 × 2 processes), the rows in order and no dropout: the batches
+    # are the same, so the curves are too, up to the order of floating-point sums (DDP averages two gradients).
+    trials, studies = {}, {}
+    for processes, batch in [(1, 4), (2, 2)]:
+        study = study_dict(
+            tiny_model,
+            study=f"p{processes}",
+            n_trials=1,
+            resources={"processes_per_trial": processes},
+            train={
+                "num_train_epochs": 1,
+                "seed": 0,
+                "per_device_train_batch_size": batch,
+                "learning_rate": 3e-3,
+                "train_sampling_strategy": "sequential",
+            },
+            search_space={"dropout": {"type": "categorical", "choices": [0.0]}},
+            storage=f"sqlite:///{tmp_path}/p{processes}.db",
+            output_dir=str(tmp_path / f"out{processes}"),
+        )
+        (trials[processes],) = hpo.run(study, console=Console(quiet=True)).trials
+        studies[processes] = study
+    one, two = trials[1], trials[2]
+    assert two.state == TrialState.COMPLETE and two.user_attrs["processes"] == 2 and one.user_attrs["processes"] == 1
+    for key in ("optimizer_steps", "examples_seen"):
+        assert two.user_attrs[key] == one.user_attrs[key], key
+    assert two.intermediate_values.keys() == one.intermediate_values.keys()  # steps are examples seen, globally
+    for step, value in one.intermediate_values.items():
+        assert two.intermediate_values[step] == pytest.approx(value, rel=1e-4)
+    # Every rank evaluated every eval row: the loss is the true one, as a re-evaluation of the saved model says
+    # (the Trainer's own sharded evaluation pads with repeated rows and was 0.3% off here).
+    assert two.value == pytest.approx(one.value, rel=1e-5)
+    saved = json.loads((tmp_path / "out2" / "best_model" / "hpo_trial.json").read_text())  # staged by rank 0
+    assert saved["trial"] == two.number and saved["value"] == two.value
+    assert reevaluated(studies[2], tmp_path / "out2" / "best_model") == pytest.approx(two.value, rel=1e-5)
+
+
+def test_fsdp_runs_on_cpu_with_gloo_and_rank_0_saves_the_whole_model(tiny_model, tmp_path):
+    study = study_dict(
+        tiny_model,
+        n_trials=1,
+        resources=TWO,
+        train={"num_train_epochs": 1, "seed": 0, "fsdp": "full_shard", "fsdp_config": {"use_orig_params": True}},
+        storage=f"sqlite:///{tmp_path}/fsdp.db",
+        output_dir=str(tmp_path / "outputs"),
+    )
+    (trial,) = hpo.run(study, console=Console(quiet=True)).trials
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+    assert trial.user_attrs["processes"] == 2
+    best = tmp_path / "outputs" / "best_model"
+    assert reevaluated(study, best) == pytest.approx(trial.value, rel=1e-5)
+
+
+def test_the_pruners_answer_stops_every_rank_at_the_same_step(tiny_model, tmp_path):
+    # A threshold nothing meets: each trial is pruned at its first evaluation. A rank that went on training alone
+    # would wait for its peer's gradients; the launcher would end on the timeout and the trial FAIL, not PRUNED.
+    study = study_dict(
+        tiny_model,
+        resources=TWO,
+        pruner={"name": "threshold", "upper": 0.0},
+        storage=f"sqlite:///{tmp_path}/prune.db",
+        output_dir=str(tmp_path / "outputs"),
+    )
+    trials = hpo.run(study, console=Console(quiet=True)).trials
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 2
+    assert all(t.user_attrs["pruned_at_step"] == min(t.intermediate_values) for t in trials)
+
+
+def test_no_rank_outlives_a_killed_worker(write_study, tmp_path):
+    path = slow_study(write_study, n_trials=1, resources=TWO)
+    proc = start(path)
+    wait_for_running(f"sqlite:///{path.with_suffix('.db')}")
+    assert len(trial_processes(tmp_path)) == 3  # torchrun and its 2 ranks
+    proc.kill()  # SIGKILL: nothing in the worker runs; the kernel tells the launcher, which stops its ranks
+    proc.wait(timeout=WAIT_S)
+    wait_for(lambda: not trial_processes(tmp_path), "the launcher and every rank to end")
+
+
+def test_sigterm_checkpoints_every_rank_and_the_rerun_resumes(write_study, tmp_path):
+    # The only checkpoint is the one SIGTERM asks for: every rank saves at the same step, then stops.
+    path = slow_study(write_study, n_trials=1, resources=TWO, checkpoint_every={"epochs": 10 * SLOW_EPOCHS})
+    storage = f"sqlite:///{path.with_suffix('.db')}"
+    proc = start(path)
+    wait_for_running(storage)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=WAIT_S)[0]
+    assert proc.returncode == 130, output
+    assert not trial_processes(tmp_path)
+    (stopped,) = optuna.load_study(study_name="tiny", storage=storage).get_trials(states=(TrialState.FAIL,))
+    assert stopped.user_attrs["fail_reason"] == "interrupted"
+    (checkpoint,) = (tmp_path / "outputs" / "tiny" / "checkpoints").glob("*/checkpoint-*")
+    assert (checkpoint / "hpo-complete").exists() and (checkpoint / "rng_state_1.pth").exists()  # rank 1's part
+
+    rerun = start(path)
+    output = rerun.communicate(timeout=RUN_S)[0]
+    assert rerun.returncode == 0, output
+    (done,) = optuna.load_study(study_name="tiny", storage=storage).get_trials(states=(TrialState.COMPLETE,))
+    assert done.user_attrs["resumed_from_trial"] == stopped.number and done.user_attrs["processes"] == 2
+    assert done.user_attrs["first_step"] == done.user_attrs["resumed_from_step"] + 1
+    assert len(done.intermediate_values) == SLOW_EPOCHS
+
+
+def test_more_processes_than_devices_is_one_line_before_any_trial(tiny_model, tmp_path):
+    from hpo.api import load
+    from hpo.workers import check_devices, worker_env
+
+    cfg = load(study_dict(tiny_model, resources={"processes_per_trial": 3}, storage=f"sqlite:///{tmp_path}/d.db"))
+    with pytest.raises(
+        ConfigError, match=r"resources\.processes_per_trial: 64 worker\(s\) × 3 processes per trial need 192 CPU"
+    ):
+        check_devices(cfg, 64, [])
+    with pytest.raises(ConfigError, match=r"need 3 GPU\(s\); this machine has 2"):
+        check_devices(cfg, 1, ["0", "1"])
+    check_devices(cfg, 1, ["0", "1", "2"])
+    assert worker_env(1, 2, ["0", "1", "2", "3"], per_trial=2) == {"CUDA_VISIBLE_DEVICES": "2,3"}  # GPUs of its own
+    assert not (tmp_path / "d.db").exists()
+
+
+def test_deepspeed_needs_cuda_and_deepspeed_in_one_line(tiny_model, tmp_path):
+    from hpo.api import load
+    from hpo.workbench import check_engines
+
+    cfg = load(study_dict(tiny_model, train={"deepspeed": {"zero_optimization": {"stage": 2}}}))
+    with pytest.raises(ConfigError, match=r"train\.deepspeed: DeepSpeed's ZeRO needs a CUDA GPU"):
+        check_engines(cfg, cuda=False)
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"pip install 'hpo\[deepspeed\]'"):
+            check_engines(cfg, cuda=True)
