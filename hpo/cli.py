@@ -217,6 +217,9 @@ def report(
                 f"studies: {label}",
             )
         )
+    for row in summary.itertuples():
+        for warning in filter(None, row.at_edge.split("; ")):
+            console.print(f"[yellow]at the edge[/] ({escape(row.study)}): {escape(warning)}")
     pruned = "; pruned ranked on their last intermediate value" if include_pruned else ""
     for label, rows in rep.by_group(trials):
         console.print(

@@ -14,6 +14,7 @@ from hpo.attrs import FAIL_REASON, REJECTED_BY_CONSTRAINT, REJECTED_DUPLICATE, R
 from hpo.config import StudyConfig
 from hpo.outputs import saved_trial
 from hpo.revisions import current_revision, trial_revision
+from hpo.space import at_edges
 from hpo.storage import best_trial
 
 
@@ -114,6 +115,8 @@ def print_summary(console: Console, cfg: StudyConfig, study: optuna.Study) -> No
     under = f" (revision {trial_revision(best)})" if current_revision(study) else ""
     console.print(f"\n[bold]best[/] trial {best.number}{under}: {cfg.objective.metric}={best.value:.4f}")
     console.print(json.dumps(best.params, indent=2))
+    for warning in at_edges(best.params, best.distributions):
+        console.print(f"[yellow]at the edge[/]: {escape(warning)}")
     saved = saved_trial(cfg)
     if saved != best.number:
         why = escape(best.user_attrs.get(SAVE_ERROR, "it was not saved by this run"))

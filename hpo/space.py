@@ -386,3 +386,39 @@ def split_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
     lora = {k: v for k, v in params.items() if k in LORA_PARAMS}
     training = {k: v for k, v in params.items() if k not in model and k not in lora}
     return training, model, lora
+
+
+EDGE = 0.05  # a best value within this share of its range from a bound: the optimum may lie past it
+
+
+def at_edges(params: Mapping[str, Any], distributions: Mapping[str, BaseDistribution]) -> list[str]:
+    """Warnings for best ``params`` that sit at the edge of their range, each naming the bound to move.
+
+    A float or int within :data:`EDGE` of a bound (measured on the log scale where the parameter is
+    log-scaled), or the smallest or largest of three or more numeric choices.
+
+    >>> from optuna.distributions import FloatDistribution
+    >>> at_edges({"learning_rate": 4.8e-4}, {"learning_rate": FloatDistribution(1e-5, 5e-4, log=True)})
+    ['search_space.learning_rate: the best value 0.00048 is at the high end of [1e-05, 0.0005] (within 5%): raise high']
+    """
+    out = []
+    for name, value in params.items():
+        d = distributions.get(name)
+        if isinstance(d, FloatDistribution | IntDistribution) and d.high > d.low:
+            scale = math.log if d.log else float
+            share = (scale(value) - scale(d.low)) / (scale(d.high) - scale(d.low))
+            if share <= EDGE or share >= 1 - EDGE:
+                end, move = ("low", "lower low") if share <= EDGE else ("high", "raise high")
+                out.append(
+                    f"search_space.{name}: the best value {value:g} is at the {end} end of [{d.low:g}, {d.high:g}] "
+                    f"(within {EDGE:.0%}): {move}"
+                )
+        elif isinstance(d, CategoricalDistribution) and len(d.choices) >= 3:
+            numbers = [c for c in d.choices if isinstance(c, int | float) and not isinstance(c, bool)]
+            if len(numbers) == len(d.choices) and value in (min(numbers), max(numbers)):
+                end = "smallest" if value == min(numbers) else "largest"
+                out.append(
+                    f"search_space.{name}: the best value {value:g} is the {end} choice: "
+                    f"add a {'smaller' if end == 'smallest' else 'larger'} one"
+                )
+    return out

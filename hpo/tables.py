@@ -36,6 +36,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from hpo.attrs import CONFIG, DERIVED_PARAMS, PRUNED_AT_STEP, REVISION
+from hpo.space import at_edges
 from hpo.storage import best_trial
 from hpo.tasks import HIGHER_IS_BETTER
 
@@ -236,6 +237,8 @@ def studies_frame(studies: Sequence[optuna.Study], trials: pd.DataFrame | None =
                 "steps_saved_by_pruning": int((pruned["planned_steps"] - pruned["optimizer_steps"]).fillna(0).sum()),
                 "best_trial": best.number if best else None,
                 "best_params": json.dumps(best.params if best else {}, sort_keys=True),
+                # the best trial's parameters at the edge of their range: the optimum may lie past the bound
+                "at_edge": "; ".join(at_edges(best.params, best.distributions)) if best else "",
             }
         )
     df = pd.DataFrame(rows)

@@ -51,3 +51,19 @@ def test_a_callers_frozen_objects_stay_frozen():
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_the_summary_warns_when_the_best_value_sits_at_the_edge_of_its_range(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text(json.dumps(study_dict(tmp_path)))
+    rate = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+    study = optuna.create_study()
+    for value, lr in [(0.4, 1.1e-4), (0.6, 1e-3)]:
+        study.add_trial(
+            optuna.trial.create_trial(value=value, params={"learning_rate": lr}, distributions={"learning_rate": rate})
+        )
+    console = Console(record=True, width=500)
+    print_summary(console, load_study(path), study)
+    assert "at the edge: search_space.learning_rate: the best value 0.00011 is at the low end of [0.0001, 0.01]" in (
+        console.export_text()
+    )

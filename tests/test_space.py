@@ -174,3 +174,28 @@ def test_corners_cover_every_extreme_and_random_points():
     }
     for p in points[12:]:
         assert 1e-5 <= p["lr"] <= 1e-3 and p["bs"] in (4, 8, 16) and p["n"] in (1, 3, 5, 7, 9)
+
+
+def test_a_best_value_at_the_edge_of_its_range_names_the_bound_to_move():
+    from hpo.space import at_edges
+
+    lr = FloatDistribution(1e-5, 1e-3, log=True)  # log-scaled: 1.2e-5 is 4% of the way up, 5e-5 is 35%
+    assert at_edges({"learning_rate": 1.2e-5}, {"learning_rate": lr}) == [
+        "search_space.learning_rate: the best value 1.2e-05 is at the low end of [1e-05, 0.001] (within 5%): lower low"
+    ]
+    assert at_edges({"learning_rate": 5e-5}, {"learning_rate": lr}) == []
+    # Linear: 0.098 of [0, 0.1] is at the top; 0.006 (6%) is not at the bottom.
+    wd = FloatDistribution(0.0, 0.1)
+    assert at_edges({"weight_decay": 0.098}, {"weight_decay": wd})[0].endswith("raise high")
+    assert at_edges({"weight_decay": 0.006}, {"weight_decay": wd}) == []
+    assert at_edges({"epochs": 1}, {"epochs": IntDistribution(1, 5)})[0].endswith("lower low")
+    # Numeric choices, three or more: the largest or smallest one; two choices or words say nothing.
+    batch = CategoricalDistribution([8, 16, 32])
+    assert at_edges({"batch": 32}, {"batch": batch}) == [
+        "search_space.batch: the best value 32 is the largest choice: add a larger one"
+    ]
+    assert at_edges({"batch": 16}, {"batch": batch}) == []
+    assert at_edges({"b": 8}, {"b": CategoricalDistribution([8, 16])}) == []
+    assert at_edges({"s": "cosine"}, {"s": CategoricalDistribution(["linear", "cosine", "constant"])}) == []
+    assert at_edges({"f": True}, {"f": CategoricalDistribution([False, True, None])}) == []
+    assert at_edges({"x": 0.5}, {"x": FloatDistribution(0.5, 0.5)}) == []  # a single value has no edge to move

@@ -350,3 +350,17 @@ def test_report_ranks_each_objective_apart(write_study, tmp_path):
     assert trials[trials["metric"] == "eval_loss"]["rank"].notna().all()
     assert "pruned ranked on their last intermediate value" in result.stdout.replace("\n", " ")
     assert "ranked on their last intermediate value" in (out / "r.html").read_text()
+
+
+def test_the_report_names_a_best_parameter_at_the_edge_of_its_range():
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    study = optuna.create_study(study_name="edge")
+    study.set_user_attr("config", {"task": "sequence-classification", "objective": {"metric": "eval_loss"}})
+    lr = FloatDistribution(1e-5, 1e-3, log=True)
+    for value, rate in [(0.3, 9.8e-4), (0.5, 1e-4)]:
+        study.add_trial(create_trial(value=value, params={"learning_rate": rate}, distributions={"learning_rate": lr}))
+    (row,) = studies_frame([study]).to_dict("records")
+    assert row["at_edge"].startswith("search_space.learning_rate: the best value 0.00098 is at the high end")
