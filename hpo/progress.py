@@ -73,6 +73,8 @@ class Progress:
         params = _fmt_params(trial.params)
         if trial.state == TrialState.COMPLETE:
             best = " [green]★ best[/]" if best_trial(study).number == trial.number else ""
+            if (stopped := trial.user_attrs.get("stopped_early")) is not None:
+                best += f" [cyan]stopped early[/] at {stopped} examples"
             self.print(
                 f"trial {trial.number:3d} [green]complete[/] {self.metric}={trial.value:.4f}{best} "
                 f"({secs:.0f}s)  {tally}\n{' ' * len(self.prefix)}    [dim]{params}[/]"

@@ -161,7 +161,18 @@ def run_trial(
     lead = args.process_index == 0  # rank 0 of a multi-process trial writes the logs (hpo.distributed)
     n_train = len(bench.train_rows)
     every = cfg.eval_every.examples_between(n_train)
-    callback = PruningCallback(trial, cfg.objective.metric, n_train, every, on_eval)
+    stopping = cfg.early_stopping
+    callback = PruningCallback(
+        trial,
+        cfg.objective.metric,
+        n_train,
+        every,
+        on_eval,
+        minimize=cfg.objective.direction == "minimize",
+        keep_best=cfg.objective.at == "best",
+        patience=stopping.patience if stopping else None,
+        min_delta=stopping.min_delta if stopping else 0.0,
+    )
     saver = None
     if checkpoint_dir is not None:
         saver = checkpoints.CheckpointCallback(n_train, cfg.checkpoint_every.examples_between(n_train))
@@ -198,7 +209,9 @@ def run_trial(
         if callback.evaluating and is_out_of_memory(e) and not isinstance(e, TrainOutOfMemory):
             raise EvalOutOfMemory(str(e)) from None  # the eval batch ran out, not the training one
         raise
-    ended = callback.pruned_at is not None or callback.diverged is not None  # at the step SIGTERM stopped, too
+    ended = any(
+        x is not None for x in (callback.pruned_at, callback.diverged, callback.stopped_early)
+    )  # at SIGTERM's step
     if saver is not None and saver.stopped and not ended and trainer.state.global_step < trainer.state.max_steps:
         raise KeyboardInterrupt(f"SIGTERM: checkpoint saved at step {trainer.state.global_step}")
     if resume is not None and not callback.history:  # resumed at its last step: only the final evaluation is left
@@ -234,7 +247,10 @@ def run_trial(
         }
         for g in trainer.optimizer.param_groups
     ]
-    value = callback.history[-1][1][cfg.objective.metric]
+    scored = callback.best if cfg.objective.at == "best" else len(callback.history) - 1
+    value = callback.history[scored][1][cfg.objective.metric]
+    if callback.best_state is not None and scored != len(callback.history) - 1:
+        model.load_state_dict(callback.best_state, strict=False)  # the model saved is the one scored
     history = [{"step": step, **metrics} for step, metrics in callback.history]
     del trainer
     with contextlib.suppress(OSError):  # nothing was written there: leave no empty folder behind
@@ -358,6 +374,8 @@ def _measurements(
     bench: Workbench, trainer: Trainer, callback: PruningCallback, seconds: float, meter: PeakMeter
 ) -> dict[str, Any]:
     metric = bench.cfg.objective.metric
+    scored = callback.best if bench.cfg.objective.at == "best" else -1
+    scored_step, at = callback.history[scored]  # the evaluation that is the trial's value
     last_step, last = callback.history[-1]
     losses = [m["eval_loss"] for _, m in callback.history]
     objective = [m[metric] for _, m in callback.history]
@@ -367,7 +385,8 @@ def _measurements(
         "best_eval_loss": min(losses),
         "last_eval_loss": last["eval_loss"],
         f"best_{metric}": pick(objective),
-        **{m: last.get(m) for m in TASKS[bench.cfg.task].metrics if m != "eval_loss"},  # at the last evaluation
+        **{m: at.get(m) for m in TASKS[bench.cfg.task].metrics if m != "eval_loss"},  # at the scored evaluation
+        "scored_step": scored_step,  # the evaluation the trial's value and model are from (objective.at)
         "optimizer_steps": trainer.state.global_step,
         "planned_steps": trainer.state.max_steps,  # what the full run would take: pruning saves the difference
         "examples_seen": examples,
@@ -381,6 +400,8 @@ def _measurements(
     }
     if callback.pruned_at is not None:
         attrs[PRUNED_AT_STEP] = callback.pruned_at
+    if callback.stopped_early is not None:
+        attrs["stopped_early"] = callback.stopped_early  # COMPLETE: it stopped improving (early_stopping)
     return {k: v for k, v in attrs.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
 
 

@@ -92,6 +92,26 @@ def study_dict(model_dir: Path, **changes) -> dict:
     return study
 
 
+def reevaluated(study: dict, model: Path) -> float:
+    """The eval loss of the saved ``model`` on the study's eval rows, in this one process."""
+    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+    from hpo.api import load
+    from hpo.tasks import TASKS
+    from hpo.trial import collator
+    from hpo.workbench import prepare
+
+    bench = prepare(load(study))
+    args = TrainingArguments(output_dir=str(model.parent / "reeval"), report_to="none", use_cpu=True)
+    trainer = Trainer(
+        model=AutoModelForSequenceClassification.from_pretrained(model),
+        args=args,
+        eval_dataset=bench.eval_rows,
+        data_collator=collator(TASKS[bench.cfg.task], bench.tokenizer),
+    )
+    return trainer.evaluate()["eval_loss"]
+
+
 @pytest.fixture
 def write_study(tmp_path, tiny_model):
     """Write a study file into tmp_path: ``write_study(n_trials=3)`` → its path."""

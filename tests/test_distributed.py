@@ -6,7 +6,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import study_dict
+from conftest import reevaluated, study_dict
 from optuna.trial import TrialState
 from procs import RUN_S, SLOW_EPOCHS, WAIT_S, alive, slow_study, start, wait_for, wait_for_running
 from rich.console import Console
@@ -28,26 +28,6 @@ def trial_processes(folder: Path) -> list[int]:
         if b"hpo.distributed" in args and any(str(folder).encode() in a for a in args):
             found.append(int(cmdline.parent.name))
     return [pid for pid in found if alive(pid)]
-
-
-def reevaluated(study: dict, model: Path) -> float:
-    """The eval loss of the saved ``model`` on the study's eval rows, in this one process."""
-    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
-
-    from hpo.api import load
-    from hpo.tasks import TASKS
-    from hpo.trial import collator
-    from hpo.workbench import prepare
-
-    bench = prepare(load(study))
-    args = TrainingArguments(output_dir=str(model.parent / "reeval"), report_to="none", use_cpu=True)
-    trainer = Trainer(
-        model=AutoModelForSequenceClassification.from_pretrained(model),
-        args=args,
-        eval_dataset=bench.eval_rows,
-        data_collator=collator(TASKS[bench.cfg.task], bench.tokenizer),
-    )
-    return trainer.evaluate()["eval_loss"]
 
 
 def test_a_two_process_trial_trains_what_one_process_does(tiny_model, tmp_path):

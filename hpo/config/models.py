@@ -249,6 +249,11 @@ class Objective(_Strict):
         description="Default: the metric's own (minimize eval_loss and eval_perplexity, maximize accuracy, "
         "F1, precision and recall).",
     )
+    at: Literal["last", "best"] = Field(
+        "last",
+        description="The trial's value: the metric at its last evaluation (the model it ends with), or at its "
+        "best one, whose model is kept (in memory) and saved as the trial's.",
+    )
 
     @model_validator(mode="after")
     def _infer_direction(self) -> Objective:
@@ -257,6 +262,15 @@ class Objective(_Strict):
                 "maximize" if HIGHER_IS_BETTER.get(self.metric, not self.metric.endswith("loss")) else "minimize"
             )
         return self
+
+
+class EarlyStopping(_Strict):
+    """End a trial that stopped improving: COMPLETE with ``stopped_early``, at its best evaluation's value."""
+
+    patience: PositiveInt = Field(description="Evaluations in a row without improvement before the trial stops.")
+    min_delta: float = Field(
+        0.0, ge=0, description="What counts as an improvement: better than the best so far by more than this."
+    )
 
 
 class SamplerSpec(BaseModel):
@@ -323,6 +337,11 @@ class StudyConfig(_Strict):
         "Default: off.",
     )
     objective: Objective = Field(Objective(), description="The metric to optimize; default: eval_loss, minimized.")
+    early_stopping: EarlyStopping | None = Field(
+        None,
+        description="{patience: N, min_delta: d}: a trial whose objective did not improve by more than d in N "
+        "evaluations ends, COMPLETE with stopped_early; needs objective.at: best. Default: off.",
+    )
     resources: Resources = Field(Resources(), description="What a trial may use: max_memory_gb.")
     sampler: SamplerSpec = Field(SamplerSpec(), description="How each trial's parameters are chosen; default: tpe.")
     pruner: PrunerSpec = Field(PrunerSpec(), description="Which trials stop early; default: median.")

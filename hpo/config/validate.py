@@ -205,6 +205,14 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
                 f"{cfg.objective.metric!r} is not reported by {cfg.task}; one of {', '.join(metrics)}",
             )
         )
+    if cfg.early_stopping is not None and cfg.objective.at != "best":
+        problems.append(
+            src.problem(
+                ("early_stopping",),
+                "needs objective.at: best: a trial that stops after its best evaluation would be scored on a "
+                "worse, later one",
+            )
+        )
     report_to = cfg.train.get("report_to")
     if report_to not in (None, "none", "tensorboard", [], ["tensorboard"]):
         problems.append(

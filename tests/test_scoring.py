@@ -1,0 +1,55 @@
+"""What a trial's value means: its best evaluation (objective.at: best), and early stopping."""
+
+import pytest
+from conftest import reevaluated, study_dict
+from optuna.trial import TrialState
+from rich.console import Console
+
+import hpo
+from hpo.errors import ConfigError
+
+
+def overfitting(model, tmp_path, **changes) -> dict:
+    """One trial that overfits 36 rows: a large fixed rate, 30 epochs, evaluated every epoch."""
+    settings = {
+        "n_trials": 1,
+        "train": {"num_train_epochs": 30, "seed": 0, "learning_rate": 1e-2, "per_device_train_batch_size": 4},
+        "search_space": {"weight_decay": {"type": "categorical", "choices": [0.0]}},
+        "eval_every": 1.0,
+        "storage": f"sqlite:///{tmp_path}/s.db",
+        "output_dir": str(tmp_path / "outputs"),
+    }
+    return study_dict(model, **{**settings, **changes})
+
+
+def test_best_keeps_the_best_evaluations_model_and_early_stopping_ends_the_trial(tiny_model, tmp_path):
+    study = overfitting(
+        tiny_model, tmp_path, objective={"at": "best"}, early_stopping={"patience": 3, "min_delta": 0.0}
+    )
+    (trial,) = hpo.run(study, console=Console(quiet=True)).trials
+    curve = trial.intermediate_values
+    best_step = min(curve, key=curve.get)
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+    assert trial.value == curve[best_step] and trial.user_attrs["scored_step"] == best_step
+    # It turned up after its best, waited 3 evaluations, and stopped long before its 30 epochs.
+    assert max(curve) == best_step + 3 * 36 and trial.user_attrs["stopped_early"] == max(curve) < 30 * 36
+    assert curve[max(curve)] > trial.value
+    assert "pruned_at_step" not in trial.user_attrs
+    # The model saved is the best evaluation's, not the one training ended with.
+    assert reevaluated(study, tmp_path / "outputs" / "best_model") == pytest.approx(trial.value, rel=1e-5)
+
+
+def test_last_scores_the_model_training_ends_with(tiny_model, tmp_path):
+    study = overfitting(
+        tiny_model,
+        tmp_path,
+        train={"num_train_epochs": 8, "seed": 0, "learning_rate": 1e-2, "per_device_train_batch_size": 4},
+    )
+    (trial,) = hpo.run(study, console=Console(quiet=True)).trials
+    assert trial.value == trial.intermediate_values[max(trial.intermediate_values)]
+    assert reevaluated(study, tmp_path / "outputs" / "best_model") == pytest.approx(trial.value, rel=1e-5)
+
+
+def test_early_stopping_needs_the_best_evaluation_as_the_value(tiny_model):
+    with pytest.raises(ConfigError, match=r"early_stopping: needs objective\.at: best"):
+        hpo.validate(study_dict(tiny_model, early_stopping={"patience": 2}))
