@@ -16,6 +16,7 @@ from hpo.outputs import saved_trial
 from hpo.revisions import current_revision, trial_revision
 from hpo.space import at_edges
 from hpo.storage import best_trial
+from hpo.trackers import requested, tracking_uri
 
 
 class Progress:
@@ -131,6 +132,11 @@ def print_summary(console: Console, cfg: StudyConfig, study: optuna.Study) -> No
             f"storage:    {cfg.storage_label}\noutputs:    {cfg.output_path}\n"
             f"dashboard:  {dashboard}\n"
             f"tensorboard: tensorboard --logdir {cfg.output_path / 'tensorboard'}"
+            + (
+                f"\nmlflow:     mlflow ui --backend-store-uri {tracking_uri()}"
+                if "mlflow" in requested(cfg.train.get("report_to"))
+                else ""
+            )
         ),
         markup=False,
     )

@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.markup import escape
 
-from hpo import checkpoints, distributed, memory, outputs, revisions, space
+from hpo import checkpoints, distributed, memory, outputs, revisions, space, trackers
 from hpo.attrs import (
     DERIVED_PARAMS,
     DEVICES,
@@ -265,7 +265,8 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
     def objective(trial: optuna.Trial) -> float:
         # Everything a trial does is inside this try, from sampling to saving: whatever fails, the trial
         # ends FAIL with its cause in fail_reason and fail_traceback ("interrupted" only after a signal).
-        result = sampled = saved = None
+        result = sampled = saved = run = None
+        state, reason = "FAIL", None  # how the trial ended, for its tracker run
         try:
             # Optuna's Trial does not expose system attrs; optuna-integration reads them from the storage too.
             fixed = trial.storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
@@ -287,6 +288,7 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
                 trial.set_user_attr(REJECTED_DUPLICATE, twin)
                 raise Rejected(f"the same parameters as trial {twin}, which finished")
             progress.trial_start(trial.number, params)
+            run = trackers.start(cfg, trial.number, params)
             trial.set_user_attr(
                 WORKER,
                 {
@@ -313,7 +315,7 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
             )
             upload_json(store, trial, "training_arguments.json", args)  # TrainingArguments(**json.load(f))
             saved = _checkpoints(trial, cfg, params, revision, len(bench.train_rows)) if cfg.checkpoint_every else None
-            result = _fitting(bench, plan, trial, params, progress, revision, saved)
+            result = _fitting(bench, plan, trial, params, progress, revision, saved, _also_to(run, cfg, progress))
             if "resumed_from_step" in result.attrs:  # the best of the whole curve, the carried-over part too
                 values = trial.storage.get_trial(trial._trial_id).intermediate_values.values()
                 pick = min if cfg.objective.direction == "minimize" else max
@@ -322,13 +324,16 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
                 trial.set_user_attr(key, value)
             upload_json(store, trial, "metrics.json", {"evaluations": result.history, **result.attrs})
             if result.pruned:
+                state = "PRUNED"
                 raise optuna.TrialPruned(f"pruned at step {result.attrs['pruned_at_step']}")
             outputs.stage_if_best(bench, result, params, trial)
+            state = "COMPLETE"
             return result.value
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL and re-raises
             saved = None  # kept: the rerun resumes from it
+            state = reason = "interrupted"
             trial.set_user_attr(FAIL_REASON, "interrupted")
             if sampled is not None:
                 trial.study.enqueue_trial(sampled, user_attrs={RETRY_OF: trial.number})  # the rerun starts with it
@@ -336,10 +341,13 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
         except Exception as e:
             for key, value in memory.failure_attrs(e).items():
                 trial.set_user_attr(key, value)
-            trial.set_user_attr(FAIL_REASON, cfg.masked(storage_error(e))[:1000])
+            reason = cfg.masked(storage_error(e))[:1000]
+            trial.set_user_attr(FAIL_REASON, reason)
             trial.set_user_attr(FAIL_TRACEBACK, cfg.masked(traceback.format_exc())[-4000:])
             raise
         finally:
+            if run is not None:
+                run.end(state, result.history if result else [], result.attrs if result else {}, reason)
             release(result)
             checkpoints.remove(saved)  # the trial ended: its retry, if any, starts afresh
 
@@ -372,8 +380,27 @@ def _checkpoints(trial: optuna.Trial, cfg: StudyConfig, params: dict[str, Any], 
     return folder
 
 
+def _also_to(run, cfg: StudyConfig, progress: Progress):
+    """What each evaluation is told to: the status line, and the trial's tracker run if it has one."""
+    if run is None:
+        return progress.evaluated
+
+    def evaluated(step: int, value: float) -> None:
+        progress.evaluated(step, value)
+        run.evaluated(cfg.objective.metric, step, value)
+
+    return evaluated
+
+
 def _fitting(
-    bench: Workbench, plan, trial: optuna.Trial, params: dict[str, Any], progress: Progress, revision: int, saved=None
+    bench: Workbench,
+    plan,
+    trial: optuna.Trial,
+    params: dict[str, Any],
+    progress: Progress,
+    revision: int,
+    saved=None,
+    on_eval=None,
 ):
     """Run the trial, at smaller micro-batches while it runs out of memory (:func:`hpo.memory.fit`).
 
@@ -408,7 +435,9 @@ def _fitting(
     try:
         result, micro, _, eval_batch = memory.fit(
             plan,
-            lambda p, meter: train(bench, p, trial, on_eval=progress.evaluated, meter=meter, checkpoint_dir=saved),
+            lambda p, meter: train(
+                bench, p, trial, on_eval=on_eval or progress.evaluated, meter=meter, checkpoint_dir=saved
+            ),
             bench.device,
             memory.start_micro_batch(params, batch, earlier),
             retry,

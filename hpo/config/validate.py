@@ -8,6 +8,7 @@ space and at random points. Nothing here imports torch or transformers.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import typing
 from pathlib import Path
@@ -17,7 +18,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, IntD
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import make_url
 
-from hpo import samplers, space
+from hpo import samplers, space, trackers
 from hpo.config.compose import mask
 from hpo.config.models import StudyConfig
 from hpo.errors import ConfigError, KeyPath, Problem, SourceMap, did_you_mean
@@ -214,15 +215,23 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
             )
         )
     report_to = cfg.train.get("report_to")
-    if report_to not in (None, "none", "tensorboard", [], ["tensorboard"]):
-        problems.append(
-            src.problem(
-                ("train", "report_to"),
-                f"{report_to!r}: hpo logs every trial to TensorBoard "
-                "(outputs/<study>/tensorboard); other trackers are not supported yet, so this "
-                "would be ignored: remove it",
+    names = [report_to] if isinstance(report_to, str) else report_to if isinstance(report_to, list) else [report_to]
+    for name in names if report_to is not None else []:
+        if name not in trackers.SUPPORTED:
+            problems.append(
+                src.problem(
+                    ("train", "report_to"),
+                    f"{name!r} is not a tracker hpo logs trials to: one of {', '.join(trackers.SUPPORTED)} "
+                    "(TensorBoard is always on)",
+                )
             )
-        )
+        elif name in trackers.EXTRAS and importlib.util.find_spec(name) is None:
+            problems.append(
+                src.problem(
+                    ("train", "report_to"),
+                    f"{name} is not installed: pip install 'hpo[{trackers.EXTRAS[name]}]'",
+                )
+            )
     if cfg.quantized:
         where = ("model", "quantization") if cfg.model.quantization is not None else ("search_space", "bits")
         if not cfg.is_lora:
