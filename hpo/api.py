@@ -215,21 +215,26 @@ def report(
 
 
 def best(
-    study: Study, *, out: Path | None = None, env: str | None = None, storage: str | None = None
+    study: Study,
+    *,
+    out: Path | None = None,
+    env: str | None = None,
+    storage: str | None = None,
+    trial: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The best trial's configuration: (TrainingArguments kwargs, the rest: model, LoRA, knobs, data, trial).
 
-    With ``out``, also writes them as ``out`` and ``<stem>.model.json``.
+    ``trial``: another complete trial's instead. With ``out``, also writes them as ``out`` and ``<stem>.model.json``.
 
     Raises:
-        NoCompleteTrial: the study has no complete trial.
+        NoCompleteTrial: the study has no complete trial, or ``trial`` is not a complete one.
         ConfigError: no such study, or the study file's settings differ from those the best trial ran under.
     """
     from hpo.export import best_config, write_config
     from hpo.storage import load_existing
 
     cfg = load(study, {"storage": storage} if storage else None, env)
-    args, rest = best_config(cfg, load_existing(cfg))
+    args, rest = best_config(cfg, load_existing(cfg), trial)
     if out is not None:
         write_config(args, rest, Path(out))
     return args, rest

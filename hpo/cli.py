@@ -252,14 +252,17 @@ def best(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="JSON for TrainingArguments(**json.load(f)).")] = None,
     env: Env = None,
     storage: Storage = None,
+    trial: Annotated[
+        int | None, typer.Option("--trial", min=0, help="Another complete trial's configuration (default: the best).")
+    ] = None,
 ) -> None:
     """Write the best configuration: TrainingArguments JSON, and <stem>.model.json beside it."""
     from hpo.export import model_json
 
     cfg = _load(study, _storage(storage), env)
-    out = out or cfg.output_path / "best.json"
+    out = out or cfg.output_path / ("best.json" if trial is None else f"trial-{trial:04d}.json")
     try:
-        _, rest = api.best(cfg, out=out)
+        _, rest = api.best(cfg, out=out, trial=trial)
     except ConfigError as e:
         _fail(e)
     except NoCompleteTrial as e:
@@ -274,7 +277,8 @@ def best(
         if rest["current_revision"]
         else ""
     )
-    console.print(f"best: trial {rest['trial']}, {rest['metric']}={rest['value']:.4f}{revision}")
+    which = "best" if trial is None else "trial"
+    console.print(f"{which}: trial {rest['trial']}, {rest['metric']}={rest['value']:.4f}{revision}")
     for path in (out, model_json(out)):
         console.print(f"wrote {path}")
 

@@ -20,20 +20,22 @@ from hpo.tasks import TASKS
 
 def best_params(study: optuna.Study) -> dict[str, Any]:
     """The best trial's sampled and derived parameters."""
-    trial = best_trial(study)
-    return {**trial.params, **trial.user_attrs.get(DERIVED_PARAMS, {})}
+    return _params(best_trial(study))
 
 
-def best_config(cfg: StudyConfig, study: optuna.Study) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The best trial's exported :class:`~hpo.plan.TrialPlan`: (TrainingArguments kwargs, the rest).
+def best_config(
+    cfg: StudyConfig, study: optuna.Study, number: int | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The best trial's (or complete trial ``number``'s) exported :class:`~hpo.plan.TrialPlan`: (TrainingArguments
+    kwargs, the rest).
 
     The rest names the study, trial, metric and value, and the revision of the study file it ran under.
 
     Raises:
-        NoCompleteTrial: the study has no complete trial.
-        ConfigError: the study file's settings differ from those the best trial ran under.
+        NoCompleteTrial: the study has no complete trial, or trial ``number`` is not one.
+        ConfigError: the study file's settings differ from those the trial ran under.
     """
-    trial, plan = _best_plan(cfg, study)
+    trial, plan = _best_plan(cfg, study, number)
     args, rest = plan.exported(cfg)
     micro = trial.user_attrs.get(MICRO_BATCH)
     if micro is not None and micro != args.get("per_device_train_batch_size", DEFAULT_BATCH):
@@ -49,19 +51,36 @@ def best_config(cfg: StudyConfig, study: optuna.Study) -> tuple[dict[str, Any], 
     }
 
 
-def _best_plan(cfg: StudyConfig, study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, TrialPlan]:
-    """The best trial and its plan, as it ran: ``lr_scaling`` counts the devices the trial had, not this machine's.
+def _best_plan(
+    cfg: StudyConfig, study: optuna.Study, number: int | None = None
+) -> tuple[optuna.trial.FrozenTrial, TrialPlan]:
+    """The best trial (or complete trial ``number``) and its plan, as it ran: ``lr_scaling`` counts the devices
+    the trial had, not this machine's.
 
     Raises:
-        NoCompleteTrial: the study has no complete trial.
-        ConfigError: the study file's settings differ from those the best trial ran under.
+        NoCompleteTrial: the study has no complete trial, or trial ``number`` is not one.
+        ConfigError: the study file's settings differ from those the trial ran under.
     """
-    try:
-        trial = best_trial(study)
-    except ValueError:  # Optuna says "Record does not exist."
-        raise NoCompleteTrial(f"{cfg.file}: the study has no complete trial yet") from None
+    if number is None:
+        try:
+            trial = best_trial(study)
+        except ValueError:  # Optuna says "Record does not exist."
+            raise NoCompleteTrial(f"{cfg.file}: the study has no complete trial yet") from None
+    else:
+        trials = study.get_trials(deepcopy=False)
+        if not 0 <= number < len(trials):
+            raise NoCompleteTrial(f"{cfg.file}: the study has no trial {number} (it holds 0 to {len(trials) - 1})")
+        trial = trials[number]
+        if trial.state != optuna.trial.TrialState.COMPLETE:
+            raise NoCompleteTrial(
+                f"{cfg.file}: trial {number} is {trial.state.name}, not complete: it has no final value to stand by"
+            )
     check_trial_settings(study, cfg, trial)
-    return trial, make_plan(cfg, best_params(study), trial.user_attrs.get(DEVICES))
+    return trial, make_plan(cfg, _params(trial), trial.user_attrs.get(DEVICES))
+
+
+def _params(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    return {**trial.params, **trial.user_attrs.get(DERIVED_PARAMS, {})}
 
 
 def model_json(path: Path) -> Path:

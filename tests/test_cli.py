@@ -146,6 +146,26 @@ def test_best_and_train_say_the_same_when_no_trial_completed(write_study):
         assert (
             result.stderr.strip() == f"error {path}: the study has no complete trial yet"
         )  # not "Record does not exist."
+    for number, why in ((0, "trial 0 is PRUNED, not complete"), (7, "the study has no trial 7 (it holds 0 to 0)")):
+        result = hpo("best", path, "--trial", str(number))
+        assert result.returncode == 2 and result.stderr.strip().startswith(f"error {path}: {why}"), result.stderr
+
+
+def test_best_exports_any_complete_trial(write_study):
+    import json
+
+    import optuna
+
+    path = write_study(n_trials=2)
+    assert hpo("run", path).returncode == 0
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}")
+    other = max(study.trials, key=lambda t: t.value)  # not the best
+    result = hpo("best", path, "--trial", str(other.number))
+    assert result.returncode == 0, result.stderr
+    written = path.parent / "outputs" / "tiny" / f"trial-{other.number:04d}.json"
+    args = json.loads(written.read_text())
+    assert args["learning_rate"] == other.params["learning_rate"]
+    assert json.loads(written.with_name(f"{written.stem}.model.json").read_text())["trial"] == other.number
 
 
 def test_reading_commands_create_nothing_in_an_empty_database(write_study, fresh_postgres_url, postgres_admin):
