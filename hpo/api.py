@@ -221,20 +221,23 @@ def best(
     env: str | None = None,
     storage: str | None = None,
     trial: int | None = None,
+    pick: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The best trial's configuration: (TrainingArguments kwargs, the rest: model, LoRA, knobs, data, trial).
 
-    ``trial``: another complete trial's instead. With ``out``, also writes them as ``out`` and ``<stem>.model.json``.
+    ``trial``: another complete trial's instead; ``pick``: the trial a condition chooses from the Pareto front
+    (:func:`hpo.export.picked`). With ``out``, also writes them as ``out`` and ``<stem>.model.json``.
 
     Raises:
-        NoCompleteTrial: the study has no complete trial, or ``trial`` is not a complete one.
+        NoCompleteTrial: the study has no complete trial, ``trial`` is not a complete one, or none meets ``pick``.
+        ValueError: ``pick`` is not a condition, or names what no trial has.
         ConfigError: no such study, or the study file's settings differ from those the best trial ran under.
     """
     from hpo.export import best_config, write_config
     from hpo.storage import load_existing
 
     cfg = load(study, {"storage": storage} if storage else None, env)
-    args, rest = best_config(cfg, load_existing(cfg), trial)
+    args, rest = best_config(cfg, load_existing(cfg), trial, pick)
     if out is not None:
         write_config(args, rest, Path(out))
     return args, rest

@@ -222,10 +222,12 @@ def report(
             console.print(f"[yellow]at the edge[/] ({escape(row.study)}): {escape(warning)}")
     pruned = "; pruned ranked on their last intermediate value" if include_pruned else ""
     for label, rows in rep.by_group(trials):
+        if "pareto" in rows:  # several objectives: the front first, each in rank order
+            rows = rows.sort_values("pareto", ascending=False, kind="stable", key=lambda c: c.fillna(False))
         console.print(
             _table(
                 rows.head(10),
-                ["rank", "study", "trial", "state", "objective", "eval_accuracy", "optimizer_steps", "score"],
+                ["rank", "study", "trial", "state", "pareto", "objective", "eval_accuracy", "optimizer_steps", "score"],
                 f"top 10 trials: {label}{pruned} (params in the CSV and HTML)",
             )
         )
@@ -255,17 +257,28 @@ def best(
     trial: Annotated[
         int | None, typer.Option("--trial", min=0, help="Another complete trial's configuration (default: the best).")
     ] = None,
+    pick: Annotated[
+        str | None,
+        typer.Option(
+            "--pick",
+            help='The trial a condition chooses from the Pareto front, e.g. "peak_memory_mb <= 24000": among '
+            "those that meet it, the best on the first objective.",
+        ),
+    ] = None,
 ) -> None:
     """Write the best configuration: TrainingArguments JSON, and <stem>.model.json beside it."""
     from hpo.export import model_json
 
     cfg = _load(study, _storage(storage), env)
+    if trial is not None and pick is not None:
+        err.print("[red]error[/] <command line>: --trial and --pick: give one")
+        raise typer.Exit(2)
     out = out or cfg.output_path / ("best.json" if trial is None else f"trial-{trial:04d}.json")
     try:
-        _, rest = api.best(cfg, out=out, trial=trial)
+        _, rest = api.best(cfg, out=out, trial=trial, pick=pick)
     except ConfigError as e:
         _fail(e)
-    except NoCompleteTrial as e:
+    except (NoCompleteTrial, ValueError) as e:
         err.print(f"[red]error[/] {escape(str(e))}")
         raise typer.Exit(2) from None
     except OSError as e:
@@ -277,7 +290,7 @@ def best(
         if rest["current_revision"]
         else ""
     )
-    which = "best" if trial is None else "trial"
+    which = "trial" if trial is not None else "picked" if pick is not None else "best"
     console.print(f"{which}: trial {rest['trial']}, {rest['metric']}={rest['value']:.4f}{revision}")
     for path in (out, model_json(out)):
         console.print(f"wrote {path}")

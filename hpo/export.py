@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from hpo.attrs import DERIVED_PARAMS, DEVICES, MICRO_BATCH
 from hpo.config import StudyConfig
 from hpo.errors import NoCompleteTrial
+from hpo.expr import Expression
 from hpo.plan import DEFAULT_BATCH, TrialPlan, make_plan
 from hpo.revisions import check_trial_settings, current_revision, trial_revision
 from hpo.storage import best_trial
@@ -24,7 +26,7 @@ def best_params(study: optuna.Study) -> dict[str, Any]:
 
 
 def best_config(
-    cfg: StudyConfig, study: optuna.Study, number: int | None = None
+    cfg: StudyConfig, study: optuna.Study, number: int | None = None, pick: str | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The best trial's (or complete trial ``number``'s) exported :class:`~hpo.plan.TrialPlan`: (TrainingArguments
     kwargs, the rest).
@@ -35,7 +37,7 @@ def best_config(
         NoCompleteTrial: the study has no complete trial, or trial ``number`` is not one.
         ConfigError: the study file's settings differ from those the trial ran under.
     """
-    trial, plan = _best_plan(cfg, study, number)
+    trial, plan = _best_plan(cfg, study, picked(cfg, study, pick) if pick is not None else number)
     args, rest = plan.exported(cfg)
     micro = trial.user_attrs.get(MICRO_BATCH)
     if micro is not None and micro != args.get("per_device_train_batch_size", DEFAULT_BATCH):
@@ -44,7 +46,12 @@ def best_config(
         "study": cfg.study,
         "trial": trial.number,
         "metric": cfg.objective.metric,
-        "value": trial.value,
+        "value": trial.values[0],
+        **(
+            {"values": dict(zip([o.metric for o in cfg.objectives], trial.values, strict=True))}
+            if cfg.objectives
+            else {}
+        ),
         **rest,
         "revision": trial_revision(trial),
         "current_revision": current_revision(study),
@@ -77,6 +84,40 @@ def _best_plan(
             )
     check_trial_settings(study, cfg, trial)
     return trial, make_plan(cfg, _params(trial), trial.user_attrs.get(DEVICES))
+
+
+def picked(cfg: StudyConfig, study: optuna.Study, pick: str) -> int:
+    """The trial ``pick`` chooses: among the Pareto front (with one objective: every complete trial), those for
+    which the condition holds, then the best on the first objective (the earliest among equals).
+
+    The condition is in the language of ``constraints:`` and reads each objective's metric, the trial's measured
+    figures (``peak_memory_mb``, ``train_seconds``, task metrics, ...) and its parameters, e.g.
+    ``"peak_memory_mb <= 24000 and eval_latency_ms < 5"``.
+
+    Raises:
+        ValueError: ``pick`` is not an expression of that language, or names nothing a trial has.
+        NoCompleteTrial: no trial of the front meets it.
+    """
+    condition = Expression(pick, condition=True)
+    front = study.best_trials if cfg.objectives else study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    metrics = [o.metric for o in cfg.objectives or [cfg.objective]]
+    chosen = []
+    for trial in front:
+        names = {
+            **{k: v for k, v in trial.user_attrs.items() if isinstance(v, int | float)},
+            **_params(trial),
+            **dict(zip(metrics, trial.values, strict=True)),
+        }
+        missing = condition.names - set(names)
+        if missing:
+            raise ValueError(f"--pick {pick!r}: trial {trial.number} has no {', '.join(sorted(missing))}")
+        if condition.evaluate(names):
+            chosen.append(trial)
+    if not chosen:
+        where = "of the Pareto front" if cfg.objectives else "complete trial"
+        raise NoCompleteTrial(f"{cfg.file}: no {where} meets {pick!r} ({len(front)} looked at)")
+    sign = 1 if cfg.directions[0] == "minimize" else -1
+    return min(chosen, key=lambda t: (sign * t.values[0], t.number)).number
 
 
 def _params(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:

@@ -117,10 +117,10 @@ def stage_if_best(bench: Workbench, result: TrialResult, params: dict[str, Any],
         return
     study = trial.study
     try:
-        best = study.best_value
+        best = best_trial(study).values[0]  # with several objectives, best_model/ holds the best on the first
     except ValueError:  # no complete trial yet
         best = None
-    minimize = study.direction == optuna.study.StudyDirection.MINIMIZE
+    minimize = study.directions[0] == optuna.study.StudyDirection.MINIMIZE
     if best is not None and not (result.value < best if minimize else result.value > best):
         return
     try:

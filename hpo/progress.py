@@ -23,7 +23,7 @@ class Progress:
     """One line per finished trial, and the running trial's last evaluation."""
 
     def __init__(self, console: Console, cfg: StudyConfig, worker: int | None = None):
-        self.console, self.metric, self.masked = console, cfg.objective.metric, cfg.masked
+        self.console, self.cfg, self.metric, self.masked = console, cfg, cfg.objective.metric, cfg.masked
         self.prefix = "" if worker is None else f"w{worker}: "
         self.waiting_for = 0  # trials running elsewhere that this worker last said it waits for
         self.best = ""  # " (best so far 0.1234)" once a trial completed
@@ -77,7 +77,7 @@ class Progress:
             if (stopped := trial.user_attrs.get("stopped_early")) is not None:
                 best += f" [cyan]stopped early[/] at {stopped} examples"
             self.print(
-                f"trial {trial.number:3d} [green]complete[/] {self.metric}={trial.value:.4f}{best} "
+                f"trial {trial.number:3d} [green]complete[/] {_values(self.cfg, trial)}{best} "
                 f"({secs:.0f}s)  {tally}\n{' ' * len(self.prefix)}    [dim]{params}[/]"
             )
         elif trial.state == TrialState.PRUNED:
@@ -92,7 +92,15 @@ class Progress:
         if SAVE_ERROR in trial.user_attrs:
             self.print(f"    [yellow]warning[/]: {escape(trial.user_attrs[SAVE_ERROR])}")
         if trial.state == TrialState.COMPLETE:
-            self.best = f" (best so far {study.best_value:.4f})"
+            self.best = f" (best so far {best_trial(study).values[0]:.4f})"
+
+
+def _values(cfg: StudyConfig, trial: FrozenTrial) -> str:
+    """``metric=value`` for each objective of a complete trial."""
+    metrics = [o.metric for o in cfg.objectives or [cfg.objective]]
+    return " ".join(
+        f"{m}={v:.4g}" if len(metrics) > 1 else f"{m}={v:.4f}" for m, v in zip(metrics, trial.values, strict=True)
+    )
 
 
 def _rejection(attrs: dict[str, Any]) -> str:
@@ -116,7 +124,13 @@ def print_summary(console: Console, cfg: StudyConfig, study: optuna.Study) -> No
         console.print("[red]no trial completed[/]")
         return
     under = f" (revision {trial_revision(best)})" if current_revision(study) else ""
-    console.print(f"\n[bold]best[/] trial {best.number}{under}: {cfg.objective.metric}={best.value:.4f}")
+    if cfg.objectives:  # no single best: the front, each trial better than every other on some objective
+        front = sorted(study.best_trials, key=lambda t: t.number)
+        console.print(f"\n[bold]Pareto front[/]: {len(front)} trial(s) (hpo best --pick EXPR chooses one)")
+        for t in front:
+            console.print(f"  trial {t.number}: {_values(cfg, t)}  [dim]{escape(_fmt_params(t.params))}[/]")
+    label = "best" if not cfg.objectives else "best on the first objective (its model is best_model/)"
+    console.print(f"\n[bold]{label}[/] trial {best.number}{under}: {cfg.objective.metric}={best.values[0]:.4f}")
     console.print(json.dumps(best.params, indent=2))
     for warning in at_edges(best.params, best.distributions):
         console.print(f"[yellow]at the edge[/]: {escape(warning)}")

@@ -37,10 +37,12 @@ class PruningCallback(TrainerCallback):
         keep_best: bool = False,
         patience: int | None = None,
         min_delta: float = 0.0,
+        report: bool = True,
     ):
         self.trial, self.metric, self.n_train, self.every = trial, metric, n_train, every
         self.on_eval = on_eval
         self.minimize, self.keep_best, self.patience, self.min_delta = minimize, keep_best, patience, min_delta
+        self.report = report  # False: several objectives, which Optuna neither takes reports for nor prunes
         self.history: list[tuple[int, dict[str, float]]] = []
         self.best: int | None = None  # index in history of the best evaluation
         self.best_state: dict[str, Any] | None = None  # with keep_best: the trained weights at that evaluation
@@ -81,10 +83,11 @@ class PruningCallback(TrainerCallback):
             self.diverged, control.should_training_stop = (step, bad), True
             return
         self._track_best(value, kwargs.get("model"))
-        self.trial.report(value, step)
+        if self.report:
+            self.trial.report(value, step)
         if self.on_eval:
             self.on_eval(step, value)
-        if self.trial.should_prune():
+        if self.report and self.trial.should_prune():
             self.pruned_at, control.should_training_stop = step, True
         elif self.patience is not None and len(self.history) - 1 - self.improved >= self.patience:
             self.stopped_early, control.should_training_stop = step, True

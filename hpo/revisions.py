@@ -50,7 +50,7 @@ def fingerprint(
     return cfg.masked_data(
         {
             "task": cfg.task,
-            "objective": cfg.objective.model_dump(mode="json"),
+            "objective": objective_key(cfg),
             "model": model,
             "data": data,
             "eval_every": cfg.eval_every.model_dump(mode="json", exclude_none=True),
@@ -165,7 +165,7 @@ def check_objective(study: optuna.Study, cfg: StudyConfig) -> None:
     """
     stored = study.user_attrs.get(FINGERPRINT)
     old = stored["objective"] if stored else _legacy_objective(study)
-    new = cfg.objective.model_dump(mode="json")
+    new = objective_key(cfg)
     if old is not None and old != new:
         raise cfg.error(
             ("objective",),
@@ -214,8 +214,22 @@ def check_trial_settings(study: optuna.Study, cfg: StudyConfig, trial: optuna.tr
         )
 
 
+def objective_key(cfg: StudyConfig) -> dict[str, Any]:
+    """What a trial's value means: metric and direction, ``at`` when not the default, and the other objectives.
+
+    Written as studies made before ``at`` and ``objectives`` existed stored it, so that they resume unchanged.
+    """
+    key: dict[str, Any] = {"metric": cfg.objective.metric, "direction": cfg.objective.direction}
+    if cfg.objective.at != "last":
+        key["at"] = cfg.objective.at
+    if cfg.objectives:
+        key["objectives"] = [f"{o.metric} ({o.direction})" for o in cfg.objectives]
+    return key
+
+
 def _objective(objective: dict[str, Any]) -> str:
-    return f"{objective.get('metric')} ({objective.get('direction')})"
+    extra = "".join(f", {k}: {objective[k]}" for k in ("at", "objectives") if k in objective)
+    return f"{objective.get('metric')} ({objective.get('direction')}){extra}"
 
 
 def _legacy_objective(study: optuna.Study) -> dict[str, Any] | None:
@@ -223,7 +237,7 @@ def _legacy_objective(study: optuna.Study) -> dict[str, Any] | None:
     if not study.trials and CONFIG not in study.user_attrs:
         return None
     metric = study.user_attrs.get(CONFIG, {}).get("objective", {}).get("metric", "eval_loss")
-    return {"metric": metric, "direction": study.direction.name.lower()}
+    return {"metric": metric, "direction": study.directions[0].name.lower()}
 
 
 def trial_revision(trial: optuna.trial.FrozenTrial) -> int:

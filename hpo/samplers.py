@@ -105,7 +105,7 @@ def dry_run(
     sampler: optuna.samplers.BaseSampler,
     pruner: optuna.pruners.BasePruner,
     space: Mapping[str, BaseDistribution],
-    direction: str,
+    direction: str | list[str],
     n_trials: int = 3,
 ) -> None:
     """Ask, report, prune and tell a few trials of an in-memory study with made-up values.
@@ -119,16 +119,17 @@ def dry_run(
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
     try:
-        study = optuna.create_study(sampler=sampler, pruner=pruner, direction=direction)
+        directions = [direction] if isinstance(direction, str) else direction
+        study = optuna.create_study(sampler=sampler, pruner=pruner, directions=directions)
     finally:
         optuna.logging.set_verbosity(verbosity)
     rng = np.random.default_rng(0)
     for _ in range(n_trials):
         trial = study.ask(dict(space))
-        for step in (1, 2, 3):
+        for step in (1, 2, 3) if len(directions) == 1 else ():  # Optuna prunes one objective only
             trial.report(float(rng.random()), step)
             trial.should_prune()
-        study.tell(trial, float(rng.random()))
+        study.tell(trial, [float(v) for v in rng.random(len(directions))])
 
 
 def _construct(cls: type, kwargs: dict[str, Any]) -> Any:

@@ -56,7 +56,7 @@ def open_study(
             study = optuna.create_study(
                 storage=rdb_storage(cfg),
                 study_name=cfg.study,
-                direction=cfg.objective.direction,
+                directions=cfg.directions,
                 sampler=optuna.samplers.RandomSampler(),  # replaced below, once the trials already run are known
                 pruner=samplers.make_pruner(cfg.pruner.name, cfg.pruner.args, first_step, last_step),
                 load_if_exists=True,
@@ -183,7 +183,7 @@ def count_finished(study: optuna.Study) -> int:
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial:
-    """The study's best complete trial; among equal values, the earliest.
+    """The study's best complete trial (with several objectives: on the first); among equal values, the earliest.
 
     Optuna's ``study.best_trial`` returns whichever of several equal values the database lists first:
     the report, ``best_model/`` and ``hpo best`` must all name the same one.
@@ -191,11 +191,12 @@ def best_trial(study: optuna.Study) -> FrozenTrial:
     Raises:
         ValueError: no complete trial.
     """
-    value = study.best_value
-    return min(
-        (t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value == value),
-        key=lambda t: t.number,
-    )
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise ValueError("no complete trial")
+    # One objective or several: the first decides (with several, the Pareto front is study.best_trials).
+    sign = 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
+    return min(complete, key=lambda t: (sign * t.values[0], t.number))
 
 
 def resolved_config(cfg: StudyConfig) -> dict[str, Any]:

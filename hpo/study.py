@@ -45,7 +45,7 @@ from hpo.memory import release
 from hpo.plan import make_plan
 from hpo.progress import Progress, print_summary
 from hpo.storage import FINISHED, count_finished, open_study, storage_error
-from hpo.trial import run_trial
+from hpo.trial import objective_values, run_trial
 from hpo.workbench import Workbench, prepare
 
 MAX_REJECTED_IN_A_ROW = 100  # constraints that leave almost no feasible space
@@ -328,7 +328,7 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
                 raise optuna.TrialPruned(f"pruned at step {result.attrs['pruned_at_step']}")
             outputs.stage_if_best(bench, result, params, trial)
             state = "COMPLETE"
-            return result.value
+            return objective_values(cfg, result) if cfg.objectives else result.value
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL and re-raises

@@ -72,6 +72,8 @@ ATTRS = (
     "train_seconds",
     "samples_per_second",
     "peak_memory_mb",
+    "eval_latency_ms",
+    "trainable_parameters",
     PRUNED_AT_STEP,
     REVISION,
 )  # the revision of the study file the trial ran under
@@ -159,7 +161,7 @@ def _group(study: optuna.Study) -> dict[str, Any]:
     return {
         "task": config.get("task"),
         "metric": config.get("objective", {}).get("metric", "objective"),
-        "direction": study.direction.name.lower(),
+        "direction": study.directions[0].name.lower(),  # with several objectives, the first's
     }
 
 
@@ -180,6 +182,7 @@ def trials_frame(studies: Sequence[optuna.Study], include_pruned: bool = False) 
     rows = []
     for study in studies:
         group = _group(study)
+        front = {t.number for t in study.best_trials} if len(study.directions) > 1 else None
         for t in study.get_trials(deepcopy=False, states=FINISHED):
             row: dict[str, Any] = {
                 "study": study.study_name,
@@ -187,8 +190,10 @@ def trials_frame(studies: Sequence[optuna.Study], include_pruned: bool = False) 
                 "state": t.state.name.lower(),
                 "final": t.state == TrialState.COMPLETE,
                 **group,
-                "objective": t.value,
+                "objective": t.values[0] if t.values else None,  # with several objectives, the first
             }
+            if front is not None:  # several objectives: whether no other trial beats it on all of them
+                row["pareto"] = t.number in front
             row.update({k: t.user_attrs.get(k) for k in ATTRS})
             row[REVISION] = t.user_attrs.get(REVISION, 0)  # trials from before revisions were kept: 0
             row.update({f"params_{k}": v for k, v in {**t.params, **t.user_attrs.get(DERIVED_PARAMS, {})}.items()})
@@ -230,7 +235,7 @@ def studies_frame(studies: Sequence[optuna.Study], trials: pd.DataFrame | None =
                 "n_complete": states.count(TrialState.COMPLETE),
                 "n_pruned": states.count(TrialState.PRUNED),
                 "n_failed": states.count(TrialState.FAIL),
-                "best": best.value if best else np.nan,
+                "best": best.values[0] if best else np.nan,
                 "median": final.loc[final["study"] == study.study_name, "objective"].median(),
                 **(stats.loc[key].to_dict() if key in stats.index else {"count": 0} | dict.fromkeys(STATS[1:], np.nan)),
                 "steps_spent": int(mine["optimizer_steps"].fillna(0).sum()),
@@ -337,7 +342,16 @@ def write_html(studies: Sequence[optuna.Study], trials: pd.DataFrame, summary: p
     for study in studies:
         sections.append(f"<h2>{html.escape(study.study_name)}</h2>")
         lines, fanova = _sample(study, MAX_LINES), _sample(study, MAX_FANOVA)
-        figure("Optimization history", lambda s=study: vis.plot_optimization_history(s))
+        if len(study.directions) > 1:  # the front, then the first objective's history
+            names = [o["metric"] for o in study.user_attrs.get(CONFIG, {}).get("objectives", [])]
+            figure("Pareto front", lambda s=study, n=names: vis.plot_pareto_front(s, target_names=n or None))
+            first = names[0] if names else "objective 1"
+            figure(
+                f"Optimization history ({first})",
+                lambda s=study, n=first: vis.plot_optimization_history(s, target=lambda t: t.values[0], target_name=n),
+            )
+        else:
+            figure("Optimization history", lambda s=study: vis.plot_optimization_history(s))
         figure(
             f"Intermediate values (pruned trials stop early){_shown(lines, study)}",
             lambda s=lines: vis.plot_intermediate_values(s),
@@ -400,7 +414,7 @@ def _sample(study: optuna.Study, n: int) -> optuna.Study:
     if len(trials) <= n:
         return study
     keep = sorted(np.random.default_rng(0).choice(len(trials), size=n, replace=False))
-    sample = optuna.create_study(study_name=study.study_name, direction=study.direction)
+    sample = optuna.create_study(study_name=study.study_name, directions=study.directions)
     sample.add_trials([trials[i] for i in keep])
     return sample
 

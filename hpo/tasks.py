@@ -70,3 +70,6 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "eval_perplexity": False,
 }
 assert {m for t in TASKS.values() for m in t.metrics} == set(HIGHER_IS_BETTER)
+#: What a trial costs, as hpo measures it: an ``objectives:`` entry may name these too (lower is better).
+#: ``eval_latency_ms``: milliseconds per example at the last evaluation, on the study's device at its eval batch.
+COST_METRICS = ("train_seconds", "peak_memory_mb", "trainable_parameters", "eval_latency_ms")

@@ -172,6 +172,7 @@ def run_trial(
         keep_best=cfg.objective.at == "best",
         patience=stopping.patience if stopping else None,
         min_delta=stopping.min_delta if stopping else 0.0,
+        report=not cfg.objectives,
     )
     saver = None
     if checkpoint_dir is not None:
@@ -256,6 +257,13 @@ def run_trial(
     with contextlib.suppress(OSError):  # nothing was written there: leave no empty folder behind
         os.removedirs(args.output_dir)  # and trials/ when it is empty too
     return TrialResult(value=value, pruned=callback.pruned_at is not None, attrs=attrs, history=history, model=model)
+
+
+def objective_values(cfg, result: TrialResult) -> list[float]:
+    """The trial's value for each of ``objectives``: task metrics at the scored evaluation (as the first
+    objective's), cost figures from what the trial measured."""
+    scored = next(h for h in result.history if h["step"] == result.attrs["scored_step"])
+    return [float(scored[o.metric] if o.metric in scored else result.attrs[o.metric]) for o in cfg.objectives]
 
 
 def _build_model(bench: Workbench, plan: TrialPlan) -> tuple[Any, dict[str, list[str]]]:
@@ -393,6 +401,10 @@ def _measurements(
         "last_step": last_step,
         "train_seconds": round(seconds, 3),
         "samples_per_second": round(examples / seconds, 2) if seconds > 0 else None,
+        # inference per example at the last evaluation, on this device at the eval batch: a cost to trade off
+        "eval_latency_ms": round(1000 / last["eval_samples_per_second"], 4)
+        if last.get("eval_samples_per_second")
+        else None,
         "peak_memory_mb": round(meter.peak_mb, 1),  # the trial's own: above the process's level before it
         "device": bench.device,
         "processes": trainer.args.world_size,  # ranks of a multi-process trial (peak memory: rank 0's)

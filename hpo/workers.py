@@ -53,14 +53,14 @@ def gpu_ids() -> list[str]:
 
 
 def check_devices(cfg: StudyConfig, n: int, gpus: Sequence[str]) -> None:
-    """``n`` workers × ``resources.processes_per_trial`` processes fit the GPUs (on CPU: the cores).
+    """``n`` workers × ``resources.processes_per_trial`` processes (when over 1) fit the GPUs (on CPU: the cores).
 
     Raises:
         ConfigError: they do not; one rank per GPU (or core) is the rule, sharing one would only slow both.
     """
     per = cfg.resources.processes_per_trial
     have, what = (len(gpus), "GPU(s)") if gpus else (os.cpu_count() or 1, "CPU core(s)")
-    if n * per > have:
+    if per > 1 and n * per > have:  # one-process workers may share (round robin, threads shared out), as ever
         raise cfg.error(
             ("resources", "processes_per_trial"),
             f"{n} worker(s) × {per} processes per trial need {n * per} {what}; this machine has {have}",

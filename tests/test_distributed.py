@@ -145,6 +145,8 @@ def test_more_processes_than_devices_is_one_line_before_any_trial(tiny_model, tm
     with pytest.raises(ConfigError, match=r"need 3 GPU\(s\); this machine has 2"):
         check_devices(cfg, 1, ["0", "1"])
     check_devices(cfg, 1, ["0", "1", "2"])
+    one = load(study_dict(tiny_model, storage=f"sqlite:///{tmp_path}/d.db"))
+    check_devices(one, 64, [])  # one-process workers share cores (and GPUs, round robin) as they always could
     assert worker_env(1, 2, ["0", "1", "2", "3"], per_trial=2) == {"CUDA_VISIBLE_DEVICES": "2,3"}  # GPUs of its own
     assert not (tmp_path / "d.db").exists()
 

@@ -231,3 +231,22 @@ def test_entries_queued_under_an_older_revision_are_not_trained_outside_the_new_
     assert queued.params == {} and queued.user_attrs["rejected_enqueued"] == "learning_rate=0.0002"
     assert "train_seconds" not in queued.user_attrs  # rejected before training
     assert all(1e-3 <= t.params["learning_rate"] <= 1e-2 for t in study.trials[2:])
+
+
+def test_what_a_value_means_is_keyed_as_older_studies_stored_it(tiny_model):
+    # A study saved before objective.at and objectives existed stored {metric, direction}: a default study file
+    # must key the same, or every existing study is refused ("ranks its trials by eval_loss (minimize); this file
+    # asks for eval_loss (minimize)" — seen when the key was the whole model, `at` included).
+    from conftest import study_dict
+
+    from hpo.api import load
+    from hpo.revisions import objective_key
+
+    assert objective_key(load(study_dict(tiny_model))) == {"metric": "eval_loss", "direction": "minimize"}
+    best = objective_key(load(study_dict(tiny_model, objective={"at": "best"})))
+    assert best == {"metric": "eval_loss", "direction": "minimize", "at": "best"}  # another meaning: refused
+    two = [{"metric": "eval_loss"}, {"metric": "train_seconds"}]
+    assert objective_key(load(study_dict(tiny_model, objectives=two)))["objectives"] == [
+        "eval_loss (minimize)",
+        "train_seconds (minimize)",
+    ]

@@ -33,7 +33,7 @@ from hpo.config.compose import mask
 from hpo.errors import ConfigError, KeyPath, Problem, SourceMap, did_you_mean
 from hpo.expr import Expression
 from hpo.space import Condition, Param, SearchName
-from hpo.tasks import HIGHER_IS_BETTER, TASKS
+from hpo.tasks import COST_METRICS, HIGHER_IS_BETTER, TASKS
 
 DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".conll")
 
@@ -258,9 +258,8 @@ class Objective(_Strict):
     @model_validator(mode="after")
     def _infer_direction(self) -> Objective:
         if self.direction is None:
-            self.direction = (
-                "maximize" if HIGHER_IS_BETTER.get(self.metric, not self.metric.endswith("loss")) else "minimize"
-            )
+            higher = HIGHER_IS_BETTER.get(self.metric, not self.metric.endswith("loss"))
+            self.direction = "maximize" if higher and self.metric not in COST_METRICS else "minimize"
         return self
 
 
@@ -337,6 +336,14 @@ class StudyConfig(_Strict):
         "Default: off.",
     )
     objective: Objective = Field(Objective(), description="The metric to optimize; default: eval_loss, minimized.")
+    objectives: list[Objective] | None = Field(
+        None,
+        min_length=2,
+        description="Instead of objective: several, e.g. [{metric: eval_loss}, {metric: eval_latency_ms}]; the "
+        "study keeps a Pareto front. Task metrics and cost figures (train_seconds, peak_memory_mb, "
+        "trainable_parameters, eval_latency_ms; minimized). The first must be a task metric. Optuna cannot "
+        "prune such a study: the pruner defaults to none.",
+    )
     early_stopping: EarlyStopping | None = Field(
         None,
         description="{patience: N, min_delta: d}: a trial whose objective did not improve by more than d in N "
@@ -407,6 +414,24 @@ class StudyConfig(_Strict):
     @classmethod
     def _name_only(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _several_objectives(self) -> StudyConfig:
+        """With ``objectives``, ``objective`` is the first of them (its curve is the one reported and the model
+        kept in best_model/ is the best on it) and the pruner defaults to none (Optuna cannot prune them)."""
+        if self.objectives:
+            given = set(self.model_fields_set)  # what the file wrote: assigning below would add to it
+            if "objective" not in given:
+                self.objective = self.objectives[0]
+            if "pruner" not in given:
+                self.pruner = PrunerSpec(name="none")
+            self.__pydantic_fields_set__ = given
+        return self
+
+    @property
+    def directions(self) -> list[str]:
+        """The direction of each objective: one, or one per ``objectives`` entry."""
+        return [o.direction for o in self.objectives or [self.objective]]
 
     @field_validator("output_dir")
     @classmethod

@@ -22,7 +22,7 @@ from hpo import samplers, space, trackers
 from hpo.config.compose import mask
 from hpo.config.models import StudyConfig
 from hpo.errors import ConfigError, KeyPath, Problem, SourceMap, did_you_mean
-from hpo.tasks import TASKS
+from hpo.tasks import COST_METRICS, TASKS
 
 
 def build(raw: dict[str, Any], source: SourceMap, path: Path, env: str | None, secrets: frozenset[str]) -> StudyConfig:
@@ -199,11 +199,39 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
             )
         )
     metrics = TASKS[cfg.task].metrics
+    if cfg.objectives:
+        if "objective" in cfg.model_fields_set:
+            problems.append(src.problem(("objectives",), "objective and objectives both set: keep one"))
+        for i, o in enumerate(cfg.objectives):
+            if i and o.metric not in (*metrics, *COST_METRICS):
+                problems.append(
+                    src.problem(
+                        ("objectives", i, "metric"),
+                        f"{o.metric!r} is neither reported by {cfg.task} nor a cost hpo measures; one of "
+                        f"{', '.join((*metrics, *COST_METRICS))}",
+                    )
+                )
+            if i and o.at != "last":
+                problems.append(src.problem(("objectives", i, "at"), "only the first objective takes at:"))
+        if len({o.metric for o in cfg.objectives}) < len(cfg.objectives):
+            problems.append(src.problem(("objectives",), "a metric is named twice"))
+        if cfg.pruner.name != "none":
+            problems.append(
+                src.problem(
+                    ("pruner",),
+                    "Optuna cannot prune a study of several objectives: pruner: {name: none}, or one objective",
+                )
+            )
+        if cfg.sampler.name == "cmaes":
+            problems.append(
+                src.problem(("sampler", "name"), "cmaes optimizes one objective: tpe, nsga2, gp, random or qmc")
+            )
     if cfg.objective.metric not in metrics:
+        first = " (the first objective is evaluated as training goes: a task metric)" if cfg.objectives else ""
         problems.append(
             src.problem(
-                ("objective", "metric"),
-                f"{cfg.objective.metric!r} is not reported by {cfg.task}; one of {', '.join(metrics)}",
+                ("objectives", 0, "metric") if cfg.objectives else ("objective", "metric"),
+                f"{cfg.objective.metric!r} is not reported by {cfg.task}{first}; one of {', '.join(metrics)}",
             )
         )
     if cfg.early_stopping is not None and cfg.objective.at != "best":
@@ -257,7 +285,7 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
         problems.append(src.problem(("pruner",), str(e)))
     if sampler is not None and pruner is not None and not problems:
         try:  # what only shows when the sampler runs: an argument the constructor stores unchecked
-            samplers.dry_run(sampler, pruner, dists, cfg.objective.direction)
+            samplers.dry_run(sampler, pruner, dists, cfg.directions)
         except Exception as e:  # noqa: BLE001 - any error here would fail every trial
             problems.append(
                 src.problem(
