@@ -227,7 +227,18 @@ def report(
         console.print(
             _table(
                 rows.head(10),
-                ["rank", "study", "trial", "state", "pareto", "objective", "eval_accuracy", "optimizer_steps", "score"],
+                [
+                    "rank",
+                    "study",
+                    "trial",
+                    "state",
+                    "pareto",
+                    "objective",
+                    "value_std",
+                    "eval_accuracy",
+                    "optimizer_steps",
+                    "score",
+                ],
                 f"top 10 trials: {label}{pruned} (params in the CSV and HTML)",
             )
         )

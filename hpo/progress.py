@@ -76,6 +76,8 @@ class Progress:
             best = " [green]★ best[/]" if best_trial(study).number == trial.number else ""
             if (stopped := trial.user_attrs.get("stopped_early")) is not None:
                 best += f" [cyan]stopped early[/] at {stopped} examples"
+            if "value_std" in trial.user_attrs:  # repeats: the mean of the seeds, and their spread
+                best = f" ± {trial.user_attrs['value_std']:.4f}{best}"
             self.print(
                 f"trial {trial.number:3d} [green]complete[/] {_values(self.cfg, trial)}{best} "
                 f"({secs:.0f}s)  {tally}\n{' ' * len(self.prefix)}    [dim]{params}[/]"
@@ -130,7 +132,12 @@ def print_summary(console: Console, cfg: StudyConfig, study: optuna.Study) -> No
         for t in front:
             console.print(f"  trial {t.number}: {_values(cfg, t)}  [dim]{escape(_fmt_params(t.params))}[/]")
     label = "best" if not cfg.objectives else "best on the first objective (its model is best_model/)"
-    console.print(f"\n[bold]{label}[/] trial {best.number}{under}: {cfg.objective.metric}={best.values[0]:.4f}")
+    spread = (
+        f" ± {best.user_attrs['value_std']:.4f} over {best.user_attrs['repeats']} seeds"
+        if "value_std" in best.user_attrs
+        else ""
+    )
+    console.print(f"\n[bold]{label}[/] trial {best.number}{under}: {cfg.objective.metric}={best.values[0]:.4f}{spread}")
     console.print(json.dumps(best.params, indent=2))
     for warning in at_edges(best.params, best.distributions):
         console.print(f"[yellow]at the edge[/]: {escape(warning)}")

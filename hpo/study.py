@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import signal
 import socket
+import statistics
 import threading
 import time
 import traceback
@@ -316,6 +318,8 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
             upload_json(store, trial, "training_arguments.json", args)  # TrainingArguments(**json.load(f))
             saved = _checkpoints(trial, cfg, params, revision, len(bench.train_rows)) if cfg.checkpoint_every else None
             result = _fitting(bench, plan, trial, params, progress, revision, saved, _also_to(run, cfg, progress))
+            if cfg.repeats > 1 and not result.pruned:
+                _repeat(bench, plan, trial, result, progress)
             if "resumed_from_step" in result.attrs:  # the best of the whole curve, the carried-over part too
                 values = trial.storage.get_trial(trial._trial_id).intermediate_values.values()
                 pick = min if cfg.objective.direction == "minimize" else max
@@ -452,6 +456,38 @@ def _fitting(
         trial.set_user_attr(EVAL_BATCH, eval_batch)  # the trials after it start there
     trial.set_user_attr(OOM_RETRIES, len(retries))  # restarts, for training or evaluation batches
     return result
+
+
+def _repeat(bench: Workbench, plan, trial: optuna.Trial, result, progress: Progress) -> None:
+    """Train ``plan`` again with the other seeds of ``repeats`` (no reports: the pruner saw the first seed's
+    curve) and make ``result`` their mean, with the spread, the seeds' values, and their training time summed."""
+    cfg = bench.cfg
+    seed = int(plan.training_arguments.get("seed", 42))
+    micro = trial.storage.get_trial_user_attrs(trial._trial_id).get(MICRO_BATCH)
+    values, seconds = [result.value], result.attrs["train_seconds"]
+    for i in range(1, cfg.repeats):
+        again = dataclasses.replace(plan, training_arguments={**plan.training_arguments, "seed": seed + i})
+        other, *_ = memory.fit(
+            again,
+            lambda p, meter, i=i: run_trial(
+                bench, p, trial, meter=meter, run_name=f"trial-{trial.number:04d}-seed{seed + i}", report=False
+            ),
+            bench.device,
+            micro,
+        )
+        values.append(other.value)
+        seconds += other.attrs["train_seconds"]
+        progress.print(f"trial {trial.number:3d} [dim]seed {seed + i}: {cfg.objective.metric}={other.value:.4f}[/]")
+        release(other)
+    result.attrs.update(
+        repeats=cfg.repeats,
+        seeds=[seed + i for i in range(cfg.repeats)],
+        repeat_values=values,
+        value_std=statistics.stdev(values),
+        model_value=result.value,  # the saved model is the first seed's
+        train_seconds=round(seconds, 3),
+    )
+    result.value = statistics.fmean(values)
 
 
 def _outside(fixed: dict[str, Any] | None, distributions: dict[str, Any]) -> str:

@@ -74,6 +74,7 @@ ATTRS = (
     "peak_memory_mb",
     "eval_latency_ms",
     "trainable_parameters",
+    "value_std",  # repeats: the objective is the seeds' mean, this their spread
     PRUNED_AT_STEP,
     REVISION,
 )  # the revision of the study file the trial ran under

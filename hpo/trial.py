@@ -113,13 +113,15 @@ def run_trial(
     meter: PeakMeter | None = None,
     callbacks: Sequence[TrainerCallback] = (),
     checkpoint_dir: Path | None = None,
+    report: bool = True,
 ) -> TrialResult:
     """Fine-tune once as ``plan`` says and report evaluations to ``trial``.
 
     Logs go to ``<outputs>/tensorboard/<run_name>`` (default ``trial-NNNN``):
     one TensorBoard run per trial. ``meter`` measures the trial's peak memory (default: from now on);
     ``callbacks`` join the Trainer's (``hpo check`` times steps with one). With ``checkpoint_dir`` (and the
-    study's ``checkpoint_every``) it saves checkpoints there and resumes from the newest complete one.
+    study's ``checkpoint_every``) it saves checkpoints there and resumes from the newest complete one. ``report``:
+    False trains without telling Optuna (the other seeds of ``repeats``).
 
     Returns the objective at the last evaluation (the model the trial ends
     with), whether the pruner stopped it, and the measurements to keep.
@@ -172,7 +174,7 @@ def run_trial(
         keep_best=cfg.objective.at == "best",
         patience=stopping.patience if stopping else None,
         min_delta=stopping.min_delta if stopping else 0.0,
-        report=not cfg.objectives,
+        report=report and not cfg.objectives,
     )
     saver = None
     if checkpoint_dir is not None:
@@ -441,6 +443,8 @@ def save_model(
             "value": result.value,
             "params": dict(params),
         }
+        if "model_value" in result.attrs:  # repeats: the value is the seeds' mean; this model is the first seed's
+            info["model_value"], info["model_seed"] = result.attrs["model_value"], result.attrs["seeds"][0]
         (tmp / "hpo_trial.json").write_text(json.dumps(info, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

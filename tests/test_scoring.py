@@ -53,3 +53,27 @@ def test_last_scores_the_model_training_ends_with(tiny_model, tmp_path):
 def test_early_stopping_needs_the_best_evaluation_as_the_value(tiny_model):
     with pytest.raises(ConfigError, match=r"early_stopping: needs objective\.at: best"):
         hpo.validate(study_dict(tiny_model, early_stopping={"patience": 2}))
+
+
+def test_repeats_score_a_configuration_on_the_mean_of_its_seeds(tiny_model, tmp_path):
+    import json
+    import statistics
+
+    study = overfitting(
+        tiny_model,
+        tmp_path,
+        repeats=3,
+        train={"num_train_epochs": 2, "seed": 7, "learning_rate": 1e-3, "per_device_train_batch_size": 4},
+    )
+    (trial,) = hpo.run(study, console=Console(quiet=True)).trials
+    values = trial.user_attrs["repeat_values"]
+    assert trial.user_attrs["seeds"] == [7, 8, 9] and len(set(values)) == 3  # three seeds, three outcomes
+    assert trial.value == pytest.approx(statistics.fmean(values))
+    assert trial.user_attrs["value_std"] == pytest.approx(statistics.stdev(values))
+    assert trial.intermediate_values[max(trial.intermediate_values)] == values[0]  # the curve: the first seed's
+    # The model saved is the first seed's, and says so: its own value beside the trial's mean.
+    saved = json.loads((tmp_path / "outputs" / "best_model" / "hpo_trial.json").read_text())
+    assert saved["value"] == trial.value and saved["model_value"] == values[0] and saved["model_seed"] == 7
+    assert reevaluated(study, tmp_path / "outputs" / "best_model") == pytest.approx(values[0], rel=1e-5)
+    (row,) = hpo.report(study).trials.to_dict("records")
+    assert row["objective"] == trial.value and row["value_std"] == trial.user_attrs["value_std"]

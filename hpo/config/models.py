@@ -344,6 +344,12 @@ class StudyConfig(_Strict):
         "trainable_parameters, eval_latency_ms; minimized). The first must be a task metric. Optuna cannot "
         "prune such a study: the pruner defaults to none.",
     )
+    repeats: PositiveInt = Field(
+        1,
+        description="Train each configuration with this many seeds (train.seed, +1, +2, ...): its value is the "
+        "mean, its spread value_std. The first seed's run reports the curve the pruner sees, and its model is "
+        "the one saved.",
+    )
     early_stopping: EarlyStopping | None = Field(
         None,
         description="{patience: N, min_delta: d}: a trial whose objective did not improve by more than d in N "

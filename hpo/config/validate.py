@@ -199,6 +199,8 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
             )
         )
     metrics = TASKS[cfg.task].metrics
+    if cfg.objectives and cfg.repeats > 1:
+        problems.append(src.problem(("repeats",), "repeats with several objectives is not supported yet: one of them"))
     if cfg.objectives:
         if "objective" in cfg.model_fields_set:
             problems.append(src.problem(("objectives",), "objective and objectives both set: keep one"))
