@@ -320,7 +320,7 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
             result = _fitting(bench, plan, trial, params, progress, revision, saved, _also_to(run, cfg, progress))
             if cfg.repeats > 1 and not result.pruned:
                 _repeat(bench, plan, trial, result, progress)
-            if "resumed_from_step" in result.attrs:  # the best of the whole curve, the carried-over part too
+            if "resumed_from_step" in result.attrs and not cfg.objectives:  # the best of the whole curve
                 values = trial.storage.get_trial(trial._trial_id).intermediate_values.values()
                 pick = min if cfg.objective.direction == "minimize" else max
                 result.attrs[f"best_{cfg.objective.metric}"] = pick(values)
@@ -377,7 +377,7 @@ def _checkpoints(trial: optuna.Trial, cfg: StudyConfig, params: dict[str, Any], 
         checkpoints.clear(folder)
         return folder
     seen = checkpoints.examples_seen(checkpoint, n_train)
-    for step, value in sorted(trials[before].intermediate_values.items()):
+    for step, value in sorted(trials[before].intermediate_values.items()):  # none with several objectives
         if step <= seen:
             trial.report(value, step)
     trial.set_user_attr("resumed_from_trial", before)

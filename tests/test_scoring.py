@@ -77,3 +77,13 @@ def test_repeats_score_a_configuration_on_the_mean_of_its_seeds(tiny_model, tmp_
     assert reevaluated(study, tmp_path / "outputs" / "best_model") == pytest.approx(values[0], rel=1e-5)
     (row,) = hpo.report(study).trials.to_dict("records")
     assert row["objective"] == trial.value and row["value_std"] == trial.user_attrs["value_std"]
+
+
+def test_repeats_refuses_what_it_cannot_average_yet(tiny_model):
+    two = [{"metric": "eval_loss"}, {"metric": "train_seconds"}]
+    for changes, message in [
+        ({"objectives": two}, "repeats: repeats with several objectives"),
+        ({"resources": {"processes_per_trial": 2}}, "repeats: repeats with processes_per_trial over 1"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            hpo.validate(study_dict(tiny_model, repeats=2, **changes))

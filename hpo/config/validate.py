@@ -199,8 +199,12 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
             )
         )
     metrics = TASKS[cfg.task].metrics
-    if cfg.objectives and cfg.repeats > 1:
+    if cfg.repeats > 1 and cfg.objectives:
         problems.append(src.problem(("repeats",), "repeats with several objectives is not supported yet: one of them"))
+    if cfg.repeats > 1 and cfg.resources.processes_per_trial > 1:
+        problems.append(
+            src.problem(("repeats",), "repeats with processes_per_trial over 1 is not supported yet: one of them")
+        )
     if cfg.objectives:
         if "objective" in cfg.model_fields_set:
             problems.append(src.problem(("objectives",), "objective and objectives both set: keep one"))
