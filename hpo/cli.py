@@ -284,7 +284,14 @@ def best(
     if trial is not None and pick is not None:
         err.print("[red]error[/] <command line>: --trial and --pick: give one")
         raise typer.Exit(2)
-    out = out or cfg.output_path / ("best.json" if trial is None else f"trial-{trial:04d}.json")
+    default = (
+        "best.json"
+        if trial is None and pick is None
+        else f"trial-{trial:04d}.json"
+        if trial is not None
+        else "picked.json"
+    )
+    out = out or cfg.output_path / default  # never over best.json: that is the best trial's
     try:
         _, rest = api.best(cfg, out=out, trial=trial, pick=pick)
     except ConfigError as e:

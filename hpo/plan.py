@@ -53,7 +53,8 @@ class TrialPlan:
 def make_plan(cfg: StudyConfig, params: Mapping[str, Any], devices: int | None = None) -> TrialPlan:
     """The plan of a trial with sampled and derived ``params``.
 
-    ``devices``: what ``lr_scaling`` counts; by default, the devices of this machine. An export passes the
+    ``devices``: what ``lr_scaling`` counts; by default, the trial's processes (``processes_per_trial``) when
+    over 1, else the devices of this machine. An export passes the
     number the trial ran with (a trial on one GPU of four, exported on the four, scaled by one).
 
     Raises:
@@ -67,7 +68,8 @@ def make_plan(cfg: StudyConfig, params: Mapping[str, Any], devices: int | None =
             quantization["bits"] = model_params.pop("bits")
     settings = training_arguments({**cfg.train, **training})
     if settings.get("lr_scaling") == "linear" and devices is None:
-        devices = knobs.device_count()
+        per_trial = cfg.resources.processes_per_trial  # the ranks of one trial, each a device: the global batch
+        devices = per_trial if per_trial > 1 else knobs.device_count()
     args, own = knobs.split(settings, devices or 1)
     lora = None
     if cfg.is_lora:

@@ -58,8 +58,22 @@ def fingerprint(
             "search_space": {
                 name: p.model_dump(mode="json", exclude_defaults=True) for name, p in cfg.search_space.items()
             },
+            **_how_trials_run(cfg),
         }
     )
+
+
+def _how_trials_run(cfg: StudyConfig) -> dict[str, Any]:
+    """Settings that change what a trial's value means, when not their defaults (so that studies made before
+    them keep their fingerprint): seeds per value, early stopping, and the ranks that make the global batch."""
+    out: dict[str, Any] = {}
+    if cfg.repeats != 1:
+        out["repeats"] = cfg.repeats
+    if cfg.early_stopping is not None:
+        out["early_stopping"] = cfg.early_stopping.model_dump(mode="json")
+    if cfg.resources.processes_per_trial != 1:
+        out["processes_per_trial"] = cfg.resources.processes_per_trial
+    return out
 
 
 def exported(fingerprint: dict[str, Any]) -> dict[str, Any]:

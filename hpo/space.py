@@ -404,7 +404,8 @@ def at_edges(params: Mapping[str, Any], distributions: Mapping[str, BaseDistribu
     out = []
     for name, value in params.items():
         d = distributions.get(name)
-        if isinstance(d, FloatDistribution | IntDistribution) and d.high > d.low:
+        few = isinstance(d, IntDistribution) and (d.high - d.low) // d.step < 2  # two values: both are edges
+        if isinstance(d, FloatDistribution | IntDistribution) and d.high > d.low and not few:
             scale = math.log if d.log else float
             share = (scale(value) - scale(d.low)) / (scale(d.high) - scale(d.low))
             if share <= EDGE or share >= 1 - EDGE:

@@ -29,7 +29,14 @@ SUPPORTED = ("mlflow", "wandb", "tensorboard", "none")
 #: The extra that installs each tracker.
 EXTRAS = {"mlflow": "mlflow", "wandb": "wandb"}
 #: Cost figures logged as metrics when a trial ends (user attrs of the trial).
-COSTS = ("train_seconds", "peak_memory_mb", "trainable_parameters", "samples_per_second", "optimizer_steps")
+COSTS = (
+    "train_seconds",
+    "peak_memory_mb",
+    "trainable_parameters",
+    "eval_latency_ms",
+    "samples_per_second",
+    "optimizer_steps",
+)
 
 
 #: MLflow's run status per way a trial ends: a pruned trial is not a failed one.

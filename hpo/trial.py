@@ -403,9 +403,9 @@ def _measurements(
         "last_step": last_step,
         "train_seconds": round(seconds, 3),
         "samples_per_second": round(examples / seconds, 2) if seconds > 0 else None,
-        # inference per example at the last evaluation, on this device at the eval batch: a cost to trade off
-        "eval_latency_ms": round(1000 / last["eval_samples_per_second"], 4)
-        if last.get("eval_samples_per_second")
+        # inference per example at the scored evaluation, on this device at the eval batch: a cost to trade off
+        "eval_latency_ms": round(1000 / at["eval_samples_per_second"], 4)
+        if at.get("eval_samples_per_second")
         else None,
         "peak_memory_mb": round(meter.peak_mb, 1),  # the trial's own: above the process's level before it
         "device": bench.device,

@@ -75,3 +75,12 @@ def test_what_is_saved_is_what_ran(write_study, tiny_model, tmp_path):
     assert api.best(cfg, out=tmp_path / "best.json") == (args, rest)
     assert json.loads((tmp_path / "best.json").read_text()) == args
     assert json.loads((tmp_path / "best.model.json").read_text())["lora"] == rest["lora"]
+
+
+def test_lr_scaling_counts_the_ranks_of_a_multi_process_trial(tiny_model):
+    # 4 per rank × 2 ranks = 8 = lr_base_batch_size: the rate stays as sampled (it was halved: the machine's
+    # device count, 1 here; on an 8-GPU box with 2 ranks it would have been scaled by 8).
+    train = {"lr_scaling": "linear", "lr_base_batch_size": 8}
+    cfg = api.load(study_dict(tiny_model, train=train, resources={"processes_per_trial": 2}))
+    plan = make_plan(cfg, {"learning_rate": 1e-3, "per_device_train_batch_size": 4})
+    assert plan.training_arguments["learning_rate"] == 1e-3 and plan.devices == 2

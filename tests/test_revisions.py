@@ -250,3 +250,19 @@ def test_what_a_value_means_is_keyed_as_older_studies_stored_it(tiny_model):
         "eval_loss (minimize)",
         "train_seconds (minimize)",
     ]
+
+
+def test_settings_that_change_what_a_value_means_are_in_the_fingerprint(tiny_model):
+    from conftest import study_dict
+
+    from hpo.api import load
+    from hpo.revisions import fingerprint
+
+    plain = fingerprint(load(study_dict(tiny_model)))
+    assert not {"repeats", "early_stopping", "processes_per_trial"} & set(plain)  # older studies keep theirs
+    for changes in (
+        {"repeats": 3},
+        {"early_stopping": {"patience": 2}, "objective": {"at": "best"}},
+        {"resources": {"processes_per_trial": 2}},
+    ):
+        assert fingerprint(load(study_dict(tiny_model, **changes))) != plain, changes

@@ -199,3 +199,4 @@ def test_a_best_value_at_the_edge_of_its_range_names_the_bound_to_move():
     assert at_edges({"s": "cosine"}, {"s": CategoricalDistribution(["linear", "cosine", "constant"])}) == []
     assert at_edges({"f": True}, {"f": CategoricalDistribution([False, True, None])}) == []
     assert at_edges({"x": 0.5}, {"x": FloatDistribution(0.5, 0.5)}) == []  # a single value has no edge to move
+    assert at_edges({"n": 2}, {"n": IntDistribution(1, 2)}) == []  # two values: both are edges, nothing to say
