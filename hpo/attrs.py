@@ -24,6 +24,8 @@ EVAL_BATCH = "eval_batch"  # the eval batch it evaluated with, after an evaluati
 MEMORY = "memory_signature"  # device model and size, max_memory_gb, revision: whose OOM_AT tells about whose
 OOM_RETRIES = "oom_retries"  # how many times the trial started again at a smaller micro-batch or eval batch
 OUT_OF_MEMORY = "out_of_memory"  # a FAIL for memory: a trait of the configuration, not of the worker
+TEST_METRICS = "test_metrics"  # data.test: {test_loss, ...} of a trial that may be among the best; never chosen on
+TEST_TOP_K = 3  # data.test evaluates the trials that may end among the study's best 3, and the report shows those
 
 # Study user attrs
 CONFIG = "config"  # the resolved study file of the latest revision

@@ -224,21 +224,14 @@ def report(
     for label, rows in rep.by_group(trials):
         if "pareto" in rows:  # several objectives: the front first, each in rank order
             rows = rows.sort_values("pareto", ascending=False, kind="stable", key=lambda c: c.fillna(False))
+        # columns of the features a study uses (several objectives, repeats, data.test), only when it does
+        used = [c for c in ("pareto", "value_std", "test_loss") if c in rows and rows[c].notna().any()]
+        columns = ["rank", "study", "trial", "state", *[c for c in used if c == "pareto"], "objective"]
+        columns += [*[c for c in used if c != "pareto"], "eval_accuracy", "optimizer_steps"]
         console.print(
             _table(
                 rows.head(10),
-                [
-                    "rank",
-                    "study",
-                    "trial",
-                    "state",
-                    "pareto",
-                    "objective",
-                    "value_std",
-                    "eval_accuracy",
-                    "optimizer_steps",
-                    "score",
-                ],
+                [*columns, "score"],
                 f"top 10 trials: {label}{pruned} (params in the CSV and HTML)",
             )
         )
@@ -310,6 +303,8 @@ def best(
     )
     which = "trial" if trial is not None else "picked" if pick is not None else "best"
     console.print(f"{which}: trial {rest['trial']}, {rest['metric']}={rest['value']:.4f}{revision}")
+    if test := {k: v for k, v in rest.get("test", {}).items() if isinstance(v, int | float)}:  # held out
+        console.print("on data.test: " + ", ".join(f"{k}={v:.4f}" for k, v in test.items()))
     for path in (out, model_json(out)):
         console.print(f"wrote {path}")
 

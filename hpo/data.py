@@ -44,6 +44,7 @@ class Examples:
     eval: list[tuple[Any, Any]]
     labels: list[str]
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # split → SHA-256 of the bytes read, rows used
+    test: list[tuple[Any, Any]] | None = None  # data.test: held out, never used to choose
 
 
 class DataError(Exception):
@@ -362,7 +363,8 @@ def load_examples(cfg: StudyConfig) -> Examples:
         ),
     }[cfg.task]
     pairs, names, where, files = {}, {}, {}, {}
-    for split, path in (("train", d.train), ("eval", d.eval)):
+    splits = (("train", d.train), ("eval", d.eval), *((("test", d.test),) if d.test is not None else ()))
+    for split, path in splits:
         try:
             table = read_table(path)
             if path.suffix.lower() == ".conll":
@@ -377,7 +379,7 @@ def load_examples(cfg: StudyConfig) -> Examples:
             rows, labels = _pairs(cfg.task, table, list(columns.values()))
         except DataError as e:
             raise cfg.error(("data", split), str(e)) from None
-        limit = d.max_train_rows if split == "train" else d.max_eval_rows
+        limit = {"train": d.max_train_rows, "eval": d.max_eval_rows}.get(split)  # test: every row, always
         # the same rows as DataFrame.sample(n=limit, random_state=0) of earlier versions
         keep = (
             pd.Series(range(len(rows))).sample(n=limit, random_state=0).tolist()
@@ -392,7 +394,7 @@ def load_examples(cfg: StudyConfig) -> Examples:
                 table.item_where[i] if table.item_where else [table.where[i]] * len(labels[i]) for i in keep
             ]
     if cfg.task == "causal-lm":
-        return Examples(pairs["train"], pairs["eval"], labels=[], files=files)
+        return Examples(pairs["train"], pairs["eval"], labels=[], files=files, test=pairs.get("test"))
     labels = sorted({name for row in names["train"] for name in row})
     if (
         cfg.task == "sequence-classification"
@@ -411,23 +413,26 @@ def load_examples(cfg: StudyConfig) -> Examples:
             f"({', '.join(repr(n) for n in labels if n != name)[:60]}): one kind of label",
         )
     ids = {name: i for i, name in enumerate(labels)}
-    unseen = {}  # label → where eval first shows it, in the order eval shows them
-    for row, at in zip(names["eval"], where["eval"], strict=True):
-        for name, place in zip(row, at, strict=True):
-            if name not in ids:
-                unseen.setdefault(name, place)
-    if unseen:  # repr: an empty label must show as ''
-        shown = ", ".join(map(repr, list(unseen)[:5])) + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else "")
-        raise cfg.error(
-            ("data", "eval"), f"eval labels not in train: {shown} (the first at {next(iter(unseen.values()))})"
-        )
+    for split in [s for s in ("eval", "test") if s in names]:
+        unseen = {}  # label → where the split first shows it, in the order it shows them
+        for row, at in zip(names[split], where[split], strict=True):
+            for name, place in zip(row, at, strict=True):
+                if name not in ids:
+                    unseen.setdefault(name, place)
+        if unseen:  # repr: an empty label must show as ''
+            more = f" and {len(unseen) - 5} more" if len(unseen) > 5 else ""
+            shown = ", ".join(map(repr, list(unseen)[:5])) + more
+            raise cfg.error(
+                ("data", split),
+                f"{split} labels not in train: {shown} (the first at {next(iter(unseen.values()))})",
+            )
     if len(labels) < 2:
         raise cfg.error(
             ("data", "tags_column" if cfg.task == "token-classification" else "label_column"),
             f"need at least 2 labels in train, found {labels}",
         )
     if cfg.task == "token-classification":
-        return Examples(
-            *([(tokens, [ids[t] for t in tags]) for tokens, tags in pairs[s]] for s in ("train", "eval")), labels, files
-        )
-    return Examples(*([(text, ids[label]) for text, label in pairs[s]] for s in ("train", "eval")), labels, files)
+        coded = {s: [(tokens, [ids[t] for t in tags]) for tokens, tags in rows] for s, rows in pairs.items()}
+    else:
+        coded = {s: [(text, ids[label]) for text, label in rows] for s, rows in pairs.items()}
+    return Examples(coded["train"], coded["eval"], labels, files, test=coded.get("test"))

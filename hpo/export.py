@@ -10,7 +10,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from hpo.attrs import DERIVED_PARAMS, DEVICES, MICRO_BATCH
+from hpo.attrs import DERIVED_PARAMS, DEVICES, MICRO_BATCH, TEST_METRICS
 from hpo.config import StudyConfig
 from hpo.errors import NoCompleteTrial
 from hpo.expr import Expression
@@ -53,6 +53,7 @@ def best_config(
             else {}
         ),
         **rest,
+        **({"test": trial.user_attrs[TEST_METRICS]} if TEST_METRICS in trial.user_attrs else {}),  # data.test
         "revision": trial_revision(trial),
         "current_revision": current_revision(study),
     }

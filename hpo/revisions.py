@@ -39,7 +39,7 @@ def fingerprint(
     ``model_dirs``: the model's and tokenizer's folders, whose files are digested (:func:`folder_digest`),
     so a model replaced in the same folder is a change. Without them, only the settings.
     """
-    data = cfg.data.model_dump(mode="json", exclude={"train", "eval"}, exclude_none=True)
+    data = cfg.data.model_dump(mode="json", exclude={"train", "eval", "test"}, exclude_none=True)
     data.update(data_files or {})
     model = cfg.model.model_dump(mode="json", exclude_none=True)
     for key, folder in zip(
@@ -80,7 +80,7 @@ def exported(fingerprint: dict[str, Any]) -> dict[str, Any]:
     """What ``hpo best`` writes from the study file rather than from the trial: task, model, data and
     ``train:`` settings (without file digests: the file alone decides these)."""
     out = {k: json.loads(json.dumps(fingerprint.get(k))) for k in ("task", "model", "data", "train")}
-    for split in ("train", "eval"):
+    for split in ("train", "eval", "test"):
         (out["data"] or {}).pop(split, None)
     for key in ("files", "tokenizer_files"):
         (out["model"] or {}).pop(key, None)

@@ -38,6 +38,8 @@ from hpo.attrs import (
     REJECTIONS,
     RETRY_OF,
     REVISION,
+    TEST_METRICS,
+    TEST_TOP_K,
     WORKER,
 )
 from hpo.config import StudyConfig
@@ -47,7 +49,7 @@ from hpo.memory import release
 from hpo.plan import make_plan
 from hpo.progress import Progress, print_summary
 from hpo.storage import FINISHED, count_finished, open_study, storage_error
-from hpo.trial import objective_values, run_trial
+from hpo.trial import evaluate_test, objective_values, run_trial
 from hpo.workbench import Workbench, prepare
 
 MAX_REJECTED_IN_A_ROW = 100  # constraints that leave almost no feasible space
@@ -330,6 +332,11 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
             if result.pruned:
                 state = "PRUNED"
                 raise optuna.TrialPruned(f"pruned at step {result.attrs['pruned_at_step']}")
+            if bench.test_rows is not None and result.model is not None and _may_be_top(trial, result.value):
+                try:
+                    trial.set_user_attr(TEST_METRICS, evaluate_test(bench, result.model))  # shown, never chosen on
+                except Exception as e:  # noqa: BLE001 - the trial trained and was evaluated: it stays COMPLETE
+                    trial.set_user_attr(TEST_METRICS, {"error": cfg.masked(storage_error(e))[:500]})
             outputs.stage_if_best(bench, result, params, trial)
             state = "COMPLETE"
             return objective_values(cfg, result) if cfg.objectives else result.value
@@ -456,6 +463,15 @@ def _fitting(
         trial.set_user_attr(EVAL_BATCH, eval_batch)  # the trials after it start there
     trial.set_user_attr(OOM_RETRIES, len(retries))  # restarts, for training or evaluation batches
     return result
+
+
+def _may_be_top(trial: optuna.Trial, value: float) -> bool:
+    """Whether a trial finishing with ``value`` may end among the study's best :data:`TEST_TOP_K` (on the first
+    objective): then ``data.test`` evaluates it, once. A trial outside them now can never enter them later."""
+    study = trial.study
+    sign = 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
+    done = sorted(sign * t.values[0] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    return len(done) < TEST_TOP_K or sign * value < done[TEST_TOP_K - 1]
 
 
 def _repeat(bench: Workbench, plan, trial: optuna.Trial, result, progress: Progress) -> None:

@@ -35,7 +35,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from hpo.attrs import CONFIG, DERIVED_PARAMS, PRUNED_AT_STEP, REVISION
+from hpo.attrs import CONFIG, DERIVED_PARAMS, PRUNED_AT_STEP, REVISION, TEST_METRICS, TEST_TOP_K
 from hpo.space import at_edges
 from hpo.storage import best_trial
 from hpo.tasks import HIGHER_IS_BETTER
@@ -184,7 +184,7 @@ def trials_frame(studies: Sequence[optuna.Study], include_pruned: bool = False) 
     for study in studies:
         group = _group(study)
         front = {t.number for t in study.best_trials} if len(study.directions) > 1 else None
-        for t in study.get_trials(deepcopy=False, states=FINISHED):
+        for t in _finished(study):
             row: dict[str, Any] = {
                 "study": study.study_name,
                 "trial": t.number,
@@ -198,12 +198,23 @@ def trials_frame(studies: Sequence[optuna.Study], include_pruned: bool = False) 
             row.update({k: t.user_attrs.get(k) for k in ATTRS})
             row[REVISION] = t.user_attrs.get(REVISION, 0)  # trials from before revisions were kept: 0
             row.update({f"params_{k}": v for k, v in {**t.params, **t.user_attrs.get(DERIVED_PARAMS, {})}.items()})
+            test = t.user_attrs.get(TEST_METRICS)
+            row.update({k: v for k, v in (test if isinstance(test, dict) else {}).items() if k.startswith("test_")})
             rows.append(row)
     columns = ["study", "trial", "state", "final", *GROUP, "objective", *ATTRS]
     df = pd.DataFrame(rows, columns=columns + sorted({c for r in rows for c in r} - set(columns)))
     df["final"] = df["final"].astype(bool)
     scored = (df["final"] | include_pruned) & df["objective"].notna()
-    return add_scores(df, TRIAL_METRICS, oriented=("objective",), rows=scored, tiebreak="trial")
+    df = add_scores(df, TRIAL_METRICS, oriented=("objective",), rows=scored, tiebreak="trial")
+    # data.test, beside eval for each group's top trials only: a held-out score to see the optimism of choosing
+    # on eval, not one more number to choose by (the trials below them were not all evaluated on it)
+    for name in [c for c in df.columns if c.startswith("test_")]:
+        df[name] = pd.to_numeric(df[name], errors="coerce").where(df["final"] & (df["rank"] <= TEST_TOP_K))
+    return df
+
+
+def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=FINISHED)
 
 
 def studies_frame(studies: Sequence[optuna.Study], trials: pd.DataFrame | None = None) -> pd.DataFrame:

@@ -261,6 +261,42 @@ def run_trial(
     return TrialResult(value=value, pruned=callback.pruned_at is not None, attrs=attrs, history=history, model=model)
 
 
+@quiet()
+def evaluate_test(bench: Workbench, model: PreTrainedModel) -> dict[str, float]:
+    """``model``'s metrics on ``data.test``, named ``test_loss``, ``test_accuracy``, ... (the eval metrics' names
+    with ``test_``), computed as the trial's evaluations are: the same collator, metrics and batch."""
+    cfg = bench.cfg
+    compute_metrics = metrics.COMPUTE[cfg.task](bench.labels) if cfg.task in metrics.COMPUTE else None
+    args = TrainingArguments(
+        output_dir=str(cfg.output_path / "trials" / "test"),
+        per_device_eval_batch_size=EVAL_BATCH_SIZE,
+        prediction_loss_only=compute_metrics is None,
+        report_to="none",
+        disable_tqdm=True,
+        **device_settings(cfg.train),
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        eval_dataset=bench.test_rows,
+        data_collator=collator(TASKS[cfg.task], bench.tokenizer),
+        compute_metrics=compute_metrics,
+        callbacks=[] if compute_metrics else [PerplexityCallback()],
+    )
+    trainer.remove_callback(PrinterCallback)  # hpo prints its own lines
+    found = trainer.evaluate()
+    with contextlib.suppress(OSError):  # nothing was written there
+        os.removedirs(args.output_dir)
+    runtime = (
+        "eval_runtime",
+        "eval_samples_per_second",
+        "eval_steps_per_second",
+        "eval_model_preparation_time",
+        "epoch",
+    )
+    return {f"test_{k.removeprefix('eval_')}": v for k, v in found.items() if k not in runtime}
+
+
 def objective_values(cfg, result: TrialResult) -> list[float]:
     """The trial's value for each of ``objectives``: task metrics at the scored evaluation (as the first
     objective's), cost figures from what the trial measured."""

@@ -79,6 +79,7 @@ class Workbench:
     data_files: dict[str, dict[str, Any]]  # split → SHA-256 of the bytes read and the rows used
     tokenizer_path: str | None  # the folder the tokenizer came from (None: a hub id not on disk)
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    test_rows: list[dict[str, Any]] | None = None  # data.test, tokenized: held out, never used to choose
 
 
 @contextlib.contextmanager
@@ -141,7 +142,8 @@ def prepare(cfg: StudyConfig, data: Examples | None = None) -> Workbench:
         raise cfg.error(("model",), f"cannot load {cfg.model.label!r}: {reason}") from None
     check_model_fits(cfg, config)
     max_length = cfg.data.max_length
-    rows = {split: tokenize(cfg.task, getattr(data, split), tokenizer, max_length) for split in ("train", "eval")}
+    splits = ("train", "eval", *(("test",) if data.test is not None else ()))
+    rows = {split: tokenize(cfg.task, getattr(data, split), tokenizer, max_length) for split in splits}
     for split, tokenized in rows.items():  # a prompt that fills max_length leaves no response token to learn
         if not any(label != IGNORE for row in tokenized for label in _flat(row["labels"])):
             raise cfg.error(
@@ -160,6 +162,7 @@ def prepare(cfg: StudyConfig, data: Examples | None = None) -> Workbench:
         eval_rows=sorted(rows["eval"], key=lambda row: len(row["input_ids"])),
         data_files=data.files,
         tokenizer_path=tokenizer_path,
+        test_rows=sorted(rows["test"], key=lambda row: len(row["input_ids"])) if "test" in rows else None,
     )
 
 

@@ -87,3 +87,33 @@ def test_repeats_refuses_what_it_cannot_average_yet(tiny_model):
     ]:
         with pytest.raises(ConfigError, match=message):
             hpo.validate(study_dict(tiny_model, repeats=2, **changes))
+
+
+def test_data_test_scores_the_top_trials_once_and_never_chooses(tiny_model, tmp_path):
+    from conftest import DATA
+
+    # The held-out file is the eval file itself: a trial's test_loss must then be its final eval loss exactly.
+    data = {"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "test": str(DATA / "eval.csv")}
+    study = overfitting(
+        tiny_model,
+        tmp_path,
+        n_trials=5,
+        data={**data, "max_length": 16},
+        train={"num_train_epochs": 2, "seed": 0, "per_device_train_batch_size": 4},
+        search_space={"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+    )
+    trials = hpo.run(study, console=Console(quiet=True)).trials
+    tested = [t for t in trials if "test_metrics" in t.user_attrs]
+    for t in tested:
+        assert t.user_attrs["test_metrics"]["test_loss"] == pytest.approx(t.value, rel=1e-5)
+    # Evaluated once each, and only the trials that could still end among the best 3 when they finished.
+    ranked = sorted(trials, key=lambda t: (t.value, t.number))
+    assert {t.number for t in ranked[:3]} <= {t.number for t in tested}
+    for t in trials:
+        before = sorted(u.value for u in trials[: t.number])
+        assert (t.number in {u.number for u in tested}) == (len(before) < 3 or t.value < before[2])
+    report = hpo.report(study).trials.set_index("trial")
+    shown = report["test_loss"].dropna()
+    assert set(shown.index) == {t.number for t in ranked[:3]}  # the report shows the top 3 only
+    _, rest = hpo.best(study)
+    assert rest["test"]["test_loss"] == pytest.approx(ranked[0].value, rel=1e-5)

@@ -24,7 +24,7 @@ from hpo.config.parse import read_yaml
 from hpo.errors import ConfigError, KeyPath, Problem, SourceMap
 
 #: Keys that hold paths; a relative one resolves against the file that wrote it.
-PATH_KEYS = (("data", "train"), ("data", "eval"), ("output_dir",))
+PATH_KEYS = (("data", "train"), ("data", "eval"), ("data", "test"), ("output_dir",))
 
 
 def read_layers(

@@ -171,6 +171,11 @@ class DataConfig(_Strict):
     eval: Path = Field(
         description="Evaluation rows, which every metric and the objective are measured on; the same formats as train."
     )
+    test: Path | None = Field(
+        None,
+        description="Held-out rows never used to choose: the top trials (by eval) are evaluated on them once, "
+        "when they finish, and hpo report and hpo best show it beside eval. The same formats as train.",
+    )
     text_column: str = Field(
         "text", description="The input text (sequence-classification; causal-lm without prompt_column)."
     )
@@ -201,9 +206,11 @@ class DataConfig(_Strict):
         None, description="Evaluate on a random slice of this many rows (seed 0); default: every row."
     )
 
-    @field_validator("train", "eval")
+    @field_validator("train", "eval", "test")
     @classmethod
-    def _exists(cls, p: Path, info: ValidationInfo) -> Path:
+    def _exists(cls, p: Path | None, info: ValidationInfo) -> Path | None:
+        if p is None:
+            return None
         p = (info.context or {}).get("root", Path.cwd()) / p
         if p.suffix.lower() not in DATA_SUFFIXES:
             raise ValueError(f"{p.name}: data files are {', '.join(DATA_SUFFIXES)}")
