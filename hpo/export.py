@@ -16,7 +16,7 @@ from hpo.errors import NoCompleteTrial
 from hpo.expr import Expression
 from hpo.plan import DEFAULT_BATCH, TrialPlan, make_plan
 from hpo.revisions import check_trial_settings, current_revision, trial_revision
-from hpo.storage import best_trial
+from hpo.storage import best_trial, rank_key
 from hpo.tasks import TASKS
 
 
@@ -117,8 +117,7 @@ def picked(cfg: StudyConfig, study: optuna.Study, pick: str) -> int:
     if not chosen:
         where = "of the Pareto front" if cfg.objectives else "complete trial"
         raise NoCompleteTrial(f"{cfg.file}: no {where} meets {pick!r} ({len(front)} looked at)")
-    sign = 1 if cfg.directions[0] == "minimize" else -1
-    return min(chosen, key=lambda t: (sign * t.values[0], t.number)).number
+    return min(chosen, key=rank_key(study)).number
 
 
 def _params(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:

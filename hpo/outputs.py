@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from hpo.attrs import SAVE_ERROR
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError
-from hpo.storage import best_trial, resolved_config
+from hpo.storage import best_trial, orientation, resolved_config
 from hpo.trial import TrialResult, replace_folder, save_model
 from hpo.workbench import Workbench
 
@@ -120,8 +120,8 @@ def stage_if_best(bench: Workbench, result: TrialResult, params: dict[str, Any],
         best = best_trial(study).values[0]  # with several objectives, best_model/ holds the best on the first
     except ValueError:  # no complete trial yet
         best = None
-    minimize = study.directions[0] == optuna.study.StudyDirection.MINIMIZE
-    if best is not None and not (result.value < best if minimize else result.value > best):
+    sign = orientation(study)
+    if best is not None and not sign * result.value < sign * best:
         return
     try:
         save_model(bench, result, params, trial.number, _staged(bench.cfg, trial.number))

@@ -194,9 +194,19 @@ def best_trial(study: optuna.Study) -> FrozenTrial:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise ValueError("no complete trial")
-    # One objective or several: the first decides (with several, the Pareto front is study.best_trials).
-    sign = 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
-    return min(complete, key=lambda t: (sign * t.values[0], t.number))
+    return min(complete, key=rank_key(study))
+
+
+def rank_key(study: optuna.Study):
+    """The order of ``study``'s complete trials, best first: the first objective (with several, the Pareto front is
+    ``study.best_trials``) oriented by its direction, then the earlier trial among equal values."""
+    sign = orientation(study)
+    return lambda t: (sign * t.values[0], t.number)
+
+
+def orientation(study: optuna.Study) -> int:
+    """1 when lower is better on the study's first objective, -1 when higher is: ``sign * value``, lower is better."""
+    return 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
 
 
 def resolved_config(cfg: StudyConfig) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from hpo.errors import TrialsFailed
 from hpo.memory import release
 from hpo.plan import make_plan
 from hpo.progress import Progress, print_summary
-from hpo.storage import FINISHED, count_finished, open_study, storage_error
+from hpo.storage import FINISHED, count_finished, open_study, orientation, storage_error
 from hpo.trial import evaluate_test, objective_values, run_trial
 from hpo.workbench import Workbench, prepare
 
@@ -469,7 +469,7 @@ def _may_be_top(trial: optuna.Trial, value: float) -> bool:
     """Whether a trial finishing with ``value`` may end among the study's best :data:`TEST_TOP_K` (on the first
     objective): then ``data.test`` evaluates it, once. A trial outside them now can never enter them later."""
     study = trial.study
-    sign = 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
+    sign = orientation(study)
     done = sorted(sign * t.values[0] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     return len(done) < TEST_TOP_K or sign * value < done[TEST_TOP_K - 1]
 
