@@ -115,6 +115,25 @@ def init_heads(model, heads: Iterable[str], knobs: Knobs) -> None:
                 torch.nn.init.zeros_(module.bias)
 
 
+def fastest_kernel(cls: type, params: list) -> dict[str, bool]:
+    """``fused=True`` where torch has a fused kernel for ``cls`` on the parameters' device, else ``foreach=True``
+    where it has that; ``{}`` otherwise.
+
+    torch picks neither for CPU tensors by default: a fused AdamW step on a 29M-parameter model was ~5x faster
+    than the default one on a 2-core CPU (TrainingArguments' own default optim is already the fused one).
+    """
+    import inspect
+
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    accepted = inspect.signature(cls).parameters
+    devices = {p.device.type for p in params}
+    floating = all(p.is_floating_point() for p in params)
+    if "fused" in accepted and floating and devices <= set(_get_fused_kernels_supported_devices()):
+        return {"fused": True}
+    return {"foreach": True} if "foreach" in accepted and floating else {}
+
+
 def make_trainer_class():
     """``Trainer`` with hpo's optimizer and schedules (built lazily: it imports transformers)."""
     import torch
@@ -167,6 +186,8 @@ def make_trainer_class():
                 else:
                     kwargs.update(betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon)
             kwargs.pop("lr", None)  # each group has its own
+            if r.optimizer is not None:
+                kwargs.update(fastest_kernel(cls, [p for g in param_groups for p in g["params"]]))
             self.optimizer = cls(param_groups, **kwargs)
             return self.optimizer
 

@@ -237,9 +237,9 @@ def run_trial(
     if (now := rss_mb()) is not None:
         attrs["rss_mb"] = round(now, 1)  # now, after training: growth across trials is a leak
     attrs["load_report"] = load_report  # what the checkpoint lacked (new heads) or had in excess
-    attrs["optimizer"] = type(
-        trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
-    ).__name__
+    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    attrs["optimizer"] = type(optimizer).__name__
+    attrs["optimizer_kernel"] = next((k for k in ("fused", "foreach") if optimizer.defaults.get(k)), "for-loop")
     attrs["param_groups"] = [  # the rates as the optimizer had them: layer-wise, scaled, scheduled
         {
             "parameters": sum(p.numel() for p in g["params"]),

@@ -34,6 +34,7 @@ def test_step_schedule_sgd_and_a_head_rate_ten_times_the_body(write_study):
         lr_gamma=0.5,
     ).user_attrs
     assert attrs["optimizer"] == "SGD"
+    assert attrs["optimizer_kernel"] == "fused"
     steps = attrs["optimizer_steps"]
     groups = attrs["param_groups"]
     head = [g for g in groups if g["head"]]
@@ -71,6 +72,8 @@ def test_optimizers_by_name_with_an_absolute_head_rate(write_study, optimizer):
         write_study, learning_rate=1e-3, optimizer=optimizer, head_learning_rate=0.05, lr_scheduler_type="constant"
     ).user_attrs
     assert attrs["optimizer"].lower() == {"adamw": "adamw"}.get(optimizer, optimizer)
+    # torch's fused kernel where it has one for the device (CPU too), else its foreach one; never the for-loop
+    assert attrs["optimizer_kernel"] == {"rmsprop": "foreach", "adafactor": "for-loop"}.get(optimizer, "fused")
     assert {g["head"]: g["final_lr"] for g in attrs["param_groups"]} == {True: 0.05, False: 1e-3}
 
 
