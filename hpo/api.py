@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from hpo.config import StudyConfig, absolute_sqlite, load_study
 from hpo.config.load import plain
@@ -95,14 +95,15 @@ def run(
     env: str | None = None,
     timeout: float | None = None,
     storage: str | None = None,
-    workers: int | None = None,
+    workers: int | Literal["auto"] | None = None,
     gpus: str | Sequence[str] | None = None,
     allow_changes: bool = False,
     console: Console | None = None,
 ) -> optuna.Study:
     """Create or resume the study and run trials until it holds ``n_trials`` finished ones; returns it.
 
-    ``workers`` processes share the study on this machine (default: one per GPU in ``gpus``, else 1);
+    ``workers`` processes share the study on this machine (default: one per GPU in ``gpus``, else 1; ``"auto"``:
+    :func:`hpo.workers.auto_workers`); with a sampler seed they give the same trials on every run (:mod:`hpo.ordered`);
     ``gpus`` (``"0,1"`` or a list) spreads them round robin. ``allow_changes`` records a study file that
     changed what its trials mean as a new revision instead of refusing it (see :mod:`hpo.revisions`).
 
@@ -115,15 +116,18 @@ def run(
     cfg = load(study, {**(overrides or {}), **{k: v for k, v in flags.items() if v is not None}}, env)
     devices = parse_gpus(gpus)
     n = workers if workers is not None else len(devices) or 1
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"workers={workers!r}: the number of worker processes, 1 or more")
+    if n != "auto" and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ValueError(f"workers={workers!r}: the number of worker processes, 1 or more, or 'auto'")
     examples = _examples(cfg)  # before torch is imported: a broken data file fails in a second
     import optuna
 
     from hpo.storage import load_existing
     from hpo.study import run_study
     from hpo.workbench import prepare
-    from hpo.workers import check_devices, gpu_ids, run_workers
+    from hpo.workers import auto_workers, check_devices, gpu_ids, run_workers
+
+    if n == "auto":
+        n = auto_workers(cfg, devices if gpus is not None else gpu_ids())
 
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # hpo prints its own line per trial, through console

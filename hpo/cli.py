@@ -87,8 +87,11 @@ def run(
     ] = None,
     env: Env = None,
     workers: Annotated[
-        int | None,
-        typer.Option(min=1, help="Worker processes on this machine (default: one per GPU named in --gpus, else 1)."),
+        str | None,
+        typer.Option(
+            help="Worker processes on this machine: N, or auto (one per GPU, else one per CPU core; at most "
+            "n_trials/4). Default: one per GPU named in --gpus, else 1."
+        ),
     ] = None,
     gpus: Annotated[
         str | None,
@@ -117,6 +120,13 @@ def run(
     except ValueError as e:
         err.print(f"[red]error[/] <command line>: --gpus: {escape(str(e))}")
         raise typer.Exit(2) from None
+    if workers is not None and workers != "auto":
+        if not workers.isdigit() or int(workers) < 1:
+            err.print(
+                f"[red]error[/] <command line>: --workers: {escape(workers)!r} is not a number of processes (1, 2, …) or auto"
+            )
+            raise typer.Exit(2)
+        workers = int(workers)
     code = 0
     try:
         api.run(cfg, workers=workers, gpus=gpus, allow_changes=allow_changes)

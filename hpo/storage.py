@@ -16,7 +16,7 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
-from hpo import revisions, samplers
+from hpo import ordered, revisions, samplers
 from hpo.attrs import CONFIG, REVISIONS
 from hpo.config import StudyConfig
 from hpo.dashboard import save_study_note
@@ -34,6 +34,7 @@ def open_study(
     worker: int | None = None,
     fingerprint: dict[str, Any] | None = None,
     allow_changes: bool = False,
+    workers: int = 1,
 ) -> optuna.Study:
     """Create the study in its storage, or load it if it exists, and queue the file's ``enqueue:`` entries.
 
@@ -44,7 +45,8 @@ def open_study(
     The sampler's seed is ``sampler.seed`` for the first process of a new study; worker ``k`` of
     ``hpo run --workers`` and a resumed study get a seed derived from it, the worker and the trials
     already in the study: the same seed everywhere would have every worker sample the same
-    configurations, and a resumed study replay the ones it ran first.
+    configurations, and a resumed study replay the ones it ran first. Under ``workers`` > 1 with a seed, the
+    sampler and pruner are :mod:`hpo.ordered`'s: the same trials on every run, whatever finishes first.
 
     Raises:
         ConfigError: the storage cannot be opened (server unreachable, no driver, no such folder), or the
@@ -77,6 +79,16 @@ def open_study(
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError, sqlite3.Error) as e:
         raise _cannot_open(cfg, e) from None
     sampler_args = dict(cfg.sampler.args)
+    if workers > 1 and sampler_args.get("seed") is not None:  # reproducible in parallel: see hpo.ordered
+        if cfg.sampler.name == "tpe":
+            sampler_args.setdefault("constant_liar", True)  # the trials of a batch apart, not all at TPE's mode
+
+        def make(seed: int) -> optuna.samplers.BaseSampler:
+            return samplers.make_sampler(cfg.sampler.name, {**sampler_args, "seed": seed}, cfg.distributions)
+
+        study.sampler = ordered.OrderedSampler(make, sampler_args["seed"], workers)
+        study.pruner = ordered.OrderedPruner(study.pruner, workers)
+        return study
     if sampler_args.get("seed") is not None and (worker or n_before):
         sampler_args["seed"] = int(
             np.random.SeedSequence([sampler_args["seed"], worker or 0, n_before]).generate_state(1)[0]

@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.markup import escape
 
-from hpo import checkpoints, distributed, memory, outputs, revisions, space, trackers
+from hpo import checkpoints, distributed, memory, ordered, outputs, revisions, space, trackers
 from hpo.attrs import (
     DERIVED_PARAMS,
     DEVICES,
@@ -58,12 +58,17 @@ WAIT_POLL_S = 1.0  # how often a worker waiting for trials running elsewhere loo
 
 
 def start_study(
-    cfg: StudyConfig, worker: int | None = None, bench: Workbench | None = None, allow_changes: bool = False
+    cfg: StudyConfig,
+    worker: int | None = None,
+    bench: Workbench | None = None,
+    allow_changes: bool = False,
+    workers: int = 1,
 ) -> tuple[optuna.Study, Workbench]:
     """Check the model and data, then create or load the study; nothing is created if the check fails.
 
     ``bench``: the model and data already checked (by :func:`hpo.run`, or the parent of ``hpo run --workers``).
-    ``allow_changes``: record a changed study file as a new revision instead of refusing it.
+    ``allow_changes``: record a changed study file as a new revision instead of refusing it. ``workers``: how
+    many run the study (``hpo run --workers``), the batch of :mod:`hpo.ordered`.
 
     Raises:
         ConfigError: the model, the data or the storage cannot be loaded, or the study file changed what
@@ -79,7 +84,8 @@ def start_study(
         fp = revisions.fingerprint(cfg, bench.data_files, (bench.model_path, bench.tokenizer_path))
     except OSError as e:
         raise cfg.error(("model",), f"cannot read the model's files to fingerprint them: {e.strerror or e}") from None
-    study = open_study(cfg, round(cfg.eval_every.examples_between(n_train)), last_step, worker, fp, allow_changes)
+    first_step = round(cfg.eval_every.examples_between(n_train))
+    study = open_study(cfg, first_step, last_step, worker, fp, allow_changes, workers)
     outputs.prepare(cfg, study, resolved=worker is None)  # under hpo run --workers, the parent wrote resolved.yaml
     return study, bench
 
@@ -90,13 +96,14 @@ def run_study(
     worker: int | None = None,
     bench: Workbench | None = None,
     allow_changes: bool = False,
+    workers: int = 1,
 ) -> optuna.Study:
     """Run trials until the study holds ``cfg.n_trials`` finished (complete or pruned) trials.
 
     Trials that other processes run on the same storage count too: when the rest of the target is
     running elsewhere, this process waits for it (and retries any whose worker died). ``worker`` is
     this process's index under ``hpo run --workers`` (it prefixes the output lines), ``bench`` the model
-    and data already checked, ``allow_changes`` as in :func:`start_study`. Returns the study.
+    and data already checked, ``allow_changes`` and ``workers`` as in :func:`start_study`. Returns the study.
 
     Raises:
         ConfigError: the model, the data or the storage cannot be loaded, or the study file changed.
@@ -104,7 +111,7 @@ def run_study(
             in a row.
     """
     console = console or Console()
-    study, bench = start_study(cfg, worker, bench, allow_changes)
+    study, bench = start_study(cfg, worker, bench, allow_changes, workers)
     memory.cap_cuda(cfg.resources.max_memory_gb)
     revision = revisions.current_revision(study)
     done = count_finished(study)
@@ -273,6 +280,8 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
         state, reason = "FAIL", None  # how the trial ended, for its tracker run
         try:
             # Optuna's Trial does not expose system attrs; optuna-integration reads them from the storage too.
+            if isinstance(trial.study.sampler, ordered.OrderedSampler):  # queued ones too: the pruner's past
+                ordered.wait_for_predecessors(trial.study, trial.number, trial.study.sampler.lag)
             fixed = trial.storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
             outside = _outside(fixed, cfg.distributions)
             if outside:  # queued under an earlier revision of the study file, or by hand
@@ -280,6 +289,7 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
                 raise Rejected(f"queued parameters outside the search space: {outside}")
             sampled, derived = space.sample(trial, cfg.search_space, cfg.distributions, cfg.train)
             params = {**sampled, **derived}
+            ordered.mark_sampled(trial)
             trial.set_user_attr(REVISION, revision)
             if derived:
                 trial.set_user_attr(DERIVED_PARAMS, derived)
@@ -526,7 +536,8 @@ def _finished_twin(trial: optuna.Trial, sampled: dict[str, Any], size: int | Non
     Samplers repeat configurations (a resumed seeded sampler replays its first draws; TPE on a small
     categorical space proposes its favourite again); a finished one would only be trained again.
     """
-    finished = trial.study.get_trials(deepcopy=False, states=FINISHED)
+    last = ordered.horizon(trial.study, trial.number)  # under hpo.ordered, not what finished in the meantime
+    finished = [t for t in trial.study.get_trials(deepcopy=False, states=FINISHED) if t.number <= last]
     if size is not None and len({repr(sorted(t.params.items())) for t in finished}) >= size:
         return None
     return next((t.number for t in finished if t.params == sampled), None)

@@ -186,6 +186,10 @@ def test_command_line_mistakes_are_one_line(write_study, tmp_path):
     assert gpus.returncode == 2 and gpus.stderr.strip() == (
         "error <command line>: --gpus: 'abc' is not a GPU index (0, 1, …) or UUID (GPU-…, MIG-…)"
     )
+    workers = hpo("run", path, "--workers", "0")
+    assert workers.returncode == 2 and workers.stderr.strip() == (
+        "error <command line>: --workers: '0' is not a number of processes (1, 2, …) or auto"
+    )
     assert not path.with_suffix(".db").exists()
     assert hpo("run", path).returncode == 0
     twice = hpo("report", path, path)  # its trials would count twice in every z-score

@@ -12,12 +12,14 @@ import threading
 import optuna
 import psycopg
 import pytest
-from conftest import POSTGRES
+import yaml
+from conftest import POSTGRES, study_dict
 from optuna.trial import TrialState
 from procs import RUN_S, SLOW_EPOCHS, WAIT_S, alive, slow_study, start, wait_for, wait_for_running
 
+from hpo import load_study
 from hpo.api import parse_gpus
-from hpo.workers import gpu_ids, worker_env
+from hpo.workers import auto_workers, gpu_ids, worker_env
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -50,6 +52,37 @@ def test_four_local_workers_on_the_default_storage_account_for_every_trial(write
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
+def test_a_seeded_study_gives_the_same_trials_with_two_workers_every_time(tmp_path, tiny_model):
+    # Batch sizes 2 and 8 make trials of different lengths, so the two workers finish in a different order
+    # from run to run; TPE, the median pruner and the duplicate check must not see it (hpo.ordered).
+    space = {
+        "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+        "per_device_train_batch_size": {"type": "categorical", "choices": [2, 8]},
+    }
+    runs = []
+    for run in ("a", "b"):
+        folder = tmp_path / run
+        folder.mkdir()
+        path = folder / "study.yaml"
+        study = study_dict(
+            tiny_model,
+            n_trials=10,
+            search_space=space,
+            sampler={"name": "tpe", "seed": 7, "n_startup_trials": 3},
+            pruner={"name": "median", "n_startup_trials": 2},
+        )
+        path.write_text(yaml.safe_dump(study))
+        proc = start(path, "--workers", "2")
+        output = proc.communicate(timeout=RUN_S)[0]
+        assert proc.returncode == 0, output
+        trials = optuna.load_study(study_name="tiny", storage=sqlite_url(path)).trials
+        assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2, "both workers ran trials"
+        runs.append([(t.number, t.state, t.params, t.value, t.intermediate_values) for t in trials])
+    assert len(runs[0]) >= 10 and runs[0] == runs[1]
+    assert any(state == TrialState.PRUNED for _, state, *_ in runs[0]), "the pruner took part"
+    assert len({repr(p) for _, _, p, *_ in runs[0]}) == len(runs[0]), "a batch's trials differ"
+
+
 def test_gpus_pins_one_device_per_worker(write_study):
     path = write_study(n_trials=4)
     proc = start(path, "--gpus", "0,1")  # no GPU here: each worker still gets its CUDA_VISIBLE_DEVICES
@@ -71,6 +104,16 @@ def test_worker_environment(monkeypatch):
             parse_gpus(bad)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert worker_env(0, 2, [])["OMP_NUM_THREADS"] == str(max(1, os.cpu_count() // 2))  # a share of the cores
+
+
+def test_workers_auto(write_study, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    cfg = load_study(write_study(n_trials=12))
+    assert auto_workers(cfg, []) == 3  # 8 cores, but TPE should learn from at least 4 batches of 12 trials
+    assert auto_workers(load_study(write_study(n_trials=100)), []) == 8  # one 1-thread worker per core
+    assert auto_workers(cfg, ["0", "1"]) == 2 and auto_workers(load_study(write_study(n_trials=3)), []) == 1
+    two = load_study(write_study(n_trials=40, resources={"processes_per_trial": 2}))
+    assert auto_workers(two, ["0", "1", "2", "3"]) == 2  # a trial takes two GPUs
 
 
 def test_a_killed_worker_takes_down_only_itself_and_its_trial_is_retried(write_study):

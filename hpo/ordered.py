@@ -1,0 +1,166 @@
+"""Parallel and reproducible: under ``hpo run --workers N`` trial k is sampled and pruned on what the trials
+before it told, never on which worker happened to finish first.
+
+Optuna's samplers see whatever has finished when a worker asks, so a seeded study's trials depend on timing.
+Here, with N workers, trial k sees
+
+* the results of trials 0 … k-N, waiting for any of them still running;
+* trials k-N+1 … k-1 as running, with their parameters and without their results (waiting until they are
+  sampled): TPE's constant liar, on by default here, keeps the trials of one batch apart;
+
+and its sampler is seeded with (seed, k). The pruner sees trials 0 … k-N. So a seeded study gives the same
+trials with N workers every time; with one worker this is Optuna's sequential search. The wait costs little:
+with N workers, trials 0 … k-N are running only when one of them is slower than the N-1 after it
+(``benchmarks/workers.py`` measures it).
+
+Optuna has no such mode: its batch samplers decide a batch at once, and its constant liar alone still sees
+finish order; so hpo builds it from a study view (a proxy whose ``get_trials`` shows the past as above).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Container
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+POLL_S = 0.2  # how often a trial waiting for the ones before it looks again
+SAMPLED = "hpo:sampled"  # system attr: the trial's parameters are all drawn (a later trial may lie with them)
+
+
+class _View:
+    """``study`` as trial ``number`` may see it (see the module's docstring); anything else is the study's."""
+
+    def __init__(self, study: optuna.Study, number: int, lag: int):
+        self._study, self._number, self._lag = study, number, lag
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy, states)
+
+    def _get_trials(
+        self, deepcopy: bool = True, states: Container[TrialState] | None = None, use_cache: bool = False
+    ) -> list[FrozenTrial]:
+        out = []
+        for t in self._study._get_trials(deepcopy=deepcopy, use_cache=False):
+            if self._number - self._lag < t.number < self._number:  # the batch in flight: parameters only
+                t = _running(t)
+            elif t.number > self._number:
+                continue
+            if states is None or t.state in states:
+                out.append(t)
+        return out
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self.get_trials()
+
+
+def _running(t: FrozenTrial) -> FrozenTrial:
+    return FrozenTrial(
+        number=t.number,
+        state=TrialState.RUNNING,
+        value=None,
+        datetime_start=t.datetime_start,
+        datetime_complete=None,
+        params=t.params,
+        distributions=t.distributions,
+        user_attrs=t.user_attrs,
+        system_attrs=t.system_attrs,
+        intermediate_values={},
+        trial_id=t._trial_id,
+    )
+
+
+class OrderedSampler(optuna.samplers.BaseSampler):
+    """``make(seed)`` builds the sampler; trial k gets a fresh one seeded from (``seed``, k) and the view with
+    ``lag`` = the number of workers."""
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int, lag: int):
+        self._make, self._seed, self.lag = make, seed, lag
+        self._inner: dict[int, optuna.samplers.BaseSampler] = {}
+
+    def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        if trial.number not in self._inner:
+            seed = int(np.random.SeedSequence([self._seed, trial.number]).generate_state(1)[0])
+            self._inner[trial.number] = self._make(seed)
+        return self._inner[trial.number]
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._for(trial).before_trial(_View(study, trial.number, self.lag), trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        wait_for_predecessors(study, trial.number, self.lag)  # the first parameter drawn: inside the heartbeat
+        return self._for(trial).infer_relative_search_space(_View(study, trial.number, self.lag), trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        return self._for(trial).sample_relative(_View(study, trial.number, self.lag), trial, search_space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
+        view = _View(study, trial.number, self.lag)
+        return self._for(trial).sample_independent(view, trial, param_name, param_distribution)
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: list[float] | None
+    ) -> None:
+        inner = self._for(trial)
+        del self._inner[trial.number]
+        inner.after_trial(_View(study, trial.number, self.lag), trial, state, values)
+
+
+class OrderedPruner(optuna.pruners.BasePruner):
+    """``inner`` deciding on trials 0 … k-``lag`` only (finished before trial k began: see the sampler)."""
+
+    def __init__(self, inner: optuna.pruners.BasePruner, lag: int):
+        self.inner, self.lag = inner, lag
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        return self.inner.prune(_Past(study, trial.number, self.lag), trial)
+
+
+class _Past(_View):
+    """Trials 0 … number-lag, and trial ``number`` itself."""
+
+    def _get_trials(self, deepcopy=True, states=None, use_cache=False):
+        return [
+            t
+            for t in self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=False)
+            if t.number <= self._number - self._lag or t.number == self._number
+        ]
+
+
+def horizon(study: optuna.Study, number: int) -> int:
+    """The last trial whose result trial ``number`` may use: ``number - lag`` when ordered, else ``number - 1``."""
+    return number - getattr(study.sampler, "lag", 1)
+
+
+def mark_sampled(trial: optuna.Trial) -> None:
+    """Say that ``trial``'s parameters are all drawn: a later trial of its batch may now lie with them."""
+    if isinstance(trial.study.sampler, OrderedSampler):
+        trial.storage.set_trial_system_attr(trial._trial_id, SAMPLED, True)
+
+
+def wait_for_predecessors(study: optuna.Study, number: int, lag: int) -> None:
+    """Block until trials 0 … number-``lag`` have finished and the rest before ``number`` have drawn their
+    parameters. A trial whose worker died goes stale and ends FAIL here (heartbeats), so the wait ends."""
+    while True:
+        trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+        pending = [
+            t
+            for t in trials[:number]
+            if t.state == TrialState.RUNNING and (t.number <= number - lag or not t.system_attrs.get(SAMPLED))
+        ]
+        if not pending:
+            return
+        time.sleep(POLL_S)
+        optuna.storages.fail_stale_trials(study)
