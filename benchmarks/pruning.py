@@ -156,11 +156,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=50)
     parser.add_argument("--trials", type=int, default=12, help="trials per replayed study")
     parser.add_argument("--subsample", default="1", help="comma-separated shares of the eval rows, e.g. 1,0.5,0.25")
-    parser.add_argument("--settings", help="comma-separated setting names (default: all)")
+    parser.add_argument("--settings", help="setting names separated by ; (default: all)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     pools = [json.loads(p.read_text()) for p in args.pools]
-    chosen = SETTINGS if not args.settings else {k: SETTINGS[k] for k in args.settings.split(",")}
+    chosen = SETTINGS if not args.settings else {k: SETTINGS[k] for k in args.settings.split(";")}
     shares = [float(x) for x in args.subsample.split(",")]
     print(f"{args.trials} trials per study, {args.seeds} random orders per setting")
     print("\n".join(table(pools, chosen, shares, args.seeds, args.trials)))

@@ -151,9 +151,15 @@ def make_trainer_class():
     class KnobsTrainer(Trainer):
         """Param groups (decay × head/body), the optimizer by name, and the step and plateau schedules."""
 
-        def __init__(self, *args, knobs: Knobs, heads: list[str], **kwargs):
+        def __init__(self, *args, knobs: Knobs, heads: list[str], eval_subset: list[int] | None = None, **kwargs):
             super().__init__(*args, **kwargs)
-            self.knobs, self.heads = knobs, heads
+            self.knobs, self.heads, self.eval_subset = knobs, heads, eval_subset
+
+        def evaluate(self, eval_dataset=None, *args, **kwargs):
+            # Before the last optimizer step (a pruning point), the study's fixed subsample of the eval rows.
+            if eval_dataset is None and self.eval_subset is not None and self.state.global_step < self.state.max_steps:
+                eval_dataset = [self.eval_dataset[i] for i in self.eval_subset]
+            return super().evaluate(eval_dataset, *args, **kwargs)
 
         def create_optimizer(self, model=None):
             if self.optimizer is not None or not self.knobs.own_optimizer:

@@ -27,7 +27,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from hpo import memory, space
 from hpo.checkpoints import KEEP
-from hpo.config import EvalEvery, Resources, StudyConfig
+from hpo.config import EvalGrid, Resources, StudyConfig
 from hpo.plan import lora_target_list, make_plan
 from hpo.trial import run_trial
 from hpo.workbench import Workbench, prepare
@@ -227,7 +227,11 @@ def _measure(bench: Workbench, name: str, params: dict[str, Any]) -> Corner:
     )
     with tempfile.TemporaryDirectory(prefix="hpo-check-") as tmp:
         scratch = cfg.model_copy(  # no cap: the check measures the whole peak, then compares it with the budget
-            update={"eval_every": EvalEvery(examples=len(rows)), "output_dir": Path(tmp), "resources": Resources()}
+            update={
+                "eval_every": EvalGrid(examples=len(rows), subsample=1),
+                "output_dir": Path(tmp),
+                "resources": Resources(),
+            }
         )
         trial_bench = dataclasses.replace(bench, cfg=scratch, train_rows=rows, eval_rows=eval_rows)
         clock = _StepClock()

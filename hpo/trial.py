@@ -45,7 +45,7 @@ from hpo.plan import TrialPlan
 from hpo.pruning import PruningCallback
 from hpo.tasks import TASKS, Task
 from hpo.tokens import IGNORE
-from hpo.workbench import Workbench, quiet
+from hpo.workbench import Workbench, eval_subsample, quiet
 
 #: Config fields that the searchable ``dropout`` sets, across architectures.
 DROPOUT_FIELDS = (
@@ -181,9 +181,11 @@ def run_trial(
         saver = checkpoints.CheckpointCallback(n_train, cfg.checkpoint_every.examples_between(n_train))
     resume = checkpoints.latest(checkpoint_dir)
     resumed_at = checkpoints.examples_seen(resume, n_train) if resume else 0  # read now: rotation deletes it
+    subset = eval_subsample(cfg, bench.eval_rows)
     trainer = knobs.make_trainer_class()(
         knobs=plan.knobs,
         heads=heads,
+        eval_subset=subset,
         model=model,
         args=args,
         data_collator=collator(task, bench.tokenizer),
@@ -227,6 +229,8 @@ def run_trial(
     if not callback.history:
         raise RuntimeError("training ended before the first evaluation")
     attrs = _measurements(bench, trainer, callback, seconds, meter)
+    if subset is not None:
+        attrs["eval_subsample_rows"] = len(subset)  # at the evaluations before the last
     if resume is not None:  # the checkpoint's optimizer step, and the first step this run trained
         attrs["resumed_from_step"], attrs["first_step"] = int(resume.name.split("-")[1]), clock.step
         trained = attrs["examples_seen"] - resumed_at  # by this run

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 from optuna.distributions import CategoricalDistribution
@@ -164,6 +165,32 @@ def prepare(cfg: StudyConfig, data: Examples | None = None) -> Workbench:
         tokenizer_path=tokenizer_path,
         test_rows=sorted(rows["test"], key=lambda row: len(row["input_ids"])) if "test" in rows else None,
     )
+
+
+def eval_subsample(cfg: StudyConfig, rows: list[dict[str, Any]]) -> list[int] | None:
+    """The eval rows (indexes) that evaluations before a trial's last one use (``eval_every.subsample``), the
+    same for every trial of the study; None: every row.
+
+    A share of each label's rows (sequence classification), else of all rows, at least ``subsample_min_rows``,
+    drawn with a fixed seed. None where an earlier evaluation can be the trial's value (``objective.at: best``,
+    ``early_stopping``) or prunes nothing (``objectives``).
+    """
+    grid = cfg.eval_every
+    if cfg.objective.at == "best" or cfg.early_stopping is not None or cfg.objectives:
+        return None
+    n = max(grid.subsample_min_rows, round(grid.subsample * len(rows)))
+    if n >= len(rows):
+        return None
+    rng = np.random.default_rng(0)
+    labels = [r["labels"] if isinstance(r["labels"], int) else 0 for r in rows]
+    groups: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        groups.setdefault(y, []).append(i)
+    picked = []
+    for members in groups.values():  # each label's share, rounded, at least one row
+        k = max(1, round(len(members) * n / len(rows)))
+        picked += rng.choice(members, min(k, len(members)), replace=False).tolist()
+    return sorted(picked)
 
 
 def _flat(labels: Any) -> list[int]:

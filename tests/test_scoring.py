@@ -117,3 +117,35 @@ def test_data_test_scores_the_top_trials_once_and_never_chooses(tiny_model, tmp_
     assert set(shown.index) == {t.number for t in ranked[:3]}  # the report shows the top 3 only
     _, rest = hpo.best(study)
     assert rest["test"]["test_loss"] == pytest.approx(ranked[0].value, rel=1e-5)
+
+
+def test_pruning_points_evaluate_a_fixed_stratified_subsample_and_the_last_evaluation_every_row(tiny_model, tmp_path):
+    runs = {}
+    for share in (1, 0.5):
+        folder = tmp_path / str(share)
+        folder.mkdir()
+        grid = {"epochs": 1.0, "subsample": share, "subsample_min_rows": 1}
+        study = overfitting(
+            tiny_model,
+            folder,
+            eval_every=grid,
+            train={**overfitting(tiny_model, folder)["train"], "num_train_epochs": 4},
+        )
+        (runs[share],) = hpo.run(study, console=Console(quiet=True)).trials
+    full, half = runs[1], runs[0.5]
+    assert "eval_subsample_rows" not in full.user_attrs and half.user_attrs["eval_subsample_rows"] == 3  # of 6
+    assert half.value == pytest.approx(full.value, abs=1e-6)  # the last evaluation, the value: every row
+    steps = sorted(full.intermediate_values)[:-1]
+    assert all(half.intermediate_values[s] != pytest.approx(full.intermediate_values[s], abs=1e-6) for s in steps)
+
+
+def test_the_eval_subsample_is_stratified_fixed_and_off_where_an_earlier_evaluation_can_be_the_value(tiny_model):
+    from hpo.workbench import eval_subsample
+
+    rows = [{"input_ids": [1], "labels": y} for y in [0] * 40 + [1] * 40 + [2] * 20]
+    cfg = hpo.load_study(study_dict(tiny_model, eval_every={"epochs": 0.5, "subsample": 0.25, "subsample_min_rows": 10}))
+    picked = eval_subsample(cfg, rows)
+    assert picked == eval_subsample(cfg, rows) and len(set(picked)) == len(picked) == 25
+    assert [sum(rows[i]["labels"] == y for i in picked) for y in (0, 1, 2)] == [10, 10, 5]
+    assert eval_subsample(hpo.load_study(study_dict(tiny_model)), rows[:99]) is None  # 25% < 100 rows: every row
+    assert eval_subsample(hpo.load_study(study_dict(tiny_model, objective={"at": "best"})), rows * 5) is None

@@ -243,6 +243,23 @@ class EvalEvery(_Strict):
         return self.examples if self.examples is not None else self.epochs * n_train
 
 
+class EvalGrid(EvalEvery):
+    """``eval_every``: the distance between evaluations, and how many eval rows the ones before the last use."""
+
+    subsample: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Share of the eval rows (a fixed sample, stratified by label) that the evaluations before the "
+        "last one use: a pruning point needs a ranking, not a precise number. The last evaluation, whose value "
+        "is the trial's, always uses every row. 1: every row at every point. Not used with objective.at: best, "
+        "early_stopping or objectives, whose earlier evaluations can be the value.",
+    )
+    subsample_min_rows: PositiveInt = Field(
+        100, description="The subsample has at least this many rows (every row, when the eval set has fewer)."
+    )
+
+
 class Objective(_Strict):
     """The metric that ranks trials, and which way is better."""
 
@@ -325,11 +342,11 @@ class StudyConfig(_Strict):
         description="Fixed settings of every trial: TrainingArguments names (num_train_epochs, "
         "learning_rate, ...) and hpo's own knobs (optimizer, lr_scaling, ...).",
     )
-    eval_every: EvalEvery = Field(
-        EvalEvery(epochs=0.25),
+    eval_every: EvalGrid = Field(
+        EvalGrid(epochs=0.25),
         description="Evaluate, and let the pruner stop the "
         "trial, every this many epochs (0.25: four "
-        "times per epoch), or {examples: N}.",
+        "times per epoch), or {examples: N}; subsample: the share of eval rows used before the last evaluation.",
     )
     search_space: dict[SearchName, Param] = Field(
         min_length=1,
