@@ -119,6 +119,38 @@ def _fmt_params(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
+def pruning_saved(study: optuna.Study) -> str:
+    """What pruning saved: optimizer steps run against a full run of every finished trial, and the training
+    time the pruned trials would have taken to the end at their own pace (an estimate); "" before any."""
+    trials = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        if t.user_attrs.get("planned_steps")
+    ]
+    if not trials:
+        return ""
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    ran = sum(t.user_attrs.get("optimizer_steps", 0) for t in trials)
+    planned = sum(t.user_attrs["planned_steps"] for t in trials)
+    spent = sum(t.user_attrs.get("train_seconds", 0.0) for t in trials)
+    saved = sum(
+        t.user_attrs.get("train_seconds", 0.0)
+        * (t.user_attrs["planned_steps"] / max(1, t.user_attrs.get("optimizer_steps", 0)) - 1)
+        for t in pruned
+    )
+    return (
+        f"pruning: {len(pruned)} of {len(trials)} trials stopped early; the study ran {ran:,} of {planned:,} "
+        f"optimizer steps ({ran / planned:.0%}) and saved ~{_duration(saved)} of training "
+        f"({saved / max(spent + saved, 1e-9):.0%})"
+    )
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(round(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours} h {m} min" if hours else f"{m} min {s} s" if m else f"{s} s"
+
+
 def print_summary(console: Console, cfg: StudyConfig, study: optuna.Study) -> None:
     try:
         best = best_trial(study)
@@ -141,6 +173,8 @@ def print_summary(console: Console, cfg: StudyConfig, study: optuna.Study) -> No
     console.print(json.dumps(best.params, indent=2))
     for warning in at_edges(best.params, best.distributions):
         console.print(f"[yellow]at the edge[/]: {escape(warning)}")
+    if cfg.pruner.name != "none" and (paid := pruning_saved(study)):
+        console.print(paid)
     saved = saved_trial(cfg)
     if saved != best.number:
         why = escape(best.user_attrs.get(SAVE_ERROR, "it was not saved by this run"))

@@ -67,3 +67,29 @@ def test_the_summary_warns_when_the_best_value_sits_at_the_edge_of_its_range(tmp
     assert "at the edge: search_space.learning_rate: the best value 0.00011 is at the low end of [0.0001, 0.01]" in (
         console.export_text()
     )
+
+
+def test_the_summary_says_what_pruning_saved(tmp_path):
+    study = optuna.create_study()
+    for state, steps, seconds in [("COMPLETE", 100, 10.0), ("PRUNED", 25, 2.5), ("PRUNED", 50, 5.0)]:
+        attrs = {"planned_steps": 100, "optimizer_steps": steps, "train_seconds": seconds}
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=optuna.trial.TrialState[state],
+                value=0.5 if state == "COMPLETE" else None,
+                intermediate_values={steps: 0.9},
+                params={},
+                distributions={},
+                user_attrs=attrs,
+            )
+        )
+    printed = {}
+    for pruner in ("median", "none"):
+        path = tmp_path / f"{pruner}.yaml"
+        path.write_text(json.dumps(study_dict(tmp_path, pruner={"name": pruner})))
+        console = Console(record=True, width=500)
+        print_summary(console, load_study(path), study)
+        printed[pruner] = console.export_text()
+    # 175 of 300 steps; the pruned trials would have taken 10 s each: 12.5 s saved of 30 s
+    expected = "pruning: 2 of 3 trials stopped early; the study ran 175 of 300 optimizer steps (58%) and saved ~12 s of training (42%)"
+    assert expected in printed["median"] and "pruning:" not in printed["none"]

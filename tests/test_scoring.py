@@ -143,7 +143,9 @@ def test_the_eval_subsample_is_stratified_fixed_and_off_where_an_earlier_evaluat
     from hpo.workbench import eval_subsample
 
     rows = [{"input_ids": [1], "labels": y} for y in [0] * 40 + [1] * 40 + [2] * 20]
-    cfg = hpo.load_study(study_dict(tiny_model, eval_every={"epochs": 0.5, "subsample": 0.25, "subsample_min_rows": 10}))
+    cfg = hpo.load_study(
+        study_dict(tiny_model, eval_every={"epochs": 0.5, "subsample": 0.25, "subsample_min_rows": 10})
+    )
     picked = eval_subsample(cfg, rows)
     assert picked == eval_subsample(cfg, rows) and len(set(picked)) == len(picked) == 25
     assert [sum(rows[i]["labels"] == y for i in picked) for y in (0, 1, 2)] == [10, 10, 5]
