@@ -21,6 +21,8 @@ class PruningCallback(TrainerCallback):
     (``diverged``: the step and what diverged): a diverged model's accuracy is whatever argmax of NaN
     logits gives, and must never be ranked.
 
+    The pruner is asked only once the trial has made ``min_steps`` optimizer steps.
+
     It also keeps the best evaluation (``best``; with ``keep_best`` its weights, ``best_state``), and with a
     ``patience`` stops a trial whose objective did not improve by more than ``min_delta`` in that many
     evaluations (``stopped_early``: the step).
@@ -38,11 +40,13 @@ class PruningCallback(TrainerCallback):
         patience: int | None = None,
         min_delta: float = 0.0,
         report: bool = True,
+        min_steps: int = 0,
     ):
         self.trial, self.metric, self.n_train, self.every = trial, metric, n_train, every
         self.on_eval = on_eval
         self.minimize, self.keep_best, self.patience, self.min_delta = minimize, keep_best, patience, min_delta
         self.report = report  # False: several objectives, which Optuna neither takes reports for nor prunes
+        self.min_steps = min_steps  # optimizer steps before the pruner is asked (it is told every evaluation)
         self.history: list[tuple[int, dict[str, float]]] = []
         self.best: int | None = None  # index in history of the best evaluation
         self.best_state: dict[str, Any] | None = None  # with keep_best: the trained weights at that evaluation
@@ -87,7 +91,7 @@ class PruningCallback(TrainerCallback):
             self.trial.report(value, step)
         if self.on_eval:
             self.on_eval(step, value)
-        if self.report and self.trial.should_prune():
+        if self.report and state.global_step >= self.min_steps and self.trial.should_prune():
             self.pruned_at, control.should_training_stop = step, True
         elif self.patience is not None and len(self.history) - 1 - self.improved >= self.patience:
             self.stopped_early, control.should_training_stop = step, True

@@ -175,6 +175,7 @@ def run_trial(
         patience=stopping.patience if stopping else None,
         min_delta=stopping.min_delta if stopping else 0.0,
         report=report and not cfg.objectives,
+        min_steps=cfg.pruner.min_optimizer_steps,
     )
     saver = None
     if checkpoint_dir is not None:

@@ -135,6 +135,33 @@ def test_a_larger_batch_is_pruned_against_a_smaller_one_at_the_same_grid_points(
     assert evaluated == [2] and callback.pruned_at == 12 and control.should_training_stop
 
 
+@pytest.mark.parametrize("min_steps", [0, 3])
+def test_no_trial_is_pruned_before_min_optimizer_steps_but_a_clearly_worse_one_is_after(min_steps):
+    # At equal examples seen, a trial with 6x the effective batch (gradient accumulation) has made a sixth of
+    # the optimizer steps: behind early, ahead at the end. Asked at its first evaluation, after one optimizer
+    # step, the median pruner stops it; with min_optimizer_steps 3 it is first asked after 3, and finishes best.
+    study = optuna.create_study(storage=None, pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+
+    def run(batch, curve):
+        trial = study.ask()
+        callback = PruningCallback(trial, "eval_loss", n_train=96, every=24, min_steps=min_steps)
+        steps = 96 // batch
+        fit(callback, 96, batch, steps, lambda step: {"eval_loss": curve[step * batch // 24 - 1]})
+        if callback.pruned_at is None:
+            study.tell(trial, curve[-1])
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return callback.pruned_at
+
+    assert run(4, [1.0, 0.6, 0.4, 0.3]) is None  # the first trial: nothing to compare with
+    accumulating = run(24, [1.5, 1.2, 0.35, 0.2])  # 1 optimizer step per evaluation
+    clearly_worse = run(24, [5.0, 5.0, 5.0, 5.0])
+    if min_steps:
+        assert accumulating is None and clearly_worse == 72  # asked first after 3 optimizer steps
+    else:
+        assert accumulating == 24 and clearly_worse == 24  # the short-horizon bias: cut after one step
+
+
 @pytest.mark.parametrize(
     "metric, values, why",
     [

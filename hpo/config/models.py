@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     PrivateAttr,
@@ -312,13 +313,20 @@ class SamplerSpec(BaseModel):
 
 
 class PrunerSpec(SamplerSpec):
-    """``name`` plus the pruner's own keyword arguments."""
+    """``name`` plus the pruner's own keyword arguments, and hpo's ``min_optimizer_steps``."""
 
     name: Literal[tuple(samplers.PRUNERS)] = Field(  # type: ignore[valid-type]
         "median",
         description="The Optuna pruner that stops unpromising trials at an evaluation; the other keys "
         "are its arguments. median: stops a trial worse than the median of earlier ones "
         "at the same step; none: never stops one.",
+    )
+    min_optimizer_steps: NonNegativeInt = Field(
+        0,
+        description="No trial is pruned before it has made this many optimizer steps (hpo's, not the pruner's "
+        "argument). Evaluations compare trials at equal examples seen, where a trial with gradient "
+        "accumulation 4 has made a quarter of the steps of one with 1: this keeps the pruner from judging it "
+        "on its first few.",
     )
 
 
