@@ -32,11 +32,20 @@ ROOT = Path(__file__).resolve().parents[1]
 WITHIN = 0.02
 SETTINGS = {  # name: (pruner as a study file writes it, min optimizer steps before a trial may be pruned)
     "none": ({"name": "none"}, 0),
-    "median (hpo's default until now: 5 startup)": ({"name": "median"}, 0),
+    "median, 5 startup (Optuna's default; hpo's until now)": ({"name": "median", "n_startup_trials": 5}, 0),
     "median, 3 startup": ({"name": "median", "n_startup_trials": 3}, 0),
     "median, 3 startup, warm-up 1/4 run": ({"name": "median", "n_startup_trials": 3, "n_warmup_steps": "quarter"}, 0),
+    "median, 3 startup, min 3 opt. steps (hpo's default)": ({"name": "median", "n_startup_trials": 3}, 3),
     "median, 3 startup, min 10 opt. steps": ({"name": "median", "n_startup_trials": 3}, 10),
     "percentile 25, 3 startup": ({"name": "percentile", "percentile": 25.0, "n_startup_trials": 3}, 0),
+    "percentile 25, 3 startup, min 5 opt. steps": (
+        {"name": "percentile", "percentile": 25.0, "n_startup_trials": 3},
+        5,
+    ),
+    "percentile 25, 3 startup, warm-up 1/4 run": (
+        {"name": "percentile", "percentile": 25.0, "n_startup_trials": 3, "n_warmup_steps": "quarter"},
+        0,
+    ),
     "percentile 25, 3 startup, min 10 opt. steps": (
         {"name": "percentile", "percentile": 25.0, "n_startup_trials": 3},
         10,
@@ -44,6 +53,7 @@ SETTINGS = {  # name: (pruner as a study file writes it, min optimizer steps bef
     "successive halving": ({"name": "successive_halving"}, 0),
     "successive halving, min 10 opt. steps": ({"name": "successive_halving"}, 10),
     "hyperband": ({"name": "hyperband"}, 0),
+    "hyperband, min 5 opt. steps": ({"name": "hyperband"}, 5),
     "patient(median, 3 startup), patience 2": (
         {"name": "patient", "patience": 2, "wrapped": {"name": "median", "n_startup_trials": 3}},
         0,
@@ -78,7 +88,7 @@ def replay(pool: dict, order: list[int], spec: dict, min_steps: int, share: floa
     rows = stratified(pool["labels"], share, rng) if share < 1 else None
     finals = [r["points"][-1]["eval_loss"] for r in runs]
     oracle = min(finals)
-    study = optuna.create_study(pruner=make_pruner(spec, first, last))
+    study = optuna.create_study(study_name="replay", pruner=make_pruner(spec, first, last))  # Hyperband hashes it
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     seconds = steps = full_seconds = full_steps = 0.0
     best, reached, pruned, early, mistakes = math.inf, math.nan, 0, 0, 0

@@ -319,10 +319,11 @@ class PrunerSpec(SamplerSpec):
         "median",
         description="The Optuna pruner that stops unpromising trials at an evaluation; the other keys "
         "are its arguments. median: stops a trial worse than the median of earlier ones "
-        "at the same step; none: never stops one.",
+        "at the same step, once 3 trials finished (hpo's default n_startup_trials for median and percentile; "
+        "Optuna's is 5); none: never stops one.",
     )
     min_optimizer_steps: NonNegativeInt = Field(
-        0,
+        3,
         description="No trial is pruned before it has made this many optimizer steps (hpo's, not the pruner's "
         "argument). Evaluations compare trials at equal examples seen, where a trial with gradient "
         "accumulation 4 has made a quarter of the steps of one with 1: this keeps the pruner from judging it "
