@@ -121,7 +121,7 @@ def run(
         err.print(f"[red]error[/] <command line>: --gpus: {escape(str(e))}")
         raise typer.Exit(2) from None
     if workers is not None and workers != "auto":
-        if not workers.isdigit() or int(workers) < 1:
+        if not (workers.isascii() and workers.isdigit()) or int(workers) < 1:
             err.print(
                 f"[red]error[/] <command line>: --workers: {escape(workers)!r} is not a number of processes (1, 2, …) or auto"
             )

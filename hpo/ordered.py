@@ -20,6 +20,7 @@ finish order; so hpo builds it from a study view (a proxy whose ``get_trials`` s
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Container
 from typing import Any
 
@@ -61,6 +62,18 @@ class _View:
     def trials(self) -> list[FrozenTrial]:
         return self.get_trials()
 
+    @property
+    def best_trial(self) -> FrozenTrial:  # the Wilcoxon pruner compares with it
+        done = self.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not done:
+            raise ValueError("no trial is complete yet")
+        minimize = self._study.direction == optuna.study.StudyDirection.MINIMIZE
+        return (min if minimize else max)(done, key=lambda t: t.value)
+
+    @property
+    def best_value(self) -> float:
+        return self.best_trial.value
+
 
 def _running(t: FrozenTrial) -> FrozenTrial:
     return FrozenTrial(
@@ -96,7 +109,6 @@ class OrderedSampler(optuna.samplers.BaseSampler):
         self._for(trial).before_trial(_View(study, trial.number, self.lag), trial)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        wait_for_predecessors(study, trial.number, self.lag)  # the first parameter drawn: inside the heartbeat
         return self._for(trial).infer_relative_search_space(_View(study, trial.number, self.lag), trial)
 
     def sample_relative(
@@ -125,7 +137,16 @@ class OrderedPruner(optuna.pruners.BasePruner):
         self.inner, self.lag = inner, lag
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        return self.inner.prune(_Past(study, trial.number, self.lag), trial)
+        past = _Past(study, trial.number, self.lag)
+        inner = self.inner
+        if isinstance(inner, optuna.pruners.HyperbandPruner):
+            # Hyperband's own bracket study reads the storage past any view: ask the trial's bracket pruner
+            # (successive halving) with the view cut to that bracket. Optuna's private parts; pinned by a test.
+            if not inner._pruners:
+                inner._try_initialization(study)
+            bracket = inner._get_bracket_id(study, trial)
+            return inner._pruners[bracket].prune(_Bracket(study, trial.number, self.lag, inner, bracket), trial)
+        return inner.prune(past, trial)
 
 
 class _Past(_View):
@@ -139,6 +160,18 @@ class _Past(_View):
         ]
 
 
+class _Bracket(_Past):
+    """The past of one Hyperband bracket."""
+
+    def __init__(self, study, number, lag, hyperband, bracket):
+        super().__init__(study, number, lag)
+        self._hyperband, self._bracket = hyperband, bracket
+
+    def _get_trials(self, deepcopy=True, states=None, use_cache=False):
+        trials = super()._get_trials(deepcopy, states, use_cache)
+        return [t for t in trials if self._hyperband._get_bracket_id(self._study, t) == self._bracket]
+
+
 def horizon(study: optuna.Study, number: int) -> int:
     """The last trial whose result trial ``number`` may use: ``number - lag`` when ordered, else ``number - 1``."""
     return number - getattr(study.sampler, "lag", 1)
@@ -150,17 +183,23 @@ def mark_sampled(trial: optuna.Trial) -> None:
         trial.storage.set_trial_system_attr(trial._trial_id, SAMPLED, True)
 
 
-def wait_for_predecessors(study: optuna.Study, number: int, lag: int) -> None:
+def wait_for_predecessors(study: optuna.Study, number: int, lag: int, cap_s: float) -> list[int]:
     """Block until trials 0 … number-``lag`` have finished and the rest before ``number`` have drawn their
-    parameters. A trial whose worker died goes stale and ends FAIL here (heartbeats), so the wait ends."""
+    parameters. A trial whose worker died goes stale and ends FAIL here (heartbeats), so the wait ends. A trial
+    that neither ends nor goes stale (a worker killed before its heartbeat began, a hung rank) is waited for
+    ``cap_s`` at most: then this trial goes on, and the trials still pending are returned (its view is then
+    timing's, as without ordering; the study stays correct)."""
+    deadline = time.monotonic() + cap_s
     while True:
         trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
         pending = [
-            t
+            t.number
             for t in trials[:number]
             if t.state == TrialState.RUNNING and (t.number <= number - lag or not t.system_attrs.get(SAMPLED))
         ]
-        if not pending:
-            return
+        if not pending or time.monotonic() > deadline:
+            return pending
         time.sleep(POLL_S)
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)

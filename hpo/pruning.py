@@ -91,7 +91,9 @@ class PruningCallback(TrainerCallback):
             self.trial.report(value, step)
         if self.on_eval:
             self.on_eval(step, value)
-        if self.report and state.global_step >= self.min_steps and self.trial.should_prune():
+        # Asked at every evaluation (successive halving and Hyperband record their rungs when asked), heeded only
+        # from min_steps on.
+        if self.report and self.trial.should_prune() and state.global_step >= self.min_steps:
             self.pruned_at, control.should_training_stop = step, True
         elif self.patience is not None and len(self.history) - 1 - self.improved >= self.patience:
             self.stopped_early, control.should_training_stop = step, True

@@ -53,7 +53,10 @@ def fingerprint(
             "objective": objective_key(cfg),
             "model": model,
             "data": data,
-            "eval_every": cfg.eval_every.model_dump(mode="json", exclude_none=True, exclude_defaults=True),
+            # subsample changes what pruning compares, like the pruner's settings, not what a value means
+            "eval_every": cfg.eval_every.model_dump(
+                mode="json", exclude_none=True, exclude={"subsample", "subsample_min_rows"}
+            ),
             "train": cfg.train,
             "search_space": {
                 name: p.model_dump(mode="json", exclude_defaults=True) for name, p in cfg.search_space.items()

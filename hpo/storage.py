@@ -84,6 +84,8 @@ def open_study(
             sampler_args.setdefault("constant_liar", True)  # the trials of a batch apart, not all at TPE's mode
 
         def make(seed: int) -> optuna.samplers.BaseSampler:
+            # grid and qmc walk one seeded sequence (a shuffled grid, a scrambled one): every trial the same seed
+            seed = sampler_args["seed"] if cfg.sampler.name in ("grid", "qmc") else seed
             return samplers.make_sampler(cfg.sampler.name, {**sampler_args, "seed": seed}, cfg.distributions)
 
         study.sampler = ordered.OrderedSampler(make, sampler_args["seed"], workers)

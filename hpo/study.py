@@ -54,6 +54,7 @@ from hpo.workbench import Workbench, prepare
 
 MAX_REJECTED_IN_A_ROW = 100  # constraints that leave almost no feasible space
 MAX_OUT_OF_MEMORY_IN_A_ROW = 10  # trials that fit at no micro-batch: the space needs more memory than the device has
+ORDERED_WAIT_MIN_S = 600  # under hpo.ordered, the least a trial waits for an earlier one before going on
 WAIT_POLL_S = 1.0  # how often a worker waiting for trials running elsewhere looks again (two small queries)
 
 
@@ -281,7 +282,7 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
         try:
             # Optuna's Trial does not expose system attrs; optuna-integration reads them from the storage too.
             if isinstance(trial.study.sampler, ordered.OrderedSampler):  # queued ones too: the pruner's past
-                ordered.wait_for_predecessors(trial.study, trial.number, trial.study.sampler.lag)
+                _wait_in_order(trial, progress)
             fixed = trial.storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
             outside = _outside(fixed, cfg.distributions)
             if outside:  # queued under an earlier revision of the study file, or by hand
@@ -373,6 +374,19 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
             checkpoints.remove(saved)  # the trial ended: its retry, if any, starts afresh
 
     return objective
+
+
+def _wait_in_order(trial: optuna.Trial, progress: Progress) -> None:
+    """Wait for the trials before this one that hpo.ordered says it must; say so if it gave up waiting."""
+    done = trial.study.get_trials(deepcopy=False, states=FINISHED)
+    longest = max((t.duration.total_seconds() for t in done if t.duration is not None), default=0.0)
+    cap = max(ORDERED_WAIT_MIN_S, 2 * longest)  # a live trial ends within about the longest one's time
+    pending = ordered.wait_for_predecessors(trial.study, trial.number, trial.study.sampler.lag, cap)
+    if pending:
+        progress.print(
+            f"trial {trial.number:3d} [yellow]waited {cap:.0f} s[/] for trial(s) {pending}, still running without a "
+            "stale heartbeat; it goes on, and this run's trials now depend on timing"
+        )
 
 
 def _checkpoints(trial: optuna.Trial, cfg: StudyConfig, params: dict[str, Any], revision: int, n_train: int):

@@ -428,8 +428,13 @@ def _measurements(
     scored = callback.best if bench.cfg.objective.at == "best" else -1
     scored_step, at = callback.history[scored]  # the evaluation that is the trial's value
     last_step, last = callback.history[-1]
-    losses = [m["eval_loss"] for _, m in callback.history]
-    objective = [m[metric] for _, m in callback.history]
+    # Best over evaluations of every eval row: with eval_every.subsample, only the last one of a trial that ran to
+    # its end (a pruned trial has none: its subsampled ones, then).
+    subsampled = getattr(trainer, "eval_subset", None) is not None
+    ended = trainer.state.global_step >= trainer.state.max_steps
+    full = callback.history[-1:] if subsampled and ended else callback.history
+    losses = [m["eval_loss"] for _, m in full]
+    objective = [m[metric] for _, m in full]
     pick = min if bench.cfg.objective.direction == "minimize" else max
     examples = round(trainer.state.epoch * len(bench.train_rows))
     attrs = {
