@@ -29,23 +29,17 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from larger_task import TEMPLATES, fill  # noqa: E402
+from larger_task import TEMPLATES, fill, write  # noqa: E402
 
 
-def long_requests(folder: Path, train: int, evaluation: int, seed: int = 3) -> Path:
+def long_requests(folder: Path, train: int, evaluation: int) -> Path:
     """Requests of ~130 tokens: six of one intent in a row (the label), so every batch is 128 tokens wide."""
-    import csv
 
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, n in (("train.csv", train), ("eval.csv", evaluation)):
-        with open(folder / name, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["text", "label"])
-            for _ in range(n):
-                intent = rng.choice(sorted(TEMPLATES))
-                w.writerow([". ".join(fill(rng.choice(TEMPLATES[intent]), rng) for _ in range(6)), intent])
-    return folder
+    def rows(n: int, rng: random.Random) -> list[tuple[str, str]]:
+        intents = [rng.choice(sorted(TEMPLATES)) for _ in range(n)]
+        return [(". ".join(fill(rng.choice(TEMPLATES[i]), rng) for _ in range(6)), i) for i in intents]
+
+    return write(folder, train, evaluation, seed=3, make=rows)
 
 
 def build_model(base: Path, folder: Path, **config) -> Path:

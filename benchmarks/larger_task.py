@@ -34,15 +34,15 @@ def rows(n: int, rng: random.Random, mixed: float = 0.2, noise: float = 0.05) ->
     return out
 
 
-def write(folder: Path, train: int = 1200, evaluation: int = 300, seed: int = 7) -> Path:
-    """Write ``train.csv`` and ``eval.csv`` (text, label) into ``folder``; return it."""
+def write(folder: Path, train: int = 1200, evaluation: int = 300, seed: int = 7, make=rows) -> Path:
+    """Write ``train.csv`` and ``eval.csv`` (text, label) of ``make(n, rng)`` rows into ``folder``; return it."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for name, n in (("train.csv", train), ("eval.csv", evaluation)):
         with open(folder / name, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["text", "label"])
-            writer.writerows(rows(n, rng))
+            writer.writerows(make(n, rng))
     return folder
 
 
