@@ -9,9 +9,8 @@ Here, with N workers, trial k sees
   sampled): TPE's constant liar, on by default here, keeps the trials of one batch apart;
 
 and its sampler is seeded with (seed, k). The pruner sees trials 0 … k-N. So a seeded study gives the same
-trials with N workers every time; with one worker this is Optuna's sequential search. The wait costs little:
-with N workers, trials 0 … k-N are running only when one of them is slower than the N-1 after it
-(``benchmarks/workers.py`` measures it).
+trials with N workers every time; with one worker this is Optuna's sequential search. With N workers, trials
+0 … k-N are still running only when one of them is slower than the N-1 after it: then trial k waits for it.
 
 Optuna has no such mode: its batch samplers decide a batch at once, and its constant liar alone still sees
 finish order; so hpo builds it from a study view (a proxy whose ``get_trials`` shows the past as above).
@@ -137,7 +136,6 @@ class OrderedPruner(optuna.pruners.BasePruner):
         self.inner, self.lag = inner, lag
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        past = _Past(study, trial.number, self.lag)
         inner = self.inner
         if isinstance(inner, optuna.pruners.HyperbandPruner):
             # Hyperband's own bracket study reads the storage past any view: ask the trial's bracket pruner
@@ -146,7 +144,7 @@ class OrderedPruner(optuna.pruners.BasePruner):
                 inner._try_initialization(study)
             bracket = inner._get_bracket_id(study, trial)
             return inner._pruners[bracket].prune(_Bracket(study, trial.number, self.lag, inner, bracket), trial)
-        return inner.prune(past, trial)
+        return inner.prune(_Past(study, trial.number, self.lag), trial)
 
 
 class _Past(_View):
