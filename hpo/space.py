@@ -408,6 +408,8 @@ def at_edges(params: Mapping[str, Any], distributions: Mapping[str, BaseDistribu
         if isinstance(d, FloatDistribution | IntDistribution) and d.high > d.low and not few:
             scale = math.log if d.log else float
             share = (scale(value) - scale(d.low)) / (scale(d.high) - scale(d.low))
+            if share <= EDGE and _floor(d.low, isinstance(d, IntDistribution)):
+                continue
             if share <= EDGE or share >= 1 - EDGE:
                 end, move = ("low", "lower low") if share <= EDGE else ("high", "raise high")
                 out.append(
@@ -416,10 +418,18 @@ def at_edges(params: Mapping[str, Any], distributions: Mapping[str, BaseDistribu
                 )
         elif isinstance(d, CategoricalDistribution) and len(d.choices) >= 3:
             numbers = [c for c in d.choices if isinstance(c, int | float) and not isinstance(c, bool)]
-            if len(numbers) == len(d.choices) and value in (min(numbers), max(numbers)):
+            ends = (min(numbers), max(numbers)) if len(numbers) == len(d.choices) else ()
+            floor = bool(ends) and value == ends[0] and _floor(value, all(isinstance(c, int) for c in numbers))
+            if value in ends and not floor:
                 end = "smallest" if value == min(numbers) else "largest"
                 out.append(
                     f"search_space.{name}: the best value {value:g} is the {end} choice: "
                     f"add a {'smaller' if end == 'smallest' else 'larger'} one"
                 )
     return out
+
+
+def _floor(low: float, integer: bool) -> bool:
+    """Whether nothing lies below ``low``: 0 for a float (dropout, weight decay, warmup), 1 for an integer
+    (batch size, accumulation, LoRA rank; 0 for warmup steps). A best value there is no reason to widen the range."""
+    return low <= 1 if integer else low <= 0

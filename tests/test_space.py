@@ -188,7 +188,12 @@ def test_a_best_value_at_the_edge_of_its_range_names_the_bound_to_move():
     wd = FloatDistribution(0.0, 0.1)
     assert at_edges({"weight_decay": 0.098}, {"weight_decay": wd})[0].endswith("raise high")
     assert at_edges({"weight_decay": 0.006}, {"weight_decay": wd}) == []
-    assert at_edges({"epochs": 1}, {"epochs": IntDistribution(1, 5)})[0].endswith("lower low")
+    assert at_edges({"epochs": 2}, {"epochs": IntDistribution(2, 6)})[0].endswith("lower low")
+    # Nothing lies below 0 for a float, 1 for an integer: the quickstart's best run said "add a smaller one" of
+    # gradient accumulation 1, and would of dropout 0.
+    assert at_edges({"epochs": 1}, {"epochs": IntDistribution(1, 5)}) == []
+    assert at_edges({"accumulation": 1}, {"accumulation": CategoricalDistribution([1, 2, 4])}) == []
+    assert at_edges({"dropout": 0.001}, {"dropout": FloatDistribution(0.0, 0.3)}) == []
     # Numeric choices, three or more: the largest or smallest one; two choices or words say nothing.
     batch = CategoricalDistribution([8, 16, 32])
     assert at_edges({"batch": 32}, {"batch": batch}) == [
