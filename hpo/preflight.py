@@ -25,7 +25,7 @@ import torch
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from transformers import TrainerCallback, TrainingArguments
 
-from hpo import memory, space
+from hpo import memory, samplers, space
 from hpo.checkpoints import KEEP
 from hpo.config import EvalGrid, Resources, StudyConfig
 from hpo.plan import lora_target_list, make_plan
@@ -121,7 +121,7 @@ def check(cfg: StudyConfig, bench: Workbench | None = None) -> CheckReport:
     ]
     for c in corners:
         c.fits = not c.ran_out and c.peak_mb <= budget_mb
-    n = int(cfg.pruner.args.get("n_startup_trials", 5))
+    n = int(cfg.pruner.args.get("n_startup_trials", samplers.DEFAULT_STARTUP_TRIALS))
     share = 0.0 if cfg.pruner.name == "none" else 0.25 * max(0, cfg.n_trials - n) / cfg.n_trials
     report = CheckReport(
         cfg.study,
