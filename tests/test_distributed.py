@@ -90,7 +90,7 @@ def test_the_pruners_answer_stops_every_rank_at_the_same_step(tiny_model, tmp_pa
     study = study_dict(
         tiny_model,
         resources=TWO,
-        pruner={"name": "threshold", "upper": 0.0},
+        pruner={"name": "threshold", "upper": 0.0, "min_optimizer_steps": 0},  # at 2 ranks x 8, 2 steps in
         storage=f"sqlite:///{tmp_path}/prune.db",
         output_dir=str(tmp_path / "outputs"),
     )
