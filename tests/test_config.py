@@ -102,6 +102,12 @@ def test_nested_unknown_key_suggests(write_study):
         ),
         ({"n_trials": 0}, "n_trials: Input should be greater than 0"),
         ({"eval_every": {"epochs": 0.5, "examples": 10}}, "eval_every: give a number of epochs"),
+        ({"eval_every": {"epochs": 0.5, "subsample": 0}}, "eval_every.subsample: Input should be greater than 0"),
+        ({"eval_every": {"epochs": 0.5, "subsample": 1.5}}, "eval_every.subsample: Input should be less than or equal"),
+        (
+            {"pruner": {"name": "median", "min_optimizer_steps": -1}},
+            "pruner.min_optimizer_steps: Input should be greater than or equal to 0",
+        ),
         (
             {"objective": {"metric": "eval_bleu"}},
             "objective.metric: 'eval_bleu' is not reported by sequence-classification",
