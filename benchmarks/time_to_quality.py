@@ -1,4 +1,4 @@
-"""Time to a good model: python benchmarks/time_to_quality.py [STUDY.yaml ...] [--seeds 3] [--runners ...]
+"""Time to a good model: python benchmarks/time_to_quality.py [STUDY.yaml ...] [--seeds 3] [--runners ...] [--same-wall]
 
 What a user waits for: the time until the study holds a configuration as good as the best one they will
 find. For each study file (default: the quickstart) and each seed, these runners take turns, each in a fresh
@@ -8,15 +8,23 @@ process timed from before its first import:
 * hpo --workers auto: the same with ``--workers auto``;
 * hf: ``Trainer.hyperparameter_search(backend="optuna")`` the way the transformers docs show it (``model_init``,
   dynamic padding, TPE and Optuna's default median pruner, evaluating as often as the study file says) over the
-  same search space, data, epochs and seed (``dropout`` goes to the model config in ``model_init``);
+  same search space, data, epochs and seed. Its ``model_init`` builds each trial's model as hpo does (the new
+  head, ``dropout`` in the model config, LoRA adapters) and it reads hpo's tokenized rows and metrics, so the
+  runners differ in the search and the training loop only; the study's objective is its ``compute_objective``;
 * random: hpo with a random sampler and no pruner.
 
-Target: within 2% of the way from where the studies start (the median value of every run's first trial)
-to the best final eval loss any runner reached on that study, over all seeds. (2% of the best loss itself is
-below run-to-run noise where losses approach zero: on the quickstart's data the best is 0.008.) Per runner:
-the median (and each seed's) seconds and optimizer steps until a finished trial reaches the target, how many
-seeds reached it, the best eval loss after all trials (mean), and the whole run's seconds. ``--from JSON``
-prints the tables of a saved run again.
+Each runner is seen two ways: the study as the file says (its first ``n_trials`` finished trials: their best
+value and the seconds they took), and at the Trainer search's wall time (the best value among the trials that
+had ended when the Trainer search of the same seed ended). ``--same-wall`` runs hf first in each seed and gives
+the other runners its wall time as their ``timeout``, with no trial count, so they use all of it; their first
+``n_trials`` trials are the same as without it (the sampler is seeded). A value is the study's objective (eval
+loss on the classifiers), negated where the study maximizes, so lower is better everywhere.
+
+Target: 2% of the way from where the studies start (the median value of every run's first trial) to the best
+value any runner reached on that study, over all seeds (2% of the best loss itself is below run-to-run noise
+where losses approach zero: on the quickstart's data the best is 0.008). Per runner: how many seeds reached it
+by the Trainer search's wall time, and the seconds until they did (median). ``--from JSON`` prints the tables
+of a saved run again.
 """
 
 from __future__ import annotations
@@ -37,10 +45,12 @@ WITHIN = 0.02
 RUNNERS = ("hpo", "hpo --workers auto", "hf", "random")
 
 
-def run_hpo(study: Path, seed: int, db: Path, out: Path, runner: str) -> None:
+def run_hpo(study: Path, seed: int, db: Path, out: Path, runner: str, timeout: float | None = None) -> None:
     from hpo import api
 
     overrides = {"storage": f"sqlite:///{db}", "sampler.seed": seed, "output_dir": str(out)}
+    if timeout:  # the same study with a wall-clock budget instead of a trial count
+        overrides.update({"timeout": timeout, "n_trials": 10_000})
     if runner == "random":
         overrides.update({"sampler": {"name": "random", "seed": seed}, "pruner": {"name": "none"}})
     api.run(study, overrides=overrides, workers="auto" if runner.endswith("auto") else 1, console=_quiet())
@@ -55,36 +65,22 @@ def _quiet():
 def run_hf(study: Path, seed: int, db: Path, out: Path) -> None:
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        Trainer,
-        TrainingArguments,
-    )
+    from transformers import Trainer, TrainingArguments
 
-    from hpo import load_study
-    from hpo.data import load_examples
-    from hpo.workbench import resolve_model
+    from hpo import load_study, metrics
+    from hpo.plan import make_plan
+    from hpo.tasks import TASKS
+    from hpo.trial import _build_model, collator
+    from hpo.workbench import prepare
 
+    # The same tokenized rows, collator, model construction (new heads, dropout, LoRA adapters) and metrics as
+    # hpo's trials: the runners differ in the search and the training loop only.
     cfg = load_study(study)
-    assert cfg.task == "sequence-classification", "the hf runner fine-tunes classifiers"
-    model = resolve_model(cfg.model.name, cfg.root)
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    data = load_examples(cfg)  # (text, label id) rows, read as hpo reads them
-    label = data.labels
-
-    def encode(rows):
-        enc = tokenizer([text for text, _ in rows], truncation=True, max_length=cfg.data.max_length)
-        return [{**{k: v[i] for k, v in enc.items()}, "labels": y} for i, (_, y) in enumerate(rows)]
-
-    train, dev = encode(data.train), encode(data.eval)
-    epochs = float(cfg.train.get("num_train_epochs", 3))
+    bench = prepare(cfg)
+    metric = cfg.objective.metric
 
     def model_init(trial):
-        dropout = {} if trial is None or "dropout" not in trial.params else trial.params["dropout"]
-        extra = {} if dropout == {} else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
-        return AutoModelForSequenceClassification.from_pretrained(model, num_labels=len(label), **extra)
+        return _build_model(bench, make_plan(cfg, {} if trial is None else trial.params))[0]
 
     def hp_space(trial):
         out = {}
@@ -97,12 +93,17 @@ def run_hf(study: Path, seed: int, db: Path, out: Path) -> None:
                 out[name] = trial.suggest_float(name, d.low, d.high, log=d.log, step=d.step)
         return out
 
+    def objective(m: dict) -> float:
+        return math.exp(m["eval_loss"]) if metric == "eval_perplexity" else m[metric]
+
+    epochs = float(cfg.train.get("num_train_epochs", 3))
+    n_train = len(bench.train_rows)
     args = TrainingArguments(
         output_dir=str(out),
         num_train_epochs=epochs,
         seed=int(cfg.train.get("seed", 42)),
         eval_strategy="steps",
-        eval_steps=cfg.eval_every.examples_between(len(train)) / (epochs * len(train)),  # a fraction of the run
+        eval_steps=cfg.eval_every.examples_between(n_train) / (epochs * n_train),  # a fraction of the run
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
@@ -111,15 +112,17 @@ def run_hf(study: Path, seed: int, db: Path, out: Path) -> None:
     trainer = Trainer(
         model_init=model_init,
         args=args,
-        train_dataset=train,
-        eval_dataset=dev,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        processing_class=tokenizer,
+        train_dataset=bench.train_rows,
+        eval_dataset=bench.eval_rows,
+        data_collator=collator(TASKS[cfg.task], bench.tokenizer),
+        processing_class=bench.tokenizer,
+        compute_metrics=metrics.COMPUTE[cfg.task](bench.labels) if cfg.task in metrics.COMPUTE else None,
     )
     trainer.hyperparameter_search(
-        direction="minimize",
+        direction=cfg.objective.direction,
         backend="optuna",
         hp_space=hp_space,
+        compute_objective=objective,
         n_trials=cfg.n_trials,
         sampler=optuna.samplers.TPESampler(seed=seed),
         storage=f"sqlite:///{db}",
@@ -128,60 +131,72 @@ def run_hf(study: Path, seed: int, db: Path, out: Path) -> None:
 
 
 def trials_of(db: Path, launched: float) -> list[dict]:
-    """Each finished trial: seconds from launch to its end, its final value, its optimizer steps."""
+    """Each finished trial: seconds from launch to its end, its final value (negated where the study maximizes,
+    so lower is better everywhere), its optimizer steps."""
     import optuna
 
     out = []
     storage = f"sqlite:///{db}"
     for summary in optuna.get_all_study_summaries(storage):
-        for t in optuna.load_study(study_name=summary.study_name, storage=storage).trials:
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        sign = 1 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1
+        for t in study.trials:
             if t.datetime_complete is None or t.state.name not in ("COMPLETE", "PRUNED"):
                 continue
             steps = t.user_attrs.get("optimizer_steps") or max(t.intermediate_values, default=0)
             out.append(
                 {
                     "end": t.datetime_complete.timestamp() - launched,
-                    "value": t.value if t.state.name == "COMPLETE" else None,
+                    "value": sign * t.value if t.state.name == "COMPLETE" else None,
                     "steps": steps,
                 }
             )
     return sorted(out, key=lambda t: t["end"])
 
 
-def first_within(trials: list[dict], target: float) -> tuple[float, float]:
-    steps = 0
+def first_within(trials: list[dict], target: float) -> float:
     for t in trials:
-        steps += t["steps"]
         if t["value"] is not None and t["value"] <= target:
-            return t["end"], steps
-    return math.nan, math.nan
+            return t["end"]
+    return math.nan
+
+
+def best_of(trials: list[dict]) -> float:
+    return min((t["value"] for t in trials if t["value"] is not None), default=math.nan)
 
 
 def print_table(name: str, runs: dict[str, list[dict]]) -> None:
+    """Two views of each runner: its first ``n_trials`` finished trials (the study as the file says), and the
+    trials that had ended when the Trainer search of the same seed ended (the same wall time)."""
     finals = [t["value"] for rs in runs.values() for r in rs for t in r["trials"] if t["value"] is not None]
-    firsts = [r["trials"][0]["value"] for rs in runs.values() for r in rs if r["trials"] and r["trials"][0]["value"]]
+    firsts = [
+        r["trials"][0]["value"]
+        for rs in runs.values()
+        for r in rs
+        if r["trials"] and r["trials"][0]["value"] is not None
+    ]
     best, start = min(finals), statistics.median(firsts)
     target = best + WITHIN * (start - best)
     seeds = max(len(rs) for rs in runs.values())
-    print(f"\n{name}: target eval loss {target:.4f} (best {best:.4f}, first trials' median {start:.4f}), {seeds} seeds")
+    hf_wall = {r["seed"]: r["wall"] for r in runs.get("hf", [])}
+    print(f"\n{name}: target value {target:.4f} (best {best:.4f}, first trials' median {start:.4f}), {seeds} seeds")
     print(
-        "| runner | s to target (median; each seed) | opt. steps to target (median) | reached | best eval loss (mean; "
-        "each seed) | whole run s (median) | vs hf (s to target) |\n|---|---|---|---|---|---|---|"
+        "| runner | best value, the study's trials (mean; each seed) | s for them (median) "
+        "| best value by the Trainer search's wall time (mean; each seed) | trials by then (median) "
+        "| reached target by then | s to target (median) |\n|---|---|---|---|---|---|---|"
     )
-    rows = {}
+
+    def each(values: list[float]) -> str:
+        return f"{statistics.mean(values):.4f} ({' '.join(f'{v:.3f}' for v in values)})"
+
     for runner, rs in runs.items():
-        hits = [first_within(r["trials"], target) for r in rs]
-        best_each = [min((t["value"] for t in r["trials"] if t["value"] is not None), default=math.nan) for r in rs]
-        reached = [s for s, _ in hits if not math.isnan(s)]
-        rows[runner] = (hits, best_each, statistics.median(reached) if reached else math.nan, rs)
-    hf = rows["hf"][2] if "hf" in rows else math.nan
-    for runner, (hits, best_each, median, rs) in rows.items():
-        steps = [n for _, n in hits if not math.isnan(n)]
-        each = " ".join("-" if math.isnan(s) else f"{s:.0f}" for s, _ in hits)
+        study = [r["trials"][: r.get("n_trials", len(r["trials"]))] for r in rs]
+        by_wall = [[t for t in r["trials"] if t["end"] <= hf_wall.get(r["seed"], math.inf)] for r in rs]
+        hits = [s for s in (first_within(ts, target) for ts in by_wall) if not math.isnan(s)]
         print(
-            f"| {runner} | {median:.0f} ({each}) | {statistics.median(steps) if steps else math.nan:.0f} "
-            f"| {len(steps)}/{len(rs)} | {statistics.mean(best_each):.4f} ({' '.join(f'{b:.3f}' for b in best_each)}) "
-            f"| {statistics.median(r['wall'] for r in rs):.0f} | {median / hf:.2f} |"
+            f"| {runner} | {each([best_of(ts) for ts in study])} | {statistics.median(ts[-1]['end'] for ts in study if ts):.0f} "
+            f"| {each([best_of(ts) for ts in by_wall])} | {statistics.median(len(ts) for ts in by_wall):.0f} "
+            f"| {len(hits)}/{len(rs)} | {statistics.median(hits) if hits else math.nan:.0f} |"
         )
 
 
@@ -195,6 +210,18 @@ def main() -> None:
     parser.add_argument("--runner", help=argparse.SUPPRESS)  # one runner, in this process
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--db", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--timeout", type=float, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        help="take the runs (runner and seed) that a run saved with --json holds instead of running them again",
+    )
+    parser.add_argument(
+        "--same-wall",
+        action="store_true",
+        help="run hf first in each seed; the other runners then get its wall time as their timeout instead of "
+        "the study's trial count",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.runner:
@@ -202,14 +229,28 @@ def main() -> None:
             if args.runner == "hf":
                 run_hf(args.studies[0], args.seed, args.db, Path(tmp))
             else:
-                run_hpo(args.studies[0], args.seed, args.db, Path(tmp), args.runner)
+                run_hpo(args.studies[0], args.seed, args.db, Path(tmp), args.runner, args.timeout)
         return
+    from hpo import load_study
+
     began = time.perf_counter()
     results: dict = json.loads(args.load.read_text()) if args.load else {}
     for study in [] if args.load else args.studies:
-        runs: dict[str, list[dict]] = {r: [] for r in args.runners.split(",")}
+        names = args.runners.split(",")
+        if args.same_wall:
+            names = ["hf", *(r for r in names if r != "hf")]
+        runs: dict[str, list[dict]] = {r: [] for r in names}
+        saved = {}
+        if args.reuse:  # each runner is deterministic per seed (up to the machine's speed): its runs can be reused
+            found = json.loads(args.reuse.read_text())
+            found = found.get(str(study)) or next(iter(found.values()))
+            saved = {(runner, r["seed"]): r for runner, rs in found.items() for r in rs}
+        n_trials = load_study(study).n_trials  # with --same-wall, hpo's first n_trials are the study as written
         for seed in range(args.seeds):
             for runner in runs:  # they take turns: a slow spell of the machine hits every runner alike
+                if (runner, seed) in saved:
+                    runs[runner].append(saved[runner, seed])
+                    continue
                 with tempfile.TemporaryDirectory() as tmp:
                     db = Path(tmp) / "trials.db"
                     launched = time.time()
@@ -224,9 +265,16 @@ def main() -> None:
                         "--db",
                         str(db),
                     ]
+                    if args.same_wall and runner != "hf":
+                        cmd += ["--timeout", str(runs["hf"][seed]["wall"])]
                     subprocess.run(cmd, check=True, capture_output=True)
                     runs[runner].append(
-                        {"seed": seed, "wall": time.time() - launched, "trials": trials_of(db, launched)}
+                        {
+                            "seed": seed,
+                            "wall": time.time() - launched,
+                            "n_trials": n_trials,
+                            "trials": trials_of(db, launched),
+                        }
                     )
         results[str(study)] = runs
     if args.json:
