@@ -132,7 +132,7 @@ def run_hf(study: Path, seed: int, db: Path, out: Path) -> None:
 
 def trials_of(db: Path, launched: float) -> list[dict]:
     """Each finished trial: seconds from launch to its end, its final value (negated where the study maximizes,
-    so lower is better everywhere), its optimizer steps."""
+    so lower is better everywhere)."""
     import optuna
 
     out = []
@@ -143,14 +143,8 @@ def trials_of(db: Path, launched: float) -> list[dict]:
         for t in study.trials:
             if t.datetime_complete is None or t.state.name not in ("COMPLETE", "PRUNED"):
                 continue
-            steps = t.user_attrs.get("optimizer_steps") or max(t.intermediate_values, default=0)
-            out.append(
-                {
-                    "end": t.datetime_complete.timestamp() - launched,
-                    "value": sign * t.value if t.state.name == "COMPLETE" else None,
-                    "steps": steps,
-                }
-            )
+            end = t.datetime_complete.timestamp() - launched
+            out.append({"end": end, "value": sign * t.value if t.state.name == "COMPLETE" else None})
     return sorted(out, key=lambda t: t["end"])
 
 
