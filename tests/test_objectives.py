@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def quickstart(tmp_path: Path, **changes) -> dict:
     """The quickstart study as a dict: its data and model, 96 rows, one epoch, no objective: of its own."""
     study = yaml.safe_load((ROOT / "studies" / "quickstart.yaml").read_text())
-    for key in ("environments", "objective", "pruner", "enqueue"):
+    for key in ("environments", "objective", "pruner"):
         study.pop(key)
     study["data"] = {**study["data"], "max_train_rows": 96}
     study["data"].update({k: str(ROOT / "studies" / study["data"][k]) for k in ("train", "eval")})
