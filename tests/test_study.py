@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import random
 import resource
 import shutil
 import signal
@@ -15,9 +16,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 from rich.console import Console
+from transformers import TrainerCallback
 
 from hpo import load_study
+from hpo.plan import make_plan
 from hpo.study import run_study
+from hpo.trial import run_trial
 from hpo.workbench import prepare
 
 quiet = Console(quiet=True)
@@ -74,22 +78,37 @@ def test_trial_records_measurements_and_best_model(write_study, tmp_path):
     assert (tmp_path / "outputs" / "tiny" / "resolved.yaml").exists()
 
 
-def test_less_padding_by_default_length_grouped_batches_and_sorted_eval_rows(write_study):
-    cfg = load_study(write_study(n_trials=1))
-    lengths = [len(row["input_ids"]) for row in prepare(cfg).eval_rows]
+def test_training_batches_mix_labels_even_where_length_follows_the_label(write_study, tmp_path):
+    # transformers' group_by_length (hpo's default before) sorts windows of batches longest first: here every
+    # "long" row would come before every "short" one of its window, and nearly every batch held one label.
+    words = ["hello", "there", "cold", "and", "windy", "please", "rain", "tomorrow", "maybe", "sunny", "day", "today"]
+    rng = random.Random(0)
+    for split, n in (("train", 64), ("eval", 8)):
+        rows = [(" ".join(rng.choices(words, k=8 if i % 2 else 2)), "long" if i % 2 else "short") for i in range(n)]
+        (tmp_path / f"{split}.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    data = {"train": str(tmp_path / "train.csv"), "eval": str(tmp_path / "eval.csv"), "max_length": 16}
+
+    def batches(**train) -> list[set]:
+        cfg = load_study(write_study(data=data, n_trials=1, train={"num_train_epochs": 1, "seed": 0, **train}))
+        labels: list[set] = []
+
+        class Batches(TrainerCallback):
+            def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+                labels.extend(set(batch["labels"].tolist()) for batch in train_dataloader)
+
+        params = {"learning_rate": 1e-3, "per_device_train_batch_size": 4}
+        run_trial(prepare(cfg), make_plan(cfg, params), optuna.trial.FixedTrial(params), callbacks=[Batches()])
+        return labels
+
+    mixed = batches()
+    assert len(mixed) == 16 and sum(len(b) > 1 for b in mixed) >= 12, mixed  # 7 in 8 batches of 4, by chance
+    grouped = batches(train_sampling_strategy="group_by_length")  # the study file's choice wins
+    assert sum(len(b) > 1 for b in grouped) <= 4, grouped
+
+
+def test_eval_rows_are_sorted_by_length_once(write_study):
+    lengths = [len(row["input_ids"]) for row in prepare(load_study(write_study(n_trials=1))).eval_rows]
     assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
-    (trial,) = run_study(cfg, quiet).trials
-    assert trial.user_attrs["train_sampling_strategy"] == "group_by_length"
-    # the study file's choice wins
-    (trial,) = run_study(
-        load_study(
-            write_study(
-                study="shuffled", n_trials=1, train={"num_train_epochs": 1, "train_sampling_strategy": "random"}
-            )
-        ),
-        quiet,
-    ).trials
-    assert trial.user_attrs["train_sampling_strategy"] == "random"
 
 
 def test_steps_count_examples_seen_on_one_grid(write_study):
