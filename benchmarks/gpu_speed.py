@@ -4,7 +4,7 @@ One script for a lent GPU (under 8 minutes on an H200):
 
 1. the same four fine-tunes (benchmarks/same_work.py: learning rate x batch size 16/32, no pruning, 4
    evaluations per epoch) by hpo and by ``Trainer.hyperparameter_search``, bf16 both, on long requests
-   (128 tokens each), with MiniLM's architecture (random init, built from its config: no weights travel)
+   (six sentences of one intent, ~50 MiniLM tokens, truncated at 128), with MiniLM's architecture (random init, built from its config: no weights travel)
    and a ~335M BERT-large-sized model built from a config;
 2. the share of a study's wall time the GPU is busy (NVML's utilization, sampled every 50 ms) for a MiniLM
    study run with 1, 2 and 4 workers on that one GPU.
@@ -33,7 +33,7 @@ from larger_task import TEMPLATES, fill, write  # noqa: E402
 
 
 def long_requests(folder: Path, train: int, evaluation: int) -> Path:
-    """Requests of ~130 tokens: six of one intent in a row (the label), so every batch is 128 tokens wide."""
+    """Requests of six sentences of one intent (the label): ~50 MiniLM tokens, 43-59 on average by intent."""
 
     def rows(n: int, rng: random.Random) -> list[tuple[str, str]]:
         intents = [rng.choice(sorted(TEMPLATES)) for _ in range(n)]
@@ -187,7 +187,7 @@ def main() -> None:
             r = same_work(model, data, 1 if args.smoke else args.repeats or repeats, 1, work / f"{model.name}.json")
             results[name] = r
             lines += [
-                f"## same four fine-tunes, {name}, 1 epoch of {len(data.joinpath('train.csv').read_text().splitlines()) - 1} rows x 128 tokens",
+                f"## same four fine-tunes, {name}, 1 epoch of {len(data.joinpath('train.csv').read_text().splitlines()) - 1} long requests",
                 "",
                 r["table"],
             ]

@@ -132,7 +132,7 @@ def run_hf(study: Path, seed: int, db: Path, out: Path) -> None:
 
 def trials_of(db: Path, launched: float) -> list[dict]:
     """Each finished trial: seconds from launch to its end, its final value (negated where the study maximizes,
-    so lower is better everywhere)."""
+    so lower is better everywhere; None if pruned), its parameters and how many evaluations it reported."""
     import optuna
 
     out = []
@@ -144,7 +144,8 @@ def trials_of(db: Path, launched: float) -> list[dict]:
             if t.datetime_complete is None or t.state.name not in ("COMPLETE", "PRUNED"):
                 continue
             end = t.datetime_complete.timestamp() - launched
-            out.append({"end": end, "value": sign * t.value if t.state.name == "COMPLETE" else None})
+            value = sign * t.value if t.state.name == "COMPLETE" else None
+            out.append({"end": end, "value": value, "params": t.params, "evaluations": len(t.intermediate_values)})
     return sorted(out, key=lambda t: t["end"])
 
 

@@ -139,9 +139,9 @@ def run_trial(
             "prediction_loss_only": compute_metrics is None,  # causal-lm: perplexity needs the loss, not the logits
             "per_device_eval_batch_size": EVAL_BATCH_SIZE,
             # Training batches are drawn at random (TrainingArguments' default). transformers' group_by_length
-            # sorts each window of up to 50 batches longest first: where length follows the label, a trial saw
-            # one label after the other and ended at eval loss 1.575 against 0.543 shuffled (MiniLM-size, 1,000
-            # long requests). The ~10% less padding on short texts is not worth it; `train:` may still ask for it.
+            # sorts each window of up to 50 batches longest first: where length follows the label, a trial sees
+            # one label after the other. The same configuration ended at eval loss 1.575 grouped and 0.543
+            # shuffled (MiniLM-size, 1,000 requests). It saved ~10% of a study's time; `train:` may still ask.
             "logging_steps": LOGGING_STEPS,
             "disable_tqdm": True,
             **device_settings(settings),

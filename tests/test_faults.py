@@ -3,6 +3,7 @@
 import contextlib
 import signal
 import sqlite3
+from pathlib import Path
 
 import optuna
 import pytest
@@ -83,6 +84,7 @@ def pause_outside_a_write(proc, database) -> bool:
     write until it resumes: that is SQLite's locking, not what this test is about (PostgreSQL has none such).
     """
     proc.send_signal(signal.SIGSTOP)
+    wait_for(lambda: stopped(proc.pid), "the worker to stop")  # the signal is delivered asynchronously
     try:
         with contextlib.closing(sqlite3.connect(database, timeout=0.5)) as db:
             db.execute("BEGIN IMMEDIATE")
@@ -91,6 +93,11 @@ def pause_outside_a_write(proc, database) -> bool:
     except sqlite3.OperationalError:
         proc.send_signal(signal.SIGCONT)
         return False
+
+
+def stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (state T in /proc/PID/stat; the name in parentheses may hold spaces)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "T"
 
 
 def checkpoint_markers(path) -> list:
