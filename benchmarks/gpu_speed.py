@@ -4,8 +4,8 @@ One script for a lent GPU (under 8 minutes on an H200):
 
 1. the same four fine-tunes (benchmarks/same_work.py: learning rate x batch size 16/32, no pruning, 4
    evaluations per epoch) by hpo and by ``Trainer.hyperparameter_search``, bf16 both, on long requests
-   (six sentences of one intent, ~50 MiniLM tokens, truncated at 128), with MiniLM's architecture (random init, built from its config: no weights travel)
-   and a ~335M BERT-large-sized model built from a config;
+   (six sentences of one intent, ~50 MiniLM tokens, truncated at 128), with MiniLM's architecture (random
+   init, built from its config: no weights travel) and a ~335M BERT-large-sized model built from a config;
 2. the share of a study's wall time the GPU is busy (NVML's utilization, sampled every 50 ms) for a MiniLM
    study run with 1, 2 and 4 workers on that one GPU.
 
