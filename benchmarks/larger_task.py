@@ -70,4 +70,5 @@ if __name__ == "__main__":
     parser.add_argument("--eval", type=int, default=300)
     parser.add_argument("--study", action="store_true", help="also write DIR/study.yaml")
     a = parser.parse_args()
-    print(study_file(write(a.dir, a.train, a.eval)) if a.study else write(a.dir, a.train, a.eval))
+    folder = write(a.dir, a.train, a.eval)
+    print(study_file(folder) if a.study else folder)

@@ -230,16 +230,18 @@ def main() -> None:
 
     began = time.perf_counter()
     results: dict = json.loads(args.load.read_text()) if args.load else {}
+    reused: dict = json.loads(args.reuse.read_text()) if args.reuse else {}
     for study in [] if args.load else args.studies:
         names = args.runners.split(",")
         if args.same_wall:
             names = ["hf", *(r for r in names if r != "hf")]
         runs: dict[str, list[dict]] = {r: [] for r in names}
-        saved = {}
-        if args.reuse:  # each runner is deterministic per seed (up to the machine's speed): its runs can be reused
-            found = json.loads(args.reuse.read_text())
-            found = found.get(str(study)) or next(iter(found.values()))
-            saved = {(runner, r["seed"]): r for runner, rs in found.items() for r in rs}
+        # Each runner is deterministic per seed (up to the machine's speed): its saved runs can be reused. A file
+        # of one study serves one study asked for under another path (data/larger vs /tmp/larger), never several.
+        found = reused.get(str(study)) or (
+            next(iter(reused.values())) if len(reused) == 1 and len(args.studies) == 1 else {}
+        )
+        saved = {(runner, r["seed"]): r for runner, rs in found.items() for r in rs}
         n_trials = load_study(study).n_trials  # with --same-wall, hpo's first n_trials are the study as written
         for seed in range(args.seeds):
             for runner in runs:  # they take turns: a slow spell of the machine hits every runner alike
