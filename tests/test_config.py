@@ -280,3 +280,25 @@ def test_an_override_adds_to_a_model_given_by_name(write_study, tiny_model):
     # model: NAME is short for {name: NAME}: model.lora.r=4 used to replace it with {lora: {r: 4}}.
     cfg = load_study(write_study(), {"model.lora.r": 4})
     assert cfg.model.name == str(tiny_model) and cfg.model.lora.r == 4
+
+
+def test_overlays_add_to_every_shorthand(write_study, tmp_path):
+    # eval_every: 0.25 is short for {epochs: 0.25}: eval_every.subsample=1 replaced it with {subsample: 1}, and the
+    # study was refused ("give a number of epochs"); an environment or an extending file did the same.
+    cfg = load_study(write_study(eval_every=0.5), {"eval_every.subsample": 1})
+    assert (cfg.eval_every.epochs, cfg.eval_every.subsample) == (0.5, 1)
+    cfg = load_study(write_study(eval_every=0.5, checkpoint_every=1), {"checkpoint_every.examples": 64})
+    assert (cfg.checkpoint_every.examples, cfg.checkpoint_every.epochs) == (64, None)  # one of the two, replaced
+    cfg = load_study(write_study(eval_every=0.5), {"eval_every.examples": 32})  # the other one of the two
+    assert (cfg.eval_every.examples, cfg.eval_every.epochs, cfg.eval_every.subsample) == (32, None, 0.25)
+
+    env = write_study(eval_every=0.5, environments={"dev": {"eval_every": {"subsample": 1}, "model": {"lora": {"r": 2}}}})
+    cfg = load_study(env, env="dev")
+    assert (cfg.eval_every.epochs, cfg.eval_every.subsample, cfg.model.lora.r) == (0.5, 1, 2)
+    assert cfg.model.name  # model: NAME kept under the environment's model: {...}
+
+    base = write_study("base.yaml", eval_every=0.5)
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\neval_every: {subsample: 1}\n")
+    cfg = load_study(tmp_path / "child.yaml")
+    assert (cfg.eval_every.epochs, cfg.eval_every.subsample) == (0.5, 1)
+    assert base.exists()

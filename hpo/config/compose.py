@@ -25,6 +25,12 @@ from hpo.errors import ConfigError, KeyPath, Problem, SourceMap
 
 #: Keys that hold paths; a relative one resolves against the file that wrote it.
 PATH_KEYS = (("data", "train"), ("data", "eval"), ("data", "test"), ("output_dir",))
+#: Top-level keys a study file may give as one value, and the key that value stands for: ``model: NAME`` is
+#: ``{name: NAME}``, ``eval_every: 0.25`` is ``{epochs: 0.25}``. An override or environment that sets a key inside
+#: one adds to it (:func:`overlay`; the models read them as well) instead of dropping the value.
+SHORTHANDS = {"model": "name", "eval_every": "epochs", "checkpoint_every": "epochs"}
+#: Keys of which a mapping holds one: setting one in an override or environment drops the others.
+ONE_OF = {"eval_every": ("epochs", "examples"), "checkpoint_every": ("epochs", "examples")}
 
 
 def read_layers(
@@ -110,8 +116,8 @@ def overlay(
             )
         *parents, leaf = key.split(".")
         node = raw
-        if parents and parents[0] == "model" and isinstance(raw.get("model"), str):
-            raw["model"] = {"name": raw["model"]}  # model: NAME is short for {name: NAME}; model.lora.r=4 adds to it
+        if parents:  # model.lora.r=4 adds to `model: NAME`, eval_every.subsample=1 to `eval_every: 0.25`
+            raw[parents[0]] = _widened(parents[0], raw.get(parents[0]), [(parents[1:] or [leaf])[0]])
         for k in parents:
             if not isinstance(node.get(k), dict):
                 node[k] = {}
@@ -171,12 +177,33 @@ def absolute_sqlite(url: str, folder: Path) -> str:
     )
 
 
-def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """``over`` on top of ``base``: mappings merge key by key, anything else is replaced."""
+def _widened(key: str, value: Any, setting: Iterable[str]) -> Any:
+    """Top-level ``key``'s ``value`` as a mapping that an overlay setting the keys ``setting`` inside it merges into.
+
+    A shorthand (:data:`SHORTHANDS`) becomes the mapping it stands for, and of keys that
+    exclude each other (:data:`ONE_OF`: ``epochs`` or ``examples``) the ones the overlay does
+    not set are dropped. Anything else that is not a mapping is left to be replaced, as before.
+    """
+    if key in SHORTHANDS and value is not None and not isinstance(value, dict | list):
+        value = {SHORTHANDS[key]: value}
+    if not isinstance(value, dict):
+        return value
+    setting = set(setting)
+    alternatives = ONE_OF.get(key, ())
+    if setting & set(alternatives):
+        value = {k: v for k, v in value.items() if k not in alternatives or k in setting}
+    return value
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any], top: bool = True) -> dict[str, Any]:
+    """``over`` on top of ``base``: mappings merge key by key (a shorthand too, :func:`_widened`), anything else
+    is replaced."""
     merged = dict(base)
     for key, value in over.items():
+        if top and isinstance(value, dict) and key in merged:
+            merged[key] = _widened(key, merged[key], value)
         both = isinstance(merged.get(key), dict) and isinstance(value, dict)
-        merged[key] = _deep_merge(merged[key], value) if both else value
+        merged[key] = _deep_merge(merged[key], value, top=False) if both else value
     return merged
 
 
