@@ -103,9 +103,10 @@ def run(
     """Create or resume the study and run trials until it holds ``n_trials`` finished ones; returns it.
 
     ``workers`` processes share the study on this machine (default: one per GPU in ``gpus``, else 1; ``"auto"``:
-    :func:`hpo.workers.auto_workers`); with a sampler seed they give the same trials on every run (:mod:`hpo.ordered`);
-    ``gpus`` (``"0,1"`` or a list) spreads them round robin. ``allow_changes`` records a study file that
-    changed what its trials mean as a new revision instead of refusing it (see :mod:`hpo.revisions`).
+    :func:`hpo.workers.auto_workers`); with a sampler seed they give the same trials on every run
+    (:mod:`hpo.ordered`) for the same number of them; ``gpus`` (``"0,1"`` or a list) spreads them round
+    robin. ``allow_changes`` records a study file that changed what its trials mean as a new revision instead of
+    refusing it (see :mod:`hpo.revisions`).
 
     Raises:
         ConfigError: the study, its data, model or storage is wrong, or it changed without ``allow_changes``.
@@ -126,13 +127,12 @@ def run(
     from hpo.workbench import prepare
     from hpo.workers import auto_workers, check_devices, gpu_ids, run_workers
 
-    if n == "auto":
-        n = auto_workers(cfg, devices if gpus is not None else gpu_ids())
-
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # hpo prints its own line per trial, through console
     try:
         bench = prepare(cfg, examples)
+        if n == "auto":
+            n = auto_workers(cfg, devices if gpus is not None else gpu_ids(), bench.model_path)
         if n == 1 and gpus is None:
             check_devices(cfg, 1, gpu_ids())
             return run_study(cfg, console, bench=bench, allow_changes=allow_changes)

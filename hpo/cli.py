@@ -89,8 +89,8 @@ def run(
     workers: Annotated[
         str | None,
         typer.Option(
-            help="Worker processes on this machine: N, or auto (one per GPU, else one per CPU core; at most "
-            "n_trials/4). Default: one per GPU named in --gpus, else 1."
+            help="Worker processes on this machine: N, or auto (one per GPU, else one per CPU core as memory "
+            "allows; at most n_trials/4). Default: one per GPU named in --gpus, else 1."
         ),
     ] = None,
     gpus: Annotated[

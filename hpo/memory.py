@@ -308,6 +308,15 @@ def rss_mb() -> float | None:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def available_mb() -> float | None:
+    """Memory the machine can still give (Linux's MemAvailable), or None where it does not say."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        return int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:"))) / 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 class MemoryCap(TrainerCallback):
     """``resources.max_memory_gb`` on CPU: an out-of-memory error once the trial's peak passes it (checked after
     each optimizer step and evaluation; the peak counts what happened in between). On CUDA the cap is the

@@ -185,12 +185,8 @@ def _budget(cfg: StudyConfig, device: str) -> tuple[float, str]:
         return cfg.resources.max_memory_gb * 1024, "resources.max_memory_gb"
     if device == "cuda":
         return torch.cuda.mem_get_info()[0] / 2**20, "free GPU memory"
-    try:
-        meminfo = Path("/proc/meminfo").read_text()
-        kb = int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:")))
-        return kb / 1024, "available memory"
-    except (OSError, StopIteration, ValueError):
-        return math.inf, "unknown memory"
+    mb = memory.available_mb()
+    return (mb, "available memory") if mb is not None else (math.inf, "unknown memory")
 
 
 class _StepClock(TrainerCallback):

@@ -292,7 +292,9 @@ def test_overlays_add_to_every_shorthand(write_study, tmp_path):
     cfg = load_study(write_study(eval_every=0.5), {"eval_every.examples": 32})  # the other one of the two
     assert (cfg.eval_every.examples, cfg.eval_every.epochs, cfg.eval_every.subsample) == (32, None, 0.25)
 
-    env = write_study(eval_every=0.5, environments={"dev": {"eval_every": {"subsample": 1}, "model": {"lora": {"r": 2}}}})
+    env = write_study(
+        eval_every=0.5, environments={"dev": {"eval_every": {"subsample": 1}, "model": {"lora": {"r": 2}}}}
+    )
     cfg = load_study(env, env="dev")
     assert (cfg.eval_every.epochs, cfg.eval_every.subsample, cfg.model.lora.r) == (0.5, 1, 2)
     assert cfg.model.name  # model: NAME kept under the environment's model: {...}

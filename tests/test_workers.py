@@ -17,6 +17,7 @@ from conftest import POSTGRES, study_dict
 from optuna.trial import TrialState
 from procs import RUN_S, SLOW_EPOCHS, WAIT_S, alive, slow_study, start, wait_for, wait_for_running
 
+import hpo.workers
 from hpo import load_study
 from hpo.api import parse_gpus
 from hpo.workers import auto_workers, gpu_ids, worker_env
@@ -114,6 +115,24 @@ def test_workers_auto(write_study, monkeypatch):
     assert auto_workers(cfg, ["0", "1"]) == 2 and auto_workers(load_study(write_study(n_trials=3)), []) == 1
     two = load_study(write_study(n_trials=40, resources={"processes_per_trial": 2}))
     assert auto_workers(two, ["0", "1", "2", "3"]) == 2  # a trial takes two GPUs
+
+
+def test_workers_auto_on_cpu_fit_in_memory(write_study, tmp_path, monkeypatch):
+    # Each CPU worker trains its own copy of the model: 8 cores with memory for 3 workers run 3, not 8.
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"\0" * 2**20)  # 1 MiB: 8 MiB + 1 GiB a worker
+    (model / "config.json").write_text("{}")
+    cfg = load_study(write_study(n_trials=100))
+    monkeypatch.setattr(hpo.workers, "available_mb", lambda: 3.5 * (8 + 1024))
+    assert auto_workers(cfg, [], str(model)) == 3
+    assert auto_workers(cfg, ["0", "1"], str(model)) == 2  # GPU workers: their memory is the GPU's
+    monkeypatch.setattr(hpo.workers, "available_mb", lambda: 100.0)
+    assert auto_workers(cfg, [], str(model)) == 1  # at least one: the trial itself says when it does not fit
+    monkeypatch.setattr(hpo.workers, "available_mb", lambda: None)
+    assert auto_workers(cfg, [], str(model)) == 8  # the machine does not say: the cores decide
+    assert auto_workers(cfg, [], "org/not-a-folder") == 8
 
 
 def test_a_killed_worker_takes_down_only_itself_and_its_trial_is_retried(write_study):
