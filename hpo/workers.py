@@ -16,6 +16,7 @@ is initialised, and libraries check for GPUs at import, so GPU workers start fre
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -76,7 +77,11 @@ def worker_mb(model_path: str | None) -> float | None:
     activations, the data). None for a model that is not a folder on disk (built from a config: a small one)."""
     if model_path is None or not Path(model_path).is_dir():
         return None
-    weights = sum(f.stat().st_size for f in Path(model_path).iterdir() if f.suffix in (".safetensors", ".bin"))
+    weights = 0
+    for f in Path(model_path).iterdir():
+        if f.suffix in (".safetensors", ".bin"):
+            with contextlib.suppress(OSError):  # a broken link of a hub cache's unfinished download: not weights
+                weights += f.stat().st_size
     return 8 * weights / 2**20 + 1024
 
 

@@ -124,6 +124,7 @@ def test_workers_auto_on_cpu_fit_in_memory(write_study, tmp_path, monkeypatch):
     model.mkdir()
     (model / "model.safetensors").write_bytes(b"\0" * 2**20)  # 1 MiB: 8 MiB + 1 GiB a worker
     (model / "config.json").write_text("{}")
+    (model / "shard.bin").symlink_to(tmp_path / "missing-blob")  # a hub cache's unfinished download
     cfg = load_study(write_study(n_trials=100))
     monkeypatch.setattr(hpo.workers, "available_mb", lambda: 3.5 * (8 + 1024))
     assert auto_workers(cfg, [], str(model)) == 3
