@@ -18,6 +18,7 @@ finish order; so hpo builds it from a study view (a proxy whose ``get_trials`` s
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable, Container
@@ -92,11 +93,54 @@ def _running(t: FrozenTrial) -> FrozenTrial:
 
 class OrderedSampler(optuna.samplers.BaseSampler):
     """``make(seed)`` builds the sampler; trial k gets a fresh one seeded from (``seed``, k) and the view with
-    ``lag`` = the number of workers."""
+    ``lag`` = the number of workers.
 
-    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int, lag: int):
-        self._make, self._seed, self.lag = make, seed, lag
+    The sampler's start-up trials (its ``n_startup_trials``, drawn at random) are the ones one worker draws:
+    ``walk(trial)`` suggests a trial's parameters, and :meth:`_startup` replays the seeded sampler's start-up
+    in a study of its own. So ``--workers N`` starts from the configurations ``--workers 1`` (and Optuna's own
+    sequential search with that seed) starts from, and the worker count changes only what is learned after.
+    """
+
+    def __init__(
+        self,
+        make: Callable[[int], optuna.samplers.BaseSampler],
+        seed: int,
+        lag: int,
+        walk: Callable[[optuna.Trial], Any] | None = None,
+    ):
+        self._make, self._seed, self.lag, self._walk = make, seed, lag, walk
         self._inner: dict[int, optuna.samplers.BaseSampler] = {}
+        self._draws: list[optuna.Trial] | None = None  # the start-up trials, in the order drawn
+        self._fixed: dict[int, int] = {}  # trial number -> queued trials before it (they draw nothing)
+
+    def _startup(self, study: optuna.Study, trial: FrozenTrial) -> optuna.Trial | None:
+        """What one worker's seeded sampler draws for ``trial``, if it is a start-up trial; else None.
+
+        One worker's trial k is its sampler's (k - q)-th draw, q being the queued trials before it, as long as
+        fewer than ``n_startup_trials`` have finished: trial k < ``n_startup_trials``.
+        """
+        if self._walk is None or "fixed_params" in trial.system_attrs:
+            return None
+        if self._draws is None:
+            sampler = self._make(self._seed)
+            verbosity = optuna.logging.get_verbosity()
+            optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
+            try:
+                replay = optuna.create_study(sampler=sampler, directions=study.directions)
+            finally:
+                optuna.logging.set_verbosity(verbosity)
+            self._draws = []
+            # Optuna's samplers with a start-up (TPE, GP, CMA-ES) keep its length here; pinned by a test.
+            for _ in range(getattr(sampler, "_n_startup_trials", 0)):
+                t = replay.ask()
+                with contextlib.suppress(ValueError):  # a derived value fails here: so does that trial, as drawn
+                    self._walk(t)
+                self._draws.append(t)
+        if trial.number not in self._fixed:
+            before = study._storage.get_all_trials(study._study_id, deepcopy=False)[: trial.number]
+            self._fixed[trial.number] = sum("fixed_params" in t.system_attrs for t in before)
+        k = trial.number - self._fixed[trial.number]
+        return self._draws[k] if trial.number < len(self._draws) else None
 
     def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
         if trial.number not in self._inner:
@@ -113,11 +157,16 @@ class OrderedSampler(optuna.samplers.BaseSampler):
     def sample_relative(
         self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
+        if self._startup(study, trial) is not None:
+            return {}
         return self._for(trial).sample_relative(_View(study, trial.number, self.lag), trial, search_space)
 
     def sample_independent(
         self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
     ) -> Any:
+        drawn = self._startup(study, trial)
+        if drawn is not None and drawn.distributions.get(param_name) == param_distribution:
+            return drawn.params[param_name]
         view = _View(study, trial.number, self.lag)
         return self._for(trial).sample_independent(view, trial, param_name, param_distribution)
 

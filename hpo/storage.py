@@ -16,7 +16,7 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
-from hpo import ordered, revisions, samplers
+from hpo import ordered, revisions, samplers, space
 from hpo.attrs import CONFIG, REVISIONS
 from hpo.config import StudyConfig
 from hpo.dashboard import save_study_note
@@ -88,7 +88,10 @@ def open_study(
             seed = sampler_args["seed"] if cfg.sampler.name in ("grid", "qmc") else seed
             return samplers.make_sampler(cfg.sampler.name, {**sampler_args, "seed": seed}, cfg.distributions)
 
-        study.sampler = ordered.OrderedSampler(make, sampler_args["seed"], workers)
+        def walk(trial: optuna.Trial) -> None:
+            space.sample(trial, cfg.search_space, cfg.distributions, cfg.train)
+
+        study.sampler = ordered.OrderedSampler(make, sampler_args["seed"], workers, walk)
         study.pruner = ordered.OrderedPruner(study.pruner, workers)
         return study
     if sampler_args.get("seed") is not None and (worker or n_before):

@@ -69,8 +69,9 @@ def test_a_seeded_study_gives_the_same_trials_with_two_workers_every_time(tmp_pa
             tiny_model,
             n_trials=10,
             search_space=space,
-            sampler={"name": "tpe", "seed": 7, "n_startup_trials": 3},
+            sampler={"name": "tpe", "seed": 7, "n_startup_trials": 4},
             pruner={"name": "median", "n_startup_trials": 2},
+            enqueue=[{"learning_rate": 0.01, "per_device_train_batch_size": 2}],
         )
         path.write_text(yaml.safe_dump(study))
         proc = start(path, "--workers", "2")
@@ -80,6 +81,16 @@ def test_a_seeded_study_gives_the_same_trials_with_two_workers_every_time(tmp_pa
         assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2, "both workers ran trials"
         runs.append([(t.number, t.state, t.params, t.value, t.intermediate_values) for t in trials])
     assert len(runs[0]) >= 10 and runs[0] == runs[1]
+    # The start-up trials are the ones one worker (Optuna's sequential search with this seed) draws; a queued
+    # trial draws nothing.
+    one = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=7, n_startup_trials=4))
+    one.enqueue_trial({"learning_rate": 0.01, "per_device_train_batch_size": 2})
+    distributions = {
+        "learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+        "per_device_train_batch_size": optuna.distributions.CategoricalDistribution([2, 8]),
+    }
+    drawn = [one.ask(distributions).params for _ in range(4)]
+    assert [p for _, _, p, *_ in runs[0][:4]] == drawn
     assert any(state == TrialState.PRUNED for _, state, *_ in runs[0]), "the pruner took part"
     assert len({repr(p) for _, _, p, *_ in runs[0]}) == len(runs[0]), "a batch's trials differ"
 
