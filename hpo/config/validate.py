@@ -186,11 +186,24 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
         seen_entries.setdefault(key, i)
     if cfg.storage is not None:
         try:
-            make_url(cfg.storage)
+            url = make_url(cfg.storage)
         except Exception:  # noqa: BLE001 - its message would echo the URL, password included
             problems.append(
                 src.problem(("storage",), "not a database URL (e.g. sqlite:///study.db, postgresql://user@host/db)")
             )
+        else:
+            # Each connection to it has a database of its own (the heartbeat thread's, every worker's), and the
+            # trials are gone when the run ends: nothing a user ran may be lost.
+            if url.get_backend_name() == "sqlite" and (
+                url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+            ):
+                problems.append(
+                    src.problem(
+                        ("storage",),
+                        "an in-memory SQLite database loses the study when the run ends: "
+                        "a file (sqlite:///study.db) or a server",
+                    )
+                )
     if (cfg.data.prompt_column is None) != (cfg.data.response_column is None):
         problems.append(
             src.problem(
