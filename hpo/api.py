@@ -102,10 +102,12 @@ def run(
 ) -> optuna.Study:
     """Create or resume the study and run trials until it holds ``n_trials`` finished ones; returns it.
 
-    ``workers`` processes share the study on this machine (default: one per GPU in ``gpus``, else 1; ``"auto"``:
+    ``workers`` processes share the study on this machine (default: one per GPU, those in ``gpus`` or else every
+    visible one, per ``resources.processes_per_trial``; without GPUs 1; ``"auto"``:
     :func:`hpo.workers.auto_workers`); with a sampler seed they give the same trials on every run
     (:mod:`hpo.ordered`) for the same number of them; ``gpus`` (``"0,1"`` or a list) spreads them round
-    robin. ``allow_changes`` records a study file that changed what its trials mean as a new revision instead of
+    robin. A worker never sees more GPUs than its trial uses: one process on two would train with
+    DataParallel, its batch silently doubled. ``allow_changes`` records a study file that changed what its trials mean as a new revision instead of
     refusing it (see :mod:`hpo.revisions`).
 
     Raises:
@@ -116,8 +118,8 @@ def run(
     flags = {"n_trials": n_trials, "timeout": timeout, "storage": storage}
     cfg = load(study, {**(overrides or {}), **{k: v for k, v in flags.items() if v is not None}}, env)
     devices = parse_gpus(gpus)
-    n = workers if workers is not None else len(devices) or 1
-    if n != "auto" and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+    n = workers
+    if n is not None and n != "auto" and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise ValueError(f"workers={workers!r}: the number of worker processes, 1 or more, or 'auto'")
     examples = _examples(cfg)  # before torch is imported: a broken data file fails in a second
     import optuna
@@ -131,14 +133,16 @@ def run(
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # hpo prints its own line per trial, through console
     try:
         bench = prepare(cfg, examples)
-        if n == "auto":
-            n = auto_workers(cfg, devices if gpus is not None else gpu_ids(), bench.model_path)
-        if n == 1 and gpus is None:
-            check_devices(cfg, 1, gpu_ids())
+        visible = devices if gpus is not None else gpu_ids()
+        per = cfg.resources.processes_per_trial
+        if n is None:
+            n = max(1, len(visible) // per)
+        elif n == "auto":
+            n = auto_workers(cfg, visible, bench.model_path)
+        if n == 1 and gpus is None and len(visible) <= per:  # this process sees no GPU its trials do not use
+            check_devices(cfg, 1, visible)
             return run_study(cfg, console, bench=bench, allow_changes=allow_changes)
-        code = run_workers(
-            cfg, n, devices if gpus is not None else gpu_ids(), console, bench=bench, allow_changes=allow_changes
-        )
+        code = run_workers(cfg, n, visible, console, bench=bench, allow_changes=allow_changes)
     finally:
         optuna.logging.set_verbosity(verbosity)
     study_ = load_existing(cfg)

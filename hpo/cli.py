@@ -90,7 +90,7 @@ def run(
         str | None,
         typer.Option(
             help="Worker processes on this machine: N, or auto (one per GPU, else one per CPU core as memory "
-            "allows; at most n_trials/4). Default: one per GPU named in --gpus, else 1."
+            "allows; at most n_trials/4). Default: one per GPU (--gpus, else every visible one), else 1."
         ),
     ] = None,
     gpus: Annotated[

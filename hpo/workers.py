@@ -139,7 +139,7 @@ def run_workers(
     where = f"GPU {', '.join(gpus)}" if gpus else f"CPU, {threads} thread(s) each"
     console.print(
         f"[bold]{escape(cfg.study)}[/]: {count_finished(study)} finished trial(s) in {cfg.storage_label}; "
-        f"target {cfg.n_trials}; {n} workers on {where}"
+        f"target {cfg.n_trials}; {n} worker{'s' if n > 1 else ''} on {where}"
     )
     _close_connections(study)  # no database socket shared with a forked child: SQLAlchemy's rule for fork
     sys.stdout.flush()

@@ -95,15 +95,29 @@ def test_a_seeded_study_gives_the_same_trials_with_two_workers_every_time(tmp_pa
     assert len({repr(p) for _, _, p, *_ in runs[0]}) == len(runs[0]), "a batch's trials differ"
 
 
-def test_gpus_pins_one_device_per_worker(write_study):
+@pytest.mark.parametrize(
+    "how",
+    [
+        (("--gpus", "0,1"), {}),
+        ((), {"CUDA_VISIBLE_DEVICES": "0,1"}),
+        (("--workers", "1"), {"CUDA_VISIBLE_DEVICES": "0,1"}),
+    ],
+    ids=["named", "visible", "one-worker"],
+)
+def test_gpus_pins_one_device_per_worker(write_study, how):
+    # No GPU here: each worker still gets its CUDA_VISIBLE_DEVICES. Without --gpus every visible GPU gets a
+    # worker, and one worker sees one GPU: a process on two would train with DataParallel, its batch doubled.
+    args, env = how
     path = write_study(n_trials=4)
-    proc = start(path, "--gpus", "0,1")  # no GPU here: each worker still gets its CUDA_VISIBLE_DEVICES
+    proc = start(path, *args, **env)
     output = proc.communicate(timeout=RUN_S)[0]
     assert proc.returncode == 0, output
-    assert "2 workers on GPU 0, 1" in output
     study = optuna.load_study(study_name="tiny", storage=sqlite_url(path))
     devices = {t.user_attrs["worker"]["cuda_visible_devices"] for t in study.trials}
-    assert devices and devices <= {"0", "1"}
+    if args == ("--workers", "1"):
+        assert "1 worker on GPU 0" in output and devices == {"0"}
+    else:
+        assert "2 workers on GPU 0, 1" in output and devices == {"0", "1"}
 
 
 def test_worker_environment(monkeypatch):
