@@ -107,8 +107,8 @@ def run(
     :func:`hpo.workers.auto_workers`); with a sampler seed they give the same trials on every run
     (:mod:`hpo.ordered`) for the same number of them; ``gpus`` (``"0,1"`` or a list) spreads them round
     robin. A worker never sees more GPUs than its trial uses: one process on two would train with
-    DataParallel, its batch silently doubled. ``allow_changes`` records a study file that changed what its trials mean as a new revision instead of
-    refusing it (see :mod:`hpo.revisions`).
+    DataParallel, its batch silently doubled. ``allow_changes`` records a study file that changed what its
+    trials mean as a new revision instead of refusing it (see :mod:`hpo.revisions`).
 
     Raises:
         ConfigError: the study, its data, model or storage is wrong, or it changed without ``allow_changes``.
