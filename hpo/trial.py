@@ -156,6 +156,12 @@ def run_trial(
             "average_tokens_across_devices": False,
         }
     )
+    if args.n_gpu > 1:
+        # One process that sees several GPUs (hpo check, or the library called directly on such a machine): the
+        # Trainer would wrap the model in DataParallel and multiply the batch by their number, and the best
+        # configuration would be wrong for one GPU. hpo runs a trial on cuda:0, as transformers itself does
+        # under model parallelism. (hpo run gives each worker its own GPUs: hpo.api.run.)
+        args._n_gpu = 1
     lead = args.process_index == 0  # rank 0 of a multi-process trial writes the logs (hpo.distributed)
     n_train = len(bench.train_rows)
     every = cfg.eval_every.examples_between(n_train)
