@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from hpo.config import StudyConfig, absolute_sqlite, load_study
+from hpo.config import StudyConfig, load_study
 from hpo.config.load import plain
 from hpo.errors import ConfigError, Problem, TrialsFailed
 
@@ -50,8 +50,6 @@ def load(study: Study, overrides: Mapping[str, Any] | None = None, env: str | No
             )
         return study
     overrides = plain(dict(overrides or {}), ARGUMENTS)
-    if isinstance(overrides.get("storage"), str):
-        overrides["storage"] = absolute_sqlite(overrides["storage"], Path.cwd())
     return load_study(study, overrides, env, overrides_label=ARGUMENTS)
 
 

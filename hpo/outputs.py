@@ -175,8 +175,9 @@ def _install_staged_best(cfg: StudyConfig, study: optuna.Study) -> None:
         folder.rmdir()
 
 
-def saved_trial(cfg: StudyConfig) -> int | None:
-    """The trial of this study whose model ``<outputs>/best_model`` holds, from its ``hpo_trial.json``."""
+def saved_trial(cfg: StudyConfig) -> dict[str, Any] | None:
+    """What ``<outputs>/best_model`` holds, when it is this study's: its ``hpo_trial.json`` (``trial``, ``value``,
+    ``params``)."""
     try:
         info = json.loads((cfg.output_path / "best_model" / "hpo_trial.json").read_text())
     except (OSError, ValueError):
@@ -187,4 +188,4 @@ def saved_trial(cfg: StudyConfig) -> int | None:
         or info.get("storage", cfg.storage_label) != cfg.storage_label
     ):
         return None
-    return info.get("trial")
+    return info

@@ -175,11 +175,17 @@ def print_summary(console: Console, cfg: StudyConfig, study: optuna.Study) -> No
         console.print(f"[yellow]at the edge[/]: {escape(warning)}")
     if cfg.pruner.name != "none" and (paid := pruning_saved(study)):
         console.print(paid)
-    saved = saved_trial(cfg)
+    info = saved_trial(cfg) or {}
+    saved = info.get("trial")
     if saved != best.number:
         why = escape(best.user_attrs.get(SAVE_ERROR, "it was not saved by this run"))
         held = f"holds trial {saved}'s model" if saved is not None else "is empty"
         console.print(f"[yellow]warning[/]: best_model/ {held}, not trial {best.number}'s: {why}")
+    elif info.get("value") != best.values[0]:  # the same number, another study's trial (a storage moved or copied)
+        console.print(
+            f"[yellow]warning[/]: best_model/ holds a trial {saved} of value {info.get('value')}, not this "
+            f"study's trial {saved} ({best.values[0]}): its storage has the same name, not the same trials"
+        )
     env = f" --env {cfg.environment}" if cfg.environment else ""  # the study's name and storage may depend on it
     dashboard = f"optuna-dashboard {cfg.storage_label}" if cfg.from_dict else f"hpo dashboard {cfg.file}{env}"
     console.print(

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+import urllib.parse
 import warnings
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,7 @@ def rdb_storage(cfg: StudyConfig) -> optuna.storages.RDBStorage:
     if make_url(url).get_backend_name() == "sqlite":
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
         if database := make_url(url).database:
+            _refuse_foreign(cfg, database)
             # WAL lets readers (the dashboard, hpo report) and N local workers share the file: readers no
             # longer block the writer, and a commit is one append. The mode is stored in the file.
             with contextlib.closing(sqlite3.connect(database, timeout=SQLITE_TIMEOUT_S)) as db:
@@ -129,6 +131,25 @@ def rdb_storage(cfg: StudyConfig) -> optuna.storages.RDBStorage:
             heartbeat_interval=cfg.heartbeat_interval,
             grace_period=cfg.grace_period,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry),
+        )
+
+
+def _refuse_foreign(cfg: StudyConfig, database: str) -> None:
+    """Refuse a SQLite file that holds another program's tables: Optuna would add its own to it and fail
+    on a table of the same name. Read without writing (not even a journal).
+
+    Raises:
+        ConfigError: the file has tables and not Optuna's.
+    """
+    if not Path(database).is_file() or Path(database).stat().st_size == 0:
+        return
+    with contextlib.closing(sqlite3.connect(f"file:{urllib.parse.quote(database)}?mode=ro", uri=True)) as db:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if tables and not {"studies", "alembic_version"} <= tables:
+        shown = ", ".join(sorted(tables)[:5]) + (", …" if len(tables) > 5 else "")
+        raise cfg.error(
+            ("storage",),
+            f"{cfg.storage_label} holds another program's tables ({shown}), not an Optuna storage: name a new file",
         )
 
 
@@ -175,7 +196,8 @@ def load_existing(cfg: StudyConfig) -> optuna.Study:
     """
     url = cfg.storage_url
     hint = "run hpo.run(study) first" if cfg.from_dict else f"run `hpo run {cfg.file}` first"
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and not (parsed.database and Path(parsed.database).is_file()):
         raise cfg.error(("storage",), f"no storage at {cfg.storage_label}: {hint}")
     try:
         # Optuna's storage creates its tables when it opens a database: reading commands must create nothing.

@@ -1,6 +1,8 @@
 """The installed ``hpo`` command, run as a user runs it: a real subprocess."""
 
+import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +34,21 @@ def test_run_then_rerun_then_raise_the_target(write_study):
     assert more.returncode == 0, more.stderr
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}")
     assert len(study.trials) == 3
+
+
+def test_a_storage_url_with_options_reads_back_and_another_programs_database_is_left_alone(write_study, tmp_path):
+    path = write_study(n_trials=1)
+    url = f"sqlite:///{tmp_path / 'q.db'}?timeout=30"
+    assert hpo("run", path, "--storage", url).returncode == 0
+    best = hpo("best", path, "--storage", url)  # was "no storage at …?timeout=30"
+    assert best.returncode == 0 and "best: trial 0" in best.stdout, best.stdout + best.stderr
+    other = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(other)) as db:
+        db.executescript("CREATE TABLE studies (x INT); CREATE TABLE users (y INT);")
+    before = other.read_bytes()
+    refused = hpo("run", path, "--storage", f"sqlite:///{other}", f"output_dir={tmp_path / 'other'}")
+    assert refused.returncode == 2 and "holds another program's tables (studies, users)" in refused.stderr
+    assert other.read_bytes() == before and not list(tmp_path.glob("other.db-*"))  # no WAL switch, no tables
 
 
 def test_broken_file_exits_2_with_one_line_and_creates_nothing(write_study):

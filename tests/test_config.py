@@ -267,12 +267,17 @@ def test_a_relative_sqlite_path_is_relative_to_the_study_file(write_study, tmp_p
     assert load_study(write_study(storage="sqlite:////abs/x.db")).storage_url == "sqlite:////abs/x.db"
 
 
-def test_a_relative_storage_flag_is_relative_to_where_the_command_runs(tmp_path, monkeypatch):
+def test_a_relative_storage_flag_is_relative_to_where_the_command_runs(write_study, tmp_path, monkeypatch):
     from hpo.cli import _storage
 
-    monkeypatch.chdir(tmp_path)
-    assert _storage("sqlite:///x.db") == {"storage": f"sqlite:///{tmp_path / 'x.db'}"}
+    path = write_study()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert _storage("sqlite:///x.db") == {"storage": f"sqlite:///{elsewhere / 'x.db'}"}
     assert _storage("postgresql://u@h/db") == {"storage": "postgresql://u@h/db"}
+    # So is a storage=... override: left relative, two folders' x.db shared one output folder and its best_model/.
+    assert load_study(path, {"storage": "sqlite:///x.db"}).storage_url == f"sqlite:///{elsewhere / 'x.db'}"
 
 
 def test_an_override_adds_to_a_model_given_by_name(write_study, tiny_model):

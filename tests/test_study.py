@@ -458,3 +458,21 @@ def test_a_conditional_space_is_exhausted_at_its_real_size(write_study):
     assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 5
     assert len({repr(sorted(t.params.items())) for t in study.trials if t.params}) == 3
     assert len(study.get_trials(states=(TrialState.FAIL,))) < 20
+
+
+def test_a_best_model_whose_value_is_not_the_best_trials_is_flagged(write_study, tmp_path):
+    # Two storages with one study name once shared an output folder (a relative storage=... override): the
+    # best_model/ of the other's trial 0 passed as this study's trial 0, for the number alone was compared.
+    path = write_study(n_trials=1, train={"num_train_epochs": 1, "seed": 0})
+    run = [sys.executable, "-m", "hpo.cli", "run", str(path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300"}
+    first = subprocess.run(run, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0 and "warning" not in first.stdout, first.stdout + first.stderr
+    saved = tmp_path / "outputs" / "tiny" / "best_model" / "hpo_trial.json"
+    info = json.loads(saved.read_text())
+    saved.write_text(json.dumps({**info, "value": info["value"] + 0.5}))  # another storage's trial 0
+    again = subprocess.run(run, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (
+        f"warning: best_model/ holds a trial 0 of value {info['value'] + 0.5}, not this study's trial 0" in again.stdout
+    )

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from hpo.config import validate
-from hpo.config.compose import overlay, read_layers
+from hpo.config.compose import absolute_sqlite, overlay, read_layers
 from hpo.config.models import StudyConfig
 from hpo.config.parse import parse_yaml
 from hpo.errors import ConfigError, Problem, SourceMap
@@ -29,7 +29,8 @@ def load_study(
 
     Composition, in order: ``extends:`` base files (deep merge, the extending
     file wins), then the environment ``env`` from ``environments:``, then
-    ``overrides`` — dotted key paths (``{"train.num_train_epochs": 1}``).
+    ``overrides`` — dotted key paths (``{"train.num_train_epochs": 1}``; a relative SQLite path in ``storage``
+    is relative to the current folder, as ``hpo run --storage`` is).
     ``${VAR}`` comes from the environment, else from ``.env`` beside the study
     file. Relative paths resolve against the file that wrote them. A dict is read like a file in the
     current folder: its relative paths and ``.env`` are found there, its default storage is
@@ -39,6 +40,9 @@ def load_study(
     Raises:
         ConfigError: with every problem found, each naming file, line and key.
     """
+    overrides = dict(overrides or {})
+    if isinstance(overrides.get("storage"), str):  # as --storage: a relative SQLite path names a file here
+        overrides["storage"] = absolute_sqlite(overrides["storage"], Path.cwd())
     if isinstance(study, Mapping):
         path, document = Path(DICT), _document(study)  # its folder, ".", is made absolute at validation
     else:

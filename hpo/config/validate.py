@@ -16,7 +16,9 @@ from typing import Annotated, Any
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from pydantic import BaseModel, ValidationError
+from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from hpo import samplers, space, trackers
 from hpo.config.compose import mask
@@ -204,6 +206,14 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
                         "a file (sqlite:///study.db) or a server",
                     )
                 )
+            try:  # connects to nothing: the driver reads the URL's options (?timeout=abc fails here, not mid-run)
+                create_engine(cfg.storage_url).dispose()
+            except (ValueError, TypeError, ArgumentError):
+                problems.append(
+                    src.problem(("storage",), "an option in the URL is not valid for its driver (e.g. ?timeout=abc)")
+                )
+            except ImportError:  # no driver: opening the storage says which package to install
+                pass
     if (cfg.data.prompt_column is None) != (cfg.data.response_column is None):
         problems.append(
             src.problem(
