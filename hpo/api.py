@@ -12,6 +12,7 @@ settings as they found them.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -191,7 +192,7 @@ def report(
 
     ``include_pruned`` ranks pruned trials on their last intermediate value. With ``csv`` (the trials;
     ``<stem>.studies.csv`` beside it) or ``html``, writes those files and puts the study table in each
-    study's dashboard note.
+    study's dashboard note (where the storage may be written).
 
     Raises:
         ConfigError: a study that does not exist yet, or one named twice (its trials would count twice).
@@ -215,8 +216,13 @@ def report(
     if html is not None:
         rep.write_html(loaded, trials, summary, Path(html))
     if csv is not None or html is not None:
+        import sqlalchemy
+        from optuna.exceptions import StorageInternalError
+
         for cfg, study_ in zip(cfgs, loaded, strict=True):
-            save_study_note(study_, resolved_config(cfg), rep.markdown_table(summary, rep.SUMMARY_COLUMNS))
+            # A storage this user may only read (a reporting role, an archived copy): the files are the report.
+            with contextlib.suppress(StorageInternalError, sqlalchemy.exc.SQLAlchemyError):
+                save_study_note(study_, resolved_config(cfg), rep.markdown_table(summary, rep.SUMMARY_COLUMNS))
     return Report(trials, summary)
 
 

@@ -197,6 +197,28 @@ def test_reading_commands_create_nothing_in_an_empty_database(write_study, fresh
         assert db.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone() == (0,)
 
 
+def test_a_report_needs_only_read_access(write_study, fresh_postgres_url, postgres_admin, tmp_path):
+    # It also writes the study table into the dashboard note; a reporting role that may only read failed on it.
+    import psycopg
+
+    path = write_study(n_trials=1, storage=fresh_postgres_url)
+    assert hpo("run", path).returncode == 0
+    role = f"{fresh_postgres_url.rsplit('/', 1)[1]}_reader"
+    postgres_admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    as_admin = fresh_postgres_url.replace("+psycopg", "")
+    try:
+        with psycopg.connect(as_admin) as db:
+            db.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"')
+        reader = fresh_postgres_url.replace("postgres@", f"{role}@")
+        result = hpo("report", path, "--storage", reader, "--csv", tmp_path / "r.csv")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert len((tmp_path / "r.csv").read_text().splitlines()) == 2  # a header and the trial
+    finally:
+        with psycopg.connect(as_admin) as db:
+            db.execute(f'DROP OWNED BY "{role}"')  # its grants
+        postgres_admin.execute(f'DROP ROLE "{role}"')
+
+
 def test_command_line_mistakes_are_one_line(write_study, tmp_path):
     path = write_study(n_trials=1)
     gpus = hpo("run", path, "--gpus", "abc")
