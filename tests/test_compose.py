@@ -45,6 +45,13 @@ def test_extends_deep_merges_and_keeps_each_files_paths_and_lines(tmp_path, base
     assert cfg.train == {"num_train_epochs": 1, "seed": 0, "warmup_ratio": 0.1}  # merged, child wins
     assert cfg.data.train == tmp_path / "shared" / "data" / "train.csv"  # relative to base.yaml
     assert cfg.storage_url.endswith("/studies/child.db")  # the run file's storage, not the base's
+    # A model folder the base names beside itself is that folder, from wherever the child is run (it resolved
+    # beside the child or in the current folder, and loaded whatever model had that name there).
+    (tmp_path / "shared" / "tiny").mkdir()
+    write(base, {**yaml.safe_load(base.read_text()), "model": "tiny"})
+    assert load_study(child).model.name == str(tmp_path / "shared" / "tiny")
+    write(base, {**yaml.safe_load(base.read_text()), "model": {"name": "tiny", "tokenizer": "tiny"}})
+    assert load_study(child).model.tokenizer == str(tmp_path / "shared" / "tiny")
 
     child.write_text(child.read_text().replace("n_trials: 3", "n_trials: -3"))
     base.write_text(base.read_text().replace("max_length: 16", "max_length: 0"))

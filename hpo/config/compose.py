@@ -57,6 +57,8 @@ def read_layers(
         _inline_search_space(raw, source, path.parent)
     for layer in (raw, *(v for v in (raw.get("environments") or {}).values() if isinstance(v, dict))):
         _absolute_paths(layer, path.parent.absolute())
+        if seen:  # an extends: base's model folder is beside the base (the study's own resolves beside it anyway)
+            _absolute_model(layer, path.parent.absolute())
     base = raw.pop("extends", None)
     if base is None:
         return raw, source
@@ -157,6 +159,15 @@ def _absolute_paths(layer: dict[str, Any], folder: Path) -> None:
             node[leaf] = os.path.normpath(folder / node[leaf])  # a path from ${VAR} resolves against the study file
     if isinstance(layer.get("storage"), str):
         layer["storage"] = absolute_sqlite(layer["storage"], folder)
+
+
+def _absolute_model(layer: dict[str, Any], folder: Path) -> None:
+    """A model or tokenizer named by a folder beside the file: that folder, absolute (else it is a hub id)."""
+    model = layer.get("model")
+    for node, key in [(layer, "model")] if isinstance(model, str) else [(model, "name"), (model, "tokenizer")]:
+        value = node.get(key) if isinstance(node, dict) else None
+        if isinstance(value, str) and not value.startswith("${") and (folder / value).is_dir():
+            node[key] = os.path.normpath(folder / value)
 
 
 def absolute_sqlite(url: str, folder: Path) -> str:
