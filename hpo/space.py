@@ -26,7 +26,16 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
+)
 
 from hpo import knobs
 from hpo.errors import did_you_mean
@@ -71,6 +80,19 @@ SearchName = Annotated[str, AfterValidator(_searchable)]
 Condition = Annotated[str, AfterValidator(_condition)]
 
 
+def _number(value: Any) -> Any:
+    """YAML reads true/false, yes/no and on/off as booleans, which pydantic would take as the numbers 1 and 0."""
+    if isinstance(value, bool):
+        raise ValueError(f"a number, not {str(value).lower()}")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_number)]
+PosInt = Annotated[PositiveInt, BeforeValidator(_number)]
+Float = Annotated[float, BeforeValidator(_number)]
+PosFloat = Annotated[PositiveFloat, BeforeValidator(_number)]
+
+
 class Param(BaseModel):
     """One search-space entry: an Optuna distribution, or a value derived from other parameters.
 
@@ -85,16 +107,16 @@ class Param(BaseModel):
         description="float or int: a number between low and high; categorical: one of choices. "
         "Leave it out when the value is derived.",
     )
-    low: float | None = Field(
+    low: Float | None = Field(
         None, description="The smallest value, inclusive (int: a whole number; log: true: above 0)."
     )
-    high: float | None = Field(None, description="The largest value, inclusive; at least low.")
+    high: Float | None = Field(None, description="The largest value, inclusive; at least low.")
     log: bool = Field(
         False,
         description="Sample on a log scale, for ranges spanning orders of magnitude "
         "(learning_rate 1e-5..1e-3). Needs low > 0; not with step.",
     )
-    step: PositiveFloat | None = Field(
+    step: PosFloat | None = Field(
         None,
         description="Spacing of the values counted from low (0.05; int: "
         "a whole number). Default: continuous for float, 1 for int.",
