@@ -152,6 +152,10 @@ def run(
     return study_
 
 
+#: A GPU as CUDA_VISIBLE_DEVICES names it: an index, or a UUID (GPU-…, MIG-…; older MIG ids have slashes)
+GPU_ID = r"\d+|(GPU|MIG)-[\w/-]+"
+
+
 def parse_gpus(gpus: str | Sequence[str] | None) -> list[str]:
     """GPU indexes or UUIDs: ``"0, 1"`` → ``["0", "1"]``; None → ``[]``.
 
@@ -162,9 +166,11 @@ def parse_gpus(gpus: str | Sequence[str] | None) -> list[str]:
         return []
     listed = gpus.split(",") if isinstance(gpus, str) else [gpus] if isinstance(gpus, int) else gpus
     ids = [str(g).strip() for g in listed if str(g).strip()]
-    bad = next((g for g in ids if not re.fullmatch(r"\d+|(GPU|MIG)-[\w-]+", g)), None)
+    bad = next((g for g in ids if not re.fullmatch(GPU_ID, g)), None)
     if bad is not None or not ids:
         raise ValueError(f"{bad or gpus!r} is not a GPU index (0, 1, …) or UUID (GPU-…, MIG-…)")
+    if twice := next((g for i, g in enumerate(ids) if g in ids[:i]), None):
+        raise ValueError(f"GPU {twice} is named twice: one worker (or rank) per GPU")
     return ids
 
 

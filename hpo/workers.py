@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -31,6 +32,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from hpo.api import GPU_ID
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError, TrialsFailed
 from hpo.memory import available_mb
@@ -49,7 +51,13 @@ PARENT_DEATH_SIGNAL = signal.SIGUSR1  # the kernel's word to a worker that its p
 def gpu_ids() -> list[str]:
     """The visible CUDA devices, to spread workers over when no GPUs are named (:func:`hpo.api.parse_gpus`)."""
     if (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
-        return [g.strip() for g in visible.split(",") if g.strip()]
+        # CUDA's rule: the devices listed up to the first entry that is not one (-1 hides them all) or repeats
+        ids: list[str] = []
+        for g in (g.strip() for g in visible.split(",")):
+            if not re.fullmatch(GPU_ID, g) or g in ids:
+                break
+            ids.append(g)
+        return ids
     import torch
 
     return [str(i) for i in range(torch.cuda.device_count())]

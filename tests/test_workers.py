@@ -125,9 +125,15 @@ def test_worker_environment(monkeypatch):
     assert parse_gpus(" 3,5 ") == parse_gpus(["3", 5]) == ["3", "5"] and parse_gpus(0) == ["0"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,7")
     assert gpu_ids() == ["2", "7"]
+    # CUDA's rule: up to the first entry that is no device or repeats one; -1 hides them all.
+    for visible, ids in [("-1", []), ("0,0,1", ["0"]), ("1,-1,2", ["1"]), ("MIG-GPU-a1/1/2", ["MIG-GPU-a1/1/2"])]:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert gpu_ids() == ids
     for bad in ("abc", "", "GPU-", []):
         with pytest.raises(ValueError, match="is not a GPU index"):
             parse_gpus(bad)
+    with pytest.raises(ValueError, match="GPU 0 is named twice"):
+        parse_gpus("0,1,0")  # two workers, or two ranks of one trial, on one GPU
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert worker_env(0, 2, [])["OMP_NUM_THREADS"] == str(max(1, os.cpu_count() // 2))  # a share of the cores
 
