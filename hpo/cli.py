@@ -265,6 +265,7 @@ def _table(df, columns: list[str], title: str):
 @app.command()
 def best(
     study: StudyFile,
+    overrides: Overrides = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="JSON for TrainingArguments(**json.load(f)).")] = None,
     env: Env = None,
     storage: Storage = None,
@@ -283,7 +284,7 @@ def best(
     """Write the best configuration: TrainingArguments JSON, and <stem>.model.json beside it."""
     from hpo.export import model_json
 
-    cfg = _load(study, _storage(storage), env)
+    cfg = _load(study, {**_parse_overrides(overrides), **_storage(storage)}, env)
     if trial is not None and pick is not None:
         err.print("[red]error[/] <command line>: --trial and --pick: give one")
         raise typer.Exit(2)
@@ -322,6 +323,7 @@ def best(
 @app.command()
 def train(
     study: StudyFile,
+    overrides: Overrides = None,
     best: Annotated[bool, typer.Option("--best", help="Retrain the study's best configuration.")] = False,
     all_data: Annotated[bool, typer.Option("--all-data", help="Train on train + eval.")] = False,
     env: Env = None,
@@ -331,7 +333,7 @@ def train(
     if not best:
         err.print("[red]error[/] hpo train needs --best (the only configuration it trains)")
         raise typer.Exit(2)
-    cfg = _load(study, _storage(storage), env)
+    cfg = _load(study, {**_parse_overrides(overrides), **_storage(storage)}, env)
     try:
         folder = api.train(cfg, all_data=all_data)
     except ConfigError as e:
@@ -352,6 +354,7 @@ def train(
 @app.command()
 def dashboard(
     study: StudyFile,
+    overrides: Overrides = None,
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to serve on.")] = 8080,
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback exposes the study.")] = "127.0.0.1",
     env: Env = None,
@@ -361,7 +364,7 @@ def dashboard(
     from hpo.dashboard import exposed, serve
     from hpo.storage import load_existing
 
-    cfg = _load(study, _storage(storage), env)
+    cfg = _load(study, {**_parse_overrides(overrides), **_storage(storage)}, env)
     try:
         load_existing(cfg)
     except ConfigError as e:

@@ -187,7 +187,8 @@ def print_summary(console: Console, cfg: StudyConfig, study: optuna.Study) -> No
             f"study's trial {saved} ({best.values[0]}): its storage has the same name, not the same trials"
         )
     env = f" --env {cfg.environment}" if cfg.environment else ""  # the study's name and storage may depend on it
-    dashboard = f"optuna-dashboard {cfg.storage_label}" if cfg.from_dict else f"hpo dashboard {cfg.file}{env}"
+    given = cfg.given("study", "storage", "output_dir")  # key=value on the command line: how to find the study again
+    dashboard = f"optuna-dashboard {cfg.storage_label}" if cfg.from_dict else f"hpo dashboard {cfg.file}{env}{given}"
     console.print(
         cfg.masked(
             f"storage:    {cfg.storage_label}\noutputs:    {cfg.output_path}\n"

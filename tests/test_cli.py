@@ -51,6 +51,15 @@ def test_a_storage_url_with_options_reads_back_and_another_programs_database_is_
     assert other.read_bytes() == before and not list(tmp_path.glob("other.db-*"))  # no WAL switch, no tables
 
 
+def test_a_study_named_on_the_command_line_is_found_again_the_way_the_run_says(write_study, tmp_path):
+    path = write_study(n_trials=1)
+    run = hpo("run", path, "study=other", f"output_dir={tmp_path / 'elsewhere'}")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"hpo dashboard {path} study=other output_dir={tmp_path / 'elsewhere'}" in run.stdout
+    best = hpo("best", path, "study=other", f"output_dir={tmp_path / 'elsewhere'}")  # took no overrides
+    assert best.returncode == 0 and (tmp_path / "elsewhere" / "best.json").is_file(), best.stdout + best.stderr
+
+
 def test_broken_file_exits_2_with_one_line_and_creates_nothing(write_study):
     path = write_study()
     path.write_text(path.read_text().replace("learning_rate:", "learning_rate: [", 1))

@@ -9,6 +9,7 @@ lines; split, the description of one study file would be spread over several.
 from __future__ import annotations
 
 import importlib.util
+import shlex
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -568,6 +569,15 @@ class StudyConfig(_Strict):
     def quantized(self) -> bool:
         """Whether trials load 4- or 8-bit weights: ``model.quantization``, or ``bits`` searched."""
         return self.model.quantization is not None or "bits" in self.search_space
+
+    def given(self, *keys: str) -> str:
+        """`` key=value`` for each of ``keys`` that the command line set, to repeat in a command that reads the
+        study (``hpo dashboard``, ``hpo best``); secrets masked."""
+        out = ""
+        for key in keys:
+            if self._source.locate((key,))[0] == "<command line>" and (value := getattr(self, key)) is not None:
+                out += " " + shlex.quote(f"{key}={self.masked(str(value))}")
+        return out
 
     def problem(self, path: KeyPath, message: str) -> Problem:
         """A ``Problem`` pointing at ``path`` in the file it came from, secrets masked."""
