@@ -283,7 +283,15 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
             # Optuna's Trial does not expose system attrs; optuna-integration reads them from the storage too.
             if isinstance(trial.study.sampler, ordered.OrderedSampler):  # queued ones too: the pruner's past
                 _wait_in_order(trial, progress)
-            fixed = trial.storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
+            system = trial.storage.get_trial_system_attrs(trial._trial_id)
+            fixed = system.get("fixed_params")
+            if history := system.get("retry_history"):  # Optuna failed a trial whose heartbeat stopped, and queued it
+                # That FAIL cannot take a fail_reason afterwards (a finished trial is read-only): its retry says it.
+                trial.set_user_attr(RETRY_OF, history[-1])
+                progress.print(
+                    f"trial {trial.number:3d} [dim]retries trial {history[-1]}, whose worker stopped sending "
+                    "heartbeats (killed, out of memory, or its machine went away)[/]"
+                )
             outside = _outside(fixed, cfg.distributions)
             if outside:  # queued under an earlier revision of the study file, or by hand
                 trial.set_user_attr(REJECTED_ENQUEUED, outside)

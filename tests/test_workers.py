@@ -180,6 +180,9 @@ def test_a_killed_worker_takes_down_only_itself_and_its_trial_is_retried(write_s
     assert study.trials[victim.number].state == TrialState.FAIL
     (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
     assert retry.state in FINISHED and retry.params == victim.params
+    # The FAIL is read-only once Optuna marks it: the retry names it, in its attrs and in a line.
+    assert retry.user_attrs["retry_of"] == victim.number
+    assert f"retries trial {victim.number}, whose worker stopped sending heartbeats" in output
     assert_accounted_for(study, 3, 2)
 
 
