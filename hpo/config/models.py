@@ -281,9 +281,14 @@ class Objective(_Strict):
 
     @model_validator(mode="after")
     def _infer_direction(self) -> Objective:
+        known = self.metric in HIGHER_IS_BETTER or self.metric in COST_METRICS
+        higher = HIGHER_IS_BETTER.get(self.metric, not self.metric.endswith("loss"))
+        own = "maximize" if higher and self.metric not in COST_METRICS else "minimize"
         if self.direction is None:
-            higher = HIGHER_IS_BETTER.get(self.metric, not self.metric.endswith("loss"))
-            self.direction = "maximize" if higher and self.metric not in COST_METRICS else "minimize"
+            self.direction = own
+        elif known and self.direction != own:  # "best" would be the worst model
+            better = "higher" if own == "maximize" else "lower"
+            raise ValueError(f"direction: {better} is better for {self.metric}: {own} it, or leave direction out")
         return self
 
 
