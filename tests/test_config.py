@@ -265,6 +265,8 @@ def test_a_relative_sqlite_path_is_relative_to_the_study_file(write_study, tmp_p
     cfg = load_study(write_study(storage="sqlite:///runs/x.db?timeout=30"))
     assert cfg.storage_url == f"sqlite:///{tmp_path / 'runs' / 'x.db'}?timeout=30"
     assert load_study(write_study(storage="sqlite:////abs/x.db")).storage_url == "sqlite:////abs/x.db"
+    # One file spelt two ways was two storages to the output folder's owner check.
+    assert load_study(write_study(storage="sqlite:////abs//y/../x.db")).storage_url == "sqlite:////abs/x.db"
 
 
 def test_a_relative_storage_flag_is_relative_to_where_the_command_runs(write_study, tmp_path, monkeypatch):

@@ -171,11 +171,13 @@ def _absolute_model(layer: dict[str, Any], folder: Path) -> None:
 
 
 def absolute_sqlite(url: str, folder: Path) -> str:
-    """``sqlite:///x.db`` with ``x.db`` made absolute against ``folder``; any other URL as it is.
+    """``sqlite:///x.db`` with ``x.db`` made absolute against ``folder``, and an absolute one normalized
+    (``/a//b/../x.db`` → ``/a/x.db``); any other URL as it is.
 
-    A relative SQLite path would otherwise name another file from every folder hpo is run in.
+    A relative SQLite path would otherwise name another file from every folder hpo is run in; and one file
+    spelt two ways would be two storages to the output folder's owner check.
     """
-    if not url.startswith("sqlite:///") or url.startswith("sqlite:////") or "${" in url:
+    if not url.startswith("sqlite:///") or "${" in url:
         return url
     try:
         parsed = make_url(url)
