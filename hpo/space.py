@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import itertools
 import math
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -29,11 +30,11 @@ from optuna.distributions import (
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     PositiveFloat,
-    PositiveInt,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -80,17 +81,24 @@ SearchName = Annotated[str, AfterValidator(_searchable)]
 Condition = Annotated[str, AfterValidator(_condition)]
 
 
-def _number(value: Any) -> Any:
-    """YAML reads true/false, yes/no and on/off as booleans, which pydantic would take as the numbers 1 and 0."""
-    if isinstance(value, bool):
+def no_boolean_numbers(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """A field validator for every field of a model: a boolean is refused where a number goes. YAML reads true/false,
+    yes/no and on/off as booleans, which pydantic would take as the numbers 1 and 0 (``n_trials: yes`` ran 1 trial).
+    A validator rather than annotated types: those would turn the JSON schema's exclusiveMinimum into "gt"."""
+    if isinstance(value, bool) and _numeric(cls.model_fields[info.field_name].annotation):
         raise ValueError(f"a number, not {str(value).lower()}")
     return value
 
 
-Int = Annotated[int, BeforeValidator(_number)]
-PosInt = Annotated[PositiveInt, BeforeValidator(_number)]
-Float = Annotated[float, BeforeValidator(_number)]
-PosFloat = Annotated[PositiveFloat, BeforeValidator(_number)]
+def _numeric(annotation: Any) -> bool:
+    """Whether ``annotation`` takes an int or a float and not a bool (through unions and ``Annotated``)."""
+    kinds: set[Any] = set()
+    stack = [annotation]
+    while stack:
+        a = stack.pop()
+        args = typing.get_args(a)
+        (stack.extend(args) if args else kinds.add(a))
+    return bool(kinds & {int, float}) and bool not in kinds
 
 
 class Param(BaseModel):
@@ -102,21 +110,23 @@ class Param(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    _no_boolean_numbers = field_validator("*", mode="before")(no_boolean_numbers)
+
     type: Literal["float", "int", "categorical"] | None = Field(
         None,
         description="float or int: a number between low and high; categorical: one of choices. "
         "Leave it out when the value is derived.",
     )
-    low: Float | None = Field(
+    low: float | None = Field(
         None, description="The smallest value, inclusive (int: a whole number; log: true: above 0)."
     )
-    high: Float | None = Field(None, description="The largest value, inclusive; at least low.")
+    high: float | None = Field(None, description="The largest value, inclusive; at least low.")
     log: bool = Field(
         False,
         description="Sample on a log scale, for ranges spanning orders of magnitude "
         "(learning_rate 1e-5..1e-3). Needs low > 0; not with step.",
     )
-    step: PosFloat | None = Field(
+    step: PositiveFloat | None = Field(
         None,
         description="Spacing of the values counted from low (0.05; int: "
         "a whole number). Default: continuous for float, 1 for int.",

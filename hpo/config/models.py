@@ -21,6 +21,8 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
     PrivateAttr,
     ValidationInfo,
     field_validator,
@@ -32,7 +34,7 @@ from hpo import samplers, space
 from hpo.config.compose import mask
 from hpo.errors import ConfigError, KeyPath, Problem, SourceMap, did_you_mean
 from hpo.expr import Expression
-from hpo.space import Condition, Float, Int, Param, PosFloat, PosInt, SearchName
+from hpo.space import Condition, Param, SearchName, no_boolean_numbers
 from hpo.tasks import COST_METRICS, HIGHER_IS_BETTER, TASKS
 
 DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".conll")
@@ -60,6 +62,8 @@ TrainingArgName = Annotated[str, AfterValidator(_training_arg)]
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    _no_boolean_numbers = field_validator("*", mode="before")(no_boolean_numbers)
+
 
 def _study_name(name: str) -> str:
     # The name is a folder under outputs/: it must stay one folder there.
@@ -73,15 +77,15 @@ def _study_name(name: str) -> str:
 class LoraSettings(_Strict):
     """Fixed LoRA settings (PEFT ``LoraConfig`` names); the search space may override any."""
 
-    r: PosInt = Field(
+    r: PositiveInt = Field(
         8, description="Rank of each adapter: its capacity, memory and time grow with it. 8 is PEFT's default."
     )
-    lora_alpha: PosFloat = Field(
+    lora_alpha: PositiveFloat = Field(
         16,
         description="Scale of the adapter's update (multiplied by lora_alpha / r); "
         "16 is twice the default r, a common start.",
     )
-    lora_dropout: Float = Field(0.05, ge=0, lt=1, description="Dropout on each adapter's input, in [0, 1).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on each adapter's input, in [0, 1).")
     target_modules: list[str] | str | None = Field(
         None,
         description="The modules that get adapters, by name: a list (e.g. [query, value]), a comma-separated "
@@ -107,13 +111,13 @@ class Quantization(_Strict):
 class Resources(_Strict):
     """What a trial may use on this machine."""
 
-    max_memory_gb: PosFloat | None = Field(
+    max_memory_gb: PositiveFloat | None = Field(
         None,
         description="The memory one trial may take (GB): on CUDA the allocator's cap, on CPU the trial's peak "
         "resident memory above the process's before it. A trial that runs out trains again at half the "
         "per-device batch and twice the accumulation. Default: the device's.",
     )
-    processes_per_trial: PosInt = Field(
+    processes_per_trial: PositiveInt = Field(
         1,
         description="Each trial runs as a torch.distributed job of this many processes on this machine (gloo on "
         "CPU, NCCL on GPU, one GPU each); the global batch is the per-device batch × accumulation × processes. "
@@ -193,16 +197,16 @@ class DataConfig(_Strict):
     response_column: str | None = Field(
         None, description="causal-lm: the response to learn, after prompt_column; the two go together."
     )
-    max_length: Int = Field(
+    max_length: int = Field(
         128, gt=0, le=2**20, description="Tokens per row; longer rows are truncated. At most the model's positions."
     )
-    max_train_rows: PosInt | None = Field(
+    max_train_rows: PositiveInt | None = Field(
         None,
         description="Train on a random slice of this many rows "
         "(seed 0), for quick runs, e.g. in a dev "
         "environment; default: every row.",
     )
-    max_eval_rows: PosInt | None = Field(
+    max_eval_rows: PositiveInt | None = Field(
         None, description="Evaluate on a random slice of this many rows (seed 0); default: every row."
     )
 
@@ -222,10 +226,10 @@ class DataConfig(_Strict):
 class EvalEvery(_Strict):
     """Distance between evaluations (= pruning points): a fraction of an epoch, or examples."""
 
-    epochs: PosFloat | None = Field(
+    epochs: PositiveFloat | None = Field(
         None, description="Epochs between evaluations: 0.25 evaluates four times per epoch."
     )
-    examples: PosInt | None = Field(None, description="Training examples seen between evaluations.")
+    examples: PositiveInt | None = Field(None, description="Training examples seen between evaluations.")
 
     @model_validator(mode="before")
     @classmethod
@@ -246,7 +250,7 @@ class EvalEvery(_Strict):
 class EvalGrid(EvalEvery):
     """``eval_every``: the distance between evaluations, and how many eval rows the ones before the last use."""
 
-    subsample: Float = Field(
+    subsample: float = Field(
         0.25,
         gt=0,
         le=1,
@@ -255,7 +259,7 @@ class EvalGrid(EvalEvery):
         "is the trial's, always uses every row. 1: every row at every point. Not used with objective.at: best, "
         "early_stopping or objectives, whose earlier evaluations can be the value.",
     )
-    subsample_min_rows: PosInt = Field(
+    subsample_min_rows: PositiveInt = Field(
         100, description="The subsample has at least this many rows (every row, when the eval set has fewer)."
     )
 
@@ -295,8 +299,8 @@ class Objective(_Strict):
 class EarlyStopping(_Strict):
     """End a trial that stopped improving: COMPLETE with ``stopped_early``, at its best evaluation's value."""
 
-    patience: PosInt = Field(description="Evaluations in a row without improvement before the trial stops.")
-    min_delta: Float = Field(
+    patience: PositiveInt = Field(description="Evaluations in a row without improvement before the trial stops.")
+    min_delta: float = Field(
         0.0, ge=0, description="What counts as an improvement: better than the best so far by more than this."
     )
 
@@ -381,7 +385,7 @@ class StudyConfig(_Strict):
         "trainable_parameters, eval_latency_ms; minimized). The first must be a task metric. Optuna cannot "
         "prune such a study: the pruner defaults to none.",
     )
-    repeats: PosInt = Field(
+    repeats: PositiveInt = Field(
         1,
         description="Train each configuration with this many seeds (train.seed, +1, +2, ...): its value is the "
         "mean, its spread value_std. The first seed's run reports the curve the pruner sees, and its model is "
@@ -405,18 +409,18 @@ class StudyConfig(_Strict):
         description="Known configurations to try first (warm start), each {parameter: value}; the sampler "
         "picks any parameter left out.",
     )
-    n_trials: PosInt = Field(
+    n_trials: PositiveInt = Field(
         10,
         description="Finished (complete + pruned) trials the study should hold; "
         "running the study again resumes up to it.",
     )
-    timeout: PosFloat | None = Field(
+    timeout: PositiveFloat | None = Field(
         None, description="Seconds for this run: no trial starts after it (a running one finishes). Default: no limit."
     )
-    heartbeat_interval: Int = Field(
+    heartbeat_interval: int = Field(
         10, gt=0, le=3600, description="Seconds between a running trial's heartbeats in the storage."
     )
-    grace_period: Int | None = Field(
+    grace_period: int | None = Field(
         None,
         gt=0,
         le=86400,
@@ -424,8 +428,8 @@ class StudyConfig(_Strict):
         "running trial is stale, its worker taken "
         "for dead (default: 2 x heartbeat_interval).",
     )
-    max_retry: Int = Field(2, ge=0, description="Re-runs, with the same parameters, of a trial whose worker died.")
-    max_failures_in_a_row: PosInt = Field(
+    max_retry: int = Field(2, ge=0, description="Re-runs, with the same parameters, of a trial whose worker died.")
+    max_failures_in_a_row: PositiveInt = Field(
         3,
         description="A worker stops after this many failed trials in "
         "a row: a setting that fails every trial stops "
