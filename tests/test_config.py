@@ -310,3 +310,11 @@ def test_overlays_add_to_every_shorthand(write_study, tmp_path):
     cfg = load_study(tmp_path / "child.yaml")
     assert (cfg.eval_every.epochs, cfg.eval_every.subsample) == (0.5, 1)
     assert base.exists()
+
+
+def test_a_bad_sampler_argument_is_reported_where_it_was_set(write_study):
+    # It was reported at the study file's sampler: line, though the command line set it.
+    path = write_study(sampler={"name": "tpe", "seed": 0})
+    with pytest.raises(ConfigError) as e:
+        load_study(path, {"sampler.seed": -1})
+    assert [str(p) for p in e.value.problems] == ["<command line>: sampler.seed: Seed must be between 0 and 2**32 - 1"]

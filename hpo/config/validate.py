@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -108,6 +110,15 @@ def _fields_at(loc: KeyPath) -> list[str]:
         if field is None:
             return []
         ann = field.annotation
+
+
+def _argument(src: SourceMap, section: str, args: Mapping[str, Any], message: str) -> Problem:
+    """An error about ``section``'s arguments, at the one argument its message names ("Seed must be …" is
+    ``sampler.seed``, wherever it was set: a file, an environment, the command line), else at the section."""
+    named = [k for k in args if re.search(rf"\b{re.escape(str(k))}\b", message, re.IGNORECASE)]
+    if len(named) != 1:
+        return src.problem((section,), message)
+    return src.problem((section, named[0]), message.removeprefix(f"{named[0]}: "))
 
 
 def _cross_checks(cfg: StudyConfig) -> list[Problem]:
@@ -307,11 +318,11 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
     try:
         sampler = samplers.make_sampler(cfg.sampler.name, cfg.sampler.args, dists)
     except ValueError as e:
-        problems.append(src.problem(("sampler",), str(e)))
+        problems.append(_argument(src, "sampler", cfg.sampler.args, str(e)))
     try:
         pruner = samplers.make_pruner(cfg.pruner.name, cfg.pruner.args)
     except ValueError as e:
-        problems.append(src.problem(("pruner",), str(e)))
+        problems.append(_argument(src, "pruner", cfg.pruner.args, str(e)))
     if sampler is not None and pruner is not None and not problems:
         try:  # what only shows when the sampler runs: an argument the constructor stores unchecked
             samplers.dry_run(sampler, pruner, dists, cfg.directions)
