@@ -98,7 +98,8 @@ def test_nested_unknown_key_suggests(write_study):
         ({"sampler": {"name": "tpee"}}, "sampler.name: Input should be 'tpe'"),
         (
             {"pruner": {"name": "median", "n_startup_trails": 3}},
-            "pruner: MedianPruner: got an unexpected keyword argument 'n_startup_trails'; did you mean 'n_startup_trials'?",
+            "pruner.n_startup_trails: MedianPruner: got an unexpected keyword argument 'n_startup_trails'; did you mean "
+            "'n_startup_trials'?",
         ),
         ({"n_trials": 0}, "n_trials: Input should be greater than 0"),
         ({"eval_every": {"epochs": 0.5, "examples": 10}}, "eval_every: give a number of epochs"),
