@@ -136,11 +136,12 @@ class OrderedSampler(optuna.samplers.BaseSampler):
                 with contextlib.suppress(ValueError):  # a derived value fails here: so does that trial, as drawn
                     self._walk(t)
                 self._draws.append(t)
+        if trial.number >= len(self._draws):  # past the start-up: no storage read on every later trial
+            return None
         if trial.number not in self._fixed:
             before = study._storage.get_all_trials(study._study_id, deepcopy=False)[: trial.number]
             self._fixed[trial.number] = sum("fixed_params" in t.system_attrs for t in before)
-        k = trial.number - self._fixed[trial.number]
-        return self._draws[k] if trial.number < len(self._draws) else None
+        return self._draws[trial.number - self._fixed[trial.number]]
 
     def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
         if trial.number not in self._inner:
