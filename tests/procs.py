@@ -4,8 +4,10 @@ Every wait here is for an event (a trial training, a process gone, a port answer
 cap: the tests run on busy 2-core laptops too, where a fixed few seconds is not enough.
 """
 
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -87,6 +89,29 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:  # reaped meanwhile
         return False
+
+
+def pause_outside_a_write(pid: int, database) -> bool:
+    """SIGSTOP process ``pid``; True if it holds no write lock on ``database``, else SIGCONT and False.
+
+    A process stopped inside a write transaction keeps SQLite's one write lock, and no other worker can
+    write until it resumes: that is SQLite's locking, not what this test is about (PostgreSQL has none such).
+    """
+    os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: stopped(pid), "the worker to stop")  # the signal is delivered asynchronously
+    try:
+        with contextlib.closing(sqlite3.connect(database, timeout=0.5)) as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.rollback()
+        return True
+    except sqlite3.OperationalError:
+        os.kill(pid, signal.SIGCONT)
+        return False
+
+
+def stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (state T in /proc/PID/stat; the name in parentheses may hold spaces)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "T"
 
 
 SLOW_EPOCHS = 40  # of the tiny model: several seconds per trial, long enough to be caught mid-trial

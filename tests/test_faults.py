@@ -1,14 +1,21 @@
 """Faults with real subprocesses and signals: SIGTERM mid-trial, kill -9 mid-trial, resume."""
 
-import contextlib
 import signal
-import sqlite3
-from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
-from procs import RUN_S, SLOW_EPOCHS, WAIT_S, slow_study, start, wait_for, wait_for_running, wait_until_stale
+from procs import (
+    RUN_S,
+    SLOW_EPOCHS,
+    WAIT_S,
+    pause_outside_a_write,
+    slow_study,
+    start,
+    wait_for,
+    wait_for_running,
+    wait_until_stale,
+)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -64,7 +71,7 @@ def test_a_paused_worker_whose_trial_was_taken_over_says_so_and_goes_on(write_st
     paused = start(path)
     study = wait_for_running(storage)
     (victim,) = study.get_trials(states=(TrialState.RUNNING,))
-    wait_for(lambda: pause_outside_a_write(paused, path.with_suffix(".db")), "a pause that holds no SQLite lock")
+    wait_for(lambda: pause_outside_a_write(paused.pid, path.with_suffix(".db")), "a pause that holds no SQLite lock")
     try:
         wait_until_stale(storage, "tiny", victim.number, heartbeat_interval=1, grace_period=3)
         other = start(path, "--n-trials", "2")  # fails the stale trial, runs its retry and one more
@@ -75,29 +82,6 @@ def test_a_paused_worker_whose_trial_was_taken_over_says_so_and_goes_on(write_st
     output = paused.communicate(timeout=RUN_S)[0]
     assert "Traceback" not in output, output
     assert f"trial {victim.number:3d} taken over" in output and paused.returncode == 0, output
-
-
-def pause_outside_a_write(proc, database) -> bool:
-    """SIGSTOP ``proc``; True if it holds no write lock on ``database``, else SIGCONT and False.
-
-    A process stopped inside a write transaction keeps SQLite's one write lock, and no other worker can
-    write until it resumes: that is SQLite's locking, not what this test is about (PostgreSQL has none such).
-    """
-    proc.send_signal(signal.SIGSTOP)
-    wait_for(lambda: stopped(proc.pid), "the worker to stop")  # the signal is delivered asynchronously
-    try:
-        with contextlib.closing(sqlite3.connect(database, timeout=0.5)) as db:
-            db.execute("BEGIN IMMEDIATE")
-            db.rollback()
-        return True
-    except sqlite3.OperationalError:
-        proc.send_signal(signal.SIGCONT)
-        return False
-
-
-def stopped(pid: int) -> bool:
-    """Whether process ``pid`` is stopped (state T in /proc/PID/stat; the name in parentheses may hold spaces)."""
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "T"
 
 
 def checkpoint_markers(path) -> list:

@@ -15,7 +15,17 @@ import pytest
 import yaml
 from conftest import POSTGRES, study_dict
 from optuna.trial import TrialState
-from procs import RUN_S, SLOW_EPOCHS, WAIT_S, alive, slow_study, start, wait_for, wait_for_running
+from procs import (
+    RUN_S,
+    SLOW_EPOCHS,
+    WAIT_S,
+    alive,
+    pause_outside_a_write,
+    slow_study,
+    start,
+    wait_for,
+    wait_for_running,
+)
 
 import hpo.workers
 from hpo import load_study
@@ -37,9 +47,54 @@ def assert_accounted_for(study: optuna.Study, n_trials: int, n_workers: int) -> 
     assert n_trials <= len(study.get_trials(states=FINISHED)) <= n_trials + n_workers - 1
 
 
+def two_workers_run_trials(proc: subprocess.Popen, path) -> None:
+    """Make sure two workers of ``hpo run --workers`` take part, however late the second one starts.
+
+    A tiny study's trials take tenths of a second: on a busy machine the first worker could run them all
+    before another asks for one. So the first worker caught mid-trial (its trial still the last one, outside a
+    SQLite write) is paused until another worker has started a trial. The study file sets a long heartbeat,
+    so the pause never makes its trial stale.
+    """
+    storage, database = sqlite_url(path), path.with_suffix(".db")
+
+    def trials() -> list:
+        try:
+            return optuna.load_study(study_name="tiny", storage=storage).trials
+        except Exception:  # noqa: BLE001 - no storage or study yet
+            return []
+
+    def pids() -> set[int]:
+        return {t.user_attrs["worker"]["pid"] for t in trials() if "worker" in t.user_attrs}
+
+    def caught() -> int | None:
+        if len(pids()) > 1:
+            return -1
+        assert proc.poll() is None, "the run ended before a second worker started a trial"
+        last = trials()[-1:]
+        if not last or last[0].state != TrialState.RUNNING or "worker" not in last[0].user_attrs:
+            return None
+        pid = last[0].user_attrs["worker"]["pid"]
+        if not pause_outside_a_write(pid, database):
+            return None
+        now = trials()
+        if now[-1].number == last[0].number and now[-1].state == TrialState.RUNNING:
+            return pid  # stopped in its trial: the next one is another worker's
+        os.kill(pid, signal.SIGCONT)
+        return None
+
+    paused = wait_for(caught, "a worker caught mid-trial", timeout=RUN_S)
+    if paused == -1:
+        return
+    try:
+        wait_for(lambda: len(pids()) > 1, "a second worker's trial")
+    finally:
+        os.kill(paused, signal.SIGCONT)
+
+
 def test_four_local_workers_on_the_default_storage_account_for_every_trial(write_study):
-    path = write_study(n_trials=12, train={"num_train_epochs": 1, "seed": 0})
+    path = write_study(n_trials=12, train={"num_train_epochs": 1, "seed": 0}, heartbeat_interval=3600)
     proc = start(path, "--workers", "4")
+    two_workers_run_trials(proc, path)
     output = proc.communicate(timeout=RUN_S)[0]
     assert proc.returncode == 0, output
     assert "4 workers on CPU" in output and "database is locked" not in output
@@ -72,9 +127,11 @@ def test_a_seeded_study_gives_the_same_trials_with_two_workers_every_time(tmp_pa
             sampler={"name": "tpe", "seed": 7, "n_startup_trials": 4},
             pruner={"name": "median", "n_startup_trials": 2},
             enqueue=[{"learning_rate": 0.01, "per_device_train_batch_size": 2}],
+            heartbeat_interval=3600,
         )
         path.write_text(yaml.safe_dump(study))
         proc = start(path, "--workers", "2")
+        two_workers_run_trials(proc, path)
         output = proc.communicate(timeout=RUN_S)[0]
         assert proc.returncode == 0, output
         trials = optuna.load_study(study_name="tiny", storage=sqlite_url(path)).trials
