@@ -165,8 +165,10 @@ def test_gpus_pins_one_device_per_worker(write_study, how):
     # No GPU here: each worker still gets its CUDA_VISIBLE_DEVICES. Without --gpus every visible GPU gets a
     # worker, and one worker sees one GPU: a process on two would train with DataParallel, its batch doubled.
     args, env = how
-    path = write_study(n_trials=4)
+    path = write_study(n_trials=4, heartbeat_interval=3600)
     proc = start(path, *args, **env)
+    if args != ("--workers", "1"):
+        two_workers_run_trials(proc, path)
     output = proc.communicate(timeout=RUN_S)[0]
     assert proc.returncode == 0, output
     study = optuna.load_study(study_name="tiny", storage=sqlite_url(path))
