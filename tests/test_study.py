@@ -132,6 +132,26 @@ def test_steps_count_examples_seen_on_one_grid(write_study):
     }  # 4x1, 4x2 and 8x1, 8x2 (last batch of an epoch is short)
 
 
+def test_how_often_a_trial_is_evaluated_does_not_change_what_it_trains(write_study):
+    # An evaluation drew from torch's global generator (each eval DataLoader's base seed), which then gives the
+    # training's dropout masks and the next epoch's shuffle: the same configuration ended elsewhere evaluated 4
+    # times than once, and a re-training of best.json with another eval_every missed the study's value.
+    config = {"learning_rate": 1e-3, "per_device_train_batch_size": 4}
+    values = []
+    for every in (0.25, 1.0):
+        path = write_study(
+            name=f"every-{every}.yaml",
+            study=f"every-{every}",
+            n_trials=1,
+            eval_every={"epochs": every, "subsample": 1.0},
+            train={"num_train_epochs": 2, "seed": 0},
+            enqueue=[config],
+        )
+        (trial,) = run_study(load_study(path), quiet).trials
+        values.append((trial.value, trial.intermediate_values[max(trial.intermediate_values)]))
+    assert values[0] == values[1]
+
+
 def test_pruner_prunes(write_study):
     # ThresholdPruner(upper=0) prunes every trial at its first report: deterministic.
     path = write_study(n_trials=2, pruner={"name": "threshold", "upper": 0.0})
