@@ -43,6 +43,7 @@ from hpo.trial import TrialResult
 from hpo.workbench import Workbench
 
 STOP_WAIT_S = 120  # after Ctrl-C, how long the ranks get to save a checkpoint and end before SIGKILL
+LAUNCHER_END_S = 15  # of that, what the launcher keeps to end after its ranks
 POLL_S = 1.0  # how often the worker looks at the job (done? new evaluations to print?)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 #: Exceptions a rank raised that the worker raises again as themselves (by name); others become RankFailed.
@@ -119,7 +120,9 @@ def run_trial(
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **rank_env(n)},
+                # torchrun SIGKILLs the ranks 30 s after it passes on a SIGTERM: too soon for a large model's
+                # checkpoint. They get ours, less the time the launcher needs to end after them.
+                env={**os.environ, **rank_env(n), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(STOP_WAIT_S - LAUNCHER_END_S)},
                 start_new_session=True,  # Ctrl-C at the terminal reaches the worker, which stops the launcher once
                 preexec_fn=lambda: _die_with_parent(signal.SIGTERM),
             )
