@@ -162,7 +162,7 @@ def make_trainer_class():
             # Looking leaves the training as it was: each eval DataLoader draws its base seed from torch's global
             # generator, which then gives the training's dropout masks and the next epoch's shuffle. Without this,
             # one configuration ended at eval loss 1.383 evaluated 4 times and 1.365 evaluated once (MiniLM, same
-            # seed): its value depended on eval_every, and a re-training of best.json missed it.
+            # seed): its value depended on how often the study looked at it.
             cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
             with torch.random.fork_rng(devices=cuda):
                 return super().evaluate(eval_dataset, *args, **kwargs)

@@ -134,8 +134,8 @@ def test_steps_count_examples_seen_on_one_grid(write_study):
 
 def test_how_often_a_trial_is_evaluated_does_not_change_what_it_trains(write_study):
     # An evaluation drew from torch's global generator (each eval DataLoader's base seed), which then gives the
-    # training's dropout masks and the next epoch's shuffle: the same configuration ended elsewhere evaluated 4
-    # times than once, and a re-training of best.json with another eval_every missed the study's value.
+    # training's dropout masks and the next epoch's shuffle: one configuration and seed ended at one value
+    # evaluated 4 times and at another evaluated once.
     config = {"learning_rate": 1e-3, "per_device_train_batch_size": 4}
     values = []
     for every in (0.25, 1.0):
