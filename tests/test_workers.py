@@ -63,14 +63,15 @@ def two_workers_run_trials(proc: subprocess.Popen, path, n_trials: int) -> None:
         except Exception:  # noqa: BLE001 - no storage or study yet
             return []
 
-    def pids() -> set[int]:
-        return {t.user_attrs["worker"]["pid"] for t in trials() if "worker" in t.user_attrs}
+    def pids(seen: list) -> set[int]:
+        return {t.user_attrs["worker"]["pid"] for t in seen if "worker" in t.user_attrs}
 
     def caught() -> int | None:
-        if len(pids()) > 1:
+        seen = trials()
+        if len(pids(seen)) > 1:
             return -1
         assert proc.poll() is None, "the run ended before a second worker started a trial"
-        last = trials()[-1:]
+        last = seen[-1:]
         if not last or last[0].state != TrialState.RUNNING or "worker" not in last[0].user_attrs:
             return None
         if last[0].number + 1 >= n_trials:  # the last trial of the target: the other worker would only wait
@@ -88,7 +89,7 @@ def two_workers_run_trials(proc: subprocess.Popen, path, n_trials: int) -> None:
     if paused == -1:
         return
     try:
-        wait_for(lambda: len(pids()) > 1, "a second worker's trial")
+        wait_for(lambda: len(pids(trials())) > 1, "a second worker's trial")
     finally:
         os.kill(paused, signal.SIGCONT)
 
