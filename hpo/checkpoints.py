@@ -83,7 +83,7 @@ def remove(where: Path | None) -> None:
 
 
 def stop_requested() -> bool:
-    """Record a SIGTERM: the run starts no other trial (:func:`stopping`). Returns whether it is answered with a
+    """Record a SIGTERM (the run starts no other trial). Returns whether it is answered with a
     checkpoint (a trial that checkpoints is training): then :class:`CheckpointCallback` saves at the end of the
     step and the trial ends interrupted; else the caller interrupts at once."""
     _stop.set()
@@ -93,12 +93,6 @@ def stop_requested() -> bool:
 def clear_stop() -> None:
     """Forget an earlier run's SIGTERM (a new run in the same process)."""
     _stop.clear()
-
-
-def stopping() -> bool:
-    """Whether a SIGTERM came: the run starts no other trial, even if the interrupt it raised was lost (raised
-    inside a finalizer, which Python ignores)."""
-    return _stop.is_set()
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ from typing import Any
 import optuna
 import torch
 
-from hpo import memory
+from hpo import interrupts, memory
 from hpo.plan import TrialPlan
 from hpo.trial import TrialResult
 from hpo.workbench import Workbench
@@ -234,7 +234,6 @@ def _run(job: Job, rank: int, meter: memory.PeakMeter) -> tuple[TrialResult, opt
     from optuna_integration import TorchDistributedTrial
 
     from hpo.storage import rdb_storage
-    from hpo.study import sigterm_interrupts
     from hpo.trial import run_trial as run_one
 
     cfg = job.bench.cfg
@@ -246,7 +245,7 @@ def _run(job: Job, rank: int, meter: memory.PeakMeter) -> tuple[TrialResult, opt
             study_name=cfg.study, storage=rdb_storage(cfg), sampler=optuna.samplers.RandomSampler(), pruner=job.pruner
         )
         trial = optuna.Trial(study, job.trial_id)
-    with sigterm_interrupts():  # SIGTERM from the launcher: a checkpoint at the step's end, or stop now
+    with interrupts.Guard():  # SIGTERM from the launcher: a checkpoint at the step's end, or stop now
         result = run_one(
             job.bench,
             job.plan,

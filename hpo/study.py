@@ -6,10 +6,8 @@ import contextlib
 import dataclasses
 import gc
 import os
-import signal
 import socket
 import statistics
-import threading
 import time
 import traceback
 import warnings
@@ -20,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.markup import escape
 
-from hpo import checkpoints, distributed, memory, ordered, outputs, revisions, space, trackers
+from hpo import checkpoints, distributed, interrupts, memory, ordered, outputs, revisions, space, trackers
 from hpo.attrs import (
     DERIVED_PARAMS,
     DEVICES,
@@ -124,8 +122,9 @@ def run_study(
     progress = Progress(console, cfg, worker)
     stop = StopRule(cfg.max_failures_in_a_row)
     if cfg.n_trials > done:
-        with sigterm_interrupts(), _frozen_heap(), progress:
-            _optimize(study, _objective(bench, progress, revision), progress, stop, cfg)
+        objective = _objective(bench, progress, revision)
+        with interrupts.Guard(objective), _frozen_heap(), progress:
+            _optimize(study, objective, progress, stop, cfg)
     if worker is None:
         print_summary(console, cfg, study)
     if stop.gave_up:
@@ -153,29 +152,6 @@ def _frozen_heap():
         gc.unfreeze()
 
 
-@contextlib.contextmanager
-def sigterm_interrupts():
-    """SIGTERM (a scheduler's stop, a preemption notice) ends the run like Ctrl-C: the trial ends FAIL, never RUNNING."""
-
-    def interrupt(signum, frame):
-        # Once: a second SIGTERM (systemd signalling the whole group, then the parent its workers) would land
-        # in the clean-up of the first and leave the trial RUNNING, with no retry queued.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if checkpoints.stop_requested():  # the trial saves a checkpoint at the end of its step, then stops
-            return
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
-        yield
-        return
-    checkpoints.clear_stop()
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _optimize(study: optuna.Study, objective, progress: Progress, stop: StopRule, cfg: StudyConfig) -> None:
     # One study.optimize call per trial, so that this worker starts a trial only while finished plus
     # running trials (on every worker) fall short of n_trials: N workers then overshoot the target only
@@ -189,8 +165,7 @@ def _optimize(study: optuna.Study, objective, progress: Progress, stop: StopRule
             progress.stopping(why)
 
     while not stop.gave_up and (deadline is None or time.monotonic() < deadline):
-        if checkpoints.stopping():  # a SIGTERM whose interrupt did not end the run (a trial's last step, a finalizer)
-            raise KeyboardInterrupt("SIGTERM")
+        interrupts.stop_if_asked()
         states = [t.state for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))]
         running = states.count(TrialState.RUNNING)
         finished = len(states) - running
@@ -280,6 +255,7 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
         result = sampled = saved = run = None
         state, reason = "FAIL", None  # how the trial ended, for its tracker run
         try:
+            interrupts.stop_if_asked()  # a signal that came in Optuna's ask, before this trial began
             # Optuna's Trial does not expose system attrs; optuna-integration reads them from the storage too.
             if isinstance(trial.study.sampler, ordered.OrderedSampler):  # queued ones too: the pruner's past
                 _wait_in_order(trial, progress)
@@ -365,6 +341,8 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
             saved = None  # kept: the rerun resumes from it
             state = reason = "interrupted"
             trial.set_user_attr(FAIL_REASON, "interrupted")
+            if sampled is None:  # stopped before sampling: a queued trial's parameters are queued again
+                sampled = trial.storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
             if sampled is not None:
                 trial.study.enqueue_trial(sampled, user_attrs={RETRY_OF: trial.number})  # the rerun starts with it
             raise

@@ -32,13 +32,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from hpo import interrupts
 from hpo.api import GPU_ID
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError, TrialsFailed
 from hpo.memory import available_mb
 from hpo.progress import print_summary
 from hpo.storage import count_finished
-from hpo.study import run_study, sigterm_interrupts, start_study
+from hpo.study import run_study, start_study
 from hpo.workbench import Workbench
 
 STOPPED_ON_FAILURES = 3  # a worker's exit code when max_failures_in_a_row stopped it
@@ -162,7 +163,7 @@ def run_workers(
         for k in range(n)
     ]
     try:
-        with sigterm_interrupts():
+        with interrupts.Guard():
             for p in procs:
                 p.start()
             for p in procs:

@@ -257,7 +257,7 @@ def test_ctrl_c_stops_every_worker_and_leaves_no_trial_running(write_study):
     output = proc.communicate(timeout=WAIT_S)[0]
     assert proc.returncode == 130, output
     study = optuna.load_study(study_name="tiny", storage=sqlite_url(path))
-    assert not study.get_trials(states=(TrialState.RUNNING,))
+    assert not study.get_trials(states=(TrialState.RUNNING,)), output
     stopped = study.get_trials(states=(TrialState.FAIL,))
     assert len(stopped) == 2 and all(t.user_attrs["fail_reason"] == "interrupted" for t in stopped)
     assert all(len(t.intermediate_values) < SLOW_EPOCHS for t in stopped), "stopped mid-trial"
