@@ -52,9 +52,9 @@ class Guard:
     ``objective``: the function Optuna calls for each trial. Inside its frames, only the calls of
     :data:`UNSAFE_PACKAGES` hold a signal back; outside them, so does Optuna's code around it (``ask``, ``tell``,
     the callbacks), until Optuna returns or calls the objective, which must begin with :func:`stop_if_asked`
-    inside the ``try`` that ends an interrupted trial. Frames outside the ``with`` statement (a caller's) are not looked at. A SIGINT that the run
-    was started ignoring (a background job) stays ignored. Main thread only (where Python runs signal handlers);
-    elsewhere a no-op.
+    inside the ``try`` that ends an interrupted trial. Frames outside the ``with`` statement (a caller's) are
+    not looked at. A SIGINT that the run was started ignoring (a background job) stays ignored. Main thread
+    only (where Python runs signal handlers); elsewhere a no-op.
     """
 
     def __init__(self, objective: Callable | None = None):
