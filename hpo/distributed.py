@@ -9,6 +9,8 @@ free local port, gloo on CPU, NCCL on GPU, one GPU per rank), and the Trainer do
 - rank 0 alone talks to Optuna, through optuna-integration's ``TorchDistributedTrial``, which broadcasts
   the pruner's answer so that every rank stops at the same step; it stages the model when it may be the
   study's best, and writes the trial's result for the worker, which records it as for a one-process trial;
+- a retrain of a finished trial (``hpo train --best``) runs the same job with a ``FixedTrial`` (nothing
+  reported) and rank 0 saves the model where it is asked to: the same ranks, so the same global batch;
 - a rank that fails writes its exception; the worker raises it again (an out-of-memory stays one, so the
   trial retries at a smaller micro-batch);
 - no rank outlives the trial: the launcher gets SIGTERM when the worker dies (``PR_SET_PDEATHSIG``) and
@@ -75,23 +77,31 @@ class Job:
 
     bench: Workbench
     plan: TrialPlan
-    trial_id: int
+    trial_id: int | None  # None: a FixedTrial's retrain, which reports to no study
     number: int
-    pruner: optuna.pruners.BasePruner
+    pruner: optuna.pruners.BasePruner | None
     params: dict[str, Any]
     checkpoint_dir: Path | None
+    run_name: str | None = None  # default trial-NNNN
+    save_to: Path | None = None  # rank 0 saves the model there (hpo.trial.save_model) instead of staging it
 
 
 def run_trial(
     bench: Workbench,
     plan: TrialPlan,
-    trial: optuna.Trial,
+    trial: optuna.Trial | optuna.trial.FixedTrial,
     on_eval: Callable[[int, float], None] | None = None,
     meter: memory.PeakMeter | None = None,
     checkpoint_dir: Path | None = None,
+    run_name: str | None = None,
+    save_to: Path | None = None,
+    params: dict[str, Any] | None = None,
 ) -> TrialResult:
     """:func:`hpo.trial.run_trial` as ``resources.processes_per_trial`` processes; the same result, whose model
     rank 0 already staged (``model`` is None).
+
+    With ``save_to`` (a retrain, under a ``FixedTrial``: nothing is reported), rank 0 saves the model as that
+    folder (:func:`hpo.trial.save_model`, with ``params``, default the trial's) instead.
 
     Raises:
         torch.OutOfMemoryError: a rank ran out of memory (its subclass tells training from evaluation).
@@ -103,7 +113,18 @@ def run_trial(
     n = cfg.resources.processes_per_trial
     job_dir = Path(tempfile.mkdtemp(prefix=f".trial-{trial.number:04d}-", dir=_mkdir(cfg.output_path)))
     try:
-        job = Job(bench, plan, trial._trial_id, trial.number, trial.study.pruner, dict(trial.params), checkpoint_dir)
+        fixed = isinstance(trial, optuna.trial.FixedTrial)
+        job = Job(
+            bench,
+            plan,
+            None if fixed else trial._trial_id,
+            trial.number,
+            None if fixed else trial.study.pruner,
+            dict(trial.params if params is None else params),
+            checkpoint_dir,
+            run_name,
+            save_to,
+        )
         (job_dir / "job.pkl").write_bytes(pickle.dumps(job))
         with open(job_dir / "launcher.log", "wb") as log:
             proc = subprocess.Popen(
@@ -152,7 +173,7 @@ def _wait(proc: subprocess.Popen, trial: optuna.Trial, on_eval) -> None:
         while proc.poll() is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=POLL_S)
-            if on_eval is not None:
+            if on_eval is not None and isinstance(trial, optuna.Trial):  # a FixedTrial reports nowhere
                 values = sorted(trial.storage.get_trial(trial._trial_id).intermediate_values.items())
                 for step, value in values[shown:]:
                     on_eval(step, value)
@@ -209,7 +230,11 @@ def main(job_dir: Path) -> int:
     try:
         result, trial = _run(job, rank, meter)
         if rank == 0:
-            if not result.pruned:
+            if job.save_to is not None:
+                from hpo.trial import save_model
+
+                save_model(job.bench, result, job.params, job.number, job.save_to)
+            elif not result.pruned:
                 from hpo.outputs import stage_if_best
 
                 stage_if_best(job.bench, result, job.params, trial)
@@ -240,7 +265,9 @@ def _run(job: Job, rank: int, meter: memory.PeakMeter) -> tuple[TrialResult, opt
     # The group first (the Trainer's accelerate then uses it): TorchDistributedTrial broadcasts from its first call.
     torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     trial = None
-    if rank == 0:
+    if rank == 0 and job.trial_id is None:  # a retrain: reports to no study
+        trial = optuna.trial.FixedTrial(job.params, job.number)
+    elif rank == 0:
         study = optuna.load_study(
             study_name=cfg.study, storage=rdb_storage(cfg), sampler=optuna.samplers.RandomSampler(), pruner=job.pruner
         )
@@ -250,7 +277,7 @@ def _run(job: Job, rank: int, meter: memory.PeakMeter) -> tuple[TrialResult, opt
             job.bench,
             job.plan,
             TorchDistributedTrial(trial),
-            run_name=f"trial-{job.number:04d}",
+            run_name=job.run_name or f"trial-{job.number:04d}",
             meter=meter,
             checkpoint_dir=job.checkpoint_dir,
         )

@@ -143,9 +143,11 @@ def train_best(cfg: StudyConfig, study: optuna.Study, all_data: bool = False) ->
     (``training_args.json`` and ``training_args.model.json``, as :func:`write_config`) and a model card.
 
     ``all_data`` trains on train + eval (the eval numbers then say little).
+    A study whose trials ran as several processes (``resources.processes_per_trial``, FSDP, DeepSpeed) retrains
+    through the same launcher (:func:`hpo.distributed.run_trial`): as many ranks, so the same global batch.
     Returns the folder, ``<outputs>/final_model``.
     """
-    from hpo import memory
+    from hpo import distributed, memory
     from hpo.trial import TrialResult, run_trial, save_model
     from hpo.workbench import prepare
 
@@ -155,15 +157,18 @@ def train_best(cfg: StudyConfig, study: optuna.Study, all_data: bool = False) ->
     if all_data:
         bench = dataclasses.replace(bench, train_rows=bench.train_rows + bench.eval_rows)
     params = best_params(study)
-    fixed = optuna.trial.FixedTrial(params)
+    fixed = optuna.trial.FixedTrial(params, rest["trial"])
+    target = cfg.output_path / "final_model"
+
+    def attempt(p: TrialPlan, meter: memory.PeakMeter) -> TrialResult:
+        if distributed.needed(cfg):  # rank 0 saves the model
+            return distributed.run_trial(bench, p, fixed, meter=meter, run_name="final", save_to=target, params=params)
+        return run_trial(bench, p, fixed, run_name="final", meter=meter)
+
     result: TrialResult
-    result, _, _, _ = memory.fit(  # at the micro-batch the trial ran at, smaller if this machine has less memory
-        plan,
-        lambda p, meter: run_trial(bench, p, fixed, run_name="final", meter=meter),
-        bench.device,
-        rest.get("micro_batch"),
-    )
-    folder = save_model(bench, result, params, rest["trial"], cfg.output_path / "final_model")
+    # At the micro-batch the trial ran at, smaller if this machine has less memory.
+    result, _, _, _ = memory.fit(plan, attempt, bench.device, rest.get("micro_batch"))
+    folder = target if result.model is None else save_model(bench, result, params, rest["trial"], target)
     write_config(args, rest, folder / "training_args.json")  # and training_args.model.json: knobs, LoRA, model
     (folder / "README.md").write_text(_model_card(cfg, rest, args, result.attrs, all_data))
     memory.release(result)
@@ -178,6 +183,8 @@ def _model_card(
         for k, v in sorted({**args, **rest["model_params"], **(rest["lora"] or {}), **rest["knobs"]}.items())
     )
     trained_on = "train + eval" if all_data else "train"
+    n = attrs.get("processes", 1)
+    ranks = f" × {n} processes (as the trial ran)" if n > 1 else ""
     metrics = ", ".join(
         f"{m.removeprefix('eval_')} {attrs[m]:.4f}" for m in TASKS[cfg.task].metrics if m in attrs and m != "eval_loss"
     )
@@ -188,7 +195,7 @@ Fine-tuned from `{cfg.model.label}` ({cfg.task}{", LoRA adapter" if rest["lora"]
 {rest["trial"]} of the hpo study `{cfg.study}` ({rest["metric"]} = {rest["value"]:.4f} in the study).
 
 This run: last eval_loss {attrs.get("last_eval_loss", float("nan")):.4f}, {metrics},
-{attrs.get("optimizer_steps")} optimizer steps in {attrs.get("train_seconds")} s on {attrs.get("device")}.
+{attrs.get("optimizer_steps")} optimizer steps in {attrs.get("train_seconds")} s on {attrs.get("device")}{ranks}.
 
 | parameter | value |
 |---|---|

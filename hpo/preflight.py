@@ -3,7 +3,10 @@
 At two corners of the search space, the most memory-hungry (largest per-device batch, LoRA ``r`` and
 ``target_modules``, more bits, gradient checkpointing off, the longest rows) and the cheapest, a few real
 optimizer steps run through the trial's own code (:func:`hpo.trial.run_trial`, with a ``FixedTrial``) on
-this device, then one evaluation batch of the longest eval rows. Each corner's peak memory is measured as a
+this device, then one evaluation batch of the longest eval rows. A trial of ``processes_per_trial: N`` ranks
+is measured in this one process at the same micro-batch and N times the accumulation steps: the same
+per-device batch (memory) and the same global batch (optimizer steps, trial time), one device doing every
+rank's share (the time is an upper bound for N devices). Each corner's peak memory is measured as a
 trial measures it (:class:`hpo.memory.PeakMeter`) and shown beside an analytic breakdown, so that a user
 sees why; seconds per optimizer step give the time of one full trial and of the study.
 """
@@ -67,6 +70,9 @@ class Corner:
     trial_seconds: float  # one full trial, no pruning
     fits: bool = True
     ran_out: str = ""  # the out-of-memory error, when the corner ran out on this device (no breakdown then)
+    processes: int = 1  # the trial's ranks (processes_per_trial), measured here as accumulation steps
+    global_batch: int = 0  # examples per optimizer step, as measured: micro-batch × accumulation × processes
+    trial_steps: int = 0  # optimizer steps of one full trial at that global batch
 
 
 @dataclass
@@ -205,7 +211,8 @@ def _measure(bench: Workbench, name: str, params: dict[str, Any]) -> Corner:
     cfg = bench.cfg
     plan = make_plan(cfg, params)
     args = plan.training_arguments
-    batch, accumulation = args.get(memory.BATCH, memory.DEFAULT_BATCH), args.get(memory.ACCUMULATION, 1)
+    processes = cfg.resources.processes_per_trial  # each rank's accumulation steps, here in one process
+    batch, accumulation = args.get(memory.BATCH, memory.DEFAULT_BATCH), args.get(memory.ACCUMULATION, 1) * processes
     eval_batch = args.get(memory.EVAL_BATCH, memory.EVAL_BATCH_SIZE)
     by_length = sorted(bench.train_rows, key=lambda row: len(row["input_ids"]), reverse=True)
     rng = random.Random(0)
@@ -216,6 +223,7 @@ def _measure(bench: Workbench, name: str, params: dict[str, Any]) -> Corner:
         plan,
         training_arguments={
             **args,
+            memory.ACCUMULATION: accumulation,
             "max_steps": STEPS,
             "warmup_steps": 0,
             **({"train_sampling_strategy": "sequential"} if "train_sampling_strategy" in _fields() else {}),
@@ -247,11 +255,24 @@ def _measure(bench: Workbench, name: str, params: dict[str, Any]) -> Corner:
             peak = meter.peak_mb
             memory.release()
             return Corner(
-                name, params, batch, len(by_length[0]["input_ids"]), round(peak, 1), {}, 0.0, 0.0, False, ran_out
+                name,
+                params,
+                batch,
+                len(by_length[0]["input_ids"]),
+                round(peak, 1),
+                {},
+                0.0,
+                0.0,
+                False,
+                ran_out,
+                processes,
+                batch * accumulation,
+                _trial_steps(args, len(bench.train_rows), batch * accumulation),
             )
         startup = result.attrs["seconds_to_first_step"]
         eval_seconds = result.history[-1].get("eval_runtime", 0.0)
         breakdown = _breakdown(bench, result, batch, len(by_length[0]["input_ids"]), args)
+        global_batch = round(result.attrs["examples_seen"] / result.attrs["optimizer_steps"])
         peak = meter.peak_mb
         del result
         memory.release()
@@ -272,6 +293,9 @@ def _measure(bench: Workbench, name: str, params: dict[str, Any]) -> Corner:
         breakdown_mb=breakdown,
         seconds_per_step=round(step, 4),
         trial_seconds=round(startup + step * max(0, steps - 1) + evaluations * full_eval, 1),
+        processes=processes,
+        global_batch=global_batch,
+        trial_steps=steps,
     )
 
 
@@ -392,6 +416,13 @@ def print_report(console, report: CheckReport) -> None:
             console.print(f"{c.name}: ran out of memory on this device: {c.ran_out}", markup=False)
         shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in c.params.items())
         console.print(f"{c.name}: {shown}; micro-batch {c.micro_batch} × {c.rows_tokens} tokens", markup=False)
+        if c.processes > 1:
+            console.print(
+                f"{c.name}: the trial's {c.processes} ranks measured in one process as {c.global_batch // c.micro_batch}"
+                f" accumulation steps of {c.micro_batch}: the same global batch of {c.global_batch}, "
+                f"{c.trial_steps} optimizer steps per trial; s/step and trial time are one device's for all ranks",
+                markup=False,
+            )
     low, high = report.study_seconds
     keep = 1 - report.pruned_share
     console.print(

@@ -163,3 +163,32 @@ def test_deepspeed_needs_cuda_and_deepspeed_in_one_line(tiny_model, tmp_path):
     except ImportError:
         with pytest.raises(ConfigError, match=r"pip install 'hpo\[deepspeed\]'"):
             check_engines(cfg, cuda=True)
+
+
+def test_the_best_of_a_two_process_study_retrains_as_its_trial_ran(tiny_model, tmp_path):
+    # hpo train --best runs the trial's launcher: 2 ranks × batch 2, the rows in order and no dropout, so the
+    # retrain is the trial again. In one process it took batches of 2: twice the optimizer steps, another model.
+    study = study_dict(
+        tiny_model,
+        n_trials=1,
+        resources=TWO,
+        train={
+            "num_train_epochs": 1,
+            "seed": 0,
+            "per_device_train_batch_size": 2,
+            "learning_rate": 3e-3,
+            "train_sampling_strategy": "sequential",
+        },
+        search_space={"dropout": {"type": "categorical", "choices": [0.0]}},
+        storage=f"sqlite:///{tmp_path}/p2.db",
+        output_dir=str(tmp_path / "outputs"),
+    )
+    (trial,) = hpo.run(study, console=Console(quiet=True)).trials
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["processes"] == 2
+    folder = hpo.train(study)
+    saved = json.loads((folder / "hpo_trial.json").read_text())  # written by the retrain's rank 0
+    assert saved["trial"] == trial.number and saved["value"] == pytest.approx(trial.value, rel=1e-5)
+    assert reevaluated(study, folder) == pytest.approx(trial.value, rel=1e-5)
+    card = (folder / "README.md").read_text()
+    assert f"{trial.user_attrs['optimizer_steps']} optimizer steps" in card and "× 2 processes" in card
+    assert not list((tmp_path / "outputs").glob(".trial-*"))  # the job folder is gone

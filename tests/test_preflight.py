@@ -9,7 +9,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from hpo import api, load_study
-from hpo.preflight import corner
+from hpo.preflight import corner, print_report
 from hpo.study import run_study
 from tests.conftest import DATA
 
@@ -144,3 +144,24 @@ def test_a_corner_that_fails_for_another_reason_is_one_line_exit_1(write_study, 
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error the hungriest corner's steps failed: ") and "safetensor" in line.lower(), line
+
+
+def test_a_multi_process_study_is_measured_at_its_trials_global_batch(write_study, tmp_path):
+    # 2 ranks × micro-batch 4: the trial steps on 8 examples. One process at batch 4 alone would count twice the
+    # optimizer steps (and time) per trial; here it accumulates 2 micro-batches per step, at the same memory.
+    path = write_study(
+        resources={"processes_per_trial": 2},
+        train={"num_train_epochs": 2, "seed": 0, "gradient_accumulation_steps": 1},
+        search_space={"per_device_train_batch_size": {"type": "categorical", "choices": [4]}},
+    )
+    report = api.check(path)
+    n_train = len((DATA / "train.csv").read_text().strip().splitlines()) - 1  # less the header
+    for c in report.corners:
+        assert (c.processes, c.micro_batch, c.global_batch) == (2, 4, 8)
+        assert c.trial_steps == 2 * -(-n_train // 8)
+    out = Console(record=True, width=200)
+    print_report(out, report)
+    assert (
+        "2 ranks measured in one process as 2 accumulation steps of 4: the same global batch of 8" in out.export_text()
+    )
+    assert not (tmp_path / "study.db").exists()
