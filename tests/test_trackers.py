@@ -197,6 +197,20 @@ def test_an_unreachable_mlflow_is_one_warning_and_the_study_trains_untracked(wri
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
 
 
+def test_an_unreachable_wandb_server_is_one_warning_and_the_study_trains_untracked(write_study, tmp_path):
+    # W&B online with its server refused: wandb.init retried for its init_timeout (90 s) each trial, a warning each.
+    path = write_study(train={"num_train_epochs": 1, "seed": 0, "report_to": "wandb"})
+    env = {"WANDB_MODE": "online", "WANDB_BASE_URL": "http://127.0.0.1:1", "WANDB_API_KEY": "0" * 40}
+    env |= {"WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true", "WANDB_ERROR_REPORTING": "false"}
+    proc = start(path, HPO_TRACKER_TIMEOUT_S="3", **env)
+    output = finished(proc, WAIT_S + 60)
+    assert proc.returncode == 0, output
+    warnings = [line for line in output.splitlines() if "wandb:" in line and "untracked" in line]
+    assert len(warnings) == 1 and "not tracked" not in output, output
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_during_a_tracker_call_that_hangs_ends_the_run_at_once(write_study, silent_server, sig):
     # The server answers the probe, then holds the trial's first call: a server that went silent mid-run.
