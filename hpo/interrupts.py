@@ -7,9 +7,8 @@ locked", and the trial stays RUNNING. Inside Optuna's own steps around the objec
 callbacks) nothing ends the trial at all. Measured: 33 of 150 interrupts at random moments of a loop of
 ``trial.report`` on SQLite left the trial RUNNING; none under :class:`Guard`.
 
-So while a run is guarded (:class:`Guard`), a signal that comes while the main thread is in Optuna, SQLAlchemy, a database
-driver or a tracker's client (:data:`UNSAFE_PACKAGES`) below the objective waits for the outermost such call
-to return, and is raised in its caller, as if that call had raised it once done. Python offers "now" or
+So while a run is guarded (:class:`Guard`), a signal that comes while the main thread is in Optuna, SQLAlchemy or a
+database driver (:data:`UNSAFE_PACKAGES`) below the objective waits for the outermost such call to return, and is raised in its caller, as if that call had raised it once done. Python offers "now" or
 "ignore" for a signal; this handler, which waits for a frame to return (a trace hook on that one frame, the
 way debuggers step out), is what no library here does.
 
@@ -29,10 +28,10 @@ from types import FrameType
 
 from hpo import checkpoints
 
-#: Top-level packages whose calls a signal must not cut short: the study's storage, and the trackers' records.
-UNSAFE_PACKAGES = frozenset(
-    {"optuna", "optuna_integration", "sqlalchemy", "alembic", "sqlite3", "psycopg", "psycopg2", "mlflow", "wandb"}
-)
+#: Top-level packages whose calls a signal must not cut short: the study's storage. Not the trackers (MLflow,
+#: W&B): a server that never answers would hold Ctrl-C back for as long; their calls run on threads of their own,
+#: which a signal never interrupts, and the run waits for them a bounded time (:mod:`hpo.trackers`).
+UNSAFE_PACKAGES = frozenset({"optuna", "optuna_integration", "sqlalchemy", "alembic", "sqlite3", "psycopg", "psycopg2"})
 
 _asked = threading.Event()  # a signal came: the run starts no other trial
 

@@ -16,7 +16,7 @@ from hpo.outputs import saved_trial
 from hpo.revisions import current_revision, trial_revision
 from hpo.space import at_edges
 from hpo.storage import best_trial
-from hpo.trackers import requested, tracking_uri
+from hpo.trackers import Tracking, written
 
 
 class Progress:
@@ -151,7 +151,9 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {m} min" if hours else f"{m} min {s} s" if m else f"{s} s"
 
 
-def print_summary(console: Console, cfg: StudyConfig, study: optuna.Study) -> None:
+def print_summary(console: Console, cfg: StudyConfig, study: optuna.Study, tracking: Tracking | None = None) -> None:
+    """The best trial and where to look further; a tracker's command only where its store holds this study
+    (``tracking``: the run's, whose trackers that could not be reached are not asked again)."""
     try:
         best = best_trial(study)
     except ValueError:
@@ -189,16 +191,8 @@ def print_summary(console: Console, cfg: StudyConfig, study: optuna.Study) -> No
     env = f" --env {cfg.environment}" if cfg.environment else ""  # the study's name and storage may depend on it
     given = cfg.given("study", "storage", "output_dir")  # key=value on the command line: how to find the study again
     dashboard = f"optuna-dashboard {cfg.storage_label}" if cfg.from_dict else f"hpo dashboard {cfg.file}{env}{given}"
+    hints = "".join(f"\n{name + ':':<11} {command}" for name, command in written(cfg, tracking).items())
     console.print(
-        cfg.masked(
-            f"storage:    {cfg.storage_label}\noutputs:    {cfg.output_path}\n"
-            f"dashboard:  {dashboard}\n"
-            f"tensorboard: tensorboard --logdir {cfg.output_path / 'tensorboard'}"
-            + (
-                f"\nmlflow:     mlflow ui --backend-store-uri {tracking_uri()}"
-                if "mlflow" in requested(cfg.train.get("report_to"))
-                else ""
-            )
-        ),
+        cfg.masked(f"storage:    {cfg.storage_label}\noutputs:    {cfg.output_path}\ndashboard:  {dashboard}" + hints),
         markup=False,
     )

@@ -121,12 +121,13 @@ def run_study(
         )
     progress = Progress(console, cfg, worker)
     stop = StopRule(cfg.max_failures_in_a_row)
+    tracking = trackers.Tracking(cfg)  # MLflow, W&B: each call bounded, off the thread a signal lands on
     if cfg.n_trials > done:
-        objective = _objective(bench, progress, revision)
-        with interrupts.Guard(objective), _frozen_heap(), progress:
+        objective = _objective(bench, progress, revision, tracking)
+        with interrupts.Guard(objective), tracking, _frozen_heap(), progress:
             _optimize(study, objective, progress, stop, cfg)
     if worker is None:
-        print_summary(console, cfg, study)
+        print_summary(console, cfg, study, tracking)
     if stop.gave_up:
         raise TrialsFailed(stop.gave_up, study)
     return study
@@ -244,7 +245,7 @@ class Rejected(Exception):
     """The sampled parameters break a ``constraints:`` entry, or repeat a finished trial: FAIL before training."""
 
 
-def _objective(bench: Workbench, progress: Progress, revision: int = 0):
+def _objective(bench: Workbench, progress: Progress, revision: int, tracking: trackers.Tracking):
     cfg = bench.cfg
     store = artifact_store(cfg)
     size = space.finite_size(cfg.search_space, cfg.distributions, cfg.train)
@@ -287,7 +288,7 @@ def _objective(bench: Workbench, progress: Progress, revision: int = 0):
                 trial.set_user_attr(REJECTED_DUPLICATE, twin)
                 raise Rejected(f"the same parameters as trial {twin}, which finished")
             progress.trial_start(trial.number, params)
-            run = trackers.start(cfg, trial.number, params)
+            run = tracking.start(trial.number, params)
             trial.set_user_attr(
                 WORKER,
                 {

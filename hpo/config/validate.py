@@ -300,6 +300,11 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
                     f"{name} is not installed: pip install 'hpo[{trackers.EXTRAS[name]}]'",
                 )
             )
+    if trackers.requested(report_to if isinstance(report_to, str | list) else None):
+        try:
+            trackers.timeout_s()
+        except ValueError as e:  # the environment sets how long a tracker may take
+            problems.append(src.problem(("train", "report_to"), str(e)))
     if cfg.quantized:
         where = ("model", "quantization") if cfg.model.quantization is not None else ("search_space", "bits")
         if not cfg.is_lora:
