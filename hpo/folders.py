@@ -218,23 +218,21 @@ def _held(cfg: StudyConfig, folder: Path) -> list[str]:
 
 
 def _whose(cfg: StudyConfig, folder: Path) -> str | None:
-    """``is the model's folder (model)`` (or ``holds …``) when ``folder`` is, or holds, what the study reads."""
+    """``is the model's folder (model)``, or ``holds …``, when ``folder`` is, or holds, what the study reads."""
     here = folder.resolve()
-    read = []
+    read = [] if cfg.from_dict else [("the study file", None, (cfg.root / cfg.file.name).resolve())]
     for key, what, name in (
         ("model", "the model's folder", cfg.model.name),
         ("model.tokenizer", "the tokenizer's folder", cfg.model.tokenizer),
     ):
         if name and (cfg.root / name).is_dir():
-            read.append((f"{what} ({key})", (cfg.root / name).resolve()))
+            read.append((what, key, (cfg.root / name).resolve()))
     for split in ("train", "eval", "test"):
         if (file := getattr(cfg.data, split, None)) is not None:
-            read.append((f"the {split} data (data.{split})", (cfg.root / file).resolve()))
-    if not cfg.from_dict:
-        read.append(("the study file", (cfg.root / cfg.file.name).resolve()))
-    for what, path in read:
+            read.append((f"the {split} data", f"data.{split}", (cfg.root / file).resolve()))
+    for what, key, path in read:
         if path == here:
-            return f"is {what}"
+            return f"is {what} ({key})"
         if here in path.parents:
-            return f"holds {what}: {path}"
+            return f"holds {what} ({key + ': ' if key else ''}{path})"
     return None

@@ -76,9 +76,9 @@ def test_a_folder_of_the_users_is_refused_and_left_as_it_is(tmp_path, model):
     [
         ("model", "is the model's folder (model)"),
         ("tokenizer", "is the tokenizer's folder (model.tokenizer)"),
-        ("data", f"holds the train data (data.train): {DATA / 'train.csv'}"),
+        ("data", f"holds the train data (data.train: {DATA / 'train.csv'})"),
         ("study", "holds the study file"),
-        ("above the model", "holds the model's folder (model)"),
+        ("above the data", "holds the train data (data.train: "),
     ],
 )
 def test_the_folders_a_study_reads_are_refused_by_name(tmp_path, model, where, says):
@@ -89,7 +89,7 @@ def test_the_folders_a_study_reads_are_refused_by_name(tmp_path, model, where, s
         "tokenizer": model,
         "data": DATA,
         "study": tmp_path / "project",
-        "above the model": tmp_path,
+        "above the data": DATA.parent,
     }[where]
     changes = {}
     if where == "tokenizer":  # the model elsewhere, the tokenizer from the folder
