@@ -155,13 +155,16 @@ def claim_paths(cfg: StudyConfig, *paths: Path) -> None:
     """Before writing the files ``paths``: :func:`claim` the output folder for those that lie in it.
 
     Raises:
-        ConfigError: from :func:`path_problems`, before anything is created.
-        OSError: the folder or its mark could not be written.
+        ConfigError: from :func:`path_problems`, before anything is created, or the folder or its mark
+            could not be written.
     """
     if problems := path_problems(cfg, *paths):
         raise ConfigError(problems)
     if entries := _entries(cfg, paths):
-        claim(cfg, *entries)
+        try:
+            claim(cfg, *entries)
+        except OSError as e:
+            raise cfg.error(("output_dir",), f"cannot write {cfg.output_path}: {e.strerror or e}") from None
 
 
 def _entries(cfg: StudyConfig, paths: tuple[Path, ...]) -> list[str]:

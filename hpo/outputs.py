@@ -141,6 +141,9 @@ def _install_staged_best(cfg: StudyConfig, study: optuna.Study) -> None:
         best = None
     trials = study.get_trials(deepcopy=False)
     for staged in sorted(folder.iterdir()):
+        if staged.is_symlink():  # not a model hpo staged: never installed, nor followed
+            staged.unlink()
+            continue
         found = re.search(r"trial-(\d+)", staged.name)  # trial-0007, or .trial-0007.tmp.<pid> while being written
         number = int(found.group(1)) if found else -1
         if 0 <= number < len(trials) and trials[number].state == TrialState.RUNNING:
