@@ -228,14 +228,21 @@ def _whose(cfg: StudyConfig, folder: Path) -> str | None:
         ("model", "the model's folder", cfg.model.name),
         ("model.tokenizer", "the tokenizer's folder", cfg.model.tokenizer),
     ):
-        if name and (cfg.root / name).is_dir():
+        if name and _is_dir(cfg.root / name):
             read.append((what, key, (cfg.root / name).resolve()))
     for split in ("train", "eval", "test"):
         if (file := getattr(cfg.data, split, None)) is not None:
             read.append((f"the {split} data", f"data.{split}", (cfg.root / file).resolve()))
     for what, key, path in read:
-        if path == here:
+        if path == here and key:  # a folder: the model's or the tokenizer's
             return f"is {what} ({key})"
         if here in path.parents:
             return f"holds {what} ({key + ': ' if key else ''}{path})"
     return None
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):  # a name no folder can have (a NUL, too long): a hub id, checked elsewhere
+        return False

@@ -275,7 +275,15 @@ def test_a_folder_of_the_users_is_never_taken_over(write_study, tmp_path):
     assert line.startswith(f"error {other}:") and f"output_dir: {mine} is not empty" in line, line
     best = hpo("best", path, f"output_dir={mine}")
     assert best.returncode == 2 and f"output_dir: {mine} is not empty" in best.stderr, best.stdout + best.stderr
+    trained = hpo("train", path, "--best", f"output_dir={mine}")
+    assert trained.returncode == 2 and f"output_dir: {mine} is not empty" in trained.stderr, trained.stderr
     assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
+    final = path.parent / "outputs" / "tiny" / "final_model"  # in hpo's folder, a final_model/ it did not save
+    final.mkdir()
+    (final / "model.safetensors").write_bytes(b"the user's model")
+    trained = hpo("train", path, "--best")
+    assert trained.returncode == 2 and f"{final} is not a model hpo saved" in trained.stderr, trained.stderr
+    assert [p.name for p in final.iterdir()] == ["model.safetensors"]  # refused before training
     ours = path.parent / "outputs" / "tiny" / "report" / "trials.csv"
     for _ in range(2):  # in its own folder, hpo replaces the report it wrote
         written = hpo("report", path)
