@@ -198,13 +198,16 @@ def report(
 
     ``include_pruned`` ranks pruned trials on their last intermediate value. With ``csv`` (the trials;
     ``<stem>.studies.csv`` beside it) or ``html``, writes those files and puts the study table in each
-    study's dashboard note (where the storage may be written).
+    study's dashboard note (where the storage may be written). A file in a study's output folder is written
+    only where hpo may write (:func:`hpo.folders.claim_paths`).
 
     Raises:
-        ConfigError: a study that does not exist yet, or one named twice (its trials would count twice).
+        ConfigError: a study that does not exist yet, one named twice (its trials would count twice), or an
+            output folder that is not hpo's to write in (checked before anything is written).
     """
     from hpo import tables as rep
     from hpo.dashboard import save_study_note
+    from hpo.folders import claim_paths, path_problems
     from hpo.storage import load_existing, resolved_config
 
     if isinstance(studies, str | Path | Mapping | StudyConfig):  # one study, not a list of them
@@ -217,6 +220,11 @@ def report(
     loaded = [load_existing(cfg) for cfg in cfgs]
     trials = rep.trials_frame(loaded, include_pruned=include_pruned)
     summary = rep.studies_frame(loaded, trials)
+    paths = [*([Path(csv), rep.studies_csv(Path(csv))] if csv is not None else []), *([Path(html)] if html else [])]
+    if problems := [p for cfg in cfgs for p in path_problems(cfg, *paths)]:  # before any folder is made
+        raise ConfigError(problems)
+    for cfg in cfgs:
+        claim_paths(cfg, *paths)
     if csv is not None:
         rep.write_csv(trials, summary, Path(csv))
     if html is not None:
@@ -244,19 +252,23 @@ def best(
     """The best trial's configuration: (TrainingArguments kwargs, the rest: model, LoRA, knobs, data, trial).
 
     ``trial``: another complete trial's instead; ``pick``: the trial a condition chooses from the Pareto front
-    (:func:`hpo.export.picked`). With ``out``, also writes them as ``out`` and ``<stem>.model.json``.
+    (:func:`hpo.export.picked`). With ``out``, also writes them as ``out`` and ``<stem>.model.json`` (in the
+    output folder, only where hpo may write: :func:`hpo.folders.claim_paths`).
 
     Raises:
         NoCompleteTrial: the study has no complete trial, ``trial`` is not a complete one, or none meets ``pick``.
         ValueError: ``pick`` is not a condition, or names what no trial has.
-        ConfigError: no such study, or the study file's settings differ from those the best trial ran under.
+        ConfigError: no such study, the study file's settings differ from those the best trial ran under, or
+            ``out`` is in an output folder that is not hpo's to write in.
     """
-    from hpo.export import best_config, write_config
+    from hpo.export import best_config, model_json, write_config
+    from hpo.folders import claim_paths
     from hpo.storage import load_existing
 
     cfg = load(study, {"storage": storage} if storage else None, env)
     args, rest = best_config(cfg, load_existing(cfg), trial, pick)
     if out is not None:
+        claim_paths(cfg, Path(out), model_json(Path(out)))
         write_config(args, rest, Path(out))
     return args, rest
 

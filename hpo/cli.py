@@ -377,6 +377,8 @@ def dashboard(
     Console().print(f"{cfg.study} in {cfg.storage_label}\nserving http://{host}:{port}/dashboard  (Ctrl-C stops)")
     try:
         serve(cfg, host, port)
+    except ConfigError as e:
+        _fail(e)
     except OSError as e:  # the port is taken, or the address is not this machine's
         err.print(f"[red]error[/] cannot serve on {escape(host)}:{port}: {escape(e.strerror or str(e))}")
         raise typer.Exit(2) from None

@@ -66,7 +66,15 @@ def _note_module() -> types.ModuleType:
 
 
 def serve(cfg: StudyConfig, host: str, port: int) -> None:
-    """Run optuna-dashboard on the study's storage and artifact store until interrupted."""
+    """Run optuna-dashboard on the study's storage and artifact store until interrupted.
+
+    Raises:
+        ConfigError: the output folder, where the artifacts are, is not hpo's to write in.
+    """
     from optuna_dashboard import run_server
+
+    from hpo.folders import claim_paths
+
+    claim_paths(cfg, cfg.output_path / "artifacts")  # a folder the dashboard made would not be the study's
 
     run_server(cfg.storage_url, host=host, port=port, artifact_store=artifact_store(cfg))

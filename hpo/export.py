@@ -146,12 +146,18 @@ def train_best(cfg: StudyConfig, study: optuna.Study, all_data: bool = False) ->
     A study whose trials ran as several processes (``resources.processes_per_trial``, FSDP, DeepSpeed) retrains
     through the same launcher (:func:`hpo.distributed.run_trial`): as many ranks, so the same global batch.
     Returns the folder, ``<outputs>/final_model``.
+
+    Raises:
+        ConfigError: the study file changed since the best trial ran, or the output folder (or a
+            ``final_model/`` in it) is not hpo's to write in; both before training.
     """
     from hpo import distributed, memory
+    from hpo.folders import claim_paths
     from hpo.trial import TrialResult, run_trial, save_model
     from hpo.workbench import prepare
 
     args, rest = best_config(cfg, study)  # before training: refuses a study file that changed
+    claim_paths(cfg, cfg.output_path / "final_model")  # and a final_model/ hpo did not save, or a folder not hpo's
     _, plan = _best_plan(cfg, study)
     bench = prepare(cfg)
     if all_data:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -16,21 +15,23 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
+from hpo import folders
 from hpo.attrs import SAVE_ERROR
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError
+from hpo.folders import OWNER_FILE  # noqa: F401 - where it was first defined
 from hpo.storage import best_trial, orientation, resolved_config
 from hpo.trial import TrialResult, replace_folder, save_model
 from hpo.workbench import Workbench
-
-OWNER_FILE = "hpo_study.json"  # in the output folder: the study and storage whose outputs it holds
 
 
 def check_paths(cfg: StudyConfig) -> None:
     """Where the study writes must be writable, checked before anything is created there.
 
     Raises:
-        ConfigError: the SQLite file's folder is missing, or the output folder cannot be created.
+        ConfigError: the SQLite file's folder is missing, or the output folder cannot be created, or is not
+            hpo's to write in (:func:`hpo.folders.folder_problems`: a folder of the user's, the model's, one
+            holding a symlink or a model of someone else's where hpo writes).
     """
     problems = []
     url = make_url(cfg.storage_url)
@@ -40,16 +41,7 @@ def check_paths(cfg: StudyConfig) -> None:
             problems.append(cfg.problem(("storage",), f"folder not found for the SQLite file: {folder}"))
         elif Path(url.database).is_dir():
             problems.append(cfg.problem(("storage",), f"{url.database} is a folder, not a SQLite file"))
-    owner = _owner(cfg.output_path)
-    if owner is not None and owner != _ownership(cfg):
-        problems.append(
-            cfg.problem(
-                ("output_dir",),
-                f"{cfg.output_path} holds the outputs of study "
-                f"{owner.get('study')!r} in {owner.get('storage')}; this study is in "
-                f"{cfg.storage_label}: set output_dir, or use another study name",
-            )
-        )
+    problems += folders.folder_problems(cfg)  # a folder of the user's is never taken over
     existing = cfg.output_path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -61,20 +53,6 @@ def check_paths(cfg: StudyConfig) -> None:
         raise ConfigError(problems)
 
 
-def _ownership(cfg: StudyConfig) -> dict[str, str]:
-    return {"study": cfg.study, "storage": cfg.storage_label}
-
-
-def _owner(folder: Path) -> dict[str, Any] | None:
-    """Which study and storage an output folder belongs to: two studies of one name in two storages (two
-    study files, the default SQLite beside each) would otherwise mix their models and logs in one folder."""
-    try:
-        owner = json.loads((folder / OWNER_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return owner if isinstance(owner, dict) else None
-
-
 def prepare(cfg: StudyConfig, study: optuna.Study, resolved: bool = True) -> None:
     """Create the output folder, mark it as this study's, write ``resolved.yaml`` (with ``resolved``), and install
     a best model that a killed process left staged.
@@ -83,9 +61,7 @@ def prepare(cfg: StudyConfig, study: optuna.Study, resolved: bool = True) -> Non
         ConfigError: the folder cannot be written.
     """
     try:
-        cfg.output_path.mkdir(parents=True, exist_ok=True)
-        if _owner(cfg.output_path) is None:
-            (cfg.output_path / OWNER_FILE).write_text(json.dumps(_ownership(cfg), indent=2) + "\n")
+        folders.claim(cfg)
         if resolved:
             (cfg.output_path / "resolved.yaml").write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
         with _output_lock(cfg.output_path):
@@ -154,6 +130,8 @@ def _install_staged_best(cfg: StudyConfig, study: optuna.Study) -> None:
     value and installing its model left it staged). Staged models of trials still running stay.
     Call it holding :func:`_output_lock`.
     """
+    for old in cfg.output_path.glob(".best_model.old.*"):  # left by a process killed mid-swap (swaps hold the lock)
+        old.unlink() if old.is_symlink() else shutil.rmtree(old, ignore_errors=True)
     folder = cfg.output_path / ".staged"
     if not folder.is_dir():
         return
@@ -163,6 +141,9 @@ def _install_staged_best(cfg: StudyConfig, study: optuna.Study) -> None:
         best = None
     trials = study.get_trials(deepcopy=False)
     for staged in sorted(folder.iterdir()):
+        if staged.is_symlink():  # not a model hpo staged: never installed, nor followed
+            staged.unlink()
+            continue
         found = re.search(r"trial-(\d+)", staged.name)  # trial-0007, or .trial-0007.tmp.<pid> while being written
         number = int(found.group(1)) if found else -1
         if 0 <= number < len(trials) and trials[number].state == TrialState.RUNNING:
@@ -178,14 +159,5 @@ def _install_staged_best(cfg: StudyConfig, study: optuna.Study) -> None:
 def saved_trial(cfg: StudyConfig) -> dict[str, Any] | None:
     """What ``<outputs>/best_model`` holds, when it is this study's: its ``hpo_trial.json`` (``trial``, ``value``,
     ``params``)."""
-    try:
-        info = json.loads((cfg.output_path / "best_model" / "hpo_trial.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if (
-        not isinstance(info, dict)
-        or info.get("study") != cfg.study
-        or info.get("storage", cfg.storage_label) != cfg.storage_label
-    ):
-        return None
-    return info
+    info = folders.saved_by(cfg.output_path / "best_model")
+    return info if folders.is_ours(cfg, info) else None

@@ -21,6 +21,7 @@ import optuna
 
 from hpo.attrs import CONFIG, FINGERPRINT, REVISION, REVISIONS
 from hpo.config import StudyConfig
+from hpo.folders import hpo_files
 
 MAX_LISTED = 4  # changes named in the one-line refusal
 WHOLE_FILE_BYTES = 64 * 2**20  # model and tokenizer files up to this size are hashed whole
@@ -94,14 +95,16 @@ def folder_digest(folder: Path) -> dict[str, str]:
     """``{file name: digest}`` of the files transformers loads from a model or tokenizer folder.
 
     Only the folder's own top-level weights, configs and vocabularies (``MODEL_FILES``): not training
-    checkpoints in subfolders, not a study file, storage or outputs kept beside the model. Files up to
+    checkpoints in subfolders, not a study file, storage or outputs kept beside the model, nor what hpo
+    wrote there when the folder was also an output folder (:func:`hpo.folders.hpo_files`). Files up to
     ``WHOLE_FILE_BYTES`` are hashed whole; bigger ones (weights) by size and 10 blocks of 1 MiB spread
     over the file: seconds for a 14 GB checkpoint instead of a minute, and new weights (re-initialised,
     fine-tuned, another model) differ in every block.
     """
     out = {}
+    written = hpo_files(folder)
     for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name.startswith(".") or path.suffix not in MODEL_FILES:
+        if not path.is_file() or path.name.startswith(".") or path.suffix not in MODEL_FILES or path.name in written:
             continue
         size = path.stat().st_size
         digest = hashlib.sha256(str(size).encode())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from transformers.integrations import TensorBoardCallback
 
 from hpo import checkpoints, knobs, metrics
 from hpo.attrs import PRUNED_AT_STEP
+from hpo.folders import TRIAL_FILE
 from hpo.memory import (
     EVAL_BATCH_SIZE,
     EvalOutOfMemory,
@@ -480,7 +482,7 @@ def save_model(
         OSError: the model could not be written.
     """
     tmp = target.with_name(f".{target.name}.tmp.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
     try:
         result.model.save_pretrained(tmp)
         bench.tokenizer.save_pretrained(tmp)
@@ -493,7 +495,7 @@ def save_model(
         }
         if "model_value" in result.attrs:  # repeats: the value is the seeds' mean; this model is the first seed's
             info["model_value"], info["model_seed"] = result.attrs["model_value"], result.attrs["seeds"][0]
-        (tmp / "hpo_trial.json").write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / TRIAL_FILE).write_text(json.dumps(info, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -502,10 +504,32 @@ def save_model(
 
 
 def replace_folder(source: Path, target: Path) -> None:
-    """Make ``source`` the folder ``target``: the old one is renamed aside, then removed."""
+    """Make ``source`` the folder ``target``: the old one is renamed aside, then removed.
+
+    Only a real folder is replaced: a symlink or a file at ``target`` is never followed or removed, and a
+    failed swap puts the old folder back, so no ``.<name>.old.<pid>`` is left behind.
+
+    Raises:
+        FileExistsError: ``target`` is a symlink or not a folder (left as it is, and ``source`` too).
+    """
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise FileExistsError(errno.EEXIST, "not a folder hpo wrote, left as it is", str(target))
     old = target.with_name(f".{target.name}.old.{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
+    _remove(old)
+    moved = target.exists()
+    if moved:
         target.rename(old)
-    source.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        source.rename(target)
+    except BaseException:
+        if moved:
+            old.rename(target)
+        raise
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink()  # the link, never what it points at
+    else:
+        shutil.rmtree(path, ignore_errors=True)

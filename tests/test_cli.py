@@ -250,3 +250,41 @@ def test_command_line_mistakes_are_one_line(write_study, tmp_path):
         busy = hpo("dashboard", path, "--port", taken.getsockname()[1])
     assert busy.returncode == 2 and "Traceback" not in busy.stderr
     assert busy.stderr.strip().splitlines()[-1].startswith("error cannot serve on 127.0.0.1:")
+
+
+def test_a_folder_of_the_users_is_never_taken_over(write_study, tmp_path):
+    # output_dir at a folder of the user's: the first install moved their best_model/ aside and deleted it, and
+    # hpo report overwrote their report/trials.csv
+    mine = tmp_path / "mine"
+    (mine / "best_model").mkdir(parents=True)
+    (mine / "best_model" / "model.safetensors").write_bytes(b"the user's model")
+    (mine / "report").mkdir()
+    (mine / "report" / "trials.csv").write_text("the user's table\n")
+    before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    path = write_study(n_trials=1)
+    refused = hpo("run", path, f"output_dir={mine}")
+    assert refused.returncode == 2 and "Traceback" not in refused.stdout + refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert f"output_dir: {mine} is not empty (best_model/, report/) and hpo did not make it" in line, line
+    assert not path.with_suffix(".db").exists()  # nothing created
+    assert hpo("run", path).returncode == 0  # the same study, in a folder of its own
+    other = write_study("other.yaml", storage=f"sqlite:///{path.with_suffix('.db')}", output_dir=str(mine))
+    report = hpo("report", other)  # hpo report takes no overrides: the same study through another file
+    assert report.returncode == 2 and "Traceback" not in report.stdout + report.stderr
+    (line,) = report.stderr.strip().splitlines()
+    assert line.startswith(f"error {other}:") and f"output_dir: {mine} is not empty" in line, line
+    best = hpo("best", path, f"output_dir={mine}")
+    assert best.returncode == 2 and f"output_dir: {mine} is not empty" in best.stderr, best.stdout + best.stderr
+    trained = hpo("train", path, "--best", f"output_dir={mine}")
+    assert trained.returncode == 2 and f"output_dir: {mine} is not empty" in trained.stderr, trained.stderr
+    assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
+    final = path.parent / "outputs" / "tiny" / "final_model"  # in hpo's folder, a final_model/ it did not save
+    final.mkdir()
+    (final / "model.safetensors").write_bytes(b"the user's model")
+    trained = hpo("train", path, "--best")
+    assert trained.returncode == 2 and f"{final} is not a model hpo saved" in trained.stderr, trained.stderr
+    assert [p.name for p in final.iterdir()] == ["model.safetensors"]  # refused before training
+    ours = path.parent / "outputs" / "tiny" / "report" / "trials.csv"
+    for _ in range(2):  # in its own folder, hpo replaces the report it wrote
+        written = hpo("report", path)
+        assert written.returncode == 0 and ours.is_file(), written.stdout + written.stderr
