@@ -173,3 +173,22 @@ def test_a_name_without_a_value_is_a_key_error():
     # An inactive conditional parameter has no value: the caller decides what that means.
     with pytest.raises(KeyError, match="momentum"):
         Expression("momentum * 2").evaluate({"r": 1})
+
+
+@pytest.mark.parametrize("pick", ["learning_rate", "1", "eval_loss and learning_rate < 1"])
+def test_pick_must_be_a_condition(pick, tmp_path):
+    # --pick learning_rate held for every trial, so it "chose" the best one whatever the user meant.
+    import optuna
+    from conftest import study_dict
+
+    from hpo.api import load
+    from hpo.export import picked
+
+    cfg = load(study_dict(tmp_path))
+    study = optuna.create_study()
+    for value in (0.5, 0.25):
+        trial = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+        study.tell(trial, value)
+    assert picked(cfg, study, "learning_rate < 1") == 1  # a condition: the best of those meeting it
+    with pytest.raises(ValueError, match=r"^--pick: .* is not a condition: compare it"):
+        picked(cfg, study, pick)
