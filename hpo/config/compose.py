@@ -197,17 +197,25 @@ def control_character(text: str) -> str:
 
 
 def sqlite_misread(url: str) -> str:
-    """Why SQLAlchemy would read the SQLite URL ``url`` as another file than written; empty when it would not.
+    """Why SQLAlchemy (or another reader of URLs) would read the SQLite URL ``url`` as another file than written;
+    empty when it would not.
 
     ``?`` starts the options (``sqlite:///a?b.db`` is the file ``a``), ``%XX`` is an escape (``a%41.db`` is
-    ``aA.db``), and ``#`` starts a fragment to every other reader of URLs.
+    ``aA.db``; SQLAlchemy's own escaping, ``100%25``, is read back as written), and ``#`` starts a fragment to
+    every other reader of URLs.
     """
     if not url.startswith("sqlite"):
         return ""
     path, question, query = url.partition("://")[2].partition("?")
-    if special := next((c for c in "#%" if c in path), None):
-        what = "the start of a fragment" if special == "#" else "an escape"
-        return f"{special!r} in the SQLite path: a URL reads it as {what}; rename the file or folder"
+    path = path.removeprefix("/")
+    if "#" in path:
+        return "'#' in the SQLite path: a URL reads it as the start of a fragment; rename the file or folder"
+    try:
+        database = make_url(url).database or ""
+    except Exception:  # noqa: BLE001 - not a URL: the storage check says so
+        return ""
+    if path not in (database, sqlite_quote(database), urllib.parse.quote(database, safe=" +/")):
+        return f"'%' in the SQLite path is an escape: SQLAlchemy reads the file {database!r}; rename the file or folder"
     if question and any("=" not in item for item in query.split("&")):
         return f"'?' starts the URL's options, and {query!r} is not name=value options: a SQLite path cannot hold '?'"
     return ""
