@@ -55,7 +55,9 @@ def load(study: Study, overrides: Mapping[str, Any] | None = None, env: str | No
 
 
 def validate(study: Study, overrides: Mapping[str, Any] | None = None, env: str | None = None) -> StudyConfig:
-    """Check a study without training: the file, its data (every row), the model and the training settings.
+    """Check a study without training: the file, its data (every row), the model and the training settings, and
+    what :func:`run` checks before it creates anything (:func:`hpo.workers.check_before_run`: this machine's cores
+    or GPUs for ``resources.processes_per_trial``, the output folder, the storage), creating nothing.
 
     Returns the loaded study. Raises:
         ConfigError: every problem found, each naming its file, line and key (or data file and row).
@@ -63,8 +65,10 @@ def validate(study: Study, overrides: Mapping[str, Any] | None = None, env: str 
     cfg = load(study, overrides, env)
     examples = _examples(cfg)
     from hpo.workbench import prepare
+    from hpo.workers import check_before_run
 
     prepare(cfg, examples)
+    check_before_run(cfg)  # the check hpo.run makes before it creates anything: one worker, the visible GPUs
     return cfg
 
 
@@ -126,7 +130,7 @@ def run(
     from hpo.storage import load_existing
     from hpo.study import run_study
     from hpo.workbench import prepare
-    from hpo.workers import auto_workers, check_devices, gpu_ids, run_workers
+    from hpo.workers import auto_workers, check_before_run, gpu_ids, run_workers
 
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # hpo prints its own line per trial, through console
@@ -138,8 +142,8 @@ def run(
             n = max(1, len(visible) // per)
         elif n == "auto":
             n = auto_workers(cfg, visible, bench.model_path)
+        check_before_run(cfg, n, visible)  # hpo.validate's check, for these workers and GPUs
         if n == 1 and gpus is None and len(visible) <= per:  # this process sees no GPU its trials do not use
-            check_devices(cfg, 1, visible)
             return run_study(cfg, console, bench=bench, allow_changes=allow_changes)
         code = run_workers(cfg, n, visible, console, bench=bench, allow_changes=allow_changes)
     finally:

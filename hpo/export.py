@@ -99,7 +99,10 @@ def picked(cfg: StudyConfig, study: optuna.Study, pick: str) -> int:
         ValueError: ``pick`` is not an expression of that language, or names nothing a trial has.
         NoCompleteTrial: no trial of the front meets it.
     """
-    condition = Expression(pick, condition=True)
+    try:
+        condition = Expression(pick, condition=True)
+    except ValueError as e:  # a bare name or number too: it would hold for every trial
+        raise ValueError(f"--pick: {e}") from None
     front = study.best_trials if cfg.objectives else study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     metrics = [o.metric for o in cfg.objectives or [cfg.objective]]
     chosen = []

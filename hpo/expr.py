@@ -61,12 +61,30 @@ class Expression:
         self.names: set[str] = set()
         try:
             tree = ast.parse(source.strip(), mode="eval")
-            self._check(tree.body)
+            self._check_condition(tree.body) if condition else self._check(tree.body)
         except SyntaxError as e:
             raise ValueError(f"cannot parse {source!r}: {e.msg}") from None
         except (RecursionError, MemoryError):
             raise ValueError(f"expression nested too deeply: {source[:40]!r}…") from None
         self._tree = tree.body
+
+    def _check_condition(self, node: ast.AST, depth: int = 0) -> None:
+        """A condition is a comparison, or conditions joined by and/or: a bare name or number (``learning_rate``,
+        ``1``) would be true for almost every trial, and arithmetic on a comparison mixes booleans into numbers."""
+        if depth > MAX_DEPTH:
+            raise ValueError(f"{self.source[:40]!r}…: nested deeper than {MAX_DEPTH} levels")
+        if isinstance(node, ast.BoolOp):
+            for value in node.values:
+                self._check_condition(value, depth + 1)
+        elif isinstance(node, ast.Compare) and all(type(op) in _COMPARE for op in node.ops):
+            for child in [node.left, *node.comparators]:
+                self._check(child, depth + 1)
+        else:
+            self._check(node, depth)  # outside the language: that error first
+            raise ValueError(
+                f"{ast.unparse(node)!r} is not a condition: compare it, e.g. {ast.unparse(node)} <= 10 "
+                "(comparisons joined by and/or)"
+            )
 
     def _check(self, node: ast.AST, depth: int = 0) -> None:
         if depth > MAX_DEPTH:
@@ -96,10 +114,6 @@ class Expression:
                     f"{ast.unparse(node)!r}: {node.func.id}() takes two or more values, e.g. {node.func.id}(a, 1)"
                 )
             children = node.args
-        elif self.condition and isinstance(node, ast.Compare) and all(type(op) in _COMPARE for op in node.ops):
-            children = [node.left, *node.comparators]
-        elif self.condition and isinstance(node, ast.BoolOp):
-            children = node.values
         if children is not None:
             for child in children:
                 self._check(child, depth + 1)

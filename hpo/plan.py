@@ -22,6 +22,13 @@ CREDENTIALS = ("hub_token",)  # TrainingArguments fields that hold secrets: neve
 DEFAULT_BATCH = 8  # TrainingArguments' per_device_train_batch_size
 
 
+def repeat_seeds(seed: int, repeats: int) -> range:
+    """The seeds a configuration trains with under ``repeats``: ``seed``, ``seed + 1``, ... Validation checks the
+    first and the last against the seed's range, so that no trial fails on its last seed (torch and numpy take
+    0..2**32-1)."""
+    return range(seed, seed + repeats)
+
+
 @dataclass(frozen=True)
 class TrialPlan:
     training_arguments: dict[str, Any]  # TrainingArguments kwargs: ``train:`` with the trial's values over it

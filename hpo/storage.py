@@ -134,6 +134,29 @@ def rdb_storage(cfg: StudyConfig) -> optuna.storages.RDBStorage:
         )
 
 
+def check_storage(cfg: StudyConfig) -> None:
+    """What opening the storage would refuse, found without creating or writing anything: a SQLite file that is
+    not a database or holds another program's tables, a server that cannot be reached, a driver not installed.
+
+    Raises:
+        ConfigError: the storage cannot be opened, as :func:`open_study` would say it.
+    """
+    url = make_url(cfg.storage_url)
+    try:
+        if url.get_backend_name() == "sqlite":
+            if url.database:
+                _refuse_foreign(cfg, url.database)
+            return
+        engine = sqlalchemy.create_engine(cfg.storage_url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError, sqlite3.Error) as e:
+        raise _cannot_open(cfg, e) from None
+
+
 def _refuse_foreign(cfg: StudyConfig, database: str) -> None:
     """Refuse a SQLite file that holds another program's tables: Optuna would add its own to it and fail
     on a table of the same name. Read without writing (not even a journal).

@@ -44,7 +44,7 @@ from hpo.config import StudyConfig
 from hpo.dashboard import artifact_store, upload_json
 from hpo.errors import TrialsFailed
 from hpo.memory import release
-from hpo.plan import make_plan
+from hpo.plan import make_plan, repeat_seeds
 from hpo.progress import Progress, print_summary
 from hpo.storage import FINISHED, count_finished, open_study, orientation, storage_error
 from hpo.trial import evaluate_test, objective_values, run_trial
@@ -489,26 +489,26 @@ def _repeat(bench: Workbench, plan, trial: optuna.Trial, result, progress: Progr
     """Train ``plan`` again with the other seeds of ``repeats`` (no reports: the pruner saw the first seed's
     curve) and make ``result`` their mean, with the spread, the seeds' values, and their training time summed."""
     cfg = bench.cfg
-    seed = int(plan.training_arguments.get("seed", 42))
+    seeds = repeat_seeds(int(plan.training_arguments.get("seed", 42)), cfg.repeats)
     micro = trial.storage.get_trial_user_attrs(trial._trial_id).get(MICRO_BATCH)
     values, seconds = [result.value], result.attrs["train_seconds"]
-    for i in range(1, cfg.repeats):
-        again = dataclasses.replace(plan, training_arguments={**plan.training_arguments, "seed": seed + i})
+    for seed in seeds[1:]:
+        again = dataclasses.replace(plan, training_arguments={**plan.training_arguments, "seed": seed})
         other, *_ = memory.fit(
             again,
-            lambda p, meter, i=i: run_trial(
-                bench, p, trial, meter=meter, run_name=f"trial-{trial.number:04d}-seed{seed + i}", report=False
+            lambda p, meter, seed=seed: run_trial(
+                bench, p, trial, meter=meter, run_name=f"trial-{trial.number:04d}-seed{seed}", report=False
             ),
             bench.device,
             micro,
         )
         values.append(other.value)
         seconds += other.attrs["train_seconds"]
-        progress.print(f"trial {trial.number:3d} [dim]seed {seed + i}: {cfg.objective.metric}={other.value:.4f}[/]")
+        progress.print(f"trial {trial.number:3d} [dim]seed {seed}: {cfg.objective.metric}={other.value:.4f}[/]")
         release(other)
     result.attrs.update(
         repeats=cfg.repeats,
-        seeds=[seed + i for i in range(cfg.repeats)],
+        seeds=list(seeds),
         repeat_values=values,
         value_std=statistics.stdev(values),
         model_value=result.value,  # the saved model is the first seed's

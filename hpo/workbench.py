@@ -33,7 +33,7 @@ from hpo import knobs
 from hpo.config import LoraSettings, Quantization, StudyConfig
 from hpo.data import Examples, load_examples
 from hpo.errors import ConfigError
-from hpo.plan import lora_target_list
+from hpo.plan import lora_target_list, repeat_seeds
 from hpo.space import training_arguments, training_names
 from hpo.tasks import TASKS
 from hpo.tokens import IGNORE, tokenize
@@ -336,6 +336,18 @@ def check_training_arguments(cfg: StudyConfig) -> None:
             if bounds and isinstance(typed, int | float) and not isinstance(typed, bool) and not bounds[0](typed):
                 problems.append(cfg.problem(path, f"{_brief(value)}: {field} must be {bounds[1]}"))
                 return value
+            if field == "seed" and isinstance(typed, int) and not isinstance(typed, bool):
+                # every seed of repeats: the trial trains with each, and would fail on the first out of range
+                seeds = repeat_seeds(typed, cfg.repeats)
+                if (bad := next((s for s in (seeds[0], seeds[-1]) if not bounds[0](s)), None)) is not None:
+                    problems.append(
+                        cfg.problem(
+                            path,
+                            f"{_brief(value)}: with repeats: {cfg.repeats} a trial also trains with seed {bad}; "
+                            f"each seed must be {bounds[1]}",
+                        )
+                    )
+                    return value
             args = TrainingArguments(output_dir=os.devnull, **{field: typed})
             if field == "optim":  # bitsandbytes, GaLore, LOMO optimizers import their package only here
                 Trainer.get_optimizer_cls_and_kwargs(args)
@@ -367,6 +379,8 @@ def check_training_arguments(cfg: StudyConfig) -> None:
         typed = check(("train", name), name, value)
         if isinstance(value, str) and isinstance(typed, int | float):  # learning_rate: 1e-3 is text in YAML 1.1
             cfg.train[name] = typed
+    if cfg.repeats > 1 and "seed" not in cfg.train and "seed" not in cfg.search_space:  # TrainingArguments' seed
+        check(("repeats",), "seed", TrainingArguments.__dataclass_fields__["seed"].default)
     try:  # the knobs together (e.g. head_learning_rate and head_lr_multiplier both set)
         knobs.split(training_arguments(cfg.train))
     except ValidationError as e:

@@ -32,13 +32,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from hpo import interrupts
+from hpo import interrupts, outputs
 from hpo.api import GPU_ID
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError, TrialsFailed
 from hpo.memory import available_mb
 from hpo.progress import print_summary
-from hpo.storage import count_finished
+from hpo.storage import check_storage, count_finished
 from hpo.study import run_study, start_study
 from hpo.workbench import Workbench
 
@@ -105,8 +105,33 @@ def check_devices(cfg: StudyConfig, n: int, gpus: Sequence[str]) -> None:
     if per > 1 and n * per > have:  # one-process workers may share (round robin, threads shared out), as ever
         raise cfg.error(
             ("resources", "processes_per_trial"),
-            f"{n} worker(s) × {per} processes per trial need {n * per} {what}; this machine has {have}",
+            f"{n} worker(s) × {per} processes per trial need {n * per} {what}; this machine has {have} "
+            "(hpo run and hpo validate check the machine they run on)",
         )
+
+
+def check_before_run(cfg: StudyConfig, n: int = 1, gpus: Sequence[str] | None = None) -> None:
+    """What ``hpo run`` refuses before it creates anything, once the study, its data and its model are checked
+    (:func:`hpo.workbench.prepare`): ``n`` workers' processes on this machine (:func:`check_devices`; ``gpus``,
+    default the visible ones), the output folder and the SQLite folder (:func:`hpo.outputs.check_paths`) and the
+    storage (:func:`hpo.storage.check_storage`). ``hpo validate`` runs it too, so that it refuses whatever the run
+    would: on the machine it runs on, which is the one the run checks.
+
+    Raises:
+        ConfigError: every problem found, each at its key.
+    """
+    problems = []
+    for check in (
+        lambda: check_devices(cfg, n, gpu_ids() if gpus is None else gpus),
+        lambda: outputs.check_paths(cfg),
+        lambda: check_storage(cfg),
+    ):
+        try:
+            check()
+        except ConfigError as e:
+            problems += e.problems
+    if problems:
+        raise ConfigError(problems)
 
 
 def worker_env(k: int, n: int, gpus: Sequence[str], per_trial: int = 1) -> dict[str, str]:

@@ -76,3 +76,34 @@ def test_broken_file_fails_cleanly(path, runs):
     cpu_s, rss_mib = BUDGET[stage(path)]
     assert result.cpu_s < cpu_s, f"{result.cpu_s:.1f} s of CPU"
     assert result.rss_mib < rss_mib, f"{result.rss_mib:.0f} MiB"
+
+
+@pytest.fixture(scope="module")
+def corpus_copy(tmp_path_factory) -> Path:
+    import shutil
+
+    root = tmp_path_factory.mktemp("validate")
+    shutil.copytree(CORPUS, root / CORPUS.name)
+    return root
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_validate_refuses_what_run_refuses(path, corpus_copy, monkeypatch):
+    # `hpo validate` runs the checks `hpo run` makes before it creates anything (hpo.workers.check_before_run): each
+    # file of the corpus, whose expected line is that of `hpo run`, is refused by hpo.validate with the same line.
+    import hpo
+    from hpo.errors import ConfigError
+
+    monkeypatch.chdir(corpus_copy)
+    monkeypatch.delenv("HPO_BROKEN_UNSET", raising=False)
+    expected = header(path)[0].removeprefix("# expect: ")
+    line, _, rest = expected.partition(": ")
+    key, _, message = rest.partition(": ") if ": " in rest else ("", "", rest)
+    where = f"broken/{path.name}:{line}" if line != "-" else f"broken/{path.name}"
+    with pytest.raises(ConfigError) as e:
+        hpo.validate(f"broken/{path.name}")
+    (error,) = map(str, e.value.problems)
+    assert error.startswith(f"{where}: {key + ': ' if key else ''}"), error
+    assert message in error, error
+    assert not list((corpus_copy / "broken").glob("*.db*"))
+    assert not (corpus_copy / "broken" / "outputs").exists()

@@ -270,6 +270,21 @@ def test_a_relative_sqlite_path_is_relative_to_the_study_file(write_study, tmp_p
     assert load_study(write_study(storage="sqlite:////abs//y/../x.db")).storage_url == "sqlite:////abs/x.db"
 
 
+@pytest.mark.parametrize("folder", ["runs?v=2", "runs#2", "100%", "a%41", "x?"])
+def test_the_default_storage_beside_a_study_file_is_that_file_whatever_its_folder(tiny_model, tmp_path, folder):
+    # The default SQLite URL was the path as it is: SQLAlchemy cut it at '?' (a storage in another folder) and
+    # decoded '%41' as 'A'. The path is escaped in the URL, and read back as it is.
+    from sqlalchemy.engine import make_url
+
+    path = tmp_path / folder / "study.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(study_dict(tiny_model)))
+    assert make_url(load_study(path).storage_url).database == str(path.parent / "study.db")
+    relative = path.with_name("relative.yaml")  # a relative storage: made absolute against the same folder
+    relative.write_text(yaml.safe_dump(study_dict(tiny_model, storage="sqlite:///s.db")))
+    assert make_url(load_study(relative).storage_url).database == str(path.parent / "s.db")
+
+
 def test_a_relative_storage_flag_is_relative_to_where_the_command_runs(write_study, tmp_path, monkeypatch):
     from hpo.cli import _storage
 

@@ -70,13 +70,21 @@ def test_and_or_stop_at_the_first_deciding_value():
     "source, message",
     [
         ("a < b", "'a < b' is not allowed in 'a < b' (only numbers, parameter names, + - * / // % **, min(), max())"),
-        ("a and b", "is not allowed in 'a and b' (only numbers"),
+        ("a < 1 and b > 2", "is not allowed in 'a < 1 and b > 2' (only numbers"),
     ],
 )
 def test_comparisons_belong_to_conditions_only(source, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         Expression(source)
     Expression(source, condition=True)  # the same text is a valid constraint
+
+
+@pytest.mark.parametrize("source", ["learning_rate", "1", "2 * r", "a < 1 and b", "min(a, b) or c > 1", "-(a)"])
+def test_a_condition_must_compare(source):
+    # A bare name or number is true for (almost) every trial: as --pick or a constraint it would choose nothing.
+    with pytest.raises(ValueError, match="is not a condition: compare it"):
+        Expression(source, condition=True)
+    Expression(source.split(" and ")[-1].split(" or ")[0])  # each is fine as arithmetic (derive:)
 
 
 @pytest.mark.parametrize(
@@ -150,7 +158,7 @@ def test_a_literal_over_the_bound_is_refused_when_parsed():
 )
 def test_evaluation_errors_name_the_expression(source, values, message):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):  # the whole message
-        Expression(source, condition=True).evaluate(values)
+        Expression(source, condition="<" in source).evaluate(values)
 
 
 def test_powers_up_to_the_bounds_are_computed():
@@ -165,3 +173,22 @@ def test_a_name_without_a_value_is_a_key_error():
     # An inactive conditional parameter has no value: the caller decides what that means.
     with pytest.raises(KeyError, match="momentum"):
         Expression("momentum * 2").evaluate({"r": 1})
+
+
+@pytest.mark.parametrize("pick", ["learning_rate", "1", "eval_loss and learning_rate < 1"])
+def test_pick_must_be_a_condition(pick, tmp_path):
+    # --pick learning_rate held for every trial, so it "chose" the best one whatever the user meant.
+    import optuna
+    from conftest import study_dict
+
+    from hpo.api import load
+    from hpo.export import picked
+
+    cfg = load(study_dict(tmp_path))
+    study = optuna.create_study()
+    for value in (0.5, 0.25):
+        trial = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+        study.tell(trial, value)
+    assert picked(cfg, study, "learning_rate < 1") == 1  # a condition: the best of those meeting it
+    with pytest.raises(ValueError, match=r"^--pick: .* is not a condition: compare it"):
+        picked(cfg, study, pick)

@@ -177,8 +177,8 @@ def absolute_sqlite(url: str, folder: Path) -> str:
     A relative SQLite path would otherwise name another file from every folder hpo is run in; and one file
     spelt two ways would be two storages to the output folder's owner check.
     """
-    if not url.startswith("sqlite:///") or "${" in url:
-        return url
+    if not url.startswith("sqlite:///") or "${" in url or sqlite_misread(url) or control_character(url):
+        return url  # as written: validation names what is wrong with it
     try:
         parsed = make_url(url)
     except Exception:  # noqa: BLE001 - the storage check reports a malformed URL
@@ -188,6 +188,42 @@ def absolute_sqlite(url: str, folder: Path) -> str:
     return parsed.set(database=os.path.normpath(folder.absolute() / parsed.database)).render_as_string(
         hide_password=False
     )
+
+
+def control_character(text: str) -> str:
+    """The first control character of ``text``, quoted (``'\\x00'``, ``'\\n'``); empty when there is none."""
+    bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+    return "" if bad is None else f"control character {bad!r}"
+
+
+def sqlite_misread(url: str) -> str:
+    """Why SQLAlchemy (or another reader of URLs) would read the SQLite URL ``url`` as another file than written;
+    empty when it would not.
+
+    ``?`` starts the options (``sqlite:///a?b.db`` is the file ``a``), ``%XX`` is an escape (``a%41.db`` is
+    ``aA.db``; SQLAlchemy's own escaping, ``100%25``, is read back as written), and ``#`` starts a fragment to
+    every other reader of URLs.
+    """
+    if not url.startswith("sqlite"):
+        return ""
+    path, question, query = url.partition("://")[2].partition("?")
+    path = path.removeprefix("/")
+    if "#" in path:
+        return "'#' in the SQLite path: a URL reads it as the start of a fragment; rename the file or folder"
+    try:
+        database = make_url(url).database or ""
+    except Exception:  # noqa: BLE001 - not a URL: the storage check says so
+        return ""
+    if path not in (database, sqlite_quote(database), urllib.parse.quote(database, safe=" +/")):
+        return f"'%' in the SQLite path is an escape: SQLAlchemy reads the file {database!r}; rename the file or folder"
+    if question and any("=" not in item for item in query.split("&")):
+        return f"'?' starts the URL's options, and {query!r} is not name=value options: a SQLite path cannot hold '?'"
+    return ""
+
+
+def sqlite_quote(path: str) -> str:
+    """``path`` as the path of a ``sqlite:///`` URL, read back by SQLAlchemy as it is (see :func:`sqlite_misread`)."""
+    return path.replace("%", "%25").replace("?", "%3F").replace("#", "%23")
 
 
 def _widened(key: str, value: Any, setting: Iterable[str]) -> Any:

@@ -31,7 +31,7 @@ from pydantic import (
 from sqlalchemy.engine import make_url
 
 from hpo import samplers, space
-from hpo.config.compose import mask
+from hpo.config.compose import control_character, mask, sqlite_quote
 from hpo.errors import ConfigError, KeyPath, Problem, SourceMap, did_you_mean
 from hpo.expr import Expression
 from hpo.space import Condition, Param, SearchName, no_boolean_numbers
@@ -483,6 +483,8 @@ class StudyConfig(_Strict):
     @field_validator("output_dir")
     @classmethod
     def _relative_to_file(cls, p: Path | None, info: ValidationInfo) -> Path | None:
+        if p is not None and (bad := control_character(str(p))):
+            raise ValueError(f"{bad} in a folder name: the run could not create it, or print it as one line")
         return None if p is None else (info.context or {}).get("root", Path.cwd()) / p
 
     @property
@@ -538,7 +540,7 @@ class StudyConfig(_Strict):
         """
         if self.storage is None:
             stem = self.study if self.from_dict else self._file.stem
-            return f"sqlite:///{(self.root / (stem + '.db')).resolve()}"
+            return f"sqlite:///{sqlite_quote(str((self.root / (stem + '.db')).resolve()))}"
         url = make_url(self.storage)
         if (
             url.drivername == "postgresql"

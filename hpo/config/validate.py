@@ -12,6 +12,7 @@ import importlib.util
 import math
 import re
 import typing
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,10 +21,10 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, IntD
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, SAWarning
 
 from hpo import samplers, space, trackers
-from hpo.config.compose import mask
+from hpo.config.compose import control_character, mask, sqlite_misread
 from hpo.config.models import StudyConfig
 from hpo.errors import ConfigError, KeyPath, Problem, SourceMap, did_you_mean
 from hpo.tasks import COST_METRICS, TASKS
@@ -197,34 +198,7 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
         if key in seen_entries:
             problems.append(src.problem(("enqueue", i), f"the same configuration as enqueue[{seen_entries[key]}]"))
         seen_entries.setdefault(key, i)
-    if cfg.storage is not None:
-        try:
-            url = make_url(cfg.storage)
-        except Exception:  # noqa: BLE001 - its message would echo the URL, password included
-            problems.append(
-                src.problem(("storage",), "not a database URL (e.g. sqlite:///study.db, postgresql://user@host/db)")
-            )
-        else:
-            # Each connection to it has a database of its own (the heartbeat thread's, every worker's), and the
-            # trials are gone when the run ends: nothing a user ran may be lost.
-            if url.get_backend_name() == "sqlite" and (
-                url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
-            ):
-                problems.append(
-                    src.problem(
-                        ("storage",),
-                        "an in-memory SQLite database loses the study when the run ends: "
-                        "a file (sqlite:///study.db) or a server",
-                    )
-                )
-            try:  # connects to nothing: the driver reads the URL's options (?timeout=abc fails here, not mid-run)
-                create_engine(cfg.storage_url).dispose()
-            except (ValueError, TypeError, ArgumentError):
-                problems.append(
-                    src.problem(("storage",), "an option in the URL is not valid for its driver (e.g. ?timeout=abc)")
-                )
-            except ImportError:  # no driver: opening the storage says which package to install
-                pass
+    problems += _storage_problems(cfg)
     if (cfg.data.prompt_column is None) != (cfg.data.response_column is None):
         problems.append(
             src.problem(
@@ -341,6 +315,52 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
             )
     if not problems:
         problems += _expression_problems(cfg)
+    return problems
+
+
+def _storage_problems(cfg: StudyConfig) -> list[Problem]:
+    """``storage:`` as the run will read it: a URL, not in memory, with options its driver takes, and for SQLite
+    a path that means one file (what SQLAlchemy would cut off or decode is refused, not silently changed)."""
+    src = cfg._source
+    if cfg.storage is None:
+        return []
+    if bad := control_character(cfg.storage):
+        return [src.problem(("storage",), f"{bad} in the URL: no file or server is named so")]
+    try:
+        url = make_url(cfg.storage)
+    except Exception:  # noqa: BLE001 - its message would echo the URL, password included
+        return [src.problem(("storage",), "not a database URL (e.g. sqlite:///study.db, postgresql://user@host/db)")]
+    problems = []
+    sqlite = url.get_backend_name() == "sqlite"
+    if sqlite and (misread := sqlite_misread(cfg.storage)):
+        return [src.problem(("storage",), misread)]
+    # Each connection to it has a database of its own (the heartbeat thread's, every worker's), and the
+    # trials are gone when the run ends: nothing a user ran may be lost.
+    if sqlite and (url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"):
+        problems.append(
+            src.problem(
+                ("storage",),
+                "an in-memory SQLite database loses the study when the run ends: "
+                "a file (sqlite:///study.db) or a server",
+            )
+        )
+    try:  # connects to nothing: the driver reads the URL's options (?timeout=abc fails here, not mid-run)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SAWarning)
+            engine = create_engine(cfg.storage_url)
+            engine.dialect.create_connect_args(engine.url)
+            engine.dispose()
+    except (ValueError, TypeError, ArgumentError):
+        problems.append(
+            src.problem(("storage",), "an option in the URL is not valid for its driver (e.g. ?timeout=abc)")
+        )
+    except ImportError:  # no driver: opening the storage says which package to install
+        pass
+    else:
+        ignored = [w for w in caught if issubclass(w.category, SAWarning) and "not accepted" in str(w.message)]
+        if ignored and not problems:  # SQLAlchemy would drop them with a warning, and the run go on without them
+            reason = str(ignored[0].message).split(";")[0].split(" (Background")[0]
+            problems.append(src.problem(("storage",), f"an option in the URL is ignored: {reason}"))
     return problems
 
 
