@@ -337,14 +337,14 @@ def test_a_bad_sampler_argument_is_reported_where_it_was_set(write_study):
     ],
 )
 def test_a_name_that_prints_like_another_is_refused(write_study, name):
-    from hpo.errors import visible
-
     # Unicode format characters in a study name were accepted: one study printed exactly like another.
     for changes, key in (
         ({"study": name}, "study"),
         ({"environments": {name: {"n_trials": 3}}}, f"environments.{name}"),
     ):
         found = errors(write_study(**changes))
+        from hpo.errors import visible  # how an error line shows a hidden character: escaped
+
         assert len(found) == 1, found  # an environment's name is checked by every environment's build: once
         assert f": {visible(key)}: " in found[0] and "name" in found[0], found
         assert found[0].isprintable() or name == "cafe\u0301", found  # escaped in the line
