@@ -269,17 +269,15 @@ def _not_a_credential(at: KeyPath) -> str:
     return f"{why}; a secret goes only in {' or '.join(['the storage password', *(f'train.{k}' for k in CREDENTIALS)])}"
 
 
-def _in_password(template: str, env: Mapping[str, str | None]) -> bool:
-    """Whether every secret ``${VAR}`` of the storage URL ``template`` lies in the URL's password.
+def _in_password(template: str, env: Mapping[str, str | None], name: str) -> bool:
+    """Whether ``${name}`` in the storage URL ``template`` lies in the URL's password.
 
     Elsewhere it names a database file, a host or a database: a name, masked or not.
     """
     probe = "hpoSecretProbe"
 
     def fill(m: re.Match) -> str:
-        if _SECRET_NAME.search(m.group(1)) and env.get(m.group(1)):
-            return probe
-        return env.get(m.group(1)) or m.group(0)
+        return probe if m.group(1) == name else env.get(m.group(1)) or m.group(0)
 
     try:
         url = make_url(_VARIABLE.sub(fill, template))
@@ -322,7 +320,7 @@ def _expand_variables(
             if at not in SECRET_KEYS:
                 problems.append(source.problem(at, f"${{{m.group(1)}}} is a secret: {_not_a_credential(at)}"))
                 return m.group(0)
-            if at == ("storage",) and not _in_password(node, env):
+            if at == ("storage",) and not _in_password(node, env, m.group(1)):
                 problems.append(source.problem(at, f"${{{m.group(1)}}} is a secret: in storage, {_ONLY_PASSWORD}"))
                 return m.group(0)
             secrets.add(secret)
