@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,29 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+        return visible(f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}")
+
+
+#: Unicode categories that print as nothing or as something else: controls, format characters (right-to-left
+#: override, zero-width space), surrogates, private use, line and paragraph separators.
+HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
+
+
+def hidden(c: str) -> bool:
+    """Whether the character ``c`` prints as nothing or as another: :data:`HIDDEN_CATEGORIES`, and a space other
+    than U+0020 (a no-break space looks like one)."""
+    category = unicodedata.category(c)
+    return category in HIDDEN_CATEGORIES or (category == "Zs" and c != " ")
+
+
+def visible(text: str) -> str:
+    """``text`` with each :func:`hidden` character as its escape (``\\u202e``): a line quoting a file's name or key
+    prints as one line, in its own order.
+
+    >>> print(visible("study\\u202e: x"))
+    study\\u202e: x
+    """
+    return "".join(c.encode("unicode_escape").decode() if hidden(c) else c for c in text)
 
 
 class ConfigError(Exception):

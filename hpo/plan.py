@@ -16,9 +16,9 @@ from typing import Any
 
 from hpo import knobs
 from hpo.config import LoraSettings, Quantization, StudyConfig
+from hpo.config.compose import CREDENTIALS
 from hpo.space import split_params, training_arguments
 
-CREDENTIALS = ("hub_token",)  # TrainingArguments fields that hold secrets: never exported
 DEFAULT_BATCH = 8  # TrainingArguments' per_device_train_batch_size
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import numpy as np
 import optuna
 import pandas as pd
 from optuna.trial import TrialState
+from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
 from hpo.attrs import CONFIG, DERIVED_PARAMS, PRUNED_AT_STEP, REVISION, TEST_METRICS, TEST_TOP_K
 from hpo.space import at_edges
@@ -320,12 +322,38 @@ def studies_csv(path: Path) -> Path:
 
 
 def write_csv(trials: pd.DataFrame, studies: pd.DataFrame, path: Path) -> tuple[Path, Path]:
-    """``path`` gets the trials table; ``<stem>.studies.csv`` beside it the per-study one."""
+    """``path`` gets the trials table; ``<stem>.studies.csv`` beside it the per-study one; text cells and
+    headers through :func:`spreadsheet_safe`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     studies_path = studies_csv(path)
-    trials.to_csv(path, index=False)
-    studies.to_csv(studies_path, index=False)
+    for df, to in ((trials, path), (studies, studies_path)):
+        text = [c for c in df.columns if not (is_numeric_dtype(df[c]) or is_bool_dtype(df[c]))]
+        df.assign(**{c: df[c].map(spreadsheet_safe) for c in text}).rename(columns=spreadsheet_safe).to_csv(
+            to, index=False
+        )
     return path, studies_path
+
+
+#: First characters that make a spreadsheet read a cell as a formula (OWASP's CSV injection advice), with the
+#: full-width forms that Excel also takes for them.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """``value``, or a text that a spreadsheet would run as a formula after a ``'`` (OWASP), which shows it
+    as written. Numbers stay numbers, and so does a text that is only a number (``-0.5``).
+
+    >>> spreadsheet_safe("=1+2"), spreadsheet_safe("-0.5"), spreadsheet_safe(-0.5)
+    ("'=1+2", '-0.5', -0.5)
+    """
+    if (
+        isinstance(value, str)
+        and value.lstrip(" ").startswith(FORMULA_STARTS)
+        and not _NUMBER.fullmatch(value.strip(" "))
+    ):
+        return "'" + value
+    return value
 
 
 def write_html(studies: Sequence[optuna.Study], trials: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Path:

@@ -334,3 +334,39 @@ def test_a_bad_sampler_argument_is_reported_where_it_was_set(write_study):
     with pytest.raises(ConfigError) as e:
         load_study(path, {"sampler.seed": -1})
     assert [str(p) for p in e.value.problems] == ["<command line>: sampler.seed: Seed must be between 0 and 2**32 - 1"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "exp\u202e1",  # right-to-left override: "exp\u202e1gpj.exe" prints as "exp1exe.jpg"
+        "exp\u200b1",  # zero-width space: prints exactly as "exp1"
+        "exp\u2066a\u2069",  # a bidi isolate
+        "exp\ufeff",  # a byte-order mark
+        "exp\u00a01",  # no-break space: prints as "exp 1"
+        "exp\u30001",  # ideographic space
+        "exp\u2028x",  # line separator
+        "exp\u0085x",  # next line, a C1 control
+        "exp\ue000",  # private use
+        "cafe\u0301",  # not NFC: prints as "café", another name
+    ],
+)
+def test_a_name_that_prints_like_another_is_refused(write_study, name):
+    # Unicode format characters in a study name were accepted: one study printed exactly like another.
+    for changes, key in (
+        ({"study": name}, "study"),
+        ({"environments": {name: {"n_trials": 3}}}, f"environments.{name}"),
+    ):
+        found = errors(write_study(**changes))
+        from hpo.errors import visible  # how an error line shows a hidden character: escaped
+
+        assert len(found) == 1, found  # an environment's name is checked by every environment's build: once
+        assert f": {visible(key)}: " in found[0] and "name" in found[0], found
+        assert found[0].isprintable() or name == "cafe\u0301", found  # escaped in the line
+    with pytest.raises(ConfigError):
+        load_study(study_dict(DATA, study=name))  # hpo.run's dicts too
+
+
+def test_ordinary_unicode_names_are_kept(write_study):
+    for name in ("café", "实验-1", "exp 1", "Ωmega_2"):
+        assert load_study(write_study(study=name, environments={name: {"n_trials": 3}}), env=name).study == name

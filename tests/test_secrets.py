@@ -34,7 +34,9 @@ def spellings(secret: str) -> list[bytes]:
 def test_a_secret_in_a_setting_stays_out_of_tensorboard_artifacts_the_note_and_every_table(write_study, secret):
     # train.run_name reached each trial's TensorBoard events (TrainingArguments as text) in clear, and a
     # secret that JSON escapes (a quote, a backslash, an accent) slipped past the masking of saved configs.
-    path = write_study(n_trials=2, train={"num_train_epochs": 1, "seed": 0, "run_name": "run-${MY_SECRET_TOKEN}"})
+    # A secret now goes only where a library takes a credential (hub_token here); the run name refuses one
+    # (test_a_secret_goes_only_where_a_library_takes_a_credential).
+    path = write_study(n_trials=2, train={"num_train_epochs": 1, "seed": 0, "hub_token": "${MY_SECRET_TOKEN}"})
     printed = ""
     for command in ("run", "report", "best"):
         result = hpo(command, path, secret=secret)
@@ -43,7 +45,7 @@ def test_a_secret_in_a_setting_stays_out_of_tensorboard_artifacts_the_note_and_e
     files = [f for f in path.parent.rglob("*") if f.is_file() and f != path]
     events = [f for f in files if "tfevents" in f.name]
     assert events and [f for f in files if "artifacts" in f.parts] and [f for f in files if f.suffix == ".html"]
-    assert any(b"run-***" in f.read_bytes() for f in events), "the run name is logged, masked"
+    assert any(b"hub_token" in f.read_bytes() for f in events), "the training arguments are logged"
     with sqlite3.connect(path.with_suffix(".db")) as db:  # user attrs, system attrs (the dashboard note), params
         tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         rows = repr([db.execute(f'SELECT * FROM "{t}"').fetchall() for t in tables])
@@ -91,3 +93,93 @@ def test_a_password_with_url_characters_is_encoded_and_masked_whole(write_study)
         (line,) = result.stderr.strip().splitlines()
         assert "postgres:***@127.0.0.1:1/nodb" in line, line
         assert "zW9" not in result.stdout + result.stderr and "Xy" not in line
+
+
+SECRET_PLACES = {  # where a ${...TOKEN} would become a name, a path, a URL or a saved value, and the key it names
+    "search-space-choice": (
+        {"search_space": {"lr_scheduler_type": {"type": "categorical", "choices": ["linear", "${MY_SECRET_TOKEN}"]}}},
+        "search_space.lr_scheduler_type.choices[1]",
+    ),
+    "model": ({"model": "${MY_SECRET_TOKEN}"}, "model"),  # a hub id: in download URLs and the hub's warnings
+    "model-folder": ({"model": "models/${MY_SECRET_TOKEN}"}, "model"),
+    "model-config": (
+        {"model": {"config": {"architecture": "bert", "name_or_path": "${MY_SECRET_TOKEN}"}, "tokenizer": "x"}},
+        "model.config.name_or_path",
+    ),
+    "enqueue": (
+        {
+            "search_space": {"lr_scheduler_type": {"type": "categorical", "choices": ["linear", "constant"]}},
+            "enqueue": [{"lr_scheduler_type": "${MY_SECRET_TOKEN}"}],
+        },
+        "enqueue[0].lr_scheduler_type",
+    ),
+    "output-dir": ({"output_dir": "runs/${MY_SECRET_TOKEN}"}, "output_dir"),
+    "data-path": ({"data": {"train": "${MY_SECRET_TOKEN}/t.csv", "eval": str(DATA / "eval.csv")}}, "data.train"),
+    "data-column": (
+        {
+            "data": {
+                "train": str(DATA / "train.csv"),
+                "eval": str(DATA / "eval.csv"),
+                "text_column": "${MY_SECRET_TOKEN}",
+            }
+        },
+        "data.text_column",
+    ),
+    "run-name": ({"train": {"num_train_epochs": 1, "run_name": "nightly-${MY_SECRET_TOKEN}"}}, "train.run_name"),
+    "hub-model-id": ({"train": {"num_train_epochs": 1, "hub_model_id": "me/${MY_SECRET_TOKEN}"}}, "train.hub_model_id"),
+    "sampler-argument": ({"sampler": {"name": "random", "seed": "${MY_SECRET_TOKEN}"}}, "sampler.seed"),
+    "sqlite-file": ({"storage": "sqlite:///${MY_SECRET_TOKEN}.db"}, "storage"),
+    "storage-host": ({"storage": "postgresql://hpo:pw@${MY_SECRET_TOKEN}/hpo"}, "storage"),
+    "storage-database": ({"storage": "postgresql://hpo@db/${MY_SECRET_TOKEN}"}, "storage"),
+    "environment": ({"environments": {"prod": {"model": "${MY_SECRET_TOKEN}"}}}, "environments.prod.model"),
+}
+
+
+@pytest.mark.parametrize("place", SECRET_PLACES)
+def test_a_secret_goes_only_where_a_library_takes_a_credential(write_study, monkeypatch, place):
+    # `model: ${HF_TOKEN}` put the token in huggingface_hub's warnings (online: in a URL); a token among a
+    # searched parameter's choices was masked on the console only, and stored in clear in the database,
+    # trials.csv and report.html. Only the storage URL's password and train.hub_token may hold a secret.
+    from hpo import load_study
+    from hpo.errors import ConfigError
+
+    monkeypatch.setenv("MY_SECRET_TOKEN", SECRET)
+    changes, key = SECRET_PLACES[place]
+    path = write_study(**changes)
+    with pytest.raises(ConfigError) as e:
+        load_study(path)
+    (problem,) = e.value.problems
+    assert problem.key == key and "${MY_SECRET_TOKEN} is a secret" in problem.message, problem
+    assert SECRET not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"storage": "postgresql://hpo:${MY_SECRET_TOKEN}@db/hpo"},
+        {"storage": "postgresql://hpo:pw-${MY_SECRET_TOKEN}@db/hpo?connect_timeout=5"},
+        {"train": {"num_train_epochs": 1, "hub_token": "${MY_SECRET_TOKEN}"}},
+    ],
+    ids=["password", "part-of-a-password", "hub-token"],
+)
+def test_a_credential_may_hold_a_secret_and_is_masked(write_study, monkeypatch, changes):
+    from hpo import load_study
+    from hpo.storage import resolved_config
+
+    monkeypatch.setenv("MY_SECRET_TOKEN", SECRET)
+    cfg = load_study(write_study(**changes))
+    assert SECRET not in repr(resolved_config(cfg)) and SECRET not in cfg.storage_label
+
+
+def test_a_hub_token_written_in_clear_is_masked_too(write_study):
+    # Not from ${VAR}: the study's saved config, its dashboard note and its fingerprint held it in clear.
+    from hpo import load_study
+    from hpo.revisions import fingerprint
+    from hpo.storage import resolved_config
+
+    for cfg in (
+        load_study(write_study(train={"num_train_epochs": 1, "hub_token": SECRET})),
+        load_study(write_study(), {"train.hub_token": SECRET}),
+    ):
+        assert resolved_config(cfg)["train"]["hub_token"] == "***" and fingerprint(cfg)["train"]["hub_token"] == "***"
+        assert SECRET not in repr(resolved_config(cfg)) + repr(fingerprint(cfg))

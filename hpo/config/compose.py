@@ -29,6 +29,12 @@ PATH_KEYS = (("data", "train"), ("data", "eval"), ("data", "test"), ("output_dir
 #: ``{name: NAME}``, ``eval_every: 0.25`` is ``{epochs: 0.25}``. An override or environment that sets a key inside
 #: one adds to it (:func:`overlay`; the models read them as well) instead of dropping the value.
 SHORTHANDS = {"model": "name", "eval_every": "epochs", "checkpoint_every": "epochs"}
+#: TrainingArguments fields that hold a credential: never exported, masked wherever saved (``masked_data``).
+CREDENTIALS = ("hub_token",)
+#: The only keys a secret-looking ``${VAR}`` may fill: what a library takes as a credential and hpo masks wherever
+#: it prints or saves it (in ``storage``, only the URL's password). Anywhere else the value would become a name, a
+#: path, a URL or a setting that is stored, printed, logged by libraries or sent to the hub: it is refused.
+SECRET_KEYS = (("storage",), *(("train", name) for name in CREDENTIALS))
 #: Keys of which a mapping holds one: setting one in an override or environment drops the others.
 ONE_OF = {"eval_every": ("epochs", "examples"), "checkpoint_every": ("epochs", "examples")}
 
@@ -282,6 +288,40 @@ _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|KEY", re.IGNORECASE)
 
 
+_ONLY_PASSWORD = "it can only be the URL's password (postgresql://user:${VAR}@host/db)"
+#: Why a secret cannot fill a key, by the top-level key.
+_NOT_SECRET_WHY = {
+    "study": "it cannot name a study",  # the name is a folder and a database key, printed everywhere
+    "model": "it cannot name a model (a hub id goes into download URLs and the hub's warnings)",
+    "data": "it cannot be in a data path or column name (they are printed and saved)",
+    "output_dir": "it cannot be in a path (paths are printed and saved)",
+    "search_space": "it cannot be a searched value (values are saved in the study and its reports)",
+    "enqueue": "it cannot be a searched value (values are saved in the study and its reports)",
+}
+
+
+def _not_a_credential(at: KeyPath) -> str:
+    why = _NOT_SECRET_WHY.get(str(at[0]), "it cannot be a setting (settings are saved, printed and logged)")
+    return f"{why}; a secret goes only in {' or '.join(['the storage password', *(f'train.{k}' for k in CREDENTIALS)])}"
+
+
+def _in_password(template: str, env: Mapping[str, str | None], name: str) -> bool:
+    """Whether ``${name}`` in the storage URL ``template`` lies in the URL's password.
+
+    Elsewhere it names a database file, a host or a database: a name, masked or not.
+    """
+    probe = "hpoSecretProbe"
+
+    def fill(m: re.Match) -> str:
+        return probe if m.group(1) == name else env.get(m.group(1)) or m.group(0)
+
+    try:
+        url = make_url(_VARIABLE.sub(fill, template))
+    except Exception:  # noqa: BLE001 - not a URL: validation reports it, masked
+        return True
+    return probe not in url.render_as_string(hide_password=True)
+
+
 def _expand_variables(
     raw: dict[str, Any], dotenv: Path, source: SourceMap, strict: bool = True
 ) -> tuple[dict[str, Any], frozenset[str]]:
@@ -313,8 +353,11 @@ def _expand_variables(
             secret = env[m.group(1)]
             if not (_SECRET_NAME.search(m.group(1)) and secret):
                 return secret
-            if at[:1] == ("study",):  # the name is a folder and a database key, printed everywhere
-                problems.append(source.problem(at, f"${{{m.group(1)}}} is a secret: it cannot name a study"))
+            if at not in SECRET_KEYS:
+                problems.append(source.problem(at, f"${{{m.group(1)}}} is a secret: {_not_a_credential(at)}"))
+                return m.group(0)
+            if at == ("storage",) and not _in_password(node, env, m.group(1)):
+                problems.append(source.problem(at, f"${{{m.group(1)}}} is a secret: in storage, {_ONLY_PASSWORD}"))
                 return m.group(0)
             secrets.add(secret)
             if at[:1] == ("storage",):  # a password in a URL is percent-encoded, or an @ in it splits the URL

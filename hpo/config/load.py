@@ -72,8 +72,8 @@ def load_study(
                 for p in e.problems
                 if (p.file, p.line) in overlay_lines
             ]
-    if problems:
-        raise ConfigError(problems)
+    if problems:  # a key every build validates (an environment's name) is reported once
+        raise ConfigError(list(dict.fromkeys(problems)))
     return cfg
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import shlex
+import unicodedata
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -31,8 +32,8 @@ from pydantic import (
 from sqlalchemy.engine import make_url
 
 from hpo import samplers, space
-from hpo.config.compose import control_character, mask, sqlite_quote
-from hpo.errors import ConfigError, KeyPath, Problem, SourceMap, did_you_mean
+from hpo.config.compose import CREDENTIALS, control_character, mask, sqlite_quote
+from hpo.errors import ConfigError, KeyPath, Problem, SourceMap, did_you_mean, hidden
 from hpo.expr import Expression
 from hpo.space import Condition, Param, SearchName, no_boolean_numbers
 from hpo.tasks import COST_METRICS, HIGHER_IS_BETTER, TASKS
@@ -71,7 +72,30 @@ def _study_name(name: str) -> str:
         raise ValueError(f"{name!r} names the study's output folder: no '/', '\\', control characters, '.' or '..'")
     if name != name.strip() or len(name.encode()) > 200:
         raise ValueError(f"{name[:60]!r}: at most 200 bytes, without leading or trailing spaces")
+    return plain_name(name, "a study name")
+
+
+def plain_name(name: str, what: str) -> str:
+    """``name``, if it prints as what it is: one name cannot look exactly like another.
+
+    Refuses :func:`hpo.errors.hidden` characters (controls, format characters such as a right-to-left override
+    or a zero-width space, private use, spaces other than U+0020) and text not in NFC (``e`` + a combining accent
+    looks like ``é``).
+
+    Raises:
+        ValueError: naming the first such character by its code point and Unicode name.
+    """
+    for c in name:
+        if hidden(c):
+            label = unicodedata.name(c, unicodedata.category(c))
+            raise ValueError(f"{name[:60]!r}: {what} cannot hold U+{ord(c):04X} {label}: it prints like another name")
+    if unicodedata.normalize("NFC", name) != name:
+        raise ValueError(f"{name[:60]!r}: {what} must be in Unicode NFC form (an accent composed with its letter)")
     return name
+
+
+def _environment_name(name: str) -> str:
+    return plain_name(name, "an environment name")
 
 
 class LoraSettings(_Strict):
@@ -446,7 +470,7 @@ class StudyConfig(_Strict):
         "relative to the study file; default: outputs/<study>.",
     )
     extends: str | None = Field(None, description="A base study file this one deep-merges over (this file's keys win).")
-    environments: dict[str, dict[str, Any]] = Field(
+    environments: dict[Annotated[str, AfterValidator(_environment_name)], dict[str, Any]] = Field(
         {}, description="Overlays chosen with --env NAME, e.g. {dev: {n_trials: 3}}; each deep-merges over the file."
     )
 
@@ -499,9 +523,13 @@ class StudyConfig(_Strict):
         return mask(text, self._secrets)
 
     def masked_data(self, data: Any) -> Any:
-        """:meth:`masked` over every string (keys too) in a JSON-like ``data``."""
+        """:meth:`masked` over every string (keys too) in a JSON-like ``data``; a credential (``hub_token``) is
+        ``***`` whether it came from a ``${VAR}`` or was written in clear."""
         if isinstance(data, dict):
-            return {self.masked(str(k)): self.masked_data(v) for k, v in data.items()}
+            return {
+                self.masked(str(k)): "***" if k in CREDENTIALS and data[k] else self.masked_data(v)
+                for k, v in data.items()
+            }
         if isinstance(data, list | tuple):
             return [self.masked_data(v) for v in data]
         if isinstance(data, str):
