@@ -35,7 +35,7 @@ from rich.markup import escape
 from hpo import interrupts
 from hpo.api import GPU_ID
 from hpo.config import StudyConfig
-from hpo.errors import ConfigError, TrialsFailed
+from hpo.errors import ConfigError, StorageLost, TrialsFailed
 from hpo.memory import available_mb
 from hpo.progress import print_summary
 from hpo.storage import count_finished
@@ -205,6 +205,9 @@ def _worker(
     except ConfigError as e:
         print(f"w{k}: error {e}", file=sys.stderr)
         code = 2
+    except StorageLost as e:
+        print(f"w{k}: error {cfg.masked(str(e))}", file=sys.stderr)
+        code = 1
     except BaseException:  # noqa: BLE001 - a worker reports any crash as its exit code, after the traceback
         traceback.print_exc()
     finally:
