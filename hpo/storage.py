@@ -285,9 +285,10 @@ DISK_FULL = "the disk is full"  # how a fail_reason, and the line that stops the
 SQLSTATE_DISK_FULL = "53100"  # PostgreSQL's disk_full
 
 
-def disk_full(e: BaseException | None) -> str | None:
-    """The low-level error text when ``e`` (or an error it was raised from or during) is a full disk, else None:
-    ``OSError`` ENOSPC or EDQUOT, SQLite's SQLITE_FULL ("database or disk is full"), PostgreSQL's ``disk_full``.
+def disk_full(e: BaseException | None) -> tuple[str, str | None] | None:
+    """When ``e`` (or an error it was raised from or during) is a full disk: the low-level error's text, and the
+    file it names (an ``OSError``'s; None for a database's). None when it is not. Recognized: ``OSError`` ENOSPC
+    or EDQUOT, SQLite's SQLITE_FULL ("database or disk is full"), PostgreSQL's ``disk_full``.
 
     Optuna wraps the driver's error in ``StorageInternalError`` (whose own text blames "max length"), and
     may raise ``AssertionError`` while handling it: the cause is found through ``__cause__``/``__context__``.
@@ -297,13 +298,13 @@ def disk_full(e: BaseException | None) -> str | None:
         seen.add(id(e))
         for x in (e, getattr(e, "orig", None)):  # SQLAlchemy's DBAPIError holds the driver's in .orig
             if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
-                return f"{x.strerror}: {x.filename}" if x.filename else (x.strerror or str(x))
+                return x.strerror or str(x), x.filename and str(x.filename)
             if isinstance(x, sqlite3.Error) and (
                 getattr(x, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(x)
             ):
-                return str(x)
+                return str(x), None
             if SQLSTATE_DISK_FULL in (getattr(x, "sqlstate", None), getattr(x, "pgcode", None)):
-                return str(x).strip().splitlines()[0]
+                return str(x).strip().splitlines()[0], None
         e = e.__cause__ or e.__context__
     return None
 
@@ -311,12 +312,10 @@ def disk_full(e: BaseException | None) -> str | None:
 def full_disk_reason(e: BaseException, label: str) -> str | None:
     """``the disk is full: ...`` naming what could not be written (a file, else the storage ``label``); None when
     ``e`` is not a full disk."""
-    low = disk_full(e)
-    if low is None:
+    if (full := disk_full(e)) is None:
         return None
-    if ": /" in low:  # an OSError that names its file
-        return f"{DISK_FULL}: cannot write {low.split(': ', 1)[1]} ({low.split(': ', 1)[0]})"
-    return f"{DISK_FULL}: cannot write the storage {label} ({low})"
+    text, filename = full
+    return f"{DISK_FULL}: cannot write {filename or f'the storage {label}'} ({text})"
 
 
 def storage_problem(e: BaseException) -> BaseException | None:
@@ -354,21 +353,24 @@ class StorageWatch:
         Raises:
             StorageLost: the SQLite file was deleted or replaced, or the study or ``told`` is not in the storage.
         """
-        lost = f": trial {told.number}, finished since, is lost with it" if told is not None else ""
+        n = told.number if told is not None else None
         if self.path is not None:
             now = _identity(self.path)
             if now is None:
+                among = f", trial {n} (finished since) among them" if n is not None else ""
                 raise StorageLost(
-                    f"the SQLite file {self.path} was deleted while the study ran: its trials went with it{lost}; "
+                    f"the SQLite file {self.path} was deleted while the study ran: its trials went with it{among}; "
                     "nothing more is written (restore the file from a copy, or start a new study)"
                 )
             if now != self.identity:
+                lost = f": trial {n}, finished since, went to the old file and is lost" if n is not None else ""
                 raise StorageLost(
-                    f"the SQLite file {self.path} was replaced by another file while the study ran "
-                    f"(hpo kept writing to the one it opened){lost}; nothing more is written"
+                    f"the SQLite file {self.path} was replaced by another file while the study ran{lost}; "
+                    "nothing more is written to either"
                 )
         found = self._read_back(told)
         if found:
+            lost = f": trial {n}, finished since, is lost" if n is not None else ""
             raise StorageLost(f"{found} in {self.cfg.storage_label} while the study ran{lost}; nothing more is written")
 
     def _read_back(self, told: FrozenTrial | None) -> str:

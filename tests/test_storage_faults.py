@@ -29,6 +29,57 @@ def small_disk(folder, size: str):
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
+def test_a_study_deleted_from_its_storage_is_seen_at_the_next_trial_boundary(write_study, storage_url, request):
+    # The same class without a file to watch: the study (or its tables) deleted on the server while the run goes on.
+    from hpo.config import load_study
+    from hpo.errors import StorageLost
+    from hpo.storage import StorageWatch, rdb_storage
+
+    name = f"gone-{request.node.callspec.id}"
+    cfg = load_study(write_study(storage=storage_url, study=name))
+    study = optuna.create_study(study_name=name, storage=rdb_storage(cfg))
+    study.tell(study.ask(), 0.5)
+    watch, (told,) = StorageWatch(cfg, study), study.trials
+    watch.check(told)  # all there
+    optuna.delete_study(study_name=name, storage=storage_url)
+    with pytest.raises(StorageLost, match=f"the study '{name}' was deleted in .* while the study ran: trial 0"):
+        watch.check(told)
+
+
+def test_a_replaced_sqlite_file_is_seen_even_when_it_holds_the_same_study(write_study, tmp_path):
+    # A copy of the study put in its place (a restore from backup): the run's connections still write to the old one.
+    import shutil
+
+    from hpo.config import load_study
+    from hpo.errors import StorageLost
+    from hpo.storage import StorageWatch, rdb_storage
+
+    cfg = load_study(write_study())
+    study = optuna.create_study(study_name="tiny", storage=rdb_storage(cfg))
+    watch = StorageWatch(cfg, study)
+    database = tmp_path / "study.db"
+    shutil.copy(database, tmp_path / "copy.db")
+    os.replace(tmp_path / "copy.db", database)
+    with pytest.raises(StorageLost, match="was replaced by another file while the study ran"):
+        watch.check()
+
+
+def test_a_full_disk_is_recognized_through_optunas_wrapping(write_study, tmp_path):
+    # Optuna says "invalid data ... e.g. exceeding max length" for a write that found the disk full.
+    from hpo.config import load_study
+    from hpo.storage import full_disk_reason, rdb_storage
+
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        cfg = load_study(write_study(storage=f"sqlite:///{disk / 'study.db'}"))
+        study = optuna.create_study(study_name="tiny", storage=rdb_storage(cfg))
+        fill(disk)
+        with pytest.raises(optuna.exceptions.StorageInternalError, match="max length") as raised:
+            study.set_user_attr("notes", "x" * 2**20)
+        reason = full_disk_reason(raised.value, cfg.storage_label)
+        assert reason == f"the disk is full: cannot write the storage {cfg.storage_label} (database or disk is full)"
+        assert full_disk_reason(ValueError("max length"), cfg.storage_label) is None
+
+
 def fill(folder) -> None:
     """Write into ``folder`` until its disk is full."""
     fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
@@ -70,7 +121,7 @@ def test_a_sqlite_file_deleted_or_replaced_mid_run_stops_the_run_in_one_line(wri
     output = proc.communicate(timeout=RUN_S)[0]
     assert proc.returncode == 1, output
     line = one_error_line(output)
-    assert f"the SQLite file {database} was {how} while the study ran" in line, line
+    assert f"the SQLite file {database} was {how}" in line and "while the study ran" in line, line
     assert "nothing more is written" in line, line
     assert "complete" not in output and "best" not in output, output
     if how == "replaced":  # another program's file: hpo wrote nothing into it
