@@ -38,7 +38,7 @@ from hpo.config import StudyConfig
 from hpo.errors import ConfigError, StorageLost, TrialsFailed
 from hpo.memory import available_mb
 from hpo.progress import print_summary
-from hpo.storage import count_finished
+from hpo.storage import StorageWatch, count_finished
 from hpo.study import run_study, start_study
 from hpo.workbench import Workbench
 
@@ -137,6 +137,7 @@ def run_workers(
 
     Raises:
         ConfigError: the model, the data or the storage cannot be loaded.
+        StorageLost: the storage's SQLite file was deleted or replaced, or the study deleted, while the workers ran.
         KeyboardInterrupt: Ctrl-C or SIGTERM; the workers were stopped first (their trials end FAIL,
             ``fail_reason: interrupted``, and are queued for the next run).
     """
@@ -144,6 +145,7 @@ def run_workers(
     per = cfg.resources.processes_per_trial
     check_devices(cfg, n, gpus)
     study, bench = start_study(cfg, bench=bench, allow_changes=allow_changes)
+    watch = StorageWatch(cfg, study)
     threads = worker_env(0, n, gpus).get("OMP_NUM_THREADS", "?")
     where = f"GPU {', '.join(gpus)}" if gpus else f"CPU, {threads} thread(s) each"
     console.print(
@@ -175,6 +177,7 @@ def run_workers(
     for k, code in crashed.items():
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         console.print(f"[red]worker w{k} {how}[/]; the other workers went on")
+    watch.check()  # a storage that went away while the workers ran: no summary of what it held
     print_summary(console, cfg, study)
     stopped = any(p.exitcode == STOPPED_ON_FAILURES for p in procs)  # each printed why
     return 1 if (crashed or stopped) and count_finished(study) < cfg.n_trials else 0
