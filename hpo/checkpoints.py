@@ -135,7 +135,7 @@ class CheckpointCallback(TrainerCallback):
         if self.failed is not None:
             return
         full = _no_space(e) or (free is not None and free < FULL_BELOW_BYTES)
-        what = f"the disk holding {where.parent} is full" if full else f"{type(e).__name__}: {e}"
+        what = f"the disk holding {where.parent} is full" if full else type(e).__name__
         self.failed = (
             f"checkpoint at step {step} not written ({what}; {str(e).strip()[:200]}): the trial trains on, "
             "and a retry of it resumes from an earlier checkpoint or starts afresh"
