@@ -117,6 +117,7 @@ def run(
         ConfigError: the study, its data, model or storage is wrong, or it changed without ``allow_changes``.
         ValueError: ``gpus`` names no GPU (see :func:`parse_gpus`), or ``workers`` is below 1.
         TrialsFailed: the run stopped on ``max_failures_in_a_row`` failed (or 100 rejected) trials in a row.
+        StorageLost: the storage's SQLite file was deleted or replaced, the study deleted, or its disk filled up.
     """
     flags = {"n_trials": n_trials, "timeout": timeout, "storage": storage}
     cfg = load(study, {**(overrides or {}), **{k: v for k, v in flags.items() if v is not None}}, env)

@@ -11,6 +11,7 @@ PRUNED_AT_STEP = "pruned_at_step"  # examples seen when the pruner stopped the t
 DERIVED_PARAMS = "derived_params"  # the values of derive: entries, computed from the sampled ones
 REVISION = "revision"  # the revision of the study file the trial ran under (see hpo.revisions)
 SAVE_ERROR = "save_error"  # why a winning trial's model was not saved (its value is kept)
+CHECKPOINT_ERROR = "checkpoint_error"  # why a checkpoint was not written (the trial trained on; resumes from less)
 REJECTED_BY_CONSTRAINT = "rejected_by_constraint"  # the constraints: entry the sampled values broke
 REJECTED_DUPLICATE = "rejected_duplicate"  # the finished trial whose parameters it repeated
 REJECTED_ENQUEUED = "rejected_enqueued"  # queued parameters outside the search space

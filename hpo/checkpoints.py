@@ -11,6 +11,7 @@ once a checkpoint is complete: a worker killed while writing leaves a folder tha
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import re
@@ -25,6 +26,7 @@ from transformers import TrainerCallback
 
 from hpo.config import StudyConfig
 
+FULL_BELOW_BYTES = 16 * 2**20  # a disk with less free after a failed save was full (torch's zip writer names no errno)
 COMPLETE = "hpo-complete"  # written into a checkpoint folder once the Trainer finished writing it
 KEEP = 2  # checkpoints kept per trial: the newest may be cut short by a kill, the one before is whole
 
@@ -107,12 +109,39 @@ def training() -> Iterator[None]:
 
 class CheckpointCallback(TrainerCallback):
     """Asks the Trainer to save every ``every`` examples seen, and at once when SIGTERM asked for it (then
-    stops training: ``stopped``); marks each checkpoint complete once written."""
+    stops training: ``stopped``); marks each checkpoint complete once written.
 
-    def __init__(self, n_train: int, every: float | None):
-        self.n_train, self.every = n_train, every
+    A checkpoint that cannot be written (a full disk: torch's ``unexpected pos``, safetensors' or an ``OSError``)
+    is a warning, not a failed trial: its partial folder is removed, ``on_failure`` is told why once per trial
+    (``failed``), and the trial trains on; its retry resumes from an earlier checkpoint, or starts afresh.
+    """
+
+    def __init__(self, n_train: int, every: float | None, on_failure: Callable[[str], None] | None = None):
+        self.n_train, self.every, self.on_failure = n_train, every, on_failure
         self.stopped = False
+        self.failed: str | None = None  # why the first checkpoint that could not be written was not
         self._next = 1
+
+    def write(self, save: Callable[[], None], where: Path, step: int) -> None:
+        """Run the Trainer's ``save`` of checkpoint ``where``; one that fails is removed and reported."""
+        try:
+            save()
+        except Exception as e:  # noqa: BLE001 - whatever the writer raised: the trial goes on without this checkpoint
+            self._failed(e, where, step)
+
+    def _failed(self, e: Exception, where: Path, step: int) -> None:
+        free = shutil.disk_usage(where.parent).free if where.parent.is_dir() else None
+        shutil.rmtree(where, ignore_errors=True)  # a partial checkpoint: never resumed from, and its room back
+        if self.failed is not None:
+            return
+        full = _no_space(e) or (free is not None and free < FULL_BELOW_BYTES)
+        what = f"the disk holding {where.parent} is full" if full else type(e).__name__
+        self.failed = (
+            f"checkpoint at step {step} not written ({what}; {str(e).strip()[:200]}): the trial trains on, "
+            "and a retry of it resumes from an earlier checkpoint or starts afresh"
+        )
+        if self.on_failure is not None:
+            self.on_failure(self.failed)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.every:  # after a resume: the next grid point after the examples already seen
@@ -131,7 +160,11 @@ class CheckpointCallback(TrainerCallback):
         saved = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not state.is_world_process_zero or not saved.is_dir():
             return
-        (saved / COMPLETE).write_text(f"{state.global_step}\n")
+        try:
+            (saved / COMPLETE).write_text(f"{state.global_step}\n")
+        except OSError as e:
+            self._failed(e, saved, state.global_step)
+            return
         # hpo rotates, not the Trainer: the marker goes first, so a kill in the middle of a deletion leaves a
         # folder that is never resumed from (the Trainer's rotation could leave a marked, half-deleted one).
         done = sorted((p for p in Path(args.output_dir).glob("checkpoint-*") if _step(p) is not None), key=_step)
@@ -148,6 +181,14 @@ def _agreed(stop: bool, device) -> bool:
     flag = torch.tensor([float(stop)], device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def _no_space(e: BaseException | None) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _step(path: Path) -> int | None:

@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from hpo import api
 from hpo.config import load_study, parse_yaml
-from hpo.errors import ConfigError, NoCompleteTrial, TrialsFailed
+from hpo.errors import ConfigError, NoCompleteTrial, StorageLost, TrialsFailed
 
 app = typer.Typer(
     add_completion=False,
@@ -134,6 +134,9 @@ def run(
         _fail(e)
     except TrialsFailed:
         code = 1  # the red "stopping:" line said why
+    except StorageLost as e:
+        err.print(f"[red]error[/] {escape(cfg.masked(str(e)))}")
+        code = 1
     except KeyboardInterrupt:
         err.print("interrupted: finished trials are kept; run the same command again to resume")
         raise typer.Exit(130) from None

@@ -133,3 +133,8 @@ class TrialsFailed(RuntimeError):
     def __init__(self, message: str, study: Any):
         super().__init__(message)
         self.study = study  # the optuna.Study, as far as it got
+
+
+class StorageLost(RuntimeError):
+    """The run stopped: the study's storage went away (its SQLite file deleted or replaced, the study deleted) or
+    its disk filled up while trials were written to it. The message says which, and what became of the trial."""

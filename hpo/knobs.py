@@ -167,6 +167,19 @@ def make_trainer_class():
             with torch.random.fork_rng(devices=cuda):
                 return super().evaluate(eval_dataset, *args, **kwargs)
 
+        def _save_checkpoint(self, model, trial):
+            # A checkpoint that cannot be written (a full disk) is a warning, not a failed trial: hpo.checkpoints
+            from pathlib import Path
+
+            from hpo.checkpoints import CheckpointCallback
+
+            save = super()._save_checkpoint
+            saver = next((c for c in self.callback_handler.callbacks if isinstance(c, CheckpointCallback)), None)
+            if saver is None:
+                return save(model, trial)
+            where = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            saver.write(lambda: save(model, trial), where, self.state.global_step)
+
         def create_optimizer(self, model=None):
             if self.optimizer is not None or not self.knobs.own_optimizer:
                 return super().create_optimizer(model)

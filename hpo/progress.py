@@ -10,7 +10,14 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.markup import escape
 
-from hpo.attrs import FAIL_REASON, REJECTED_BY_CONSTRAINT, REJECTED_DUPLICATE, REJECTED_ENQUEUED, SAVE_ERROR
+from hpo.attrs import (
+    CHECKPOINT_ERROR,
+    FAIL_REASON,
+    REJECTED_BY_CONSTRAINT,
+    REJECTED_DUPLICATE,
+    REJECTED_ENQUEUED,
+    SAVE_ERROR,
+)
 from hpo.config import StudyConfig
 from hpo.outputs import saved_trial
 from hpo.revisions import current_revision, trial_revision
@@ -91,8 +98,9 @@ class Progress:
         else:
             reason = escape(trial.user_attrs.get(FAIL_REASON, "no reason recorded"))
             self.print(f"trial {trial.number:3d} [red]failed[/]: {reason}  {tally}")
-        if SAVE_ERROR in trial.user_attrs:
-            self.print(f"    [yellow]warning[/]: {escape(trial.user_attrs[SAVE_ERROR])}")
+        for warned in (CHECKPOINT_ERROR, SAVE_ERROR):
+            if warned in trial.user_attrs:
+                self.print(f"    [yellow]warning[/]: {escape(trial.user_attrs[warned])}")
         if trial.state == TrialState.COMPLETE:
             self.best = f" (best so far {best_trial(study).values[0]:.4f})"
 

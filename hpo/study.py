@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import os
 import socket
+import sqlite3
 import statistics
 import time
 import traceback
@@ -42,11 +43,21 @@ from hpo.attrs import (
 )
 from hpo.config import StudyConfig
 from hpo.dashboard import artifact_store, upload_json
-from hpo.errors import TrialsFailed
+from hpo.errors import StorageLost, TrialsFailed
 from hpo.memory import release
 from hpo.plan import make_plan, repeat_seeds
 from hpo.progress import Progress, print_summary
-from hpo.storage import FINISHED, count_finished, open_study, orientation, storage_error
+from hpo.storage import (
+    DISK_FULL,
+    FINISHED,
+    StorageWatch,
+    count_finished,
+    full_disk_reason,
+    open_study,
+    orientation,
+    storage_error,
+    storage_problem,
+)
 from hpo.trial import evaluate_test, objective_values, run_trial
 from hpo.workbench import Workbench, prepare
 
@@ -108,9 +119,11 @@ def run_study(
         ConfigError: the model, the data or the storage cannot be loaded, or the study file changed.
         TrialsFailed: the run stopped after ``max_failures_in_a_row`` failed trials, or 100 rejected samples,
             in a row.
+        StorageLost: the storage's SQLite file was deleted or replaced, the study deleted, or its disk filled up.
     """
     console = console or Console()
     study, bench = start_study(cfg, worker, bench, allow_changes, workers)
+    watch = StorageWatch(cfg, study)
     memory.cap_cuda(cfg.resources.max_memory_gb)
     revision = revisions.current_revision(study)
     done = count_finished(study)
@@ -125,7 +138,7 @@ def run_study(
     if cfg.n_trials > done:
         objective = _objective(bench, progress, revision, tracking)
         with interrupts.Guard(objective), tracking, _frozen_heap(), progress:
-            _optimize(study, objective, progress, stop, cfg)
+            _optimize(study, objective, progress, stop, cfg, watch)
     if worker is None:
         print_summary(console, cfg, study, tracking)
     if stop.gave_up:
@@ -153,13 +166,18 @@ def _frozen_heap():
         gc.unfreeze()
 
 
-def _optimize(study: optuna.Study, objective, progress: Progress, stop: StopRule, cfg: StudyConfig) -> None:
+def _optimize(
+    study: optuna.Study, objective, progress: Progress, stop: StopRule, cfg: StudyConfig, watch: StorageWatch
+) -> None:
     # One study.optimize call per trial, so that this worker starts a trial only while finished plus
     # running trials (on every worker) fall short of n_trials: N workers then overshoot the target only
     # when two of them start within the same instant, instead of by up to N-1 trials at the end.
     deadline = None if cfg.timeout is None else time.monotonic() + cfg.timeout
 
     def after(study: optuna.Study, trial: FrozenTrial) -> None:
+        watch.check(trial)  # before anything prints it complete, or installs its model
+        if trial.state == TrialState.FAIL and (reason := trial.user_attrs.get(FAIL_REASON, "")).startswith(DISK_FULL):
+            raise StorageLost(f"{reason}; trial {trial.number} ended FAIL; free space, then run the same command again")
         outputs.install_if_best(cfg, study, trial)
         progress.trial_done(study, trial)
         if why := stop.after(trial):
@@ -173,11 +191,22 @@ def _optimize(study: optuna.Study, objective, progress: Progress, stop: StopRule
         if finished >= cfg.n_trials:
             return
         if finished + running < cfg.n_trials:
+            watch.check()
+            progress.number = -1  # the objective sets it first thing: the trial a failed write belongs to
             try:
                 study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[after])
             except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
                 if not _taken_over(study, progress):
                     raise
+            except StorageLost:
+                raise
+            except Exception as e:
+                if (problem := storage_problem(e)) is None:
+                    raise
+                watch.check()  # a storage that is gone says so, not the error that followed
+                if reason := full_disk_reason(e, cfg.storage_label):
+                    raise StorageLost(f"{reason}; {_end_trial(study, progress.number, reason, watch.path)}") from None
+                raise problem from None  # the storage's own error, not Optuna's "Should not reach" raised over it
             continue
         # The rest of the target runs on other workers. Wait: one may fail (then this worker runs another)
         # or its worker may die (then its trial goes stale, and this worker retries it).
@@ -186,6 +215,31 @@ def _optimize(study: optuna.Study, objective, progress: Progress, stop: StopRule
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
+
+
+def _end_trial(study: optuna.Study, number: int, reason: str, sqlite_path: str | None) -> str:
+    """End trial ``number``, left RUNNING by a write that found the disk full, as FAIL with ``reason``; says what
+    became of it. On SQLite, its write-ahead log is moved into the database first: that frees the room the log
+    took (a few MB at most), often enough for the few bytes that end the trial."""
+    if number < 0:
+        return "no trial was started"
+    trials = study.get_trials(deepcopy=False)
+    if number >= len(trials) or trials[number].state != TrialState.RUNNING:
+        return f"trial {number} ended {trials[number].state.name if number < len(trials) else 'before it began'}"
+    if sqlite_path is not None:
+        with contextlib.suppress(sqlite3.Error), contextlib.closing(sqlite3.connect(sqlite_path, timeout=5)) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    try:
+        optuna.Trial(study, trials[number]._trial_id).set_user_attr(FAIL_REASON, reason)
+        study.tell(number, state=TrialState.FAIL)
+    except Exception as e:  # whatever the storage raises, the line below says the truth
+        if storage_problem(e) is None:
+            raise
+        return (
+            f"trial {number} could not be ended and stays RUNNING: once there is room, the next run finds its "
+            "heartbeat stale, fails it and retries it"
+        )
+    return f"trial {number} ended FAIL; free space, then run the same command again"
 
 
 def _taken_over(study: optuna.Study, progress: Progress) -> bool:
@@ -255,6 +309,7 @@ def _objective(bench: Workbench, progress: Progress, revision: int, tracking: tr
         # ends FAIL with its cause in fail_reason and fail_traceback ("interrupted" only after a signal).
         result = sampled = saved = run = None
         state, reason = "FAIL", None  # how the trial ended, for its tracker run
+        progress.number = trial.number
         try:
             interrupts.stop_if_asked()  # a signal that came in Optuna's ask, before this trial began
             # Optuna's Trial does not expose system attrs; optuna-integration reads them from the storage too.
@@ -348,9 +403,13 @@ def _objective(bench: Workbench, progress: Progress, revision: int, tracking: tr
                 trial.study.enqueue_trial(sampled, user_attrs={RETRY_OF: trial.number})  # the rerun starts with it
             raise
         except Exception as e:
+            reason = cfg.masked(storage_error(e, cfg.storage_label))[:1000]
+            if reason.startswith(DISK_FULL):  # the fewest bytes: the storage may be on that disk
+                with contextlib.suppress(Exception):  # the run stops on it either way (hpo.study._optimize)
+                    trial.set_user_attr(FAIL_REASON, reason)
+                raise
             for key, value in memory.failure_attrs(e).items():
                 trial.set_user_attr(key, value)
-            reason = cfg.masked(storage_error(e))[:1000]
             trial.set_user_attr(FAIL_REASON, reason)
             trial.set_user_attr(FAIL_TRACEBACK, cfg.masked(traceback.format_exc())[-4000:])
             raise

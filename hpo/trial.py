@@ -31,7 +31,7 @@ from transformers import (
 from transformers.integrations import TensorBoardCallback
 
 from hpo import checkpoints, knobs, metrics
-from hpo.attrs import PRUNED_AT_STEP
+from hpo.attrs import CHECKPOINT_ERROR, PRUNED_AT_STEP
 from hpo.folders import TRIAL_FILE
 from hpo.memory import (
     EVAL_BATCH_SIZE,
@@ -183,7 +183,8 @@ def run_trial(
     )
     saver = None
     if checkpoint_dir is not None:
-        saver = checkpoints.CheckpointCallback(n_train, cfg.checkpoint_every.examples_between(n_train))
+        warn = (lambda why: trial.set_user_attr(CHECKPOINT_ERROR, why)) if lead and report else None
+        saver = checkpoints.CheckpointCallback(n_train, cfg.checkpoint_every.examples_between(n_train), warn)
     resume = checkpoints.latest(checkpoint_dir)
     resumed_at = checkpoints.examples_seen(resume, n_train) if resume else 0  # read now: rotation deletes it
     subset = eval_subsample(cfg, bench.eval_rows)

@@ -35,10 +35,10 @@ from rich.markup import escape
 from hpo import interrupts, outputs
 from hpo.api import GPU_ID
 from hpo.config import StudyConfig
-from hpo.errors import ConfigError, TrialsFailed
+from hpo.errors import ConfigError, StorageLost, TrialsFailed
 from hpo.memory import available_mb
 from hpo.progress import print_summary
-from hpo.storage import check_storage, count_finished
+from hpo.storage import StorageWatch, check_storage, count_finished
 from hpo.study import run_study, start_study
 from hpo.workbench import Workbench
 
@@ -162,6 +162,7 @@ def run_workers(
 
     Raises:
         ConfigError: the model, the data or the storage cannot be loaded.
+        StorageLost: the storage's SQLite file was deleted or replaced, or the study deleted, while the workers ran.
         KeyboardInterrupt: Ctrl-C or SIGTERM; the workers were stopped first (their trials end FAIL,
             ``fail_reason: interrupted``, and are queued for the next run).
     """
@@ -169,6 +170,7 @@ def run_workers(
     per = cfg.resources.processes_per_trial
     check_devices(cfg, n, gpus)
     study, bench = start_study(cfg, bench=bench, allow_changes=allow_changes)
+    watch = StorageWatch(cfg, study)
     threads = worker_env(0, n, gpus).get("OMP_NUM_THREADS", "?")
     where = f"GPU {', '.join(gpus)}" if gpus else f"CPU, {threads} thread(s) each"
     console.print(
@@ -200,6 +202,7 @@ def run_workers(
     for k, code in crashed.items():
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         console.print(f"[red]worker w{k} {how}[/]; the other workers went on")
+    watch.check()  # a storage that went away while the workers ran: no summary of what it held
     print_summary(console, cfg, study)
     stopped = any(p.exitcode == STOPPED_ON_FAILURES for p in procs)  # each printed why
     return 1 if (crashed or stopped) and count_finished(study) < cfg.n_trials else 0
@@ -230,6 +233,9 @@ def _worker(
     except ConfigError as e:
         print(f"w{k}: error {e}", file=sys.stderr)
         code = 2
+    except StorageLost as e:
+        print(f"w{k}: error {cfg.masked(str(e))}", file=sys.stderr)
+        code = 1
     except BaseException:  # noqa: BLE001 - a worker reports any crash as its exit code, after the traceback
         traceback.print_exc()
     finally:
