@@ -20,7 +20,7 @@ quickstart: setup
 	$(BIN)/hpo run studies/quickstart.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration"
