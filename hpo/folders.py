@@ -45,6 +45,20 @@ def ownership(cfg: StudyConfig) -> dict[str, str]:
     return {"study": cfg.study, "storage": cfg.storage_label}
 
 
+def same_storage(label: object, cfg: StudyConfig) -> bool:
+    """Whether a storage label saved in a mark names ``cfg``'s storage: the same database, whoever logs in to it
+    and through whichever driver (a reporting role reads the study its owner wrote)."""
+    return isinstance(label, str) and _where(label) == _where(cfg.storage_label)
+
+
+def _where(label: str) -> str:
+    try:
+        url = make_url(label)
+    except Exception:  # noqa: BLE001 - not a URL (a mark written by hand): compared as it is
+        return label
+    return f"{url.get_backend_name()}://{url.host or ''}:{url.port or ''}/{url.database or ''}"
+
+
 def owner(folder: Path) -> dict[str, Any] | None:
     """Which study and storage an output folder belongs to: two studies of one name in two storages (two
     study files, the default SQLite beside each) would otherwise mix their models and logs in one folder."""
@@ -71,7 +85,7 @@ def is_ours(cfg: StudyConfig, info: dict[str, Any] | None) -> bool:
     return (
         isinstance(info, dict)
         and info.get("study") == cfg.study
-        and info.get("storage", cfg.storage_label) == cfg.storage_label
+        and same_storage(info.get("storage", cfg.storage_label), cfg)
     )
 
 
@@ -114,7 +128,7 @@ def folder_problems(cfg: StudyConfig, entries: tuple[str, ...] = RUN_ENTRIES) ->
                     "into a new or empty folder, or one it made for this study; set output_dir to another folder",
                 )
             ]
-    elif mark is not None and mark != ownership(cfg):
+    elif mark is not None and (mark.get("study") != cfg.study or not same_storage(mark.get("storage"), cfg)):
         return [
             cfg.problem(
                 ("output_dir",),

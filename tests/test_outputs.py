@@ -201,3 +201,17 @@ def test_a_stale_old_best_model_is_removed_when_a_run_starts(tmp_path, model):
     outputs.check_paths(cfg)
     outputs.prepare(cfg, optuna.create_study())
     assert not stale.exists()
+
+
+def test_the_same_database_under_another_login_or_driver_owns_the_same_folder(tmp_path, model):
+    # A reporting role (or psycopg2 for psycopg) reads the study its owner wrote: its report goes where the run's did.
+    owner = config(tmp_path, model, storage="postgresql+psycopg://writer:pw@db.example:5432/studies")
+    outputs.check_paths(owner)
+    owner.output_path.mkdir(parents=True)
+    (owner.output_path / outputs.OWNER_FILE).write_text(json.dumps({"study": "tiny", "storage": owner.storage_label}))
+    (owner.output_path / "resolved.yaml").write_text("study: tiny\n")
+    for url in ("postgresql+psycopg://reader@db.example:5432/studies", "postgresql://writer@db.example:5432/studies"):
+        outputs.check_paths(config(tmp_path, model, storage=url))
+    assert "holds the outputs of study 'tiny'" in refusal(
+        config(tmp_path, model, storage="postgresql+psycopg://writer@db.example:5432/other")
+    )
