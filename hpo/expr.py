@@ -79,6 +79,11 @@ class Expression:
         elif isinstance(node, ast.Compare) and all(type(op) in _COMPARE for op in node.ops):
             for child in [node.left, *node.comparators]:
                 self._check(child, depth + 1)
+            if not {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} - set(_FUNCTIONS):  # as a bare number
+                raise ValueError(
+                    f"{ast.unparse(node)!r} compares numbers only: it holds for every trial or for none; "
+                    "compare a parameter or a metric"
+                )
         else:
             self._check(node, depth)  # outside the language: that error first
             raise ValueError(

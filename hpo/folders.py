@@ -39,6 +39,8 @@ MODELS = ("best_model", "final_model")  # replaced whole: only when they carry t
 #: Files ``hpo best`` writes in the output folder: best.json, picked.json, trial-0007.json, each with <stem>.model.json
 EXPORTS = re.compile(r"(best|picked|trial-\d+)(\.model)?\.json")
 SHOWN = 3  # entries named when a folder is refused
+#: Folders ``hpo run`` and ``hpo train`` fill (a saved model's config.json, a checkpoint): no report goes into them.
+_RUNS_OWN = frozenset(RUN_ENTRIES) | frozenset(MODELS)
 
 
 def ownership(cfg: StudyConfig) -> dict[str, str]:
@@ -162,6 +164,15 @@ def path_problems(cfg: StudyConfig, *paths: Path) -> list[Problem]:
     entries = _entries(cfg, paths)
     if "" in entries:
         return [cfg.problem(("output_dir",), f"{cfg.output_path} is the output folder itself, not a file in it")]
+    for entry in map(Path, entries):  # a report or an export over the run's own records or into its folders
+        if str(entry) in (OWNER_FILE, "resolved.yaml") or (len(entry.parts) > 1 and entry.parts[0] in _RUNS_OWN):
+            return [
+                cfg.problem(
+                    ("output_dir",),
+                    f"{cfg.output_path / entry} is the run's own ({entry.parts[0]}): hpo writes a report or an "
+                    "export beside it, never over or into it; choose another path",
+                )
+            ]
     return folder_problems(cfg, tuple(entries)) if entries else []
 
 

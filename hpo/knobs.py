@@ -180,6 +180,24 @@ def make_trainer_class():
             where = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
             saver.write(lambda: save(model, trial), where, self.state.global_step)
 
+        def _save(self, output_dir=None, state_dict=None):
+            # The Trainer pickles self.args into every checkpoint (training_args.bin): a credential (hub_token)
+            # would lie there in clear, in a folder an interrupted trial keeps. Saved without it.
+            import copy
+
+            from hpo.config.compose import CREDENTIALS
+
+            args = self.args
+            if not any(getattr(args, name, None) for name in CREDENTIALS):
+                return super()._save(output_dir, state_dict)
+            self.args = copy.copy(args)
+            for name in CREDENTIALS:
+                setattr(self.args, name, None)
+            try:
+                return super()._save(output_dir, state_dict)
+            finally:
+                self.args = args
+
         def create_optimizer(self, model=None):
             if self.optimizer is not None or not self.knobs.own_optimizer:
                 return super().create_optimizer(model)

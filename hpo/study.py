@@ -197,13 +197,16 @@ def _optimize(
                 study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[after])
             except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
                 if not _taken_over(study, progress):
+                    watch.check()  # a study deleted mid-trial: its tell found no trial
                     raise
             except StorageLost:
                 raise
             except Exception as e:
+                # A storage or study that is gone says so, not the error that followed: a study deleted mid-trial
+                # failed Optuna's own tell (KeyError, UnboundLocalError), which is no storage error.
+                watch.check()
                 if (problem := storage_problem(e)) is None:
                     raise
-                watch.check()  # a storage that is gone says so, not the error that followed
                 if reason := full_disk_reason(e, cfg.storage_label):
                     raise StorageLost(f"{reason}; {_end_trial(study, progress.number, reason, watch.path)}") from None
                 raise problem from None  # the storage's own error, not Optuna's "Should not reach" raised over it

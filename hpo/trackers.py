@@ -58,6 +58,9 @@ COSTS = (
 #: The variable that sets how long one tracker call may take, in seconds; :data:`TIMEOUT_S` when unset.
 TIMEOUT_ENV = "HPO_TRACKER_TIMEOUT_S"
 TIMEOUT_S = 10.0
+#: The longest timeout taken: a day. Past ~2.9e11 years a wait overflows the platform's time_t, and the tracker was
+#: dropped as unreachable ("timestamp out of range") however well its server answered.
+MAX_TIMEOUT_S = 86400.0
 #: After Ctrl-C or SIGTERM: how long, in all, the interrupted trial's runs get to record their end (seconds).
 CLOSING_S = 5.0
 
@@ -87,7 +90,7 @@ def timeout_s() -> float:
     """How long one tracker call may take: ``HPO_TRACKER_TIMEOUT_S`` seconds, else :data:`TIMEOUT_S`.
 
     Raises:
-        ValueError: the variable is set to something other than a number of seconds over 0.
+        ValueError: the variable is set to something other than a number of seconds in (0, MAX_TIMEOUT_S].
     """
     text = os.environ.get(TIMEOUT_ENV, "").strip()
     if not text:
@@ -96,8 +99,8 @@ def timeout_s() -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{TIMEOUT_ENV}={text[:40]!r} is not a number of seconds over 0")
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
+        raise ValueError(f"{TIMEOUT_ENV}={text[:40]!r} is not a number of seconds over 0, at most {MAX_TIMEOUT_S:g}")
     return value
 
 

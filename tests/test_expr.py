@@ -66,6 +66,14 @@ def test_and_or_stop_at_the_first_deciding_value():
     assert Expression("0 > r > 8 / r", condition=True).evaluate({"r": 0}) is False  # a chain stops too
 
 
+@pytest.mark.parametrize("source", ["1 < 2", "2 < 1", "learning_rate < 0.1 or 1 < 2", "2 * 3 >= min(1, 2)"])
+def test_a_condition_must_read_a_parameter_or_a_metric(source):
+    # A comparison of numbers alone holds for every trial or for none: as --pick "1 < 2" chose the best trial
+    # whatever the user meant, and a constraint "1 < 2" kept every configuration, as a bare name did.
+    with pytest.raises(ValueError, match="compares numbers only: it holds for every trial or for none"):
+        Expression(source, condition=True)
+
+
 @pytest.mark.parametrize(
     "source, message",
     [
@@ -175,7 +183,7 @@ def test_a_name_without_a_value_is_a_key_error():
         Expression("momentum * 2").evaluate({"r": 1})
 
 
-@pytest.mark.parametrize("pick", ["learning_rate", "1", "eval_loss and learning_rate < 1"])
+@pytest.mark.parametrize("pick", ["learning_rate", "1", "eval_loss and learning_rate < 1", "1 < 2"])
 def test_pick_must_be_a_condition(pick, tmp_path):
     # --pick learning_rate held for every trial, so it "chose" the best one whatever the user meant.
     import optuna
@@ -190,5 +198,5 @@ def test_pick_must_be_a_condition(pick, tmp_path):
         trial = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
         study.tell(trial, value)
     assert picked(cfg, study, "learning_rate < 1") == 1  # a condition: the best of those meeting it
-    with pytest.raises(ValueError, match=r"^--pick: .* is not a condition: compare it"):
+    with pytest.raises(ValueError, match=r"^--pick: .* (is not a condition: compare it|compares numbers only)"):
         picked(cfg, study, pick)

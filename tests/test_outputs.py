@@ -215,3 +215,24 @@ def test_the_same_database_under_another_login_or_driver_owns_the_same_folder(tm
     assert "holds the outputs of study 'tiny'" in refusal(
         config(tmp_path, model, storage="postgresql+psycopg://writer@db.example:5432/other")
     )
+
+
+@pytest.mark.parametrize(
+    "entry", ["hpo_study.json", "resolved.yaml", "best_model/config.json", "final_model/x.json", "checkpoints/a.csv"]
+)
+def test_a_report_or_export_never_goes_over_or_into_the_runs_own_files(tmp_path, model, entry):
+    # `hpo best --out <outputs>/best_model/config.json` overwrote the installed model's config, and --out over
+    # hpo_study.json unmarked the folder: the next run refused it as not hpo's.
+    from hpo.folders import claim_paths, path_problems
+
+    cfg = config(tmp_path, model, output_dir=str(tmp_path / "out"))
+    mark(cfg)
+    (cfg.output_path / "best_model").mkdir()
+    (cfg.output_path / "best_model" / "hpo_trial.json").write_text(json.dumps({"study": "tiny", "trial": 0}))
+    (cfg.output_path / "best_model" / "config.json").write_text("the model's")
+    before = tree(cfg.output_path)
+    with pytest.raises(ConfigError, match=r"is the run's own .*never over or into it"):
+        claim_paths(cfg, cfg.output_path / entry)
+    assert tree(cfg.output_path) == before
+    claim_paths(cfg, cfg.output_path / "report" / "trials.csv", cfg.output_path / "best.json")  # beside them: fine
+    assert path_problems(cfg, cfg.output_path / "final_model") == []  # hpo train's own model

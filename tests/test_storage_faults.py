@@ -172,3 +172,17 @@ def test_a_checkpoint_that_cannot_be_written_is_a_warning_and_the_trial_trains_o
         assert "warning: checkpoint at step" in output, output
         assert output.count("checkpoint at step") == 1, output  # once per trial
         assert not list(disk.glob("checkpoints/*/checkpoint-*")), "the partial checkpoint is removed"
+
+
+def test_a_study_deleted_mid_trial_stops_the_run_in_one_line(write_study, storage_url, request):
+    # The study deleted while a trial trains (its rows go with it): the trial's next write or its tell failed
+    # first, with Optuna's own error and a traceback, before the watch at the boundary could say what happened.
+    name = f"mid-{request.node.callspec.id}"
+    path = slow_study(write_study, train=SHORT, storage=storage_url, study=name)
+    proc = start(path)
+    wait_for_running(storage_url, name=name, timeout=RUN_S)
+    optuna.delete_study(study_name=name, storage=storage_url)
+    output = proc.communicate(timeout=RUN_S)[0]
+    assert proc.returncode == 1, output
+    line = one_error_line(output)
+    assert f"the study '{name}' was deleted" in line and "while the study ran" in line, line

@@ -252,7 +252,9 @@ def test_a_store_mlflow_refuses_is_one_warning_and_no_ui_hint(tiny_model, tmp_pa
     assert not store.exists()
 
 
-def test_a_tracker_timeout_that_is_not_seconds_is_refused(tiny_model, monkeypatch):
-    monkeypatch.setenv("HPO_TRACKER_TIMEOUT_S", "soon")
-    with pytest.raises(ConfigError, match="HPO_TRACKER_TIMEOUT_S='soon' is not a number of seconds"):
+@pytest.mark.parametrize("value", ["soon", "1e300", "1e10"])
+def test_a_tracker_timeout_that_is_not_seconds_is_refused(tiny_model, monkeypatch, value):
+    # 1e300 validated, then every wait on the tracker overflowed time_t: the tracker was dropped as unreachable.
+    monkeypatch.setenv("HPO_TRACKER_TIMEOUT_S", value)
+    with pytest.raises(ConfigError, match=f"HPO_TRACKER_TIMEOUT_S='{value}' is not a number of seconds"):
         hpo.validate(study_dict(tiny_model, train={"num_train_epochs": 1, "report_to": "mlflow"}))

@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import re
+import unicodedata
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -21,7 +22,7 @@ from dotenv import dotenv_values
 from sqlalchemy.engine import make_url
 
 from hpo.config.parse import read_yaml
-from hpo.errors import ConfigError, KeyPath, Problem, SourceMap
+from hpo.errors import ConfigError, KeyPath, Problem, SourceMap, hidden
 
 #: Keys that hold paths; a relative one resolves against the file that wrote it.
 PATH_KEYS = (("data", "train"), ("data", "eval"), ("data", "test"), ("output_dir",))
@@ -200,6 +201,13 @@ def control_character(text: str) -> str:
     """The first control character of ``text``, quoted (``'\\x00'``, ``'\\n'``); empty when there is none."""
     bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
     return "" if bad is None else f"control character {bad!r}"
+
+
+def hidden_character(text: str) -> str:
+    """The first character of ``text`` that prints as nothing or as another (:func:`hpo.errors.hidden`: a
+    right-to-left override, a zero-width or no-break space), by code point and name; empty when there is none."""
+    bad = next((c for c in text if hidden(c)), None)
+    return "" if bad is None else f"U+{ord(bad):04X} {unicodedata.name(bad, unicodedata.category(bad))}"
 
 
 def sqlite_misread(url: str) -> str:

@@ -32,7 +32,7 @@ from pydantic import (
 from sqlalchemy.engine import make_url
 
 from hpo import samplers, space
-from hpo.config.compose import CREDENTIALS, control_character, mask, sqlite_quote
+from hpo.config.compose import CREDENTIALS, control_character, hidden_character, mask, sqlite_quote
 from hpo.errors import ConfigError, KeyPath, Problem, SourceMap, did_you_mean, hidden
 from hpo.expr import Expression
 from hpo.space import Condition, Param, SearchName, no_boolean_numbers
@@ -509,6 +509,8 @@ class StudyConfig(_Strict):
     def _relative_to_file(cls, p: Path | None, info: ValidationInfo) -> Path | None:
         if p is not None and (bad := control_character(str(p))):
             raise ValueError(f"{bad} in a folder name: the run could not create it, or print it as one line")
+        if p is not None and (bad := hidden_character(str(p))):  # as a study name (outputs/<study>) is refused
+            raise ValueError(f"{bad} in a folder name: it prints like another folder's name")
         return None if p is None else (info.context or {}).get("root", Path.cwd()) / p
 
     @property

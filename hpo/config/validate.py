@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SAWarning
 
 from hpo import samplers, space, trackers
-from hpo.config.compose import control_character, mask, sqlite_misread
+from hpo.config.compose import control_character, hidden_character, mask, sqlite_misread
 from hpo.config.models import StudyConfig
 from hpo.errors import ConfigError, KeyPath, Problem, SourceMap, did_you_mean
 from hpo.tasks import COST_METRICS, TASKS
@@ -334,6 +334,8 @@ def _storage_problems(cfg: StudyConfig) -> list[Problem]:
     sqlite = url.get_backend_name() == "sqlite"
     if sqlite and (misread := sqlite_misread(cfg.storage)):
         return [src.problem(("storage",), misread)]
+    if sqlite and (bad := hidden_character(url.database or "")):  # a file hpo creates, as outputs/<study> is
+        return [src.problem(("storage",), f"{bad} in the SQLite path: it prints like another file's name")]
     # Each connection to it has a database of its own (the heartbeat thread's, every worker's), and the
     # trials are gone when the run ends: nothing a user ran may be lost.
     if sqlite and (url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"):
