@@ -178,7 +178,9 @@ def test_a_study_deleted_mid_trial_stops_the_run_in_one_line(write_study, storag
     # The study deleted while a trial trains (its rows go with it): the trial's next write or its tell failed
     # first, with Optuna's own error and a traceback, before the watch at the boundary could say what happened.
     name = f"mid-{request.node.callspec.id}"
-    path = slow_study(write_study, train=SHORT, storage=storage_url, study=name)
+    # Many trials: on an idle machine a trial is over in ~2 s, before the deletion lands; the run must then stop at
+    # the next trial's boundary, or in its first write, and never train the rest into a study that is gone.
+    path = slow_study(write_study, train=SHORT, storage=storage_url, study=name, n_trials=50)
     proc = start(path)
     wait_for_running(storage_url, name=name, timeout=RUN_S)
     optuna.delete_study(study_name=name, storage=storage_url)
