@@ -124,6 +124,15 @@ def write_study(tmp_path, tiny_model):
     return write
 
 
+def users_folder(folder: Path) -> Path:
+    """A folder of the user's that hpo must never take over: their own best_model/ and report/trials.csv."""
+    (folder / "best_model").mkdir(parents=True)
+    (folder / "best_model" / "model.safetensors").write_bytes(b"the user's model")
+    (folder / "report").mkdir()
+    (folder / "report" / "trials.csv").write_text("the user's table\n")
+    return folder
+
+
 POSTGRES = os.environ.get("HPO_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import users_folder
 
 
 def hpo(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -255,11 +256,7 @@ def test_command_line_mistakes_are_one_line(write_study, tmp_path):
 def test_a_folder_of_the_users_is_never_taken_over(write_study, tmp_path):
     # output_dir at a folder of the user's: the first install moved their best_model/ aside and deleted it, and
     # hpo report overwrote their report/trials.csv
-    mine = tmp_path / "mine"
-    (mine / "best_model").mkdir(parents=True)
-    (mine / "best_model" / "model.safetensors").write_bytes(b"the user's model")
-    (mine / "report").mkdir()
-    (mine / "report" / "trials.csv").write_text("the user's table\n")
+    mine = users_folder(tmp_path / "mine")
     before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
     path = write_study(n_trials=1)
     refused = hpo("run", path, f"output_dir={mine}")

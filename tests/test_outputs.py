@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import DATA, study_dict
+from conftest import DATA, study_dict, users_folder
 
 from hpo import outputs, revisions
 from hpo.config import load_study
@@ -53,11 +53,7 @@ def mark(cfg) -> None:
 
 def test_a_folder_of_the_users_is_refused_and_left_as_it_is(tmp_path, model):
     # was taken over: best_model/ moved aside and deleted at the first install, report/trials.csv overwritten
-    mine = tmp_path / "mine"
-    (mine / "best_model").mkdir(parents=True)
-    (mine / "best_model" / "model.safetensors").write_bytes(b"the user's model")
-    (mine / "report").mkdir()
-    (mine / "report" / "trials.csv").write_text("the user's table")
+    mine = users_folder(tmp_path / "mine")
     before = tree(mine)
     message = refusal(config(tmp_path, model, output_dir=str(mine)))
     assert f"{mine} is not empty (best_model/, report/) and hpo did not make it (no hpo_study.json)" in message
@@ -207,8 +203,7 @@ def test_the_same_database_under_another_login_or_driver_owns_the_same_folder(tm
     # A reporting role (or psycopg2 for psycopg) reads the study its owner wrote: its report goes where the run's did.
     owner = config(tmp_path, model, storage="postgresql+psycopg://writer:pw@db.example:5432/studies")
     outputs.check_paths(owner)
-    owner.output_path.mkdir(parents=True)
-    (owner.output_path / outputs.OWNER_FILE).write_text(json.dumps({"study": "tiny", "storage": owner.storage_label}))
+    mark(owner)
     (owner.output_path / "resolved.yaml").write_text("study: tiny\n")
     for url in ("postgresql+psycopg://reader@db.example:5432/studies", "postgresql://writer@db.example:5432/studies"):
         outputs.check_paths(config(tmp_path, model, storage=url))
