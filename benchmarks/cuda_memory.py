@@ -76,21 +76,21 @@ def main() -> None:
     import torch
     from rich.console import Console
 
-    import hpo.study
+    import hpo.study.loop
     from hpo import load_study
-    from hpo.study import run_study
-    from hpo.trial import device_settings
+    from hpo.study.loop import run_study
+    from hpo.trial.finetune import device_settings
 
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark needs a GPU")
     after: list[int] = []
-    release = hpo.study.release
+    release = hpo.study.loop.release
 
     def measured_release(result=None):  # hpo's own release, then a reading
         release(result)
         after.append(torch.cuda.memory_allocated())
 
-    hpo.study.release = measured_release
+    hpo.study.loop.release = measured_release
     out = {"device": torch.cuda.get_device_name(), "precision": device_settings(), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, lora, oom in (("full", False, False), ("lora", True, False), ("oom", False, True)):

@@ -1,7 +1,7 @@
 """Record full learning curves to replay searches on: python benchmarks/curves.py OUT.json [--data DIR] [--trials 24]
 
 ``--trials`` configurations are drawn at random (seeded) from the quickstart's search space and each is
-fine-tuned to the end by hpo's own trial code (``hpo.trial.run_trial``), with no pruner. At every evaluation
+fine-tuned to the end by hpo's own trial code (``hpo.trial.finetune.run_trial``), with no pruner. At every evaluation
 point it records the examples seen, the optimizer steps, the eval loss on the full eval set, the loss of
 every eval row (so any subsample's loss can be computed afterwards), and the seconds spent training since the
 last point and evaluating at it. ``benchmarks/pruning.py`` replays pruners and eval subsamples on the file:
@@ -44,10 +44,10 @@ def record(data: Path, trials: int, epochs: float, seed: int) -> dict:
     from transformers import TrainerCallback
 
     from hpo import load_study, space
-    from hpo.plan import make_plan
     from hpo.tasks import TASKS
-    from hpo.trial import collator, run_trial
-    from hpo.workbench import prepare
+    from hpo.trial.finetune import collator, run_trial
+    from hpo.trial.plan import make_plan
+    from hpo.trial.workbench import prepare
 
     class RowLosses(TrainerCallback):
         """At each evaluation: the seconds since the last one, split into training and evaluating, and the

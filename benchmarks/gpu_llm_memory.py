@@ -81,7 +81,7 @@ def main() -> None:
     from rich.console import Console
 
     import hpo
-    from hpo.study import run_study
+    from hpo.study.loop import run_study
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.tiny:

@@ -1,7 +1,7 @@
 """Report speed on a synthetic 10,000-trial study: python benchmarks/report_10k.py [--trials N] [--html]
 
 Builds the study in memory with optuna.trial.create_trial (realistic params and
-user attrs, 30% pruned), then times hpo.tables' tables, Z-scores and CSV
+user attrs, 30% pruned), then times hpo.results.tables' tables, Z-scores and CSV
 export, and optionally the HTML report. Prints seconds per stage.
 """
 
@@ -16,7 +16,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from hpo import tables as report
+from hpo.results import tables as report
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -60,8 +60,8 @@ def run_hpo(epochs: int, rows: int, folder: Path, workers: int = 1) -> float:
     from rich.console import Console
 
     from hpo import load_study
-    from hpo.study import run_study
-    from hpo.workers import run_workers
+    from hpo.study.loop import run_study
+    from hpo.study.workers import run_workers
 
     study = {
         "study": "same-work",

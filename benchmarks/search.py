@@ -51,7 +51,7 @@ def run_seed(seed: int, trials: int, rows: int, folder: Path) -> dict:
     from rich.console import Console
 
     from hpo import load_study
-    from hpo.study import run_study
+    from hpo.study.loop import run_study
 
     quickstart = yaml.safe_load((ROOT / "studies" / "quickstart.yaml").read_text())
     space, rule = quickstart["search_space"], quickstart["enqueue"][0]

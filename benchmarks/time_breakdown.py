@@ -52,7 +52,7 @@ def main() -> None:
     from transformers import Trainer
 
     from hpo import load_study
-    from hpo.study import run_study
+    from hpo.study.loop import run_study
 
     imports = time.perf_counter() - start
     timed(Trainer, "training_step", "train forward + backward")

@@ -67,11 +67,12 @@ def run_hf(study: Path, seed: int, db: Path, out: Path) -> None:
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
     from transformers import Trainer, TrainingArguments
 
-    from hpo import load_study, metrics
-    from hpo.plan import make_plan
+    from hpo import load_study
     from hpo.tasks import TASKS
-    from hpo.trial import _build_model, collator
-    from hpo.workbench import prepare
+    from hpo.trial import metrics
+    from hpo.trial.finetune import _build_model, collator
+    from hpo.trial.plan import make_plan
+    from hpo.trial.workbench import prepare
 
     # The same tokenized rows, collator, model construction (new heads, dropout, LoRA adapters) and metrics as
     # hpo's trials: the runners differ in the search and the training loop only.

@@ -33,7 +33,7 @@ def main() -> None:
     from rich.console import Console
 
     from hpo import load_study
-    from hpo.study import run_study
+    from hpo.study.loop import run_study
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "overhead.yaml"

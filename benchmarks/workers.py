@@ -54,9 +54,9 @@ def _noop_worker(path: str, overrides: dict, k: int, plain: bool, ready, out) ->
     from rich.console import Console
 
     from hpo import load_study, space
-    from hpo.progress import Progress
-    from hpo.storage import open_study
-    from hpo.study import StopRule, _optimize  # hpo's own loop, without the fine-tune
+    from hpo.study.loop import StopRule, _optimize  # hpo's own loop, without the fine-tune
+    from hpo.study.progress import Progress
+    from hpo.study.storage import open_study
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     cfg = load_study(path, overrides)

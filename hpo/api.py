@@ -56,7 +56,7 @@ def load(study: Study, overrides: Mapping[str, Any] | None = None, env: str | No
 
 def validate(study: Study, overrides: Mapping[str, Any] | None = None, env: str | None = None) -> StudyConfig:
     """Check a study without training: the file, its data (every row), the model and the training settings, and
-    what :func:`run` checks before it creates anything (:func:`hpo.workers.check_before_run`: this machine's cores
+    what :func:`run` checks before it creates anything (:func:`hpo.study.workers.check_before_run`: this machine's cores
     or GPUs for ``resources.processes_per_trial``, the output folder, the storage), creating nothing.
 
     Returns the loaded study. Raises:
@@ -64,8 +64,8 @@ def validate(study: Study, overrides: Mapping[str, Any] | None = None, env: str 
     """
     cfg = load(study, overrides, env)
     examples = _examples(cfg)
-    from hpo.workbench import prepare
-    from hpo.workers import check_before_run
+    from hpo.study.workers import check_before_run
+    from hpo.trial.workbench import prepare
 
     prepare(cfg, examples)
     check_before_run(cfg)  # the check hpo.run makes before it creates anything: one worker, the visible GPUs
@@ -75,15 +75,15 @@ def validate(study: Study, overrides: Mapping[str, Any] | None = None, env: str 
 def check(study: Study, overrides: Mapping[str, Any] | None = None, env: str | None = None):
     """Measure the study's hungriest and cheapest corners on this device: peak memory, its breakdown, and time.
 
-    Returns a :class:`hpo.preflight.CheckReport` (``.fits``, ``.as_json()``); writes nothing to the storage.
+    Returns a :class:`hpo.trial.preflight.CheckReport` (``.fits``, ``.as_json()``); writes nothing to the storage.
 
     Raises:
         ConfigError: every problem of the study, its data or its model.
-        hpo.preflight.CheckFailed: a corner's steps failed for another reason than memory.
+        hpo.trial.preflight.CheckFailed: a corner's steps failed for another reason than memory.
     """
     cfg = load(study, overrides, env)
-    from hpo.preflight import check as measure
-    from hpo.workbench import prepare, quiet
+    from hpo.trial.preflight import check as measure
+    from hpo.trial.workbench import prepare, quiet
 
     bench = prepare(cfg, _examples(cfg))
     with quiet():
@@ -107,11 +107,11 @@ def run(
 
     ``workers`` processes share the study on this machine (default: one per GPU, those in ``gpus`` or else every
     visible one, per ``resources.processes_per_trial``; without GPUs 1; ``"auto"``:
-    :func:`hpo.workers.auto_workers`); with a sampler seed they give the same trials on every run
-    (:mod:`hpo.ordered`) for the same number of them; ``gpus`` (``"0,1"`` or a list) spreads them round
+    :func:`hpo.study.workers.auto_workers`); with a sampler seed they give the same trials on every run
+    (:mod:`hpo.study.ordered`) for the same number of them; ``gpus`` (``"0,1"`` or a list) spreads them round
     robin. A worker never sees more GPUs than its trial uses: one process on two would train with
     DataParallel, its batch silently doubled. ``allow_changes`` records a study file that changed what its
-    trials mean as a new revision instead of refusing it (see :mod:`hpo.revisions`).
+    trials mean as a new revision instead of refusing it (see :mod:`hpo.study.revisions`).
 
     Raises:
         ConfigError: the study, its data, model or storage is wrong, or it changed without ``allow_changes``.
@@ -128,10 +128,10 @@ def run(
     examples = _examples(cfg)  # before torch is imported: a broken data file fails in a second
     import optuna
 
-    from hpo.storage import load_existing
-    from hpo.study import run_study
-    from hpo.workbench import prepare
-    from hpo.workers import auto_workers, check_before_run, gpu_ids, run_workers
+    from hpo.study.loop import run_study
+    from hpo.study.storage import load_existing
+    from hpo.study.workers import auto_workers, check_before_run, gpu_ids, run_workers
+    from hpo.trial.workbench import prepare
 
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # hpo prints its own line per trial, through console
@@ -204,16 +204,16 @@ def report(
     ``include_pruned`` ranks pruned trials on their last intermediate value. With ``csv`` (the trials;
     ``<stem>.studies.csv`` beside it) or ``html``, writes those files and puts the study table in each
     study's dashboard note (where the storage may be written). A file in a study's output folder is written
-    only where hpo may write (:func:`hpo.folders.claim_paths`).
+    only where hpo may write (:func:`hpo.trial.folders.claim_paths`).
 
     Raises:
         ConfigError: a study that does not exist yet, one named twice (its trials would count twice), or an
             output folder that is not hpo's to write in (checked before anything is written).
     """
-    from hpo import tables as rep
-    from hpo.dashboard import save_study_note
-    from hpo.folders import claim_paths, path_problems
-    from hpo.storage import load_existing, resolved_config
+    from hpo.results import tables as rep
+    from hpo.results.dashboard import save_study_note
+    from hpo.study.storage import load_existing, resolved_config
+    from hpo.trial.folders import claim_paths, path_problems
 
     if isinstance(studies, str | Path | Mapping | StudyConfig):  # one study, not a list of them
         studies = [studies]
@@ -257,8 +257,8 @@ def best(
     """The best trial's configuration: (TrainingArguments kwargs, the rest: model, LoRA, knobs, data, trial).
 
     ``trial``: another complete trial's instead; ``pick``: the trial a condition chooses from the Pareto front
-    (:func:`hpo.export.picked`). With ``out``, also writes them as ``out`` and ``<stem>.model.json`` (in the
-    output folder, only where hpo may write: :func:`hpo.folders.claim_paths`).
+    (:func:`hpo.results.export.picked`). With ``out``, also writes them as ``out`` and ``<stem>.model.json`` (in the
+    output folder, only where hpo may write: :func:`hpo.trial.folders.claim_paths`).
 
     Raises:
         NoCompleteTrial: the study has no complete trial, ``trial`` is not a complete one, or none meets ``pick``.
@@ -266,9 +266,9 @@ def best(
         ConfigError: no such study, the study file's settings differ from those the best trial ran under, or
             ``out`` is in an output folder that is not hpo's to write in.
     """
-    from hpo.export import best_config, model_json, write_config
-    from hpo.folders import claim_paths
-    from hpo.storage import load_existing
+    from hpo.results.export import best_config, model_json, write_config
+    from hpo.study.storage import load_existing
+    from hpo.trial.folders import claim_paths
 
     cfg = load(study, {"storage": storage} if storage else None, env)
     args, rest = best_config(cfg, load_existing(cfg), trial, pick)
@@ -285,8 +285,8 @@ def train(study: Study, *, all_data: bool = False, env: str | None = None, stora
         NoCompleteTrial: the study has no complete trial.
         ConfigError: no such study, or the study file changed since the best trial ran.
     """
-    from hpo.export import train_best
-    from hpo.storage import load_existing
+    from hpo.results.export import train_best
+    from hpo.study.storage import load_existing
 
     cfg = load(study, {"storage": storage} if storage else None, env)
     return train_best(cfg, load_existing(cfg), all_data)

@@ -171,7 +171,7 @@ def check(
     """Measure a few real steps at the hungriest and cheapest corners of the space: memory and time; exit 1 if a
     corner does not fit."""
     cfg = _load(study, _parse_overrides(overrides), env)
-    from hpo.preflight import CheckFailed  # torch: after the file is checked
+    from hpo.trial.preflight import CheckFailed  # torch: after the file is checked
 
     try:
         report = api.check(cfg)
@@ -185,7 +185,7 @@ def check(
 
         print(json.dumps(report.as_json(), indent=2, default=str))
     else:
-        from hpo.preflight import print_report
+        from hpo.trial.preflight import print_report
 
         print_report(Console(highlight=False), report)
     raise typer.Exit(0 if report.fits else 1)
@@ -209,7 +209,7 @@ def report(
     ] = False,
 ) -> None:
     """Compare trials and studies on Z-scores within each task, metric and direction; write CSV and HTML."""
-    from hpo import tables as rep
+    from hpo.results import tables as rep
 
     cfgs = [_load(path, _storage(storage), env) for path in studies]
     folder = cfgs[0].output_path / "report"
@@ -285,7 +285,7 @@ def best(
     ] = None,
 ) -> None:
     """Write the best configuration: TrainingArguments JSON, and <stem>.model.json beside it."""
-    from hpo.export import model_json
+    from hpo.results.export import model_json
 
     cfg = _load(study, {**_parse_overrides(overrides), **_storage(storage)}, env)
     if trial is not None and pick is not None:
@@ -345,7 +345,7 @@ def train(
         err.print(f"[red]error[/] {escape(str(e))}")
         raise typer.Exit(2) from None
     except RuntimeError as e:
-        from hpo.memory import OutOfMemory  # torch: only once training ran
+        from hpo.trial.memory import OutOfMemory  # torch: only once training ran
 
         if not isinstance(e, OutOfMemory):
             raise
@@ -364,8 +364,8 @@ def dashboard(
     storage: Storage = None,
 ) -> None:
     """Serve optuna-dashboard on the study's storage, with the trials' artifacts."""
-    from hpo.dashboard import exposed, serve
-    from hpo.storage import load_existing
+    from hpo.results.dashboard import exposed, serve
+    from hpo.study.storage import load_existing
 
     cfg = _load(study, {**_parse_overrides(overrides), **_storage(storage)}, env)
     try:
@@ -392,7 +392,7 @@ def schema(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the schema files.")] = Path("schemas"),
 ) -> None:
     """Write JSON Schemas for study files and search-space files (for editors)."""
-    from hpo.schema import write_schemas
+    from hpo.config.schema import write_schemas
 
     for path in write_schemas(out):
         Console().print(f"wrote {path}")

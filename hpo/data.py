@@ -2,7 +2,7 @@
 
 Reading and checking need no torch or transformers (``hpo run`` checks the data before importing them);
 each defect is one ``ConfigError`` that names the data file and the line (or JSON array index) to fix.
-:mod:`hpo.tokens` tokenizes the checked examples. Four readers and three tasks' checks make this module
+:mod:`hpo.trial.tokens` tokenizes the checked examples. Four readers and three tasks' checks make this module
 over 400 lines; each check needs the reader's line numbers, so they stay together.
 """
 

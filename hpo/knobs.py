@@ -168,10 +168,10 @@ def make_trainer_class():
                 return super().evaluate(eval_dataset, *args, **kwargs)
 
         def _save_checkpoint(self, model, trial):
-            # A checkpoint that cannot be written (a full disk) is a warning, not a failed trial: hpo.checkpoints
+            # A checkpoint that cannot be written (a full disk) is a warning, not a failed trial: hpo.trial.checkpoints
             from pathlib import Path
 
-            from hpo.checkpoints import CheckpointCallback
+            from hpo.trial.checkpoints import CheckpointCallback
 
             save = super()._save_checkpoint
             saver = next((c for c in self.callback_handler.callbacks if isinstance(c, CheckpointCallback)), None)

@@ -1,7 +1,7 @@
 """The one registry of tasks: names, the metrics each reports, the model class, PEFT task type and collator.
 
 Importable without torch or transformers (config validation and its tests need no model): classes are
-named here and imported when a trial needs them (:meth:`Task.model_class`, :func:`hpo.trial.collator`).
+named here and imported when a trial needs them (:meth:`Task.model_class`, :func:`hpo.trial.finetune.collator`).
 
 >>> TASKS["causal-lm"].metrics
 ('eval_loss', 'eval_perplexity')
@@ -47,7 +47,7 @@ TASKS: dict[str, Task] = {
             classifies=True,
         ),
         # No compute_metrics: gathering vocabulary-sized logits would cost memory for nothing but perplexity,
-        # which hpo.metrics.PerplexityCallback derives from the loss.
+        # which hpo.trial.metrics.PerplexityCallback derives from the loss.
         Task(
             "causal-lm",
             ("eval_loss", "eval_perplexity"),

@@ -98,8 +98,8 @@ def reevaluated(study: dict, model: Path) -> float:
 
     from hpo.api import load
     from hpo.tasks import TASKS
-    from hpo.trial import collator
-    from hpo.workbench import prepare
+    from hpo.trial.finetune import collator
+    from hpo.trial.workbench import prepare
 
     bench = prepare(load(study))
     args = TrainingArguments(output_dir=str(model.parent / "reeval"), report_to="none", use_cpu=True)

@@ -89,7 +89,7 @@ def corpus_copy(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
 def test_validate_refuses_what_run_refuses(path, corpus_copy, monkeypatch):
-    # `hpo validate` runs the checks `hpo run` makes before it creates anything (hpo.workers.check_before_run): each
+    # `hpo validate` runs the checks `hpo run` makes before it creates anything (hpo.study.workers.check_before_run): each
     # file of the corpus, whose expected line is that of `hpo run`, is refused by hpo.validate with the same line.
     import hpo
     from hpo.errors import ConfigError

@@ -9,7 +9,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from hpo import ConfigError, load_study
-from hpo.study import run_study
+from hpo.study.loop import run_study
 from tests.conftest import DATA, study_dict
 
 quiet = Console(quiet=True)
@@ -109,7 +109,7 @@ def test_environments_overlay_the_study(write_study, tmp_path):
 
 
 def test_environment_storage_password_is_masked(write_study, tmp_path, monkeypatch):
-    from hpo.storage import resolved_config
+    from hpo.study.storage import resolved_config
 
     monkeypatch.setenv("DB_PASSWORD", "s3cret")
     path = write_study(environments={"prod": {"storage": "postgresql://hpo:${DB_PASSWORD}@db.internal/hpo"}})
@@ -199,7 +199,7 @@ def test_search_space_power_errors(write_study, changes, expected):
 
 
 def test_secret_variables_are_masked_in_the_resolved_config(write_study, monkeypatch):
-    from hpo.storage import resolved_config
+    from hpo.study.storage import resolved_config
 
     monkeypatch.setenv("HF_TOKEN", "hf_abcdef123")
     monkeypatch.setenv("RUN_NAME", "nightly")
@@ -209,7 +209,7 @@ def test_secret_variables_are_masked_in_the_resolved_config(write_study, monkeyp
 
 
 def test_data_slices_for_quick_environments(write_study):
-    from hpo.workbench import prepare
+    from hpo.trial.workbench import prepare
 
     path = write_study(environments={"dev": {"data": {"max_train_rows": 9, "max_eval_rows": 3}}})
     dev = prepare(load_study(path, env="dev"))

@@ -170,7 +170,7 @@ def test_lora_section_or_lora_names_make_a_lora_study(write_study, tiny_model):
 
 
 def test_data_checks_run_before_training(write_study, tmp_path):
-    from hpo.workbench import prepare
+    from hpo.trial.workbench import prepare
 
     bad = tmp_path / "eval.csv"
     bad.write_text("text,label\nhello,greeting\nwhat,unseen_label\n")
@@ -210,7 +210,7 @@ def test_enqueued_configurations_run_first_and_only_once(write_study):
     from optuna.trial import TrialState
     from rich.console import Console
 
-    from hpo.study import run_study
+    from hpo.study.loop import run_study
 
     start = {"learning_rate": 1e-3, "per_device_train_batch_size": 8}
     path = write_study(n_trials=2, enqueue=[start])

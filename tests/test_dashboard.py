@@ -14,8 +14,8 @@ from procs import WAIT_S, wait_for
 from rich.console import Console
 
 from hpo import load_study
-from hpo.dashboard import exposed
-from hpo.study import run_study
+from hpo.results.dashboard import exposed
+from hpo.study.loop import run_study
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("HPO_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))

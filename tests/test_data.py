@@ -19,7 +19,7 @@ from measure import run_measured
 
 from hpo import ConfigError, load_study
 from hpo.data import load_examples
-from hpo.tokens import IGNORE, tokenize
+from hpo.trial.tokens import IGNORE, tokenize
 
 SEQ, TOK, LM = "sequence-classification", "token-classification", "causal-lm"
 ROOT = Path(__file__).parents[1]
@@ -252,7 +252,7 @@ def measured(args: list[str], cwd: Path, limit_cpu_s: int = 120, limit_mb: int =
 
 
 def tokenize_whole(task, examples, tokenizer, max_length):
-    """hpo.tokens.tokenize before texts were cut: each text tokenized whole, then truncated (the reference)."""
+    """hpo.trial.tokens.tokenize before texts were cut: each text tokenized whole, then truncated (the reference)."""
     if task == SEQ:
         enc = tokenizer([t for t, _ in examples], truncation=True, max_length=max_length)
         return [{**{k: v[i] for k, v in enc.items()}, "labels": label} for i, (_, label) in enumerate(examples)]
@@ -378,7 +378,7 @@ def test_a_50_mb_cell_tokenizes_in_bounded_time_and_memory(tmp_path):
     # Before (33106b1, measured here): one 50 MB text took 51 s of CPU and 6 GB to tokenize, for 128 tokens.
     code = textwrap.dedent("""
         from transformers import BertTokenizerFast
-        from hpo.tokens import tokenize
+        from hpo.trial.tokens import tokenize
         words = ["hello", "there", "cold", "and", "windy", "please", "pizza", "today"]
         tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])})
         text = " ".join(words * 1_000_000)[:50_000_000]  # 50 MB

@@ -18,14 +18,14 @@ TWO = {"processes_per_trial": 2}
 
 
 def trial_processes(folder: Path) -> list[int]:
-    """The pids of the launcher and the ranks (``... -m hpo.distributed JOB``) of trials under ``folder``."""
+    """The pids of the launcher and the ranks (``... -m hpo.study.distributed JOB``) of trials under ``folder``."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             args = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"hpo.distributed" in args and any(str(folder).encode() in a for a in args):
+        if b"hpo.study.distributed" in args and any(str(folder).encode() in a for a in args):
             found.append(int(cmdline.parent.name))
     return [pid for pid in found if alive(pid)]
 
@@ -135,7 +135,7 @@ def test_sigterm_checkpoints_every_rank_and_the_rerun_resumes(write_study, tmp_p
 
 def test_more_processes_than_devices_is_one_line_before_any_trial(tiny_model, tmp_path):
     from hpo.api import load
-    from hpo.workers import check_devices, worker_env
+    from hpo.study.workers import check_devices, worker_env
 
     cfg = load(study_dict(tiny_model, resources={"processes_per_trial": 3}, storage=f"sqlite:///{tmp_path}/d.db"))
     with pytest.raises(
@@ -153,7 +153,7 @@ def test_more_processes_than_devices_is_one_line_before_any_trial(tiny_model, tm
 
 def test_deepspeed_needs_cuda_and_deepspeed_in_one_line(tiny_model, tmp_path):
     from hpo.api import load
-    from hpo.workbench import check_engines
+    from hpo.trial.workbench import check_engines
 
     cfg = load(study_dict(tiny_model, train={"deepspeed": {"zero_optimization": {"stage": 2}}}))
     with pytest.raises(ConfigError, match=r"train\.deepspeed: DeepSpeed's ZeRO needs a CUDA GPU"):

@@ -301,10 +301,10 @@ def test_the_doc_checkers_catch_what_drifted():
 
 #: Statements the docs made that the code no longer does, and why each is wrong now.
 RETIRED = {
-    "No per-trial checkpoints": "checkpoint_every saves them (hpo/checkpoints.py)",
+    "No per-trial checkpoints": "checkpoint_every saves them (hpo/trial/checkpoints.py)",
     "metric at the last evaluation": "the objective is at the scored evaluation: objective.at, last or best",
-    "metrics at the last evaluation": "a trial's task metrics are from the scored evaluation (hpo/trial.py)",
-    "`hpo train --best` run in one process": "it runs the trial's launcher (hpo/export.py)",
+    "metrics at the last evaluation": "a trial's task metrics are from the scored evaluation (hpo/trial/finetune.py)",
+    "`hpo train --best` run in one process": "it runs the trial's launcher (hpo/results/export.py)",
     "per example at the last evaluation": "eval_latency_ms is measured at the scored evaluation",
 }
 

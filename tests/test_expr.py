@@ -190,7 +190,7 @@ def test_pick_must_be_a_condition(pick, tmp_path):
     from conftest import study_dict
 
     from hpo.api import load
-    from hpo.export import picked
+    from hpo.results.export import picked
 
     cfg = load(study_dict(tmp_path))
     study = optuna.create_study()

@@ -92,7 +92,7 @@ def test_a_killed_trial_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted
     from rich.console import Console
 
     from hpo import load_study
-    from hpo.study import run_study
+    from hpo.study.loop import run_study
 
     # One trial, evaluated every epoch, a checkpoint every 4 epochs; killed once one is written.
     path = slow_study(write_study, n_trials=1, heartbeat_interval=1, grace_period=3, checkpoint_every={"epochs": 4})

@@ -17,8 +17,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from hpo import load_study
-from hpo.interrupts import Guard
-from hpo.study import run_study
+from hpo.study.loop import run_study
+from hpo.trial.interrupts import Guard
 
 quiet = Console(quiet=True)
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForSequenceClassification
 
 from hpo import ConfigError, load_study
 from hpo.knobs import Knobs, head_modules, init_heads, split
-from hpo.study import run_study
+from hpo.study.loop import run_study
 
 quiet = Console(quiet=True)
 FIXED = {"per_device_train_batch_size": {"type": "categorical", "choices": [4]}}  # 48 rows: 12 steps per epoch
@@ -117,7 +117,7 @@ def test_split():
     ],
 )
 def test_bad_knobs_fail_before_any_trial(write_study, train, key, message):
-    from hpo.workbench import prepare
+    from hpo.trial.workbench import prepare
 
     with pytest.raises(ConfigError) as e:
         prepare(load_study(write_study(train=train)))

@@ -9,9 +9,10 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 import hpo
-from hpo import load_study, memory
+from hpo import load_study
 from hpo.attrs import MICRO_BATCH, OOM_AT, OOM_RETRIES, OUT_OF_MEMORY
-from hpo.study import StopRule, run_study
+from hpo.study.loop import StopRule, run_study
+from hpo.trial import memory
 
 quiet = Console(quiet=True)
 
@@ -24,7 +25,7 @@ def test_micro_batches_divide_the_batch_so_the_effective_batch_stays_exact():
 
 
 def test_a_plan_at_a_smaller_micro_batch_keeps_the_effective_batch():
-    from hpo.plan import TrialPlan
+    from hpo.trial.plan import TrialPlan
 
     plan = TrialPlan({"per_device_train_batch_size": 12, "gradient_accumulation_steps": 2}, None, {}, None)
     args = memory.with_micro_batch(plan, 3).training_arguments
@@ -69,7 +70,7 @@ def test_the_cpu_peak_counts_from_the_start_of_the_measurement():
 
 
 def test_a_checkpoint_folder_is_held_by_one_running_trial(tmp_path):
-    from hpo import checkpoints
+    from hpo.trial import checkpoints
 
     folder = tmp_path / "key"
     assert checkpoints.claim(folder, 1, running=lambda n: True)
@@ -87,7 +88,7 @@ def test_a_trial_that_ran_out_of_memory_does_not_count_toward_failures_in_a_row(
 
 
 def test_a_run_where_nothing_fits_stops_instead_of_trying_forever():
-    from hpo.study import MAX_OUT_OF_MEMORY_IN_A_ROW
+    from hpo.study.loop import MAX_OUT_OF_MEMORY_IN_A_ROW
 
     stop = StopRule(max_failures=2)
     oom = optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={OUT_OF_MEMORY: True})
@@ -169,7 +170,7 @@ def test_a_configuration_that_fits_at_no_micro_batch_fails_and_the_study_goes_on
 
 def test_quantized_weights_need_a_cuda_device_then_bitsandbytes_said_in_one_line(write_study, tiny_model):
     from hpo.errors import ConfigError
-    from hpo.workbench import check_quantization
+    from hpo.trial.workbench import check_quantization
 
     cfg = load_study(write_study(model={"name": str(tiny_model), "lora": {}, "quantization": {"bits": 4}}))
     with pytest.raises(ConfigError, match=r"model\.quantization: 4- and 8-bit weights need a CUDA GPU") as e:
@@ -193,7 +194,7 @@ def test_quantized_weights_need_a_cuda_device_then_bitsandbytes_said_in_one_line
     )
     with pytest.raises(ConfigError, match=r"search_space\.bits: 4- and 8-bit"):
         check_quantization(searched, cuda=False)
-    from hpo.plan import make_plan
+    from hpo.trial.plan import make_plan
 
     plan = make_plan(searched, {"learning_rate": 1e-3, "bits": 8})
     assert plan.quantization == {"bits": 8, "type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}

@@ -1,12 +1,13 @@
-"""hpo.ordered in one process: what a trial's sampler and pruner see, without training (the two-worker runs are in
+"""hpo.study.ordered in one process: what a trial's sampler and pruner see, without training (the two-worker runs are in
 test_workers.py)."""
 
 import optuna
 import pytest
 from conftest import study_dict
 
-from hpo import load_study, ordered
-from hpo.storage import open_study
+from hpo import load_study
+from hpo.study import ordered
+from hpo.study.storage import open_study
 
 GRID = {
     "learning_rate": {"type": "categorical", "choices": [1e-4, 1e-3]},

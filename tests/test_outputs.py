@@ -10,10 +10,10 @@ import pytest
 import yaml
 from conftest import DATA, study_dict, users_folder
 
-from hpo import outputs, revisions
 from hpo.config import load_study
 from hpo.errors import ConfigError
-from hpo.trial import replace_folder
+from hpo.study import outputs, revisions
+from hpo.trial.finetune import replace_folder
 
 
 @pytest.fixture
@@ -218,7 +218,7 @@ def test_the_same_database_under_another_login_or_driver_owns_the_same_folder(tm
 def test_a_report_or_export_never_goes_over_or_into_the_runs_own_files(tmp_path, model, entry):
     # `hpo best --out <outputs>/best_model/config.json` overwrote the installed model's config, and --out over
     # hpo_study.json unmarked the folder: the next run refused it as not hpo's.
-    from hpo.folders import claim_paths, path_problems
+    from hpo.trial.folders import claim_paths, path_problems
 
     cfg = config(tmp_path, model, output_dir=str(tmp_path / "out"))
     mark(cfg)

@@ -7,8 +7,8 @@ from rich.console import Console
 
 from hpo import api
 from hpo.config import StudyConfig, load_study
-from hpo.export import best_config
-from hpo.plan import make_plan
+from hpo.results.export import best_config
+from hpo.trial.plan import make_plan
 
 
 def _config(tmp_path, **changes) -> StudyConfig:
@@ -51,7 +51,7 @@ def test_lr_scaling_counts_the_devices_the_trial_had(tmp_path):
 
 
 def test_what_is_saved_is_what_ran(write_study, tiny_model, tmp_path):
-    from hpo.study import run_study
+    from hpo.study.loop import run_study
 
     # A comma-separated target_modules string, and a learning rate that lr_scaling changes: once the trial
     # split the string and scaled the rate while best.model.json recorded the string as written.

@@ -9,8 +9,8 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from hpo import api, load_study
-from hpo.preflight import corner, print_report
-from hpo.study import run_study
+from hpo.study.loop import run_study
+from hpo.trial.preflight import corner, print_report
 from tests.conftest import DATA
 
 quiet = Console(quiet=True)

@@ -9,7 +9,7 @@ from conftest import study_dict
 from rich.console import Console
 
 from hpo.config import load_study
-from hpo.progress import Progress, print_summary
+from hpo.study.progress import Progress, print_summary
 
 
 def test_the_summary_names_the_environment_that_chose_the_study(tmp_path):
@@ -40,7 +40,7 @@ def test_the_status_line_stops_however_the_run_ends(tmp_path):
 
 
 def test_a_callers_frozen_objects_stay_frozen():
-    from hpo.study import _frozen_heap
+    from hpo.study.loop import _frozen_heap
 
     gc.freeze()
     try:

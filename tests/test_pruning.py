@@ -11,7 +11,7 @@ import optuna
 import pytest
 from transformers import TrainerControl, TrainerState
 
-from hpo.pruning import PruningCallback
+from hpo.trial.pruning import PruningCallback
 
 
 def fit(callback, n_train, batch, max_steps, metrics=lambda step: {"eval_loss": 1.0}):

@@ -8,7 +8,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from hpo import load_study
-from hpo.study import run_study
+from hpo.study.loop import run_study
 
 QUICKSTART = Path(__file__).parent.parent / "studies" / "quickstart.yaml"
 

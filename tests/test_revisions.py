@@ -13,7 +13,7 @@ import yaml
 from rich.console import Console
 
 from hpo import ConfigError, load_study
-from hpo.study import run_study
+from hpo.study.loop import run_study
 
 quiet = Console(quiet=True)
 
@@ -127,7 +127,7 @@ def test_sampler_pruner_and_budget_may_change_freely(write_study):
 
 
 def test_changes_name_each_leaf():
-    from hpo.revisions import changes
+    from hpo.study.revisions import changes
 
     old = {"a": {"b": 1, "c": [1, 2]}, "d": "x"}
     new = {"a": {"b": 2, "c": [1, 2]}, "e": 1}
@@ -182,7 +182,7 @@ def test_a_model_replaced_in_its_folder_is_a_change(write_study, tmp_path, tiny_
 
 def test_the_fingerprint_holds_the_data_that_was_read(write_study, tmp_path):
     # The data file changes between reading it and recording the study: the study records what trials train on.
-    from hpo.workbench import prepare
+    from hpo.trial.workbench import prepare
     from tests.conftest import DATA
 
     data = tmp_path / "train.csv"
@@ -192,7 +192,7 @@ def test_the_fingerprint_holds_the_data_that_was_read(write_study, tmp_path):
     bench = prepare(cfg)
     with open(data, "a") as f:
         f.write("a row written while the run started,greeting\n")
-    from hpo.study import run_study as run_with_bench
+    from hpo.study.loop import run_study as run_with_bench
 
     run_with_bench(cfg, quiet, bench=bench)
     with pytest.raises(ConfigError, match=r"data\.train\.sha256"):
@@ -240,7 +240,7 @@ def test_what_a_value_means_is_keyed_as_older_studies_stored_it(tiny_model):
     from conftest import study_dict
 
     from hpo.api import load
-    from hpo.revisions import objective_key
+    from hpo.study.revisions import objective_key
 
     assert objective_key(load(study_dict(tiny_model))) == {"metric": "eval_loss", "direction": "minimize"}
     best = objective_key(load(study_dict(tiny_model, objective={"at": "best"})))
@@ -256,7 +256,7 @@ def test_settings_that_change_what_a_value_means_are_in_the_fingerprint(tiny_mod
     from conftest import study_dict
 
     from hpo.api import load
-    from hpo.revisions import fingerprint
+    from hpo.study.revisions import fingerprint
 
     plain = fingerprint(load(study_dict(tiny_model)))
     assert not {"repeats", "early_stopping", "processes_per_trial"} & set(plain)  # older studies keep theirs

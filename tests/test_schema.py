@@ -1,8 +1,8 @@
-"""hpo.schema: the JSON Schemas editors read, generated from the typed config — every key explained on hover."""
+"""hpo.config.schema: the JSON Schemas editors read, generated from the typed config — every key explained on hover."""
 
 import pytest
 
-from hpo.schema import search_space_schema, study_schema
+from hpo.config.schema import search_space_schema, study_schema
 
 
 def properties(node, at="#"):

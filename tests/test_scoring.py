@@ -142,7 +142,7 @@ def test_pruning_points_evaluate_a_fixed_stratified_subsample_and_the_last_evalu
 
 
 def test_the_eval_subsample_is_stratified_fixed_and_off_where_an_earlier_evaluation_can_be_the_value(tiny_model):
-    from hpo.workbench import eval_subsample
+    from hpo.trial.workbench import eval_subsample
 
     rows = [{"input_ids": [1], "labels": y} for y in [0] * 40 + [1] * 40 + [2] * 20]
     cfg = hpo.load_study(

@@ -164,7 +164,7 @@ def test_a_secret_goes_only_where_a_library_takes_a_credential(write_study, monk
 )
 def test_a_credential_may_hold_a_secret_and_is_masked(write_study, monkeypatch, changes):
     from hpo import load_study
-    from hpo.storage import resolved_config
+    from hpo.study.storage import resolved_config
 
     monkeypatch.setenv("MY_SECRET_TOKEN", SECRET)
     cfg = load_study(write_study(**changes))
@@ -174,8 +174,8 @@ def test_a_credential_may_hold_a_secret_and_is_masked(write_study, monkeypatch, 
 def test_a_hub_token_written_in_clear_is_masked_too(write_study):
     # Not from ${VAR}: the study's saved config, its dashboard note and its fingerprint held it in clear.
     from hpo import load_study
-    from hpo.revisions import fingerprint
-    from hpo.storage import resolved_config
+    from hpo.study.revisions import fingerprint
+    from hpo.study.storage import resolved_config
 
     for cfg in (
         load_study(write_study(train={"num_train_epochs": 1, "hub_token": SECRET})),

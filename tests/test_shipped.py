@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from hpo import load_study
-from hpo.workbench import prepare
+from hpo.trial.workbench import prepare
 
 ROOT = Path(__file__).parent.parent
 STUDIES = sorted((ROOT / "studies").glob("*.yaml"))  # not outputs/
@@ -30,7 +30,7 @@ def test_shipped_study_runs(path, tmp_path):
     """Each shipped study, shrunk to 2 one-epoch trials on 32 rows, runs end to end (full runs: README)."""
     from rich.console import Console
 
-    from hpo.study import run_study
+    from hpo.study.loop import run_study
 
     small = {
         "n_trials": 2,
@@ -66,7 +66,7 @@ def _validator(name):
 
 
 def test_shipped_schemas_are_current(tmp_path):
-    from hpo.schema import write_schemas
+    from hpo.config.schema import write_schemas
 
     for path in write_schemas(tmp_path):
         assert path.read_text() == (ROOT / "schemas" / path.name).read_text(), f"run: hpo schema ({path.name})"

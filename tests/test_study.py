@@ -19,10 +19,10 @@ from rich.console import Console
 from transformers import TrainerCallback
 
 from hpo import load_study
-from hpo.plan import make_plan
-from hpo.study import run_study
-from hpo.trial import run_trial
-from hpo.workbench import prepare
+from hpo.study.loop import run_study
+from hpo.trial.finetune import run_trial
+from hpo.trial.plan import make_plan
+from hpo.trial.workbench import prepare
 
 quiet = Console(quiet=True)
 
@@ -164,7 +164,7 @@ def test_pruner_prunes(write_study):
 
 
 def test_median_pruner_prunes_a_bad_trial(write_study):
-    from hpo.storage import open_study
+    from hpo.study.storage import open_study
 
     path = write_study(
         n_trials=2,
@@ -220,9 +220,9 @@ def test_failure_is_recorded_with_its_cause_and_the_study_goes_on(write_study, t
 
 
 def test_dropout_reaches_the_model_config(write_study, tiny_model):
-    from hpo.plan import make_plan
-    from hpo.trial import _build_model
-    from hpo.workbench import prepare
+    from hpo.trial.finetune import _build_model
+    from hpo.trial.plan import make_plan
+    from hpo.trial.workbench import prepare
 
     bench = prepare(load_study(write_study()))
     model, _ = _build_model(bench, make_plan(bench.cfg, {"dropout": 0.37}))
@@ -235,7 +235,7 @@ def test_every_failure_carries_its_cause(write_study):
     # The derive divides by zero only at a learning rate queued through Optuna (validation checks the file's
     # enqueue: entries, corners and random points): the trial fails at sampling, before training. It used
     # to end FAIL with no reason, printed "interrupted".
-    from hpo.storage import open_study
+    from hpo.study.storage import open_study
 
     path = write_study(
         n_trials=1,
@@ -297,7 +297,7 @@ def test_a_run_stopped_by_failures_exits_non_zero(write_study, tiny_model, tmp_p
 def test_best_model_is_decided_after_values_are_stored(write_study):
     # Two workers each stage a model that beats the best stored so far. Whatever order their after-tell
     # steps run in, best_model/ ends up holding the study's best, and the loser's staged model is removed.
-    from hpo.outputs import _staged, install_if_best
+    from hpo.study.outputs import _staged, install_if_best
 
     for order in ("worse first", "better first"):
         cfg = load_study(write_study(study=order.replace(" ", "-")))
@@ -392,7 +392,7 @@ def test_a_classifier_with_another_number_of_labels_gets_a_new_head(write_study,
 
 
 def test_a_chosen_precision_is_kept():
-    from hpo.trial import precision
+    from hpo.trial.finetune import precision
 
     assert precision({}, cuda=True, bf16_supported=True) == {"bf16": True}
     assert precision({}, cuda=True, bf16_supported=False) == {"fp16": True}

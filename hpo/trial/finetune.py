@@ -30,10 +30,12 @@ from transformers import (
 )
 from transformers.integrations import TensorBoardCallback
 
-from hpo import checkpoints, knobs, metrics
+from hpo import knobs
 from hpo.attrs import CHECKPOINT_ERROR, PRUNED_AT_STEP
-from hpo.folders import TRIAL_FILE
-from hpo.memory import (
+from hpo.tasks import TASKS, Task
+from hpo.trial import checkpoints, metrics
+from hpo.trial.folders import TRIAL_FILE
+from hpo.trial.memory import (
     EVAL_BATCH_SIZE,
     EvalOutOfMemory,
     MemoryCap,
@@ -42,12 +44,11 @@ from hpo.memory import (
     is_out_of_memory,
     rss_mb,
 )
-from hpo.metrics import PerplexityCallback
-from hpo.plan import TrialPlan
-from hpo.pruning import PruningCallback
-from hpo.tasks import TASKS, Task
-from hpo.tokens import IGNORE
-from hpo.workbench import Workbench, eval_subsample, quiet
+from hpo.trial.metrics import PerplexityCallback
+from hpo.trial.plan import TrialPlan
+from hpo.trial.pruning import PruningCallback
+from hpo.trial.tokens import IGNORE
+from hpo.trial.workbench import Workbench, eval_subsample, quiet
 
 #: Config fields that the searchable ``dropout`` sets, across architectures.
 DROPOUT_FIELDS = (
@@ -164,7 +165,7 @@ def run_trial(
         # configuration would be wrong for one GPU. hpo runs a trial on cuda:0, as transformers itself does
         # under model parallelism. (hpo run gives each worker its own GPUs: hpo.api.run.)
         args._n_gpu = 1
-    lead = args.process_index == 0  # rank 0 of a multi-process trial writes the logs (hpo.distributed)
+    lead = args.process_index == 0  # rank 0 of a multi-process trial writes the logs (hpo.study.distributed)
     n_train = len(bench.train_rows)
     every = cfg.eval_every.examples_between(n_train)
     stopping = cfg.early_stopping

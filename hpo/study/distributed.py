@@ -5,7 +5,7 @@ free local port, gloo on CPU, NCCL on GPU, one GPU per rank), and the Trainer do
 ``train.fsdp``/``train.deepspeed`` it is given. hpo's part is small and lives here:
 
 - the job (the worker's model and data, the trial plan, the trial's id and the study's pruner) is pickled
-  into a folder; every rank runs :func:`hpo.trial.run_trial` on it (``python -m hpo.distributed JOB``);
+  into a folder; every rank runs :func:`hpo.trial.finetune.run_trial` on it (``python -m hpo.study.distributed JOB``);
 - rank 0 alone talks to Optuna, through optuna-integration's ``TorchDistributedTrial``, which broadcasts
   the pruner's answer so that every rank stops at the same step; it stages the model when it may be the
   study's best, and writes the trial's result for the worker, which records it as for a one-process trial;
@@ -39,10 +39,10 @@ from typing import Any
 import optuna
 import torch
 
-from hpo import interrupts, memory
-from hpo.plan import TrialPlan
-from hpo.trial import TrialResult
-from hpo.workbench import Workbench
+from hpo.trial import interrupts, memory
+from hpo.trial.finetune import TrialResult
+from hpo.trial.plan import TrialPlan
+from hpo.trial.workbench import Workbench
 
 STOP_WAIT_S = 120  # after Ctrl-C, how long the ranks get to save a checkpoint and end before SIGKILL
 LAUNCHER_END_S = 15  # of that, what the launcher keeps to end after its ranks
@@ -83,7 +83,7 @@ class Job:
     params: dict[str, Any]
     checkpoint_dir: Path | None
     run_name: str | None = None  # default trial-NNNN
-    save_to: Path | None = None  # rank 0 saves the model there (hpo.trial.save_model) instead of staging it
+    save_to: Path | None = None  # rank 0 saves the model there (hpo.trial.finetune.save_model) instead of staging it
 
 
 def run_trial(
@@ -97,11 +97,11 @@ def run_trial(
     save_to: Path | None = None,
     params: dict[str, Any] | None = None,
 ) -> TrialResult:
-    """:func:`hpo.trial.run_trial` as ``resources.processes_per_trial`` processes; the same result, whose model
+    """:func:`hpo.trial.finetune.run_trial` as ``resources.processes_per_trial`` processes; the same result, whose model
     rank 0 already staged (``model`` is None).
 
     With ``save_to`` (a retrain, under a ``FixedTrial``: nothing is reported), rank 0 saves the model as that
-    folder (:func:`hpo.trial.save_model`, with ``params``, default the trial's) instead.
+    folder (:func:`hpo.trial.finetune.save_model`, with ``params``, default the trial's) instead.
 
     Raises:
         torch.OutOfMemoryError: a rank ran out of memory (its subclass tells training from evaluation).
@@ -136,7 +136,7 @@ def run_trial(
                     f"--nproc-per-node={n}",
                     "--max-restarts=0",
                     "-m",
-                    "hpo.distributed",
+                    "hpo.study.distributed",
                     str(job_dir),
                 ],
                 stdout=log,
@@ -231,11 +231,11 @@ def main(job_dir: Path) -> int:
         result, trial = _run(job, rank, meter)
         if rank == 0:
             if job.save_to is not None:
-                from hpo.trial import save_model
+                from hpo.trial.finetune import save_model
 
                 save_model(job.bench, result, job.params, job.number, job.save_to)
             elif not result.pruned:
-                from hpo.outputs import stage_if_best
+                from hpo.study.outputs import stage_if_best
 
                 stage_if_best(job.bench, result, job.params, trial)
             result.model = None
@@ -258,8 +258,8 @@ def main(job_dir: Path) -> int:
 def _run(job: Job, rank: int, meter: memory.PeakMeter) -> tuple[TrialResult, optuna.Trial | None]:
     from optuna_integration import TorchDistributedTrial
 
-    from hpo.storage import rdb_storage
-    from hpo.trial import run_trial as run_one
+    from hpo.study.storage import rdb_storage
+    from hpo.trial.finetune import run_trial as run_one
 
     cfg = job.bench.cfg
     # The group first (the Trainer's accelerate then uses it): TorchDistributedTrial broadcasts from its first call.

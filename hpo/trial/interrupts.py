@@ -14,7 +14,7 @@ way debuggers step out), is what no library here does.
 
 - SIGTERM (a scheduler's stop, a preemption notice, the parent of ``--workers`` stopping a worker) counts
   once: a second one (systemd signalling the whole group, then the parent its workers) would interrupt the
-  clean-up of the first. A trial that checkpoints answers it with a checkpoint instead (:mod:`hpo.checkpoints`).
+  clean-up of the first. A trial that checkpoints answers it with a checkpoint instead (:mod:`hpo.trial.checkpoints`).
 - Ctrl-C (SIGINT) waits the same way; a second Ctrl-C stops at once, wherever the run is.
 """
 
@@ -26,11 +26,11 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 
-from hpo import checkpoints
+from hpo.trial import checkpoints
 
 #: Top-level packages whose calls a signal must not cut short: the study's storage. Not the trackers (MLflow,
 #: W&B): a server that never answers would hold Ctrl-C back for as long; their calls run on threads of their own,
-#: which a signal never interrupts, and the run waits for them a bounded time (:mod:`hpo.trackers`).
+#: which a signal never interrupts, and the run waits for them a bounded time (:mod:`hpo.trial.trackers`).
 UNSAFE_PACKAGES = frozenset({"optuna", "optuna_integration", "sqlalchemy", "alembic", "sqlite3", "psycopg", "psycopg2"})
 
 _asked = threading.Event()  # a signal came: the run starts no other trial

@@ -15,14 +15,14 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
-from hpo import folders
 from hpo.attrs import SAVE_ERROR
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError
-from hpo.folders import OWNER_FILE  # noqa: F401 - where it was first defined
-from hpo.storage import best_trial, orientation, resolved_config
-from hpo.trial import TrialResult, replace_folder, save_model
-from hpo.workbench import Workbench
+from hpo.study.storage import best_trial, orientation, resolved_config
+from hpo.trial import folders
+from hpo.trial.finetune import TrialResult, replace_folder, save_model
+from hpo.trial.folders import OWNER_FILE  # noqa: F401 - where it was first defined
+from hpo.trial.workbench import Workbench
 
 
 def check_paths(cfg: StudyConfig) -> None:
@@ -30,7 +30,7 @@ def check_paths(cfg: StudyConfig) -> None:
 
     Raises:
         ConfigError: the SQLite file's folder is missing, or the output folder cannot be created, or is not
-            hpo's to write in (:func:`hpo.folders.folder_problems`: a folder of the user's, the model's, one
+            hpo's to write in (:func:`hpo.trial.folders.folder_problems`: a folder of the user's, the model's, one
             holding a symlink or a model of someone else's where hpo writes).
     """
     problems = []
@@ -87,9 +87,9 @@ def stage_if_best(bench: Workbench, result: TrialResult, params: dict[str, Any],
 
     A trial that does not beat the stored best now can never become the best (later values only add
     rivals), so only possible winners are written. A failed save (a full disk) is a warning on the
-    trial, which keeps its value; :func:`hpo.trial.save_model` removes the partial folder.
+    trial, which keeps its value; :func:`hpo.trial.finetune.save_model` removes the partial folder.
     """
-    if result.model is None:  # a multi-process trial: its rank 0 staged it (hpo.distributed)
+    if result.model is None:  # a multi-process trial: its rank 0 staged it (hpo.study.distributed)
         return
     study = trial.study
     try:

@@ -379,7 +379,9 @@ class _MLflow:
                 experiment_id = self.client.get_experiment_by_name(study).experiment_id
         else:
             experiment_id = experiment.experiment_id
-        run = self.client.create_run(experiment_id, run_name=f"trial-{number:04d}", tags={"hpo.trial": str(number)})
+        run = self.client.create_run(
+            experiment_id, run_name=f"trial-{number:04d}", tags={"hpo.trial.finetune": str(number)}
+        )
         self.run_id = run.info.run_id
         self.logged: set[tuple[str, int]] = set()  # (metric, step) already logged: never twice
         self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])

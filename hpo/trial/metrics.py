@@ -7,7 +7,7 @@ import math
 import numpy as np
 from transformers import EvalPrediction, TrainerCallback
 
-from hpo.tokens import IGNORE
+from hpo.trial.tokens import IGNORE
 
 
 def macro_f1(gold: np.ndarray, predicted: np.ndarray) -> float:

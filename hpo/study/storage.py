@@ -18,11 +18,12 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
-from hpo import ordered, revisions, samplers, space
+from hpo import samplers, space
 from hpo.attrs import CONFIG, REVISIONS
 from hpo.config import StudyConfig
-from hpo.dashboard import save_study_note
 from hpo.errors import ConfigError, StorageLost
+from hpo.results.dashboard import save_study_note
+from hpo.study import ordered, revisions
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SQLITE_TIMEOUT_S = 60  # wait this long for another writer's lock instead of "database is locked"
@@ -41,14 +42,14 @@ def open_study(
     """Create the study in its storage, or load it if it exists, and queue the file's ``enqueue:`` entries.
 
     Safe when workers on one machine or many start at once: see :func:`_setup_lock`. ``fingerprint``
-    (:func:`hpo.revisions.fingerprint`) is checked against the study's: a study file that changed what
+    (:func:`hpo.study.revisions.fingerprint`) is checked against the study's: a study file that changed what
     its trials mean is refused, or with ``allow_changes`` recorded as a new revision.
 
     The sampler's seed is ``sampler.seed`` for the first process of a new study; worker ``k`` of
     ``hpo run --workers`` and a resumed study get a seed derived from it, the worker and the trials
     already in the study: the same seed everywhere would have every worker sample the same
     configurations, and a resumed study replay the ones it ran first. Under ``workers`` > 1 with a seed, the
-    sampler and pruner are :mod:`hpo.ordered`'s: the same trials on every run, whatever finishes first.
+    sampler and pruner are :mod:`hpo.study.ordered`'s: the same trials on every run, whatever finishes first.
 
     Raises:
         ConfigError: the storage cannot be opened (server unreachable, no driver, no such folder), or the
@@ -81,7 +82,7 @@ def open_study(
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError, sqlite3.Error) as e:
         raise _cannot_open(cfg, e) from None
     sampler_args = dict(cfg.sampler.args)
-    if workers > 1 and sampler_args.get("seed") is not None:  # reproducible in parallel: see hpo.ordered
+    if workers > 1 and sampler_args.get("seed") is not None:  # reproducible in parallel: see hpo.study.ordered
         if cfg.sampler.name == "tpe":
             sampler_args.setdefault("constant_liar", True)  # the trials of a batch apart, not all at TPE's mode
 

@@ -73,7 +73,7 @@ def serve(cfg: StudyConfig, host: str, port: int) -> None:
     """
     from optuna_dashboard import run_server
 
-    from hpo.folders import claim_paths
+    from hpo.trial.folders import claim_paths
 
     claim_paths(cfg, cfg.output_path / "artifacts")  # a folder the dashboard made would not be the study's
 

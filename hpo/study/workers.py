@@ -32,15 +32,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from hpo import interrupts, outputs
 from hpo.api import GPU_ID
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError, StorageLost, TrialsFailed
-from hpo.memory import available_mb
-from hpo.progress import print_summary
-from hpo.storage import StorageWatch, check_storage, count_finished
-from hpo.study import run_study, start_study
-from hpo.workbench import Workbench
+from hpo.study import outputs
+from hpo.study.loop import run_study, start_study
+from hpo.study.progress import print_summary
+from hpo.study.storage import StorageWatch, check_storage, count_finished
+from hpo.trial import interrupts
+from hpo.trial.memory import available_mb
+from hpo.trial.workbench import Workbench
 
 STOPPED_ON_FAILURES = 3  # a worker's exit code when max_failures_in_a_row stopped it
 STOP_WAIT_S = 60  # after Ctrl-C, how long workers get to end their trials before SIGKILL
@@ -68,7 +69,7 @@ def auto_workers(cfg: StudyConfig, gpus: Sequence[str], model_path: str | None =
     """``--workers auto``: one worker per GPU (per ``processes_per_trial`` GPUs), else one per CPU core (each with
     one thread: two 1-thread workers did 1.58x the steps per second of one 2-thread process on 2 cores, and a
     12-trial study on 1,200 rows had 17 trials done in the Trainer search's time for 12, docs/performance.md); at
-    most ``n_trials // 4``, so that a seeded TPE learns from at least four batches (:mod:`hpo.ordered`).
+    most ``n_trials // 4``, so that a seeded TPE learns from at least four batches (:mod:`hpo.study.ordered`).
 
     On CPU each worker trains its own copy of the model in the machine's memory, so there are at most as many as
     the available memory holds at :func:`worker_mb` each (``model_path``: the model's folder).
@@ -112,9 +113,9 @@ def check_devices(cfg: StudyConfig, n: int, gpus: Sequence[str]) -> None:
 
 def check_before_run(cfg: StudyConfig, n: int = 1, gpus: Sequence[str] | None = None) -> None:
     """What ``hpo run`` refuses before it creates anything, once the study, its data and its model are checked
-    (:func:`hpo.workbench.prepare`): ``n`` workers' processes on this machine (:func:`check_devices`; ``gpus``,
-    default the visible ones), the output folder and the SQLite folder (:func:`hpo.outputs.check_paths`) and the
-    storage (:func:`hpo.storage.check_storage`). ``hpo validate`` runs it too, so that it refuses whatever the run
+    (:func:`hpo.trial.workbench.prepare`): ``n`` workers' processes on this machine (:func:`check_devices`; ``gpus``,
+    default the visible ones), the output folder and the SQLite folder (:func:`hpo.study.outputs.check_paths`) and the
+    storage (:func:`hpo.study.storage.check_storage`). ``hpo validate`` runs it too, so that it refuses whatever the run
     would: on the machine it runs on, which is the one the run checks.
 
     Raises:
@@ -157,7 +158,7 @@ def run_workers(
 
     The study is created (or loaded) here first, so a bad model, data or storage fails once, before
     any worker starts. ``bench``: the model and data already checked; ``allow_changes``: as in
-    :func:`hpo.study.start_study`. Exit code: 0 when every worker ended normally or the study reached its target
+    :func:`hpo.study.loop.start_study`. Exit code: 0 when every worker ended normally or the study reached its target
     anyway; 1 when a worker crashed and the target was not reached.
 
     Raises:

@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.markup import escape
 
-from hpo import checkpoints, distributed, interrupts, memory, ordered, outputs, revisions, space, trackers
+from hpo import space
 from hpo.attrs import (
     DERIVED_PARAMS,
     DEVICES,
@@ -42,12 +42,11 @@ from hpo.attrs import (
     WORKER,
 )
 from hpo.config import StudyConfig
-from hpo.dashboard import artifact_store, upload_json
 from hpo.errors import StorageLost, TrialsFailed
-from hpo.memory import release
-from hpo.plan import make_plan, repeat_seeds
-from hpo.progress import Progress, print_summary
-from hpo.storage import (
+from hpo.results.dashboard import artifact_store, upload_json
+from hpo.study import distributed, ordered, outputs, revisions
+from hpo.study.progress import Progress, print_summary
+from hpo.study.storage import (
     DISK_FULL,
     FINISHED,
     StorageWatch,
@@ -58,12 +57,15 @@ from hpo.storage import (
     storage_error,
     storage_problem,
 )
-from hpo.trial import evaluate_test, objective_values, run_trial
-from hpo.workbench import Workbench, prepare
+from hpo.trial import checkpoints, interrupts, memory, trackers
+from hpo.trial.finetune import evaluate_test, objective_values, run_trial
+from hpo.trial.memory import release
+from hpo.trial.plan import make_plan, repeat_seeds
+from hpo.trial.workbench import Workbench, prepare
 
 MAX_REJECTED_IN_A_ROW = 100  # constraints that leave almost no feasible space
 MAX_OUT_OF_MEMORY_IN_A_ROW = 10  # trials that fit at no micro-batch: the space needs more memory than the device has
-ORDERED_WAIT_MIN_S = 600  # under hpo.ordered, the least a trial waits for an earlier one before going on
+ORDERED_WAIT_MIN_S = 600  # under hpo.study.ordered, the least a trial waits for an earlier one before going on
 WAIT_POLL_S = 1.0  # how often a worker waiting for trials running elsewhere looks again (two small queries)
 
 
@@ -78,11 +80,11 @@ def start_study(
 
     ``bench``: the model and data already checked (by :func:`hpo.run`, or the parent of ``hpo run --workers``).
     ``allow_changes``: record a changed study file as a new revision instead of refusing it. ``workers``: how
-    many run the study (``hpo run --workers``), the batch of :mod:`hpo.ordered`.
+    many run the study (``hpo run --workers``), the batch of :mod:`hpo.study.ordered`.
 
     Raises:
         ConfigError: the model, the data or the storage cannot be loaded, or the study file changed what
-            the study's trials mean (see :mod:`hpo.revisions`).
+            the study's trials mean (see :mod:`hpo.study.revisions`).
     """
     bench = bench or prepare(cfg)
     outputs.check_paths(cfg)
@@ -408,7 +410,7 @@ def _objective(bench: Workbench, progress: Progress, revision: int, tracking: tr
         except Exception as e:
             reason = cfg.masked(storage_error(e, cfg.storage_label))[:1000]
             if reason.startswith(DISK_FULL):  # the fewest bytes: the storage may be on that disk
-                with contextlib.suppress(Exception):  # the run stops on it either way (hpo.study._optimize)
+                with contextlib.suppress(Exception):  # the run stops on it either way (hpo.study.loop._optimize)
                     trial.set_user_attr(FAIL_REASON, reason)
                 raise
             for key, value in memory.failure_attrs(e).items():
@@ -426,7 +428,7 @@ def _objective(bench: Workbench, progress: Progress, revision: int, tracking: tr
 
 
 def _wait_in_order(trial: optuna.Trial, progress: Progress) -> None:
-    """Wait for the trials before this one that hpo.ordered says it must; say so if it gave up waiting."""
+    """Wait for the trials before this one that hpo.study.ordered says it must; say so if it gave up waiting."""
     done = trial.study.get_trials(deepcopy=False, states=FINISHED)
     longest = max((t.duration.total_seconds() for t in done if t.duration is not None), default=0.0)
     cap = max(ORDERED_WAIT_MIN_S, 2 * longest)  # a live trial ends within about the longest one's time
@@ -486,7 +488,7 @@ def _fitting(
     saved=None,
     on_eval=None,
 ):
-    """Run the trial, at smaller micro-batches while it runs out of memory (:func:`hpo.memory.fit`).
+    """Run the trial, at smaller micro-batches while it runs out of memory (:func:`hpo.trial.memory.fit`).
 
     It starts at the largest micro-batch known to fit from earlier trials of no greater demand on the same
     memory (device, cap, revision), and records the micro-batch it ran at and those that ran out
@@ -599,7 +601,7 @@ def _finished_twin(trial: optuna.Trial, sampled: dict[str, Any], size: int | Non
     Samplers repeat configurations (a resumed seeded sampler replays its first draws; TPE on a small
     categorical space proposes its favourite again); a finished one would only be trained again.
     """
-    last = ordered.horizon(trial.study, trial.number)  # under hpo.ordered, not what finished in the meantime
+    last = ordered.horizon(trial.study, trial.number)  # under hpo.study.ordered, not what finished in the meantime
     finished = [t for t in trial.study.get_trials(deepcopy=False, states=FINISHED) if t.number <= last]
     if size is not None and len({repr(sorted(t.params.items())) for t in finished}) >= size:
         return None

@@ -30,7 +30,7 @@ import torch
 from transformers import TrainerCallback
 
 from hpo.attrs import OOM_AT, OUT_OF_MEMORY
-from hpo.plan import DEFAULT_BATCH, TrialPlan, lora_target_list
+from hpo.trial.plan import DEFAULT_BATCH, TrialPlan, lora_target_list
 
 BATCH, ACCUMULATION, EVAL_BATCH = (
     "per_device_train_batch_size",

@@ -39,7 +39,7 @@ from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
 from hpo.attrs import CONFIG, DERIVED_PARAMS, PRUNED_AT_STEP, REVISION, TEST_METRICS, TEST_TOP_K
 from hpo.space import at_edges
-from hpo.storage import best_trial
+from hpo.study.storage import best_trial
 from hpo.tasks import HIGHER_IS_BETTER
 
 #: Task metrics that count toward ``score`` (precision and recall are in F1 already; the loss is the objective's or
@@ -127,7 +127,7 @@ def add_scores(
     mask (default: all), picks the rows scored; the others get NaN z-scores, score and rank.
     ``rank`` orders each group by the raw value of the first metric of ``metrics`` (the objective;
     infinities included), ties broken by the ``tiebreak`` column (lowest first: the trial number, as
-    :func:`hpo.storage.best_trial` breaks them) or else by ``score``: the report's rank 1 is ``hpo best``'s trial.
+    :func:`hpo.study.storage.best_trial` breaks them) or else by ``score``: the report's rank 1 is ``hpo best``'s trial.
     """
     df = df.copy()
     keep = pd.Series(True, index=df.index) if rows is None else rows.astype(bool)

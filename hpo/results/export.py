@@ -14,10 +14,10 @@ from hpo.attrs import DERIVED_PARAMS, DEVICES, MICRO_BATCH, TEST_METRICS
 from hpo.config import StudyConfig
 from hpo.errors import NoCompleteTrial
 from hpo.expr import Expression
-from hpo.plan import DEFAULT_BATCH, TrialPlan, make_plan
-from hpo.revisions import check_trial_settings, current_revision, trial_revision
-from hpo.storage import best_trial, rank_key
+from hpo.study.revisions import check_trial_settings, current_revision, trial_revision
+from hpo.study.storage import best_trial, rank_key
 from hpo.tasks import TASKS
+from hpo.trial.plan import DEFAULT_BATCH, TrialPlan, make_plan
 
 
 def best_params(study: optuna.Study) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def best_params(study: optuna.Study) -> dict[str, Any]:
 def best_config(
     cfg: StudyConfig, study: optuna.Study, number: int | None = None, pick: str | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The best trial's (or complete trial ``number``'s) exported :class:`~hpo.plan.TrialPlan`: (TrainingArguments
+    """The best trial's (or complete trial ``number``'s) exported :class:`~hpo.trial.plan.TrialPlan`: (TrainingArguments
     kwargs, the rest).
 
     The rest names the study, trial, metric and value, and the revision of the study file it ran under.
@@ -147,17 +147,18 @@ def train_best(cfg: StudyConfig, study: optuna.Study, all_data: bool = False) ->
 
     ``all_data`` trains on train + eval (the eval numbers then say little).
     A study whose trials ran as several processes (``resources.processes_per_trial``, FSDP, DeepSpeed) retrains
-    through the same launcher (:func:`hpo.distributed.run_trial`): as many ranks, so the same global batch.
+    through the same launcher (:func:`hpo.study.distributed.run_trial`): as many ranks, so the same global batch.
     Returns the folder, ``<outputs>/final_model``.
 
     Raises:
         ConfigError: the study file changed since the best trial ran, or the output folder (or a
             ``final_model/`` in it) is not hpo's to write in; both before training.
     """
-    from hpo import distributed, memory
-    from hpo.folders import claim_paths
-    from hpo.trial import TrialResult, run_trial, save_model
-    from hpo.workbench import prepare
+    from hpo.study import distributed
+    from hpo.trial import memory
+    from hpo.trial.finetune import TrialResult, run_trial, save_model
+    from hpo.trial.folders import claim_paths
+    from hpo.trial.workbench import prepare
 
     args, rest = best_config(cfg, study)  # before training: refuses a study file that changed
     claim_paths(cfg, cfg.output_path / "final_model")  # and a final_model/ hpo did not save, or a folder not hpo's

@@ -2,12 +2,12 @@
 
 At two corners of the search space, the most memory-hungry (largest per-device batch, LoRA ``r`` and
 ``target_modules``, more bits, gradient checkpointing off, the longest rows) and the cheapest, a few real
-optimizer steps run through the trial's own code (:func:`hpo.trial.run_trial`, with a ``FixedTrial``) on
+optimizer steps run through the trial's own code (:func:`hpo.trial.finetune.run_trial`, with a ``FixedTrial``) on
 this device, then one evaluation batch of the longest eval rows. A trial of ``processes_per_trial: N`` ranks
 is measured in this one process at the same micro-batch and N times the accumulation steps: the same
 per-device batch (memory) and the same global batch (optimizer steps, trial time), one device doing every
 rank's share (the time is an upper bound for N devices). Each corner's peak memory is measured as a
-trial measures it (:class:`hpo.memory.PeakMeter`) and shown beside an analytic breakdown, so that a user
+trial measures it (:class:`hpo.trial.memory.PeakMeter`) and shown beside an analytic breakdown, so that a user
 sees why; seconds per optimizer step give the time of one full trial and of the study.
 """
 
@@ -28,12 +28,13 @@ import torch
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from transformers import TrainerCallback, TrainingArguments
 
-from hpo import memory, samplers, space
-from hpo.checkpoints import KEEP
+from hpo import samplers, space
 from hpo.config import EvalGrid, Resources, StudyConfig
-from hpo.plan import lora_target_list, make_plan
-from hpo.trial import run_trial
-from hpo.workbench import Workbench, prepare
+from hpo.trial import memory
+from hpo.trial.checkpoints import KEEP
+from hpo.trial.finetune import run_trial
+from hpo.trial.plan import lora_target_list, make_plan
+from hpo.trial.workbench import Workbench, prepare
 
 STEPS = 4  # optimizer steps per corner: the first pays for start-up, the others are timed
 #: How each memory-relevant parameter's choices rank, hungriest last (others take their first choice or low end).

@@ -21,7 +21,7 @@ import optuna
 
 from hpo.attrs import CONFIG, FINGERPRINT, REVISION, REVISIONS
 from hpo.config import StudyConfig
-from hpo.folders import hpo_files
+from hpo.trial.folders import hpo_files
 
 MAX_LISTED = 4  # changes named in the one-line refusal
 WHOLE_FILE_BYTES = 64 * 2**20  # model and tokenizer files up to this size are hashed whole
@@ -96,7 +96,7 @@ def folder_digest(folder: Path) -> dict[str, str]:
 
     Only the folder's own top-level weights, configs and vocabularies (``MODEL_FILES``): not training
     checkpoints in subfolders, not a study file, storage or outputs kept beside the model, nor what hpo
-    wrote there when the folder was also an output folder (:func:`hpo.folders.hpo_files`). Files up to
+    wrote there when the folder was also an output folder (:func:`hpo.trial.folders.hpo_files`). Files up to
     ``WHOLE_FILE_BYTES`` are hashed whole; bigger ones (weights) by size and 10 blocks of 1 MiB spread
     over the file: seconds for a 14 GB checkpoint instead of a minute, and new weights (re-initialised,
     fine-tuned, another model) differ in every block.

@@ -1,0 +1,1 @@
+"""Many trials: the loop and its objective, storages, devices and workers, distributed launch, outputs, progress."""
