@@ -22,7 +22,8 @@ _BLANK = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
 
 
 class DataError(Exception):
-    """A defect in a data file, as ``FILE:LINE: message``; :func:`hpo.data.load_examples` raises it as a ``ConfigError``."""
+    """A defect in a data file, as ``FILE:LINE: message``; :func:`hpo.data.load_examples` raises it as a
+    ``ConfigError``."""
 
 
 @dataclass

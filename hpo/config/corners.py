@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 #: Valid values of the model-side and LoRA names, searched or derived (training arguments are checked
 #: against TrainingArguments and hpo's own ranges, in :func:`hpo.trial.workbench.check_training_arguments`).
-VALUE_RANGES = {
+_VALUE_RANGES = {
     "dropout": (lambda v: isinstance(v, int | float) and 0 <= v < 1, "a probability in [0, 1)"),
     "lora_dropout": (lambda v: isinstance(v, int | float) and 0 <= v < 1, "a probability in [0, 1)"),
     "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive whole number (use //)"),
@@ -34,7 +34,7 @@ def expression_problems(cfg: StudyConfig) -> list[Problem]:
     """
     found: dict[KeyPath, Problem] = {}
     for name, d in cfg.distributions.items():  # searched values: each end of the range, or every choice
-        check = VALUE_RANGES.get(name)
+        check = _VALUE_RANGES.get(name)
         values = list(d.choices) if isinstance(d, CategoricalDistribution) else [d.low, d.high]
         bad = next((v for v in values if check and not check[0](v)), None)
         if bad is not None:
@@ -57,7 +57,7 @@ def expression_problems(cfg: StudyConfig) -> list[Problem]:
             continue
         for name, value in derived.items():
             seen[name].setdefault(repr(value), value)
-            check = VALUE_RANGES.get(name)
+            check = _VALUE_RANGES.get(name)
             if check and not check[0](value):
                 found.setdefault(
                     ("search_space", name, "derive"),

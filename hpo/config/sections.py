@@ -29,7 +29,8 @@ from hpo.tasks import COST_METRICS, HIGHER_IS_BETTER
 DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".conll")
 
 
-# Every section: an unknown key is an error, NaN and infinity are refused, and so is a boolean for a number.
+# Every model of a study file: an unknown key is an error, NaN and infinity are refused, and so is a boolean
+# where a number goes.
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
