@@ -1,5 +1,6 @@
 # make quickstart — set up and run the quickstart study; make test — set up and run every test;
-# make test-fast — the unit tier (trains nothing, under a minute); make lint — ruff's checks and formatting.
+# make test-fast — the unit tier (trains nothing, under a minute); make lint — ruff's checks and formatting,
+# the import contract (lint-imports: no floor of hpo/ imports a higher one) and the size limits (.ci/sizes.py).
 PYTHON ?= python3
 VENV   ?= .venv
 # PyTorch is installed first and pinned here: on our dev and CI machines this version is a CPU
@@ -26,6 +27,8 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration"
 
 lint: setup
-	$(BIN)/ruff check hpo tests benchmarks && $(BIN)/ruff format --check hpo tests benchmarks
+	$(BIN)/ruff check hpo tests benchmarks .ci && $(BIN)/ruff format --check hpo tests benchmarks .ci
+	$(BIN)/lint-imports
+	$(BIN)/python .ci/sizes.py hpo
 
 .PHONY: setup quickstart test test-fast lint

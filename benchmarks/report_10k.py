@@ -17,6 +17,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from hpo.results import tables as report
+from hpo.results.html import write_html
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -86,7 +87,7 @@ def main() -> None:
         f"CSV {t3 - t2:.2f} s, total {t3 - t0:.2f} s"
     )
     if args.html:
-        report.write_html([study], trials, summary, out / "report.html")
+        write_html([study], trials, summary, out / "report.html")
         t4 = time.perf_counter()
         print(
             f"HTML report {t4 - t3:.2f} s ({(out / 'report.html').stat().st_size / 2**20:.1f} MiB); "

@@ -212,6 +212,7 @@ def report(
     """
     from hpo.results import tables as rep
     from hpo.results.dashboard import save_study_note
+    from hpo.results.html import write_html
     from hpo.study.storage import load_existing, resolved_config
     from hpo.trial.folders import claim_paths, path_problems
 
@@ -233,7 +234,7 @@ def report(
     if csv is not None:
         rep.write_csv(trials, summary, Path(csv))
     if html is not None:
-        rep.write_html(loaded, trials, summary, Path(html))
+        write_html(loaded, trials, summary, Path(html))
     if csv is not None or html is not None:
         import sqlalchemy
         from optuna.exceptions import StorageInternalError

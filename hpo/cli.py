@@ -209,7 +209,8 @@ def report(
     ] = False,
 ) -> None:
     """Compare trials and studies on Z-scores within each task, metric and direction; write CSV and HTML."""
-    from hpo.results import tables as rep
+    from hpo.results.tables import studies_csv
+    from hpo.results.terminal import print_tables
 
     cfgs = [_load(path, _storage(storage), env) for path in studies]
     folder = cfgs[0].output_path / "report"
@@ -222,47 +223,9 @@ def report(
         err.print(f"[red]error[/] cannot write {escape(str(e.filename or folder))}: {escape(e.strerror or str(e))}")
         raise typer.Exit(2) from None
     console = Console()
-    for label, rows in rep.by_group(summary):  # a rank is only ever shown beside the group it ranks in
-        console.print(
-            _table(
-                rows,
-                [c for c in rep.SUMMARY_COLUMNS if c not in (*rep.GROUP, "score")],  # the group is in the title
-                f"studies: {label}",
-            )
-        )
-    for row in summary.itertuples():
-        for warning in filter(None, row.at_edge.split("; ")):
-            console.print(f"[yellow]at the edge[/] ({escape(row.study)}): {escape(warning)}")
-    pruned = "; pruned ranked on their last intermediate value" if include_pruned else ""
-    for label, rows in rep.by_group(trials):
-        if "pareto" in rows:  # several objectives: the front first, each in rank order
-            rows = rows.sort_values("pareto", ascending=False, kind="stable", key=lambda c: c.fillna(False))
-        # columns of the features a study uses (several objectives, repeats, data.test), only when it does
-        used = [c for c in ("pareto", "value_std", "test_loss") if c in rows and rows[c].notna().any()]
-        columns = ["rank", "study", "trial", "state", *[c for c in used if c == "pareto"], "objective"]
-        columns += [*[c for c in used if c != "pareto"], "eval_accuracy", "optimizer_steps"]
-        console.print(
-            _table(
-                rows.head(10),
-                [*columns, "score"],
-                f"top 10 trials: {label}{pruned} (params in the CSV and HTML)",
-            )
-        )
-    for path in (csv, rep.studies_csv(csv), html):
+    print_tables(console, trials, summary, include_pruned)
+    for path in (csv, studies_csv(csv), html):
         console.print(f"wrote {path}")
-
-
-def _table(df, columns: list[str], title: str):
-    import pandas as pd
-    from rich.table import Table
-
-    table = Table(title=title)
-    columns = [c for c in columns if c in df]
-    for c in columns:
-        table.add_column(c.replace("_", " "), justify="right", overflow="fold")
-    for _, row in df[columns].iterrows():
-        table.add_row(*("" if pd.isna(v) else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
-    return table
 
 
 @app.command()

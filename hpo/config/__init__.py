@@ -4,8 +4,9 @@
   (size, nesting, alias bombs, encodings, duplicate keys).
 - :mod:`~hpo.config.compose`: ``extends:`` chains, ``search_space: FILE``, absolute paths, the
   ``--env`` overlay, ``${VAR}`` and ``.env``, command-line overrides; secrets kept to :func:`mask`.
-- :mod:`~hpo.config.models`: the pydantic models (:class:`StudyConfig` and its sections); the
-  search-space entry :class:`~hpo.space.Param` lives in :mod:`hpo.space`, beside its compiler.
+- :mod:`~hpo.config.sections` and :mod:`~hpo.config.models`: the pydantic models (each section, and
+  :class:`StudyConfig` that holds them); the search-space entry :class:`~hpo.space.Param` lives in
+  :mod:`hpo.space`, beside the names it may search.
 - :mod:`~hpo.config.validate`: pydantic's errors as ``FILE:LINE: key.path: message`` problems, the
   checks across keys, ``derive:`` and ``constraints:`` evaluated at the corners of the space.
 - :mod:`~hpo.config.load`: :func:`load_study`, the three stages for the chosen environment, and
@@ -33,7 +34,9 @@ Every problem is a :class:`~hpo.errors.ConfigError` whose lines read ``FILE:LINE
 from hpo.config.compose import PATH_KEYS, absolute_sqlite, mask
 from hpo.config.compose import _deep_merge as _deep_merge  # for tests of the merge alone
 from hpo.config.load import load_study
-from hpo.config.models import (
+from hpo.config.models import StudyConfig
+from hpo.config.parse import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES, parse_yaml
+from hpo.config.sections import (
     DATA_SUFFIXES,
     DataConfig,
     EvalEvery,
@@ -45,9 +48,7 @@ from hpo.config.models import (
     Quantization,
     Resources,
     SamplerSpec,
-    StudyConfig,
 )
-from hpo.config.parse import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES, parse_yaml
 from hpo.errors import ConfigError, Problem
 from hpo.space import Param
 

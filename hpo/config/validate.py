@@ -1,9 +1,11 @@
 """Stage 3, validate: the composed document → ``StudyConfig``, and the checks that span several keys.
 
 pydantic's errors become ``FILE:LINE: key.path: message`` problems (an unknown key with a "did you mean"),
-then the cross-checks run (``when:``, ``derive:``, ``constraints:``, ``enqueue:``, storage URL, metric,
-sampler and pruner on a test study), and ``derive:``/``constraints:`` are evaluated at the corners of the
-space and at random points. Nothing here imports torch or transformers.
+then the cross-checks run, grouped by concern: the names keys read from one another (``when:``, ``derive:``,
+``constraints:``, ``enqueue:``; :mod:`hpo.config.references`), the storage URL (:mod:`hpo.config.storage_url`),
+then here the objectives and metrics, trackers, quantization, sampler and pruner on a test study; last
+``derive:``/``constraints:`` are evaluated at the corners of the space and at random points
+(:mod:`hpo.config.corners`). Nothing here imports torch or transformers.
 """
 
 from __future__ import annotations
@@ -12,20 +14,18 @@ import importlib.util
 import math
 import re
 import typing
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import create_engine
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SAWarning
 
-from hpo import samplers, space
-from hpo.config.compose import control_character, hidden_character, mask, sqlite_misread
+from hpo import samplers
+from hpo.config.compose import mask
+from hpo.config.corners import expression_problems
 from hpo.config.models import StudyConfig
+from hpo.config.references import reference_problems
+from hpo.config.storage_url import storage_problems
 from hpo.errors import ConfigError, KeyPath, Problem, SourceMap, did_you_mean
 from hpo.tasks import COST_METRICS, TASKS
 from hpo.trial import trackers
@@ -124,82 +124,11 @@ def _argument(src: SourceMap, section: str, args: Mapping[str, Any], message: st
 
 
 def _cross_checks(cfg: StudyConfig) -> list[Problem]:
-    """Checks that span several keys, each reported at the key to fix."""
+    """Checks that span several keys, each reported at the key to fix; the expressions are evaluated only when
+    every other check passes."""
     src = cfg._source
-    problems = []
-    for name in sorted(set(cfg.search_space) & set(cfg.train)):
-        problems.append(src.problem(("search_space", name), f"{name!r} is also fixed in train:; keep one"))
-    dists = cfg.distributions
-    defined: set[str] = set()
-    for name, p in cfg.search_space.items():
-        for ref, want in (p.when or {}).items():
-            if ref not in defined:
-                problems.append(
-                    src.problem(
-                        ("search_space", name, "when", ref), f"{ref!r} must be a parameter defined above {name!r}"
-                    )
-                )
-            elif isinstance(dists.get(ref), CategoricalDistribution):
-                unknown = [v for v in (want if isinstance(want, list) else [want]) if v not in dists[ref].choices]
-                if unknown:
-                    problems.append(
-                        src.problem(
-                            ("search_space", name, "when", ref),
-                            f"{unknown[0]!r} is not one of {ref}'s choices {list(dists[ref].choices)}",
-                        )
-                    )
-            elif ref in dists:  # a number range: only values it can sample, and never a continuous one
-                d = dists[ref]
-                if getattr(d, "step", None) is None and not isinstance(d, IntDistribution):
-                    problems.append(
-                        src.problem(
-                            ("search_space", name, "when", ref),
-                            f"{ref} is continuous: it never equals one value (make it categorical or give it a step)",
-                        )
-                    )
-                else:
-                    unknown = [v for v in (want if isinstance(want, list) else [want]) if not _contains(d, v)]
-                    if unknown:
-                        problems.append(
-                            src.problem(
-                                ("search_space", name, "when", ref),
-                                f"{unknown[0]!r} is not a value {ref} takes ({d.low}..{d.high})",
-                            )
-                        )
-        if p.expression is not None:
-            missing = sorted(p.expression.names - defined - set(cfg.train))
-            if missing:
-                problems.append(
-                    src.problem(
-                        ("search_space", name, "derive"),
-                        f"unknown name {missing[0]!r}: derive reads parameters defined above it, or train: settings",
-                    )
-                )
-        defined.add(name)
-    for i, c in enumerate(cfg.constraint_expressions):
-        missing = sorted(c.names - set(cfg.search_space) - set(cfg.train))
-        if missing:
-            problems.append(
-                src.problem(
-                    ("constraints", i), f"unknown name {missing[0]!r}{did_you_mean(missing[0], cfg.search_space)}"
-                )
-            )
-    seen_entries: dict[str, int] = {}
-    for i, entry in enumerate(cfg.enqueue):
-        for name, value in entry.items():
-            if name in cfg.search_space and name not in dists:
-                problems.append(src.problem(("enqueue", i, name), "a derived parameter cannot be enqueued"))
-            elif name not in dists:
-                problems.append(src.problem(("enqueue", i, name), f"not in search_space{did_you_mean(name, dists)}"))
-            elif not _contains(dists[name], value):
-                problems.append(src.problem(("enqueue", i, name), f"{value!r} is outside the search space"))
-            else:  # the space's own spelling: 8.0 for a choice of 8 would reach TrainingArguments as a float
-                entry[name] = dists[name].to_external_repr(dists[name].to_internal_repr(value))
-        key = repr(sorted(entry.items()))
-        if key in seen_entries:
-            problems.append(src.problem(("enqueue", i), f"the same configuration as enqueue[{seen_entries[key]}]"))
-        seen_entries.setdefault(key, i)
-    problems += _storage_problems(cfg)
+    problems = reference_problems(cfg)
+    problems += storage_problems(cfg)
     if (cfg.data.prompt_column is None) != (cfg.data.response_column is None):
         problems.append(
             src.problem(
@@ -207,6 +136,19 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
                 "prompt_column and response_column go together",
             )
         )
+    problems += _objective_problems(cfg)
+    problems += _tracker_problems(cfg)
+    problems += _quantization_problems(cfg)
+    problems += _sampler_problems(cfg, dry_run=not problems)
+    if not problems:
+        problems += expression_problems(cfg)
+    return problems
+
+
+def _objective_problems(cfg: StudyConfig) -> list[Problem]:
+    """What a trial's value is: repeats, several objectives, the metric the task reports, early stopping."""
+    src = cfg._source
+    problems = []
     metrics = TASKS[cfg.task].metrics
     if cfg.repeats > 1 and cfg.objectives:
         problems.append(src.problem(("repeats",), "repeats with several objectives is not supported yet: one of them"))
@@ -257,6 +199,13 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
                 "worse, later one",
             )
         )
+    return problems
+
+
+def _tracker_problems(cfg: StudyConfig) -> list[Problem]:
+    """``train.report_to``: trackers hpo logs to, installed, and the environment's timeout for them."""
+    src = cfg._source
+    problems = []
     report_to = cfg.train.get("report_to")
     names = [report_to] if isinstance(report_to, str) else report_to if isinstance(report_to, list) else [report_to]
     for name in names if report_to is not None else []:
@@ -280,6 +229,13 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
             trackers.timeout_s()
         except ValueError as e:  # the environment sets how long a tracker may take
             problems.append(src.problem(("train", "report_to"), str(e)))
+    return problems
+
+
+def _quantization_problems(cfg: StudyConfig) -> list[Problem]:
+    """Quantized weights train only as LoRA adapters over a pretrained model."""
+    src = cfg._source
+    problems = []
     if cfg.quantized:
         where = ("model", "quantization") if cfg.model.quantization is not None else ("search_space", "bits")
         if not cfg.is_lora:
@@ -294,18 +250,25 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
             problems.append(
                 src.problem(where, "quantization loads pretrained weights: give model.name, not model.config")
             )
+    return problems
+
+
+def _sampler_problems(cfg: StudyConfig, dry_run: bool) -> list[Problem]:
+    """The sampler and pruner built from their arguments, and with ``dry_run`` run on a test study."""
+    src = cfg._source
+    problems = []
     sampler = pruner = None
     try:
-        sampler = samplers.make_sampler(cfg.sampler.name, cfg.sampler.args, dists)
+        sampler = samplers.make_sampler(cfg.sampler.name, cfg.sampler.args, cfg.distributions)
     except ValueError as e:
         problems.append(_argument(src, "sampler", cfg.sampler.args, str(e)))
     try:
         pruner = samplers.make_pruner(cfg.pruner.name, cfg.pruner.args)
     except ValueError as e:
         problems.append(_argument(src, "pruner", cfg.pruner.args, str(e)))
-    if sampler is not None and pruner is not None and not problems:
+    if sampler is not None and pruner is not None and dry_run:
         try:  # what only shows when the sampler runs: an argument the constructor stores unchecked
-            samplers.dry_run(sampler, pruner, dists, cfg.directions)
+            samplers.dry_run(sampler, pruner, cfg.distributions, cfg.directions)
         except Exception as e:  # noqa: BLE001 - any error here would fail every trial
             problems.append(
                 src.problem(
@@ -314,148 +277,4 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
                     f"fails on a test study: {type(e).__name__}: {str(e)[:200]}",
                 )
             )
-    if not problems:
-        problems += _expression_problems(cfg)
     return problems
-
-
-def _storage_problems(cfg: StudyConfig) -> list[Problem]:
-    """``storage:`` as the run will read it: a URL, not in memory, with options its driver takes, and for SQLite
-    a path that means one file (what SQLAlchemy would cut off or decode is refused, not silently changed)."""
-    src = cfg._source
-    if cfg.storage is None:
-        return []
-    if bad := control_character(cfg.storage):
-        return [src.problem(("storage",), f"{bad} in the URL: no file or server is named so")]
-    try:
-        url = make_url(cfg.storage)
-    except Exception:  # noqa: BLE001 - its message would echo the URL, password included
-        return [src.problem(("storage",), "not a database URL (e.g. sqlite:///study.db, postgresql://user@host/db)")]
-    problems = []
-    sqlite = url.get_backend_name() == "sqlite"
-    if sqlite and (misread := sqlite_misread(cfg.storage)):
-        return [src.problem(("storage",), misread)]
-    if sqlite and (bad := hidden_character(url.database or "")):  # a file hpo creates, as outputs/<study> is
-        return [src.problem(("storage",), f"{bad} in the SQLite path: it prints like another file's name")]
-    # Each connection to it has a database of its own (the heartbeat thread's, every worker's), and the
-    # trials are gone when the run ends: nothing a user ran may be lost.
-    if sqlite and (url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"):
-        problems.append(
-            src.problem(
-                ("storage",),
-                "an in-memory SQLite database loses the study when the run ends: "
-                "a file (sqlite:///study.db) or a server",
-            )
-        )
-    try:  # connects to nothing: the driver reads the URL's options (?timeout=abc fails here, not mid-run)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", SAWarning)
-            engine = create_engine(cfg.storage_url)
-            engine.dialect.create_connect_args(engine.url)
-            engine.dispose()
-    except (ValueError, TypeError, ArgumentError):
-        problems.append(
-            src.problem(("storage",), "an option in the URL is not valid for its driver (e.g. ?timeout=abc)")
-        )
-    except ImportError:  # no driver: opening the storage says which package to install
-        pass
-    else:
-        ignored = [w for w in caught if issubclass(w.category, SAWarning) and "not accepted" in str(w.message)]
-        if ignored and not problems:  # SQLAlchemy would drop them with a warning, and the run go on without them
-            reason = str(ignored[0].message).split(";")[0].split(" (Background")[0]
-            problems.append(src.problem(("storage",), f"an option in the URL is ignored: {reason}"))
-    return problems
-
-
-#: Valid values of the model-side and LoRA names, searched or derived (training arguments are checked
-#: against TrainingArguments and hpo's own ranges, in :func:`hpo.trial.workbench.check_training_arguments`).
-_VALUE_RANGES = {
-    "dropout": (lambda v: isinstance(v, int | float) and 0 <= v < 1, "a probability in [0, 1)"),
-    "lora_dropout": (lambda v: isinstance(v, int | float) and 0 <= v < 1, "a probability in [0, 1)"),
-    "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive whole number (use //)"),
-    "lora_alpha": (lambda v: isinstance(v, int | float) and v > 0, "a positive number"),
-    "bits": (lambda v: v in (4, 8) and not isinstance(v, bool), "4 or 8"),
-}
-
-
-def _expression_problems(cfg: StudyConfig) -> list[Problem]:
-    """Evaluate ``derive:`` and ``constraints:`` at the corners of the space and at random points.
-
-    What fails there would fail trials an hour into the study: division by zero, a result too large, a
-    derived value outside its target's valid range. Records the derived values seen, for the
-    TrainingArguments checks that need transformers.
-    """
-    found: dict[KeyPath, Problem] = {}
-    for name, d in cfg.distributions.items():  # searched values: each end of the range, or every choice
-        check = _VALUE_RANGES.get(name)
-        values = list(d.choices) if isinstance(d, CategoricalDistribution) else [d.low, d.high]
-        bad = next((v for v in values if check and not check[0](v)), None)
-        if bad is not None:
-            found[("search_space", name)] = cfg.problem(("search_space", name), f"{bad!r}: {name} must be {check[1]}")
-    derives = [name for name, p in cfg.search_space.items() if p.expression is not None]
-    if not derives and not cfg.constraints:
-        return list(found.values())
-    seen: dict[str, dict[str, Any]] = {name: {} for name in derives}
-    feasible = False
-    for point in space.corners(cfg.distributions):
-        where = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
-        try:
-            sampled, derived = space.walk(
-                cfg.search_space, cfg.distributions, lambda name, d, point=point: point[name], cfg.train
-            )
-        except space.DeriveError as e:
-            key, _, message = str(e).partition(": ")
-            path = tuple(key.split("."))
-            found.setdefault(path, cfg.problem(path, f"{message} at {where}"))
-            continue
-        for name, value in derived.items():
-            seen[name].setdefault(repr(value), value)
-            check = _VALUE_RANGES.get(name)
-            if check and not check[0](value):
-                found.setdefault(
-                    ("search_space", name, "derive"),
-                    cfg.problem(
-                        ("search_space", name, "derive"), f"gives {value!r} at {where}; {name} must be {check[1]}"
-                    ),
-                )
-        values = {**cfg.train, **sampled, **derived}
-        met = True
-        for i, c in enumerate(cfg.constraint_expressions):
-            try:
-                met = c.evaluate(values) is not False and met
-            except KeyError:  # reads a parameter inactive here: does not apply
-                pass
-            except ValueError as e:
-                found.setdefault(("constraints", i), cfg.problem(("constraints", i), f"{e} at {where}"))
-                met = False
-        feasible = feasible or met
-    if cfg.constraints and not feasible and not found:
-        found[("constraints",)] = cfg.problem(
-            ("constraints",),
-            "no corner of the space and none of 32 random points meets every constraint: no trial could run",
-        )
-    for i, entry in enumerate(cfg.enqueue):  # a queued configuration the constraints reject would never run
-        try:
-            sampled, derived = space.walk(
-                cfg.search_space, cfg.distributions, lambda name, d, entry=entry: entry[name], cfg.train
-            )
-            broken = space.broken_constraint(cfg.constraint_expressions, {**cfg.train, **sampled, **derived})
-        except KeyError:  # a partial entry: the sampler picks the rest
-            continue
-        except ValueError as e:  # a derive or a constraint fails there
-            found.setdefault(("enqueue", i), cfg.problem(("enqueue", i), str(e)))
-            continue
-        if broken:
-            found.setdefault(
-                ("enqueue", i),
-                cfg.problem(("enqueue", i), f"breaks the constraint {broken!r}: it would be rejected, never trained"),
-            )
-    cfg._derived_values = {name: list(values.values())[:20] for name, values in seen.items()}
-    return list(found.values())
-
-
-def _contains(d: BaseDistribution, value: Any) -> bool:
-    try:
-        return d._contains(d.to_internal_repr(value))  # Optuna's own membership test
-    except (ValueError, TypeError):
-        return False
