@@ -24,11 +24,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SAWarning
 
 from hpo import samplers, space
+from hpo.config import reporting as trackers
 from hpo.config.compose import control_character, hidden_character, mask, sqlite_misread
 from hpo.config.models import StudyConfig
 from hpo.errors import ConfigError, KeyPath, Problem, SourceMap, did_you_mean
 from hpo.tasks import COST_METRICS, TASKS
-from hpo.trial import trackers
 
 
 def build(raw: dict[str, Any], source: SourceMap, path: Path, env: str | None, secrets: frozenset[str]) -> StudyConfig:
