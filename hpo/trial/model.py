@@ -55,7 +55,12 @@ def precision(settings: Mapping[str, Any], cuda: bool, bf16_supported: bool) -> 
 
 
 def build_model(bench: Workbench, plan: TrialPlan) -> tuple[Any, dict[str, list[str]]]:
-    """The trial's model (PEFT-wrapped for LoRA), its new heads initialised, and the load report."""
+    """The trial's model (PEFT-wrapped for LoRA), its new heads initialised, and the load report.
+
+    Raises:
+        ValueError: the model's config has no dropout field to set, or a body weight of the checkpoint has
+            another shape than this model's.
+    """
     cfg = bench.cfg
     config = copy.deepcopy(bench.config)
     if "dropout" in plan.model_params:
