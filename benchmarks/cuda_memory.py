@@ -79,7 +79,7 @@ def main() -> None:
     import hpo.study.loop
     from hpo import load_study
     from hpo.study.loop import run_study
-    from hpo.trial.finetune import device_settings
+    from hpo.trial.model import device_settings
 
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark needs a GPU")

@@ -45,7 +45,8 @@ def record(data: Path, trials: int, epochs: float, seed: int) -> dict:
 
     from hpo import load_study, space
     from hpo.tasks import TASKS
-    from hpo.trial.finetune import collator, run_trial
+    from hpo.trial.finetune import run_trial
+    from hpo.trial.model import collator
     from hpo.trial.plan import make_plan
     from hpo.trial.workbench import prepare
 

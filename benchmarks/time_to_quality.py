@@ -70,7 +70,7 @@ def run_hf(study: Path, seed: int, db: Path, out: Path) -> None:
     from hpo import load_study
     from hpo.tasks import TASKS
     from hpo.trial import metrics
-    from hpo.trial.finetune import _build_model, collator
+    from hpo.trial.model import build_model, collator
     from hpo.trial.plan import make_plan
     from hpo.trial.workbench import prepare
 
@@ -81,7 +81,7 @@ def run_hf(study: Path, seed: int, db: Path, out: Path) -> None:
     metric = cfg.objective.metric
 
     def model_init(trial):
-        return _build_model(bench, make_plan(cfg, {} if trial is None else trial.params))[0]
+        return build_model(bench, make_plan(cfg, {} if trial is None else trial.params))[0]
 
     def hp_space(trial):
         out = {}

@@ -98,7 +98,7 @@ def reevaluated(study: dict, model: Path) -> float:
 
     from hpo.api import load
     from hpo.tasks import TASKS
-    from hpo.trial.finetune import collator
+    from hpo.trial.model import collator
     from hpo.trial.workbench import prepare
 
     bench = prepare(load(study))

@@ -10,7 +10,8 @@ from rich.console import Console
 
 from hpo import api, load_study
 from hpo.study.loop import run_study
-from hpo.trial.preflight import corner, print_report
+from hpo.trial.corners import corner
+from hpo.trial.preflight import print_report
 from tests.conftest import DATA
 
 quiet = Console(quiet=True)

@@ -1,4 +1,4 @@
-"""The step and plateau schedules hpo builds (hpo.knobs' create_scheduler), on a real Trainer that never trains.
+"""The step and plateau schedules hpo builds (hpo.trial.trainer.KnobsTrainer), on a real Trainer that never trains.
 
 A two-layer torch module stands in for a model: ``body`` and a new head ``classifier``. The optimizer and the
 scheduler are created as Trainer creates them, then stepped by hand; tests/test_knobs.py runs them in trials.
@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from hpo.knobs import Knobs, make_trainer_class
+from hpo.knobs import Knobs
+from hpo.trial.trainer import KnobsTrainer
 
 N_STEPS = 12  # optimizer steps in the whole run
 
@@ -23,13 +24,8 @@ class Net(torch.nn.Module):
         return self.classifier(self.body(x))
 
 
-@pytest.fixture(scope="module")
-def trainer_class():
-    return make_trainer_class()
-
-
 @pytest.fixture
-def build(tmp_path, trainer_class):
+def build(tmp_path):
     """``build(knobs, **training_arguments)`` → (trainer, optimizer, scheduler) for a run of N_STEPS steps."""
 
     def build(knobs: Knobs, **args):
@@ -39,7 +35,7 @@ def build(tmp_path, trainer_class):
             use_cpu=True,
             **{"learning_rate": 0.1, "lr_scheduler_type": "constant", **args},
         )
-        trainer = trainer_class(model=Net(), args=arguments, knobs=knobs, heads=["classifier"])
+        trainer = KnobsTrainer(model=Net(), args=arguments, knobs=knobs, heads=["classifier"])
         optimizer = trainer.create_optimizer()
         return trainer, optimizer, trainer.create_scheduler(N_STEPS, optimizer)
 

@@ -220,12 +220,12 @@ def test_failure_is_recorded_with_its_cause_and_the_study_goes_on(write_study, t
 
 
 def test_dropout_reaches_the_model_config(write_study, tiny_model):
-    from hpo.trial.finetune import _build_model
+    from hpo.trial.model import build_model
     from hpo.trial.plan import make_plan
     from hpo.trial.workbench import prepare
 
     bench = prepare(load_study(write_study()))
-    model, _ = _build_model(bench, make_plan(bench.cfg, {"dropout": 0.37}))
+    model, _ = build_model(bench, make_plan(bench.cfg, {"dropout": 0.37}))
     assert model.config.hidden_dropout_prob == 0.37
     assert model.config.attention_probs_dropout_prob == 0.37
     assert model.config.num_labels == 3
@@ -392,7 +392,7 @@ def test_a_classifier_with_another_number_of_labels_gets_a_new_head(write_study,
 
 
 def test_a_chosen_precision_is_kept():
-    from hpo.trial.finetune import precision
+    from hpo.trial.model import precision
 
     assert precision({}, cuda=True, bf16_supported=True) == {"bf16": True}
     assert precision({}, cuda=True, bf16_supported=False) == {"fp16": True}

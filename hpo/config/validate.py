@@ -21,6 +21,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ValidationError
 
 from hpo import samplers
+from hpo.config import reporting as trackers
 from hpo.config.compose import mask
 from hpo.config.corners import expression_problems
 from hpo.config.models import StudyConfig
@@ -28,7 +29,6 @@ from hpo.config.references import reference_problems
 from hpo.config.storage_url import storage_problems
 from hpo.errors import ConfigError, KeyPath, Problem, SourceMap, did_you_mean
 from hpo.tasks import COST_METRICS, TASKS
-from hpo.trial import trackers
 
 
 def build(raw: dict[str, Any], source: SourceMap, path: Path, env: str | None, secrets: frozenset[str]) -> StudyConfig:

@@ -25,29 +25,18 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.distributions import BaseDistribution, CategoricalDistribution
 from transformers import TrainerCallback, TrainingArguments
 
-from hpo import samplers, space
+from hpo import samplers
 from hpo.config import EvalGrid, Resources, StudyConfig
 from hpo.trial import memory
 from hpo.trial.checkpoints import KEEP
+from hpo.trial.corners import corner
 from hpo.trial.finetune import run_trial
-from hpo.trial.plan import lora_target_list, make_plan
+from hpo.trial.plan import TrialPlan, make_plan
 from hpo.trial.workbench import Workbench, prepare
 
 STEPS = 4  # optimizer steps per corner: the first pays for start-up, the others are timed
-#: How each memory-relevant parameter's choices rank, hungriest last (others take their first choice or low end).
-DEMAND = {
-    memory.BATCH: lambda v: v,
-    "per_device_eval_batch_size": lambda v: v,
-    "r": lambda v: v,
-    "target_modules": lambda v: math.inf if v == "all-linear" else len(lora_target_list(v)),
-    "gradient_checkpointing": lambda v: not v,
-    "bits": lambda v: v or 32,
-    "num_train_epochs": lambda v: v,
-    "max_steps": lambda v: v,
-}
 #: Bytes of optimizer state per trainable parameter (fp32 states), by the optimizer's class name.
 OPTIMIZER_BYTES = {"AdamW": 8, "Adam": 8, "RMSprop": 4, "SGD": 4, "Adafactor": 0}
 PRUNING_ASSUMPTION = "half the trials after the pruner's first {n} stop halfway through"
@@ -146,47 +135,6 @@ def check(cfg: StudyConfig, bench: Workbench | None = None) -> CheckReport:
     return report
 
 
-def corner(cfg: StudyConfig, hungry: bool) -> dict[str, Any]:
-    """The parameters of the hungriest (or cheapest) corner of the space, derived ones computed.
-
-    Each memory-relevant parameter at its hungriest (cheapest) value, the others at their first choice or low
-    end. When that point breaks a ``constraints:`` entry (no trial would run it), the hungriest (cheapest) of
-    the space's corners that meet every constraint.
-    """
-
-    def pick(name: str, d: BaseDistribution) -> Any:
-        rank = DEMAND.get(name)
-        if isinstance(d, CategoricalDistribution):
-            choices = list(d.choices)
-            return (max if hungry else min)(choices, key=rank) if rank else choices[0]
-        return (d.high if hungry else d.low) if rank else d.low
-
-    def walked(choose) -> dict[str, Any] | None:
-        try:
-            sampled, derived = space.walk(cfg.search_space, cfg.distributions, choose, cfg.train)
-        except ValueError:  # a derive that fails there: no trial runs it
-            return None
-        params = {**sampled, **derived}
-        return None if space.broken_constraint(cfg.constraint_expressions, {**cfg.train, **params}) else params
-
-    params = walked(pick)
-    if params is not None:
-        return params
-    feasible = [
-        p
-        for point in space.corners(cfg.distributions, n_random=64)
-        if (p := walked(lambda name, d, point=point: point[name])) is not None
-    ]
-    if not feasible:  # validation found a feasible point; these did not: measure the plain corner
-        sampled, derived = space.walk(cfg.search_space, cfg.distributions, pick, cfg.train)
-        return {**sampled, **derived}
-
-    def demand(params: dict[str, Any]) -> tuple:
-        return tuple(rank(params[name]) if name in params else 0 for name, rank in DEMAND.items())
-
-    return (max if hungry else min)(feasible, key=demand)
-
-
 def _budget(cfg: StudyConfig, device: str) -> tuple[float, str]:
     if cfg.resources.max_memory_gb:
         return cfg.resources.max_memory_gb * 1024, "resources.max_memory_gb"
@@ -215,21 +163,12 @@ def _measure(bench: Workbench, name: str, params: dict[str, Any]) -> Corner:
     processes = cfg.resources.processes_per_trial  # each rank's accumulation steps, here in one process
     batch, accumulation = args.get(memory.BATCH, memory.DEFAULT_BATCH), args.get(memory.ACCUMULATION, 1) * processes
     eval_batch = args.get(memory.EVAL_BATCH, memory.EVAL_BATCH_SIZE)
-    by_length = sorted(bench.train_rows, key=lambda row: len(row["input_ids"]), reverse=True)
-    rng = random.Random(0)
-    rows = (by_length * math.ceil(batch / len(by_length)))[:batch]  # the longest batch a trial can draw
-    rows += [rng.choice(bench.train_rows) for _ in range(batch * accumulation * STEPS - batch)]
+    rows = _rows(bench, batch, batch * accumulation * STEPS)
     eval_rows = sorted(bench.eval_rows, key=lambda row: len(row["input_ids"]), reverse=True)[:eval_batch]
-    short = dataclasses.replace(
-        plan,
-        training_arguments={
-            **args,
-            memory.ACCUMULATION: accumulation,
-            "max_steps": STEPS,
-            "warmup_steps": 0,
-            **({"train_sampling_strategy": "sequential"} if "train_sampling_strategy" in _fields() else {}),
-        },
-    )
+    tokens = len(rows[0]["input_ids"])  # the longest training row
+    steps = _trial_steps(args, len(bench.train_rows), batch * accumulation)
+    short = _short(plan, accumulation)
+    shape = {"name": name, "params": params, "micro_batch": batch, "rows_tokens": tokens, "processes": processes}
     with tempfile.TemporaryDirectory(prefix="hpo-check-") as tmp:
         scratch = cfg.model_copy(  # no cap: the check measures the whole peak, then compares it with the budget
             update={
@@ -239,8 +178,7 @@ def _measure(bench: Workbench, name: str, params: dict[str, Any]) -> Corner:
             }
         )
         trial_bench = dataclasses.replace(bench, cfg=scratch, train_rows=rows, eval_rows=eval_rows)
-        clock = _StepClock()
-        meter = memory.PeakMeter(bench.device)
+        clock, meter = _StepClock(), memory.PeakMeter(bench.device)
         try:
             result = run_trial(
                 trial_bench, short, optuna.trial.FixedTrial(params), run_name=name, meter=meter, callbacks=[clock]
@@ -256,48 +194,54 @@ def _measure(bench: Workbench, name: str, params: dict[str, Any]) -> Corner:
             peak = meter.peak_mb
             memory.release()
             return Corner(
-                name,
-                params,
-                batch,
-                len(by_length[0]["input_ids"]),
-                round(peak, 1),
-                {},
-                0.0,
-                0.0,
-                False,
-                ran_out,
-                processes,
-                batch * accumulation,
-                _trial_steps(args, len(bench.train_rows), batch * accumulation),
+                **shape,
+                peak_mb=round(peak, 1),
+                breakdown_mb={},
+                seconds_per_step=0.0,
+                trial_seconds=0.0,
+                fits=False,
+                ran_out=ran_out,
+                global_batch=batch * accumulation,
+                trial_steps=steps,
             )
         startup = result.attrs["seconds_to_first_step"]
         eval_seconds = result.history[-1].get("eval_runtime", 0.0)
-        breakdown = _breakdown(bench, result, batch, len(by_length[0]["input_ids"]), args)
+        breakdown = _breakdown(bench, result, batch, tokens, args)
         global_batch = round(result.attrs["examples_seen"] / result.attrs["optimizer_steps"])
         peak = meter.peak_mb
         del result
         memory.release()
     step = statistics.median(clock.seconds[1:] or clock.seconds)
-    n_train = len(bench.train_rows)
-    steps = _trial_steps(args, n_train, batch * accumulation)
-    every = cfg.eval_every.examples_between(n_train)
+    every = cfg.eval_every.examples_between(len(bench.train_rows))
     evaluations = math.ceil(steps * batch * accumulation / every) if every else 1
     full_eval = (
         eval_seconds * _padded_tokens(bench.eval_rows, eval_batch) / max(1, _padded_tokens(eval_rows, eval_batch))
     )
     return Corner(
-        name=name,
-        params=params,
-        micro_batch=batch,
-        rows_tokens=len(by_length[0]["input_ids"]),
+        **shape,
         peak_mb=round(peak, 1),
         breakdown_mb=breakdown,
         seconds_per_step=round(step, 4),
         trial_seconds=round(startup + step * max(0, steps - 1) + evaluations * full_eval, 1),
-        processes=processes,
         global_batch=global_batch,
         trial_steps=steps,
     )
+
+
+def _rows(bench: Workbench, batch: int, n: int) -> list[dict[str, Any]]:
+    """``n`` training rows: the longest batch a trial can draw, then random ones (the same at every check)."""
+    by_length = sorted(bench.train_rows, key=lambda row: len(row["input_ids"]), reverse=True)
+    rng = random.Random(0)
+    rows = (by_length * math.ceil(batch / len(by_length)))[:batch]
+    return rows + [rng.choice(bench.train_rows) for _ in range(n - batch)]
+
+
+def _short(plan: TrialPlan, accumulation: int) -> TrialPlan:
+    """``plan`` cut to :data:`STEPS` optimizer steps of ``accumulation`` micro-batches, no warmup, rows in order."""
+    fields = TrainingArguments.__dataclass_fields__
+    sequential = {"train_sampling_strategy": "sequential"} if "train_sampling_strategy" in fields else {}
+    args = {**plan.training_arguments, memory.ACCUMULATION: accumulation, "max_steps": STEPS, "warmup_steps": 0}
+    return dataclasses.replace(plan, training_arguments={**args, **sequential})
 
 
 def _padded_tokens(rows: list[dict[str, Any]], batch: int) -> int:
@@ -306,10 +250,6 @@ def _padded_tokens(rows: list[dict[str, Any]], batch: int) -> int:
     return sum(
         len(lengths[i : i + batch]) * lengths[min(i + batch, len(lengths)) - 1] for i in range(0, len(lengths), batch)
     )
-
-
-def _fields() -> frozenset[str]:
-    return frozenset(TrainingArguments.__dataclass_fields__)
 
 
 def _trial_steps(args: dict[str, Any], n_train: int, effective_batch: int) -> int:

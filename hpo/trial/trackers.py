@@ -12,9 +12,9 @@ where each tracker sends them by its own settings: ``MLFLOW_TRACKING_URI`` (else
 ``WANDB_DIR``, ``WANDB_ENTITY``. A tracker that fails is a warning, never a failed trial: the fine-tune is
 worth more than its copy in a tracker.
 
-A tracker never holds a run up. Its calls run on a thread of its own (:class:`_Lane`), and the trial waits for
-each at most :func:`timeout_s` seconds (``HPO_TRACKER_TIMEOUT_S``, default 10): a call that does not answer in
-time drops that tracker for the rest of the run, with one warning. A signal lands in the wait, never in the
+A tracker never holds a run up. Its calls run on a thread of its own (:class:`hpo.trial.lane.Lane`), and the
+trial waits for each at most :func:`hpo.config.reporting.timeout_s` seconds (``HPO_TRACKER_TIMEOUT_S``, default
+10): a call that does not answer in time drops that tracker for the rest of the run, with one warning. A signal lands in the wait, never in the
 tracker's call, so Ctrl-C and SIGTERM are answered at once whatever a tracker is doing; the interrupted trial's
 runs then get :data:`CLOSING_S` seconds to record their end. MLflow's own HTTP settings, where the user has not
 set them, follow that timeout with one retry (its defaults: 120 s a request, 7 retries with backoff: minutes
@@ -27,12 +27,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import logging
 import math
 import os
-import queue
 import re
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -40,10 +37,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-#: Names ``train.report_to`` takes; tensorboard is always on.
-SUPPORTED = ("mlflow", "wandb", "tensorboard", "none")
-#: The extra that installs each tracker.
-EXTRAS = {"mlflow": "mlflow", "wandb": "wandb"}
+from hpo.config.reporting import TIMEOUT_ENV, requested, timeout_s
+from hpo.trial.lane import Lane, Unanswered
+
 #: Cost figures logged as metrics when a trial ends (user attrs of the trial).
 COSTS = (
     "train_seconds",
@@ -53,30 +49,10 @@ COSTS = (
     "samples_per_second",
     "optimizer_steps",
 )
-
-
-#: The variable that sets how long one tracker call may take, in seconds; :data:`TIMEOUT_S` when unset.
-TIMEOUT_ENV = "HPO_TRACKER_TIMEOUT_S"
-TIMEOUT_S = 10.0
-#: The longest timeout taken: a day. Past ~2.9e11 years a wait overflows the platform's time_t, and the tracker was
-#: dropped as unreachable ("timestamp out of range") however well its server answered.
-MAX_TIMEOUT_S = 86400.0
 #: After Ctrl-C or SIGTERM: how long, in all, the interrupted trial's runs get to record their end (seconds).
 CLOSING_S = 5.0
-
-
-class Unanswered(Exception):
-    """A tracker call did not return within its time."""
-
-
 #: MLflow's run status per way a trial ends: a pruned trial is not a failed one.
 MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "interrupted": "KILLED"}
-
-
-def requested(report_to: Any) -> list[str]:
-    """The trackers ``train.report_to`` names, beyond TensorBoard: ``"mlflow"`` or ``["mlflow", "wandb"]``."""
-    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    return [n for n in names if n not in ("tensorboard", "none")]
 
 
 def tracking_uri() -> str:
@@ -84,24 +60,6 @@ def tracking_uri() -> str:
     import mlflow
 
     return mlflow.get_tracking_uri()
-
-
-def timeout_s() -> float:
-    """How long one tracker call may take: ``HPO_TRACKER_TIMEOUT_S`` seconds, else :data:`TIMEOUT_S`.
-
-    Raises:
-        ValueError: the variable is set to something other than a number of seconds in (0, MAX_TIMEOUT_S].
-    """
-    text = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not text:
-        return TIMEOUT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
-        raise ValueError(f"{TIMEOUT_ENV}={text[:40]!r} is not a number of seconds over 0, at most {MAX_TIMEOUT_S:g}")
-    return value
 
 
 def shown(uri: str) -> str:
@@ -135,44 +93,6 @@ def bounded(timeout: float) -> Iterator[None]:
                 del os.environ[k]
 
 
-class _Lane:
-    """A daemon thread that makes one tracker's calls in order; :meth:`call` waits for one until a deadline.
-
-    The wait, not the call, is on the caller's thread: a signal interrupts it at once (a lock's wait is
-    interruptible), and a call that hangs (a server that accepts and never answers) holds only this thread,
-    which dies with the process."""
-
-    def __init__(self, name: str):
-        self.calls: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name=f"hpo-{name}", daemon=True).start()
-
-    def _serve(self) -> None:
-        while (item := self.calls.get()) is not None:
-            fn, args, box, done = item
-            try:
-                with _quiet():
-                    box.append((True, fn(*args)))
-            except BaseException as e:  # noqa: BLE001 - handed to the caller, who decides
-                box.append((False, e))
-            done.set()
-
-    def close(self) -> None:
-        """The thread ends once its calls are done (at once, if it is idle)."""
-        self.calls.put(None)
-
-    def call(self, fn: Callable, *args, deadline: float | None) -> Any:
-        """``fn(*args)`` on this lane; raises what it raised, or :class:`Unanswered` past ``deadline`` (None: none)."""
-        box: list = []
-        done = threading.Event()
-        self.calls.put((fn, args, box, done))
-        if not done.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
-            raise Unanswered("no answer within the tracker timeout")
-        ok, value = box[0]
-        if not ok:
-            raise value
-        return value
-
-
 class Tracking:
     """The trackers one run logs to, from ``train.report_to``: enter it around the run (it probes MLflow and
     bounds MLflow's HTTP settings), then :meth:`start` a run per trial. A tracker that cannot be reached at the
@@ -180,12 +100,12 @@ class Tracking:
 
     The timeout bounds trackers that talk to a server (MLflow over HTTP or to a database server, W&B online).
     A local store is bounded by its disk, not by a timeout: MLflow creates a new SQLite store's tables in ~20 s
-    on a busy 2-core machine. Either way a signal is answered at once (:class:`_Lane`)."""
+    on a busy 2-core machine. Either way a signal is answered at once (:class:`hpo.trial.lane.Lane`)."""
 
     def __init__(self, cfg):
         self.study, self.names, self.timeout = cfg.study, requested(cfg.train.get("report_to")), timeout_s()
         self.limits: dict[str, float | None] = {}  # seconds a call may take, per tracker; None: a local store
-        self.lanes: dict[str, _Lane] = {}
+        self.lanes: dict[str, Lane] = {}
         self.dropped: set[str] = set()
         self.started: set[str] = set()  # trackers that started a trial's run in this run
         self._env = contextlib.ExitStack()
@@ -219,9 +139,9 @@ class Tracking:
         return None if limit is None else time.monotonic() + limit
 
     def call(self, name: str, fn: Callable, *args, deadline: float | None) -> Any:
-        """``fn(*args)`` on tracker ``name``'s lane (see :class:`_Lane`); a lane left waiting is not reused."""
+        """``fn(*args)`` on tracker ``name``'s lane (see :class:`hpo.trial.lane.Lane`); a lane left waiting is not reused."""
         if name not in self.lanes:
-            self.lanes[name] = _Lane(name)
+            self.lanes[name] = Lane(name)
         try:
             return self.lanes[name].call(fn, *args, deadline=deadline)
         except Unanswered:
@@ -328,7 +248,7 @@ def written(cfg, tracking: Tracking | None = None) -> dict[str, str]:
             try:
                 timeout = timeout_s()
                 deadline = None if local else time.monotonic() + timeout  # a local store: bounded by its disk
-                lane = _Lane("mlflow-summary")
+                lane = Lane("mlflow-summary")
                 with bounded(timeout):
                     found = lane.call(_has_experiment, cfg.study, deadline=deadline)
                 lane.close()
@@ -379,9 +299,7 @@ class _MLflow:
                 experiment_id = self.client.get_experiment_by_name(study).experiment_id
         else:
             experiment_id = experiment.experiment_id
-        run = self.client.create_run(
-            experiment_id, run_name=f"trial-{number:04d}", tags={"hpo.trial.finetune": str(number)}
-        )
+        run = self.client.create_run(experiment_id, run_name=f"trial-{number:04d}", tags={"hpo.trial": str(number)})
         self.run_id = run.info.run_id
         self.logged: set[tuple[str, int]] = set()  # (metric, step) already logged: never twice
         self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
@@ -441,18 +359,6 @@ class _Wandb:
 
 
 BACKENDS = {"mlflow": _MLflow, "wandb": _Wandb}
-
-
-@contextlib.contextmanager
-def _quiet():
-    """MLflow's INFO lines (it creates its database tables on first use) off; hpo prints its own."""
-    logger = logging.getLogger("mlflow")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 #: ``user:password@`` in a URL: a tracker's error quotes the URL it asked, password included.

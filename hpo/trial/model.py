@@ -1,0 +1,134 @@
+"""A trial's model: built from the checkpoint (or a config) with its new heads and dropout, quantized, wrapped
+in LoRA adapters; the precision it trains in on this device, and the collator that pads its batches."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import transformers
+from transformers import DataCollatorForSeq2Seq
+
+from hpo import knobs
+from hpo.tasks import TASKS, Task
+from hpo.trial.plan import TrialPlan
+from hpo.trial.tokens import IGNORE
+from hpo.trial.workbench import Workbench
+
+#: Config fields that the searchable ``dropout`` sets, across architectures.
+DROPOUT_FIELDS = (
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "classifier_dropout",  # BERT family
+    "dropout",
+    "attention_dropout",  # DistilBERT, BART, Llama
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",  # GPT-2
+    "hidden_dropout",
+    "activation_dropout",
+)
+
+
+def device_settings(settings: Mapping[str, Any] = {}) -> dict[str, Any]:
+    """TrainingArguments for the best precision here: CUDA bf16, else CUDA fp16, else CPU fp32."""
+    cuda = torch.cuda.is_available()
+    return precision(settings, cuda, cuda and torch.cuda.is_bf16_supported())
+
+
+def precision(settings: Mapping[str, Any], cuda: bool, bf16_supported: bool) -> dict[str, Any]:
+    """hpo's precision defaults on a device, given the study's own ``settings``.
+
+    A study file that chose a precision (``fp16`` or ``bf16``, even false) keeps its choice: adding hpo's
+    would set both, which TrainingArguments refuses in every trial.
+
+    >>> precision({"fp16": True}, cuda=True, bf16_supported=True)
+    {}
+    """
+    if not cuda:
+        return {"dataloader_pin_memory": False}  # pinning needs an accelerator
+    if {"fp16", "bf16"} & set(settings):
+        return {}
+    return {"bf16": True} if bf16_supported else {"fp16": True}
+
+
+def build_model(bench: Workbench, plan: TrialPlan) -> tuple[Any, dict[str, list[str]]]:
+    """The trial's model (PEFT-wrapped for LoRA), its new heads initialised, and the load report.
+
+    Raises:
+        ValueError: the model's config has no dropout field to set, or a body weight of the checkpoint has
+            another shape than this model's.
+    """
+    cfg = bench.cfg
+    config = copy.deepcopy(bench.config)
+    if "dropout" in plan.model_params:
+        found = [f for f in DROPOUT_FIELDS if hasattr(config, f)]
+        if not found:
+            raise ValueError(f"{config.model_type} config has no dropout field to set")
+        for f in found:
+            setattr(config, f, plan.model_params["dropout"])
+    task = TASKS[cfg.task]
+    if bench.model_path is None:  # random init from cfg.model.config: nothing is pretrained, nothing is a new head
+        model = task.model_class().from_config(config)
+        report = {
+            "missing_keys": [],
+            "unexpected_keys": [],
+            "mismatched_keys": [],
+            "new_heads": [],
+            "from_config": True,
+        }
+    else:
+        # The weights file is memory-mapped: after the first trial this reads from the page cache (~30 ms for MiniLM).
+        # A classifier checkpoint with another number of labels has a head of another shape: it is
+        # re-initialised like a missing head (and reported), but a body weight of another shape is an error.
+        model, info = task.model_class().from_pretrained(
+            bench.model_path,
+            config=config,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **quantized(plan.quantization),
+        )
+        mismatched = {str(k[0]): k for k in info.get("mismatched_keys") or []}
+        body = [k for k in mismatched if k.startswith(f"{model.base_model_prefix}.")]
+        if body:
+            _, saved, wanted = mismatched[body[0]]
+            raise ValueError(f"the checkpoint's {body[0]} has shape {tuple(saved)}, this model's {tuple(wanted)}")
+        report = {k: sorted(map(str, info.get(k) or []))[:50] for k in ("missing_keys", "unexpected_keys")}
+        report["mismatched_keys"] = sorted(f"{k}: {tuple(v[1])} → {tuple(v[2])}" for k, v in mismatched.items())[:50]
+        report["new_heads"] = knobs.head_modules([*report["missing_keys"], *mismatched])
+        knobs.init_heads(model, report["new_heads"], plan.knobs)
+    if plan.lora is None:
+        return model, report
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    if plan.quantization:  # norms and head in fp32, inputs that require grads: QLoRA's recipe
+        checkpointing = bool(plan.training_arguments.get("gradient_checkpointing"))
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    return get_peft_model(model, LoraConfig(task_type=TaskType[task.peft_task], **plan.lora)), report
+
+
+def quantized(quantization: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load the weights in 4 or 8 bits (bitsandbytes), on this CUDA device."""
+    if not quantization:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    dtype = getattr(torch, quantization["compute_dtype"])
+    bits = quantization["bits"]
+    config = BitsAndBytesConfig(
+        load_in_4bit=bits == 4,
+        load_in_8bit=bits == 8,
+        bnb_4bit_quant_type=quantization["type"],
+        bnb_4bit_use_double_quant=quantization["double_quant"],
+        bnb_4bit_compute_dtype=dtype,
+    )
+    return {"quantization_config": config, "dtype": dtype, "device_map": {"": torch.cuda.current_device()}}
+
+
+def collator(task: Task, tokenizer) -> Any:
+    """The task's collator, which pads each batch."""
+    cls = getattr(transformers, task.collator)
+    # causal-lm labels are given (the prompt is masked), so the seq2seq collator's padding of labels fits.
+    return cls(tokenizer, label_pad_token_id=IGNORE) if cls is DataCollatorForSeq2Seq else cls(tokenizer)
