@@ -43,8 +43,8 @@ from hpo.attrs import (
 )
 from hpo.config import StudyConfig
 from hpo.errors import StorageLost, TrialsFailed
-from hpo.results.dashboard import artifact_store, upload_json
 from hpo.study import distributed, ordered, outputs, revisions
+from hpo.study.artifacts import artifact_store, upload_json
 from hpo.study.progress import Progress, print_summary
 from hpo.study.storage import (
     DISK_FULL,

@@ -22,8 +22,8 @@ from hpo import samplers, space
 from hpo.attrs import CONFIG, REVISIONS
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError, StorageLost
-from hpo.results.dashboard import save_study_note
 from hpo.study import ordered, revisions
+from hpo.study.artifacts import save_study_note
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SQLITE_TIMEOUT_S = 60  # wait this long for another writer's lock instead of "database is locked"
