@@ -45,18 +45,9 @@ from hpo.config import StudyConfig
 from hpo.errors import StorageLost, TrialsFailed
 from hpo.study import distributed, ordered, outputs, revisions
 from hpo.study.artifacts import artifact_store, upload_json
+from hpo.study.faults import DISK_FULL, StorageWatch, full_disk_reason, storage_error, storage_problem
 from hpo.study.progress import Progress, print_summary
-from hpo.study.storage import (
-    DISK_FULL,
-    FINISHED,
-    StorageWatch,
-    count_finished,
-    full_disk_reason,
-    open_study,
-    orientation,
-    storage_error,
-    storage_problem,
-)
+from hpo.study.storage import FINISHED, count_finished, open_study, orientation
 from hpo.trial import checkpoints, interrupts, memory, trackers
 from hpo.trial.finetune import evaluate_test, objective_values, run_trial
 from hpo.trial.memory import release

@@ -33,9 +33,10 @@ from hpo.config import StudyConfig
 from hpo.errors import ConfigError, StorageLost, TrialsFailed
 from hpo.study import outputs
 from hpo.study.devices import check_devices, gpu_ids, worker_env
+from hpo.study.faults import StorageWatch
 from hpo.study.loop import run_study, start_study
 from hpo.study.progress import print_summary
-from hpo.study.storage import StorageWatch, check_storage, count_finished
+from hpo.study.storage import check_storage, count_finished
 from hpo.trial import interrupts
 from hpo.trial.workbench import Workbench
 
