@@ -23,7 +23,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SAWarning
 
-from hpo import samplers, space
+from hpo import optuna_private, samplers, space
 from hpo.config.compose import control_character, hidden_character, mask, sqlite_misread
 from hpo.config.models import StudyConfig
 from hpo.errors import ConfigError, KeyPath, Problem, SourceMap, did_you_mean
@@ -455,7 +455,4 @@ def _expression_problems(cfg: StudyConfig) -> list[Problem]:
 
 
 def _contains(d: BaseDistribution, value: Any) -> bool:
-    try:
-        return d._contains(d.to_internal_repr(value))  # Optuna's own membership test
-    except (ValueError, TypeError):
-        return False
+    return optuna_private.contains(d, value)  # Optuna's own membership test

@@ -10,9 +10,11 @@ import urllib.parse
 
 import optuna
 import sqlalchemy
+from optuna.exceptions import StorageInternalError
 from optuna.trial import FrozenTrial
 from sqlalchemy.engine import make_url
 
+from hpo import optuna_private
 from hpo.config import StudyConfig
 from hpo.errors import StorageLost
 
@@ -22,7 +24,7 @@ def storage_error(e: BaseException, label: str = "") -> str:
     disk, ``the disk is full: cannot write FILE`` (or the storage ``label``), whatever raised it."""
     if full := full_disk_reason(e, label or "of the study"):
         return full
-    if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ is not None:
+    if isinstance(e, StorageInternalError) and e.__cause__ is not None:
         cause = str(getattr(e.__cause__, "orig", None) or e.__cause__).strip().splitlines()
         return f"storage error: {cause[0] if cause else type(e.__cause__).__name__}"
     return f"{type(e).__name__}: {e}"
@@ -70,7 +72,7 @@ def storage_problem(e: BaseException) -> BaseException | None:
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, optuna.exceptions.StorageInternalError | sqlalchemy.exc.SQLAlchemyError | sqlite3.Error):
+        if isinstance(e, StorageInternalError | sqlalchemy.exc.SQLAlchemyError | sqlite3.Error):
             return e
         e = e.__cause__ or e.__context__
     return None
@@ -88,7 +90,7 @@ class StorageWatch:
     """
 
     def __init__(self, cfg: StudyConfig, study: optuna.Study):
-        self.cfg, self.name, self.study_id = cfg, study.study_name, study._study_id
+        self.cfg, self.name, self.study_id = cfg, study.study_name, optuna_private.study_id(study)
         url = make_url(cfg.storage_url)
         self.path = url.database if url.get_backend_name() == "sqlite" and url.database else None
         self.identity = _identity(self.path) if self.path else None

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.markup import escape
 
+from hpo import optuna_private
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError, StorageLost, TrialsFailed
 from hpo.study import outputs
@@ -212,7 +213,7 @@ def _watch_parent(parent: int, parent_died) -> None:
 def _close_connections(study) -> None:
     import optuna
 
-    storage = getattr(study._storage, "_backend", study._storage)  # optuna wraps the RDBStorage in a cache
+    storage = optuna_private.backend(study)  # optuna wraps the RDBStorage in a cache
     if isinstance(storage, optuna.storages.RDBStorage):
         storage.engine.dispose()  # pooled connections close; the engine reconnects on its next query
 
