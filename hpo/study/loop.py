@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.markup import escape
 
-from hpo import optuna_private, space
+from hpo import knobs, optuna_private, space
 from hpo.attrs import (
     DERIVED_PARAMS,
     DEVICES,
@@ -82,7 +82,7 @@ def start_study(
     n_train = len(bench.train_rows)
     # The run's length in examples, when every trial has the same (else Hyperband estimates it).
     varies = {"num_train_epochs", "max_steps"} & set(cfg.search_space) or "max_steps" in cfg.train
-    last_step = None if varies else round(float(cfg.train.get("num_train_epochs", 3)) * n_train)
+    last_step = None if varies else round(float(knobs.training_value(cfg.train, "num_train_epochs")) * n_train)
     try:
         fp = revisions.fingerprint(cfg, bench.data_files, (bench.model_path, bench.tokenizer_path))
     except OSError as e:
@@ -545,7 +545,7 @@ def _repeat(bench: Workbench, plan, trial: optuna.Trial, result, progress: Progr
     """Train ``plan`` again with the other seeds of ``repeats`` (no reports: the pruner saw the first seed's
     curve) and make ``result`` their mean, with the spread, the seeds' values, and their training time summed."""
     cfg = bench.cfg
-    seeds = repeat_seeds(int(plan.training_arguments.get("seed", 42)), cfg.repeats)
+    seeds = repeat_seeds(int(knobs.training_value(plan.training_arguments, "seed")), cfg.repeats)
     micro = optuna_private.stored_user_attrs(trial).get(MICRO_BATCH)
     values, seconds = [result.value], result.attrs["train_seconds"]
     for seed in seeds[1:]:

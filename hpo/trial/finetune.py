@@ -130,7 +130,7 @@ def run_trial(
     meter = meter or PeakMeter(bench.device)
     cfg = bench.cfg
     settings = plan.training_arguments
-    transformers.set_seed(int(settings.get("seed", 42)))
+    transformers.set_seed(int(knobs.training_value(settings, "seed")))
     model, load_report = _build_model(bench, plan)
     heads = load_report["new_heads"]
 

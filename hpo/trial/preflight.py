@@ -28,7 +28,7 @@ import torch
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from transformers import TrainerCallback, TrainingArguments
 
-from hpo import samplers, space
+from hpo import knobs, samplers, space
 from hpo.config import EvalGrid, Resources, StudyConfig
 from hpo.trial import memory
 from hpo.trial.checkpoints import KEEP
@@ -213,7 +213,10 @@ def _measure(bench: Workbench, name: str, params: dict[str, Any]) -> Corner:
     plan = make_plan(cfg, params)
     args = plan.training_arguments
     processes = cfg.resources.processes_per_trial  # each rank's accumulation steps, here in one process
-    batch, accumulation = args.get(memory.BATCH, memory.DEFAULT_BATCH), args.get(memory.ACCUMULATION, 1) * processes
+    batch, accumulation = (
+        args.get(memory.BATCH, memory.DEFAULT_BATCH),
+        knobs.training_value(args, memory.ACCUMULATION) * processes,
+    )
     eval_batch = args.get(memory.EVAL_BATCH, memory.EVAL_BATCH_SIZE)
     by_length = sorted(bench.train_rows, key=lambda row: len(row["input_ids"]), reverse=True)
     rng = random.Random(0)
@@ -313,9 +316,9 @@ def _fields() -> frozenset[str]:
 
 
 def _trial_steps(args: dict[str, Any], n_train: int, effective_batch: int) -> int:
-    if args.get("max_steps", -1) > 0:
+    if knobs.training_value(args, "max_steps") > 0:
         return int(args["max_steps"])
-    return math.ceil(math.ceil(n_train / effective_batch) * float(args.get("num_train_epochs", 3)))
+    return math.ceil(math.ceil(n_train / effective_batch) * float(knobs.training_value(args, "num_train_epochs")))
 
 
 def _breakdown(bench: Workbench, result, batch: int, tokens: int, args: dict[str, Any]) -> dict[str, float]:
