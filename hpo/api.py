@@ -13,7 +13,6 @@ settings as they found them.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from hpo.config import StudyConfig, load_study
 from hpo.config.load import plain
 from hpo.errors import ConfigError, Problem, TrialsFailed
+from hpo.study.devices import auto_workers, gpu_ids, parse_gpus
 
 if TYPE_CHECKING:
     import optuna
@@ -107,7 +107,7 @@ def run(
 
     ``workers`` processes share the study on this machine (default: one per GPU, those in ``gpus`` or else every
     visible one, per ``resources.processes_per_trial``; without GPUs 1; ``"auto"``:
-    :func:`hpo.study.workers.auto_workers`); with a sampler seed they give the same trials on every run
+    :func:`hpo.study.devices.auto_workers`); with a sampler seed they give the same trials on every run
     (:mod:`hpo.study.ordered`) for the same number of them; ``gpus`` (``"0,1"`` or a list) spreads them round
     robin. A worker never sees more GPUs than its trial uses: one process on two would train with
     DataParallel, its batch silently doubled. ``allow_changes`` records a study file that changed what its
@@ -130,7 +130,7 @@ def run(
 
     from hpo.study.loop import run_study
     from hpo.study.storage import load_existing
-    from hpo.study.workers import auto_workers, check_before_run, gpu_ids, run_workers
+    from hpo.study.workers import check_before_run, run_workers
     from hpo.trial.workbench import prepare
 
     verbosity = optuna.logging.get_verbosity()
@@ -155,28 +155,6 @@ def run(
             "workers stopped on failed trials before the study reached n_trials (their lines above say why)", study_
         )
     return study_
-
-
-#: A GPU as CUDA_VISIBLE_DEVICES names it: an index, or a UUID (GPU-…, MIG-…; older MIG ids have slashes)
-GPU_ID = r"\d+|(GPU|MIG)-[\w/-]+"
-
-
-def parse_gpus(gpus: str | Sequence[str] | None) -> list[str]:
-    """GPU indexes or UUIDs: ``"0, 1"`` → ``["0", "1"]``; None → ``[]``.
-
-    Raises:
-        ValueError: one that is neither an index nor a ``GPU-``/``MIG-`` UUID, or none at all.
-    """
-    if gpus is None:
-        return []
-    listed = gpus.split(",") if isinstance(gpus, str) else [gpus] if isinstance(gpus, int) else gpus
-    ids = [str(g).strip() for g in listed if str(g).strip()]
-    bad = next((g for g in ids if not re.fullmatch(GPU_ID, g)), None)
-    if bad is not None or not ids:
-        raise ValueError(f"{bad or gpus!r} is not a GPU index (0, 1, …) or UUID (GPU-…, MIG-…)")
-    if twice := next((g for i, g in enumerate(ids) if g in ids[:i]), None):
-        raise ValueError(f"GPU {twice} is named twice: one worker (or rank) per GPU")
-    return ids
 
 
 def _examples(cfg: StudyConfig):
@@ -211,8 +189,8 @@ def report(
             output folder that is not hpo's to write in (checked before anything is written).
     """
     from hpo.results import tables as rep
-    from hpo.results.dashboard import save_study_note
     from hpo.results.html import write_html
+    from hpo.study.artifacts import save_study_note
     from hpo.study.storage import load_existing, resolved_config
     from hpo.trial.folders import claim_paths, path_problems
 

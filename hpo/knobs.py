@@ -16,7 +16,12 @@ Declared here for the config layer (importing this module imports neither torch 
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import functools
+import importlib.util
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
@@ -60,6 +65,53 @@ class Knobs(BaseModel):
 NAMES = frozenset(Knobs.model_fields) - {"schedule"}
 
 
+def training_default(name: str) -> Any:
+    """``TrainingArguments``' own default for its field ``name``, read from transformers, never copied.
+
+    >>> training_default("learning_rate"), training_default("seed")
+    (5e-05, 42)
+
+    From the installed source where the default is a literal (importing transformers, and torch, takes seconds: see
+    :func:`hpo.space.training_argument_names`), else from the dataclass.
+
+    Raises:
+        KeyError: no such field, or one without a default.
+    """
+    if name in (literal := _literal_training_defaults()):
+        return literal[name]
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    fields = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
+    if fields.get(name, dataclasses.MISSING) is dataclasses.MISSING:
+        raise KeyError(name)
+    return fields[name]
+
+
+def training_value(args: Mapping[str, Any], name: str) -> Any:
+    """``args[name]``, else what TrainingArguments makes of its absence (:func:`training_default`)."""
+    return args[name] if name in args else training_default(name)
+
+
+@functools.cache
+def _literal_training_defaults() -> dict[str, Any]:
+    spec = importlib.util.find_spec("transformers")
+    source = Path(next(iter(spec.submodule_search_locations))) / "training_args.py"
+    found: dict[str, Any] = {}
+    for node in ast.parse(source.read_text()).body:
+        if isinstance(node, ast.ClassDef) and node.name == "TrainingArguments":
+            for s in node.body:
+                if not (isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name) and s.value is not None):
+                    continue
+                value = s.value  # ``x: int = 8`` or ``x: int = field(default=8, metadata=...)``
+                if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "field":
+                    value = next((k.value for k in value.keywords if k.arg == "default"), None)
+                with contextlib.suppress(ValueError, TypeError, SyntaxError):
+                    found[s.target.id] = ast.literal_eval(value)
+    return found
+
+
 def split(kwargs: Mapping[str, Any], devices: int = 1) -> tuple[dict[str, Any], Knobs]:
     """(TrainingArguments kwargs, Knobs) from one trial's training settings; ``lr_scaling`` counts ``devices``.
 
@@ -79,8 +131,9 @@ def split(kwargs: Mapping[str, Any], devices: int = 1) -> tuple[dict[str, Any], 
             args["metric_for_best_model"] = "loss"  # Trainer steps a plateau schedule with this metric
     knobs = Knobs(**own)
     if knobs.lr_scaling == "linear":
-        batch = args.get("per_device_train_batch_size", 8) * args.get("gradient_accumulation_steps", 1)
-        args["learning_rate"] = args.get("learning_rate", 5e-5) * batch * devices / knobs.lr_base_batch_size
+        batch = training_value(args, "per_device_train_batch_size")
+        batch *= training_value(args, "gradient_accumulation_steps")
+        args["learning_rate"] = training_value(args, "learning_rate") * batch * devices / knobs.lr_base_batch_size
     return args, knobs
 
 

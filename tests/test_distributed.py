@@ -135,7 +135,7 @@ def test_sigterm_checkpoints_every_rank_and_the_rerun_resumes(write_study, tmp_p
 
 def test_more_processes_than_devices_is_one_line_before_any_trial(tiny_model, tmp_path):
     from hpo.api import load
-    from hpo.study.workers import check_devices, worker_env
+    from hpo.study.devices import check_devices, worker_env
 
     cfg = load(study_dict(tiny_model, resources={"processes_per_trial": 3}, storage=f"sqlite:///{tmp_path}/d.db"))
     with pytest.raises(

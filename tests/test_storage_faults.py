@@ -33,7 +33,8 @@ def test_a_study_deleted_from_its_storage_is_seen_at_the_next_trial_boundary(wri
     # The same class without a file to watch: the study (or its tables) deleted on the server while the run goes on.
     from hpo.config import load_study
     from hpo.errors import StorageLost
-    from hpo.study.storage import StorageWatch, rdb_storage
+    from hpo.study.faults import StorageWatch
+    from hpo.study.storage import rdb_storage
 
     name = f"gone-{request.node.callspec.id}"
     cfg = load_study(write_study(storage=storage_url, study=name))
@@ -52,7 +53,8 @@ def test_a_replaced_sqlite_file_is_seen_even_when_it_holds_the_same_study(write_
 
     from hpo.config import load_study
     from hpo.errors import StorageLost
-    from hpo.study.storage import StorageWatch, rdb_storage
+    from hpo.study.faults import StorageWatch
+    from hpo.study.storage import rdb_storage
 
     cfg = load_study(write_study())
     study = optuna.create_study(study_name="tiny", storage=rdb_storage(cfg))
@@ -67,7 +69,8 @@ def test_a_replaced_sqlite_file_is_seen_even_when_it_holds_the_same_study(write_
 def test_a_full_disk_is_recognized_through_optunas_wrapping(write_study, tmp_path):
     # Optuna says "invalid data ... e.g. exceeding max length" for a write that found the disk full.
     from hpo.config import load_study
-    from hpo.study.storage import full_disk_reason, rdb_storage
+    from hpo.study.faults import full_disk_reason
+    from hpo.study.storage import rdb_storage
 
     with small_disk(tmp_path / "disk", "1m") as disk:
         cfg = load_study(write_study(storage=f"sqlite:///{disk / 'study.db'}"))

@@ -27,10 +27,9 @@ from procs import (
     wait_for_running,
 )
 
-import hpo.study.workers
+import hpo.trial.memory
 from hpo import load_study
-from hpo.api import parse_gpus
-from hpo.study.workers import auto_workers, gpu_ids, worker_env
+from hpo.study.devices import auto_workers, gpu_ids, parse_gpus, worker_env
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -220,12 +219,12 @@ def test_workers_auto_on_cpu_fit_in_memory(write_study, tmp_path, monkeypatch):
     (model / "config.json").write_text("{}")
     (model / "shard.bin").symlink_to(tmp_path / "missing-blob")  # a hub cache's unfinished download
     cfg = load_study(write_study(n_trials=100))
-    monkeypatch.setattr(hpo.study.workers, "available_mb", lambda: 3.5 * (8 + 1024))
+    monkeypatch.setattr(hpo.trial.memory, "available_mb", lambda: 3.5 * (8 + 1024))
     assert auto_workers(cfg, [], str(model)) == 3
     assert auto_workers(cfg, ["0", "1"], str(model)) == 2  # GPU workers: their memory is the GPU's
-    monkeypatch.setattr(hpo.study.workers, "available_mb", lambda: 100.0)
+    monkeypatch.setattr(hpo.trial.memory, "available_mb", lambda: 100.0)
     assert auto_workers(cfg, [], str(model)) == 1  # at least one: the trial itself says when it does not fit
-    monkeypatch.setattr(hpo.study.workers, "available_mb", lambda: None)
+    monkeypatch.setattr(hpo.trial.memory, "available_mb", lambda: None)
     assert auto_workers(cfg, [], str(model)) == 8  # the machine does not say: the cores decide
     assert auto_workers(cfg, [], "org/not-a-folder") == 8
 

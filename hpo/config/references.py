@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 
+from hpo import optuna_private
 from hpo.errors import Problem, did_you_mean
 
 if TYPE_CHECKING:
@@ -103,7 +104,4 @@ def _when_problems(cfg: StudyConfig, name: str, p: Param, defined: set[str]) -> 
 
 
 def _contains(d: BaseDistribution, value: Any) -> bool:
-    try:
-        return d._contains(d.to_internal_repr(value))  # Optuna's own membership test
-    except (ValueError, TypeError):
-        return False
+    return optuna_private.contains(d, value)  # Optuna's own membership test

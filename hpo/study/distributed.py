@@ -39,6 +39,7 @@ from typing import Any
 import optuna
 import torch
 
+from hpo import optuna_private
 from hpo.trial import interrupts, memory
 from hpo.trial.finetune import TrialResult
 from hpo.trial.plan import TrialPlan
@@ -117,7 +118,7 @@ def run_trial(
         job = Job(
             bench,
             plan,
-            None if fixed else trial._trial_id,
+            None if fixed else optuna_private.trial_id(trial),
             trial.number,
             None if fixed else trial.study.pruner,
             dict(trial.params if params is None else params),
@@ -174,7 +175,7 @@ def _wait(proc: subprocess.Popen, trial: optuna.Trial, on_eval) -> None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=POLL_S)
             if on_eval is not None and isinstance(trial, optuna.Trial):  # a FixedTrial reports nowhere
-                values = sorted(trial.storage.get_trial(trial._trial_id).intermediate_values.items())
+                values = sorted(optuna_private.intermediate_values(trial).items())
                 for step, value in values[shown:]:
                     on_eval(step, value)
                 shown = len(values)
@@ -271,7 +272,7 @@ def _run(job: Job, rank: int, meter: memory.PeakMeter) -> tuple[TrialResult, opt
         study = optuna.load_study(
             study_name=cfg.study, storage=rdb_storage(cfg), sampler=optuna.samplers.RandomSampler(), pruner=job.pruner
         )
-        trial = optuna.Trial(study, job.trial_id)
+        trial = optuna_private.trial_by_id(study, job.trial_id)
     with interrupts.Guard():  # SIGTERM from the launcher: a checkpoint at the step's end, or stop now
         result = run_one(
             job.bench,

@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.markup import escape
 
-from hpo import space
+from hpo import knobs, optuna_private, space
 from hpo.attrs import (
     DERIVED_PARAMS,
     DEVICES,
@@ -43,20 +43,11 @@ from hpo.attrs import (
 )
 from hpo.config import StudyConfig
 from hpo.errors import StorageLost, TrialsFailed
-from hpo.results.dashboard import artifact_store, upload_json
 from hpo.study import distributed, ordered, outputs, revisions
+from hpo.study.artifacts import artifact_store, upload_json
+from hpo.study.faults import DISK_FULL, StorageWatch, full_disk_reason, storage_error, storage_problem
 from hpo.study.progress import Progress, print_summary
-from hpo.study.storage import (
-    DISK_FULL,
-    FINISHED,
-    StorageWatch,
-    count_finished,
-    full_disk_reason,
-    open_study,
-    orientation,
-    storage_error,
-    storage_problem,
-)
+from hpo.study.storage import FINISHED, count_finished, open_study, orientation
 from hpo.trial import checkpoints, interrupts, memory, trackers
 from hpo.trial.finetune import evaluate_test, objective_values, run_trial
 from hpo.trial.memory import release
@@ -91,7 +82,7 @@ def start_study(
     n_train = len(bench.train_rows)
     # The run's length in examples, when every trial has the same (else Hyperband estimates it).
     varies = {"num_train_epochs", "max_steps"} & set(cfg.search_space) or "max_steps" in cfg.train
-    last_step = None if varies else round(float(cfg.train.get("num_train_epochs", 3)) * n_train)
+    last_step = None if varies else round(float(knobs.training_value(cfg.train, "num_train_epochs")) * n_train)
     try:
         fp = revisions.fingerprint(cfg, bench.data_files, (bench.model_path, bench.tokenizer_path))
     except OSError as e:
@@ -235,7 +226,7 @@ def _end_trial(study: optuna.Study, number: int, reason: str, sqlite_path: str |
         with contextlib.suppress(sqlite3.Error), contextlib.closing(sqlite3.connect(sqlite_path, timeout=5)) as db:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     try:
-        optuna.Trial(study, trials[number]._trial_id).set_user_attr(FAIL_REASON, reason)
+        optuna_private.trial_by_id(study, optuna_private.trial_id(trials[number])).set_user_attr(FAIL_REASON, reason)
         study.tell(number, state=TrialState.FAIL)
     except Exception as e:  # whatever the storage raises, the line below says the truth
         if storage_problem(e) is None:
@@ -320,9 +311,10 @@ def _objective(bench: Workbench, progress: Progress, revision: int, tracking: tr
             # Optuna's Trial does not expose system attrs; optuna-integration reads them from the storage too.
             if isinstance(trial.study.sampler, ordered.OrderedSampler):  # queued ones too: the pruner's past
                 _wait_in_order(trial, progress)
-            system = trial.storage.get_trial_system_attrs(trial._trial_id)
-            fixed = system.get("fixed_params")
-            if history := system.get("retry_history"):  # Optuna failed a trial whose heartbeat stopped, and queued it
+            system = optuna_private.system_attrs(trial)
+            fixed = system.get(optuna_private.FIXED_PARAMS)
+            # A retry: Optuna failed a trial whose heartbeat stopped, and queued it.
+            if history := system.get(optuna_private.RETRY_HISTORY):
                 # That FAIL cannot take a fail_reason afterwards (a finished trial is read-only): its retry says it.
                 trial.set_user_attr(RETRY_OF, history[-1])
                 progress.print(
@@ -379,7 +371,7 @@ def _objective(bench: Workbench, progress: Progress, revision: int, tracking: tr
             if cfg.repeats > 1 and not result.pruned:
                 _repeat(bench, plan, trial, result, progress)
             if "resumed_from_step" in result.attrs and not cfg.objectives:  # the best of the whole curve
-                values = trial.storage.get_trial(trial._trial_id).intermediate_values.values()
+                values = optuna_private.intermediate_values(trial).values()
                 pick = min if cfg.objective.direction == "minimize" else max
                 result.attrs[f"best_{cfg.objective.metric}"] = pick(values)
             for key, value in result.attrs.items():
@@ -403,7 +395,7 @@ def _objective(bench: Workbench, progress: Progress, revision: int, tracking: tr
             state = reason = "interrupted"
             trial.set_user_attr(FAIL_REASON, "interrupted")
             if sampled is None:  # stopped before sampling: a queued trial's parameters are queued again
-                sampled = trial.storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
+                sampled = optuna_private.system_attrs(trial).get(optuna_private.FIXED_PARAMS)
             if sampled is not None:
                 trial.study.enqueue_trial(sampled, user_attrs={RETRY_OF: trial.number})  # the rerun starts with it
             raise
@@ -452,8 +444,8 @@ def _checkpoints(trial: optuna.Trial, cfg: StudyConfig, params: dict[str, Any], 
     trials = trial.study.get_trials(deepcopy=False)
     if not checkpoints.claim(folder, trial.number, lambda n: trials[n].state == TrialState.RUNNING):
         return None
-    history = trial.storage.get_trial_system_attrs(trial._trial_id).get("retry_history")
-    before = history[-1] if history else trial.storage.get_trial_user_attrs(trial._trial_id).get(RETRY_OF)
+    history = optuna_private.system_attrs(trial).get(optuna_private.RETRY_HISTORY)
+    before = history[-1] if history else optuna_private.stored_user_attrs(trial).get(RETRY_OF)
     checkpoint = checkpoints.latest(folder)
     if before is None or checkpoint is None:
         checkpoints.clear(folder)
@@ -553,8 +545,8 @@ def _repeat(bench: Workbench, plan, trial: optuna.Trial, result, progress: Progr
     """Train ``plan`` again with the other seeds of ``repeats`` (no reports: the pruner saw the first seed's
     curve) and make ``result`` their mean, with the spread, the seeds' values, and their training time summed."""
     cfg = bench.cfg
-    seeds = repeat_seeds(int(plan.training_arguments.get("seed", 42)), cfg.repeats)
-    micro = trial.storage.get_trial_user_attrs(trial._trial_id).get(MICRO_BATCH)
+    seeds = repeat_seeds(int(knobs.training_value(plan.training_arguments, "seed")), cfg.repeats)
+    micro = optuna_private.stored_user_attrs(trial).get(MICRO_BATCH)
     values, seconds = [result.value], result.attrs["train_seconds"]
     for seed in seeds[1:]:
         again = dataclasses.replace(plan, training_arguments={**plan.training_arguments, "seed": seed})
@@ -586,11 +578,7 @@ def _outside(fixed: dict[str, Any] | None, distributions: dict[str, Any]) -> str
     bad = []
     for name, value in (fixed or {}).items():
         d = distributions.get(name)
-        try:
-            ok = d is not None and d._contains(d.to_internal_repr(value))  # Optuna's own membership test
-        except (ValueError, TypeError):
-            ok = False
-        if not ok:
+        if d is None or not optuna_private.contains(d, value):
             bad.append(f"{name}={value!r}")
     return ", ".join(bad)
 

@@ -13,7 +13,8 @@ trials with N workers every time; with one worker this is Optuna's sequential se
 0 … k-N are still running only when one of them is slower than the N-1 after it: then trial k waits for it.
 
 Optuna has no such mode: its batch samplers decide a batch at once, and its constant liar alone still sees
-finish order; so hpo builds it from a study view (a proxy whose ``get_trials`` shows the past as above).
+finish order; so hpo builds it from a study view (:class:`hpo.optuna_private.StudyView`: a proxy whose ``get_trials``
+shows the past as above).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable, Container
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,38 +30,28 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo import optuna_private
+
 POLL_S = 0.2  # how often a trial waiting for the ones before it looks again
 SAMPLED = "hpo:sampled"  # system attr: the trial's parameters are all drawn (a later trial may lie with them)
 
 
-class _View:
+class _View(optuna_private.StudyView):
     """``study`` as trial ``number`` may see it (see the module's docstring); anything else is the study's."""
 
     def __init__(self, study: optuna.Study, number: int, lag: int):
-        self._study, self._number, self._lag = study, number, lag
+        super().__init__(study)
+        self._number, self._lag = number, lag
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-    def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
-        return self._get_trials(deepcopy, states)
-
-    def _get_trials(
-        self, deepcopy: bool = True, states: Container[TrialState] | None = None, use_cache: bool = False
-    ) -> list[FrozenTrial]:
+    def visible(self, trials: list[FrozenTrial]) -> list[FrozenTrial]:
         out = []
-        for t in self._study._get_trials(deepcopy=deepcopy, use_cache=False):
+        for t in trials:
             if self._number - self._lag < t.number < self._number:  # the batch in flight: parameters only
                 t = _running(t)
             elif t.number > self._number:
                 continue
-            if states is None or t.state in states:
-                out.append(t)
+            out.append(t)
         return out
-
-    @property
-    def trials(self) -> list[FrozenTrial]:
-        return self.get_trials()
 
     @property
     def best_trial(self) -> FrozenTrial:  # the Wilcoxon pruner compares with it
@@ -87,7 +78,7 @@ def _running(t: FrozenTrial) -> FrozenTrial:
         user_attrs=t.user_attrs,
         system_attrs=t.system_attrs,
         intermediate_values={},
-        trial_id=t._trial_id,
+        trial_id=optuna_private.trial_id(t),
     )
 
 
@@ -119,7 +110,7 @@ class OrderedSampler(optuna.samplers.BaseSampler):
         One worker's trial k is its sampler's (k - q)-th draw, q being the queued trials before it, as long as
         fewer than ``n_startup_trials`` have finished: trial k < ``n_startup_trials``.
         """
-        if self._walk is None or "fixed_params" in trial.system_attrs:
+        if self._walk is None or optuna_private.FIXED_PARAMS in trial.system_attrs:
             return None
         if self._draws is None:
             sampler = self._make(self._seed)
@@ -130,8 +121,7 @@ class OrderedSampler(optuna.samplers.BaseSampler):
             finally:
                 optuna.logging.set_verbosity(verbosity)
             self._draws = []
-            # Optuna's samplers with a start-up (TPE, GP, CMA-ES) keep its length here; pinned by a test.
-            for _ in range(getattr(sampler, "_n_startup_trials", 0)):
+            for _ in range(optuna_private.startup_trials(sampler)):
                 t = replay.ask()
                 with contextlib.suppress(ValueError):  # a derived value fails here: so does that trial, as drawn
                     self._walk(t)
@@ -139,8 +129,8 @@ class OrderedSampler(optuna.samplers.BaseSampler):
         if trial.number >= len(self._draws):  # past the start-up: no storage read on every later trial
             return None
         if trial.number not in self._fixed:
-            before = study._storage.get_all_trials(study._study_id, deepcopy=False)[: trial.number]
-            self._fixed[trial.number] = sum("fixed_params" in t.system_attrs for t in before)
+            before = optuna_private.stored_trials(study)[: trial.number]
+            self._fixed[trial.number] = sum(optuna_private.FIXED_PARAMS in t.system_attrs for t in before)
         return self._draws[trial.number - self._fixed[trial.number]]
 
     def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
@@ -189,23 +179,17 @@ class OrderedPruner(optuna.pruners.BasePruner):
         inner = self.inner
         if isinstance(inner, optuna.pruners.HyperbandPruner):
             # Hyperband's own bracket study reads the storage past any view: ask the trial's bracket pruner
-            # (successive halving) with the view cut to that bracket. Optuna's private parts; pinned by a test.
-            if not inner._pruners:
-                inner._try_initialization(study)
-            bracket = inner._get_bracket_id(study, trial)
-            return inner._pruners[bracket].prune(_Bracket(study, trial.number, self.lag, inner, bracket), trial)
+            # (successive halving) with the view cut to that bracket.
+            bracket, pruner = optuna_private.bracket_pruner(inner, study, trial)
+            return pruner.prune(_Bracket(study, trial.number, self.lag, inner, bracket), trial)
         return inner.prune(_Past(study, trial.number, self.lag), trial)
 
 
 class _Past(_View):
     """Trials 0 … number-lag, and trial ``number`` itself."""
 
-    def _get_trials(self, deepcopy=True, states=None, use_cache=False):
-        return [
-            t
-            for t in self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=False)
-            if t.number <= self._number - self._lag or t.number == self._number
-        ]
+    def visible(self, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+        return [t for t in trials if t.number <= self._number - self._lag or t.number == self._number]
 
 
 class _Bracket(_Past):
@@ -215,9 +199,11 @@ class _Bracket(_Past):
         super().__init__(study, number, lag)
         self._hyperband, self._bracket = hyperband, bracket
 
-    def _get_trials(self, deepcopy=True, states=None, use_cache=False):
-        trials = super()._get_trials(deepcopy, states, use_cache)
-        return [t for t in trials if self._hyperband._get_bracket_id(self._study, t) == self._bracket]
+    def visible(self, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+        bracket = self._bracket
+        return [
+            t for t in super().visible(trials) if optuna_private.bracket_of(self._hyperband, self._study, t) == bracket
+        ]
 
 
 def horizon(study: optuna.Study, number: int) -> int:
@@ -228,7 +214,7 @@ def horizon(study: optuna.Study, number: int) -> int:
 def mark_sampled(trial: optuna.Trial) -> None:
     """Say that ``trial``'s parameters are all drawn: a later trial of its batch may now lie with them."""
     if isinstance(trial.study.sampler, OrderedSampler):
-        trial.storage.set_trial_system_attr(trial._trial_id, SAMPLED, True)
+        optuna_private.set_system_attr(trial, SAMPLED, True)
 
 
 def wait_for_predecessors(study: optuna.Study, number: int, lag: int, cap_s: float) -> list[int]:
@@ -239,7 +225,7 @@ def wait_for_predecessors(study: optuna.Study, number: int, lag: int, cap_s: flo
     timing's, as without ordering; the study stays correct)."""
     deadline = time.monotonic() + cap_s
     while True:
-        trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+        trials = optuna_private.stored_trials(study)
         pending = [
             t.number
             for t in trials[:number]

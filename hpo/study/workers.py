@@ -16,31 +16,29 @@ is initialised, and libraries check for GPUs at import, so GPU workers start fre
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import multiprocessing
 import os
-import re
 import signal
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Sequence
-from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
-from hpo.api import GPU_ID
+from hpo import optuna_private
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError, StorageLost, TrialsFailed
 from hpo.study import outputs
+from hpo.study.devices import check_devices, gpu_ids, worker_env
+from hpo.study.faults import StorageWatch
 from hpo.study.loop import run_study, start_study
 from hpo.study.progress import print_summary
-from hpo.study.storage import StorageWatch, check_storage, count_finished
+from hpo.study.storage import check_storage, count_finished
 from hpo.trial import interrupts
-from hpo.trial.memory import available_mb
 from hpo.trial.workbench import Workbench
 
 STOPPED_ON_FAILURES = 3  # a worker's exit code when max_failures_in_a_row stopped it
@@ -48,67 +46,6 @@ STOP_WAIT_S = 60  # after Ctrl-C, how long workers get to end their trials befor
 PARENT_POLL_S = 1.0  # where the kernel cannot signal a parent's death, how often a worker looks for it
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PARENT_DEATH_SIGNAL = signal.SIGUSR1  # the kernel's word to a worker that its parent died; it becomes one SIGTERM
-
-
-def gpu_ids() -> list[str]:
-    """The visible CUDA devices, to spread workers over when no GPUs are named (:func:`hpo.api.parse_gpus`)."""
-    if (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
-        # CUDA's rule: the devices listed up to the first entry that is not one (-1 hides them all) or repeats
-        ids: list[str] = []
-        for g in (g.strip() for g in visible.split(",")):
-            if not re.fullmatch(GPU_ID, g) or g in ids:
-                break
-            ids.append(g)
-        return ids
-    import torch
-
-    return [str(i) for i in range(torch.cuda.device_count())]
-
-
-def auto_workers(cfg: StudyConfig, gpus: Sequence[str], model_path: str | None = None) -> int:
-    """``--workers auto``: one worker per GPU (per ``processes_per_trial`` GPUs), else one per CPU core (each with
-    one thread: two 1-thread workers did 1.58x the steps per second of one 2-thread process on 2 cores, and a
-    12-trial study on 1,200 rows had 17 trials done in the Trainer search's time for 12, docs/performance.md); at
-    most ``n_trials // 4``, so that a seeded TPE learns from at least four batches (:mod:`hpo.study.ordered`).
-
-    On CPU each worker trains its own copy of the model in the machine's memory, so there are at most as many as
-    the available memory holds at :func:`worker_mb` each (``model_path``: the model's folder).
-    """
-    per = cfg.resources.processes_per_trial
-    n = len(gpus) // per if gpus else (os.cpu_count() or 1) // per
-    if not gpus and (need := worker_mb(model_path)) and (have := available_mb()) is not None:
-        n = min(n, int(have // (need * per)))
-    return max(1, min(n, cfg.n_trials // 4))
-
-
-def worker_mb(model_path: str | None) -> float | None:
-    """What one CPU worker may need: 8× the model's weight files (16 bytes a parameter for weights, gradients and
-    Adam's two states in fp32, from files that may hold 2 bytes a parameter) and 1 GiB for the rest (torch,
-    activations, the data). None for a model that is not a folder on disk (built from a config: a small one)."""
-    if model_path is None or not Path(model_path).is_dir():
-        return None
-    weights = 0
-    for f in Path(model_path).iterdir():
-        if f.suffix in (".safetensors", ".bin"):
-            with contextlib.suppress(OSError):  # a broken link of a hub cache's unfinished download: not weights
-                weights += f.stat().st_size
-    return 8 * weights / 2**20 + 1024
-
-
-def check_devices(cfg: StudyConfig, n: int, gpus: Sequence[str]) -> None:
-    """``n`` workers × ``resources.processes_per_trial`` processes (when over 1) fit the GPUs (on CPU: the cores).
-
-    Raises:
-        ConfigError: they do not; one rank per GPU (or core) is the rule, sharing one would only slow both.
-    """
-    per = cfg.resources.processes_per_trial
-    have, what = (len(gpus), "GPU(s)") if gpus else (os.cpu_count() or 1, "CPU core(s)")
-    if per > 1 and n * per > have:  # one-process workers may share (round robin, threads shared out), as ever
-        raise cfg.error(
-            ("resources", "processes_per_trial"),
-            f"{n} worker(s) × {per} processes per trial need {n * per} {what}; this machine has {have} "
-            "(hpo run and hpo validate check the machine they run on)",
-        )
 
 
 def check_before_run(cfg: StudyConfig, n: int = 1, gpus: Sequence[str] | None = None) -> None:
@@ -133,17 +70,6 @@ def check_before_run(cfg: StudyConfig, n: int = 1, gpus: Sequence[str] | None = 
             problems += e.problems
     if problems:
         raise ConfigError(problems)
-
-
-def worker_env(k: int, n: int, gpus: Sequence[str], per_trial: int = 1) -> dict[str, str]:
-    """What worker ``k`` changes in its environment: ``per_trial`` GPUs of its own (round robin), or on CPU a
-    share of the cores."""
-    if gpus:
-        return {"CUDA_VISIBLE_DEVICES": ",".join(gpus[(k * per_trial + i) % len(gpus)] for i in range(per_trial))}
-    env = {"TOKENIZERS_PARALLELISM": "false"}  # forked after the parent tokenized with threads: say so, once
-    if "OMP_NUM_THREADS" not in os.environ:  # N workers × all cores each would oversubscribe the CPU
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
-    return env
 
 
 def run_workers(
@@ -287,7 +213,7 @@ def _watch_parent(parent: int, parent_died) -> None:
 def _close_connections(study) -> None:
     import optuna
 
-    storage = getattr(study._storage, "_backend", study._storage)  # optuna wraps the RDBStorage in a cache
+    storage = optuna_private.backend(study)  # optuna wraps the RDBStorage in a cache
     if isinstance(storage, optuna.storages.RDBStorage):
         storage.engine.dispose()  # pooled connections close; the engine reconnects on its next query
 

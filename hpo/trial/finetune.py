@@ -25,6 +25,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
+from hpo import knobs
 from hpo.attrs import CHECKPOINT_ERROR
 from hpo.tasks import TASKS
 from hpo.trial import checkpoints, metrics
@@ -83,7 +84,7 @@ def run_trial(
     meter = meter or PeakMeter(bench.device)
     cfg = bench.cfg
     settings = plan.training_arguments
-    transformers.set_seed(int(settings.get("seed", 42)))
+    transformers.set_seed(int(knobs.training_value(settings, "seed")))
     model, load_report = build_model(bench, plan)
     name = run_name or f"trial-{trial.number:04d}"
     compute_metrics = metrics.COMPUTE[cfg.task](bench.labels) if cfg.task in metrics.COMPUTE else None

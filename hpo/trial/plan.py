@@ -19,7 +19,7 @@ from hpo.config import LoraSettings, Quantization, StudyConfig
 from hpo.config.compose import CREDENTIALS
 from hpo.space import split_params, training_arguments
 
-DEFAULT_BATCH = 8  # TrainingArguments' per_device_train_batch_size
+DEFAULT_BATCH = knobs.training_default("per_device_train_batch_size")
 
 
 def repeat_seeds(seed: int, repeats: int) -> range:

@@ -27,7 +27,7 @@ import optuna
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from hpo import samplers
+from hpo import knobs, samplers
 from hpo.config import EvalGrid, Resources, StudyConfig
 from hpo.trial import memory
 from hpo.trial.checkpoints import KEEP
@@ -161,7 +161,10 @@ def _measure(bench: Workbench, name: str, params: dict[str, Any]) -> Corner:
     plan = make_plan(cfg, params)
     args = plan.training_arguments
     processes = cfg.resources.processes_per_trial  # each rank's accumulation steps, here in one process
-    batch, accumulation = args.get(memory.BATCH, memory.DEFAULT_BATCH), args.get(memory.ACCUMULATION, 1) * processes
+    batch, accumulation = (
+        args.get(memory.BATCH, memory.DEFAULT_BATCH),
+        knobs.training_value(args, memory.ACCUMULATION) * processes,
+    )
     eval_batch = args.get(memory.EVAL_BATCH, memory.EVAL_BATCH_SIZE)
     rows = _rows(bench, batch, batch * accumulation * STEPS)
     eval_rows = sorted(bench.eval_rows, key=lambda row: len(row["input_ids"]), reverse=True)[:eval_batch]
@@ -253,9 +256,9 @@ def _padded_tokens(rows: list[dict[str, Any]], batch: int) -> int:
 
 
 def _trial_steps(args: dict[str, Any], n_train: int, effective_batch: int) -> int:
-    if args.get("max_steps", -1) > 0:
+    if knobs.training_value(args, "max_steps") > 0:
         return int(args["max_steps"])
-    return math.ceil(math.ceil(n_train / effective_batch) * float(args.get("num_train_epochs", 3)))
+    return math.ceil(math.ceil(n_train / effective_batch) * float(knobs.training_value(args, "num_train_epochs")))
 
 
 def _breakdown(bench: Workbench, result, batch: int, tokens: int, args: dict[str, Any]) -> dict[str, float]:

@@ -1,0 +1,109 @@
+"""Devices and worker counts: the GPUs a run may use, how many workers fit this machine, what each one sees.
+
+Light to import (no torch until the visible GPUs are counted): :mod:`hpo.api` checks ``gpus`` with it at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from hpo.config import StudyConfig
+
+#: A GPU as CUDA_VISIBLE_DEVICES names it: an index, or a UUID (GPU-…, MIG-…; older MIG ids have slashes)
+GPU_ID = r"\d+|(GPU|MIG)-[\w/-]+"
+
+
+def parse_gpus(gpus: str | Sequence[str] | None) -> list[str]:
+    """GPU indexes or UUIDs: ``"0, 1"`` → ``["0", "1"]``; None → ``[]``.
+
+    Raises:
+        ValueError: one that is neither an index nor a ``GPU-``/``MIG-`` UUID, or none at all.
+    """
+    if gpus is None:
+        return []
+    listed = gpus.split(",") if isinstance(gpus, str) else [gpus] if isinstance(gpus, int) else gpus
+    ids = [str(g).strip() for g in listed if str(g).strip()]
+    bad = next((g for g in ids if not re.fullmatch(GPU_ID, g)), None)
+    if bad is not None or not ids:
+        raise ValueError(f"{bad or gpus!r} is not a GPU index (0, 1, …) or UUID (GPU-…, MIG-…)")
+    if twice := next((g for i, g in enumerate(ids) if g in ids[:i]), None):
+        raise ValueError(f"GPU {twice} is named twice: one worker (or rank) per GPU")
+    return ids
+
+
+def gpu_ids() -> list[str]:
+    """The visible CUDA devices, to spread workers over when no GPUs are named (:func:`parse_gpus`)."""
+    if (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
+        # CUDA's rule: the devices listed up to the first entry that is not one (-1 hides them all) or repeats
+        ids: list[str] = []
+        for g in (g.strip() for g in visible.split(",")):
+            if not re.fullmatch(GPU_ID, g) or g in ids:
+                break
+            ids.append(g)
+        return ids
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def auto_workers(cfg: StudyConfig, gpus: Sequence[str], model_path: str | None = None) -> int:
+    """``--workers auto``: one worker per GPU (per ``processes_per_trial`` GPUs), else one per CPU core (each with
+    one thread: two 1-thread workers did 1.58x the steps per second of one 2-thread process on 2 cores, and a
+    12-trial study on 1,200 rows had 17 trials done in the Trainer search's time for 12, docs/performance.md); at
+    most ``n_trials // 4``, so that a seeded TPE learns from at least four batches (:mod:`hpo.study.ordered`).
+
+    On CPU each worker trains its own copy of the model in the machine's memory, so there are at most as many as
+    the available memory holds at :func:`worker_mb` each (``model_path``: the model's folder).
+    """
+    from hpo.trial import memory  # torch: only when the machine's memory is asked
+
+    per = cfg.resources.processes_per_trial
+    n = len(gpus) // per if gpus else (os.cpu_count() or 1) // per
+    if not gpus and (need := worker_mb(model_path)) and (have := memory.available_mb()) is not None:
+        n = min(n, int(have // (need * per)))
+    return max(1, min(n, cfg.n_trials // 4))
+
+
+def worker_mb(model_path: str | None) -> float | None:
+    """What one CPU worker may need: 8× the model's weight files (16 bytes a parameter for weights, gradients and
+    Adam's two states in fp32, from files that may hold 2 bytes a parameter) and 1 GiB for the rest (torch,
+    activations, the data). None for a model that is not a folder on disk (built from a config: a small one)."""
+    if model_path is None or not Path(model_path).is_dir():
+        return None
+    weights = 0
+    for f in Path(model_path).iterdir():
+        if f.suffix in (".safetensors", ".bin"):
+            with contextlib.suppress(OSError):  # a broken link of a hub cache's unfinished download: not weights
+                weights += f.stat().st_size
+    return 8 * weights / 2**20 + 1024
+
+
+def check_devices(cfg: StudyConfig, n: int, gpus: Sequence[str]) -> None:
+    """``n`` workers × ``resources.processes_per_trial`` processes (when over 1) fit the GPUs (on CPU: the cores).
+
+    Raises:
+        ConfigError: they do not; one rank per GPU (or core) is the rule, sharing one would only slow both.
+    """
+    per = cfg.resources.processes_per_trial
+    have, what = (len(gpus), "GPU(s)") if gpus else (os.cpu_count() or 1, "CPU core(s)")
+    if per > 1 and n * per > have:  # one-process workers may share (round robin, threads shared out), as ever
+        raise cfg.error(
+            ("resources", "processes_per_trial"),
+            f"{n} worker(s) × {per} processes per trial need {n * per} {what}; this machine has {have} "
+            "(hpo run and hpo validate check the machine they run on)",
+        )
+
+
+def worker_env(k: int, n: int, gpus: Sequence[str], per_trial: int = 1) -> dict[str, str]:
+    """What worker ``k`` changes in its environment: ``per_trial`` GPUs of its own (round robin), or on CPU a
+    share of the cores."""
+    if gpus:
+        return {"CUDA_VISIBLE_DEVICES": ",".join(gpus[(k * per_trial + i) % len(gpus)] for i in range(per_trial))}
+    env = {"TOKENIZERS_PARALLELISM": "false"}  # forked after the parent tokenized with threads: say so, once
+    if "OMP_NUM_THREADS" not in os.environ:  # N workers × all cores each would oversubscribe the CPU
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
+    return env
