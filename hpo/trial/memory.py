@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import TrainerCallback
 
+from hpo import knobs
 from hpo.attrs import OOM_AT, OUT_OF_MEMORY
 from hpo.trial.plan import DEFAULT_BATCH, TrialPlan, lora_target_list
 
@@ -147,7 +148,7 @@ def with_micro_batch(plan: TrialPlan, micro: int) -> TrialPlan:
     batch = args.get(BATCH, DEFAULT_BATCH)
     if micro == batch:
         return plan
-    accumulation = args.get(ACCUMULATION, 1) * batch // micro
+    accumulation = knobs.training_value(args, ACCUMULATION) * batch // micro
     return dataclasses.replace(plan, training_arguments={**args, BATCH: micro, ACCUMULATION: accumulation})
 
 
@@ -206,7 +207,7 @@ def fit(
         OutOfMemory: it ran out at micro-batch 1 (``ran_out`` lists every one that did), or evaluating at batch 1.
     """
     args = plan.training_arguments
-    batch, accumulation = args.get(BATCH, DEFAULT_BATCH), args.get(ACCUMULATION, 1)
+    batch, accumulation = args.get(BATCH, DEFAULT_BATCH), knobs.training_value(args, ACCUMULATION)
     eval_batch = min(args.get(EVAL_BATCH, EVAL_BATCH_SIZE), eval_start or EVAL_BATCH_SIZE * 2**20)
     micro, failed = start or batch, []
     while True:
