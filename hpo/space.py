@@ -29,9 +29,7 @@ from pydantic import (
 
 from hpo import knobs
 from hpo.distributions import (  # noqa: F401 - re-exported: callers read the space's functions from hpo.space
-    EDGE,
     DeriveError,
-    active,
     at_edges,
     broken_constraint,
     compile_space,
