@@ -1,6 +1,7 @@
 """The trial loop: create or resume the study, run trials until it holds ``n_trials``, and when to stop.
 
-Each trial is :func:`hpo.study.objective.make_objective`'s."""
+Each trial is :func:`hpo.study.objective.make_objective`'s; Ctrl-C and SIGTERM stop the loop between trials
+(:mod:`hpo.trial.interrupts`)."""
 
 from __future__ import annotations
 
@@ -108,8 +109,9 @@ def run_study(
     tracking = trackers.Tracking(cfg)  # MLflow, W&B: each call bounded, off the thread a signal lands on
     if cfg.n_trials > done:
         objective = make_objective(bench, progress, revision, tracking)
-        with interrupts.Guard(objective), tracking, _frozen_heap(), progress:
+        with interrupts.Guard(), tracking, _frozen_heap(), progress:
             _optimize(study, objective, progress, stop, cfg, watch)
+            interrupts.stop_if_asked()  # a signal after the last trial's last safe point still stops the run
     if worker is None:
         print_summary(console, cfg, study, tracking)
     if stop.gave_up:

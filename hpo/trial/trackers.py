@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from hpo.trial import interrupts
+
 #: Names ``train.report_to`` takes; tensorboard is always on.
 SUPPORTED = ("mlflow", "wandb", "tensorboard", "none")
 #: The extra that installs each tracker.
@@ -138,9 +140,9 @@ def bounded(timeout: float) -> Iterator[None]:
 class _Lane:
     """A daemon thread that makes one tracker's calls in order; :meth:`call` waits for one until a deadline.
 
-    The wait, not the call, is on the caller's thread: a signal interrupts it at once (a lock's wait is
-    interruptible), and a call that hangs (a server that accepts and never answers) holds only this thread,
-    which dies with the process."""
+    The wait, not the call, is on the caller's thread: a signal that comes during it stops the run at once
+    (:func:`hpo.trial.interrupts.wait`), and a call that hangs (a server that accepts and never answers) holds
+    only this thread, which dies with the process."""
 
     def __init__(self, name: str):
         self.calls: queue.SimpleQueue = queue.SimpleQueue()
@@ -165,7 +167,8 @@ class _Lane:
         box: list = []
         done = threading.Event()
         self.calls.put((fn, args, box, done))
-        if not done.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+        # A safe point: a signal that comes during the wait stops the run now, while the call goes on in its thread.
+        if not interrupts.wait(done, None if deadline is None else max(0.0, deadline - time.monotonic())):
             raise Unanswered("no answer within the tracker timeout")
         ok, value = box[0]
         if not ok:
