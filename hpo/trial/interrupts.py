@@ -65,18 +65,18 @@ def wait(event: threading.Event, timeout: float | None) -> bool:
 class Guard:
     """While the ``with`` block runs, Ctrl-C and SIGTERM only set the stop flag (:func:`received`).
 
-    The flag is cleared on entry and on exit. A SIGINT that the run was started ignoring (a background job)
-    stays ignored. Main thread only (where Python runs signal handlers); elsewhere a no-op.
+    The flag is cleared on exit, not on entry: a worker forked inside a guarded run inherits its handler, and a
+    SIGTERM that reaches it before its own run is guarded (its parent died) stops that run. A SIGINT that the
+    run was started ignoring (a background job) stays ignored. Main thread only (where Python runs signal
+    handlers); elsewhere a no-op.
     """
 
     def __init__(self):
         self.previous: dict[int, Callable | int | None] = {}
 
     def __enter__(self) -> None:
-        global _received
         if threading.current_thread() is not threading.main_thread():
             return
-        _received = None
         signals = [signal.SIGTERM]
         if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             signals.append(signal.SIGINT)
