@@ -76,7 +76,7 @@ def main() -> None:
     import torch
     from rich.console import Console
 
-    import hpo.study.loop
+    import hpo.study.objective
     from hpo import load_study
     from hpo.study.loop import run_study
     from hpo.trial.model import device_settings
@@ -84,13 +84,13 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark needs a GPU")
     after: list[int] = []
-    release = hpo.study.loop.release
+    release = hpo.study.objective.release
 
     def measured_release(result=None):  # hpo's own release, then a reading
         release(result)
         after.append(torch.cuda.memory_allocated())
 
-    hpo.study.loop.release = measured_release
+    hpo.study.objective.release = measured_release
     out = {"device": torch.cuda.get_device_name(), "precision": device_settings(), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, lora, oom in (("full", False, False), ("lora", True, False), ("oom", False, True)):

@@ -172,6 +172,7 @@ def _wait(proc: subprocess.Popen, trial: optuna.Trial, on_eval) -> None:
     shown = 0
     try:
         while proc.poll() is None:
+            interrupts.stop_if_asked()  # a safe point: Ctrl-C or SIGTERM of the worker stops the launcher
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=POLL_S)
             if on_eval is not None and isinstance(trial, optuna.Trial):  # a FixedTrial reports nowhere

@@ -31,6 +31,7 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo import optuna_private
+from hpo.trial import interrupts
 
 POLL_S = 0.2  # how often a trial waiting for the ones before it looks again
 SAMPLED = "hpo:sampled"  # system attr: the trial's parameters are all drawn (a later trial may lie with them)
@@ -234,6 +235,7 @@ def wait_for_predecessors(study: optuna.Study, number: int, lag: int, cap_s: flo
         if not pending or time.monotonic() > deadline:
             return pending
         time.sleep(POLL_S)
+        interrupts.stop_if_asked()  # a safe point: the trial has not begun training
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -43,6 +44,7 @@ from hpo.trial.workbench import Workbench
 
 STOPPED_ON_FAILURES = 3  # a worker's exit code when max_failures_in_a_row stopped it
 STOP_WAIT_S = 60  # after Ctrl-C, how long workers get to end their trials before SIGKILL
+JOIN_POLL_S = 0.5  # how often the parent, waiting for its workers, looks whether a signal asked it to stop
 PARENT_POLL_S = 1.0  # where the kernel cannot signal a parent's death, how often a worker looks for it
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PARENT_DEATH_SIGNAL = signal.SIGUSR1  # the kernel's word to a worker that its parent died; it becomes one SIGTERM
@@ -120,6 +122,9 @@ def run_workers(
         with interrupts.Guard():
             for p in procs:
                 p.start()
+            while any(p.is_alive() for p in procs):
+                interrupts.stop_if_asked()  # a safe point: Ctrl-C or SIGTERM stops every worker
+                multiprocessing.connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=JOIN_POLL_S)
             for p in procs:
                 p.join()
     except KeyboardInterrupt:

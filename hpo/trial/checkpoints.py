@@ -16,8 +16,8 @@ import hashlib
 import json
 import re
 import shutil
-import threading
-from collections.abc import Callable, Iterator, Mapping
+import signal
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +25,11 @@ import torch
 from transformers import TrainerCallback
 
 from hpo.config import StudyConfig
+from hpo.trial import interrupts
 
 FULL_BELOW_BYTES = 16 * 2**20  # a disk with less free after a failed save was full (torch's zip writer names no errno)
 COMPLETE = "hpo-complete"  # written into a checkpoint folder once the Trainer finished writing it
 KEEP = 2  # checkpoints kept per trial: the newest may be cut short by a kill, the one before is whole
-
-#: Set by SIGTERM: a trial that checkpoints saves at the end of its step, then stops; no other trial starts.
-_stop = threading.Event()
-_training = threading.Event()
 
 
 def folder(cfg: StudyConfig, params: Mapping[str, Any], revision: int) -> Path:
@@ -84,32 +81,40 @@ def remove(where: Path | None) -> None:
         where.parent.rmdir()
 
 
-def stop_requested() -> bool:
-    """Record a SIGTERM (the run starts no other trial). Returns whether it is answered with a
-    checkpoint (a trial that checkpoints is training): then :class:`CheckpointCallback` saves at the end of the
-    step and the trial ends interrupted; else the caller interrupts at once."""
-    _stop.set()
-    return _training.is_set()
+class StopCallback(TrainerCallback):
+    """The Trainer's safe points (:mod:`hpo.trial.interrupts`): after Ctrl-C or SIGTERM, it raises
+    ``KeyboardInterrupt`` at the start of training, the next step's end or evaluation or prediction step.
 
+    ``checkpointing``: the trial saves checkpoints; then a SIGTERM while it trains is left to its
+    :class:`CheckpointCallback`, which saves at the step's end and stops training.
+    """
 
-def clear_stop() -> None:
-    """Forget an earlier run's SIGTERM (a new run in the same process)."""
-    _stop.clear()
+    def __init__(self, checkpointing: bool = False):
+        self.checkpointing = checkpointing
+        self.training = False
 
+    def _check(self) -> None:
+        if not (self.checkpointing and self.training and interrupts.received() == signal.SIGTERM):
+            interrupts.stop_if_asked()
 
-@contextlib.contextmanager
-def training() -> Iterator[None]:
-    """While a trial that checkpoints trains: SIGTERM asks for a checkpoint instead of interrupting at once."""
-    _training.set()
-    try:
-        yield
-    finally:
-        _training.clear()
+    def on_train_begin(self, args, state, control, **kwargs):
+        interrupts.stop_if_asked()  # a signal while the model loaded: nothing trained yet, no checkpoint to save
+        self.training = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._check()
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        self._check()
 
 
 class CheckpointCallback(TrainerCallback):
-    """Asks the Trainer to save every ``every`` examples seen, and at once when SIGTERM asked for it (then
-    stops training: ``stopped``); marks each checkpoint complete once written.
+    """Asks the Trainer to save every ``every`` examples seen, and at the step's end when SIGTERM set the stop
+    flag (:func:`hpo.trial.interrupts.received`; then it stops training: ``stopped``); marks each checkpoint
+    complete once written.
 
     A checkpoint that cannot be written (a full disk: torch's ``unexpected pos``, safetensors' or an ``OSError``)
     is a warning, not a failed trial: its partial folder is removed, ``on_failure`` is told why once per trial
@@ -151,7 +156,7 @@ class CheckpointCallback(TrainerCallback):
         if self.every and state.epoch * self.n_train + 1e-6 >= self._next * self.every:
             control.should_save = True
             self._next = int(state.epoch * self.n_train / self.every + 1e-6) + 1
-        if _agreed(_stop.is_set() and _training.is_set(), args.device):
+        if _agreed(interrupts.received() == signal.SIGTERM, args.device):
             control.should_save = control.should_training_stop = self.stopped = True
 
     def on_save(self, args, state, control, **kwargs):

@@ -107,6 +107,7 @@ def run_trial(
         processing_class=bench.tokenizer,
         compute_metrics=compute_metrics,
         callbacks=[
+            checkpoints.StopCallback(checkpointing=saver is not None),  # Ctrl-C and SIGTERM stop at its safe points
             *([] if compute_metrics else [PerplexityCallback()]),
             callback,
             clock := _FirstStep(),
@@ -202,8 +203,7 @@ def _train(trainer: Trainer, callback: PruningCallback, saver, resume: Path | No
     """
     start = time.perf_counter()
     try:
-        with checkpoints.training() if saver else contextlib.nullcontext():
-            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except BaseException as e:
         if writer:
             writer.close()  # the Trainer closes it at the end of training only: a failed attempt would leak its thread

@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM end a run as ``KeyboardInterrupt``, but never in the middle of a write to the study.
+"""Ctrl-C and SIGTERM end a run as ``KeyboardInterrupt``, raised only where a trial may safely end.
 
 Python raises ``KeyboardInterrupt`` at whatever line the main thread is on. Inside a storage call, the write
 is lost, or the connection keeps its transaction: on SQLite the process then locks itself (and every other
@@ -7,127 +7,94 @@ locked", and the trial stays RUNNING. Inside Optuna's own steps around the objec
 callbacks) nothing ends the trial at all. Measured: 33 of 150 interrupts at random moments of a loop of
 ``trial.report`` on SQLite left the trial RUNNING; none under :class:`Guard`.
 
-So while a run is guarded (:class:`Guard`), a signal that comes while the main thread is in Optuna, SQLAlchemy or a
-database driver (:data:`UNSAFE_PACKAGES`) below the objective waits for the outermost such call to return, and is raised in its caller, as if that call had raised it once done. Python offers "now" or
-"ignore" for a signal; this handler, which waits for a frame to return (a trace hook on that one frame, the
-way debuggers step out), is what no library here does.
+So while a run is guarded (:class:`Guard`), the signal handler only records the signal: one stop flag,
+:func:`received`. hpo's own code checks it at safe points and raises ``KeyboardInterrupt`` there, where the
+ordinary ``except`` code ends the trial: a Trainer callback at each step's end and each evaluation or
+prediction step (:class:`hpo.trial.checkpoints.StopCallback`), where a trial starts and between trials
+(:func:`stop_if_asked`), in the loops that wait for workers, ranks or a tracker (:func:`wait`). Ray Tune
+and Lightning do the same; no trace hook, so a debugger's or coverage's tracer stays installed.
 
 - SIGTERM (a scheduler's stop, a preemption notice, the parent of ``--workers`` stopping a worker) counts
   once: a second one (systemd signalling the whole group, then the parent its workers) would interrupt the
-  clean-up of the first. A trial that checkpoints answers it with a checkpoint instead (:mod:`hpo.trial.checkpoints`).
-- Ctrl-C (SIGINT) waits the same way; a second Ctrl-C stops at once, wherever the run is.
+  clean-up of the first. A trial that checkpoints answers it with a checkpoint first: its
+  :class:`hpo.trial.checkpoints.CheckpointCallback` reads the same flag, saves at the step's end and stops.
+- Ctrl-C (SIGINT) waits for a safe point the same way; a second Ctrl-C stops at once, wherever the run is.
+
+No third-party import here: the trackers wait through :func:`wait`, and the study's storage reads no torch.
 """
 
 from __future__ import annotations
 
 import signal
-import sys
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 
-from hpo.trial import checkpoints
+POLL_S = 0.1  # how often a wait that is a safe point looks at the flag
 
-#: Top-level packages whose calls a signal must not cut short: the study's storage. Not the trackers (MLflow,
-#: W&B): a server that never answers would hold Ctrl-C back for as long; their calls run on threads of their own,
-#: which a signal never interrupts, and the run waits for them a bounded time (:mod:`hpo.trial.trackers`).
-UNSAFE_PACKAGES = frozenset({"optuna", "optuna_integration", "sqlalchemy", "alembic", "sqlite3", "psycopg", "psycopg2"})
+_received: int | None = None  # the stop flag: the signal that asked the guarded run to stop, once it came
 
-_asked = threading.Event()  # a signal came: the run starts no other trial
+
+def received() -> int | None:
+    """The signal (``signal.SIGINT`` or ``signal.SIGTERM``) that asked the guarded run to stop, or None."""
+    return _received
 
 
 def stop_if_asked() -> None:
-    """Raise ``KeyboardInterrupt`` if a signal came during the guarded run: where a trial starts, so that it
-    starts no other one, even if the interrupt was lost (raised inside a finalizer, which Python ignores) or
-    answered with a checkpoint; and the objective's first step, where a signal held back in Optuna's ``ask``
-    ends the new trial."""
-    if _asked.is_set():
-        raise KeyboardInterrupt("signal")
+    """Raise ``KeyboardInterrupt`` if a signal came during the guarded run: where a trial starts (a signal that
+    came in Optuna's ``ask`` ends the new trial), between trials (no other one starts, also after a SIGTERM
+    answered with a checkpoint), and in the loops that wait for workers or ranks."""
+    if _received is not None:
+        raise KeyboardInterrupt(f"signal {_received}")
+
+
+def wait(event: threading.Event, timeout: float | None) -> bool:
+    """``event.wait(timeout)`` that a signal coming during it cuts short with ``KeyboardInterrupt`` (a signal
+    that came before it, being answered, does not: the clean-up after it waits its whole time)."""
+    end = None if timeout is None else time.monotonic() + timeout
+    before = _received
+    while not event.wait(POLL_S if end is None else max(0.0, min(POLL_S, end - time.monotonic()))):
+        if before is None:
+            stop_if_asked()
+        if end is not None and time.monotonic() >= end:
+            return False
+    return True
 
 
 class Guard:
-    """Ctrl-C and SIGTERM raise ``KeyboardInterrupt`` only outside storage calls, while the ``with`` block runs.
+    """While the ``with`` block runs, Ctrl-C and SIGTERM only set the stop flag (:func:`received`).
 
-    ``objective``: the function Optuna calls for each trial. Inside its frames, only the calls of
-    :data:`UNSAFE_PACKAGES` hold a signal back; outside them, so does Optuna's code around it (``ask``, ``tell``,
-    the callbacks), until Optuna returns or calls the objective, which must begin with :func:`stop_if_asked`
-    inside the ``try`` that ends an interrupted trial. Frames outside the ``with`` statement (a caller's) are
-    not looked at. A SIGINT that the run was started ignoring (a background job) stays ignored. Main thread
-    only (where Python runs signal handlers); elsewhere a no-op.
+    The flag is cleared on exit, not on entry: a worker forked inside a guarded run inherits its handler, and a
+    SIGTERM that reaches it before its own run is guarded (its parent died) stops that run. A SIGINT that the
+    run was started ignoring (a background job) stays ignored. Main thread only (where Python runs signal
+    handlers); elsewhere a no-op.
     """
 
-    def __init__(self, objective: Callable | None = None):
-        self.boundary = objective.__code__ if objective is not None else None
+    def __init__(self):
         self.previous: dict[int, Callable | int | None] = {}
-        self.outer: FrameType | None = None  # the with statement's frame: the walk stops there
-        self.pending: int | None = None  # a signal waiting for a storage call to return
-        self.hooked: FrameType | None = None  # that call's frame
-        self.trace: Callable | None = None  # the thread's trace function before the hook (a debugger's, coverage's)
-        self.done = False  # the first signal was raised (or answered with a checkpoint)
 
     def __enter__(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        self.outer, self.done = sys._getframe(1), False
-        checkpoints.clear_stop()
-        _asked.clear()
         signals = [signal.SIGTERM]
         if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             signals.append(signal.SIGINT)
         self.previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def __exit__(self, *_) -> None:
-        self._unhook()
+        global _received
+        if not self.previous:
+            return
         for s, handler in self.previous.items():
             signal.signal(s, handler)
         self.previous = {}
+        _received = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGINT and (self.done or self.pending is not None):
-            self._unhook()
-            self.done = True
+        global _received
+        if _received is None:
+            _received = signum  # the run stops at its next safe point
+        elif signum == signal.SIGINT:
             raise KeyboardInterrupt("a second Ctrl-C")  # the person wants out now, wherever the run is
-        if self.done or self.pending is not None:
-            return  # a second SIGTERM
-        _asked.set()
-        if signum == signal.SIGTERM and checkpoints.stop_requested():  # the trial saves at its step's end, then stops
-            self.done = True
-            return
-        call = self._outermost_unsafe(frame)
-        if call is None:
-            self.done = True
-            raise KeyboardInterrupt(f"signal {signum}")
-        self.pending, self.hooked, self.trace = signum, call, sys.gettrace()
-        call.f_trace_lines = False  # its return only
-        call.f_trace = self._on_return
-        sys.settrace(self._on_call)  # tracing on in this thread (else f_trace is never called), for no new frame
-
-    def _outermost_unsafe(self, frame: FrameType | None) -> FrameType | None:
-        """The outermost frame of :data:`UNSAFE_PACKAGES` between ``frame`` and the objective (or the ``with``)."""
-        found = None
-        while frame is not None and frame is not self.outer and frame.f_code is not self.boundary:
-            if frame.f_globals.get("__name__", "").partition(".")[0] in UNSAFE_PACKAGES:
-                found = frame
-            frame = frame.f_back
-        return found
-
-    def _on_call(self, frame: FrameType, event: str, arg) -> None:
-        if frame.f_code is self.boundary:  # Optuna calls the objective: its stop_if_asked() raises the signal
-            self._unhook()
-            self.done = True
-        return None
-
-    def _on_return(self, frame: FrameType, event: str, arg) -> Callable | None:
-        if event != "return" or frame is not self.hooked:
-            return self._on_return
-        signum = self.pending
-        self._unhook()
-        self.done = True
-        raise KeyboardInterrupt(f"signal {signum}")  # in the caller, as if the call had raised it once done
-
-    def _unhook(self) -> None:
-        if self.pending is None:
-            return
-        self.hooked.f_trace = None
-        sys.settrace(self.trace)
-        self.pending = self.hooked = None
+        # else a second SIGTERM: ignored

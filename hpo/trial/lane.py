@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from hpo.trial import interrupts
+
 
 class Unanswered(Exception):
     """A tracker call did not return within its time."""
@@ -22,9 +24,9 @@ class Unanswered(Exception):
 class Lane:
     """A daemon thread that makes one tracker's calls in order; :meth:`call` waits for one until a deadline.
 
-    The wait, not the call, is on the caller's thread: a signal interrupts it at once (a lock's wait is
-    interruptible), and a call that hangs (a server that accepts and never answers) holds only this thread,
-    which dies with the process."""
+    The wait, not the call, is on the caller's thread: a signal that comes during it stops the run at once
+    (:func:`hpo.trial.interrupts.wait`), and a call that hangs (a server that accepts and never answers) holds
+    only this thread, which dies with the process."""
 
     def __init__(self, name: str):
         self.calls: queue.SimpleQueue = queue.SimpleQueue()
@@ -49,7 +51,8 @@ class Lane:
         box: list = []
         done = threading.Event()
         self.calls.put((fn, args, box, done))
-        if not done.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+        # A safe point: a signal that comes during the wait stops the run now, while the call goes on in its thread.
+        if not interrupts.wait(done, None if deadline is None else max(0.0, deadline - time.monotonic())):
             raise Unanswered("no answer within the tracker timeout")
         ok, value = box[0]
         if not ok:
