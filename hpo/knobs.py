@@ -95,20 +95,28 @@ def training_value(args: Mapping[str, Any], name: str) -> Any:
 
 
 @functools.cache
-def _literal_training_defaults() -> dict[str, Any]:
+def training_fields_source() -> list[ast.AnnAssign]:
+    """The annotated fields of ``TrainingArguments`` as the installed transformers writes them (empty where its
+    source moved): parsed once, for its field names (:func:`hpo.space.training_argument_names`) and the
+    defaults written as literals, because importing transformers (and torch) takes seconds."""
     spec = importlib.util.find_spec("transformers")
     source = Path(next(iter(spec.submodule_search_locations))) / "training_args.py"
-    found: dict[str, Any] = {}
     for node in ast.parse(source.read_text()).body:
         if isinstance(node, ast.ClassDef) and node.name == "TrainingArguments":
-            for s in node.body:
-                if not (isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name) and s.value is not None):
-                    continue
-                value = s.value  # ``x: int = 8`` or ``x: int = field(default=8, metadata=...)``
-                if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "field":
-                    value = next((k.value for k in value.keywords if k.arg == "default"), None)
-                with contextlib.suppress(ValueError, TypeError, SyntaxError):
-                    found[s.target.id] = ast.literal_eval(value)
+            return [s for s in node.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)]
+    return []
+
+
+@functools.cache
+def _literal_training_defaults() -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for s in training_fields_source():
+        value = s.value  # ``x: int = 8`` or ``x: int = field(default=8, metadata=...)``
+        if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "field":
+            value = next((k.value for k in value.keywords if k.arg == "default"), None)
+        if value is not None:
+            with contextlib.suppress(ValueError, TypeError, SyntaxError):
+                found[s.target.id] = ast.literal_eval(value)
     return found
 
 

@@ -8,12 +8,9 @@ where the study and the trial read them (``space.sample``, ``space.walk``).
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import typing
 from collections.abc import Mapping
 from functools import cached_property, lru_cache
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -201,16 +198,8 @@ def training_argument_names() -> frozenset[str]:
     Read from the installed source with ``ast``: importing transformers (and
     torch) takes seconds, and validating a study file should take less.
     """
-    spec = importlib.util.find_spec("transformers")
-    source = Path(next(iter(spec.submodule_search_locations))) / "training_args.py"
-    tree = ast.parse(source.read_text())
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "TrainingArguments":
-            return frozenset(
-                s.target.id
-                for s in node.body
-                if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name) and not s.target.id.startswith("_")
-            )
+    if written := knobs.training_fields_source():
+        return frozenset(s.target.id for s in written if not s.target.id.startswith("_"))
     from dataclasses import fields  # the source moved: fall back to the slow import
 
     from transformers import TrainingArguments
