@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from measure import run_corpus
 
-CORPUS = Path(__file__).parent / "broken"
+CORPUS = Path(__file__).parents[1] / "broken"
 FILES = sorted(CORPUS.glob("*.yaml"))
 BUDGET = {"config": (5.0, 300), "model": (60.0, 2000)}  # (CPU seconds, peak RSS MiB) per stage
 WALL_CAP_S = 300  # only against a hang: the budget above is CPU time, which a busy machine does not inflate

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from measure import run_corpus
 
-CORPUS = Path(__file__).parent / "broken_data"
+CORPUS = Path(__file__).parents[1] / "broken_data"
 FILES = sorted(CORPUS.glob("*.yaml"))
 
 # A broken data file fails in well under 5 s of CPU and 300 MB: `hpo run` reads and checks the data

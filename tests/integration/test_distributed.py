@@ -12,7 +12,6 @@ from procs import RUN_S, SLOW_EPOCHS, WAIT_S, alive, slow_study, start, wait_for
 from rich.console import Console
 
 import hpo
-from hpo.errors import ConfigError
 
 TWO = {"processes_per_trial": 2}
 
@@ -131,38 +130,6 @@ def test_sigterm_checkpoints_every_rank_and_the_rerun_resumes(write_study, tmp_p
     assert done.user_attrs["resumed_from_trial"] == stopped.number and done.user_attrs["processes"] == 2
     assert done.user_attrs["first_step"] == done.user_attrs["resumed_from_step"] + 1
     assert len(done.intermediate_values) == SLOW_EPOCHS
-
-
-def test_more_processes_than_devices_is_one_line_before_any_trial(tiny_model, tmp_path):
-    from hpo.api import load
-    from hpo.study.workers import check_devices, worker_env
-
-    cfg = load(study_dict(tiny_model, resources={"processes_per_trial": 3}, storage=f"sqlite:///{tmp_path}/d.db"))
-    with pytest.raises(
-        ConfigError, match=r"resources\.processes_per_trial: 64 worker\(s\) × 3 processes per trial need 192 CPU"
-    ):
-        check_devices(cfg, 64, [])
-    with pytest.raises(ConfigError, match=r"need 3 GPU\(s\); this machine has 2"):
-        check_devices(cfg, 1, ["0", "1"])
-    check_devices(cfg, 1, ["0", "1", "2"])
-    one = load(study_dict(tiny_model, storage=f"sqlite:///{tmp_path}/d.db"))
-    check_devices(one, 64, [])  # one-process workers share cores (and GPUs, round robin) as they always could
-    assert worker_env(1, 2, ["0", "1", "2", "3"], per_trial=2) == {"CUDA_VISIBLE_DEVICES": "2,3"}  # GPUs of its own
-    assert not (tmp_path / "d.db").exists()
-
-
-def test_deepspeed_needs_cuda_and_deepspeed_in_one_line(tiny_model, tmp_path):
-    from hpo.api import load
-    from hpo.trial.workbench import check_engines
-
-    cfg = load(study_dict(tiny_model, train={"deepspeed": {"zero_optimization": {"stage": 2}}}))
-    with pytest.raises(ConfigError, match=r"train\.deepspeed: DeepSpeed's ZeRO needs a CUDA GPU"):
-        check_engines(cfg, cuda=False)
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        with pytest.raises(ConfigError, match=r"pip install 'hpo\[deepspeed\]'"):
-            check_engines(cfg, cuda=True)
 
 
 def test_the_best_of_a_two_process_study_retrains_as_its_trial_ran(tiny_model, tmp_path):

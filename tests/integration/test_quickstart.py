@@ -10,7 +10,7 @@ from rich.console import Console
 from hpo import load_study
 from hpo.study.loop import run_study
 
-QUICKSTART = Path(__file__).parent.parent / "studies" / "quickstart.yaml"
+QUICKSTART = Path(__file__).parents[2] / "studies" / "quickstart.yaml"
 
 
 @pytest.mark.slow

@@ -126,15 +126,6 @@ def test_sampler_pruner_and_budget_may_change_freely(write_study):
     assert len(study.trials) == 2 and len(study.user_attrs["revisions"]) == 1
 
 
-def test_changes_name_each_leaf():
-    from hpo.study.revisions import changes
-
-    old = {"a": {"b": 1, "c": [1, 2]}, "d": "x"}
-    new = {"a": {"b": 2, "c": [1, 2]}, "e": 1}
-    assert changes(old, new) == ["a.b: 1 → 2", "d: removed", "e: added"]
-    assert changes(old, old) == []
-
-
 def test_two_studies_of_one_name_do_not_share_an_output_folder(write_study, tmp_path):
     # a.yaml and b.yaml both say study: tiny, each with its default SQLite beside it: b's models and logs
     # went into a's outputs/tiny, and a's rerun reported b's model as its best_model without a word.
@@ -231,38 +222,3 @@ def test_entries_queued_under_an_older_revision_are_not_trained_outside_the_new_
     assert queued.params == {} and queued.user_attrs["rejected_enqueued"] == "learning_rate=0.0002"
     assert "train_seconds" not in queued.user_attrs  # rejected before training
     assert all(1e-3 <= t.params["learning_rate"] <= 1e-2 for t in study.trials[2:])
-
-
-def test_what_a_value_means_is_keyed_as_older_studies_stored_it(tiny_model):
-    # A study saved before objective.at and objectives existed stored {metric, direction}: a default study file
-    # must key the same, or every existing study is refused ("ranks its trials by eval_loss (minimize); this file
-    # asks for eval_loss (minimize)" — seen when the key was the whole model, `at` included).
-    from conftest import study_dict
-
-    from hpo.api import load
-    from hpo.study.revisions import objective_key
-
-    assert objective_key(load(study_dict(tiny_model))) == {"metric": "eval_loss", "direction": "minimize"}
-    best = objective_key(load(study_dict(tiny_model, objective={"at": "best"})))
-    assert best == {"metric": "eval_loss", "direction": "minimize", "at": "best"}  # another meaning: refused
-    two = [{"metric": "eval_loss"}, {"metric": "train_seconds"}]
-    assert objective_key(load(study_dict(tiny_model, objectives=two)))["objectives"] == [
-        "eval_loss (minimize)",
-        "train_seconds (minimize)",
-    ]
-
-
-def test_settings_that_change_what_a_value_means_are_in_the_fingerprint(tiny_model):
-    from conftest import study_dict
-
-    from hpo.api import load
-    from hpo.study.revisions import fingerprint
-
-    plain = fingerprint(load(study_dict(tiny_model)))
-    assert not {"repeats", "early_stopping", "processes_per_trial"} & set(plain)  # older studies keep theirs
-    for changes in (
-        {"repeats": 3},
-        {"early_stopping": {"patience": 2}, "objective": {"at": "best"}},
-        {"resources": {"processes_per_trial": 2}},
-    ):
-        assert fingerprint(load(study_dict(tiny_model, **changes))) != plain, changes

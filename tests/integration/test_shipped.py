@@ -11,7 +11,7 @@ import yaml
 from hpo import load_study
 from hpo.trial.workbench import prepare
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 STUDIES = sorted((ROOT / "studies").glob("*.yaml"))  # not outputs/
 SPACES = sorted((ROOT / "search_spaces").rglob("*.yaml"))
 

@@ -4,9 +4,7 @@ import contextlib
 import io
 import json
 import os
-import random
 import resource
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -14,15 +12,12 @@ import sys
 
 import optuna
 import pytest
+from inject import broken_weights
 from optuna.trial import TrialState
 from rich.console import Console
-from transformers import TrainerCallback
 
 from hpo import load_study
 from hpo.study.loop import run_study
-from hpo.trial.finetune import run_trial
-from hpo.trial.plan import make_plan
-from hpo.trial.workbench import prepare
 
 quiet = Console(quiet=True)
 
@@ -76,39 +71,6 @@ def test_trial_records_measurements_and_best_model(write_study, tmp_path):
     config = study.user_attrs["config"]
     assert config["n_trials"] == 2 and config["storage"].startswith("sqlite:///")
     assert (tmp_path / "outputs" / "tiny" / "resolved.yaml").exists()
-
-
-def test_training_batches_mix_labels_even_where_length_follows_the_label(write_study, tmp_path):
-    # transformers' group_by_length (hpo's default before) sorts windows of batches longest first: here every
-    # "long" row would come before every "short" one of its window, and nearly every batch held one label.
-    words = ["hello", "there", "cold", "and", "windy", "please", "rain", "tomorrow", "maybe", "sunny", "day", "today"]
-    rng = random.Random(0)
-    for split, n in (("train", 64), ("eval", 8)):
-        rows = [(" ".join(rng.choices(words, k=8 if i % 2 else 2)), "long" if i % 2 else "short") for i in range(n)]
-        (tmp_path / f"{split}.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
-    data = {"train": str(tmp_path / "train.csv"), "eval": str(tmp_path / "eval.csv"), "max_length": 16}
-
-    def batches(**train) -> list[set]:
-        cfg = load_study(write_study(data=data, n_trials=1, train={"num_train_epochs": 1, "seed": 0, **train}))
-        labels: list[set] = []
-
-        class Batches(TrainerCallback):
-            def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-                labels.extend(set(batch["labels"].tolist()) for batch in train_dataloader)
-
-        params = {"learning_rate": 1e-3, "per_device_train_batch_size": 4}
-        run_trial(prepare(cfg), make_plan(cfg, params), optuna.trial.FixedTrial(params), callbacks=[Batches()])
-        return labels
-
-    mixed = batches()
-    assert len(mixed) == 16 and sum(len(b) > 1 for b in mixed) >= 12, mixed  # 7 in 8 batches of 4, by chance
-    grouped = batches(train_sampling_strategy="group_by_length")  # the study file's choice wins
-    assert sum(len(b) > 1 for b in grouped) <= 4, grouped
-
-
-def test_eval_rows_are_sorted_by_length_once(write_study):
-    lengths = [len(row["input_ids"]) for row in prepare(load_study(write_study(n_trials=1))).eval_rows]
-    assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
 
 
 def test_steps_count_examples_seen_on_one_grid(write_study):
@@ -198,15 +160,6 @@ def test_lora_trials_train_adapters_only(write_study, tiny_model):
     assert (path.parent / "outputs" / "tiny" / "best_model" / "adapter_config.json").exists()
 
 
-def broken_weights(tiny_model, folder):
-    """The tiny model with its weights file cut short, as a failed download leaves it: validation reads the
-    config and tokenizer, so only the trials that load the weights fail."""
-    shutil.copytree(tiny_model, folder)
-    weights = folder / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
-    return folder
-
-
 def test_failure_is_recorded_with_its_cause_and_the_study_goes_on(write_study, tiny_model, tmp_path):
     path = write_study(n_trials=1, max_failures_in_a_row=2, model=str(broken_weights(tiny_model, tmp_path / "m")))
     from hpo.errors import TrialsFailed
@@ -217,18 +170,6 @@ def test_failure_is_recorded_with_its_cause_and_the_study_goes_on(write_study, t
     assert len(failed) == 2  # stopped after max_failures_in_a_row instead of looping forever
     assert "safetensor" in failed[0].user_attrs["fail_reason"].lower()
     assert failed[0].value is None  # a failure is a state, never a number
-
-
-def test_dropout_reaches_the_model_config(write_study, tiny_model):
-    from hpo.trial.finetune import _build_model
-    from hpo.trial.plan import make_plan
-    from hpo.trial.workbench import prepare
-
-    bench = prepare(load_study(write_study()))
-    model, _ = _build_model(bench, make_plan(bench.cfg, {"dropout": 0.37}))
-    assert model.config.hidden_dropout_prob == 0.37
-    assert model.config.attention_probs_dropout_prob == 0.37
-    assert model.config.num_labels == 3
 
 
 def test_every_failure_carries_its_cause(write_study):
@@ -292,34 +233,6 @@ def test_a_run_stopped_by_failures_exits_non_zero(write_study, tiny_model, tmp_p
     assert result.returncode == 1, result.stdout + result.stderr
     assert "no trial completed" in result.stdout and "stopping: 2 trials failed in a row" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
-
-
-def test_best_model_is_decided_after_values_are_stored(write_study):
-    # Two workers each stage a model that beats the best stored so far. Whatever order their after-tell
-    # steps run in, best_model/ ends up holding the study's best, and the loser's staged model is removed.
-    from hpo.study.outputs import _staged, install_if_best
-
-    for order in ("worse first", "better first"):
-        cfg = load_study(write_study(study=order.replace(" ", "-")))
-        study = optuna.create_study(study_name=cfg.study, storage=cfg.storage_url)
-        better, worse = study.ask(), study.ask()
-        for trial in (better, worse):
-            _staged(cfg, trial.number).mkdir(parents=True)
-            (_staged(cfg, trial.number) / "hpo_trial.json").write_text(json.dumps({"trial": trial.number}))
-        if order == "worse first":
-            study.tell(worse, 0.5)
-            install_if_best(cfg, study, study.trials[worse.number])  # the better one still runs: its model stays staged
-            assert _staged(cfg, better.number).exists()
-            study.tell(better, 0.3)
-            install_if_best(cfg, study, study.trials[better.number])
-        else:
-            study.tell(better, 0.3)
-            study.tell(worse, 0.5)
-            install_if_best(cfg, study, study.trials[worse.number])  # the worse one's step runs last
-            install_if_best(cfg, study, study.trials[better.number])
-        saved = json.loads((cfg.output_path / "best_model" / "hpo_trial.json").read_text())
-        assert saved["trial"] == study.best_trial.number == better.number, order
-        assert not (cfg.output_path / ".staged").exists()
 
 
 def test_a_model_that_cannot_be_saved_keeps_its_trial_and_leaves_nothing_behind(write_study, tmp_path):
@@ -389,16 +302,6 @@ def test_a_classifier_with_another_number_of_labels_gets_a_new_head(write_study,
     report = trial.user_attrs["load_report"]
     assert report["new_heads"] == ["classifier"]
     assert report["mismatched_keys"] == ["classifier.bias: (5,) → (3,)", "classifier.weight: (5, 32) → (3, 32)"]
-
-
-def test_a_chosen_precision_is_kept():
-    from hpo.trial.finetune import precision
-
-    assert precision({}, cuda=True, bf16_supported=True) == {"bf16": True}
-    assert precision({}, cuda=True, bf16_supported=False) == {"fp16": True}
-    assert precision({"fp16": True}, cuda=True, bf16_supported=True) == {}  # was bf16 too: every trial failed
-    assert precision({"bf16": False}, cuda=True, bf16_supported=True) == {}
-    assert precision({"fp16": True}, cuda=False, bf16_supported=False) == {"dataloader_pin_memory": False}
 
 
 def test_a_dropped_storage_connection_does_not_fail_the_trial(write_study, fresh_postgres_url, postgres_admin):

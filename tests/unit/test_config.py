@@ -206,21 +206,6 @@ def test_enqueue_is_checked_against_the_space(write_study):
     assert any("enqueue[1].lerning_rate: not in search_space; did you mean 'learning_rate'?" in f for f in found), found
 
 
-def test_enqueued_configurations_run_first_and_only_once(write_study):
-    from optuna.trial import TrialState
-    from rich.console import Console
-
-    from hpo.study.loop import run_study
-
-    start = {"learning_rate": 1e-3, "per_device_train_batch_size": 8}
-    path = write_study(n_trials=2, enqueue=[start])
-    study = run_study(load_study(path), Console(quiet=True))
-    assert study.trials[0].params == start
-    study = run_study(load_study(path, {"n_trials": 3}), Console(quiet=True))
-    assert [t.params == start for t in study.trials] == [True, False, False]
-    assert all(t.state == TrialState.COMPLETE for t in study.trials)
-
-
 def test_variables_from_the_environment_and_dotenv(write_study, tmp_path, monkeypatch):
     (tmp_path / ".env").write_text("STUDY_NAME=from-dotenv\nTRIALS=4\n")
     path = write_study(study="${STUDY_NAME}", n_trials="${TRIALS}", storage="sqlite:///${DB_DIR}/x.db")

@@ -1,0 +1,95 @@
+"""End to end on a tiny BERT: real Trainer, real SQLite, real pruners."""
+
+import json
+import random
+
+import optuna
+from transformers import TrainerCallback
+
+from hpo import load_study
+from hpo.trial.finetune import run_trial
+from hpo.trial.plan import make_plan
+from hpo.trial.workbench import prepare
+
+
+def test_training_batches_mix_labels_even_where_length_follows_the_label(write_study, tmp_path):
+    # transformers' group_by_length (hpo's default before) sorts windows of batches longest first: here every
+    # "long" row would come before every "short" one of its window, and nearly every batch held one label.
+    words = ["hello", "there", "cold", "and", "windy", "please", "rain", "tomorrow", "maybe", "sunny", "day", "today"]
+    rng = random.Random(0)
+    for split, n in (("train", 64), ("eval", 8)):
+        rows = [(" ".join(rng.choices(words, k=8 if i % 2 else 2)), "long" if i % 2 else "short") for i in range(n)]
+        (tmp_path / f"{split}.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    data = {"train": str(tmp_path / "train.csv"), "eval": str(tmp_path / "eval.csv"), "max_length": 16}
+
+    def batches(**train) -> list[set]:
+        cfg = load_study(write_study(data=data, n_trials=1, train={"num_train_epochs": 1, "seed": 0, **train}))
+        labels: list[set] = []
+
+        class Batches(TrainerCallback):
+            def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+                labels.extend(set(batch["labels"].tolist()) for batch in train_dataloader)
+
+        params = {"learning_rate": 1e-3, "per_device_train_batch_size": 4}
+        run_trial(prepare(cfg), make_plan(cfg, params), optuna.trial.FixedTrial(params), callbacks=[Batches()])
+        return labels
+
+    mixed = batches()
+    assert len(mixed) == 16 and sum(len(b) > 1 for b in mixed) >= 12, mixed  # 7 in 8 batches of 4, by chance
+    grouped = batches(train_sampling_strategy="group_by_length")  # the study file's choice wins
+    assert sum(len(b) > 1 for b in grouped) <= 4, grouped
+
+
+def test_eval_rows_are_sorted_by_length_once(write_study):
+    lengths = [len(row["input_ids"]) for row in prepare(load_study(write_study(n_trials=1))).eval_rows]
+    assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
+
+
+def test_dropout_reaches_the_model_config(write_study, tiny_model):
+    from hpo.trial.finetune import _build_model
+    from hpo.trial.plan import make_plan
+    from hpo.trial.workbench import prepare
+
+    bench = prepare(load_study(write_study()))
+    model, _ = _build_model(bench, make_plan(bench.cfg, {"dropout": 0.37}))
+    assert model.config.hidden_dropout_prob == 0.37
+    assert model.config.attention_probs_dropout_prob == 0.37
+    assert model.config.num_labels == 3
+
+
+def test_best_model_is_decided_after_values_are_stored(write_study):
+    # Two workers each stage a model that beats the best stored so far. Whatever order their after-tell
+    # steps run in, best_model/ ends up holding the study's best, and the loser's staged model is removed.
+    from hpo.study.outputs import _staged, install_if_best
+
+    for order in ("worse first", "better first"):
+        cfg = load_study(write_study(study=order.replace(" ", "-")))
+        study = optuna.create_study(study_name=cfg.study, storage=cfg.storage_url)
+        better, worse = study.ask(), study.ask()
+        for trial in (better, worse):
+            _staged(cfg, trial.number).mkdir(parents=True)
+            (_staged(cfg, trial.number) / "hpo_trial.json").write_text(json.dumps({"trial": trial.number}))
+        if order == "worse first":
+            study.tell(worse, 0.5)
+            install_if_best(cfg, study, study.trials[worse.number])  # the better one still runs: its model stays staged
+            assert _staged(cfg, better.number).exists()
+            study.tell(better, 0.3)
+            install_if_best(cfg, study, study.trials[better.number])
+        else:
+            study.tell(better, 0.3)
+            study.tell(worse, 0.5)
+            install_if_best(cfg, study, study.trials[worse.number])  # the worse one's step runs last
+            install_if_best(cfg, study, study.trials[better.number])
+        saved = json.loads((cfg.output_path / "best_model" / "hpo_trial.json").read_text())
+        assert saved["trial"] == study.best_trial.number == better.number, order
+        assert not (cfg.output_path / ".staged").exists()
+
+
+def test_a_chosen_precision_is_kept():
+    from hpo.trial.finetune import precision
+
+    assert precision({}, cuda=True, bf16_supported=True) == {"bf16": True}
+    assert precision({}, cuda=True, bf16_supported=False) == {"fp16": True}
+    assert precision({"fp16": True}, cuda=True, bf16_supported=True) == {}  # was bf16 too: every trial failed
+    assert precision({"bf16": False}, cuda=True, bf16_supported=True) == {}
+    assert precision({"fp16": True}, cuda=False, bf16_supported=False) == {"dataloader_pin_memory": False}
