@@ -1,4 +1,5 @@
-"""The installed ``hpo`` command, run as a user runs it: a real subprocess."""
+"""The ``hpo`` command: in this process through the CLI's library call (tests/inprocess.py), and once as the
+installed script, run as a user runs it."""
 
 import contextlib
 import os
@@ -10,26 +11,24 @@ from pathlib import Path
 import optuna
 import pytest
 from conftest import users_folder
+from inprocess import hpo
+
+SCRIPT = Path(sys.executable).with_name("hpo")  # the console script pip installed beside this Python
 
 
-def hpo(*args, cwd=None) -> subprocess.CompletedProcess:
+def script(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "hpo.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=600,
-    )
+    return subprocess.run([SCRIPT, *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_run_then_rerun_then_raise_the_target(write_study):
+def test_the_installed_script_runs_then_reruns_then_raises_the_target(write_study):
+    helped = script("--help")
+    assert helped.returncode == 0 and "run" in helped.stdout and "dashboard" in helped.stdout, helped.stderr
     path = write_study(n_trials=2)
-    first = hpo("run", path)
+    first = script("run", path)
     assert first.returncode == 0, first.stderr
     assert "best trial" in first.stdout and f"hpo dashboard {path}" in first.stdout
-    again = hpo("run", path)
+    again = hpo("run", path)  # the same, in this process
     assert again.returncode == 0 and "2 finished trial(s)" in again.stdout
     more = hpo("run", path, "n_trials=3", "train.num_train_epochs=1", "--allow-changes")  # a new revision
     assert more.returncode == 0, more.stderr
