@@ -124,6 +124,32 @@ def write_study(tmp_path, tiny_model):
     return write
 
 
+@pytest.fixture(scope="session")
+def trained_study(tmp_path_factory, tiny_model) -> Path:
+    """One tiny study trained once per session for the tests that only read a study (report, best, dashboard):
+    its study file, with the SQLite storage and outputs/ beside it. 3 trials and a median pruner: complete
+    and pruned trials. A test that writes into the folder takes :func:`trained_copy` instead."""
+    from rich.console import Console
+
+    from hpo import load_study
+    from hpo.study.loop import run_study
+
+    path = tmp_path_factory.mktemp("trained") / "study.yaml"
+    study = study_dict(tiny_model, n_trials=3, pruner={"name": "median", "n_startup_trials": 1})
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    run_study(load_study(path), Console(quiet=True))
+    return path
+
+
+@pytest.fixture
+def trained_copy(trained_study, tmp_path) -> Path:
+    """The study file of a private copy of :func:`trained_study`'s folder (storage, outputs/) in tmp_path."""
+    import shutil
+
+    shutil.copytree(trained_study.parent, tmp_path / "trained")
+    return tmp_path / "trained" / trained_study.name
+
+
 def users_folder(folder: Path) -> Path:
     """A folder of the user's that hpo must never take over: their own best_model/ and report/trials.csv."""
     (folder / "best_model").mkdir(parents=True)
@@ -191,3 +217,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.is_relative_to(INTEGRATION):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_spawn_nothing(request, monkeypatch):
+    """Keep the unit tier honest: a test under tests/unit/ that starts a process fails, saying where it goes."""
+    if request.node.get_closest_marker("integration"):
+        return
+    import multiprocessing.process
+    import subprocess
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a unit test starts no process: it belongs in tests/integration/")
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)

@@ -1,27 +1,18 @@
 """A ``${...SECRET/TOKEN/KEY/PASSWORD}`` value never reaches a printed line, a written file or the database."""
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 
+import inprocess
 import pytest
 
 from tests.conftest import DATA
 
 SECRET = "tok-9f3c2e7a51"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300", "MY_SECRET_TOKEN": SECRET}
 
 
 def hpo(*args, secret=SECRET, **env):
-    return subprocess.run(
-        [sys.executable, "-m", "hpo.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env={**ENV, "MY_SECRET_TOKEN": secret, **env},
-        timeout=600,
-    )
+    return inprocess.hpo(*args, env={"COLUMNS": "300", "MY_SECRET_TOKEN": secret, **env})
 
 
 def spellings(secret: str) -> list[bytes]:
@@ -93,3 +84,23 @@ def test_a_password_with_url_characters_is_encoded_and_masked_whole(write_study)
         (line,) = result.stderr.strip().splitlines()
         assert "postgres:***@127.0.0.1:1/nodb" in line, line
         assert "zW9" not in result.stdout + result.stderr and "Xy" not in line
+
+
+def test_a_hub_token_stays_out_of_a_checkpoint_kept_for_a_resume(write_study):
+    # The Trainer pickles its TrainingArguments into each checkpoint (training_args.bin), hub_token in clear; a
+    # checkpoint outlives an interrupted trial, so the token lay on disk in the output folder.
+    from tests.procs import slow_study, start, wait_for
+
+    train = {"num_train_epochs": 6, "seed": 0, "hub_token": "${MY_SECRET_TOKEN}"}
+    path = slow_study(write_study, n_trials=1, checkpoint_every={"epochs": 1}, train=train)
+    checkpoints = path.parent / "outputs" / "tiny" / "checkpoints"
+    proc = start(path, MY_SECRET_TOKEN=SECRET)
+    try:
+        wait_for(lambda: list(checkpoints.glob("*/checkpoint-*/hpo-complete")), "a complete checkpoint")
+        files = [f for f in checkpoints.rglob("*") if f.is_file()]
+        assert any(f.name == "training_args.bin" for f in files), "the Trainer saves its arguments"
+        leaked = [str(f) for f in files for s in spellings(SECRET) if s in f.read_bytes()]
+        assert not leaked, leaked
+    finally:
+        proc.kill()
+        proc.wait()

@@ -103,23 +103,3 @@ def test_a_hub_token_written_in_clear_is_masked_too(write_study):
     ):
         assert resolved_config(cfg)["train"]["hub_token"] == "***" and fingerprint(cfg)["train"]["hub_token"] == "***"
         assert SECRET not in repr(resolved_config(cfg)) + repr(fingerprint(cfg))
-
-
-def test_a_hub_token_stays_out_of_a_checkpoint_kept_for_a_resume(write_study):
-    # The Trainer pickles its TrainingArguments into each checkpoint (training_args.bin), hub_token in clear; a
-    # checkpoint outlives an interrupted trial, so the token lay on disk in the output folder.
-    from tests.procs import slow_study, start, wait_for
-
-    train = {"num_train_epochs": 6, "seed": 0, "hub_token": "${MY_SECRET_TOKEN}"}
-    path = slow_study(write_study, n_trials=1, checkpoint_every={"epochs": 1}, train=train)
-    checkpoints = path.parent / "outputs" / "tiny" / "checkpoints"
-    proc = start(path, MY_SECRET_TOKEN=SECRET)
-    try:
-        wait_for(lambda: list(checkpoints.glob("*/checkpoint-*/hpo-complete")), "a complete checkpoint")
-        files = [f for f in checkpoints.rglob("*") if f.is_file()]
-        assert any(f.name == "training_args.bin" for f in files), "the Trainer saves its arguments"
-        leaked = [str(f) for f in files for s in spellings(SECRET) if s in f.read_bytes()]
-        assert not leaked, leaked
-    finally:
-        proc.kill()
-        proc.wait()
