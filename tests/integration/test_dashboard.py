@@ -11,31 +11,16 @@ from pathlib import Path
 import optuna
 import pytest
 from procs import WAIT_S, wait_for
-from rich.console import Console
 
-from hpo import load_study
 from hpo.results.dashboard import exposed
-from hpo.study.loop import run_study
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("HPO_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts"))
 
 
-@pytest.fixture(scope="module")
-def study_file(tmp_path_factory, tiny_model):
-    import yaml
-
-    from tests.conftest import study_dict
-
-    folder = tmp_path_factory.mktemp("dashboard")
-    path = folder / "study.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            study_dict(tiny_model, n_trials=3, pruner={"name": "median", "n_startup_trials": 1}), sort_keys=False
-        )
-    )
-    run_study(load_study(path), Console(quiet=True))
-    return path
+@pytest.fixture
+def study_file(trained_copy):
+    return trained_copy  # the session's trained study (tests/conftest.py); the dashboard may write its note
 
 
 def test_tensorboard_run_per_trial(study_file):

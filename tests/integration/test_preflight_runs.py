@@ -1,9 +1,8 @@
 """hpo check: the corners it measures, its peak against a real trial's, and its verdict."""
 
 import json
-import subprocess
-import sys
 
+import inprocess
 import pytest
 from optuna.trial import TrialState
 from rich.console import Console
@@ -59,9 +58,7 @@ def test_the_measured_peak_is_within_a_quarter_of_a_real_trials_at_the_same_corn
 
 def test_a_corner_that_does_not_fit_exits_1_and_names_what_to_change(write_study, tmp_path):
     path = write_study(resources={"max_memory_gb": 0.001})  # 1 MB: the tiny BERT's optimizer alone needs more
-    done = subprocess.run(
-        [sys.executable, "-m", "hpo.cli", "check", str(path), "--json"], capture_output=True, text=True, timeout=600
-    )
+    done = inprocess.hpo("check", path, "--json")
     assert done.returncode == 1, done.stderr
     report = json.loads(done.stdout)
     assert report["fits"] is False and report["budget_from"] == "resources.max_memory_gb"
@@ -73,9 +70,7 @@ def test_a_corner_that_fails_for_another_reason_is_one_line_exit_1(write_study, 
     from inject import broken_weights
 
     path = write_study(model=str(broken_weights(tiny_model, tmp_path / "cut")))
-    done = subprocess.run(
-        [sys.executable, "-m", "hpo.cli", "check", str(path)], capture_output=True, text=True, timeout=600
-    )
+    done = inprocess.hpo("check", path)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error the hungriest corner's steps failed: ") and "safetensor" in line.lower(), line

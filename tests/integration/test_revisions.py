@@ -1,11 +1,9 @@
 """A changed study file never silently joins the old study: objective refused, other changes recorded as revisions."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
+import inprocess
 import optuna
 import pandas as pd
 import pytest
@@ -19,14 +17,7 @@ quiet = Console(quiet=True)
 
 
 def hpo(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "hpo.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "400"},
-        timeout=600,
-    )
+    return inprocess.hpo(*args, cwd=cwd, env={"COLUMNS": "400"})
 
 
 def edit(path, **changes):

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 
+import inprocess
 import optuna
 import pytest
 from inject import broken_weights
@@ -223,13 +224,7 @@ def test_a_finished_configuration_is_not_trained_again_until_the_space_is_exhaus
 
 def test_a_run_stopped_by_failures_exits_non_zero(write_study, tiny_model, tmp_path):
     path = write_study(n_trials=1, max_failures_in_a_row=2, model=str(broken_weights(tiny_model, tmp_path / "m")))
-    result = subprocess.run(
-        [sys.executable, "-m", "hpo.cli", "run", str(path)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300"},
-        timeout=600,
-    )
+    result = inprocess.hpo("run", path, env={"COLUMNS": "300"})
     assert result.returncode == 1, result.stdout + result.stderr
     assert "no trial completed" in result.stdout and "stopping: 2 trials failed in a row" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
@@ -387,14 +382,12 @@ def test_a_best_model_whose_value_is_not_the_best_trials_is_flagged(write_study,
     # Two storages with one study name once shared an output folder (a relative storage=... override): the
     # best_model/ of the other's trial 0 passed as this study's trial 0, for the number alone was compared.
     path = write_study(n_trials=1, train={"num_train_epochs": 1, "seed": 0})
-    run = [sys.executable, "-m", "hpo.cli", "run", str(path)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300"}
-    first = subprocess.run(run, capture_output=True, text=True, env=env, timeout=600)
+    first = inprocess.hpo("run", path, env={"COLUMNS": "300"})
     assert first.returncode == 0 and "warning" not in first.stdout, first.stdout + first.stderr
     saved = tmp_path / "outputs" / "tiny" / "best_model" / "hpo_trial.json"
     info = json.loads(saved.read_text())
     saved.write_text(json.dumps({**info, "value": info["value"] + 0.5}))  # another storage's trial 0
-    again = subprocess.run(run, capture_output=True, text=True, env=env, timeout=600)
+    again = inprocess.hpo("run", path, env={"COLUMNS": "300"})
     assert again.returncode == 0, again.stdout + again.stderr
     assert (
         f"warning: best_model/ holds a trial 0 of value {info['value'] + 0.5}, not this study's trial 0" in again.stdout

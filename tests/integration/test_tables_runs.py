@@ -3,9 +3,8 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
+import inprocess
 import pandas as pd
 import pytest
 from rich.console import Console
@@ -18,14 +17,7 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 def hpo(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "hpo.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "160"},
-        timeout=600,
-    )
+    return inprocess.hpo(*args, cwd=cwd, env={"COLUMNS": "160"})
 
 
 @pytest.fixture(scope="module")
