@@ -8,7 +8,7 @@ import optuna
 import pytest
 from conftest import reevaluated, study_dict
 from optuna.trial import TrialState
-from procs import RUN_S, SLOW_EPOCHS, WAIT_S, alive, slow_study, start, wait_for, wait_for_running
+from procs import CAUGHT_EPOCHS, RUN_S, WAIT_S, alive, slow_study, start, wait_for, wait_for_running
 from rich.console import Console
 
 import hpo
@@ -110,7 +110,9 @@ def test_no_rank_outlives_a_killed_worker(write_study, tmp_path):
 
 def test_sigterm_checkpoints_every_rank_and_the_rerun_resumes(write_study, tmp_path):
     # The only checkpoint is the one SIGTERM asks for: every rank saves at the same step, then stops.
-    path = slow_study(write_study, n_trials=1, resources=TWO, checkpoint_every={"epochs": 10 * SLOW_EPOCHS})
+    path = slow_study(
+        write_study, CAUGHT_EPOCHS, n_trials=1, resources=TWO, checkpoint_every={"epochs": 10 * CAUGHT_EPOCHS}
+    )
     storage = f"sqlite:///{path.with_suffix('.db')}"
     proc = start(path)
     wait_for_running(storage)
@@ -129,7 +131,7 @@ def test_sigterm_checkpoints_every_rank_and_the_rerun_resumes(write_study, tmp_p
     (done,) = optuna.load_study(study_name="tiny", storage=storage).get_trials(states=(TrialState.COMPLETE,))
     assert done.user_attrs["resumed_from_trial"] == stopped.number and done.user_attrs["processes"] == 2
     assert done.user_attrs["first_step"] == done.user_attrs["resumed_from_step"] + 1
-    assert len(done.intermediate_values) == SLOW_EPOCHS
+    assert len(done.intermediate_values) == CAUGHT_EPOCHS
 
 
 def test_the_best_of_a_two_process_study_retrains_as_its_trial_ran(tiny_model, tmp_path):

@@ -6,6 +6,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 from procs import (
+    CAUGHT_EPOCHS,
     RUN_S,
     SLOW_EPOCHS,
     WAIT_S,
@@ -17,10 +18,12 @@ from procs import (
     wait_until_stale,
 )
 
+from hpo.attrs import RETRY_OF
+
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_ends_the_trial_interrupted_and_a_rerun_resumes(write_study, sig):
-    path = slow_study(write_study)
+    path = slow_study(write_study, CAUGHT_EPOCHS, n_trials=1)  # the rerun trains one: the interrupted configuration
     proc = start(path)
     wait_for_running(f"sqlite:///{path.with_suffix('.db')}")
     proc.send_signal(sig)
@@ -29,21 +32,24 @@ def test_a_signal_ends_the_trial_interrupted_and_a_rerun_resumes(write_study, si
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}")
     (stopped,) = study.get_trials(states=(TrialState.FAIL,))
     assert stopped.user_attrs["fail_reason"] == "interrupted"
-    assert len(stopped.intermediate_values) < SLOW_EPOCHS, "stopped mid-trial, not after its last epoch"
+    assert len(stopped.intermediate_values) < CAUGHT_EPOCHS, "stopped mid-trial, not after its last epoch"
     assert not study.get_trials(states=(TrialState.RUNNING,))
 
     rerun = start(path)
     output = rerun.communicate(timeout=RUN_S)[0]
     assert rerun.returncode == 0, output
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}")
-    complete = study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(complete) == 2
-    assert complete[0].params == stopped.params  # the interrupted configuration ran first on resume
+    (complete,) = study.get_trials(states=(TrialState.COMPLETE,))
+    # the interrupted configuration ran on resume, queued again (not sampled anew: the sampler's seed would
+    # give the same first parameters)
+    assert complete.params == stopped.params and complete.user_attrs[RETRY_OF] == stopped.number
 
 
 def test_killed_worker_trial_is_failed_and_retried(write_study, storage_url, request):
     name = f"killed-{request.node.callspec.id}"
-    path = slow_study(write_study, heartbeat_interval=1, grace_period=3, storage=storage_url, study=name)
+    path = slow_study(
+        write_study, CAUGHT_EPOCHS, n_trials=1, heartbeat_interval=1, grace_period=3, storage=storage_url, study=name
+    )
     proc = start(path)
     study = wait_for_running(storage_url, name)
     (victim,) = study.get_trials(states=(TrialState.RUNNING,))
@@ -59,7 +65,7 @@ def test_killed_worker_trial_is_failed_and_retried(write_study, storage_url, req
     assert study.trials[victim.number].state == TrialState.FAIL
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE and retries[0].params == victim.params
-    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 2
+    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 1  # the retry, and no more
 
 
 def test_a_paused_worker_whose_trial_was_taken_over_says_so_and_goes_on(write_study):
@@ -126,7 +132,7 @@ def test_a_killed_trial_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted
 
 def test_sigterm_saves_a_checkpoint_that_the_rerun_resumes_from(write_study):
     # checkpoint_every far past the run's end: the only checkpoint is the one SIGTERM asks for.
-    path = slow_study(write_study, n_trials=1, checkpoint_every={"epochs": 10 * SLOW_EPOCHS})
+    path = slow_study(write_study, CAUGHT_EPOCHS, n_trials=1, checkpoint_every={"epochs": 10 * CAUGHT_EPOCHS})
     storage = f"sqlite:///{path.with_suffix('.db')}"
     proc = start(path)
     wait_for_running(storage)
@@ -142,4 +148,4 @@ def test_sigterm_saves_a_checkpoint_that_the_rerun_resumes_from(write_study):
     assert rerun.returncode == 0, output
     (done,) = optuna.load_study(study_name="tiny", storage=storage).get_trials(states=(TrialState.COMPLETE,))
     assert done.user_attrs["resumed_from_trial"] == stopped.number and done.user_attrs["resumed_from_step"] > 0
-    assert len(done.intermediate_values) == SLOW_EPOCHS
+    assert len(done.intermediate_values) == CAUGHT_EPOCHS
