@@ -1,3 +1,5 @@
+"""Config on a real run: enqueued configurations."""
+
 from hpo import load_study
 
 

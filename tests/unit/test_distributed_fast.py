@@ -1,4 +1,4 @@
-"""Multi-process trials (resources.processes_per_trial): gloo on this CPU, real torchrun ranks, real signals."""
+"""Multi-process trials (resources.processes_per_trial): the checks made before any process starts."""
 
 import pytest
 from conftest import study_dict

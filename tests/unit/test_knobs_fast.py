@@ -1,4 +1,4 @@
-"""hpo's own knobs on a real Trainer: optimizers, step and plateau schedules, layer-wise rates, scaling, heads."""
+"""hpo's own knobs, checked before a Trainer runs (the trained ones are in integration/test_knobs.py)."""
 
 import math
 

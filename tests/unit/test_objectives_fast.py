@@ -1,4 +1,4 @@
-"""Several objectives: a Pareto front of real MiniLM fine-tunes on the quickstart data, reported and picked from."""
+"""Several objectives: what is checked before any trial (the Pareto front of MiniLM fine-tunes is in integration/)."""
 
 from pathlib import Path
 

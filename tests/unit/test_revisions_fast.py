@@ -1,4 +1,4 @@
-"""A changed study file never silently joins the old study: objective refused, other changes recorded as revisions."""
+"""A changed study file never silently joins the old study: the changes named, before any trial."""
 
 
 def test_changes_name_each_leaf():

@@ -1,4 +1,4 @@
-"""What a trial's value means: its best evaluation (objective.at: best), and early stopping."""
+"""What a trial's value means: the settings refused or derived before any trial."""
 
 import pytest
 from conftest import study_dict

@@ -1,4 +1,4 @@
-"""A ``${...SECRET/TOKEN/KEY/PASSWORD}`` value never reaches a printed line, a written file or the database."""
+"""A ``${...SECRET/TOKEN/KEY/PASSWORD}`` value masked in configs, fingerprints and errors, before any trial."""
 
 import json
 

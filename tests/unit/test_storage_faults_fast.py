@@ -1,5 +1,5 @@
-"""Storage that disappears or fills while a study runs: a SQLite file deleted or replaced, a full disk under the
-SQLite file or under the checkpoints. Real ``hpo run`` subprocesses; the disks are small tmpfs mounts (root only)."""
+"""A study's storage deleted or replaced while it runs, seen by the storage watch without a run (the runs with
+deleted files and full disks are in integration/test_storage_faults.py)."""
 
 import os
 

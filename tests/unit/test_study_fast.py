@@ -1,43 +1,13 @@
-"""End to end on a tiny BERT: real Trainer, real SQLite, real pruners."""
+"""A study's parts on a tiny BERT without a study run: batches, eval order, dropout, the best model's moment,
+precision (the end-to-end runs are in integration/test_study.py)."""
 
 import json
-import random
 
 import optuna
-from transformers import TrainerCallback
 
 from hpo import load_study
-from hpo.trial.finetune import run_trial
 from hpo.trial.plan import make_plan
 from hpo.trial.workbench import prepare
-
-
-def test_training_batches_mix_labels_even_where_length_follows_the_label(write_study, tmp_path):
-    # transformers' group_by_length (hpo's default before) sorts windows of batches longest first: here every
-    # "long" row would come before every "short" one of its window, and nearly every batch held one label.
-    words = ["hello", "there", "cold", "and", "windy", "please", "rain", "tomorrow", "maybe", "sunny", "day", "today"]
-    rng = random.Random(0)
-    for split, n in (("train", 64), ("eval", 8)):
-        rows = [(" ".join(rng.choices(words, k=8 if i % 2 else 2)), "long" if i % 2 else "short") for i in range(n)]
-        (tmp_path / f"{split}.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
-    data = {"train": str(tmp_path / "train.csv"), "eval": str(tmp_path / "eval.csv"), "max_length": 16}
-
-    def batches(**train) -> list[set]:
-        cfg = load_study(write_study(data=data, n_trials=1, train={"num_train_epochs": 1, "seed": 0, **train}))
-        labels: list[set] = []
-
-        class Batches(TrainerCallback):
-            def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-                labels.extend(set(batch["labels"].tolist()) for batch in train_dataloader)
-
-        params = {"learning_rate": 1e-3, "per_device_train_batch_size": 4}
-        run_trial(prepare(cfg), make_plan(cfg, params), optuna.trial.FixedTrial(params), callbacks=[Batches()])
-        return labels
-
-    mixed = batches()
-    assert len(mixed) == 16 and sum(len(b) > 1 for b in mixed) >= 12, mixed  # 7 in 8 batches of 4, by chance
-    grouped = batches(train_sampling_strategy="group_by_length")  # the study file's choice wins
-    assert sum(len(b) > 1 for b in grouped) <= 4, grouped
 
 
 def test_eval_rows_are_sorted_by_length_once(write_study):
@@ -47,7 +17,6 @@ def test_eval_rows_are_sorted_by_length_once(write_study):
 
 def test_dropout_reaches_the_model_config(write_study, tiny_model):
     from hpo.trial.finetune import _build_model
-    from hpo.trial.plan import make_plan
     from hpo.trial.workbench import prepare
 
     bench = prepare(load_study(write_study()))

@@ -1,5 +1,4 @@
-"""Experiment trackers, for real and offline: MLflow with a local SQLite store read back through its client,
-and W&B in offline mode, its run files read back record by record. No network."""
+"""Experiment tracker settings refused before any trial (the runs read back are in integration/test_trackers.py)."""
 
 import pytest
 from conftest import study_dict
