@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 
+import inprocess
 import optuna
 import psycopg
 import pytest
@@ -362,13 +363,16 @@ def test_credentials_are_masked_in_every_line_printed_or_saved(write_study, fres
         ["best", str(path)],
         ["run", str(path), "output_dir=elsewhere", "--storage", url.replace(":5432/", ":1/")],
     ):  # unreachable: exit 2, one line
-        proc = subprocess.run(
-            [sys.executable, "-m", "hpo.cli", *command],
-            capture_output=True,
-            text=True,
-            env={**os.environ, **env},
-            timeout=RUN_S,
-        )
+        if "--workers" in command:  # worker processes: from a process of its own
+            proc = subprocess.run(
+                [sys.executable, "-m", "hpo.cli", *command],
+                capture_output=True,
+                text=True,
+                env={**os.environ, **env},
+                timeout=RUN_S,
+            )
+        else:
+            proc = inprocess.hpo(*command, env=env)
         printed += proc.stdout + proc.stderr
         assert proc.returncode == (2 if "--storage" in command else 0), proc.stdout + proc.stderr
     assert "postgres:***@" in printed and "cannot open" in printed.splitlines()[-1]
