@@ -128,7 +128,8 @@ def write_study(tmp_path, tiny_model):
 def trained_study(tmp_path_factory, tiny_model) -> Path:
     """One tiny study trained once per session for the tests that only read a study (report, best, dashboard):
     its study file, with the SQLite storage and outputs/ beside it. 3 trials and a median pruner: complete
-    and pruned trials. A test that writes into the folder takes :func:`trained_copy` instead."""
+    and pruned trials. A test that writes (hpo report and the dashboard write the study's note) takes
+    :func:`trained_copy` instead."""
     from rich.console import Console
 
     from hpo import load_study
@@ -143,11 +144,15 @@ def trained_study(tmp_path_factory, tiny_model) -> Path:
 
 @pytest.fixture
 def trained_copy(trained_study, tmp_path) -> Path:
-    """The study file of a private copy of :func:`trained_study`'s folder (storage, outputs/) in tmp_path."""
+    """A private copy of :func:`trained_study` for a test that writes: its study file and SQLite storage in
+    tmp_path/trained. Not outputs/: hpo marks that folder as its study's (by storage URL) and refuses it to a copy."""
     import shutil
 
-    shutil.copytree(trained_study.parent, tmp_path / "trained")
-    return tmp_path / "trained" / trained_study.name
+    folder = tmp_path / "trained"
+    folder.mkdir()
+    for f in trained_study.parent.glob(f"{trained_study.stem}.*"):  # study.yaml, study.db (and -wal, -shm)
+        shutil.copy(f, folder / f.name)
+    return folder / trained_study.name
 
 
 def users_folder(folder: Path) -> Path:

@@ -19,8 +19,8 @@ ARTIFACTS = Path(os.environ.get("HPO_TEST_ARTIFACTS", Path(__file__).parents[2] 
 
 
 @pytest.fixture
-def study_file(trained_copy):
-    return trained_copy  # the session's trained study (tests/conftest.py); the dashboard may write its note
+def study_file(trained_study):
+    return trained_study  # read only: the session's trained study (tests/conftest.py)
 
 
 def test_tensorboard_run_per_trial(study_file):
@@ -59,7 +59,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_dashboard_in_chromium(study_file):
+def test_dashboard_in_chromium(trained_copy):  # the dashboard writes the study's note
+    study_file = trained_copy
     if not shutil.which(CHROMIUM):
         if os.environ.get("CI"):
             pytest.fail("CI must install chromium (apt) for the browser tests")
