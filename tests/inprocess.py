@@ -5,8 +5,9 @@ run ~250 commands. The command sees what a process of its own would: Python's de
 with warnings printed to its stderr (not recorded by pytest), and the log lines of Optuna and transformers
 on its stderr too, so a test of "one line on stderr" is as strict as before. What it changes in the process
 is put back after it: the folder it ran in, the environment, signal handlers, warning filters, logging
-handlers and levels, Optuna's and transformers' verbosity, torch's thread count. What only a real process shows (signals, workers, torchrun, the installed
-``hpo`` script) stays in subprocess tests (tests/procs.py).
+handlers and levels, Optuna's and transformers' verbosity, torch's thread count. What only a real process
+shows (signals, workers, torchrun, the installed ``hpo`` script, a memory peak) stays in subprocess tests
+(tests/procs.py, tests/measure.py).
 """
 
 import contextlib
@@ -86,13 +87,14 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 @contextlib.contextmanager
 def process_kept():
     """Put back, on exit, what a command may change in the process it runs in."""
+    import optuna
+    import transformers
+
     cwd, environ = os.getcwd(), dict(os.environ)
     handlers = {s: signal.getsignal(s) for s in SIGNALS}
     loggers = {name: logging.getLogger(name) for name in LOGGERS}
     logging_state = {name: (log.level, list(log.handlers), log.propagate) for name, log in loggers.items()}
-    optuna_verbosity = _optuna().logging.get_verbosity()
-    transformers = sys.modules.get("transformers")
-    transformers_verbosity = transformers.logging.get_verbosity() if transformers else None
+    verbosity = optuna.logging.get_verbosity(), transformers.logging.get_verbosity()
     torch = sys.modules.get("torch")
     threads = torch.get_num_threads() if torch else None
     try:
@@ -113,19 +115,10 @@ def process_kept():
             loggers[name].setLevel(level)
             loggers[name].handlers[:] = log_handlers
             loggers[name].propagate = propagate
-        _optuna().logging.set_verbosity(optuna_verbosity)
-        if transformers_verbosity is not None:
-            transformers.logging.set_verbosity(transformers_verbosity)
-        elif "transformers" in sys.modules:  # imported by the command: back to its own default
-            sys.modules["transformers"].logging.set_verbosity_warning()
+        optuna.logging.set_verbosity(verbosity[0])
+        transformers.logging.set_verbosity(verbosity[1])
         if threads is not None:
             torch.set_num_threads(threads)
-
-
-def _optuna():
-    import optuna
-
-    return optuna
 
 
 def hpo(*args, cwd: Path | str | None = None, env: dict[str, str] | None = None) -> Ran:
