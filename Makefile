@@ -24,7 +24,7 @@ test: setup
 	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q tests/unit
 
 lint: setup
 	$(BIN)/ruff check hpo tests benchmarks .ci && $(BIN)/ruff format --check hpo tests benchmarks .ci

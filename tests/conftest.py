@@ -124,6 +124,37 @@ def write_study(tmp_path, tiny_model):
     return write
 
 
+@pytest.fixture(scope="session")
+def trained_study(tmp_path_factory, tiny_model) -> Path:
+    """One tiny study trained once per session for the tests that only read a study (report, best, dashboard):
+    its study file, with the SQLite storage and outputs/ beside it. 3 trials and a median pruner: complete
+    and pruned trials. A test that writes (hpo report and the dashboard write the study's note) takes
+    :func:`trained_copy` instead."""
+    from rich.console import Console
+
+    from hpo import load_study
+    from hpo.study.loop import run_study
+
+    path = tmp_path_factory.mktemp("trained") / "study.yaml"
+    study = study_dict(tiny_model, n_trials=3, pruner={"name": "median", "n_startup_trials": 1})
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    run_study(load_study(path), Console(quiet=True))
+    return path
+
+
+@pytest.fixture
+def trained_copy(trained_study, tmp_path) -> Path:
+    """A private copy of :func:`trained_study` for a test that writes: its study file and SQLite storage in
+    tmp_path/trained. Not outputs/: hpo marks that folder as its study's (by storage URL) and refuses it to a copy."""
+    import shutil
+
+    folder = tmp_path / "trained"
+    folder.mkdir()
+    for f in trained_study.parent.glob(f"{trained_study.stem}.*"):  # study.yaml, study.db (and -wal, -shm)
+        shutil.copy(f, folder / f.name)
+    return folder / trained_study.name
+
+
 def users_folder(folder: Path) -> Path:
     """A folder of the user's that hpo must never take over: their own best_model/ and report/trials.csv."""
     (folder / "best_model").mkdir(parents=True)
@@ -182,78 +213,27 @@ def storage_url(request, tmp_path):
     return request.getfixturevalue("postgres_url")
 
 
-# --- Tiers: `make test-fast` runs what is not marked integration; `make test` and CI run everything. ---------------
-# A test is integration when its module is one of INTEGRATION_MODULES, or when the test, a helper it calls or a
-# fixture it uses (however indirectly, in tests/) reaches a name in INTEGRATION_CALLS. The rule reads the code, so
-# a new test that trains or spawns is marked without anyone listing it; one marked `slow` is integration too.
-
-INTEGRATION_MODULES = {
-    "test_broken",
-    "test_broken_data",  # the hostile-file corpora, one `hpo` subprocess per file
-    "test_dashboard",  # a browser, TensorBoard and a dashboard server over a trained study
-    "test_faults",
-    "test_workers",  # signals, killed and spawned workers
-    "test_quickstart",
-    "test_shipped",  # the shipped studies, trained
-}
-#: Names whose use means training (``run_study``, ``hpo.run``) or another process (``subprocess``, ``multiprocessing``,
-#: a browser). A helper in tests/ that uses one (procs.start, measure.run_measured) passes it on to its callers.
-INTEGRATION_CALLS = {"run_study", "run", "subprocess", "multiprocessing", "sync_playwright"}  # run: hpo.run
-TESTS = Path(__file__).parent
-
-
-def _code_objects(code):
-    yield code
-    for const in code.co_consts:
-        if hasattr(const, "co_names"):  # a nested function, lambda or comprehension
-            yield from _code_objects(const)
-
-
-def _names_used(func, code):
-    """(name, the object it names or None) for each global or attribute name in ``code``, and each name imported
-    inside it from a module of tests/ (``from procs import start`` in a test body)."""
-    import dis
-    import importlib
-    import importlib.util
-
-    module = None
-    for ins in dis.get_instructions(code):
-        if ins.opname == "IMPORT_NAME":
-            spec = None if "." in ins.argval else importlib.util.find_spec(ins.argval)
-            ours = spec is not None and spec.origin is not None and Path(spec.origin).is_relative_to(TESTS)
-            module = importlib.import_module(ins.argval) if ours else None  # procs, measure: cheap to import
-        elif ins.opname == "IMPORT_FROM":
-            yield ins.argval, getattr(module, ins.argval, None)
-        elif isinstance(ins.argval, str) and ins.argval in code.co_names:
-            yield ins.argval, func.__globals__.get(ins.argval)
-
-
-def _reaches_integration(func, seen: set) -> bool:
-    """Whether ``func``, or a function of tests/ that it uses, uses one of INTEGRATION_CALLS."""
-    import inspect
-
-    func = inspect.unwrap(func)
-    code = getattr(func, "__code__", None)
-    if code is None or code in seen or not Path(code.co_filename).is_relative_to(TESTS):  # pytest's own fixtures
-        return False
-    seen.add(code)
-    for c in _code_objects(code):
-        for name, obj in _names_used(func, c):
-            if name in INTEGRATION_CALLS or (callable(obj) and _reaches_integration(obj, seen)):
-                return True
-    return False
+# --- Tiers by directory: tests/unit/ trains nothing, spawns nothing and drives no browser (`make test-fast`);
+# tests/integration/ does (`make test` and CI run both). The mark follows the folder, so `-m integration` still works.
+INTEGRATION = Path(__file__).parent / "integration"
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        module = getattr(item, "module", None)
-        if item.get_closest_marker("integration") or module is None:
-            continue
-        fixtures = [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
-        seen: set = set()
-        if (
-            module.__name__.rsplit(".", 1)[-1] in INTEGRATION_MODULES
-            or item.get_closest_marker("slow")
-            or any(_reaches_integration(f, seen) for f in [item.function, *fixtures])
-        ):
+        if item.path.is_relative_to(INTEGRATION):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_spawn_nothing(request, monkeypatch):
+    """Keep the unit tier honest: a test under tests/unit/ that starts a process fails, saying where it goes."""
+    if request.node.get_closest_marker("integration"):
+        return
+    import multiprocessing.process
+    import subprocess
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a unit test starts no process: it belongs in tests/integration/")
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)

@@ -14,7 +14,7 @@ def macro_f1(gold: np.ndarray, predicted: np.ndarray) -> float:
     """scikit-learn's ``f1_score(average="macro", zero_division=0)``: the mean F1 over every label that occurs.
 
     By hand because importing ``sklearn.metrics`` took 1.2 s of a 4-trial study's first trial (cProfile),
-    for six lines of counting; tests/test_tasks.py checks it against scikit-learn.
+    for six lines of counting; tests/unit/test_tasks.py checks it against scikit-learn.
     """
     present = np.union1d(gold, predicted)
     tp = np.array([np.sum((gold == c) & (predicted == c)) for c in present])

@@ -1,0 +1,163 @@
+"""Multi-process trials (resources.processes_per_trial): gloo on this CPU, real torchrun ranks, real signals."""
+
+import json
+import signal
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import reevaluated, study_dict
+from optuna.trial import TrialState
+from procs import CAUGHT_EPOCHS, RUN_S, WAIT_S, alive, slow_study, start, wait_for, wait_for_running
+from rich.console import Console
+
+import hpo
+
+TWO = {"processes_per_trial": 2}
+
+
+def trial_processes(folder: Path) -> list[int]:
+    """The pids of the launcher and the ranks (``... -m hpo.study.distributed JOB``) of trials under ``folder``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"hpo.study.distributed" in args and any(str(folder).encode() in a for a in args):
+            found.append(int(cmdline.parent.name))
+    return [pid for pid in found if alive(pid)]
+
+
+def test_a_two_process_trial_trains_what_one_process_does(tiny_model, tmp_path):
+    # The same global batch (4 = 4 × 1 process = 2 × 2 processes), the rows in order and no dropout: the batches
+    # are the same, so the curves are too, up to the order of floating-point sums (DDP averages two gradients).
+    trials, studies = {}, {}
+    for processes, batch in [(1, 4), (2, 2)]:
+        study = study_dict(
+            tiny_model,
+            study=f"p{processes}",
+            n_trials=1,
+            resources={"processes_per_trial": processes},
+            train={
+                "num_train_epochs": 1,
+                "seed": 0,
+                "per_device_train_batch_size": batch,
+                "learning_rate": 3e-3,
+                "train_sampling_strategy": "sequential",
+            },
+            search_space={"dropout": {"type": "categorical", "choices": [0.0]}},
+            storage=f"sqlite:///{tmp_path}/p{processes}.db",
+            output_dir=str(tmp_path / f"out{processes}"),
+        )
+        (trials[processes],) = hpo.run(study, console=Console(quiet=True)).trials
+        studies[processes] = study
+    one, two = trials[1], trials[2]
+    assert two.state == TrialState.COMPLETE and two.user_attrs["processes"] == 2 and one.user_attrs["processes"] == 1
+    for key in ("optimizer_steps", "examples_seen"):
+        assert two.user_attrs[key] == one.user_attrs[key], key
+    assert two.intermediate_values.keys() == one.intermediate_values.keys()  # steps are examples seen, globally
+    for step, value in one.intermediate_values.items():
+        assert two.intermediate_values[step] == pytest.approx(value, rel=1e-4)
+    # Every rank evaluated every eval row: the loss is the true one, as a re-evaluation of the saved model says
+    # (the Trainer's own sharded evaluation pads with repeated rows and was 0.3% off here).
+    assert two.value == pytest.approx(one.value, rel=1e-5)
+    saved = json.loads((tmp_path / "out2" / "best_model" / "hpo_trial.json").read_text())  # staged by rank 0
+    assert saved["trial"] == two.number and saved["value"] == two.value
+    assert reevaluated(studies[2], tmp_path / "out2" / "best_model") == pytest.approx(two.value, rel=1e-5)
+
+
+def test_fsdp_runs_on_cpu_with_gloo_and_rank_0_saves_the_whole_model(tiny_model, tmp_path):
+    study = study_dict(
+        tiny_model,
+        n_trials=1,
+        resources=TWO,
+        train={"num_train_epochs": 1, "seed": 0, "fsdp": "full_shard", "fsdp_config": {"use_orig_params": True}},
+        storage=f"sqlite:///{tmp_path}/fsdp.db",
+        output_dir=str(tmp_path / "outputs"),
+    )
+    (trial,) = hpo.run(study, console=Console(quiet=True)).trials
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+    assert trial.user_attrs["processes"] == 2
+    best = tmp_path / "outputs" / "best_model"
+    assert reevaluated(study, best) == pytest.approx(trial.value, rel=1e-5)
+
+
+def test_the_pruners_answer_stops_every_rank_at_the_same_step(tiny_model, tmp_path):
+    # A threshold nothing meets: each trial is pruned at its first evaluation. A rank that went on training alone
+    # would wait for its peer's gradients; the launcher would end on the timeout and the trial FAIL, not PRUNED.
+    study = study_dict(
+        tiny_model,
+        resources=TWO,
+        pruner={"name": "threshold", "upper": 0.0, "min_optimizer_steps": 0},  # at 2 ranks x 8, 2 steps in
+        storage=f"sqlite:///{tmp_path}/prune.db",
+        output_dir=str(tmp_path / "outputs"),
+    )
+    trials = hpo.run(study, console=Console(quiet=True)).trials
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 2
+    assert all(t.user_attrs["pruned_at_step"] == min(t.intermediate_values) for t in trials)
+
+
+def test_no_rank_outlives_a_killed_worker(write_study, tmp_path):
+    path = slow_study(write_study, n_trials=1, resources=TWO)
+    proc = start(path)
+    wait_for_running(f"sqlite:///{path.with_suffix('.db')}")
+    assert len(trial_processes(tmp_path)) == 3  # torchrun and its 2 ranks
+    proc.kill()  # SIGKILL: nothing in the worker runs; the kernel tells the launcher, which stops its ranks
+    proc.wait(timeout=WAIT_S)
+    wait_for(lambda: not trial_processes(tmp_path), "the launcher and every rank to end")
+
+
+def test_sigterm_checkpoints_every_rank_and_the_rerun_resumes(write_study, tmp_path):
+    # The only checkpoint is the one SIGTERM asks for: every rank saves at the same step, then stops.
+    path = slow_study(
+        write_study, CAUGHT_EPOCHS, n_trials=1, resources=TWO, checkpoint_every={"epochs": 10 * CAUGHT_EPOCHS}
+    )
+    storage = f"sqlite:///{path.with_suffix('.db')}"
+    proc = start(path)
+    wait_for_running(storage)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=WAIT_S)[0]
+    assert proc.returncode == 130, output
+    assert not trial_processes(tmp_path)
+    (stopped,) = optuna.load_study(study_name="tiny", storage=storage).get_trials(states=(TrialState.FAIL,))
+    assert stopped.user_attrs["fail_reason"] == "interrupted"
+    (checkpoint,) = (tmp_path / "outputs" / "tiny" / "checkpoints").glob("*/checkpoint-*")
+    assert (checkpoint / "hpo-complete").exists() and (checkpoint / "rng_state_1.pth").exists()  # rank 1's part
+
+    rerun = start(path)
+    output = rerun.communicate(timeout=RUN_S)[0]
+    assert rerun.returncode == 0, output
+    (done,) = optuna.load_study(study_name="tiny", storage=storage).get_trials(states=(TrialState.COMPLETE,))
+    assert done.user_attrs["resumed_from_trial"] == stopped.number and done.user_attrs["processes"] == 2
+    assert done.user_attrs["first_step"] == done.user_attrs["resumed_from_step"] + 1
+    assert len(done.intermediate_values) == CAUGHT_EPOCHS
+
+
+def test_the_best_of_a_two_process_study_retrains_as_its_trial_ran(tiny_model, tmp_path):
+    # hpo train --best runs the trial's launcher: 2 ranks × batch 2, the rows in order and no dropout, so the
+    # retrain is the trial again. In one process it took batches of 2: twice the optimizer steps, another model.
+    study = study_dict(
+        tiny_model,
+        n_trials=1,
+        resources=TWO,
+        train={
+            "num_train_epochs": 1,
+            "seed": 0,
+            "per_device_train_batch_size": 2,
+            "learning_rate": 3e-3,
+            "train_sampling_strategy": "sequential",
+        },
+        search_space={"dropout": {"type": "categorical", "choices": [0.0]}},
+        storage=f"sqlite:///{tmp_path}/p2.db",
+        output_dir=str(tmp_path / "outputs"),
+    )
+    (trial,) = hpo.run(study, console=Console(quiet=True)).trials
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["processes"] == 2
+    folder = hpo.train(study)
+    saved = json.loads((folder / "hpo_trial.json").read_text())  # written by the retrain's rank 0
+    assert saved["trial"] == trial.number and saved["value"] == pytest.approx(trial.value, rel=1e-5)
+    assert reevaluated(study, folder) == pytest.approx(trial.value, rel=1e-5)
+    card = (folder / "README.md").read_text()
+    assert f"{trial.user_attrs['optimizer_steps']} optimizer steps" in card and "× 2 processes" in card
+    assert not list((tmp_path / "outputs").glob(".trial-*"))  # the job folder is gone
