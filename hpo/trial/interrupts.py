@@ -25,15 +25,17 @@ No third-party import here: the trackers wait through :func:`wait`, and the stud
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 POLL_S = 0.1  # how often a wait that is a safe point looks at the flag
 
 _received: int | None = None  # the stop flag: the signal that asked the guarded run to stop, once it came
+_promptly = 0  # > 0: the main thread is in a stretch with no storage call (a model loading): a signal raises at once
 
 
 def received() -> int | None:
@@ -60,6 +62,23 @@ def wait(event: threading.Event, timeout: float | None) -> bool:
         if end is not None and time.monotonic() >= end:
             return False
     return True
+
+
+@contextlib.contextmanager
+def promptly() -> Iterator[None]:
+    """Within the block, a signal raises ``KeyboardInterrupt`` at once, as outside a guarded run.
+
+    For the long stretches of a trial with no safe point and no storage call in them: loading the model takes
+    minutes for a large one, and Ctrl-C would wait for all of it, then for the Trainer's first safe point. The
+    flag is still set, so the run stops at every later safe point too.
+    """
+    global _promptly
+    stop_if_asked()
+    _promptly += 1
+    try:
+        yield
+    finally:
+        _promptly -= 1
 
 
 class Guard:
@@ -95,6 +114,8 @@ class Guard:
         global _received
         if _received is None:
             _received = signum  # the run stops at its next safe point
+            if _promptly:
+                raise KeyboardInterrupt(f"signal {signum}")  # no storage call in this stretch: now
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt("a second Ctrl-C")  # the person wants out now, wherever the run is
         # else a second SIGTERM: ignored
