@@ -253,3 +253,14 @@ def test_a_signal_during_the_test_set_evaluation_stops_it_at_its_next_step(write
     assert not returned
     (trial,) = study.get_trials(states=(TrialState.FAIL,))
     assert trial.user_attrs["fail_reason"] == "interrupted"
+
+
+def test_the_trainer_stops_at_each_micro_batch_not_only_at_a_steps_end():
+    # With gradient_accumulation_steps 64, a step is 64 forward and backward passes: the old Guard raised at once.
+    from hpo.trial.checkpoints import StopCallback
+
+    stop = StopCallback()
+    with Guard():
+        signal.raise_signal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            stop.on_substep_end(None, None, None)
