@@ -264,3 +264,29 @@ def test_the_trainer_stops_at_each_micro_batch_not_only_at_a_steps_end():
         signal.raise_signal(signal.SIGINT)
         with pytest.raises(KeyboardInterrupt):
             stop.on_substep_end(None, None, None)
+
+
+def test_a_prompt_stretch_on_another_thread_leaves_the_main_thread_guarded():
+    # The handler raises on the main thread, whatever it is doing there: perhaps a storage write.
+    from hpo.trial import interrupts
+
+    inside, leave = threading.Event(), threading.Event()
+
+    def elsewhere():
+        with interrupts.promptly():
+            inside.set()
+            leave.wait(10)
+
+    thread = threading.Thread(target=elsewhere)
+    with Guard():
+        thread.start()
+        try:
+            assert inside.wait(10)
+            try:
+                signal.raise_signal(signal.SIGINT)  # recorded only: the main thread is in no prompt stretch
+            except KeyboardInterrupt:
+                pytest.fail("another thread's prompt stretch made the main thread's signal raise")
+            assert interrupts.received() == signal.SIGINT
+        finally:
+            leave.set()
+            thread.join()

@@ -74,11 +74,12 @@ def promptly() -> Iterator[None]:
     """
     global _promptly
     stop_if_asked()
-    _promptly += 1
+    main = threading.current_thread() is threading.main_thread()  # the handler raises there, whatever it runs
+    _promptly += main
     try:
         yield
     finally:
-        _promptly -= 1
+        _promptly -= main
 
 
 class Guard:
