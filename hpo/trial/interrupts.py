@@ -11,9 +11,9 @@ So while a run is guarded (:class:`Guard`), the signal handler only records the 
 :func:`received`. hpo's own code checks it at safe points and raises ``KeyboardInterrupt`` there, where the
 ordinary ``except`` code ends the trial: a Trainer callback at each step's end and each evaluation or
 prediction step (:class:`hpo.trial.checkpoints.StopCallback`), where a trial starts and between trials
-(:func:`stop_if_asked`), in the loops that wait for workers, ranks or a tracker (:func:`wait`). A stretch with
-no storage call and no safe point (a trial's model loading: :func:`promptly`) raises at once, as the old handler did. Ray Tune
-and Lightning do the same; no trace hook, so a debugger's or coverage's tracer stays installed.
+(:func:`stop_if_asked`), in the loops that wait for workers, ranks or a tracker (:func:`wait`). Ray Tune and
+Lightning do the same; no trace hook, so a debugger's or coverage's tracer stays installed. A stretch with no
+storage call and no safe point (a trial's model loading: :func:`promptly`) raises at once, as before.
 
 - SIGTERM (a scheduler's stop, a preemption notice, the parent of ``--workers`` stopping a worker) counts
   once: a second one (systemd signalling the whole group, then the parent its workers) would interrupt the
