@@ -83,7 +83,8 @@ def remove(where: Path | None) -> None:
 
 class StopCallback(TrainerCallback):
     """The Trainer's safe points (:mod:`hpo.trial.interrupts`): after Ctrl-C or SIGTERM, it raises
-    ``KeyboardInterrupt`` at the start of training, the next step's end or evaluation or prediction step.
+    ``KeyboardInterrupt`` at the start of training, the next step's (or micro-batch's) end or evaluation or
+    prediction step.
 
     ``checkpointing``: the trial saves checkpoints; then a SIGTERM while it trains is left to its
     :class:`CheckpointCallback`, which saves at the step's end and stops training.
@@ -106,6 +107,9 @@ class StopCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self._check()
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._check()  # each micro-batch: with gradient accumulation, a step may be many of them
 
     def on_prediction_step(self, args, state, control, **kwargs):
         self._check()

@@ -28,7 +28,7 @@ from transformers.integrations import TensorBoardCallback
 from hpo import knobs
 from hpo.attrs import CHECKPOINT_ERROR
 from hpo.tasks import TASKS
-from hpo.trial import checkpoints, metrics
+from hpo.trial import checkpoints, interrupts, metrics
 from hpo.trial.folders import TRIAL_FILE
 from hpo.trial.measurements import optimizer_attrs, this_run, trial_measurements
 from hpo.trial.memory import EVAL_BATCH_SIZE, EvalOutOfMemory, MemoryCap, PeakMeter, TrainOutOfMemory, is_out_of_memory
@@ -85,7 +85,8 @@ def run_trial(
     cfg = bench.cfg
     settings = plan.training_arguments
     transformers.set_seed(int(knobs.training_value(settings, "seed")))
-    model, load_report = build_model(bench, plan)
+    with interrupts.promptly():  # no safe point while the model loads: a signal stops it at once, as before
+        model, load_report = build_model(bench, plan)
     name = run_name or f"trial-{trial.number:04d}"
     compute_metrics = metrics.COMPUTE[cfg.task](bench.labels) if cfg.task in metrics.COMPUTE else None
     args = _training_arguments(cfg, plan, compute_metrics, checkpoint_dir or cfg.output_path / "trials" / name)
@@ -254,7 +255,8 @@ def evaluate_test(bench: Workbench, model: PreTrainedModel) -> dict[str, float]:
         eval_dataset=bench.test_rows,
         data_collator=collator(TASKS[cfg.task], bench.tokenizer),
         compute_metrics=compute_metrics,
-        callbacks=[] if compute_metrics else [PerplexityCallback()],
+        # a test set may be large: Ctrl-C stops at the next prediction step, not at the evaluation's end
+        callbacks=[checkpoints.StopCallback(), *([] if compute_metrics else [PerplexityCallback()])],
     )
     trainer.remove_callback(PrinterCallback)  # hpo prints its own lines
     found = trainer.evaluate()

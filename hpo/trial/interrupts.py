@@ -11,8 +11,9 @@ So while a run is guarded (:class:`Guard`), the signal handler only records the 
 :func:`received`. hpo's own code checks it at safe points and raises ``KeyboardInterrupt`` there, where the
 ordinary ``except`` code ends the trial: a Trainer callback at each step's end and each evaluation or
 prediction step (:class:`hpo.trial.checkpoints.StopCallback`), where a trial starts and between trials
-(:func:`stop_if_asked`), in the loops that wait for workers, ranks or a tracker (:func:`wait`). Ray Tune
-and Lightning do the same; no trace hook, so a debugger's or coverage's tracer stays installed.
+(:func:`stop_if_asked`), in the loops that wait for workers, ranks or a tracker (:func:`wait`). Ray Tune and
+Lightning do the same; no trace hook, so a debugger's or coverage's tracer stays installed. A stretch with no
+storage call and no safe point (a trial's model loading: :func:`promptly`) raises at once, as before.
 
 - SIGTERM (a scheduler's stop, a preemption notice, the parent of ``--workers`` stopping a worker) counts
   once: a second one (systemd signalling the whole group, then the parent its workers) would interrupt the
@@ -25,15 +26,17 @@ No third-party import here: the trackers wait through :func:`wait`, and the stud
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 POLL_S = 0.1  # how often a wait that is a safe point looks at the flag
 
 _received: int | None = None  # the stop flag: the signal that asked the guarded run to stop, once it came
+_promptly = 0  # > 0: the main thread is in a stretch with no storage call (a model loading): a signal raises at once
 
 
 def received() -> int | None:
@@ -60,6 +63,24 @@ def wait(event: threading.Event, timeout: float | None) -> bool:
         if end is not None and time.monotonic() >= end:
             return False
     return True
+
+
+@contextlib.contextmanager
+def promptly() -> Iterator[None]:
+    """Within the block, a signal raises ``KeyboardInterrupt`` at once, as outside a guarded run.
+
+    For the long stretches of a trial with no safe point and no storage call in them: loading the model takes
+    minutes for a large one, and Ctrl-C would wait for all of it, then for the Trainer's first safe point. The
+    flag is still set, so the run stops at every later safe point too.
+    """
+    global _promptly
+    stop_if_asked()
+    main = threading.current_thread() is threading.main_thread()  # the handler raises there, whatever it runs
+    _promptly += main
+    try:
+        yield
+    finally:
+        _promptly -= main
 
 
 class Guard:
@@ -95,6 +116,8 @@ class Guard:
         global _received
         if _received is None:
             _received = signum  # the run stops at its next safe point
+            if _promptly:
+                raise KeyboardInterrupt(f"signal {signum}")  # no storage call in this stretch: now
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt("a second Ctrl-C")  # the person wants out now, wherever the run is
         # else a second SIGTERM: ignored

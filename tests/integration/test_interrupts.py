@@ -185,3 +185,108 @@ def test_a_tracer_installed_before_the_run_is_still_installed_after_a_held_back_
     assert sent and after is tracer
     (stopped,) = study.trials
     assert stopped.state == TrialState.FAIL and len(stopped.intermediate_values) == 2
+
+
+def test_a_signal_in_a_prompt_stretch_raises_at_once_and_elsewhere_waits_for_a_safe_point():
+    from hpo.trial import interrupts
+
+    with Guard():
+        signal.raise_signal(signal.SIGTERM)  # recorded only
+        assert interrupts.received() == signal.SIGTERM
+    after = []
+
+    def prompt_stretch():
+        with interrupts.promptly():
+            signal.raise_signal(signal.SIGINT)
+            after.append("ran on")  # the line the signal must not let run
+
+    with Guard(), pytest.raises(KeyboardInterrupt):
+        prompt_stretch()
+    assert not after
+    assert interrupts.received() is None  # cleared on exit: a second run in this process starts afresh
+
+
+def _stopped(path) -> optuna.Study:
+    with pytest.raises(KeyboardInterrupt):
+        run_study(load_study(path), quiet)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{path.with_suffix('.db')}")
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    return study
+
+
+def _raising_before(monkeypatch, module, name: str, sig: int) -> list:
+    """Make ``module.name`` raise ``sig`` in this process as it starts; the list it returns holds True once the
+    real call returned."""
+    real, returned = getattr(module, name), []
+
+    def call(*args, **kwargs):
+        signal.raise_signal(sig)
+        result = real(*args, **kwargs)
+        returned.append(True)
+        return result
+
+    monkeypatch.setattr(module, name, call)
+    return returned
+
+
+def test_a_signal_while_the_model_loads_stops_the_trial_at_once(write_study, monkeypatch):
+    # The old Guard raised at once outside storage calls; the stop flag alone waited for the whole load (minutes
+    # for a large model), then for the Trainer's first safe point.
+    from hpo.trial import finetune
+
+    returned = _raising_before(monkeypatch, finetune, "build_model", signal.SIGINT)
+    study = _stopped(write_study(n_trials=3))
+    assert not returned
+    (trial,) = study.get_trials(states=(TrialState.FAIL,))
+    assert trial.user_attrs["fail_reason"] == "interrupted"
+
+
+def test_a_signal_during_the_test_set_evaluation_stops_it_at_its_next_step(write_study, monkeypatch):
+    # Its Trainer had no safe point: Ctrl-C waited for the whole test set, and the trial then ended COMPLETE.
+    from conftest import DATA
+
+    from hpo.study import objective
+
+    returned = _raising_before(monkeypatch, objective, "evaluate_test", signal.SIGINT)
+    data = {"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "test": str(DATA / "eval.csv")}
+    study = _stopped(write_study(n_trials=3, data={**data, "max_length": 16}))
+    assert not returned
+    (trial,) = study.get_trials(states=(TrialState.FAIL,))
+    assert trial.user_attrs["fail_reason"] == "interrupted"
+
+
+def test_the_trainer_stops_at_each_micro_batch_not_only_at_a_steps_end():
+    # With gradient_accumulation_steps 64, a step is 64 forward and backward passes: the old Guard raised at once.
+    from hpo.trial.checkpoints import StopCallback
+
+    stop = StopCallback()
+    with Guard():
+        signal.raise_signal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            stop.on_substep_end(None, None, None)
+
+
+def test_a_prompt_stretch_on_another_thread_leaves_the_main_thread_guarded():
+    # The handler raises on the main thread, whatever it is doing there: perhaps a storage write.
+    from hpo.trial import interrupts
+
+    inside, leave = threading.Event(), threading.Event()
+
+    def elsewhere():
+        with interrupts.promptly():
+            inside.set()
+            leave.wait(10)
+
+    thread = threading.Thread(target=elsewhere)
+    with Guard():
+        thread.start()
+        try:
+            assert inside.wait(10)
+            try:
+                signal.raise_signal(signal.SIGINT)  # recorded only: the main thread is in no prompt stretch
+            except KeyboardInterrupt:
+                pytest.fail("another thread's prompt stretch made the main thread's signal raise")
+            assert interrupts.received() == signal.SIGINT
+        finally:
+            leave.set()
+            thread.join()

@@ -98,6 +98,7 @@ def test_mlflow_and_wandb_runs_hold_what_the_study_holds(tiny_model, tmp_path, m
             run = runs[name]
             assert run.data.params == {k: str(v) for k, v in trial.params.items()}
             assert run.data.tags["hpo.state"] == trial.state.name and run.info.status == "FINISHED"
+            assert run.data.tags["hpo.trial"] == str(trial.number)  # a tag's name, not a module's: the move kept it
             history = client.get_metric_history(run.info.run_id, "eval_loss")  # at examples seen, once each
             assert sorted((m.step, m.value) for m in history) == sorted(trial.intermediate_values.items())
             for cost in ("train_seconds", "peak_memory_mb", "optimizer_steps"):
