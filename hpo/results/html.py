@@ -65,10 +65,10 @@ def _figures(studies: Sequence[optuna.Study], summary: pd.DataFrame) -> list[str
         if len(study.directions) > 1:  # the front, then the first objective's history
             names = [o["metric"] for o in study.user_attrs.get(CONFIG, {}).get("objectives", [])]
             figure("Pareto front", lambda s=study, n=names: vis.plot_pareto_front(s, target_names=n or None))
-            first = names[0] if names else "objective 1"
+            name = names[0] if names else "objective 1"
             figure(
-                f"Optimization history ({first})",
-                lambda s=study, n=first: vis.plot_optimization_history(s, target=lambda t: t.values[0], target_name=n),
+                f"Optimization history ({name})",
+                lambda s=study, n=name: vis.plot_optimization_history(s, target=lambda t: t.values[0], target_name=n),
             )
         else:
             figure("Optimization history", lambda s=study: vis.plot_optimization_history(s))

@@ -186,3 +186,31 @@ def test_csv_cells_a_spreadsheet_would_run_are_neutralized(tmp_path):
     rows = pd.read_csv(trials)
     assert rows["objective"].min() == -1.5 and rows["params_shift"].min() == -1.75  # numbers, negative and all
     assert set(pd.read_csv(trials, dtype=str)["params_scheduler"]) == {f"'{v}" for v in hostile} | {"-0.5", "plain"}
+
+
+def test_the_html_report_of_a_two_objective_study_inlines_plotly_once(tmp_path):
+    # The history's title named its objective with the variable that said whether plotly.js was written yet: every
+    # two-objective study inlined plotly.js (~4.6 MB) once more.
+    import optuna
+    from optuna.trial import create_trial
+
+    from hpo.results.html import write_html
+
+    study = optuna.create_study(study_name="two", directions=["minimize", "maximize"])
+    study.set_user_attr(
+        "config",
+        {
+            "task": "sequence-classification",
+            "objectives": [
+                {"metric": "eval_loss", "direction": "minimize"},
+                {"metric": "eval_accuracy", "direction": "maximize"},
+            ],
+        },
+    )
+    dist = {"learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)}
+    for i, (loss, acc) in enumerate([(0.9, 0.6), (0.5, 0.7), (0.7, 0.9), (0.4, 0.5)]):
+        params = {"learning_rate": 1e-5 * 3**i}
+        study.add_trial(create_trial(values=[loss, acc], params=params, distributions=dist))
+    trials = trials_frame([study])
+    page = write_html([study], trials, studies_frame([study], trials), tmp_path / "r.html").read_text()
+    assert page.count("plotly.js v") == 1
