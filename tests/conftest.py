@@ -6,6 +6,7 @@ import contextlib
 import os
 import uuid
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
@@ -110,6 +111,66 @@ def reevaluated(study: dict, model: Path) -> float:
         data_collator=collator(TASKS[bench.cfg.task], bench.tokenizer),
     )
     return trainer.evaluate()["eval_loss"]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quickstart(tmp_path: Path, **changes) -> dict:
+    """The quickstart study as a dict: its data and model, 96 rows, one epoch, no objective: of its own."""
+    study = yaml.safe_load((ROOT / "studies" / "quickstart.yaml").read_text())
+    for key in ("environments", "objective", "pruner"):
+        study.pop(key)
+    study["data"] = {**study["data"], "max_train_rows": 96}
+    study["data"].update({k: str(ROOT / "studies" / study["data"][k]) for k in ("train", "eval")})
+    study["train"] = {**study["train"], "num_train_epochs": 1}
+    study.update(storage=f"sqlite:///{tmp_path}/q.db", output_dir=str(tmp_path / "out"), **changes)
+    return study
+
+
+LR = {"learning_rate": {"type": "float", "low": 3e-3, "high": 3e-2, "log": True}}
+
+
+def ner_study(write_study, eval_file="ner_eval.jsonl", **changes):
+    return write_study(
+        task="token-classification",
+        n_trials=2,
+        objective={"metric": "eval_f1", "direction": "maximize"},
+        data={"train": str(DATA / "ner_train.jsonl"), "eval": str(DATA / eval_file), "max_length": 16},
+        train={"num_train_epochs": 8, "seed": 0},
+        search_space=LR,
+        **changes,
+    )
+
+
+def spying(cls):
+    """``cls`` (a real tokenizer class) that also records the longest text and word list each call was given."""
+
+    class Spy(cls):
+        seen: ClassVar[list[int]] = []
+
+        def __call__(self, text, *args, **kwargs):
+            texts = [text] if isinstance(text, str) else text
+            flat = [w for t in texts for w in ([t] if isinstance(t, str) else t)]
+            Spy.seen.append(max([len(w) for w in flat] + [len(t) for t in texts if isinstance(t, list)]))
+            return super().__call__(text, *args, **kwargs)
+
+    return Spy
+
+
+@pytest.fixture(params=["wordpiece", "byte-bpe"])
+def tokenizer(request, tmp_path):
+    from transformers import BertTokenizerFast, PreTrainedTokenizerFast
+
+    if request.param == "wordpiece":
+        words = sorted(
+            {w for line in (DATA / "train.csv").read_text().splitlines()[1:] for w in line.split(",")[0].split()}
+        )
+        BertTokenizerFast(
+            vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
+        ).save_pretrained(tmp_path / "wp")
+        return spying(BertTokenizerFast).from_pretrained(tmp_path / "wp")
+    return spying(PreTrainedTokenizerFast).from_pretrained(request.getfixturevalue("tiny_bpe_tokenizer"))
 
 
 @pytest.fixture

@@ -9,9 +9,7 @@ import os
 import sys
 import textwrap
 from pathlib import Path
-from typing import ClassVar
 
-import pytest
 from conftest import DATA
 from measure import run_measured
 
@@ -44,36 +42,6 @@ def measured(args: list[str], cwd: Path, limit_cpu_s: int = 120, limit_mb: int =
     result = run_measured(args, cwd, env, limit_cpu_s=limit_cpu_s, limit_mib=limit_mb)
     assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
     return result.stdout, result.cpu_s, result.rss_mib
-
-
-def spying(cls):
-    """``cls`` (a real tokenizer class) that also records the longest text and word list each call was given."""
-
-    class Spy(cls):
-        seen: ClassVar[list[int]] = []
-
-        def __call__(self, text, *args, **kwargs):
-            texts = [text] if isinstance(text, str) else text
-            flat = [w for t in texts for w in ([t] if isinstance(t, str) else t)]
-            Spy.seen.append(max([len(w) for w in flat] + [len(t) for t in texts if isinstance(t, list)]))
-            return super().__call__(text, *args, **kwargs)
-
-    return Spy
-
-
-@pytest.fixture(params=["wordpiece", "byte-bpe"])
-def tokenizer(request, tmp_path):
-    from transformers import BertTokenizerFast, PreTrainedTokenizerFast
-
-    if request.param == "wordpiece":
-        words = sorted(
-            {w for line in (DATA / "train.csv").read_text().splitlines()[1:] for w in line.split(",")[0].split()}
-        )
-        BertTokenizerFast(
-            vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
-        ).save_pretrained(tmp_path / "wp")
-        return spying(BertTokenizerFast).from_pretrained(tmp_path / "wp")
-    return spying(PreTrainedTokenizerFast).from_pretrained(request.getfixturevalue("tiny_bpe_tokenizer"))
 
 
 def test_a_50_mb_cell_tokenizes_in_bounded_time_and_memory(tmp_path):

@@ -1,25 +1,9 @@
 """Several objectives: a Pareto front of real MiniLM fine-tunes on the quickstart data, reported and picked from."""
 
-from pathlib import Path
-
-import yaml
+from conftest import quickstart
 from rich.console import Console
 
 import hpo
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def quickstart(tmp_path: Path, **changes) -> dict:
-    """The quickstart study as a dict: its data and model, 96 rows, one epoch, no objective: of its own."""
-    study = yaml.safe_load((ROOT / "studies" / "quickstart.yaml").read_text())
-    for key in ("environments", "objective", "pruner"):
-        study.pop(key)
-    study["data"] = {**study["data"], "max_train_rows": 96}
-    study["data"].update({k: str(ROOT / "studies" / study["data"][k]) for k in ("train", "eval")})
-    study["train"] = {**study["train"], "num_train_epochs": 1}
-    study.update(storage=f"sqlite:///{tmp_path}/q.db", output_dir=str(tmp_path / "out"), **changes)
-    return study
 
 
 def dominates(a, b) -> bool:

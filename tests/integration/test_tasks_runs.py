@@ -4,7 +4,7 @@ import json
 import math
 
 import pytest
-from conftest import DATA, TINY_GPT2
+from conftest import DATA, LR, TINY_GPT2, ner_study
 from rich.console import Console
 
 from hpo import load_study
@@ -12,19 +12,6 @@ from hpo.study.loop import run_study
 from hpo.trial.tokens import IGNORE
 
 quiet = Console(quiet=True)
-LR = {"learning_rate": {"type": "float", "low": 3e-3, "high": 3e-2, "log": True}}
-
-
-def ner_study(write_study, eval_file="ner_eval.jsonl", **changes):
-    return write_study(
-        task="token-classification",
-        n_trials=2,
-        objective={"metric": "eval_f1", "direction": "maximize"},
-        data={"train": str(DATA / "ner_train.jsonl"), "eval": str(DATA / eval_file), "max_length": 16},
-        train={"num_train_epochs": 8, "seed": 0},
-        search_space=LR,
-        **changes,
-    )
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

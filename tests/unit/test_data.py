@@ -6,7 +6,6 @@ The one-line CLI errors of whole hostile files are in tests/broken_data/ (test_b
 
 import json
 import random
-from typing import ClassVar
 
 import pandas as pd
 import pytest
@@ -253,36 +252,6 @@ def tokenize_whole(task, examples, tokenizer, max_length):
             }
         )
     return rows
-
-
-def spying(cls):
-    """``cls`` (a real tokenizer class) that also records the longest text and word list each call was given."""
-
-    class Spy(cls):
-        seen: ClassVar[list[int]] = []
-
-        def __call__(self, text, *args, **kwargs):
-            texts = [text] if isinstance(text, str) else text
-            flat = [w for t in texts for w in ([t] if isinstance(t, str) else t)]
-            Spy.seen.append(max([len(w) for w in flat] + [len(t) for t in texts if isinstance(t, list)]))
-            return super().__call__(text, *args, **kwargs)
-
-    return Spy
-
-
-@pytest.fixture(params=["wordpiece", "byte-bpe"])
-def tokenizer(request, tmp_path):
-    from transformers import BertTokenizerFast, PreTrainedTokenizerFast
-
-    if request.param == "wordpiece":
-        words = sorted(
-            {w for line in (DATA / "train.csv").read_text().splitlines()[1:] for w in line.split(",")[0].split()}
-        )
-        BertTokenizerFast(
-            vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
-        ).save_pretrained(tmp_path / "wp")
-        return spying(BertTokenizerFast).from_pretrained(tmp_path / "wp")
-    return spying(PreTrainedTokenizerFast).from_pretrained(request.getfixturevalue("tiny_bpe_tokenizer"))
 
 
 MAX_LENGTH = 16  # characters kept before tokenizing: 50 per token, 800 here

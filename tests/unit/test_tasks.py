@@ -2,27 +2,13 @@
 
 import numpy as np
 import pytest
-from conftest import DATA
+from conftest import ner_study
 from transformers import BertTokenizerFast, EvalPrediction
 
 from hpo import load_study
 from hpo.data import load_examples
 from hpo.trial.metrics import _entity_metrics, macro_f1
 from hpo.trial.tokens import IGNORE, tokenize
-
-LR = {"learning_rate": {"type": "float", "low": 3e-3, "high": 3e-2, "log": True}}
-
-
-def ner_study(write_study, eval_file="ner_eval.jsonl", **changes):
-    return write_study(
-        task="token-classification",
-        n_trials=2,
-        objective={"metric": "eval_f1", "direction": "maximize"},
-        data={"train": str(DATA / "ner_train.jsonl"), "eval": str(DATA / eval_file), "max_length": 16},
-        train={"num_train_epochs": 8, "seed": 0},
-        search_space=LR,
-        **changes,
-    )
 
 
 def test_entity_metrics_count_whole_entities_only():
