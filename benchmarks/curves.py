@@ -43,7 +43,7 @@ def record(data: Path, trials: int, epochs: float, seed: int) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from hpo import load_study, space
+    from hpo import distributions, load_study
     from hpo.tasks import TASKS
     from hpo.trial.finetune import run_trial
     from hpo.trial.model import collator
@@ -94,7 +94,7 @@ def record(data: Path, trials: int, epochs: float, seed: int) -> dict:
         runs = []
         for _ in range(trials):
             trial = study.ask()
-            sampled, derived = space.sample(trial, cfg.search_space, cfg.distributions, cfg.train)
+            sampled, derived = distributions.sample(trial, cfg.search_space, cfg.distributions, cfg.train)
             params = {**sampled, **derived}
             rows = RowLosses(bench)
             began = time.perf_counter()

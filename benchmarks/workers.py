@@ -53,7 +53,7 @@ def tiny_study(folder: Path) -> Path:
 def _noop_worker(path: str, overrides: dict, k: int, plain: bool, ready, out) -> None:
     from rich.console import Console
 
-    from hpo import load_study, space
+    from hpo import distributions, load_study
     from hpo.study.loop import StopRule, _optimize  # hpo's own loop, without the fine-tune
     from hpo.study.progress import Progress
     from hpo.study.storage import open_study
@@ -62,7 +62,7 @@ def _noop_worker(path: str, overrides: dict, k: int, plain: bool, ready, out) ->
     cfg = load_study(path, overrides)
 
     def objective(trial: optuna.Trial) -> float:
-        sampled, _ = space.sample(trial, cfg.search_space, cfg.distributions, cfg.train)
+        sampled, _ = distributions.sample(trial, cfg.search_space, cfg.distributions, cfg.train)
         return float(sampled["learning_rate"])
 
     errors = 0

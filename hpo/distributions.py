@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import optuna
@@ -25,25 +25,7 @@ from optuna.distributions import (
 )
 
 from hpo.expr import Expression
-
-if TYPE_CHECKING:
-    from hpo.space import Param
-
-
-def to_distribution(p: Param) -> BaseDistribution:
-    """One search-space entry as an Optuna distribution.
-
-    >>> to_distribution(Param(type="float", low=1e-5, high=1e-3, log=True))
-    FloatDistribution(high=0.001, log=True, low=1e-05, step=None)
-
-    Raises:
-        ValueError: the entry is inconsistent (Optuna's own checks, e.g. ``low > high``).
-    """
-    if p.type == "categorical":
-        return CategoricalDistribution(p.choices)
-    if p.type == "int":
-        return IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
-    return FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+from hpo.space import Param, to_distribution
 
 
 def compile_space(space: Mapping[str, Param]) -> dict[str, BaseDistribution]:

@@ -2,8 +2,8 @@
 names a space may search.
 
 A study file's ``search_space:`` is validated into :class:`Param` entries here. :mod:`hpo.distributions` compiles
-them once into Optuna distributions and samples them in one place; its functions are importable from here too,
-where the study and the trial read them (``space.sample``, ``space.walk``).
+them once into Optuna distributions and samples them in one place; each entry's own distribution
+(:func:`to_distribution`) is here, where the entry checks itself with it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from functools import cached_property, lru_cache
 from typing import Annotated, Any, Literal
 
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -25,17 +26,6 @@ from pydantic import (
 )
 
 from hpo import knobs
-from hpo.distributions import (  # noqa: F401 - re-exported: callers read the space's functions from hpo.space
-    DeriveError,
-    at_edges,
-    broken_constraint,
-    compile_space,
-    corners,
-    finite_size,
-    sample,
-    to_distribution,
-    walk,
-)
 from hpo.errors import did_you_mean
 from hpo.expr import Expression
 
@@ -189,6 +179,22 @@ class Param(BaseModel):
                     raise ValueError(f"int parameter needs whole numbers: {key}={value:g}")
         to_distribution(self)  # Optuna's own checks, e.g. step not dividing the range
         return self
+
+
+def to_distribution(p: Param) -> BaseDistribution:
+    """One search-space entry as an Optuna distribution.
+
+    >>> to_distribution(Param(type="float", low=1e-5, high=1e-3, log=True))
+    FloatDistribution(high=0.001, log=True, low=1e-05, step=None)
+
+    Raises:
+        ValueError: the entry is inconsistent (Optuna's own checks, e.g. ``low > high``).
+    """
+    if p.type == "categorical":
+        return CategoricalDistribution(p.choices)
+    if p.type == "int":
+        return IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+    return FloatDistribution(p.low, p.high, log=p.log, step=p.step)
 
 
 @lru_cache(maxsize=1)

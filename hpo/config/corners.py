@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from optuna.distributions import CategoricalDistribution
 
-from hpo import space
+from hpo import distributions
 from hpo.errors import KeyPath, Problem
 
 if TYPE_CHECKING:
@@ -44,13 +44,13 @@ def expression_problems(cfg: StudyConfig) -> list[Problem]:
         return list(found.values())
     seen: dict[str, dict[str, Any]] = {name: {} for name in derives}
     feasible = False
-    for point in space.corners(cfg.distributions):
+    for point in distributions.corners(cfg.distributions):
         where = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
         try:
-            sampled, derived = space.walk(
+            sampled, derived = distributions.walk(
                 cfg.search_space, cfg.distributions, lambda name, d, point=point: point[name], cfg.train
             )
-        except space.DeriveError as e:
+        except distributions.DeriveError as e:
             key, _, message = str(e).partition(": ")
             path = tuple(key.split("."))
             found.setdefault(path, cfg.problem(path, f"{message} at {where}"))
@@ -83,10 +83,10 @@ def expression_problems(cfg: StudyConfig) -> list[Problem]:
         )
     for i, entry in enumerate(cfg.enqueue):  # a queued configuration the constraints reject would never run
         try:
-            sampled, derived = space.walk(
+            sampled, derived = distributions.walk(
                 cfg.search_space, cfg.distributions, lambda name, d, entry=entry: entry[name], cfg.train
             )
-            broken = space.broken_constraint(cfg.constraint_expressions, {**cfg.train, **sampled, **derived})
+            broken = distributions.broken_constraint(cfg.constraint_expressions, {**cfg.train, **sampled, **derived})
         except KeyError:  # a partial entry: the sampler picks the rest
             continue
         except ValueError as e:  # a derive or a constraint fails there

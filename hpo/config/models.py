@@ -28,7 +28,7 @@ from pydantic import (
 )
 from sqlalchemy.engine import make_url
 
-from hpo import space
+from hpo import distributions, space
 from hpo.config.compose import CREDENTIALS, control_character, hidden_character, mask, sqlite_quote
 from hpo.config.sections import (
     DataConfig,
@@ -332,7 +332,7 @@ class StudyConfig(Strict):
     @cached_property
     def distributions(self) -> dict[str, BaseDistribution]:
         """The sampled parameters as Optuna distributions, compiled once (derived ones are computed)."""
-        return space.compile_space(self.search_space)
+        return distributions.compile_space(self.search_space)
 
     @cached_property
     def constraint_expressions(self) -> list[Expression]:

@@ -37,7 +37,7 @@ from optuna.trial import TrialState
 from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
 from hpo.attrs import CONFIG, DERIVED_PARAMS, PRUNED_AT_STEP, REVISION, TEST_METRICS, TEST_TOP_K
-from hpo.space import at_edges
+from hpo.distributions import at_edges
 from hpo.study.storage import best_trial
 from hpo.tasks import HIGHER_IS_BETTER
 

@@ -15,7 +15,7 @@ import optuna
 from optuna.trial import TrialState
 from rich.markup import escape
 
-from hpo import knobs, optuna_private, space
+from hpo import distributions, knobs, optuna_private
 from hpo.attrs import (
     DERIVED_PARAMS,
     DEVICES,
@@ -76,7 +76,7 @@ def make_objective(bench: Workbench, progress: Progress, revision: int, tracking
     """
     cfg = bench.cfg
     store = artifact_store(cfg)
-    size = space.finite_size(cfg.search_space, cfg.distributions, cfg.train)
+    size = distributions.finite_size(cfg.search_space, cfg.distributions, cfg.train)
 
     def objective(trial: optuna.Trial) -> float:
         # Everything a trial does is inside this try, from sampling to saving: whatever fails, the trial
@@ -138,13 +138,13 @@ def _parameters(
     if outside:  # queued under an earlier revision of the study file, or by hand
         trial.set_user_attr(REJECTED_ENQUEUED, outside)
         raise Rejected(f"queued parameters outside the search space: {outside}")
-    now.sampled, derived = space.sample(trial, cfg.search_space, cfg.distributions, cfg.train)
+    now.sampled, derived = distributions.sample(trial, cfg.search_space, cfg.distributions, cfg.train)
     sampled, params = now.sampled, {**now.sampled, **derived}
     ordered.mark_sampled(trial)
     trial.set_user_attr(REVISION, revision)
     if derived:
         trial.set_user_attr(DERIVED_PARAMS, derived)
-    broken = space.broken_constraint(cfg.constraint_expressions, {**cfg.train, **params})
+    broken = distributions.broken_constraint(cfg.constraint_expressions, {**cfg.train, **params})
     if broken:
         trial.set_user_attr(REJECTED_BY_CONSTRAINT, broken)
         raise Rejected(f"constraint not met: {broken}")

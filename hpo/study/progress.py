@@ -19,7 +19,7 @@ from hpo.attrs import (
     SAVE_ERROR,
 )
 from hpo.config import StudyConfig
-from hpo.space import at_edges
+from hpo.distributions import at_edges
 from hpo.study.outputs import saved_trial
 from hpo.study.revisions import current_revision, trial_revision
 from hpo.study.storage import best_trial

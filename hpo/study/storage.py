@@ -17,7 +17,7 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
-from hpo import samplers, space
+from hpo import distributions, samplers
 from hpo.attrs import CONFIG, REVISIONS
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError
@@ -91,7 +91,7 @@ def open_study(
             return samplers.make_sampler(cfg.sampler.name, {**sampler_args, "seed": seed}, cfg.distributions)
 
         def walk(trial: optuna.Trial) -> None:
-            space.sample(trial, cfg.search_space, cfg.distributions, cfg.train)
+            distributions.sample(trial, cfg.search_space, cfg.distributions, cfg.train)
 
         study.sampler = ordered.OrderedSampler(make, sampler_args["seed"], workers, walk)
         study.pruner = ordered.OrderedPruner(study.pruner, workers)

@@ -9,7 +9,7 @@ from typing import Any
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 
-from hpo import space
+from hpo import distributions
 from hpo.config import StudyConfig
 from hpo.trial import memory
 from hpo.trial.plan import lora_target_list
@@ -44,22 +44,22 @@ def corner(cfg: StudyConfig, hungry: bool) -> dict[str, Any]:
 
     def walked(choose) -> dict[str, Any] | None:
         try:
-            sampled, derived = space.walk(cfg.search_space, cfg.distributions, choose, cfg.train)
+            sampled, derived = distributions.walk(cfg.search_space, cfg.distributions, choose, cfg.train)
         except ValueError:  # a derive that fails there: no trial runs it
             return None
         params = {**sampled, **derived}
-        return None if space.broken_constraint(cfg.constraint_expressions, {**cfg.train, **params}) else params
+        return None if distributions.broken_constraint(cfg.constraint_expressions, {**cfg.train, **params}) else params
 
     params = walked(pick)
     if params is not None:
         return params
     feasible = [
         p
-        for point in space.corners(cfg.distributions, n_random=64)
+        for point in distributions.corners(cfg.distributions, n_random=64)
         if (p := walked(lambda name, d, point=point: point[name])) is not None
     ]
     if not feasible:  # validation found a feasible point; these did not: measure the plain corner
-        sampled, derived = space.walk(cfg.search_space, cfg.distributions, pick, cfg.train)
+        sampled, derived = distributions.walk(cfg.search_space, cfg.distributions, pick, cfg.train)
         return {**sampled, **derived}
 
     def demand(params: dict[str, Any]) -> tuple:

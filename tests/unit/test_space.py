@@ -4,7 +4,8 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from hpo.space import Param, compile_space, sample, searchable_names, split_params, training_argument_names
+from hpo.distributions import compile_space, sample
+from hpo.space import Param, searchable_names, split_params, training_argument_names
 
 
 def test_every_type_compiles():
@@ -160,7 +161,7 @@ def test_expressions_that_cannot_be_evaluated_do_not_parse(source, message):
 def test_corners_cover_every_extreme_and_random_points():
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    from hpo.space import corners
+    from hpo.distributions import corners
 
     dists = {
         "lr": FloatDistribution(1e-5, 1e-3, log=True),
@@ -177,7 +178,7 @@ def test_corners_cover_every_extreme_and_random_points():
 
 
 def test_a_best_value_at_the_edge_of_its_range_names_the_bound_to_move():
-    from hpo.space import at_edges
+    from hpo.distributions import at_edges
 
     lr = FloatDistribution(1e-5, 1e-3, log=True)  # log-scaled: 1.2e-5 is 4% of the way up, 5e-5 is 35%
     assert at_edges({"learning_rate": 1.2e-5}, {"learning_rate": lr}) == [
