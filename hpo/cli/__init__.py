@@ -359,7 +359,3 @@ def schema(
 
     for path in write_schemas(out):
         Console().print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    app()
