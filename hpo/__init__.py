@@ -10,7 +10,7 @@ Each command of the ``hpo`` CLI is one call here; a study is a file path or a di
 True
 """
 
-from hpo.api import best, check, report, run, train, validate
+from hpo.api import best, check, report, run, status, submit, train, validate
 from hpo.config import StudyConfig, load_study
 from hpo.errors import ConfigError, NoCompleteTrial, TrialsFailed
 
@@ -24,6 +24,8 @@ __all__ = [
     "load_study",
     "report",
     "run",
+    "status",
+    "submit",
     "train",
     "validate",
 ]

@@ -269,3 +269,79 @@ def train(study: Study, *, all_data: bool = False, env: str | None = None, stora
 
     cfg = load(study, {"storage": storage} if storage else None, env)
     return train_best(cfg, load_existing(cfg), all_data)
+
+
+def submit(
+    study: str | Path,
+    to: Literal["slurm", "kubernetes"],
+    *,
+    workers: int = 1,
+    gpus_per_worker: int = 0,
+    sbatch: Mapping[str, Any] | None = None,
+    setup: str | None = None,
+    image: str | None = None,
+    apply: bool = False,
+    dry_run: bool = False,
+    overrides: Mapping[str, Any] | None = None,
+    env: str | None = None,
+    storage: str | None = None,
+):
+    """Run the study's ``workers`` on a cluster, each an ``hpo run`` of the study file on its PostgreSQL storage.
+
+    ``to="slurm"``: one job array (a generated sbatch script; ``sbatch`` options by their long name, over the
+    study file's ``resources.slurm``); preempted or timed-out workers checkpoint their trial and requeue.
+    ``to="kubernetes"``: an Indexed Job built with the ``kubernetes`` client, created with ``apply`` (else only
+    returned); the storage URL comes from a Secret. ``dry_run`` checks and returns the script or Job, submitting
+    and creating nothing. The study is created before its workers start, and the job recorded on it.
+
+    Returns a :class:`hpo.clusters.Submission`: ``.text`` (the script or the Job's YAML), ``.job_id``.
+
+    Raises:
+        ConfigError: the study, its data, model or storage (SQLite is refused), or the scheduler's checks
+            (``sbatch`` missing, an unknown partition, no kube-config for ``apply``), each in one line.
+        TypeError: ``study`` is not a file (each worker reads it).
+    """
+    if not isinstance(study, str | Path):
+        raise TypeError(f"submit takes the study file, not a {type(study).__name__}: each worker runs hpo run on it")
+    if to not in ("slurm", "kubernetes"):
+        raise ValueError(f"to={to!r}: 'slurm' or 'kubernetes'")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r}: the number of workers, 1 or more")
+    from hpo import clusters
+
+    cfg = load(study, {**(overrides or {}), **({"storage": storage} if storage else {})}, env)
+    return clusters.submit(
+        cfg,
+        Path(study),
+        to,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        sbatch=sbatch,
+        setup=setup,
+        image=image,
+        apply=apply,
+        dry_run=dry_run,
+        env=env,
+        overrides=overrides,
+        storage=storage,
+    )
+
+
+def status(
+    study: Study, *, env: str | None = None, storage: str | None = None
+) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """The study's trials counted by state (``{"COMPLETE": 5, "RUNNING": 2, ...}``) and the cluster jobs
+    :func:`submit` recorded on it, each with ``tasks``: ``{task id: Slurm state}`` of those still queued.
+
+    Raises:
+        ConfigError: no such study.
+    """
+    from hpo.clusters import jobs_with_states
+    from hpo.study.storage import load_existing
+
+    cfg = load(study, {"storage": storage} if storage else None, env)
+    study_ = load_existing(cfg)
+    counts: dict[str, int] = {}
+    for trial in study_.get_trials(deepcopy=False):
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return counts, jobs_with_states(study_)

@@ -17,7 +17,7 @@ REJECTED_DUPLICATE = "rejected_duplicate"  # the finished trial whose parameters
 REJECTED_ENQUEUED = "rejected_enqueued"  # queued parameters outside the search space
 REJECTIONS = (REJECTED_BY_CONSTRAINT, REJECTED_DUPLICATE, REJECTED_ENQUEUED)  # a FAIL before training
 RETRY_OF = "retry_of"  # the interrupted trial whose parameters a queued trial reruns
-WORKER = "worker"  # host, pid and CUDA_VISIBLE_DEVICES of the process that ran it
+WORKER = "worker"  # host, pid, CUDA_VISIBLE_DEVICES and cluster job (hpo submit) of the process that ran it
 DEVICES = "devices"  # the devices lr_scaling counted, so that an export scales the rate as the trial did
 MICRO_BATCH = "micro_batch"  # the per-device batch the trial trained with (below the sampled one after running out)
 OOM_AT = "oom_micro_batches"  # the micro-batches that ran out of memory, largest first
@@ -31,4 +31,5 @@ TEST_TOP_K = 3  # data.test evaluates the trials that may end among the study's 
 # Study user attrs
 CONFIG = "config"  # the resolved study file of the latest revision
 FINGERPRINT = "fingerprint"  # what makes the trials comparable, as of the latest revision
+CLUSTER_JOBS = "cluster_jobs"  # [{"engine", "id", "workers", "time"}]: what hpo submit submitted, oldest first
 REVISIONS = "revisions"  # [{"revision", "time", "changes", "fingerprint"}], oldest first

@@ -359,3 +359,6 @@ def schema(
 
     for path in write_schemas(out):
         Console().print(f"wrote {path}")
+
+
+from hpo.cli import clusters as _clusters  # noqa: E402, F401 - hpo submit, hpo status: registered on app

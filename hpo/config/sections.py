@@ -7,6 +7,7 @@ across sections are in :mod:`hpo.config.validate`).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,6 +72,60 @@ class Quantization(Strict):
     )
 
 
+SBATCH_SET_BY_HPO = ("array", "job-name", "output", "error", "open-mode", "signal", "requeue", "chdir", "wrap")
+
+
+class SlurmSettings(Strict):
+    """How ``hpo submit --slurm`` asks Slurm for the workers (the command line's options win)."""
+
+    setup: str | None = Field(
+        None,
+        min_length=1,
+        description="Shell lines each worker runs before hpo, e.g. 'module load cuda; source ~/venv/bin/activate'; "
+        "default: the hpo of the Python that submitted (a shared filesystem).",
+    )
+    sbatch: dict[str, str | int | float | bool] = Field(
+        {},
+        description="More #SBATCH options by their long name, e.g. {mem: 64G, partition: gpu, time: '04:00:00'}; "
+        "true writes the bare flag. hpo sets " + ", ".join(SBATCH_SET_BY_HPO) + " itself.",
+    )
+
+    @field_validator("sbatch")
+    @classmethod
+    def _options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name, v in value.items():
+            if not re.fullmatch(r"[a-z][a-z0-9-]*", name):
+                raise ValueError(f"{name!r} is not an sbatch option's long name (like mem or cpus-per-task)")
+            if name in SBATCH_SET_BY_HPO:
+                raise ValueError(f"{name}: hpo submit sets it itself")
+            if v is False or any(c in str(v) for c in '\n\r"'):
+                raise ValueError(
+                    f"{name}: {v!r} is not an option's value (one line, no quotes; leave out one set false)"
+                )
+        return value
+
+
+class KubernetesSettings(Strict):
+    """How ``hpo submit --kubernetes`` writes the workers' Indexed Job (the command line's options win)."""
+
+    image: str | None = Field(
+        None, min_length=1, description="The container image: hpo installed, the study folder at workdir."
+    )
+    workdir: str = Field("/work", min_length=1, description="The study file's folder inside the image.")
+    namespace: str = Field("default", min_length=1, description="The namespace the Job is created in.")
+    secret: str = Field(
+        "hpo-storage",
+        min_length=1,
+        description="The Secret whose key storage_url holds the study's database URL (never written in the Job).",
+    )
+    grace_period_s: PositiveInt = Field(
+        300, description="Seconds a pod gets after SIGTERM (preemption) to checkpoint its trial and stop."
+    )
+    cpus: PositiveFloat | None = Field(None, description="CPU request per worker.")
+    memory: str | None = Field(None, min_length=1, description="Memory request per worker, e.g. 32Gi.")
+    node_selector: dict[str, str] = Field({}, description="Pod nodeSelector, e.g. {gpu-type: h100}.")
+
+
 class Resources(Strict):
     """What a trial may use on this machine."""
 
@@ -85,6 +140,10 @@ class Resources(Strict):
         description="Each trial runs as a torch.distributed job of this many processes on this machine (gloo on "
         "CPU, NCCL on GPU, one GPU each); the global batch is the per-device batch × accumulation × processes. "
         "hpo run --workers N needs N × this many GPUs (on CPU: cores).",
+    )
+    slurm: SlurmSettings = Field(SlurmSettings(), description="hpo submit --slurm: setup line, #SBATCH options.")
+    kubernetes: KubernetesSettings = Field(
+        KubernetesSettings(), description="hpo submit --kubernetes: image, namespace, Secret, grace period."
     )
 
 

@@ -90,7 +90,7 @@ def make_objective(bench: Workbench, progress: Progress, revision: int, tracking
             now.run = tracking.start(trial.number, params)
             plan = _started(trial, cfg, store, params)
             if cfg.checkpoint_every:
-                now.saved = _checkpoints(trial, cfg, params, revision, len(bench.train_rows))
+                now.saved = _checkpoints(trial, cfg, params, revision, len(bench.train_rows), progress)
             now.result = _fitting(
                 bench, plan, trial, params, progress, revision, now.saved, _also_to(now.run, cfg, progress)
             )
@@ -158,6 +158,8 @@ def _parameters(
 def _started(trial: optuna.Trial, cfg: StudyConfig, store, params: dict[str, Any]) -> TrialPlan:
     """Record where the trial runs and what it trains with (the artifact store's ``config.json``); its plan."""
     where = {"host": socket.gethostname(), "pid": os.getpid()}
+    if job := os.environ.get("HPO_JOB"):  # the cluster job that runs this worker (hpo submit sets it)
+        where["job"] = job
     trial.set_user_attr(WORKER, {**where, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
     plan = make_plan(cfg, params)
     if plan.devices is not None:
@@ -231,7 +233,7 @@ def _wait_in_order(trial: optuna.Trial, progress: Progress) -> None:
         )
 
 
-def _checkpoints(trial: optuna.Trial, cfg: StudyConfig, params: dict[str, Any], revision: int, n_train: int):
+def _checkpoints(trial: optuna.Trial, cfg: StudyConfig, params: dict[str, Any], revision: int, n_train: int, progress):
     """The trial's checkpoint folder (keyed by its parameters and the revision), claimed for it; None when
     another running trial with the same parameters holds it (this one then runs without checkpoints).
 
@@ -254,6 +256,7 @@ def _checkpoints(trial: optuna.Trial, cfg: StudyConfig, params: dict[str, Any], 
         if step <= seen:
             trial.report(value, step)
     trial.set_user_attr("resumed_from_trial", before)
+    progress.print(f"trial {trial.number:3d} resumes trial {before} from its checkpoint at {seen} examples")
     return folder
 
 
