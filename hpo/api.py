@@ -262,12 +262,15 @@ def train(study: Study, *, all_data: bool = False, env: str | None = None, stora
 
     Raises:
         NoCompleteTrial: the study has no complete trial.
-        ConfigError: no such study, or the study file changed since the best trial ran.
+        ConfigError: no such study, the study file changed since the best trial ran, or its trials span machines
+            and no launcher reaches them.
     """
     from hpo.results.export import train_best
+    from hpo.study.devices import check_launcher
     from hpo.study.storage import load_existing
 
     cfg = load(study, {"storage": storage} if storage else None, env)
+    check_launcher(cfg)  # a trial across machines retrains across them
     return train_best(cfg, load_existing(cfg), all_data)
 
 
@@ -307,8 +310,16 @@ def submit(
         raise ValueError(f"to={to!r}: 'slurm' or 'kubernetes'")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r}: the number of workers, 1 or more")
-    from hpo import clusters
+    from pydantic import ValidationError
 
+    from hpo import clusters
+    from hpo.config.sections import SlurmSettings
+
+    try:  # the keyword's options pass the study file's checks: no option hpo sets, one line each
+        SlurmSettings(sbatch=dict(sbatch or {}))
+    except ValidationError as e:
+        raise ValueError(f"sbatch: {e.errors()[0]['msg']}") from None
+    storage = storage or (overrides or {}).get("storage")
     cfg = load(study, {**(overrides or {}), **({"storage": storage} if storage else {})}, env)
     return clusters.submit(
         cfg,

@@ -24,7 +24,12 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 StudyFile = Annotated[Path, typer.Argument(help="The study file (YAML).", show_default=False)]
 Env = Annotated[str | None, typer.Option("--env", help="An environment from the file's environments: mapping.")]
 Storage = Annotated[
-    str | None, typer.Option(help="Storage URL, when not the study file's (e.g. the one given to hpo run --storage).")
+    str | None,
+    typer.Option(
+        envvar="HPO_STORAGE",
+        show_envvar=False,
+        help="Storage URL, when not the study file's (e.g. the one given to hpo run --storage); default $HPO_STORAGE.",
+    ),
 ]
 Overrides = Annotated[
     list[str] | None,
@@ -82,7 +87,10 @@ def run(
     storage: Annotated[
         str | None,
         typer.Option(
-            help="Storage URL (default: sqlite beside the study file); the same URL on many machines joins one study."
+            envvar="HPO_STORAGE",
+            show_envvar=False,
+            help="Storage URL (default: $HPO_STORAGE, else the study file's, else sqlite beside it); the same URL "
+            "on many machines joins one study.",
         ),
     ] = None,
     env: Env = None,

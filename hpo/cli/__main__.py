@@ -2,4 +2,5 @@
 
 from hpo.cli import app
 
-app()
+if __name__ == "__main__":  # importing the module (pkgutil.walk_packages) runs nothing
+    app()

@@ -46,9 +46,15 @@ def submit(
     if slurm == kubernetes:
         err.print("[red]error[/] <command line>: give one of --slurm and --kubernetes")
         raise typer.Exit(2)
+    options = {"partition": partition, "time": time, "account": account, "qos": qos, "constraint": constraint}
+    other = {"--image": image, "--out": out, "--apply": apply or None} if slurm else {**options, "setup": setup}
+    if given := [k if k.startswith("--") else f"--{k}" for k, v in other.items() if v is not None]:
+        err.print(
+            f"[red]error[/] <command line>: {', '.join(given)}: not an option of --{'slurm' if slurm else 'kubernetes'}"
+        )
+        raise typer.Exit(2)
     pairs = _parse_overrides(overrides)
     cfg = _load(study, {**pairs, **_storage(storage)}, env)
-    options = {"partition": partition, "time": time, "account": account, "qos": qos, "constraint": constraint}
     try:
         done = api.submit(
             study,
@@ -67,6 +73,8 @@ def submit(
     except ConfigError as e:
         _fail(e)
     console = Console(highlight=False, soft_wrap=True)
+    for warning in done.warnings:
+        err.print(f"[yellow]warning[/] {escape(warning)}")
     if out is not None:
         out.write_text(done.text)
         console.print(f"wrote {out}")
@@ -74,7 +82,9 @@ def submit(
         print(done.text, end="")
     if done.job_id is not None:
         what = "Slurm job array" if slurm else "Kubernetes Job"
-        console.print(f"submitted {what} {done.job_id}: {workers} worker(s) of {cfg.study} on {cfg.storage_label}")
+        console.print(
+            f"submitted {what} {done.job_id}: {workers} worker(s) of {escape(cfg.study)} on {cfg.storage_label}"
+        )
         console.print(f"watch it: hpo status {escape(str(study))}" + (f" --env {env}" if env else ""))
 
 
@@ -88,8 +98,11 @@ def status(study: StudyFile, overrides: Overrides = None, env: Env = None, stora
         _fail(e)
     console = Console(highlight=False, soft_wrap=True)
     states = ", ".join(f"{n} {state.lower()}" for state, n in counts.items() if n) or "no trials yet"
-    console.print(f"{escape(cfg.study)} in {cfg.storage_label}: {states}; target {cfg.n_trials}")
+    console.print(f"{escape(cfg.study)} in {escape(cfg.storage_label)}: {states}; target {cfg.n_trials}")
     for job in jobs:
         tasks = job["tasks"]
-        where = ", ".join(f"{task} {state.lower()}" for task, state in sorted(tasks.items())) or "no longer queued"
+        if tasks is None:
+            where = "state unknown here" if job["engine"] == "slurm" else f"kubectl get job {job['id']}"
+        else:
+            where = ", ".join(f"{task} {state.lower()}" for task, state in sorted(tasks.items())) or "no longer queued"
         console.print(f"{job['engine']} job {job['id']} ({job['workers']} worker(s), {job['time']}): {where}")

@@ -12,7 +12,7 @@ import datetime
 import os
 import shlex
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -46,13 +46,6 @@ def worker_command(
     return command
 
 
-def shell(command: Sequence[str], storage_from_env: str | None = None) -> str:
-    """``command`` as one shell line; ``storage_from_env`` adds ``--storage "$VAR"``: the URL (and its
-    password) stays in the job's environment, out of the script."""
-    line = shlex.join(command)
-    return line + (f' --storage "${storage_from_env}"' if storage_from_env else "")
-
-
 def record(study, engine: str, job_id: str, workers: int) -> None:
     """Add a submitted job to the study's :data:`~hpo.attrs.CLUSTER_JOBS`."""
     jobs = list(study.user_attrs.get(CLUSTER_JOBS, []))
@@ -62,19 +55,22 @@ def record(study, engine: str, job_id: str, workers: int) -> None:
 
 
 def jobs_with_states(study) -> list[dict[str, Any]]:
-    """The study's submitted jobs, each Slurm job with ``tasks``: ``{task id: state}`` of those Slurm still knows."""
+    """The study's submitted jobs, each Slurm job with ``tasks``: ``{task id: state}`` of those Slurm still knows
+    (None: not known here, a Kubernetes job or a Slurm that cannot be asked)."""
     from hpo.clusters import slurm
 
     jobs = [dict(j) for j in study.user_attrs.get(CLUSTER_JOBS, [])]
     states = slurm.states([j["id"] for j in jobs if j["engine"] == "slurm"])
     for job in jobs:
-        job["tasks"] = {k: v for k, v in states.items() if k.split("_")[0] == job["id"]}
+        known = states is not None and job["engine"] == "slurm"  # Kubernetes jobs: kubectl get job NAME
+        job["tasks"] = {k: v for k, v in states.items() if k.split("_")[0] == job["id"]} if known else None
     return jobs
 
 
 class Submission(NamedTuple):
     text: str  # the batch script or the Job's YAML, exactly as submitted (or as it would be)
     job_id: str | None  # the scheduler's id; None on a dry run or a Job only written
+    warnings: list[str]  # what the submission will not do that a user may expect (resume without checkpoints)
 
 
 def submit(
@@ -93,8 +89,9 @@ def submit(
     overrides: Mapping[str, Any] | None = None,
     storage: str | None = None,
 ) -> Submission:
-    """Check, then submit the study's ``workers`` (see :func:`hpo.api.submit`); nothing is submitted or
-    created when a check fails, nor on a dry run.
+    """Check, then submit the study's ``workers`` (see :func:`hpo.api.submit`). Every check Slurm or Kubernetes
+    can make without submitting (``sbatch --test-only``, the kube-config) comes before the study is created;
+    nothing is submitted or created when one fails, nor on a dry run.
 
     Raises:
         ConfigError: the study, its data or model, the storage, or the scheduler's checks (each in one line).
@@ -102,30 +99,48 @@ def submit(
     from hpo.clusters import kubernetes, slurm
     from hpo.data import load_examples
     from hpo.study.loop import start_study
+    from hpo.study.storage import check_storage
     from hpo.trial.workbench import prepare
 
+    overrides = {k: v for k, v in (overrides or {}).items() if k != "storage"}  # the URL goes by the environment
+    slurm.check_shared_storage(cfg)
+    warnings = [] if cfg.checkpoint_every else [NO_CHECKPOINTS]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SBATCH_")}  # they beat #SBATCH lines
+    if storage:
+        environment["HPO_STORAGE"] = storage  # hpo run's --storage, out of the script and of ps
     if to == "slurm":
         job = slurm.SlurmJob(workers, gpus_per_worker, dict(sbatch or {}), setup)
-        slurm.check(cfg, job)
+        slurm.check(cfg, job, dry_run)
         run = worker_command(
             study_file, env=env, overrides=overrides, installed=bool(setup or cfg.resources.slurm.setup)
         )
-        text = slurm.script(cfg, job, shell(run, "HPO_STORAGE" if storage else None))
+        text = slurm.script(cfg, job, shlex.join(run))
     else:
-        slurm.check_shared_storage(cfg)
         relative = Path(os.path.relpath(study_file.resolve()))
         run = worker_command(relative, env=env, overrides=overrides, installed=True, resolve=False)
         manifest = kubernetes.manifest(cfg, run, workers, gpus_per_worker, image)
         text = yaml.safe_dump(kubernetes.as_dict(manifest), sort_keys=False)
+        if not cfg.resources.kubernetes.volume_claim:
+            warnings.append(NO_VOLUME)
     bench = prepare(cfg, load_examples(cfg))  # a study that cannot train is refused before it is submitted
     if dry_run or (to == "kubernetes" and not apply):
-        return Submission(text, None)
-    study, _ = start_study(cfg, bench=bench)  # created before its workers start: the job is recorded on it
+        return Submission(text, None, warnings)
+    check_storage(cfg)
     if to == "slurm":
-        job_id = slurm.submit(
-            text, cfg.output_path / "slurm", {**os.environ, **({"HPO_STORAGE": storage} if storage else {})}
-        )
+        slurm.test_only(text, environment)  # the account, the QoS, the time limit, the array's size
     else:
-        job_id = kubernetes.apply(manifest)
+        kubernetes.connect()
+    study, _ = start_study(cfg, bench=bench)  # created before its workers start: the job is recorded on it
+    job_id = slurm.submit(text, cfg.output_path / "slurm", environment) if to == "slurm" else kubernetes.apply(manifest)
     record(study, to, job_id, workers)
-    return Submission(text, job_id)
+    return Submission(text, job_id, warnings)
+
+
+NO_CHECKPOINTS = (
+    "checkpoint_every is not set: a worker stopped by its time limit or a preemption queues its trial again, "
+    "and the trial starts over from its first step"
+)
+NO_VOLUME = (
+    "resources.kubernetes.volume_claim is not set: a pod's checkpoints and outputs are lost with it, and a "
+    "preempted trial starts over from its first step"
+)

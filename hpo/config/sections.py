@@ -72,7 +72,11 @@ class Quantization(Strict):
     )
 
 
-SBATCH_SET_BY_HPO = ("array", "job-name", "output", "error", "open-mode", "signal", "requeue", "chdir", "wrap")
+SBATCH_SET_BY_HPO = (
+    *("array", "job-name", "output", "error", "open-mode", "signal", "requeue", "chdir", "export"),
+    *("wrap", "wait", "test-only", "parsable", "hold"),
+)
+SBATCH_TIMES = ("time", "time-min", "begin", "deadline")  # YAML reads an unquoted 8:00:00 as 28800 (base 60)
 
 
 class SlurmSettings(Strict):
@@ -98,6 +102,8 @@ class SlurmSettings(Strict):
                 raise ValueError(f"{name!r} is not an sbatch option's long name (like mem or cpus-per-task)")
             if name in SBATCH_SET_BY_HPO:
                 raise ValueError(f"{name}: hpo submit sets it itself")
+            if name in SBATCH_TIMES and not isinstance(v, str):
+                raise ValueError(f"{name}: quote the time ({name}: '8:00:00'); unquoted, YAML reads it as {v!r}")
             if v is False or any(c in str(v) for c in '\n\r"'):
                 raise ValueError(
                     f"{name}: {v!r} is not an option's value (one line, no quotes; leave out one set false)"
@@ -111,7 +117,11 @@ class KubernetesSettings(Strict):
     image: str | None = Field(
         None, min_length=1, description="The container image: hpo installed, the study folder at workdir."
     )
-    workdir: str = Field("/work", min_length=1, description="The study file's folder inside the image.")
+    workdir: str = Field(
+        "/work",
+        min_length=1,
+        description="The folder inside the image that hpo submit ran in: the study file's path is relative to it.",
+    )
     namespace: str = Field("default", min_length=1, description="The namespace the Job is created in.")
     secret: str = Field(
         "hpo-storage",
@@ -124,6 +134,12 @@ class KubernetesSettings(Strict):
     cpus: PositiveFloat | None = Field(None, description="CPU request per worker.")
     memory: str | None = Field(None, min_length=1, description="Memory request per worker, e.g. 32Gi.")
     node_selector: dict[str, str] = Field({}, description="Pod nodeSelector, e.g. {gpu-type: h100}.")
+    volume_claim: str | None = Field(
+        None,
+        min_length=1,
+        description="A PersistentVolumeClaim every pod mounts for output_dir (checkpoints, best model, artifacts): "
+        "without one a pod's outputs go with it and a preempted trial starts over.",
+    )
 
 
 class Resources(Strict):
@@ -141,10 +157,26 @@ class Resources(Strict):
         "CPU, NCCL on GPU, one GPU each); the global batch is the per-device batch × accumulation × processes. "
         "hpo run --workers N needs N × this many GPUs (on CPU: cores).",
     )
+    nodes_per_trial: PositiveInt = Field(
+        1,
+        description="Each trial's ranks span this many machines, processes_per_trial on each (torchrun's c10d "
+        "rendezvous); the global batch counts every rank. The launcher starts the other machines' agents.",
+    )
+    launcher: Literal["srun", "local"] = Field(
+        "srun",
+        description="How a trial of nodes_per_trial over 1 reaches its machines: srun, within the worker's Slurm "
+        "allocation (hpo submit --slurm asks for the nodes); local: every node's agent on this machine, a "
+        "rehearsal of the rendezvous.",
+    )
     slurm: SlurmSettings = Field(SlurmSettings(), description="hpo submit --slurm: setup line, #SBATCH options.")
     kubernetes: KubernetesSettings = Field(
         KubernetesSettings(), description="hpo submit --kubernetes: image, namespace, Secret, grace period."
     )
+
+    @property
+    def ranks(self) -> int:
+        """The processes of one trial, on all its nodes: the devices its global batch counts."""
+        return self.nodes_per_trial * self.processes_per_trial
 
 
 class ModelConfig(Strict):

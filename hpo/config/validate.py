@@ -153,8 +153,8 @@ def _objective_problems(cfg: StudyConfig) -> list[Problem]:
     if cfg.repeats > 1 and cfg.objectives:
         problems.append(src.problem(("repeats",), "repeats with several objectives is not supported yet: one of them"))
     launched = [k for k in ("fsdp", "deepspeed") if cfg.train.get(k)]  # trials run by the launcher, as over 1 process
-    if cfg.repeats > 1 and (cfg.resources.processes_per_trial > 1 or launched):
-        what = f"train.{launched[0]}" if launched else "processes_per_trial over 1"
+    if cfg.repeats > 1 and (cfg.resources.ranks > 1 or launched):
+        what = f"train.{launched[0]}" if launched else "processes_per_trial or nodes_per_trial over 1"
         problems.append(src.problem(("repeats",), f"repeats with {what} is not supported yet: one of them"))
     if cfg.objectives:
         if "objective" in cfg.model_fields_set:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -107,3 +108,24 @@ def worker_env(k: int, n: int, gpus: Sequence[str], per_trial: int = 1) -> dict[
     if "OMP_NUM_THREADS" not in os.environ:  # N workers × all cores each would oversubscribe the CPU
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
     return env
+
+
+def check_launcher(cfg: StudyConfig) -> None:
+    """A trial over several machines (``resources.nodes_per_trial``) needs its launcher: ``srun`` inside a Slurm
+    allocation of as many nodes, unless ``resources.launcher: local`` rehearses it on this machine.
+
+    Raises:
+        ConfigError: no ``srun``, no allocation, or one with fewer nodes.
+    """
+    nodes = cfg.resources.nodes_per_trial
+    if nodes == 1 or cfg.resources.launcher == "local":
+        return
+    have = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES")
+    if shutil.which("srun") is None or not have:
+        raise cfg.error(
+            ("resources", "nodes_per_trial"),
+            f"{nodes} nodes per trial need a launcher: run inside a Slurm allocation of {nodes} nodes (hpo submit "
+            "--slurm asks for them), or set resources.launcher: local to rehearse it on this machine",
+        )
+    if int(have) < nodes:
+        raise cfg.error(("resources", "nodes_per_trial"), f"{nodes} nodes per trial; this Slurm allocation has {have}")

@@ -1,8 +1,11 @@
-"""Trials bigger than one process: ``resources.processes_per_trial`` ranks of one torch.distributed job.
+"""Trials bigger than one process: ``resources.processes_per_trial`` ranks (on each of ``nodes_per_trial``
+machines) of one torch.distributed job.
 
 The worker launches each such trial with torch's own launcher (``torchrun --standalone``: rendezvous on a
 free local port, gloo on CPU, NCCL on GPU, one GPU per rank), and the Trainer does the rest: DDP, or the
-``train.fsdp``/``train.deepspeed`` it is given. hpo's part is small and lives here:
+``train.fsdp``/``train.deepspeed`` it is given. A trial over ``resources.nodes_per_trial`` machines is one
+torchrun agent per node meeting at a c10d rendezvous on the worker's node, started by ``srun`` within the
+worker's Slurm allocation (:func:`launch_commands`). hpo's part is small and lives here:
 
 - the job (the worker's model and data, the trial plan, the trial's id and the study's pruner) is pickled
   into a folder; every rank runs :func:`hpo.trial.finetune.run_trial` on it (``python -m hpo.study.distributed JOB``);
@@ -27,9 +30,11 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,7 +74,7 @@ class RankFailed(RuntimeError):
 def needed(cfg) -> bool:
     """Whether the study's trials run as torch.distributed jobs: several processes, or a Trainer engine (FSDP,
     DeepSpeed) that wants a launcher even for one."""
-    return cfg.resources.processes_per_trial > 1 or bool(cfg.train.get("fsdp")) or bool(cfg.train.get("deepspeed"))
+    return cfg.resources.ranks > 1 or bool(cfg.train.get("fsdp")) or bool(cfg.train.get("deepspeed"))
 
 
 @dataclass
@@ -111,7 +116,6 @@ def run_trial(
         RankFailed: a rank failed otherwise, or the launcher ended with no result.
     """
     cfg = bench.cfg
-    n = cfg.resources.processes_per_trial
     job_dir = Path(tempfile.mkdtemp(prefix=f".trial-{trial.number:04d}-", dir=_mkdir(cfg.output_path)))
     try:
         fixed = isinstance(trial, optuna.trial.FixedTrial)
@@ -127,31 +131,55 @@ def run_trial(
             save_to,
         )
         (job_dir / "job.pkl").write_bytes(pickle.dumps(job))
-        with open(job_dir / "launcher.log", "wb") as log:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    "--standalone",
-                    f"--nproc-per-node={n}",
-                    "--max-restarts=0",
-                    "-m",
-                    "hpo.study.distributed",
-                    str(job_dir),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # torchrun SIGKILLs the ranks 30 s after it passes on a SIGTERM: too soon for a large model's
-                # checkpoint. They get ours, less the time the launcher needs to end after them.
-                env={**os.environ, **rank_env(n), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(STOP_WAIT_S - LAUNCHER_END_S)},
-                start_new_session=True,  # Ctrl-C at the terminal reaches the worker, which stops the launcher once
-                preexec_fn=lambda: _die_with_parent(signal.SIGTERM),
-            )
-        _wait(proc, trial, on_eval)
-        return _result(job_dir, proc.returncode, meter)
+        n = cfg.resources.processes_per_trial
+        with open(job_dir / "launcher.log", "ab") as log:
+            procs = [
+                subprocess.Popen(
+                    command,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    # torchrun SIGKILLs the ranks 30 s after it passes on a SIGTERM: too soon for a large model's
+                    # checkpoint. They get ours, less the time the launcher needs to end after them.
+                    env={
+                        **os.environ,
+                        **rank_env(n),
+                        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(STOP_WAIT_S - LAUNCHER_END_S),
+                    },
+                    start_new_session=True,  # Ctrl-C at the terminal reaches the worker, which stops the launcher once
+                    preexec_fn=lambda: _die_with_parent(signal.SIGTERM),
+                )
+                for command in launch_commands(cfg, job_dir)
+            ]
+        _wait(procs, trial, on_eval)
+        return _result(job_dir, next((p.returncode for p in procs if p.returncode), 0), meter)
     finally:
         shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def launch_commands(cfg, job_dir: Path) -> list[list[str]]:
+    """The command lines that start a trial's ranks: one torchrun on this machine, or over ``nodes_per_trial``
+    machines one agent per node meeting at a c10d rendezvous here (``srun`` starts them on the allocation's nodes;
+    ``launcher: local``, every agent on this machine)."""
+    resources = cfg.resources
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={resources.processes_per_trial}"]
+    ranks = ["--max-restarts=0", "-m", "hpo.study.distributed", str(job_dir)]
+    nodes = resources.nodes_per_trial
+    if nodes == 1:
+        return [[*torchrun, "--standalone", *ranks]]
+    host = "127.0.0.1" if resources.launcher == "local" else socket.gethostname()
+    with socket.socket() as s:  # a free port for the rendezvous's store, as torchrun --standalone picks one
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    rendezvous = [
+        f"--nnodes={nodes}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={host}:{port}",
+        f"--rdzv-id={job_dir.name}",
+    ]
+    if resources.launcher == "local":
+        return [[*torchrun, *rendezvous, *ranks] for _ in range(nodes)]
+    srun = ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    return [[*srun, *torchrun, *rendezvous, *ranks]]
 
 
 def rank_env(n: int) -> dict[str, str]:
@@ -167,27 +195,35 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def _wait(proc: subprocess.Popen, trial: optuna.Trial, on_eval) -> None:
-    """Until the launcher ends, telling ``on_eval`` the evaluations rank 0 reported; on Ctrl-C or SIGTERM, stop it."""
+def _wait(procs: list[subprocess.Popen], trial: optuna.Trial, on_eval) -> None:
+    """Until the launchers end, telling ``on_eval`` the evaluations rank 0 reported; on Ctrl-C or SIGTERM, or when
+    one launcher failed (its node's agents are gone: the others would wait for them), stop them."""
     shown = 0
     try:
-        while proc.poll() is None:
+        while any(p.poll() is None for p in procs):
             interrupts.stop_if_asked()  # a safe point: Ctrl-C or SIGTERM of the worker stops the launcher
+            if any(p.returncode for p in procs):
+                raise RankFailed("a node's launcher failed")  # _result reads why from the ranks' errors
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=POLL_S)
+                next(p for p in procs if p.returncode is None).wait(timeout=POLL_S)
             if on_eval is not None and isinstance(trial, optuna.Trial):  # a FixedTrial reports nowhere
                 values = sorted(optuna_private.intermediate_values(trial).items())
                 for step, value in values[shown:]:
                     on_eval(step, value)
                 shown = len(values)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)  # the launcher passes it to the ranks and waits for them
-        try:
-            proc.wait(timeout=STOP_WAIT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    except BaseException as e:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)  # the launcher passes it to the ranks and waits for them
+        end = time.monotonic() + STOP_WAIT_S
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if isinstance(e, RankFailed):
+            return  # the ranks' own errors say more
         raise
 
 

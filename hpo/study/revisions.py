@@ -77,6 +77,8 @@ def _how_trials_run(cfg: StudyConfig) -> dict[str, Any]:
         out["early_stopping"] = cfg.early_stopping.model_dump(mode="json")
     if cfg.resources.processes_per_trial != 1:
         out["processes_per_trial"] = cfg.resources.processes_per_trial
+    if cfg.resources.nodes_per_trial != 1:
+        out["nodes_per_trial"] = cfg.resources.nodes_per_trial
     return out
 
 

@@ -34,7 +34,7 @@ from hpo import optuna_private
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError, StorageLost, TrialsFailed
 from hpo.study import outputs
-from hpo.study.devices import check_devices, gpu_ids, worker_env
+from hpo.study.devices import check_devices, check_launcher, gpu_ids, worker_env
 from hpo.study.faults import StorageWatch
 from hpo.study.loop import run_study, start_study
 from hpo.study.progress import print_summary
@@ -53,7 +53,7 @@ PARENT_DEATH_SIGNAL = signal.SIGUSR1  # the kernel's word to a worker that its p
 def check_before_run(cfg: StudyConfig, n: int = 1, gpus: Sequence[str] | None = None) -> None:
     """What ``hpo run`` refuses before it creates anything, once the study, its data and its model are checked
     (:func:`hpo.trial.workbench.prepare`): ``n`` workers' processes on this machine (:func:`check_devices`; ``gpus``,
-    default the visible ones), the output folder and the SQLite folder (:func:`hpo.study.outputs.check_paths`) and the
+    default the visible ones), a launcher for trials over several machines (:func:`check_launcher`), the output folder and the SQLite folder (:func:`hpo.study.outputs.check_paths`) and the
     storage (:func:`hpo.study.storage.check_storage`). ``hpo validate`` runs it too, so that it refuses whatever the run
     would: on the machine it runs on, which is the one the run checks.
 
@@ -63,6 +63,7 @@ def check_before_run(cfg: StudyConfig, n: int = 1, gpus: Sequence[str] | None = 
     problems = []
     for check in (
         lambda: check_devices(cfg, n, gpu_ids() if gpus is None else gpus),
+        lambda: check_launcher(cfg),
         lambda: outputs.check_paths(cfg),
         lambda: check_storage(cfg),
     ):

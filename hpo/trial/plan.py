@@ -75,7 +75,7 @@ def make_plan(cfg: StudyConfig, params: Mapping[str, Any], devices: int | None =
             quantization["bits"] = model_params.pop("bits")
     settings = training_arguments({**cfg.train, **training})
     if settings.get("lr_scaling") == "linear" and devices is None:
-        per_trial = cfg.resources.processes_per_trial  # the ranks of one trial, each a device: the global batch
+        per_trial = cfg.resources.ranks  # the ranks of one trial, each a device: the global batch
         devices = per_trial if per_trial > 1 else knobs.device_count()
     args, own = knobs.split(settings, devices or 1)
     lora = None

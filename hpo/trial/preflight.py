@@ -160,7 +160,7 @@ def _measure(bench: Workbench, name: str, params: dict[str, Any]) -> Corner:
     cfg = bench.cfg
     plan = make_plan(cfg, params)
     args = plan.training_arguments
-    processes = cfg.resources.processes_per_trial  # each rank's accumulation steps, here in one process
+    processes = cfg.resources.ranks  # each rank's accumulation steps, here in one process
     batch, accumulation = (
         args.get(memory.BATCH, memory.DEFAULT_BATCH),
         knobs.training_value(args, memory.ACCUMULATION) * processes,

@@ -29,16 +29,17 @@ def trial_processes(folder: Path) -> list[int]:
     return [pid for pid in found if alive(pid)]
 
 
-def test_a_two_process_trial_trains_what_one_process_does(tiny_model, tmp_path):
-    # The same global batch (4 = 4 × 1 process = 2 × 2 processes), the rows in order and no dropout: the batches
-    # are the same, so the curves are too, up to the order of floating-point sums (DDP averages two gradients).
+def same_curves(tiny_model, tmp_path, layouts: dict[str, tuple[int, dict]]) -> tuple[dict, dict]:
+    """One trial per layout (``name: (per-device batch, resources)``), the same global batch in each; they train
+    the same curve. The rows in order and no dropout: the batches are the same, so the curves are too, up to
+    the order of floating-point sums (DDP averages the ranks' gradients)."""
     trials, studies = {}, {}
-    for processes, batch in [(1, 4), (2, 2)]:
+    for name, (batch, resources) in layouts.items():
         study = study_dict(
             tiny_model,
-            study=f"p{processes}",
+            study=name,
             n_trials=1,
-            resources={"processes_per_trial": processes},
+            resources=resources,
             train={
                 "num_train_epochs": 1,
                 "seed": 0,
@@ -47,24 +48,43 @@ def test_a_two_process_trial_trains_what_one_process_does(tiny_model, tmp_path):
                 "train_sampling_strategy": "sequential",
             },
             search_space={"dropout": {"type": "categorical", "choices": [0.0]}},
-            storage=f"sqlite:///{tmp_path}/p{processes}.db",
-            output_dir=str(tmp_path / f"out{processes}"),
+            storage=f"sqlite:///{tmp_path}/{name}.db",
+            output_dir=str(tmp_path / name),
         )
-        (trials[processes],) = hpo.run(study, console=Console(quiet=True)).trials
-        studies[processes] = study
-    one, two = trials[1], trials[2]
-    assert two.state == TrialState.COMPLETE and two.user_attrs["processes"] == 2 and one.user_attrs["processes"] == 1
-    for key in ("optimizer_steps", "examples_seen"):
-        assert two.user_attrs[key] == one.user_attrs[key], key
-    assert two.intermediate_values.keys() == one.intermediate_values.keys()  # steps are examples seen, globally
-    for step, value in one.intermediate_values.items():
-        assert two.intermediate_values[step] == pytest.approx(value, rel=1e-4)
+        (trials[name],) = hpo.run(study, console=Console(quiet=True)).trials
+        studies[name] = study
+    first, *others = trials.values()
+    for other in others:
+        assert other.state == TrialState.COMPLETE
+        for key in ("optimizer_steps", "examples_seen"):
+            assert other.user_attrs[key] == first.user_attrs[key], key
+        assert other.intermediate_values.keys() == first.intermediate_values.keys()  # examples seen, globally
+        for step, value in first.intermediate_values.items():
+            assert other.intermediate_values[step] == pytest.approx(value, rel=1e-4)
+    return trials, studies
+
+
+def test_a_two_process_trial_trains_what_one_process_does(tiny_model, tmp_path):
+    # The same global batch: 4 = 4 × 1 process = 2 × 2 processes.
+    trials, studies = same_curves(tiny_model, tmp_path, {"out1": (4, {}), "out2": (2, TWO)})
+    one, two = trials["out1"], trials["out2"]
+    assert two.user_attrs["processes"] == 2 and one.user_attrs["processes"] == 1
     # Every rank evaluated every eval row: the loss is the true one, as a re-evaluation of the saved model says
     # (the Trainer's own sharded evaluation pads with repeated rows and was 0.3% off here).
     assert two.value == pytest.approx(one.value, rel=1e-5)
     saved = json.loads((tmp_path / "out2" / "best_model" / "hpo_trial.json").read_text())  # staged by rank 0
     assert saved["trial"] == two.number and saved["value"] == two.value
-    assert reevaluated(studies[2], tmp_path / "out2" / "best_model") == pytest.approx(two.value, rel=1e-5)
+    assert reevaluated(studies["out2"], tmp_path / "out2" / "best_model") == pytest.approx(two.value, rel=1e-5)
+
+
+def test_a_trial_over_two_nodes_trains_what_two_processes_on_one_do(tiny_model, tmp_path):
+    # Two torchrun agents of one process each, meeting at a c10d rendezvous on 127.0.0.1: two "nodes" here.
+    nodes = {"nodes_per_trial": 2, "processes_per_trial": 1, "launcher": "local"}
+    trials, _ = same_curves(tiny_model, tmp_path, {"within": (2, TWO), "across": (2, nodes)})
+    within, across = trials["within"], trials["across"]
+    assert across.user_attrs["processes"] == 2 and across.value == pytest.approx(within.value, rel=1e-5)
+    saved = json.loads((tmp_path / "across" / "best_model" / "hpo_trial.json").read_text())  # staged by rank 0
+    assert saved["trial"] == across.number and saved["value"] == across.value
 
 
 def test_fsdp_runs_on_cpu_with_gloo_and_rank_0_saves_the_whole_model(tiny_model, tmp_path):
@@ -161,3 +181,17 @@ def test_the_best_of_a_two_process_study_retrains_as_its_trial_ran(tiny_model, t
     card = (folder / "README.md").read_text()
     assert f"{trial.user_attrs['optimizer_steps']} optimizer steps" in card and "× 2 processes" in card
     assert not list((tmp_path / "outputs").glob(".trial-*"))  # the job folder is gone
+
+
+def test_a_multi_node_trial_is_one_agent_per_node_at_one_rendezvous(write_study, tmp_path):
+    from hpo.api import load
+    from hpo.study.distributed import launch_commands
+
+    local = load(write_study(resources={"nodes_per_trial": 2, "processes_per_trial": 2, "launcher": "local"}))
+    first, second = launch_commands(local, tmp_path / "job")
+    assert first == second and "--nnodes=2" in first and "--nproc-per-node=2" in first
+    assert "--rdzv-backend=c10d" in first and any(a.startswith("--rdzv-endpoint=127.0.0.1:") for a in first)
+    (srun,) = launch_commands(load(write_study(resources={"nodes_per_trial": 3})), tmp_path / "job")
+    assert srun[:5] == ["srun", "--nodes=3", "--ntasks=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    (one,) = launch_commands(load(write_study()), tmp_path / "job")
+    assert "--standalone" in one and not any(a.startswith("--rdzv") for a in one)

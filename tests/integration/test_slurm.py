@@ -3,7 +3,9 @@ PostgreSQL, a worker stopped for its time limit or preempted that resumes its tr
 
 import os
 import re
+import shlex
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from optuna.trial import TrialState
 from procs import CAUGHT_EPOCHS, RUN_S, slow_study, wait_for
 
 from hpo import load_study
+from hpo.api import load
 from hpo.clusters import slurm
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -34,6 +37,11 @@ def submitted(path: Path, *args: str) -> str:
     ran = hpo("submit", str(path), "--slurm", *args, cwd=path.parent)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     return re.search(r"submitted Slurm job array (\d+)", ran.stdout)[1]
+
+
+def queued() -> set[str]:
+    """The ids of the jobs Slurm holds now."""
+    return set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout.split())
 
 
 def wait_until_gone(job: str) -> None:
@@ -70,7 +78,7 @@ def test_a_stopped_worker_requeues_and_resumes_its_trial_from_its_checkpoint(
     task = f"{job}_0"
     checkpoints = path.parent / "outputs" / "tiny" / "checkpoints"
     wait_for(lambda: list(checkpoints.glob("*/checkpoint-*/hpo-complete")), "a complete checkpoint", timeout=RUN_S)
-    if stop == "time limit":  # what --signal=B:USR1@120 sends two minutes before the job's time runs out
+    if stop == "time limit":  # what --signal=B:USR1@300 sends five minutes before the job's time runs out
         subprocess.run(["scancel", "--signal=USR1", "--batch", task], check=True, timeout=60)
     else:  # the scheduler takes the node back: SIGTERM, and the job goes back in the queue
         subprocess.run(["scontrol", "requeue", task], check=True, timeout=60)
@@ -104,13 +112,13 @@ def test_a_stopped_worker_requeues_and_resumes_its_trial_from_its_checkpoint(
 
 def test_the_dry_run_prints_the_script_and_submits_nothing(write_study, fresh_postgres_url, cluster):
     path = write_study(storage=fresh_postgres_url)
-    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout
+    before = queued()
     ran = hpo("submit", str(path), "--slurm", "--dry-run", "--workers", "3", "--time", "1:00:00", cwd=path.parent)
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.startswith("#!/bin/bash\n#SBATCH --job-name=hpo-tiny\n#SBATCH --array=0-2\n")
-    assert "#SBATCH --time=1:00:00\n" in ran.stdout and "#SBATCH --signal=B:USR1@120\n" in ran.stdout
+    assert "#SBATCH --time=1:00:00\n" in ran.stdout and "#SBATCH --signal=B:USR1@300\n" in ran.stdout
     assert f"-m hpo.cli run {path} --workers 1 &\n" in ran.stdout
-    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+    assert not queued() - before
     assert not (path.parent / "outputs").exists(), "nothing created"
 
 
@@ -127,10 +135,52 @@ def test_what_cannot_be_submitted_is_one_line_and_nothing_is_submitted(
 ):
     path = write_study(storage=fresh_postgres_url) if storage != "sqlite" else write_study()
     env = {"PATH": "/nonexistent"} if storage == "no sbatch" else None
-    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout
+    before = queued()
     ran = hpo("submit", str(path), "--slurm", *args, cwd=path.parent, env=env)
     assert ran.returncode == 2 and ran.stdout == "", ran.stdout
     (line,) = ran.stderr.strip().splitlines()
     assert line.startswith("error ") and error in line, line
-    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+    assert not queued() - before, "nothing submitted"
     assert not (path.parent / "outputs").exists()
+
+
+# The batch script's own logic, run by bash with a stand-in worker and a stand-in scontrol: which signal
+# requeues, what exit code the task ends with, and a signal that comes while the setup lines run.
+WORKER = "touch started; trap 'exit 130' TERM; while [ ! -e done ]; do sleep 0.1; done"
+
+
+@pytest.mark.parametrize(
+    "signum, during, requeued, code",
+    [
+        (signal.SIGUSR1, "the worker", True, 130),  # the time limit's warning
+        (signal.SIGTERM, "the worker", False, 130),  # a preemption: Slurm requeues the job itself
+        (signal.SIGUSR1, "the setup", True, 130),  # the worker never starts
+        (None, "the worker", False, 0),  # it finished the study: no requeue
+    ],
+)
+def test_the_batch_script_passes_a_signal_on_and_requeues_on_the_time_limits(
+    write_study, tmp_path, monkeypatch, signum, during, requeued, code
+):
+    monkeypatch.chdir(tmp_path)
+    cfg = load(write_study(storage="postgresql://db/hpo", resources={"slurm": {"setup": "touch setup; sleep 2"}}))
+    (tmp_path / "bin").mkdir()
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.write_text('#!/bin/sh\necho "$@" > scontrol-args\n')
+    scontrol.chmod(0o755)
+    (tmp_path / "job.sh").write_text(slurm.script(cfg, slurm.SlurmJob(), shlex.join(["sh", "-c", WORKER])))
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM_ARRAY_JOB_ID": "5"}
+    task = subprocess.Popen(
+        ["bash", "job.sh"], env={**env, "SLURM_ARRAY_TASK_ID": "0"}, stdout=subprocess.PIPE, text=True
+    )
+    wait_for(lambda: (tmp_path / ("setup" if during == "the setup" else "started")).exists(), during)
+    if signum is None:
+        (tmp_path / "done").touch()
+    else:
+        task.send_signal(signum)
+    output = task.communicate(timeout=60)[0]
+    assert task.returncode == code, output
+    assert (tmp_path / "scontrol-args").exists() == requeued, output
+    if requeued:
+        assert (tmp_path / "scontrol-args").read_text() == "requeue 5_0\n"
+        assert "stopped before the time limit; requeued" in output
+    assert (tmp_path / "started").exists() == (during == "the worker")

@@ -16,7 +16,10 @@ def test_repeats_refuses_what_it_cannot_average_yet(tiny_model):
     two = [{"metric": "eval_loss"}, {"metric": "train_seconds"}]
     for changes, message in [
         ({"objectives": two}, "repeats: repeats with several objectives"),
-        ({"resources": {"processes_per_trial": 2}}, "repeats: repeats with processes_per_trial over 1"),
+        (
+            {"resources": {"processes_per_trial": 2}},
+            "repeats: repeats with processes_per_trial or nodes_per_trial over 1",
+        ),
         # Launched even at one process: the other seeds would train outside the launcher, unlike the first.
         ({"train": {"fsdp": "full_shard"}}, "repeats: repeats with train.fsdp is not supported yet"),
     ]:
