@@ -200,12 +200,12 @@ def _wait(procs: list[subprocess.Popen], trial: optuna.Trial, on_eval) -> None:
     one launcher failed (its node's agents are gone: the others would wait for them), stop them."""
     shown = 0
     try:
-        while any(p.poll() is None for p in procs):
+        while alive := [p for p in procs if p.poll() is None]:  # every launcher polled: none left unseen
             interrupts.stop_if_asked()  # a safe point: Ctrl-C or SIGTERM of the worker stops the launcher
             if any(p.returncode for p in procs):
                 raise RankFailed("a node's launcher failed")  # _result reads why from the ranks' errors
             with contextlib.suppress(subprocess.TimeoutExpired):
-                next(p for p in procs if p.returncode is None).wait(timeout=POLL_S)
+                alive[0].wait(timeout=POLL_S)
             if on_eval is not None and isinstance(trial, optuna.Trial):  # a FixedTrial reports nowhere
                 values = sorted(optuna_private.intermediate_values(trial).items())
                 for step, value in values[shown:]:
