@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -146,7 +147,12 @@ def run(
         err.print(f"[red]error[/] {escape(cfg.masked(str(e)))}")
         code = 1
     except KeyboardInterrupt:
-        err.print("interrupted: finished trials are kept; run the same command again to resume")
+        again = (
+            "the job resumes it when it starts again"
+            if os.environ.get("HPO_JOB")
+            else "run the same command again to resume"
+        )
+        err.print(f"interrupted: finished trials are kept, the running one is queued again; {again}")
         raise typer.Exit(130) from None
     except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
         reason = cfg.masked(str(getattr(e, "orig", None) or e.__cause__ or e).strip().splitlines()[0][:200])

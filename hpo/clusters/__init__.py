@@ -130,7 +130,14 @@ def submit(
         slurm.test_only(text, environment)  # the account, the QoS, the time limit, the array's size
     else:
         kubernetes.connect()
-    study, _ = start_study(cfg, bench=bench)  # created before its workers start: the job is recorded on it
+    import optuna
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # hpo prints its own lines
+    try:
+        study, _ = start_study(cfg, bench=bench)  # created before its workers start: the job is recorded on it
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     job_id = slurm.submit(text, cfg.output_path / "slurm", environment) if to == "slurm" else kubernetes.apply(manifest)
     record(study, to, job_id, workers)
     return Submission(text, job_id, warnings)

@@ -77,7 +77,7 @@ def script(cfg: StudyConfig, job: SlurmJob, run: str) -> str:
         f"# hpo submit: each task of this array is one worker of study {cfg.study}, an `hpo run` on its storage.",
         f"# {WARN_BEFORE_END_S} s before the time limit (USR1) the worker checkpoints its trial and stops, and the",
         "# task goes back in the queue; a preemption's SIGTERM does the same. The next start resumes the trial.",
-        'export HPO_JOB="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
+        'export HPO_JOB="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" COLUMNS="${COLUMNS:-160}"  # a log file\'s width',
         'echo "hpo: worker $HPO_JOB on $(hostname), start $((${SLURM_RESTART_COUNT:-0} + 1))"',
         "worker= stop= requeue=",
         'trap \'stop=1 requeue=1; [ -z "$worker" ] || kill -TERM "$worker" 2>/dev/null\' USR1',

@@ -33,7 +33,7 @@ SCRIPT = """\
 # hpo submit: each task of this array is one worker of study tiny, an `hpo run` on its storage.
 # 300 s before the time limit (USR1) the worker checkpoints its trial and stops, and the
 # task goes back in the queue; a preemption's SIGTERM does the same. The next start resumes the trial.
-export HPO_JOB="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+export HPO_JOB="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" COLUMNS="${COLUMNS:-160}"  # a log file's width
 echo "hpo: worker $HPO_JOB on $(hostname), start $((${SLURM_RESTART_COUNT:-0} + 1))"
 worker= stop= requeue=
 trap 'stop=1 requeue=1; [ -z "$worker" ] || kill -TERM "$worker" 2>/dev/null' USR1
