@@ -303,6 +303,7 @@ def submit(
         ConfigError: the study, its data, model or storage (SQLite is refused), or the scheduler's checks
             (``sbatch`` missing, an unknown partition, no kube-config for ``apply``), each in one line.
         TypeError: ``study`` is not a file (each worker reads it).
+        ValueError: ``to`` or ``workers`` is not one hpo knows, or an ``sbatch`` option the study file would refuse.
     """
     if not isinstance(study, str | Path):
         raise TypeError(f"submit takes the study file, not a {type(study).__name__}: each worker runs hpo run on it")

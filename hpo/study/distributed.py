@@ -168,7 +168,7 @@ def launch_commands(cfg, job_dir: Path) -> list[list[str]]:
         return [[*torchrun, "--standalone", *ranks]]
     host = "127.0.0.1" if resources.launcher == "local" else socket.gethostname()
     with socket.socket() as s:  # a free port for the rendezvous's store, as torchrun --standalone picks one
-        s.bind((host, 0))
+        s.bind(("127.0.0.1" if resources.launcher == "local" else "", 0))
         port = s.getsockname()[1]
     rendezvous = [
         f"--nnodes={nodes}",
