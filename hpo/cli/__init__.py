@@ -124,21 +124,9 @@ def run(
     import optuna
     import sqlalchemy
 
-    try:
-        api.parse_gpus(gpus)
-    except ValueError as e:
-        err.print(f"[red]error[/] <command line>: --gpus: {escape(str(e))}")
-        raise typer.Exit(2) from None
-    if workers is not None and workers != "auto":
-        if not (workers.isascii() and workers.isdigit()) or int(workers) < 1:
-            err.print(
-                f"[red]error[/] <command line>: --workers: {escape(workers)!r} is not a number of processes (1, 2, …) or auto"
-            )
-            raise typer.Exit(2)
-        workers = int(workers)
     code = 0
     try:
-        api.run(cfg, workers=workers, gpus=gpus, allow_changes=allow_changes)
+        api.run(cfg, workers=_workers(workers, gpus), gpus=gpus, allow_changes=allow_changes)
     except ConfigError as e:
         _fail(e)
     except TrialsFailed:
@@ -147,12 +135,8 @@ def run(
         err.print(f"[red]error[/] {escape(cfg.masked(str(e)))}")
         code = 1
     except KeyboardInterrupt:
-        again = (
-            "the job resumes it when it starts again"
-            if os.environ.get("HPO_JOB")
-            else "run the same command again to resume"
-        )
-        err.print(f"interrupted: finished trials are kept, the running one is queued again; {again}")
+        again = "the job resumes it when it starts again" if os.environ.get("HPO_JOB") else "run the same command again"
+        err.print(f"interrupted: finished trials are kept, the running one is queued again; {again} to resume")
         raise typer.Exit(130) from None
     except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
         reason = cfg.masked(str(getattr(e, "orig", None) or e.__cause__ or e).strip().splitlines()[0][:200])
@@ -162,6 +146,23 @@ def run(
         )
         code = 1
     raise typer.Exit(code)
+
+
+def _workers(workers: str | None, gpus: str | None) -> int | str | None:
+    """``--workers`` as ``hpo.run`` takes it, after ``--gpus`` is checked; a wrong one is one line, exit 2."""
+    try:
+        api.parse_gpus(gpus)
+    except ValueError as e:
+        err.print(f"[red]error[/] <command line>: --gpus: {escape(str(e))}")
+        raise typer.Exit(2) from None
+    if workers is None or workers == "auto":
+        return workers
+    if not (workers.isascii() and workers.isdigit()) or int(workers) < 1:
+        err.print(
+            f"[red]error[/] <command line>: --workers: {escape(workers)!r} is not a number of processes (1, 2, …) or auto"
+        )
+        raise typer.Exit(2)
+    return int(workers)
 
 
 @app.command()
