@@ -184,3 +184,15 @@ def test_the_batch_script_passes_a_signal_on_and_requeues_on_the_time_limits(
         assert (tmp_path / "scontrol-args").read_text() == "requeue 5_0\n"
         assert "stopped before the time limit; requeued" in output
     assert (tmp_path / "started").exists() == (during == "the worker")
+
+
+def test_the_storage_password_stays_out_of_the_script(write_study):
+    import hpo
+    from hpo.clusters import NO_CHECKPOINTS
+
+    url = "postgresql+psycopg://hpo:s3cret@db.example/hpo"
+    for how in ({"storage": url}, {"overrides": {"storage": url, "n_trials": 3}}):
+        done = hpo.submit(write_study(storage="postgresql+psycopg://hpo@db.example/hpo"), "slurm", dry_run=True, **how)
+        assert "s3cret" not in done.text and done.job_id is None, how  # the workers read it as HPO_STORAGE
+        assert done.warnings == [NO_CHECKPOINTS]
+    assert "n_trials=3" in done.text
