@@ -349,11 +349,13 @@ class StudyConfig(Strict):
 
     def given(self, *keys: str) -> str:
         """`` key=value`` for each of ``keys`` that the command line set, to repeat in a command that reads the
-        study (``hpo dashboard``, ``hpo best``); secrets masked."""
+        study (``hpo dashboard``, ``hpo best``); secrets masked, and the storage URL's password (``--storage``,
+        ``$HPO_STORAGE``) hidden."""
         out = ""
         for key in keys:
             if self._source.locate((key,))[0] == "<command line>" and (value := getattr(self, key)) is not None:
-                out += " " + shlex.quote(f"{key}={self.masked(str(value))}")
+                shown = self.storage_label if key == "storage" else self.masked(str(value))  # a URL's password too
+                out += " " + shlex.quote(f"{key}={shown}")
         return out
 
     def problem(self, path: KeyPath, message: str) -> Problem:
