@@ -4,8 +4,8 @@ sbatch with a generated script, not submitit: submitit pickles a Python call int
 cluster is no file a person can read, paste into sbatch or change. Here ``--dry-run`` prints the exact script
 that is submitted, and the array is an ordinary job that squeue, scancel and scontrol know.
 
-Preemption and the time limit cost nothing. The job asks for SIGUSR1 two minutes before its time runs out
-(``--signal=B:USR1@120``); the script passes it to the worker as SIGTERM, on which the worker checkpoints its
+Preemption and the time limit cost nothing. The job asks for SIGUSR1 five minutes before its time runs out
+(``--signal=B:USR1@300``); the script passes it to the worker as SIGTERM, on which the worker checkpoints its
 running trial at the end of the step (``checkpoint_every``), ends it as interrupted with its parameters queued
 again, and stops; the script then requeues its own array task. A preemption's SIGTERM (or ``scontrol
 requeue``) reaches the worker the same way and Slurm requeues the job itself (``--requeue``). The next worker
