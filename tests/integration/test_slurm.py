@@ -162,7 +162,11 @@ def test_the_batch_script_passes_a_signal_on_and_requeues_on_the_time_limits(
     write_study, tmp_path, monkeypatch, signum, during, requeued, code
 ):
     monkeypatch.chdir(tmp_path)
-    cfg = load(write_study(storage="postgresql://db/hpo", resources={"slurm": {"setup": "touch setup; sleep 2"}}))
+    # A setup line still running when the signal comes (a wait that the trap cuts short, however busy the machine).
+    setup = (
+        {"setup": "touch setup; sleep 600 >/dev/null & echo $! > setup.pid; wait $!"} if during == "the setup" else {}
+    )
+    cfg = load(write_study(storage="postgresql://db/hpo", resources={"slurm": setup}))
     (tmp_path / "bin").mkdir()
     scontrol = tmp_path / "bin" / "scontrol"
     scontrol.write_text('#!/bin/sh\necho "$@" > scontrol-args\n')
@@ -178,6 +182,8 @@ def test_the_batch_script_passes_a_signal_on_and_requeues_on_the_time_limits(
     else:
         task.send_signal(signum)
     output = task.communicate(timeout=60)[0]
+    if (pid := tmp_path / "setup.pid").exists():
+        os.kill(int(pid.read_text()), signal.SIGKILL)  # the setup's sleep, left behind by the stopped task
     assert task.returncode == code, output
     assert (tmp_path / "scontrol-args").exists() == requeued, output
     if requeued:
