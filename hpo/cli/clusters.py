@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -53,6 +54,9 @@ def submit(
             f"[red]error[/] <command line>: {', '.join(given)}: not an option of --{'slurm' if slurm else 'kubernetes'}"
         )
         raise typer.Exit(2)
+    if out is not None and not (out.parent.is_dir() and os.access(out.parent, os.W_OK)):
+        err.print(f"[red]error[/] <command line>: --out: cannot write {escape(str(out))}: no such writable folder")
+        raise typer.Exit(2)  # before the Job is created, not after
     pairs = _parse_overrides(overrides)
     cfg = _load(study, {**pairs, **_storage(storage)}, env)
     try:

@@ -236,6 +236,9 @@ def test_options_of_the_other_scheduler_are_refused(write_study):
     assert ran.returncode == 2 and "--image: not an option of --slurm" in ran.stderr
     ran = hpo("submit", str(path), "--kubernetes", "--partition", "gpu", "--setup", "x")
     assert ran.returncode == 2 and "--partition, --setup: not an option of --kubernetes" in ran.stderr
+    ran = hpo("submit", str(path), "--kubernetes", "--image", "x:1", "-o", str(path.parent / "no" / "job.yaml"))
+    assert ran.returncode == 2 and ran.stderr.strip().endswith("no such writable folder"), ran.stderr
+    assert not (path.parent / "outputs").exists()
 
 
 def test_a_kubernetes_job_refuses_trials_across_machines(write_study):
