@@ -1,4 +1,5 @@
-# make quickstart — set up and run the quickstart study; make test — set up and run every test;
+# make quickstart — set up and run the quickstart study; make test — set up and run every test (two at a time:
+# most wait on processes, a port or a cluster, and each trains on one core);
 # make test-fast — the unit tier (trains nothing, under a minute); make lint — ruff's checks and formatting,
 # the import contract (lint-imports: no floor of hpo/ imports a higher one) and the size limits (.ci/sizes.py).
 PYTHON ?= python3
@@ -21,7 +22,7 @@ quickstart: setup
 	$(BIN)/hpo run studies/quickstart.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -q tests/unit

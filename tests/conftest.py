@@ -13,6 +13,8 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two pytest workers (xdist): one core each, not two
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported; the processes a test starts inherit it
 
 DATA = Path(__file__).parent / "data"
 

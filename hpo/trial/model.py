@@ -13,6 +13,7 @@ from transformers import DataCollatorForSeq2Seq
 
 from hpo import knobs
 from hpo.tasks import TASKS, Task
+from hpo.trial import resident
 from hpo.trial.plan import TrialPlan
 from hpo.trial.tokens import IGNORE
 from hpo.trial.workbench import Workbench
@@ -57,10 +58,33 @@ def precision(settings: Mapping[str, Any], cuda: bool, bf16_supported: bool) -> 
 def build_model(bench: Workbench, plan: TrialPlan) -> tuple[Any, dict[str, list[str]]]:
     """The trial's model (PEFT-wrapped for LoRA), its new heads initialised, and the load report.
 
+    The base comes from the worker's resident one when it was built the same way (:mod:`hpo.trial.resident`);
+    either way the heads and adapters are drawn from the trial's seed after the load, so a trial trains the same
+    whether its base was loaded for it or kept.
+
     Raises:
         ValueError: the model's config has no dropout field to set, or a body weight of the checkpoint has
             another shape than this model's.
     """
+    seed = int(knobs.training_value(plan.training_arguments, "seed"))
+    transformers.set_seed(seed)  # a model built from a config draws its weights from it
+    model, report = bench.resident.take(
+        resident.key(plan, from_config=bench.model_path is None), lambda: _load(bench, plan), trains_all=plan.lora is None
+    )
+    transformers.set_seed(seed)  # heads and adapters: drawn alike after a load and over a resident base
+    knobs.init_heads(model, report["new_heads"], plan.knobs)
+    if plan.lora is None:
+        return model, report
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(task_type=TaskType[TASKS[bench.cfg.task].peft_task], **plan.lora))
+    bench.resident.lend(peft_model)
+    return peft_model, report
+
+
+def _load(bench: Workbench, plan: TrialPlan) -> tuple[Any, dict[str, list[str]]]:
+    """The model as ``from_pretrained`` (or ``from_config``) builds it with the plan's dropout and quantization,
+    prepared for k-bit training when quantized, and the load report."""
     cfg = bench.cfg
     config = copy.deepcopy(bench.config)
     if "dropout" in plan.model_params:
@@ -98,15 +122,12 @@ def build_model(bench: Workbench, plan: TrialPlan) -> tuple[Any, dict[str, list[
         report = {k: sorted(map(str, info.get(k) or []))[:50] for k in ("missing_keys", "unexpected_keys")}
         report["mismatched_keys"] = sorted(f"{k}: {tuple(v[1])} → {tuple(v[2])}" for k, v in mismatched.items())[:50]
         report["new_heads"] = knobs.head_modules([*report["missing_keys"], *mismatched])
-        knobs.init_heads(model, report["new_heads"], plan.knobs)
-    if plan.lora is None:
-        return model, report
-    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
-
     if plan.quantization:  # norms and head in fp32, inputs that require grads: QLoRA's recipe
+        from peft import prepare_model_for_kbit_training
+
         checkpointing = bool(plan.training_arguments.get("gradient_checkpointing"))
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-    return get_peft_model(model, LoraConfig(task_type=TaskType[task.peft_task], **plan.lora)), report
+    return model, report
 
 
 def quantized(quantization: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from hpo.errors import ConfigError
 from hpo.tasks import TASKS
 from hpo.trial.arguments import check_training_arguments
 from hpo.trial.plan import lora_target_list
+from hpo.trial.resident import Resident
 from hpo.trial.tokens import IGNORE, tokenize
 
 #: Models that a pip package ships, so they resolve with no network.
@@ -73,6 +74,7 @@ class Workbench:
     tokenizer_path: str | None  # the folder the tokenizer came from (None: a hub id not on disk)
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     test_rows: list[dict[str, Any]] | None = None  # data.test, tokenized: held out, never used to choose
+    resident: Resident = field(default_factory=Resident)  # the base model this process keeps between trials
 
 
 @contextlib.contextmanager

@@ -1,0 +1,103 @@
+"""The model a worker keeps between its trials: loaded (and quantized) once, not once per trial.
+
+Loading is most of a LoRA trial's start: ``from_pretrained`` reads (and for QLoRA quantizes) billions of frozen weights
+that every trial of the study shares. A worker keeps them:
+
+- a **LoRA** trial wraps the resident base in fresh adapters; before the next trial peft's ``unload()`` (no merge)
+  puts back the very modules it wrapped, which the trial never changed: the base is frozen, and the classifier head
+  trained as ``modules_to_save`` is peft's copy, not the base's;
+- a **full fine-tune** trains the resident model itself: its weights as loaded are kept in memory (on the CPU,
+  pinned where CUDA) and copied back into it before the next trial, instead of reading the files again.
+
+Either way a trial sees what a fresh load gives it: the same weights, and heads and adapters drawn from its own seed
+after the load (:func:`hpo.trial.model.build_model` seeds again there, on both paths). What the model is built with
+(its dropout, quantization, gradient checkpointing, for a model built from a config its seed) is the key: a trial
+with another key loads afresh and becomes the resident one. Sharded or compiled trials (DeepSpeed, FSDP,
+``torch_compile``) wrap the model in ways that do not come undone: they load afresh every time.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from hpo.trial.plan import TrialPlan
+
+#: TrainingArguments that wrap or change the model for good: a trial with one of them loads its own.
+NOT_RESIDENT = ("deepspeed", "fsdp", "torch_compile")
+#: TrainingArguments that change the model in place (reversibly, but only by the same setting): part of the key.
+MODEL_SETTINGS = ("gradient_checkpointing", "gradient_checkpointing_kwargs", "use_liger_kernel")
+
+Loaded = tuple[Any, dict[str, Any]]  # the model and its load report (hpo.trial.model.build_model)
+
+
+def key(plan: TrialPlan, from_config: bool) -> str | None:
+    """What a base model is built with, as a string (None: this trial loads its own, never kept)."""
+    settings = plan.training_arguments
+    if any(settings.get(k) for k in NOT_RESIDENT):
+        return None
+    return json.dumps(
+        {
+            "lora": plan.lora is not None,
+            "model_params": plan.model_params,
+            "quantization": plan.quantization,
+            **{k: settings.get(k) for k in MODEL_SETTINGS},
+            "seed": settings.get("seed") if from_config else None,  # random init: the seed is the weights
+        },
+        sort_keys=True,
+        default=str,
+    )
+
+
+class Resident:
+    """One worker's resident model: :meth:`take` gives a trial the base it would load, restored to as loaded."""
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.loaded: Loaded | None = None
+        self.lent: Any = None  # the trial's PEFT model over the base, until the next take
+        self.initial: dict[str, torch.Tensor] | None = None  # a full fine-tune's weights as loaded
+        self.loads = 0  # how many times a base was loaded (a test and the benchmark read it)
+
+    def take(self, key: str | None, load: Callable[[], Loaded], trains_all: bool) -> Loaded:
+        """The base model for a trial built with ``key``, and its load report: the resident one restored, or
+        ``load()``'s, kept for the next trial when ``key`` is not None. ``trains_all``: a full fine-tune, whose
+        weights are kept as loaded to be copied back."""
+        self._restore()
+        if key is None or key != self.key:
+            self.drop()
+            self.loads += 1
+            model, report = load()
+            if key is None:
+                return model, report
+            self.key, self.loaded = key, (model, report)
+            if trains_all:
+                pin = torch.cuda.is_available()
+                self.initial = {k: _copy(v, pin) for k, v in model.state_dict().items()}
+        return self.loaded
+
+    def lend(self, peft_model: Any) -> None:
+        """``peft_model`` wraps the base for one trial: it is unloaded before the next."""
+        self.lent = peft_model
+
+    def drop(self) -> None:
+        """Forget the resident model; its memory goes back at the caller's next ``release``."""
+        self._restore()
+        self.key = self.loaded = self.initial = None
+        gc.collect()
+
+    def _restore(self) -> None:
+        if self.lent is not None:
+            self.lent.unload()  # the wrapped modules back in place, the adapters gone (peft: no merge)
+            self.lent = None
+        if self.initial is not None and self.loaded is not None:
+            self.loaded[0].load_state_dict(self.initial)
+
+
+def _copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
+    copy = tensor.detach().to("cpu", copy=True)
+    return copy.pin_memory() if pin else copy  # pinned: copied back to the GPU without a staging buffer

@@ -1,0 +1,94 @@
+"""A worker's resident base model (hpo.trial.resident): loaded once, restored between trials, and a trial trained over
+it reports exactly what it reports over a fresh load."""
+
+from __future__ import annotations
+
+import hashlib
+
+import optuna
+import pytest
+from conftest import DATA, TINY_GPT2
+
+from hpo import load_study
+from hpo.trial.finetune import run_trial
+from hpo.trial.memory import release
+from hpo.trial.model import build_model
+from hpo.trial.plan import make_plan
+from hpo.trial.workbench import prepare
+
+FIRST = {"learning_rate": 5e-3, "per_device_train_batch_size": 4}
+SECOND = {"learning_rate": 2e-3, "per_device_train_batch_size": 8}
+
+
+def _trial(bench, params) -> list[tuple[int, dict]]:
+    """Run one trial of ``params`` on ``bench``: its evaluations, (examples seen, metrics)."""
+    result = run_trial(bench, make_plan(bench.cfg, params), optuna.trial.FixedTrial(params))
+    history = [
+        (h["step"], {k: v for k, v in h.items() if "runtime" not in k and "per_second" not in k})
+        for h in result.history
+    ]
+    release(result)
+    return history
+
+
+def _start(bench, params) -> str:
+    """A digest of every weight the trial of ``params`` would start from (base, heads, adapters)."""
+    digest = hashlib.sha256()
+    model, _ = build_model(bench, make_plan(bench.cfg, params))
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _classifier(write_study, tiny_model, lora: bool):
+    model = {"name": str(tiny_model), **({"lora": {"target_modules": ["query", "value"], "r": 4}} if lora else {})}
+    return load_study(write_study(model=model, train={"num_train_epochs": 1, "seed": 0}))
+
+
+def _lm(write_study, tokenizer, lora: bool):
+    return load_study(
+        write_study(
+            task="causal-lm",
+            model={"config": TINY_GPT2, "tokenizer": str(tokenizer), **({"lora": {"r": 4}} if lora else {})},
+            objective={"metric": "eval_loss"},
+            data={"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "max_length": 32},
+            train={"num_train_epochs": 1, "seed": 0},
+        )
+    )
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("task", ["classifier", "lm"])
+def test_a_trial_over_the_resident_base_trains_as_over_a_fresh_load(
+    write_study, tiny_model, tiny_bpe_tokenizer, task, lora
+):
+    cfg = (
+        _classifier(write_study, tiny_model, lora)
+        if task == "classifier"
+        else _lm(write_study, tiny_bpe_tokenizer, lora)
+    )
+    start = _start(prepare(cfg), SECOND)
+    kept = prepare(cfg)
+    _trial(kept, FIRST)
+    after_another = _trial(kept, SECOND)
+    assert kept.resident.loads == 1  # the second trial found the base resident
+    assert after_another == _trial(prepare(cfg), SECOND)  # the same curve as over a fresh load, to the bit
+    assert _start(kept, SECOND) == start  # after two trials, the next starts from exactly a fresh load's weights
+    assert kept.resident.loads == 1
+
+
+def test_a_trial_built_another_way_loads_its_own_base(write_study, tiny_model):
+    cfg = load_study(
+        write_study(
+            model={"name": str(tiny_model), "lora": {"target_modules": ["query", "value"], "r": 4}},
+            train={"num_train_epochs": 1, "seed": 0},
+            search_space={
+                "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                "dropout": {"type": "categorical", "choices": [0.0, 0.2]},
+            },
+        )
+    )
+    bench = prepare(cfg)
+    for dropout, loads in ((0.0, 1), (0.0, 1), (0.2, 2), (0.0, 3)):  # the base's own dropout is built into it
+        _trial(bench, {"learning_rate": 1e-3, "dropout": dropout})
+        assert bench.resident.loads == loads
