@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from hpo.config import StudyConfig, load_study
 from hpo.config.load import plain
 from hpo.errors import ConfigError, Problem, TrialsFailed
-from hpo.study.devices import auto_workers, gpu_ids, parse_gpus
+from hpo.study.devices import auto_workers, gpu_ids, measured_workers_per_gpu, parse_gpus
 
 if TYPE_CHECKING:
     import optuna
@@ -142,7 +142,8 @@ def run(
         if n is None:
             n = max(1, len(visible) // per)
         elif n == "auto":
-            n = auto_workers(cfg, visible, bench.model_path)
+            per_gpu = measured_workers_per_gpu(cfg, visible[0]) if visible and per == 1 else 1
+            n = auto_workers(cfg, visible, bench.model_path, per_gpu)
         check_before_run(cfg, n, visible)  # hpo.validate's check, for these workers and GPUs
         if n == 1 and gpus is None and len(visible) <= per:  # this process sees no GPU its trials do not use
             return run_study(cfg, console, bench=bench, allow_changes=allow_changes)

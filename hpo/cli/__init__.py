@@ -98,8 +98,9 @@ def run(
     workers: Annotated[
         str | None,
         typer.Option(
-            help="Worker processes on this machine: N, or auto (one per GPU, else one per CPU core as memory "
-            "allows; at most n_trials/4). Default: one per GPU (--gpus, else every visible one), else 1."
+            help="Worker processes on this machine: N, or auto (per GPU as many as hpo check's measured peak "
+            "fits, else one per CPU core as memory allows; at most n_trials/4). Default: one per GPU (--gpus, else "
+            "every visible one), else 1."
         ),
     ] = None,
     gpus: Annotated[

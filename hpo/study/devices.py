@@ -51,8 +51,9 @@ def gpu_ids() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def auto_workers(cfg: StudyConfig, gpus: Sequence[str], model_path: str | None = None) -> int:
-    """``--workers auto``: one worker per GPU (per ``processes_per_trial`` GPUs), else one per CPU core (each with
+def auto_workers(cfg: StudyConfig, gpus: Sequence[str], model_path: str | None = None, per_gpu: int = 1) -> int:
+    """``--workers auto``: ``per_gpu`` workers per GPU (:func:`measured_workers_per_gpu`; one per
+    ``processes_per_trial`` GPUs for multi-process trials), else one per CPU core (each with
     one thread: two 1-thread workers did 1.58x the steps per second of one 2-thread process on 2 cores, and a
     12-trial study on 1,200 rows had 17 trials done in the Trainer search's time for 12, docs/performance.md); at
     most ``n_trials // 4``, so that a seeded TPE learns from at least four batches (:mod:`hpo.study.ordered`).
@@ -63,10 +64,36 @@ def auto_workers(cfg: StudyConfig, gpus: Sequence[str], model_path: str | None =
     from hpo.trial import memory  # torch: only when the machine's memory is asked
 
     per = cfg.resources.processes_per_trial
-    n = len(gpus) // per if gpus else (os.cpu_count() or 1) // per
+    n = len(gpus) // per * (per_gpu if per == 1 else 1) if gpus else (os.cpu_count() or 1) // per
     if not gpus and (need := worker_mb(model_path)) and (have := memory.available_mb()) is not None:
         n = min(n, int(have // (need * per)))
     return max(1, min(n, cfg.n_trials // 4))
+
+
+def measured_workers_per_gpu(cfg: StudyConfig, gpu: str) -> int:
+    """How many one-process workers share a GPU, from ``hpo check``'s hungriest corner measured on GPU ``gpu``
+    (:attr:`hpo.trial.preflight.CheckReport.workers_per_gpu`); 1 when the check cannot say (its error comes
+    again from the first trial). Measured in a spawned process: CUDA never starts in the parent of spawned
+    workers, and the model the check loads leaves with that process."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1, initializer=_see_only, initargs=(gpu,)) as pool:
+        return pool.apply(_workers_per_gpu, (cfg,))
+
+
+def _see_only(gpu: str) -> None:
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before the check imports torch
+
+
+def _workers_per_gpu(cfg: StudyConfig) -> int:
+    from hpo.trial.preflight import check
+    from hpo.trial.workbench import quiet
+
+    try:
+        with quiet():
+            return check(cfg).workers_per_gpu or 1
+    except Exception:  # noqa: BLE001 - a corner that cannot train: one worker per GPU, and its trials say why
+        return 1
 
 
 def worker_mb(model_path: str | None) -> float | None:

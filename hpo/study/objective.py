@@ -350,12 +350,13 @@ def _repeat(bench: Workbench, plan, trial: optuna.Trial, result, progress: Progr
     seeds = repeat_seeds(int(knobs.training_value(plan.training_arguments, "seed")), cfg.repeats)
     micro = optuna_private.stored_user_attrs(trial).get(MICRO_BATCH)
     values, seconds = [result.value], result.attrs["train_seconds"]
+    others = bench.aside()  # a base model of their own: the first seed's model is saved after them
     for seed in seeds[1:]:
         again = dataclasses.replace(plan, training_arguments={**plan.training_arguments, "seed": seed})
         other, *_ = memory.fit(
             again,
             lambda p, meter, seed=seed: run_trial(
-                bench, p, trial, meter=meter, run_name=f"trial-{trial.number:04d}-seed{seed}", report=False
+                others, p, trial, meter=meter, run_name=f"trial-{trial.number:04d}-seed{seed}", report=False
             ),
             bench.device,
             micro,
@@ -364,6 +365,7 @@ def _repeat(bench: Workbench, plan, trial: optuna.Trial, result, progress: Progr
         seconds += other.attrs["train_seconds"]
         progress.print(f"trial {trial.number:3d} [dim]seed {seed}: {cfg.objective.metric}={other.value:.4f}[/]")
         release(other)
+    others.resident.drop()
     result.attrs.update(
         repeats=cfg.repeats,
         seeds=list(seeds),

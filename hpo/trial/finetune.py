@@ -87,6 +87,10 @@ def run_trial(
     transformers.set_seed(int(knobs.training_value(settings, "seed")))
     with interrupts.promptly():  # no safe point while the model loads: a signal stops it at once, as before
         model, load_report = build_model(bench, plan)
+    built = time.perf_counter() - began  # the model loaded (or the resident base restored), adapters on it
+    meter.hold(
+        bench.resident.held_mb(bench.device)
+    )  # a base found resident counts in the trial's peak, as a loaded one would
     name = run_name or f"trial-{trial.number:04d}"
     compute_metrics = metrics.COMPUTE[cfg.task](bench.labels) if cfg.task in metrics.COMPUTE else None
     args = _training_arguments(cfg, plan, compute_metrics, checkpoint_dir or cfg.output_path / "trials" / name)
@@ -122,7 +126,7 @@ def run_trial(
     seconds = _train(trainer, callback, saver, resume, writer)
     attrs = trial_measurements(bench, trainer, callback, seconds, meter)
     attrs.update(this_run(trainer, resume, attrs["examples_seen"] - resumed_at, seconds, clock.step, clock.at - began))
-    attrs["load_report"] = load_report  # what the checkpoint lacked (new heads) or had in excess
+    attrs.update(load_report=load_report, model_seconds=round(built, 3), base_resident=bench.resident.reused)
     attrs.update(optimizer_attrs(trainer))
     value = _scored(cfg, callback, model)
     history = [{"step": step, **metrics} for step, metrics in callback.history]

@@ -268,6 +268,7 @@ class PeakMeter:
 
     def reset(self) -> None:
         self.elsewhere = 0.0  # a peak measured in another process: a rank of a multi-process trial
+        self.held = 0.0  # what the trial uses but found allocated: the worker's resident base model
         if self.device == "cuda":
             self.base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
@@ -282,7 +283,12 @@ class PeakMeter:
     @property
     def peak_mb(self) -> float:
         peak = torch.cuda.max_memory_allocated() if self.device == "cuda" else _status_kb("VmHWM") * 1024
-        return max(self.elsewhere, (peak - self.base) / 2**20)
+        return max(self.elsewhere, (peak - self.base) / 2**20 + self.held)
+
+    def hold(self, mb: float) -> None:
+        """Count ``mb`` the trial uses that was allocated before it (a resident base, :mod:`hpo.trial.resident`):
+        its peak is then what it would be after a load of its own, and trials compare."""
+        self.held = mb
 
     def record(self, peak_mb: float) -> None:
         """Count a peak measured elsewhere (a rank of the trial, in its own process)."""
@@ -355,6 +361,20 @@ _libc = None
 with contextlib.suppress(OSError, AttributeError, TypeError):
     _libc = ctypes.CDLL(ctypes.util.find_library("c"))
     _libc.malloc_trim  # noqa: B018 - glibc only: musl and macOS have none
+
+
+#: What a CUDA process holds beside its allocations (context, cuBLAS and cuDNN handles; ~500 MiB seen on an H200)
+CUDA_CONTEXT_MB = 600
+
+
+def workers_per_gpu(free_mb: float, peak_mb: float) -> int:
+    """Workers that fit on one GPU with ``free_mb`` free, each at a trial's ``peak_mb`` (its base model counted:
+    each worker keeps its own) and a CUDA context; at least 1.
+
+    >>> workers_per_gpu(80_000, 9_000), workers_per_gpu(80_000, 90_000)
+    (8, 1)
+    """
+    return max(1, int(free_mb // (peak_mb + CUDA_CONTEXT_MB)))
 
 
 def release(result: Any = None) -> None:

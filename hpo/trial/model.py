@@ -69,7 +69,9 @@ def build_model(bench: Workbench, plan: TrialPlan) -> tuple[Any, dict[str, list[
     seed = int(knobs.training_value(plan.training_arguments, "seed"))
     transformers.set_seed(seed)  # a model built from a config draws its weights from it
     model, report = bench.resident.take(
-        resident.key(plan, from_config=bench.model_path is None), lambda: _load(bench, plan), trains_all=plan.lora is None
+        resident.key(plan, from_config=bench.model_path is None),
+        lambda: _load(bench, plan),
+        trains_all=plan.lora is None,
     )
     transformers.set_seed(seed)  # heads and adapters: drawn alike after a load and over a resident base
     knobs.init_heads(model, report["new_heads"], plan.knobs)

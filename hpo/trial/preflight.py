@@ -81,6 +81,13 @@ class CheckReport:
     checkpoint_every: bool = False  # the study saves trial checkpoints: their size is shown
 
     @property
+    def workers_per_gpu(self) -> int | None:
+        """One-process workers per GPU for ``hpo run --workers auto`` (:func:`memory.workers_per_gpu`); None: CPU."""
+        if self.device != "cuda" or self.corners[0].ran_out:
+            return None
+        return memory.workers_per_gpu(self.budget_mb, self.corners[0].peak_mb)
+
+    @property
     def fits(self) -> bool:
         return all(c.fits for c in self.corners)
 
@@ -95,6 +102,7 @@ class CheckReport:
         return {
             **dataclasses.asdict(self),
             "fits": self.fits,
+            "workers_per_gpu": self.workers_per_gpu,
             "study_seconds": [round(low, 1), round(high, 1)],
             "study_seconds_with_pruning": [
                 round(low * (1 - self.pruned_share), 1),
@@ -380,6 +388,9 @@ def print_report(console, report: CheckReport) -> None:
             f"checkpoints (checkpoint_every): ~{_mb(size)} each, {KEEP} kept per running trial, removed when it ends",
             markup=False,
         )
+    if (per_gpu := report.workers_per_gpu) is not None:
+        each = f"the hungriest corner's peak and a {_mb(memory.CUDA_CONTEXT_MB)} CUDA context each"
+        console.print(f"hpo run --workers auto: {per_gpu} worker(s) per GPU ({each})", markup=False)
     if report.fits:
         console.print("[green]every corner fits[/]")
         return

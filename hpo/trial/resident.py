@@ -62,13 +62,15 @@ class Resident:
         self.lent: Any = None  # the trial's PEFT model over the base, until the next take
         self.initial: dict[str, torch.Tensor] | None = None  # a full fine-tune's weights as loaded
         self.loads = 0  # how many times a base was loaded (a test and the benchmark read it)
+        self.reused = False  # whether the last take found the base resident
 
     def take(self, key: str | None, load: Callable[[], Loaded], trains_all: bool) -> Loaded:
         """The base model for a trial built with ``key``, and its load report: the resident one restored, or
         ``load()``'s, kept for the next trial when ``key`` is not None. ``trains_all``: a full fine-tune, whose
         weights are kept as loaded to be copied back."""
         self._restore()
-        if key is None or key != self.key:
+        self.reused = key is not None and key == self.key
+        if not self.reused:
             self.drop()
             self.loads += 1
             model, report = load()
@@ -79,6 +81,21 @@ class Resident:
                 pin = torch.cuda.is_available()
                 self.initial = {k: _copy(v, pin) for k, v in model.state_dict().items()}
         return self.loaded
+
+    def held_mb(self, device: str) -> float:
+        """What a trial that found the base resident uses on ``device`` without allocating it (its weights), in
+        MiB; 0 after a load, which the trial's own peak counts.
+
+        On CUDA the trial's peak is what it allocated, and the base was allocated before. On the CPU its peak is
+        RSS, and the resident weights, memory-mapped from their files, may or may not be counted in it (a 100 MB
+        BERT's second LoRA trial peaked 27 MB above its start in one run, 129 MB in another): counting them always
+        errs on the side of memory a trial may need, never below it.
+        """
+        if not self.reused:
+            return 0.0
+        model = self.loaded[0]
+        own = [t for name, t in [*model.named_parameters(), *model.named_buffers()] if not _adapter(name)]
+        return sum(t.numel() * t.element_size() for t in own if t.device.type == device) / 2**20
 
     def lend(self, peft_model: Any) -> None:
         """``peft_model`` wraps the base for one trial: it is unloaded before the next."""
@@ -96,6 +113,10 @@ class Resident:
             self.lent = None
         if self.initial is not None and self.loaded is not None:
             self.loaded[0].load_state_dict(self.initial)
+
+
+def _adapter(name: str) -> bool:
+    return "lora_" in name or "modules_to_save" in name
 
 
 def _copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:

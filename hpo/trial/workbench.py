@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib
 import importlib.util
 import warnings
@@ -75,6 +76,11 @@ class Workbench:
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     test_rows: list[dict[str, Any]] | None = None  # data.test, tokenized: held out, never used to choose
     resident: Resident = field(default_factory=Resident)  # the base model this process keeps between trials
+
+    def aside(self) -> Workbench:
+        """This workbench with a resident base of its own: for trials while another trial's model is still in use
+        (the other seeds of ``repeats``), which a take of the shared base would restore under it."""
+        return dataclasses.replace(self, resident=Resident())
 
 
 @contextlib.contextmanager

@@ -92,3 +92,30 @@ def test_a_trial_built_another_way_loads_its_own_base(write_study, tiny_model):
     for dropout, loads in ((0.0, 1), (0.0, 1), (0.2, 2), (0.0, 3)):  # the base's own dropout is built into it
         _trial(bench, {"learning_rate": 1e-3, "dropout": dropout})
         assert bench.resident.loads == loads
+
+
+def test_a_trial_over_the_resident_base_reports_the_peak_memory_of_a_fresh_load(write_study, tiny_model, tmp_path):
+    # hpo check compares a corner's peak with the free memory and hpo run's out-of-memory retries learn from peaks:
+    # a trial that found its base resident counts the ~100 MB of weights it did not load (PeakMeter.hold): its RSS
+    # above its start counted them in one run (129 MB) and not in another (27 MB).
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path / "bert-100mb"
+    config = BertConfig.from_pretrained(tiny_model, hidden_size=512, num_hidden_layers=8, intermediate_size=2048)
+    BertModel(config).save_pretrained(folder)
+    BertTokenizerFast.from_pretrained(tiny_model).save_pretrained(folder)
+    model = {"name": str(folder), "lora": {"target_modules": ["query", "value"], "r": 4}}
+    cfg = load_study(write_study(model=model, train={"num_train_epochs": 1, "seed": 0}))
+
+    def peak(bench, params) -> float:
+        result = run_trial(bench, make_plan(cfg, params), optuna.trial.FixedTrial(params))
+        release(result)
+        return result.attrs["peak_memory_mb"]
+
+    kept = prepare(cfg)
+    peak(kept, FIRST)
+    over_resident, over_load = peak(kept, SECOND), peak(prepare(cfg), SECOND)
+    assert kept.resident.loads == 1
+    weights_mb = sum(p.numel() * 4 for p in BertModel(config).parameters()) / 2**20
+    assert over_resident >= 0.95 * weights_mb, (over_resident, over_load)
+    assert over_resident <= over_load + 1.5 * weights_mb, (over_resident, over_load)  # at most what it found, twice

@@ -7,6 +7,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import optuna
@@ -20,6 +21,7 @@ from hpo.api import load
 from hpo.clusters import slurm
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+REQUEUE_HOLD_S = 5  # how long a requeued task waits before the test starts it (Slurm's own hold: 121 s)
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +85,17 @@ def test_a_stopped_worker_requeues_and_resumes_its_trial_from_its_checkpoint(
     else:  # the scheduler takes the node back: SIGTERM, and the job goes back in the queue
         subprocess.run(["scontrol", "requeue", task], check=True, timeout=60)
 
-    def restarted() -> bool:  # Slurm holds a requeued job for 121 s; the test lets it start at once
+    pending: list[float] = []  # when the test first saw the requeued task pending
+
+    def restarted() -> bool:  # Slurm holds a requeued job for 121 s; the test lets it start after a few
         if slurm.states([job]).get(task) == "PENDING":
-            subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], capture_output=True, timeout=60)
+            pending[:] = pending or [time.monotonic()]
+            # Not at once: a job started again in the second it was requeued is killed by slurmd ("Job credential
+            # revoked": its revocation time is in whole seconds), and the array task is then gone for good.
+            if time.monotonic() - pending[0] > REQUEUE_HOLD_S:
+                subprocess.run(
+                    ["scontrol", "update", f"JobId={task}", "StartTime=now"], capture_output=True, timeout=60
+                )
         return "start 2" in log(path, task)
 
     wait_for(restarted, "the requeued worker to start", timeout=RUN_S, poll=1)

@@ -209,6 +209,10 @@ def test_workers_auto(write_study, monkeypatch):
     assert auto_workers(cfg, ["0", "1"]) == 2 and auto_workers(load_study(write_study(n_trials=3)), []) == 1
     two = load_study(write_study(n_trials=40, resources={"processes_per_trial": 2}))
     assert auto_workers(two, ["0", "1", "2", "3"]) == 2  # a trial takes two GPUs
+    many = load_study(write_study(n_trials=100))
+    assert auto_workers(many, ["0", "1"], per_gpu=3) == 6  # what hpo check measured fits three to a GPU
+    assert auto_workers(cfg, ["0", "1"], per_gpu=3) == 3  # still at most n_trials / 4
+    assert auto_workers(two, ["0", "1", "2", "3"], per_gpu=3) == 2  # a multi-process trial's ranks: one per GPU
 
 
 def test_workers_auto_on_cpu_fit_in_memory(write_study, tmp_path, monkeypatch):
