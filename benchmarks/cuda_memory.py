@@ -3,7 +3,7 @@
 One worker runs N trials of a full fine-tune, then N of LoRA, on a random-init BERT built from a
 config (hidden 256, 4 layers, sized to the shipped chat BPE tokenizer; no download) on the quickstart's
 intent data, and reads ``torch.cuda.memory_allocated()`` before the first trial and after each
-trial's release. Target: back to the baseline after every trial. Also prints the precision hpo picked
+trial's release. Target: flat after the first trial (the baseline plus the base model the worker keeps). Also prints the precision hpo picked
 and each trial's peak. The third run forces a real CUDA out-of-memory error: a per-device batch of 256
 under ``resources.max_memory_gb: 0.2`` (hpo sets the allocator's memory fraction; on an H200 that batch
 peaked at 305 MB), so the first trial runs out and recovers at a smaller micro-batch, and the later ones
@@ -125,12 +125,14 @@ def main() -> None:
         }
     print(f"{out['device']}; hpo picked {out['precision']}")
     print(
-        "| run | allocated before trial 0 | after each trial's release | back to baseline | peak per trial, MB "
+        "| run | allocated before trial 0 | after each trial's release | flat after trial 0 | peak per trial, MB "
         "| micro-batches |"
     )
     print("|---|---|---|---|---|---|")
     for name, r in out["runs"].items():
-        back = all(b <= r["baseline_bytes"] for b in r["after_each_trial_bytes"])
+        # The worker keeps its base model between trials (hpo.trial.resident): after the first trial allocated
+        # memory is the baseline plus that base, and must stay there
+        back = all(b <= r["after_each_trial_bytes"][0] for b in r["after_each_trial_bytes"])
         print(
             f"| {name} | {r['baseline_bytes']} B | {' '.join(str(b) for b in r['after_each_trial_bytes'])} B | "
             f"{'yes' if back else 'NO'} | {' '.join(str(p) for p in r['peak_mb'])} | "

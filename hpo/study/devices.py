@@ -63,9 +63,12 @@ def auto_workers(cfg: StudyConfig, gpus: Sequence[str], model_path: str | None =
     """
     from hpo.trial import memory  # torch: only when the machine's memory is asked
 
-    per = cfg.resources.processes_per_trial
-    n = len(gpus) // per * (per_gpu if per == 1 else 1) if gpus else (os.cpu_count() or 1) // per
-    if not gpus and (need := worker_mb(model_path)) and (have := memory.available_mb()) is not None:
+    per, cores = cfg.resources.processes_per_trial, os.cpu_count() or 1
+    n = cores // per
+    if gpus:  # several to a GPU: each is a process of its own, with a core and host memory of its own
+        n = len(gpus) // per if per > 1 else min(len(gpus) * per_gpu, cores)
+    need = (GPU_WORKER_HOST_MB + weights_mb(model_path)) if gpus else worker_mb(model_path)
+    if (n > len(gpus) or not gpus) and need and (have := memory.available_mb()) is not None:
         n = min(n, int(have // (need * per)))
     return max(1, min(n, cfg.n_trials // 4))
 
@@ -96,18 +99,29 @@ def _workers_per_gpu(cfg: StudyConfig) -> int:
         return 1
 
 
+#: What a GPU worker holds in host memory beside its model's weights: torch, CUDA's libraries, the data
+GPU_WORKER_HOST_MB = 3072
+
+
+def weights_mb(model_path: str | None) -> float:
+    """The size of the model's weight files, MiB (0 for a model that is not a folder on disk)."""
+    if model_path is None or not Path(model_path).is_dir():
+        return 0.0
+    weights = 0
+    for f in Path(model_path).iterdir():
+        if f.suffix in (".safetensors", ".bin"):
+            with contextlib.suppress(OSError):  # a broken link of a hub cache's unfinished download: not weights
+                weights += f.stat().st_size
+    return weights / 2**20
+
+
 def worker_mb(model_path: str | None) -> float | None:
     """What one CPU worker may need: 8× the model's weight files (16 bytes a parameter for weights, gradients and
     Adam's two states in fp32, from files that may hold 2 bytes a parameter) and 1 GiB for the rest (torch,
     activations, the data). None for a model that is not a folder on disk (built from a config: a small one)."""
     if model_path is None or not Path(model_path).is_dir():
         return None
-    weights = 0
-    for f in Path(model_path).iterdir():
-        if f.suffix in (".safetensors", ".bin"):
-            with contextlib.suppress(OSError):  # a broken link of a hub cache's unfinished download: not weights
-                weights += f.stat().st_size
-    return 8 * weights / 2**20 + 1024
+    return 8 * weights_mb(model_path) + 1024
 
 
 def check_devices(cfg: StudyConfig, n: int, gpus: Sequence[str]) -> None:

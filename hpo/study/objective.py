@@ -365,7 +365,7 @@ def _repeat(bench: Workbench, plan, trial: optuna.Trial, result, progress: Progr
         seconds += other.attrs["train_seconds"]
         progress.print(f"trial {trial.number:3d} [dim]seed {seed}: {cfg.objective.metric}={other.value:.4f}[/]")
         release(other)
-    others.resident.drop()
+    others.resident.forget()
     result.attrs.update(
         repeats=cfg.repeats,
         seeds=list(seeds),

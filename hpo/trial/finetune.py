@@ -131,8 +131,8 @@ def run_trial(
     value = _scored(cfg, callback, model)
     history = [{"step": step, **metrics} for step, metrics in callback.history]
     del trainer
-    with contextlib.suppress(OSError):  # nothing was written there: leave no empty folder behind
-        os.removedirs(args.output_dir)  # and trials/ when it is empty too
+    with contextlib.suppress(OSError):  # nothing was written there: no empty folder left (trials/ is shared: a
+        os.rmdir(args.output_dir)  # worker's Trainer may be making its folder there, and removing it failed that)
     return TrialResult(value=value, pruned=callback.pruned_at is not None, attrs=attrs, history=history, model=model)
 
 
@@ -264,8 +264,8 @@ def evaluate_test(bench: Workbench, model: PreTrainedModel) -> dict[str, float]:
     )
     trainer.remove_callback(PrinterCallback)  # hpo prints its own lines
     found = trainer.evaluate()
-    with contextlib.suppress(OSError):  # nothing was written there
-        os.removedirs(args.output_dir)
+    with contextlib.suppress(OSError):  # nothing was written there; trials/ is shared, as in run_trial
+        os.rmdir(args.output_dir)
     runtime = (
         "eval_runtime",
         "eval_samples_per_second",

@@ -367,14 +367,18 @@ with contextlib.suppress(OSError, AttributeError, TypeError):
 CUDA_CONTEXT_MB = 600
 
 
+#: The allocator's cache above the peak allocated (the peak a trial measures): what a worker reserves beyond it
+RESERVED_SLACK = 1.25
+
+
 def workers_per_gpu(free_mb: float, peak_mb: float) -> int:
     """Workers that fit on one GPU with ``free_mb`` free, each at a trial's ``peak_mb`` (its base model counted:
-    each worker keeps its own) and a CUDA context; at least 1.
+    each worker keeps its own) with the allocator's slack, and a CUDA context; at least 1.
 
-    >>> workers_per_gpu(80_000, 9_000), workers_per_gpu(80_000, 90_000)
+    >>> workers_per_gpu(80_000, 7_000), workers_per_gpu(80_000, 90_000)
     (8, 1)
     """
-    return max(1, int(free_mb // (peak_mb + CUDA_CONTEXT_MB)))
+    return max(1, int(free_mb // (peak_mb * RESERVED_SLACK + CUDA_CONTEXT_MB)))
 
 
 def release(result: Any = None) -> None:

@@ -79,7 +79,11 @@ def build_model(bench: Workbench, plan: TrialPlan) -> tuple[Any, dict[str, list[
         return model, report
     from peft import LoraConfig, TaskType, get_peft_model
 
-    peft_model = get_peft_model(model, LoraConfig(task_type=TaskType[TASKS[bench.cfg.task].peft_task], **plan.lora))
+    try:
+        peft_model = get_peft_model(model, LoraConfig(task_type=TaskType[TASKS[bench.cfg.task].peft_task], **plan.lora))
+    except BaseException:  # a wrap that failed halfway left LoRA layers in the base: it is never reused
+        bench.resident.forget()
+        raise
     bench.resident.lend(peft_model)
     return peft_model, report
 

@@ -27,10 +27,30 @@ import torch
 
 from hpo.trial.plan import TrialPlan
 
-#: TrainingArguments that wrap or change the model for good: a trial with one of them loads its own.
-NOT_RESIDENT = ("deepspeed", "fsdp", "torch_compile")
-#: TrainingArguments that change the model in place (reversibly, but only by the same setting): part of the key.
-MODEL_SETTINGS = ("gradient_checkpointing", "gradient_checkpointing_kwargs", "use_liger_kernel")
+#: TrainingArguments that wrap or change the model for good, or leave a hook on it when training fails (NEFTune's),
+#: or cast it in place (full-precision evaluation): a trial with one of them loads its own.
+NOT_RESIDENT = (
+    "deepspeed",
+    "fsdp",
+    "torch_compile",
+    "torch_compile_backend",  # either one sets torch_compile
+    "torch_compile_mode",
+    "neftune_noise_alpha",
+    "bf16_full_eval",
+    "fp16_full_eval",
+)
+#: TrainingArguments that change the model in place, only ever one way (the Trainer turns checkpointing on and never
+#: off; accelerate wraps a full fine-tune's forward in the first trial's autocast): part of the key.
+MODEL_SETTINGS = (
+    "activation_checkpointing",
+    "activation_checkpointing_kwargs",
+    "gradient_checkpointing",  # transformers 5's deprecated alias of activation_checkpointing
+    "gradient_checkpointing_kwargs",
+    "use_liger_kernel",
+    "liger_kernel_config",
+    "bf16",
+    "fp16",
+)
 
 Loaded = tuple[Any, dict[str, Any]]  # the model and its load report (hpo.trial.model.build_model)
 
@@ -63,56 +83,69 @@ class Resident:
         self.initial: dict[str, torch.Tensor] | None = None  # a full fine-tune's weights as loaded
         self.loads = 0  # how many times a base was loaded (a test and the benchmark read it)
         self.reused = False  # whether the last take found the base resident
+        self.dropped: dict[str, float] = {}  # MiB per device of the base the last take let go of for another
 
     def take(self, key: str | None, load: Callable[[], Loaded], trains_all: bool) -> Loaded:
         """The base model for a trial built with ``key``, and its load report: the resident one restored, or
         ``load()``'s, kept for the next trial when ``key`` is not None. ``trains_all``: a full fine-tune, whose
         weights are kept as loaded to be copied back."""
-        self._restore()
         self.reused = key is not None and key == self.key
-        if not self.reused:
-            self.drop()
-            self.loads += 1
-            model, report = load()
-            if key is None:
-                return model, report
+        self.dropped = {}
+        if self.reused:
+            self._restore()
+            return self.loaded
+        if self.loaded is not None:
+            self.dropped = _sizes_mb(self.loaded[0])
+        self.forget()
+        self.loads += 1
+        model, report = load()
+        if key is not None:
             self.key, self.loaded = key, (model, report)
             if trains_all:
                 pin = torch.cuda.is_available()
                 self.initial = {k: _copy(v, pin) for k, v in model.state_dict().items()}
-        return self.loaded
+        return model, report
 
     def held_mb(self, device: str) -> float:
-        """What a trial that found the base resident uses on ``device`` without allocating it (its weights), in
-        MiB; 0 after a load, which the trial's own peak counts.
+        """What a trial's peak on ``device`` leaves out that it would count after a load of its own, in MiB: the
+        base it found resident (allocated before it), or the one it let go of (counted in its starting level).
 
-        On CUDA the trial's peak is what it allocated, and the base was allocated before. On the CPU its peak is
-        RSS, and the resident weights, memory-mapped from their files, may or may not be counted in it (a 100 MB
-        BERT's second LoRA trial peaked 27 MB above its start in one run, 129 MB in another): counting them always
-        errs on the side of memory a trial may need, never below it.
+        On CUDA the trial's peak is what it allocated. On the CPU it is RSS, and resident weights, memory-mapped
+        from their files, may or may not be counted in it (a 100 MB BERT's second LoRA trial peaked 27 MB above
+        its start in one run, 129 MB in another): counting them always errs on the side of memory a trial may
+        need, never below it.
         """
         if not self.reused:
-            return 0.0
-        model = self.loaded[0]
-        own = [t for name, t in [*model.named_parameters(), *model.named_buffers()] if not _adapter(name)]
-        return sum(t.numel() * t.element_size() for t in own if t.device.type == device) / 2**20
+            return self.dropped.get(device, 0.0)
+        kept = sum(t.numel() * t.element_size() for t in (self.initial or {}).values()) / 2**20  # on the CPU
+        return _sizes_mb(self.loaded[0]).get(device, 0.0) + (kept if device == "cpu" else 0.0)
 
     def lend(self, peft_model: Any) -> None:
-        """``peft_model`` wraps the base for one trial: it is unloaded before the next."""
-        self.lent = peft_model
+        """``peft_model`` wraps the resident base for one trial: it is unloaded before the next."""
+        if self.key is not None:
+            self.lent = peft_model
 
-    def drop(self) -> None:
-        """Forget the resident model; its memory goes back at the caller's next ``release``."""
-        self._restore()
-        self.key = self.loaded = self.initial = None
+    def forget(self) -> None:
+        """Let go of the base as it is, unrestored (a failed wrap, or another key): its memory goes back at the
+        caller's next ``release``."""
+        self.key = self.loaded = self.initial = self.lent = None
         gc.collect()
 
     def _restore(self) -> None:
         if self.lent is not None:
             self.lent.unload()  # the wrapped modules back in place, the adapters gone (peft: no merge)
             self.lent = None
-        if self.initial is not None and self.loaded is not None:
+        if self.initial is not None:
             self.loaded[0].load_state_dict(self.initial)
+
+
+def _sizes_mb(model: Any) -> dict[str, float]:
+    """The model's own weights and buffers (not a trial's adapters), MiB per device type."""
+    sizes: dict[str, float] = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if not _adapter(name):
+            sizes[t.device.type] = sizes.get(t.device.type, 0.0) + t.numel() * t.element_size() / 2**20
+    return sizes
 
 
 def _adapter(name: str) -> bool:

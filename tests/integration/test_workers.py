@@ -30,6 +30,7 @@ from procs import (
 
 import hpo.trial.memory
 from hpo import load_study
+from hpo.study import devices
 from hpo.study.devices import auto_workers, gpu_ids, parse_gpus, worker_env
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -210,9 +211,13 @@ def test_workers_auto(write_study, monkeypatch):
     two = load_study(write_study(n_trials=40, resources={"processes_per_trial": 2}))
     assert auto_workers(two, ["0", "1", "2", "3"]) == 2  # a trial takes two GPUs
     many = load_study(write_study(n_trials=100))
+    monkeypatch.setattr(hpo.trial.memory, "available_mb", lambda: 100_000.0)
     assert auto_workers(many, ["0", "1"], per_gpu=3) == 6  # what hpo check measured fits three to a GPU
     assert auto_workers(cfg, ["0", "1"], per_gpu=3) == 3  # still at most n_trials / 4
     assert auto_workers(two, ["0", "1", "2", "3"], per_gpu=3) == 2  # a multi-process trial's ranks: one per GPU
+    assert auto_workers(many, ["0", "1"], per_gpu=40) == 8  # a process each: at most one per core
+    monkeypatch.setattr(hpo.trial.memory, "available_mb", lambda: 4.5 * devices.GPU_WORKER_HOST_MB)
+    assert auto_workers(many, ["0", "1"], per_gpu=3) == 4  # and as many as the host's memory holds
 
 
 def test_workers_auto_on_cpu_fit_in_memory(write_study, tmp_path, monkeypatch):
