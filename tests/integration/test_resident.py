@@ -3,6 +3,7 @@ it reports exactly what it reports over a fresh load."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import optuna
@@ -105,50 +106,16 @@ def _weights_mb(folder) -> float:
 
 
 def test_a_wrap_that_fails_halfway_leaves_no_adapter_in_the_next_trials_base(write_study, tiny_model):
-    # peft checks the target names first, but refuses a module type inside its replacement loop: the layers
-    # wrapped before it stayed in the base, and the next trial trained over them.
-    cfg = load_study(
-        write_study(
-            model={"name": str(tiny_model), "lora": {"r": 4}},
-            train={"num_train_epochs": 1, "seed": 0},
-            search_space={
-                "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-                "target_modules": {"type": "categorical", "choices": ["key, intermediate_act_fn", "query, value"]},
-            },
-        )
-    )
-    bench = prepare(cfg)
-    bad, good = ({"learning_rate": 1e-3, "target_modules": t} for t in ("key, intermediate_act_fn", "query, value"))
+    # peft checks the target names first, but refuses a module type inside its replacement loop (validation now
+    # refuses such a target, test 216 of tests/broken; an out-of-memory error fails the same way): the layers wrapped
+    # before it stayed in the base, and the next trial trained over them.
+    cfg = load_study(write_study(model={"name": str(tiny_model), "lora": {"r": 4}}, train={"seed": 0}))
+    bench, good = prepare(cfg), {"learning_rate": 1e-3}
+    plan = make_plan(cfg, good)
+    halfway = dataclasses.replace(plan, lora={**plan.lora, "target_modules": ["key", "intermediate_act_fn"]})
     with pytest.raises(ValueError, match="not supported"):
-        build_model(bench, make_plan(cfg, bad))
+        build_model(bench, halfway)
     assert _start(bench, good) == _start(prepare(cfg), good)
-
-
-def test_a_trial_over_the_resident_base_reports_the_peak_memory_of_a_fresh_load(write_study, tiny_model, tmp_path):
-    # hpo check compares a corner's peak with the free memory and hpo run's out-of-memory retries learn from peaks:
-    # a trial that found its base resident counts the ~100 MB of weights it did not load (PeakMeter.hold): its RSS
-    # above its start counted them in one run (129 MB) and not in another (27 MB).
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    folder = tmp_path / "bert-100mb"
-    config = BertConfig.from_pretrained(tiny_model, hidden_size=512, num_hidden_layers=8, intermediate_size=2048)
-    BertModel(config).save_pretrained(folder)
-    BertTokenizerFast.from_pretrained(tiny_model).save_pretrained(folder)
-    model = {"name": str(folder), "lora": {"target_modules": ["query", "value"], "r": 4}}
-    cfg = load_study(write_study(model=model, train={"num_train_epochs": 1, "seed": 0}))
-
-    def peak(bench, params) -> float:
-        result = run_trial(bench, make_plan(cfg, params), optuna.trial.FixedTrial(params))
-        release(result)
-        return result.attrs["peak_memory_mb"]
-
-    kept = prepare(cfg)
-    peak(kept, FIRST)
-    over_resident, over_load = peak(kept, SECOND), peak(prepare(cfg), SECOND)
-    assert kept.resident.loads == 1
-    weights_mb = sum(p.numel() * 4 for p in BertModel(config).parameters()) / 2**20
-    assert over_resident >= 0.95 * weights_mb, (over_resident, over_load)
-    assert over_resident <= over_load + 1.5 * weights_mb, (over_resident, over_load)  # at most what it found, twice
 
 
 def test_a_trial_leaves_the_shared_trials_folder_for_the_other_workers(write_study):
