@@ -315,7 +315,7 @@ def submit(
     from pydantic import ValidationError
 
     from hpo import clusters
-    from hpo.config.sections import SlurmSettings
+    from hpo.config.clusters import SlurmSettings
 
     try:  # the keyword's options pass the study file's checks: no option hpo sets, one line each
         SlurmSettings(sbatch=dict(sbatch or {}))

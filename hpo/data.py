@@ -34,7 +34,7 @@ class Examples:
     """A task's examples before tokenization; ``labels[i]`` names class (or tag) id ``i``.
 
     sequence-classification: ``(text, label id)``; token-classification: ``(tokens, tag ids)``;
-    causal-lm: ``(text, "")`` or ``(prompt, response)``.
+    causal-lm: ``(text, "")``, ``(prompt, response)``, or ``(messages, "")`` for ``data.format: chat``.
     """
 
     train: list[tuple[Any, Any]]
@@ -108,12 +108,35 @@ def _words(table: Table, i: int, column: str, tags: bool) -> list[str]:
     return value
 
 
-def _pairs(task: str, table: Table, columns: list[str]) -> tuple[list[tuple[Any, Any]], list[list[str]]]:
+def _messages(table: Table, i: int, column: str) -> list[dict[str, str]]:
+    """A conversation: a list of ``{role, content}`` (strings) with an assistant turn that has something to learn."""
+    where, value = table.where[i], _cell(table, i, column)
+    if not isinstance(value, list):
+        raise DataError(f"{where}: {column!r} is {kind_of(value)}, expected a list of {{role, content}} messages")
+    if not value:
+        raise DataError(f"{where}: {column!r} is an empty list: no conversation")
+    messages = []
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"].strip():
+            raise DataError(f"{where}: {column}[{j}] is not a message: an object with a role (a string) and content")
+        if "content" not in m:
+            raise DataError(f"{where}: {column}[{j}]: 'content' missing")
+        messages.append({**m, "content": _scalar(m["content"], where, f"{column}[{j}].content")})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise DataError(f"{where}: {column!r} has no assistant turn with content: nothing to learn")
+    return messages
+
+
+def _pairs(
+    task: str, table: Table, columns: list[str], chat: bool = False
+) -> tuple[list[tuple[Any, Any]], list[list[str]]]:
     """Every record as the task's ``(input, target)`` pair, checked; and each record's label names."""
     pairs, names = [], []
     first, second = [*columns, None][:2]
     for i in range(len(table.records)):
-        if task == "sequence-classification":
+        if chat:  # causal-lm, conversations: the loss is on the assistant's turns
+            pairs.append((_messages(table, i, first), ""))
+        elif task == "sequence-classification":
             label = label_name(_scalar(_cell(table, i, second), table.where[i], second))
             pairs.append((_text(table, i, first), label))
             names.append([label])
@@ -178,7 +201,9 @@ def _read_split(cfg: StudyConfig, split: str, path: Path) -> tuple[Table, list[t
         "sequence-classification": {"text_column": d.text_column, "label_column": d.label_column},
         "token-classification": {"tokens_column": d.tokens_column, "tags_column": d.tags_column},
         "causal-lm": (
-            {"prompt_column": d.prompt_column, "response_column": d.response_column}
+            {"messages_column": d.messages_column}
+            if d.format == "chat"
+            else {"prompt_column": d.prompt_column, "response_column": d.response_column}
             if d.prompt_column
             else {"text_column": d.text_column}
         ),
@@ -194,7 +219,7 @@ def _read_split(cfg: StudyConfig, split: str, path: Path) -> tuple[Table, list[t
                     ("data", key),
                     f"column {column!r} not in {path.name} (columns: {', '.join(map(str, table.columns))})",
                 )
-        rows, labels = _pairs(cfg.task, table, list(columns.values()))
+        rows, labels = _pairs(cfg.task, table, list(columns.values()), chat=d.format == "chat")
     except DataError as e:
         raise cfg.error(("data", split), str(e)) from None
     return table, rows, labels

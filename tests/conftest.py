@@ -74,6 +74,28 @@ def tiny_bpe_tokenizer(tmp_path_factory) -> Path:
 TINY_GPT2 = {"architecture": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}
 
 
+#: ChatML, as Qwen's and many others' templates write it
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chat_study(write_study, tiny_bpe_tokenizer, train="conversations_train.jsonl", **data):
+    return write_study(
+        task="causal-lm",
+        model={"config": {**TINY_GPT2, "n_positions": 256}, "tokenizer": str(tiny_bpe_tokenizer)},
+        objective={"metric": "eval_loss"},
+        data={
+            "train": str(DATA / train) if "/" not in train else train,
+            "eval": str(DATA / "conversations_eval.jsonl"),
+            "format": "chat",
+            "max_length": 256,  # a conversation is ~150 of this tiny tokenizer's tokens
+            **data,
+        },
+    )
+
+
 def study_dict(model_dir: Path, **changes) -> dict:
     """A small valid study as a dict; ``changes`` replace top-level keys."""
     study = {

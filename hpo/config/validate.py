@@ -136,6 +136,7 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
                 "prompt_column and response_column go together",
             )
         )
+    problems += _chat_problems(cfg)
     problems += _objective_problems(cfg)
     problems += _tracker_problems(cfg)
     problems += _quantization_problems(cfg)
@@ -143,6 +144,19 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
     if not problems:
         problems += expression_problems(cfg)
     return problems
+
+
+def _chat_problems(cfg: StudyConfig) -> list[Problem]:
+    """``data.format: chat`` is causal-lm's, and reads conversations instead of the prompt/response columns."""
+    d, src = cfg.data, cfg._source
+    if d.format != "chat":
+        given = "template" in d.model_fields_set
+        return [src.problem(("data", "template"), "a chat template goes with format: chat")] if given else []
+    if cfg.task != "causal-lm":
+        return [src.problem(("data", "format"), f"chat data trains a causal-lm; this study's task is {cfg.task}")]
+    if d.prompt_column is not None:
+        return [src.problem(("data", "prompt_column"), "format: chat learns the assistant turns: no prompt_column")]
+    return []
 
 
 def _objective_problems(cfg: StudyConfig) -> list[Problem]:

@@ -96,15 +96,60 @@ def _capped_words(examples: list[list[str]], tokenizer: PreTrainedTokenizerBase,
     return out
 
 
+class TemplateMismatch(ValueError):
+    """The chat template renders the start of a conversation otherwise than it renders the whole of it."""
+
+
+def chat_rows(conversations: list[list[dict[str, str]]], tokenizer: PreTrainedTokenizerBase, max_length: int):
+    """Conversations rendered with the tokenizer's chat template; the labels are the assistant turns' tokens.
+
+    Each assistant turn is the text its template adds after the conversation before it with the generation prompt
+    (the turn's content and end marker), found by rendering those prefixes: character spans of the whole rendering,
+    mapped to tokens through the fast tokenizer's offsets. The template writes its own special tokens.
+
+    Raises:
+        TemplateMismatch: a prefix's rendering is not the start of the whole one (the template depends on what
+            comes after, e.g. it marks the last turn): the assistant turns cannot be found.
+    """
+    render = tokenizer.apply_chat_template
+    rows = []
+    for messages in conversations:
+        text = render(messages, tokenize=False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before, through = (
+                render(messages[:i], tokenize=False, add_generation_prompt=True),
+                render(messages[: i + 1], tokenize=False),
+            )
+            if not (text.startswith(before) and text.startswith(through) and len(through) > len(before)):
+                raise TemplateMismatch(f"turn {i} of a conversation: its rendering is not the start of the whole one")
+            spans.append((len(before), len(through)))
+        enc = tokenizer(
+            text, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length
+        )
+        ids = enc["input_ids"]
+        labels = [
+            t if any(a <= start < b for a, b in spans) else IGNORE
+            for t, (start, _) in zip(ids, enc["offset_mapping"], strict=True)
+        ]
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return rows
+
+
 def tokenize(
     task: str, examples: list[tuple[Any, Any]], tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> list[dict[str, Any]]:
     """Tokenized rows without padding (the task's collator pads each batch to its longest row).
 
     token-classification labels the first sub-word of each word and ignores the rest; causal-lm
-    predicts every token of a text, or only the response's tokens after a prompt. Very long texts
-    and word lists are cut before tokenizing, to the same result (see :func:`_capped`).
+    predicts every token of a text, or only the response's tokens after a prompt, or a conversation's assistant turns
+    (:func:`chat_rows`). Very long texts and word lists are cut before tokenizing, to the same result (see
+    :func:`_capped`).
     """
+    if task == "causal-lm" and examples and isinstance(examples[0][0], list):
+        return chat_rows([m for m, _ in examples], tokenizer, max_length)
     count = _counter(tokenizer)
     if task == "sequence-classification":
         texts = _capped([t for t, _ in examples], max_length, count)

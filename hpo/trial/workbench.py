@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
+from jinja2 import TemplateError
 from optuna.distributions import CategoricalDistribution
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
@@ -30,7 +31,7 @@ from hpo.tasks import TASKS
 from hpo.trial.arguments import check_training_arguments
 from hpo.trial.plan import lora_target_list
 from hpo.trial.resident import Resident
-from hpo.trial.tokens import IGNORE, tokenize
+from hpo.trial.tokens import IGNORE, TemplateMismatch, tokenize
 
 #: The module types peft's LoRA wraps (peft.tuners.lora: torch's and transformers' layers, bitsandbytes' quantized ones)
 LORA_LAYERS = (
@@ -156,7 +157,13 @@ def prepare(cfg: StudyConfig, data: Examples | None = None) -> Workbench:
     check_model_fits(cfg, config)
     max_length = cfg.data.max_length
     splits = ("train", "eval", *(("test",) if data.test is not None else ()))
-    rows = {split: tokenize(cfg.task, getattr(data, split), tokenizer, max_length) for split in splits}
+    if cfg.data.format == "chat":
+        _use_template(cfg, tokenizer)
+    try:
+        rows = {split: tokenize(cfg.task, getattr(data, split), tokenizer, max_length) for split in splits}
+    except (TemplateMismatch, TemplateError) as e:  # TemplateError: Jinja's, a template that cannot render
+        where = ("data", "template" if cfg.data.template else "format")
+        raise cfg.error(where, f"the chat template: {type(e).__name__}: {e}") from None
     for split, tokenized in rows.items():  # a prompt that fills max_length leaves no response token to learn
         if not any(label != IGNORE for row in tokenized for label in _flat(row["labels"])):
             raise cfg.error(
@@ -177,6 +184,17 @@ def prepare(cfg: StudyConfig, data: Examples | None = None) -> Workbench:
         tokenizer_path=tokenizer_path,
         test_rows=sorted(rows["test"], key=lambda row: len(row["input_ids"])) if "test" in rows else None,
     )
+
+
+def _use_template(cfg: StudyConfig, tokenizer: Any) -> None:
+    """``data.template`` on the tokenizer; without one, the tokenizer's own, which it must have."""
+    if cfg.data.template is not None:
+        tokenizer.chat_template = cfg.data.template
+    elif not getattr(tokenizer, "chat_template", None):
+        raise cfg.error(
+            ("data", "format"),
+            f"the tokenizer of {cfg.model.label!r} has no chat template: give one as data.template (Jinja)",
+        )
 
 
 def eval_subsample(cfg: StudyConfig, rows: list[dict[str, Any]]) -> list[int] | None:

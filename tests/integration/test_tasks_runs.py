@@ -4,7 +4,7 @@ import json
 import math
 
 import pytest
-from conftest import DATA, LR, TINY_GPT2, ner_study
+from conftest import CHATML, DATA, LR, TINY_GPT2, chat_study, ner_study
 from rich.console import Console
 
 from hpo import load_study
@@ -70,3 +70,9 @@ def test_prompt_response_pairs_put_the_loss_on_the_response(write_study, tiny_bp
     study = run_study(cfg, quiet)
     assert all(t.state.name == "COMPLETE" for t in study.trials)
     assert json.loads(json.dumps(study.best_trial.user_attrs))["eval_perplexity"] > 1
+
+
+def test_a_chat_study_trains_on_the_assistant_turns(write_study, tiny_bpe_tokenizer):
+    study = run_study(load_study(chat_study(write_study, tiny_bpe_tokenizer, template=CHATML)), quiet)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 2
+    assert study.best_trial.user_attrs["eval_perplexity"] < 300, "better than guessing among 300 tokens"
