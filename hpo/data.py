@@ -122,6 +122,8 @@ def _messages(table: Table, i: int, column: str) -> list[dict[str, str]]:
         if "content" not in m:
             raise DataError(f"{where}: {column}[{j}]: 'content' missing")
         messages.append({**m, "content": _scalar(m["content"], where, f"{column}[{j}].content")})
+    if messages[0]["role"] == "assistant":
+        raise DataError(f"{where}: {column!r} starts with an assistant turn: nothing before it that it answers")
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise DataError(f"{where}: {column!r} has no assistant turn with content: nothing to learn")
     return messages

@@ -96,8 +96,8 @@ def _capped_words(examples: list[list[str]], tokenizer: PreTrainedTokenizerBase,
     return out
 
 
-class TemplateMismatch(ValueError):
-    """The chat template renders the start of a conversation otherwise than it renders the whole of it."""
+class ChatTemplateError(ValueError):
+    """The chat template cannot show where a conversation's assistant turns are, or cannot render it."""
 
 
 def chat_rows(conversations: list[list[dict[str, str]]], tokenizer: PreTrainedTokenizerBase, max_length: int):
@@ -105,37 +105,53 @@ def chat_rows(conversations: list[list[dict[str, str]]], tokenizer: PreTrainedTo
 
     Each assistant turn is the text its template adds after the conversation before it with the generation prompt
     (the turn's content and end marker), found by rendering those prefixes: character spans of the whole rendering,
-    mapped to tokens through the fast tokenizer's offsets. The template writes its own special tokens.
+    mapped to the tokens that overlap them through the fast tokenizer's offsets (as transformers' own assistant
+    mask counts them). The template writes its own special tokens.
 
     Raises:
-        TemplateMismatch: a prefix's rendering is not the start of the whole one (the template depends on what
-            comes after, e.g. it marks the last turn): the assistant turns cannot be found.
+        ChatTemplateError: the template failed on a conversation; or a prefix's rendering is not the start of the
+            whole one (a template that marks the last turn: Qwen3's ``<think>``, Phi-3's end token), or the turn's
+            span does not hold its content: the assistant turns cannot be found.
     """
-    render = tokenizer.apply_chat_template
     rows = []
     for messages in conversations:
-        text = render(messages, tokenize=False)
-        spans = []
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            before, through = (
-                render(messages[:i], tokenize=False, add_generation_prompt=True),
-                render(messages[: i + 1], tokenize=False),
-            )
-            if not (text.startswith(before) and text.startswith(through) and len(through) > len(before)):
-                raise TemplateMismatch(f"turn {i} of a conversation: its rendering is not the start of the whole one")
-            spans.append((len(before), len(through)))
+        try:
+            spans, text = _assistant_spans(messages, tokenizer.apply_chat_template)
+        except ChatTemplateError as e:
+            raise ChatTemplateError(f"the conversation that starts {_opening(messages)}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - Jinja's errors, a template's raise_exception, its TypeErrors
+            raise ChatTemplateError(
+                f"the conversation that starts {_opening(messages)}: {type(e).__name__}: {e}"
+            ) from None
         enc = tokenizer(
             text, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length
         )
         ids = enc["input_ids"]
-        labels = [
-            t if any(a <= start < b for a, b in spans) else IGNORE
-            for t, (start, _) in zip(ids, enc["offset_mapping"], strict=True)
-        ]
+        overlaps = [any(start < b and end > a for a, b in spans) for start, end in enc["offset_mapping"]]
+        labels = [t if inside else IGNORE for t, inside in zip(ids, overlaps, strict=True)]
         rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     return rows
+
+
+def _assistant_spans(messages: list[dict[str, str]], render: Any) -> tuple[list[tuple[int, int]], str]:
+    text = render(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(messages[:i], tokenize=False, add_generation_prompt=True)
+        through = render(messages[: i + 1], tokenize=False)
+        if not (text.startswith(before) and text.startswith(through)):
+            raise ChatTemplateError(f"its turn {i} renders otherwise alone than in the whole conversation")
+        if m["content"].strip() not in through[len(before) :]:
+            raise ChatTemplateError(f"the template does not write turn {i}'s content where the turn is")
+        spans.append((len(before), len(through)))
+    return spans, text
+
+
+def _opening(messages: list[dict[str, str]]) -> str:
+    first = messages[0]["content"]
+    return repr(first[:60] + ("…" if len(first) > 60 else ""))
 
 
 def tokenize(

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from jinja2 import TemplateError
 from optuna.distributions import CategoricalDistribution
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
@@ -31,7 +30,7 @@ from hpo.tasks import TASKS
 from hpo.trial.arguments import check_training_arguments
 from hpo.trial.plan import lora_target_list
 from hpo.trial.resident import Resident
-from hpo.trial.tokens import IGNORE, TemplateMismatch, tokenize
+from hpo.trial.tokens import IGNORE, ChatTemplateError, tokenize
 
 #: The module types peft's LoRA wraps (peft.tuners.lora: torch's and transformers' layers, bitsandbytes' quantized ones)
 LORA_LAYERS = (
@@ -161,9 +160,8 @@ def prepare(cfg: StudyConfig, data: Examples | None = None) -> Workbench:
         _use_template(cfg, tokenizer)
     try:
         rows = {split: tokenize(cfg.task, getattr(data, split), tokenizer, max_length) for split in splits}
-    except (TemplateMismatch, TemplateError) as e:  # TemplateError: Jinja's, a template that cannot render
-        where = ("data", "template" if cfg.data.template else "format")
-        raise cfg.error(where, f"the chat template: {type(e).__name__}: {e}") from None
+    except ChatTemplateError as e:
+        raise cfg.error(("data", "template" if cfg.data.template else "format"), f"the chat template: {e}") from None
     for split, tokenized in rows.items():  # a prompt that fills max_length leaves no response token to learn
         if not any(label != IGNORE for row in tokenized for label in _flat(row["labels"])):
             raise cfg.error(
@@ -187,7 +185,11 @@ def prepare(cfg: StudyConfig, data: Examples | None = None) -> Workbench:
 
 
 def _use_template(cfg: StudyConfig, tokenizer: Any) -> None:
-    """``data.template`` on the tokenizer; without one, the tokenizer's own, which it must have."""
+    """``data.template`` on the tokenizer; without one, the tokenizer's own, which it must have. A fast tokenizer:
+    its offsets find the assistant's tokens."""
+    if not getattr(tokenizer, "is_fast", False):
+        key = ("model", "tokenizer") if cfg.model.tokenizer else ("model",)
+        raise cfg.error(key, f"format: chat needs a fast tokenizer (offsets); {type(tokenizer).__name__} is not one")
     if cfg.data.template is not None:
         tokenizer.chat_template = cfg.data.template
     elif not getattr(tokenizer, "chat_template", None):

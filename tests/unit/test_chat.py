@@ -44,9 +44,16 @@ def test_a_tokenizer_without_a_chat_template_needs_data_template(write_study, ti
         # marks the last turn: a conversation's start renders otherwise alone, and the turns cannot be found
         (
             "{% for m in messages %}{{ m['content'] }}{% if loop.last %} END{% endif %}\n{% endfor %}",
-            "is not the start",
+            "renders otherwise alone than in the whole conversation",
         ),
         ("{% for m in messages %}{{ m['content'] }", "TemplateSyntaxError"),
+        # Mistral's and Llama 2's templates refuse what they cannot render: which conversation, in one line
+        (
+            "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}" + CHATML,
+            "the conversation that starts 'Name the kind of request.': TemplateError: no system role",
+        ),
+        # a template that drops the content (a content-parts template given strings): nothing to learn but markers
+        (CHATML.replace("{{ m['content'] }}", ""), "the template does not write turn 2's content where the turn is"),
     ],
 )
 def test_a_template_that_cannot_mark_the_turns_is_one_line(write_study, tiny_bpe_tokenizer, template, error):
@@ -65,6 +72,7 @@ def test_a_template_that_cannot_mark_the_turns_is_one_line(write_study, tiny_bpe
             {"messages": [{"role": "user", "content": "hi"}]},
             "'messages' has no assistant turn with content: nothing to learn",
         ),
+        ({"messages": [{"role": "assistant", "content": "hi"}]}, "'messages' starts with an assistant turn"),
         ({"text": "hi"}, "'messages' missing"),
     ],
 )
@@ -97,3 +105,20 @@ def test_what_chat_data_cannot_go_with_is_refused(write_study, tiny_bpe_tokenize
     path.write_text(yaml.safe_dump(study))
     with pytest.raises(ConfigError, match=error):
         load_study(path)
+
+
+def test_a_token_across_the_start_of_a_turn_is_learned(write_study, tiny_bpe_tokenizer):
+    # A generation prompt that ends in a blank: byte-level BPE writes the blank into the turn's first token ("Ġthe"),
+    # which starts one character before the turn. It was left out, and no row learned its first word.
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}Assistant: {{ m['content'] }}\n"
+        "{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}Assistant: {% endif %}"
+    )
+    bench = prepare(load_study(chat_study(write_study, tiny_bpe_tokenizer, template=template)))
+    answers = {json.loads(line)["messages"][-1]["content"] for line in (DATA / "conversations_train.jsonl").open()}
+    for row in bench.train_rows:
+        learned = bench.tokenizer.decode(
+            [t for t, y in zip(row["input_ids"], row["labels"], strict=True) if y != IGNORE]
+        )
+        assert learned.split()[0] in answers, learned
