@@ -59,7 +59,9 @@ def auto_workers(cfg: StudyConfig, gpus: Sequence[str], model_path: str | None =
     most ``n_trials // 4``, so that a seeded TPE learns from at least four batches (:mod:`hpo.study.ordered`).
 
     On CPU each worker trains its own copy of the model in the machine's memory, so there are at most as many as
-    the available memory holds at :func:`worker_mb` each (``model_path``: the model's folder).
+    the available memory holds at :func:`worker_mb` each (``model_path``: the model's folder). Several workers to a
+    GPU are processes too: at most one per core, and as many as the host's memory holds at
+    :data:`GPU_WORKER_HOST_MB` plus the weights each.
     """
     from hpo.trial import memory  # torch: only when the machine's memory is asked
 

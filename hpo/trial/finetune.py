@@ -88,9 +88,8 @@ def run_trial(
     with interrupts.promptly():  # no safe point while the model loads: a signal stops it at once, as before
         model, load_report = build_model(bench, plan)
     built = time.perf_counter() - began  # the model loaded (or the resident base restored), adapters on it
-    meter.hold(
-        bench.resident.held_mb(bench.device)
-    )  # a base found resident counts in the trial's peak, as a loaded one would
+    # a base found resident (or let go of for another) counts in the trial's peak, as in a process of its own
+    meter.hold(bench.resident.held_mb(bench.device))
     name = run_name or f"trial-{trial.number:04d}"
     compute_metrics = metrics.COMPUTE[cfg.task](bench.labels) if cfg.task in metrics.COMPUTE else None
     args = _training_arguments(cfg, plan, compute_metrics, checkpoint_dir or cfg.output_path / "trials" / name)
