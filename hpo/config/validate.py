@@ -150,8 +150,8 @@ def _chat_problems(cfg: StudyConfig) -> list[Problem]:
     """``data.format: chat`` is causal-lm's, and reads conversations instead of the prompt/response columns."""
     d, src = cfg.data, cfg._source
     if d.format != "chat":
-        given = "template" in d.model_fields_set
-        return [src.problem(("data", "template"), "a chat template goes with format: chat")] if given else []
+        given = [k for k in ("template", "messages_column") if k in d.model_fields_set]
+        return [src.problem(("data", given[0]), f"{given[0]} goes with format: chat")] if given else []
     if cfg.task != "causal-lm":
         return [src.problem(("data", "format"), f"chat data trains a causal-lm; this study's task is {cfg.task}")]
     if d.prompt_column is not None:

@@ -92,7 +92,8 @@ def test_a_conversation_that_is_not_one_is_named_by_file_and_line(
     [
         ({"task": "sequence-classification"}, "data.format: chat data trains a causal-lm"),
         ({"data": {"prompt_column": "p", "response_column": "r"}}, "data.prompt_column: format: chat learns"),
-        ({"data": {"format": "text", "template": CHATML}}, "data.template: a chat template goes with format: chat"),
+        ({"data": {"format": "text", "template": CHATML}}, "data.template: template goes with format: chat"),
+        ({"data": {"format": "text", "messages_column": "turns"}}, "data.messages_column: messages_column goes with"),
     ],
 )
 def test_what_chat_data_cannot_go_with_is_refused(write_study, tiny_bpe_tokenizer, changes, error):
