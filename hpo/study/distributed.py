@@ -150,7 +150,12 @@ def run_trial(
                 )
                 for command in launch_commands(cfg, job_dir)
             ]
-        _wait(procs, trial, on_eval)
+        try:
+            _wait(procs, trial, on_eval)
+        except KeyboardInterrupt:
+            if not (job_dir / "result.pkl").exists():
+                raise  # the ranks stopped (at a checkpoint, if the study saves)
+            # they had finished the trial: it is kept, and the run stops at its next safe point
         return _result(job_dir, next((p.returncode for p in procs if p.returncode), 0), meter)
     finally:
         shutil.rmtree(job_dir, ignore_errors=True)
@@ -229,7 +234,7 @@ def _wait(procs: list[subprocess.Popen], trial: optuna.Trial, on_eval) -> None:
 
 def _result(job_dir: Path, code: int, meter: memory.PeakMeter | None) -> TrialResult:
     result = job_dir / "result.pkl"
-    if code == 0 and result.exists():
+    if result.exists():  # rank 0 wrote it last: the trial ran to its end, whatever ended the launcher since
         out = pickle.loads(result.read_bytes())
         if meter is not None:
             meter.record(out.attrs.get("peak_memory_mb", 0.0))
@@ -265,6 +270,14 @@ def main(job_dir: Path) -> int:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per rank; bitsandbytes loads onto it
     job: Job = pickle.loads((job_dir / "job.pkl").read_bytes())
     meter = memory.PeakMeter(job.bench.device)
+    # SIGTERM from the launcher: a checkpoint at the step's end, or a stop at the next safe point; once the trial
+    # trained to its end, nothing stops it (the model staged, the result written: the worker keeps the trial).
+    with interrupts.Guard():
+        return _rank(job, rank, meter, job_dir)
+
+
+def _rank(job: Job, rank: int, meter: memory.PeakMeter, job_dir: Path) -> int:
+    """:func:`main`'s work, under its guard: an error is written for the worker to read."""
     try:
         result, trial = _run(job, rank, meter)
         if rank == 0:
@@ -310,15 +323,14 @@ def _run(job: Job, rank: int, meter: memory.PeakMeter) -> tuple[TrialResult, opt
             study_name=cfg.study, storage=rdb_storage(cfg), sampler=optuna.samplers.RandomSampler(), pruner=job.pruner
         )
         trial = optuna_private.trial_by_id(study, job.trial_id)
-    with interrupts.Guard():  # SIGTERM from the launcher: a checkpoint at the step's end, or stop now
-        result = run_one(
-            job.bench,
-            job.plan,
-            TorchDistributedTrial(trial),
-            run_name=job.run_name or f"trial-{job.number:04d}",
-            meter=meter,
-            checkpoint_dir=job.checkpoint_dir,
-        )
+    result = run_one(
+        job.bench,
+        job.plan,
+        TorchDistributedTrial(trial),
+        run_name=job.run_name or f"trial-{job.number:04d}",
+        meter=meter,
+        checkpoint_dir=job.checkpoint_dir,
+    )
     return result, trial
 
 

@@ -1,5 +1,6 @@
 """Multi-process trials (resources.processes_per_trial): gloo on this CPU, real torchrun ranks, real signals."""
 
+import contextlib
 import json
 import signal
 from pathlib import Path
@@ -8,7 +9,7 @@ import optuna
 import pytest
 from conftest import reevaluated, study_dict
 from optuna.trial import TrialState
-from procs import CAUGHT_EPOCHS, RUN_S, WAIT_S, alive, slow_study, start, wait_for, wait_for_running
+from procs import RUN_S, SLOW_EPOCHS, WAIT_S, alive, slow_study, start, wait_for, wait_for_running
 from rich.console import Console
 
 import hpo
@@ -129,10 +130,9 @@ def test_no_rank_outlives_a_killed_worker(write_study, tmp_path):
 
 
 def test_sigterm_checkpoints_every_rank_and_the_rerun_resumes(write_study, tmp_path):
-    # The only checkpoint is the one SIGTERM asks for: every rank saves at the same step, then stops.
-    path = slow_study(
-        write_study, CAUGHT_EPOCHS, n_trials=1, resources=TWO, checkpoint_every={"epochs": 10 * CAUGHT_EPOCHS}
-    )
+    # The only checkpoint is the one SIGTERM asks for: every rank saves at the same step, then stops. Two ranks
+    # train 16 epochs of the tiny model in about 3 s: a busy CI machine once sent the signal after the last one.
+    path = slow_study(write_study, n_trials=1, resources=TWO, checkpoint_every={"epochs": 10 * SLOW_EPOCHS})
     storage = f"sqlite:///{path.with_suffix('.db')}"
     proc = start(path)
     wait_for_running(storage)
@@ -142,6 +142,7 @@ def test_sigterm_checkpoints_every_rank_and_the_rerun_resumes(write_study, tmp_p
     assert not trial_processes(tmp_path)
     (stopped,) = optuna.load_study(study_name="tiny", storage=storage).get_trials(states=(TrialState.FAIL,))
     assert stopped.user_attrs["fail_reason"] == "interrupted"
+    assert len(stopped.intermediate_values) < SLOW_EPOCHS  # the signal came while it trained
     (checkpoint,) = (tmp_path / "outputs" / "tiny" / "checkpoints").glob("*/checkpoint-*")
     assert (checkpoint / "hpo-complete").exists() and (checkpoint / "rng_state_1.pth").exists()  # rank 1's part
 
@@ -151,7 +152,34 @@ def test_sigterm_checkpoints_every_rank_and_the_rerun_resumes(write_study, tmp_p
     (done,) = optuna.load_study(study_name="tiny", storage=storage).get_trials(states=(TrialState.COMPLETE,))
     assert done.user_attrs["resumed_from_trial"] == stopped.number and done.user_attrs["processes"] == 2
     assert done.user_attrs["first_step"] == done.user_attrs["resumed_from_step"] + 1
-    assert len(done.intermediate_values) == CAUGHT_EPOCHS
+    assert len(done.intermediate_values) == SLOW_EPOCHS
+
+
+def test_a_sigterm_after_the_ranks_trained_keeps_the_trial(write_study, tmp_path):
+    # The signal comes once every evaluation is in: the ranks are staging the model or ending, and the worker has
+    # not seen them end (it looks every second). What they finished is kept: the trial COMPLETE, its model staged
+    # as the best, and the run stops before the next trial. (Rank 0 used to die staging it, and the worker to
+    # throw away a result written: the trial ended "interrupted", to be trained again.)
+    epochs = 3
+    path = slow_study(write_study, epochs, n_trials=2, resources=TWO)
+    storage = f"sqlite:///{path.with_suffix('.db')}"
+    proc = start(path)
+    def evaluated() -> bool:
+        with contextlib.suppress(Exception):  # no storage or study yet
+            trials = optuna.load_study(study_name="tiny", storage=storage).trials
+            return len(trials[0].intermediate_values) == epochs
+        return False
+
+    wait_for(evaluated, "trial 0's every evaluation")
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=WAIT_S)[0]
+    assert proc.returncode == 130, output
+    first, *rest = optuna.load_study(study_name="tiny", storage=storage).trials
+    assert first.state == TrialState.COMPLETE, first.user_attrs.get("fail_reason")
+    assert [t.user_attrs.get("fail_reason") for t in rest] in ([], ["interrupted"])  # the next one, if it began
+    saved = json.loads((tmp_path / "outputs" / "tiny" / "best_model" / "hpo_trial.json").read_text())
+    assert saved["trial"] == first.number and saved["value"] == first.value
+    assert not trial_processes(tmp_path)
 
 
 def test_the_best_of_a_two_process_study_retrains_as_its_trial_ran(tiny_model, tmp_path):
