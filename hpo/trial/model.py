@@ -13,7 +13,7 @@ from transformers import DataCollatorForSeq2Seq
 
 from hpo import knobs
 from hpo.tasks import TASKS, Task
-from hpo.trial import resident
+from hpo.trial import pack, resident
 from hpo.trial.plan import TrialPlan
 from hpo.trial.tokens import IGNORE
 from hpo.trial.workbench import Workbench
@@ -68,19 +68,30 @@ def build_model(bench: Workbench, plan: TrialPlan) -> tuple[Any, dict[str, list[
     """
     seed = int(knobs.training_value(plan.training_arguments, "seed"))
     transformers.set_seed(seed)  # a model built from a config draws its weights from it
-    model, report = bench.resident.take(
-        resident.key(plan, from_config=bench.model_path is None),
-        lambda: _load(bench, plan),
-        trains_all=plan.lora is None,
-    )
+    key = resident.key(plan, from_config=bench.model_path is None)
+    lane = pack.current()
+    if lane is not None and lane[0].model is not None:  # a lane joining a pack: the base is the pack's
+        if key != bench.resident.key:
+            raise ValueError("a packed trial must build its base as the pack's other trials do")
+        model, report = bench.resident.loaded
+    else:
+        model, report = bench.resident.take(key, lambda: _load(bench, plan), trains_all=plan.lora is None)
     transformers.set_seed(seed)  # heads and adapters: drawn alike after a load and over a resident base
-    knobs.init_heads(model, report["new_heads"], plan.knobs)
+    if plan.lora is None or lane is None:
+        knobs.init_heads(model, report["new_heads"], plan.knobs)
     if plan.lora is None:
         return model, report
     from peft import LoraConfig, TaskType, get_peft_model
 
+    config = LoraConfig(task_type=TaskType[TASKS[bench.cfg.task].peft_task], **plan.lora)
+    if lane is not None:
+        if key is None:
+            raise ValueError("a packed trial needs a base that stays resident (no deepspeed, fsdp or torch_compile)")
+        view = lane[0].add(lane[1], model, config, lambda m: knobs.init_heads(m, report["new_heads"], plan.knobs))
+        bench.resident.lend(lane[0].model)
+        return view, report
     try:
-        peft_model = get_peft_model(model, LoraConfig(task_type=TaskType[TASKS[bench.cfg.task].peft_task], **plan.lora))
+        peft_model = get_peft_model(model, config)
     except BaseException:  # a wrap that failed halfway left LoRA layers in the base: it is never reused
         bench.resident.forget()
         raise

@@ -19,6 +19,7 @@ from transformers.optimization import Adafactor
 from hpo.config.compose import CREDENTIALS
 from hpo.knobs import Knobs, is_head
 from hpo.trial.checkpoints import CheckpointCallback
+from hpo.trial.pack import LaneView
 
 #: The optimizers ``optimizer:`` names.
 OPTIMIZERS = {
@@ -54,8 +55,13 @@ class KnobsTrainer(transformers.Trainer):
     modules the checkpoint lacked) and ``eval_subset`` (:func:`hpo.trial.workbench.eval_subsample`)."""
 
     def __init__(self, *args, knobs: Knobs, heads: list[str], eval_subset: list[int] | None = None, **kwargs):
+        lane = kwargs.get("model")
+        if isinstance(lane, LaneView):  # a packed trial (hpo.trial.pack): built over the pack's model, then its lane
+            kwargs["model"] = lane.pack.model
         super().__init__(*args, **kwargs)
         self.knobs, self.heads, self.eval_subset = knobs, heads, eval_subset
+        if isinstance(lane, LaneView):
+            lane.attach(self)
 
     def evaluate(self, eval_dataset=None, *args, **kwargs):
         # Before the last optimizer step (a pruning point), the study's fixed subsample of the eval rows.

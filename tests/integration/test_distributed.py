@@ -164,6 +164,7 @@ def test_a_sigterm_after_the_ranks_trained_keeps_the_trial(write_study, tmp_path
     path = slow_study(write_study, epochs, n_trials=2, resources=TWO)
     storage = f"sqlite:///{path.with_suffix('.db')}"
     proc = start(path)
+
     def evaluated() -> bool:
         with contextlib.suppress(Exception):  # no storage or study yet
             trials = optuna.load_study(study_name="tiny", storage=storage).trials

@@ -1,0 +1,124 @@
+"""Packed LoRA trials (hpo.trial.pack): a trial trained in a pack reports what it reports alone, to 1e-4.
+
+Dropout 0 everywhere (the base's and the adapters'): a pack's dropout masks are drawn for all its rows at once, so
+only then are the curves the same number for number. The members differ in what a pack lets them differ in: the
+learning rate, the batch size, the accumulation, the LoRA rank and alpha.
+"""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+from conftest import DATA, TINY_GPT2
+
+from hpo import load_study
+from hpo.trial import pack
+from hpo.trial.finetune import run_trial
+from hpo.trial.memory import release
+from hpo.trial.plan import make_plan
+from hpo.trial.workbench import prepare
+
+NO_DROPOUT = {"dropout": {"type": "categorical", "choices": [0.0]}}
+SPACE = {
+    **NO_DROPOUT,
+    "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2},
+    "per_device_train_batch_size": {"type": "categorical", "choices": [2, 4, 8]},
+    "gradient_accumulation_steps": {"type": "categorical", "choices": [1, 2]},
+    "r": {"type": "categorical", "choices": [2, 4, 8]},
+    "lora_alpha": {"type": "categorical", "choices": [8, 16]},
+}
+MEMBERS = [
+    {"learning_rate": 5e-3, "per_device_train_batch_size": 4, "r": 4, "lora_alpha": 16},
+    {"learning_rate": 2e-3, "per_device_train_batch_size": 8, "r": 8, "lora_alpha": 8},
+    {"learning_rate": 1e-3, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "r": 2},
+    {"learning_rate": 8e-3, "per_device_train_batch_size": 4, "r": 4, "lora_alpha": 8},
+]
+
+
+def _classifier(write_study, tiny_model):
+    lora = {"target_modules": ["query", "value"], "r": 4, "lora_dropout": 0.0}
+    return load_study(
+        write_study(
+            model={"name": str(tiny_model), "lora": lora},
+            train={"num_train_epochs": 2, "seed": 0},
+            search_space=SPACE,
+        )
+    )
+
+
+def _lm(write_study, tokenizer):
+    return load_study(
+        write_study(
+            task="causal-lm",
+            model={"config": TINY_GPT2, "tokenizer": str(tokenizer), "lora": {"r": 4, "lora_dropout": 0.0}},
+            objective={"metric": "eval_loss"},
+            data={"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "max_length": 32},
+            train={"num_train_epochs": 2, "seed": 0},
+            search_space=SPACE,
+        )
+    )
+
+
+def _params(p: dict) -> dict:
+    return {"dropout": 0.0, "gradient_accumulation_steps": 1, "lora_alpha": 16, **p}
+
+
+def _curve(result) -> list[tuple[int, float]]:
+    if isinstance(result, BaseException):
+        raise result
+    curve = [(h["step"], h["eval_loss"]) for h in result.history]
+    release(result)
+    return curve
+
+
+def _alone(cfg, members, trials) -> list:
+    out = []
+    for p, trial in zip(members, trials, strict=True):
+        out.append(_curve(run_trial(prepare(cfg), make_plan(cfg, _params(p)), trial)))
+    return out
+
+
+def _packed(cfg, members, trials) -> tuple[list, pack.Pack]:
+    bench = prepare(cfg)
+    group = pack.Pack(cfg.task, bench.tokenizer.pad_token_id)
+    work = [
+        (f"trial-{i}", lambda p=p, t=t: run_trial(bench, make_plan(cfg, _params(p)), t))
+        for i, (p, t) in enumerate(zip(members, trials, strict=True))
+    ]
+    results = pack.run(group, work)
+    return [_curve(results[name]) for name, _ in work], group
+
+
+def _same(packed: list, alone: list) -> None:
+    for mine, theirs in zip(packed, alone, strict=True):
+        assert [s for s, _ in mine] == [s for s, _ in theirs]
+        assert [v for _, v in mine] == pytest.approx([v for _, v in theirs], abs=1e-4)
+
+
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("task", ["classifier", "lm"])
+def test_a_packed_trial_reports_what_it_reports_alone(write_study, tiny_model, tiny_bpe_tokenizer, task, size):
+    cfg = _classifier(write_study, tiny_model) if task == "classifier" else _lm(write_study, tiny_bpe_tokenizer)
+    members = MEMBERS[:size]
+    fixed = [optuna.trial.FixedTrial(_params(p)) for p in members]
+    packed, group = _packed(cfg, members, fixed)
+    _same(packed, _alone(cfg, members, fixed))
+    # one forward for every member's micro-batch at a time: as many as the member with the most has
+    rows = len(prepare(cfg).train_rows)
+    assert group.passes == max(2 * math.ceil(rows / p["per_device_train_batch_size"]) for p in members)
+
+
+def test_a_pruned_member_leaves_the_pack_and_the_others_train_on_as_alone(write_study, tiny_model):
+    cfg = _classifier(write_study, tiny_model)
+    members = MEMBERS[:3]
+
+    def trials() -> list[optuna.Trial]:  # a threshold between the members' first evaluations prunes two of them
+        study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=1.1))
+        return [study.ask() for _ in members]
+
+    packed, _ = _packed(cfg, members, trials())
+    alone = _alone(cfg, members, trials())
+    _same(packed, alone)
+    assert sorted(len(c) for c in alone)[0] == 1 < max(len(c) for c in alone)  # one pruned at once, one not
