@@ -1,14 +1,14 @@
 """The resident base on a lent GPU, one prepared script: python benchmarks/gpu_resident.py OUT_DIR [--device cpu]
 
-Runs benchmarks/resident.py (a LoRA study with the base loaded per trial vs kept resident; trials per hour, first-step
-time, peak memory, NVML busy share every 50 ms, the best value of each) for:
+Runs benchmarks/resident.py (a LoRA study with the base loaded per trial, kept resident, and its trials in packs of 4
+and 8; trials per hour, first-step time, peak memory, NVML busy share every 50 ms, the best value of each) for:
 
 1. a ~1.1B-parameter Llama built from a config (random weights: nothing travels), causal LM on the chat pairs;
 2. MiniLM (the packaged all-MiniLM-L6-v2), a classifier on the intents.
 
 Writes OUT_DIR/gpu_resident.md (both tables) and gpu_resident.json. ``--device cpu`` runs it end to end with tiny
-sizes (so that a lease is never lost to a typo): check it here first. About 5 minutes on an H100 (estimated: not
-run on a GPU yet). Packs of trials (issue 32, part 2) are not built: no arm for them yet.
+sizes (so that a lease is never lost to a typo): check it here first. About 6 minutes on an H100 (estimated: not
+run on a GPU yet).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RUNS = {  # name: resident.py's arguments on a GPU
-    "llama-1.1b": ["--model", "lm", "--trials", "12", "--rows", "64"],
-    "minilm": ["--model", "minilm", "--trials", "12", "--rows", "512"],
+    "llama-1.1b": ["--model", "lm", "--trials", "12", "--rows", "64", "--packs", "4,8"],
+    "minilm": ["--model", "minilm", "--trials", "12", "--rows", "512", "--packs", "4,8"],
 }
 
 

@@ -26,6 +26,7 @@ import copy
 import random
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,8 @@ from hpo.trial.tokens import IGNORE
 
 _here = threading.local()  # the lane this thread runs, if any: (pack, name)
 
+ADAPTER = "adapter_model.safetensors"  # peft's file name for an adapter's weights
+LANE = "LANE"  # what a lane's name reads as in its parameters' names (LaneView.named_parameters)
 #: Keys of a micro-batch that are per row and per token, and what pads them (the pad token id for input ids).
 PADS = {"attention_mask": 0, "labels": IGNORE, "token_type_ids": 0, "special_tokens_mask": 1}
 
@@ -54,6 +57,7 @@ class Pack:
         self.task, self.pad_token_id = task, pad_token_id if pad_token_id is not None else 0
         self.model: Any = None  # the PeftModel over the resident base, with every lane's adapter
         self.rows: list[str] = []  # the lane of each row of the forward in progress (the pre-hooks read it)
+        self._rows: list[str] = []  # the last packed pass's
         self.passes = 0  # packed forwards run (a test and the benchmark read them)
         self._cv = threading.Condition()
         self._order: list[str] = []  # lanes in the order they joined: the baton goes round in it
@@ -96,13 +100,14 @@ class Pack:
                     self._hand_on(name)
 
     def _drop(self, name: str) -> None:
-        """Delete lane ``name``'s adapter; the last lane out leaves the PEFT model to the resident base, whose next
-        ``take`` unloads it."""
+        """Delete lane ``name``'s adapter; the last adapter's lane leaves the PEFT model to the resident base, whose
+        next ``take`` unloads it."""
         if self.model is None:
             return
-        if len(self._order) > 1:
+        others = [n for n in self.model.peft_config if n != name]  # lanes that joined may have none yet
+        if others:
             if name in self.model.active_adapters:  # peft keeps one adapter active: another lane's
-                self.model.set_adapter(next(n for n in self._order if n != name))
+                self.model.set_adapter(others[0])
             self.model.delete_adapter(name)
             self._trainable()
         else:
@@ -115,13 +120,10 @@ class Pack:
             self._state[name] = state
             self._own[name] = _own_state()
             self._hand_on(name)
-            while True:
-                self._cv.wait_for(lambda: self._holder == name)
-                if self._duty is None:
-                    break
+            self._cv.wait_for(lambda: self._holder == name)
+            if self._duty is not None:  # this lane is first in the pass: it runs it for all, then goes on
                 duty, self._duty = self._duty, None
-                self._run(duty)  # this lane is first in the pass: it runs it for all, then goes on
-                break
+                self._run(duty)
             self._state[name] = "running"
             _set_own_state(self._own[name])
             done = self._done.pop(name)
@@ -149,6 +151,7 @@ class Pack:
         _set_own_state(self._own[""])  # the pass's own random state (dropout): no lane's
         try:
             if duty == "backward":
+                self.rows = self._rows  # gradient checkpointing runs the forward again: the pass's rows
                 torch.autograd.backward(list(batches.values()))
                 self._done.update(dict.fromkeys(lanes))
             else:
@@ -186,7 +189,7 @@ class Pack:
         length = max(b["input_ids"].shape[1] for b in batches.values())
         joined = {k: torch.cat([self._padded(k, b[k], length) for b in batches.values()]) for k in keys}
         sizes = {n: len(b["input_ids"]) for n, b in batches.items()}
-        self.rows = [n for n, size in sizes.items() for _ in range(size)]
+        self.rows = self._rows = [n for n, size in sizes.items() for _ in range(size)]
         self.passes += 1
         logits = self.model(**joined).logits
         out, start = {}, 0
@@ -279,18 +282,46 @@ class LaneView(torch.nn.Module):
         self.config = pack.model.config
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        """The lane's parameters, named as peft names them with the lane's name as ``LANE`` (what the lane's
+        optimizer state and best weights are keyed by, whatever the lane's name)."""
         for n, p in self.pack.model.named_parameters():
-            if self.name in n.split("."):
-                yield prefix + n, p
+            if (mine := self.mine(n)) is not None:
+                yield prefix + mine, p
+
+    def mine(self, name: str) -> str | None:
+        """``name`` (the PEFT model's) as this lane names it, or None when it is not the lane's."""
+        parts = name.split(".")
+        return ".".join(LANE if part == self.name else part for part in parts) if self.name in parts else None
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         return dict(self.named_parameters())
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         mine = dict(self.named_parameters())
+        if strict and state_dict.keys() != mine.keys():
+            raise KeyError(f"not this lane's parameters: {sorted(state_dict.keys() ^ mine.keys())[:5]}")
         with torch.no_grad():
             for k, v in state_dict.items():
                 mine[k].copy_(v)
+        return torch.nn.modules.module._IncompatibleKeys([], [])
+
+    def save(self, folder: str) -> None:
+        """Write the lane's adapter as a trial of its own writes it (peft's ``adapter_model.safetensors`` and
+        ``adapter_config.json``): its checkpoints resume in a pack or alone."""
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        state = get_peft_model_state_dict(self.pack.model, adapter_name=self.name)
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, f"{folder}/{ADAPTER}", metadata={"format": "pt"})
+        self.pack.model.peft_config[self.name].save_pretrained(folder)
+
+    def load(self, folder: str) -> None:
+        """Load the adapter :meth:`save` (or a trial of its own) wrote in ``folder`` as this lane's."""
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(self.pack.model, load_file(f"{folder}/{ADAPTER}"), adapter_name=self.name)
 
     def forward(self, **inputs):
         self.pack.model.train(self.training)
@@ -338,19 +369,26 @@ def _set_own_state(state: tuple) -> None:
     GradientState._shared_state.update({k: copy.copy(v) for k, v in gradients.items()})
 
 
-def run(pack: Pack, members: list[tuple[str, Callable[[], Any]]]) -> dict[str, Any]:
-    """Run each member (a lane name and what its thread runs: a trial) as a lane of ``pack``, all at once; what each
-    returned, or the exception it raised."""
+def run(pack: Pack, members: list[tuple[str, Callable[[], Any]]], size: int | None = None) -> dict[str, Any]:
+    """Run each member (a lane name and what its lane runs: a trial) as a lane of ``pack``, ``size`` at a time (all,
+    by default): when one ends, the next member takes its place. What each returned, or the exception it raised."""
     results: dict[str, Any] = {}
+    pending = list(members)
+    lock = threading.Lock()
 
-    def lane(name: str, work: Callable[[], Any]) -> None:
-        try:
-            with pack.lane(name):
-                results[name] = work()
-        except BaseException as e:  # noqa: BLE001 - the caller reads each member's outcome
-            results[name] = e
+    def slot() -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                name, work = pending.pop(0)
+            try:
+                with pack.lane(name):
+                    results[name] = work()
+            except BaseException as e:  # noqa: BLE001 - the caller reads each member's outcome
+                results[name] = e
 
-    threads = [threading.Thread(target=lane, args=m, name=f"lane-{m[0]}") for m in members]
+    threads = [threading.Thread(target=slot, name=f"pack-slot-{i}") for i in range(size or len(members))]
     for t in threads:
         t.start()
     for t in threads:

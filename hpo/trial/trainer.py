@@ -84,7 +84,20 @@ class KnobsTrainer(transformers.Trainer):
         where = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         saver.write(lambda: save(model, trial), where, self.state.global_step)
 
+    def get_decay_parameter_names(self, model) -> list[str]:
+        if isinstance(model, LaneView):  # the lane's parameters, by the layers they are in (LayerNorms' do not decay)
+            names = super().get_decay_parameter_names(model.pack.model)
+            return [mine for n in names if (mine := model.mine(n)) is not None]
+        return super().get_decay_parameter_names(model)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if isinstance(self.model, LaneView):  # a packed trial's adapter, in the PEFT model's other adapters
+            return self.model.load(resume_from_checkpoint)
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     def _save(self, output_dir=None, state_dict=None):
+        if isinstance(self.model, LaneView):  # its adapter, as a trial of its own saves it (no credentials in it)
+            return self.model.save(output_dir or self.args.output_dir)
         # The Trainer pickles self.args into every checkpoint (training_args.bin): a credential (hub_token)
         # would lie there in clear, in a folder an interrupted trial keeps. Saved without it.
         args = self.args

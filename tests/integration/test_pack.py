@@ -2,12 +2,13 @@
 
 Dropout 0 everywhere (the base's and the adapters'): a pack's dropout masks are drawn for all its rows at once, so
 only then are the curves the same number for number. The members differ in what a pack lets them differ in: the
-learning rate, the batch size, the accumulation, the LoRA rank and alpha.
+learning rate, the batch size, the accumulation, the weight decay, the LoRA rank and alpha.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 
 import optuna
 import pytest
@@ -28,10 +29,11 @@ SPACE = {
     "gradient_accumulation_steps": {"type": "categorical", "choices": [1, 2]},
     "r": {"type": "categorical", "choices": [2, 4, 8]},
     "lora_alpha": {"type": "categorical", "choices": [8, 16]},
+    "weight_decay": {"type": "categorical", "choices": [0.0, 0.1]},
 }
 MEMBERS = [
     {"learning_rate": 5e-3, "per_device_train_batch_size": 4, "r": 4, "lora_alpha": 16},
-    {"learning_rate": 2e-3, "per_device_train_batch_size": 8, "r": 8, "lora_alpha": 8},
+    {"learning_rate": 2e-3, "per_device_train_batch_size": 8, "r": 8, "lora_alpha": 8, "weight_decay": 0.1},
     {"learning_rate": 1e-3, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "r": 2},
     {"learning_rate": 8e-3, "per_device_train_batch_size": 4, "r": 4, "lora_alpha": 8},
 ]
@@ -62,7 +64,7 @@ def _lm(write_study, tokenizer):
 
 
 def _params(p: dict) -> dict:
-    return {"dropout": 0.0, "gradient_accumulation_steps": 1, "lora_alpha": 16, **p}
+    return {"dropout": 0.0, "gradient_accumulation_steps": 1, "lora_alpha": 16, "weight_decay": 0.0, **p}
 
 
 def _curve(result) -> list[tuple[int, float]]:
@@ -80,14 +82,14 @@ def _alone(cfg, members, trials) -> list:
     return out
 
 
-def _packed(cfg, members, trials) -> tuple[list, pack.Pack]:
+def _packed(cfg, members, trials, size: int | None = None) -> tuple[list, pack.Pack]:
     bench = prepare(cfg)
     group = pack.Pack(cfg.task, bench.tokenizer.pad_token_id)
     work = [
         (f"trial-{i}", lambda p=p, t=t: run_trial(bench, make_plan(cfg, _params(p)), t))
         for i, (p, t) in enumerate(zip(members, trials, strict=True))
     ]
-    results = pack.run(group, work)
+    results = pack.run(group, work, size)
     return [_curve(results[name]) for name, _ in work], group
 
 
@@ -122,3 +124,47 @@ def test_a_pruned_member_leaves_the_pack_and_the_others_train_on_as_alone(write_
     alone = _alone(cfg, members, trials())
     _same(packed, alone)
     assert sorted(len(c) for c in alone)[0] == 1 < max(len(c) for c in alone)  # one pruned at once, one not
+
+
+def test_a_member_takes_the_place_of_one_that_ended(write_study, tiny_model):
+    # Three members two at a time: the third joins the pack mid-way, when the shortest of the first two ends.
+    cfg = _classifier(write_study, tiny_model)
+    members = [MEMBERS[1], MEMBERS[0], MEMBERS[3]]  # 10, 18 and 18 micro-batches
+    fixed = [optuna.trial.FixedTrial(_params(p)) for p in members]
+    packed, group = _packed(cfg, members, fixed, size=2)
+    _same(packed, _alone(cfg, members, fixed))
+    assert group.passes == 10 + 18  # 10 together; the third beside the second's last 8, then its own last 10
+
+
+def test_a_member_resumes_from_its_checkpoint_as_alone(write_study, tiny_model, tmp_path):
+    # A trial stopped after its first epoch (its checkpoint there kept, the later one removed) resumes in a pack
+    # and trains the rest of the curve it trains alone.
+    lora = {"target_modules": ["query", "value"], "r": 4, "lora_dropout": 0.0}
+    cfg = load_study(
+        write_study(
+            model={"name": str(tiny_model), "lora": lora},
+            train={"num_train_epochs": 2, "seed": 0},
+            search_space=SPACE,
+            checkpoint_every={"epochs": 1},
+        )
+    )
+    first, other = _params(MEMBERS[0]), _params(MEMBERS[1])
+    saved = tmp_path / "checkpoints"
+    alone = _curve(run_trial(prepare(cfg), make_plan(cfg, first), optuna.trial.FixedTrial(first), checkpoint_dir=saved))
+    *earlier, last = sorted(saved.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    shutil.rmtree(last)
+    assert earlier  # the first epoch's
+
+    bench = prepare(cfg)
+    work = [
+        (
+            "trial-0",
+            lambda: run_trial(bench, make_plan(cfg, first), optuna.trial.FixedTrial(first), checkpoint_dir=saved),
+        ),
+        ("trial-1", lambda: run_trial(bench, make_plan(cfg, other), optuna.trial.FixedTrial(other))),
+    ]
+    results = pack.run(pack.Pack(cfg.task, bench.tokenizer.pad_token_id), work)
+    resumed = _curve(results["trial-0"])
+    assert resumed and len(resumed) < len(alone)
+    _same([resumed], [alone[-len(resumed) :]])
+    _same([_curve(results["trial-1"])], _alone(cfg, [MEMBERS[1]], [optuna.trial.FixedTrial(other)]))
