@@ -36,6 +36,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss, ForSequenceClassificat
 from transformers.modeling_outputs import ModelOutput
 
 from hpo.trial.tokens import IGNORE
+from hpo.trial.workbench import quiet
 
 _here = threading.local()  # the lane this thread runs, if any: (pack, name)
 
@@ -389,8 +390,9 @@ def run(pack: Pack, members: list[tuple[str, Callable[[], Any]]], size: int | No
                 results[name] = e
 
     threads = [threading.Thread(target=slot, name=f"pack-slot-{i}") for i in range(size or len(members))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with quiet():  # the lanes' own quiet() blocks interleave: this one puts the caller's settings back after them
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     return results
