@@ -3,6 +3,7 @@ in LoRA adapters; the precision it trains in on this device, and the collator th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Mapping
 from typing import Any
@@ -87,8 +88,19 @@ def build_model(bench: Workbench, plan: TrialPlan) -> tuple[Any, dict[str, list[
     if lane is not None:
         if key is None:
             raise ValueError("a packed trial needs a base that stays resident (no deepspeed, fsdp or torch_compile)")
-        view = lane[0].add(lane[1], model, config, lambda m: knobs.init_heads(m, report["new_heads"], plan.knobs))
-        bench.resident.lend(lane[0].model)
+        packed, name = lane
+        first = packed.model is None
+        try:
+            view = packed.add(name, model, config, lambda m: knobs.init_heads(m, report["new_heads"], plan.knobs))
+        except BaseException:
+            if first:  # as below: a half-wrapped base is never reused
+                packed.model = None
+                bench.resident.forget()
+            else:
+                with contextlib.suppress(Exception):  # what the failed add left of the lane's adapter
+                    packed.model.delete_adapter(name)
+            raise
+        bench.resident.lend(packed.model)
         return view, report
     try:
         peft_model = get_peft_model(model, config)

@@ -19,7 +19,7 @@ from transformers.optimization import Adafactor
 from hpo.config.compose import CREDENTIALS
 from hpo.knobs import Knobs, is_head
 from hpo.trial.checkpoints import CheckpointCallback
-from hpo.trial.pack import LaneView
+from hpo.trial.lanes import LaneView
 
 #: The optimizers ``optimizer:`` names.
 OPTIMIZERS = {

@@ -7,6 +7,7 @@ learning rate, the batch size, the accumulation, the weight decay, the LoRA rank
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 
@@ -17,6 +18,7 @@ from conftest import DATA, TINY_GPT2
 from hpo import load_study
 from hpo.trial import pack
 from hpo.trial.finetune import run_trial
+from hpo.trial.lanes import owner
 from hpo.trial.memory import release
 from hpo.trial.plan import make_plan
 from hpo.trial.workbench import prepare
@@ -57,10 +59,30 @@ def _lm(write_study, tokenizer):
             model={"config": TINY_GPT2, "tokenizer": str(tokenizer), "lora": {"r": 4, "lora_dropout": 0.0}},
             objective={"metric": "eval_loss"},
             data={"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "max_length": 32},
+            train={"num_train_epochs": 2, "seed": 0, "label_smoothing_factor": 0.1},  # smoothed over shifted labels
+            search_space=SPACE,
+        )
+    )
+
+
+def _roberta(write_study, tokenizer):
+    # RoBERTa's classifier head is a module of its own (dense, dropout, out_proj), not one Linear
+    config = {"architecture": "roberta", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2}
+    config.update(intermediate_size=64, max_position_embeddings=80)
+    return load_study(
+        write_study(
+            model={"config": config, "tokenizer": str(tokenizer), "lora": {"r": 4, "lora_dropout": 0.0}},
             train={"num_train_epochs": 2, "seed": 0},
             search_space=SPACE,
         )
     )
+
+
+TASKS = {
+    "classifier": lambda write_study, bert, bpe: _classifier(write_study, bert),
+    "lm": lambda write_study, bert, bpe: _lm(write_study, bpe),
+    "roberta": lambda write_study, bert, bpe: _roberta(write_study, bpe),
+}
 
 
 def _params(p: dict) -> dict:
@@ -99,10 +121,9 @@ def _same(packed: list, alone: list) -> None:
         assert [v for _, v in mine] == pytest.approx([v for _, v in theirs], abs=1e-4)
 
 
-@pytest.mark.parametrize("size", [2, 4])
-@pytest.mark.parametrize("task", ["classifier", "lm"])
+@pytest.mark.parametrize(("task", "size"), [("classifier", 2), ("classifier", 4), ("lm", 2), ("lm", 4), ("roberta", 2)])
 def test_a_packed_trial_reports_what_it_reports_alone(write_study, tiny_model, tiny_bpe_tokenizer, task, size):
-    cfg = _classifier(write_study, tiny_model) if task == "classifier" else _lm(write_study, tiny_bpe_tokenizer)
+    cfg = TASKS[task](write_study, tiny_model, tiny_bpe_tokenizer)
     members = MEMBERS[:size]
     fixed = [optuna.trial.FixedTrial(_params(p)) for p in members]
     packed, group = _packed(cfg, members, fixed)
@@ -168,3 +189,48 @@ def test_a_member_resumes_from_its_checkpoint_as_alone(write_study, tiny_model, 
     assert resumed and len(resumed) < len(alone)
     _same([resumed], [alone[-len(resumed) :]])
     _same([_curve(results["trial-1"])], _alone(cfg, [MEMBERS[1]], [optuna.trial.FixedTrial(other)]))
+
+
+def test_the_base_comes_out_of_packs_unchanged(write_study, tiny_model):
+    # Members named as parts of the model's module paths ("query", "classifier": peft matches adapter names as
+    # substrings, so the pack names the adapters); the base's frozen weights come out of two packs as they went in.
+    cfg = _classifier(write_study, tiny_model)
+    bench = prepare(cfg)
+    members = MEMBERS[:2]
+    fixed = [optuna.trial.FixedTrial(_params(p)) for p in members]
+    group = pack.Pack(cfg.task, bench.tokenizer.pad_token_id)
+    work = [
+        (name, lambda p=p, t=t: run_trial(bench, make_plan(cfg, _params(p)), t))
+        for name, p, t in zip(["query", "classifier"], members, fixed, strict=True)
+    ]
+    base = bench.resident
+    pack.run(group, work[:1])  # loads the base, which stays resident
+    before = _digest(base.loaded[0])
+    results = pack.run(group, work)
+    _same([_curve(results[name]) for name, _ in work], _alone(cfg, members, fixed))
+    assert base.loads == 1 and _digest(base.loaded[0]) == before
+    # and it stayed frozen when a lane left while the other trained on (what stays trainable is the adapters')
+    assert not [n for n, p in base.loaded[0].named_parameters() if p.requires_grad and owner(n) is None]
+
+
+def test_a_lane_that_trains_again_trains_as_alone(write_study, tiny_model):
+    # An out-of-memory retry or the other seeds of `repeats` train again in the same lane: a fresh adapter each time.
+    cfg = _classifier(write_study, tiny_model)
+    bench = prepare(cfg)
+    first, other = _params(MEMBERS[0]), _params(MEMBERS[1])
+    twice = lambda: [run_trial(bench, make_plan(cfg, first), optuna.trial.FixedTrial(first)) for _ in range(2)]
+    results = pack.run(
+        pack.Pack(cfg.task, bench.tokenizer.pad_token_id),
+        [("again", twice), ("other", lambda: run_trial(bench, make_plan(cfg, other), optuna.trial.FixedTrial(other)))],
+    )
+    alone = _alone(cfg, [MEMBERS[0]], [optuna.trial.FixedTrial(first)])
+    _same([_curve(r) for r in results["again"]], alone * 2)
+
+
+def _digest(model) -> str:
+    """A digest of the base's own weights (no adapter, no head copy)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" not in name and "modules_to_save" not in name:
+            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
