@@ -118,7 +118,8 @@ def study_dict(model_dir: Path, **changes) -> dict:
 
 
 def reevaluated(study: dict, model: Path) -> float:
-    """The eval loss of the saved ``model`` on the study's eval rows, in this one process."""
+    """The eval loss of the saved ``model`` (a model folder, or a LoRA adapter) on the study's eval rows, in this
+    one process."""
     from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
     from hpo.api import load
@@ -128,8 +129,14 @@ def reevaluated(study: dict, model: Path) -> float:
 
     bench = prepare(load(study))
     args = TrainingArguments(output_dir=str(model.parent / "reeval"), report_to="none", use_cpu=True)
+    if (model / "adapter_config.json").exists():  # a LoRA trial's adapter, over the base its config names
+        from peft import AutoPeftModelForSequenceClassification
+
+        loaded = AutoPeftModelForSequenceClassification.from_pretrained(model, num_labels=len(bench.labels))
+    else:
+        loaded = AutoModelForSequenceClassification.from_pretrained(model)
     trainer = Trainer(
-        model=AutoModelForSequenceClassification.from_pretrained(model),
+        model=loaded,
         args=args,
         eval_dataset=bench.eval_rows,
         data_collator=collator(TASKS[bench.cfg.task], bench.tokenizer),

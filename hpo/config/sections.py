@@ -90,6 +90,14 @@ class Resources(Strict):
         "allocation (hpo submit --slurm asks for the nodes); local: every node's agent on this machine, a "
         "rehearsal of the rendezvous.",
     )
+    pack: int = Field(
+        1,
+        ge=1,
+        le=32,
+        description="LoRA trials a worker trains at once over one copy of the base model, in one forward and "
+        "backward pass for all of them (each trial its own adapter, optimizer and schedule); a trial that ends "
+        "gives its place to the next. Pays where a GPU idles between small kernels; 1: one trial at a time.",
+    )
     slurm: SlurmSettings = Field(SlurmSettings(), description="hpo submit --slurm: setup line, #SBATCH options.")
     kubernetes: KubernetesSettings = Field(
         KubernetesSettings(), description="hpo submit --kubernetes: image, namespace, Secret, grace period."

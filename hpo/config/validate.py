@@ -159,6 +159,18 @@ def _chat_problems(cfg: StudyConfig) -> list[Problem]:
     return []
 
 
+def _pack_problems(cfg: StudyConfig, launched: list[str]) -> list[Problem]:
+    """resources.pack over 1: LoRA trials of one process each, over a base that stays resident."""
+    at = ("resources", "pack")
+    if not cfg.is_lora:
+        return [cfg._source.problem(at, "packs train LoRA trials over one base: add model.lora, or pack: 1")]
+    if cfg.resources.ranks > 1:
+        return [cfg._source.problem(at, "packs train one-process trials: processes_per_trial and nodes_per_trial 1")]
+    if engines := [*launched, *(["torch_compile"] if cfg.train.get("torch_compile") else [])]:
+        return [cfg._source.problem(at, f"a pack's base stays as it is loaded: no train.{engines[0]}, or pack: 1")]
+    return []
+
+
 def _objective_problems(cfg: StudyConfig) -> list[Problem]:
     """What a trial's value is: repeats, several objectives, the metric the task reports, early stopping."""
     src = cfg._source
@@ -167,6 +179,8 @@ def _objective_problems(cfg: StudyConfig) -> list[Problem]:
     if cfg.repeats > 1 and cfg.objectives:
         problems.append(src.problem(("repeats",), "repeats with several objectives is not supported yet: one of them"))
     launched = [k for k in ("fsdp", "deepspeed") if cfg.train.get(k)]  # trials run by the launcher, as over 1 process
+    if cfg.resources.pack > 1:
+        problems += _pack_problems(cfg, launched)
     if cfg.repeats > 1 and (cfg.resources.ranks > 1 or launched):
         what = f"train.{launched[0]}" if launched else "processes_per_trial or nodes_per_trial over 1"
         problems.append(src.problem(("repeats",), f"repeats with {what} is not supported yet: one of them"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import sqlite3
+import threading
 import time
 import warnings
 
@@ -20,12 +21,12 @@ from hpo import knobs, optuna_private
 from hpo.attrs import FAIL_REASON, OUT_OF_MEMORY, REJECTIONS
 from hpo.config import StudyConfig
 from hpo.errors import StorageLost, TrialsFailed
-from hpo.study import outputs, revisions
+from hpo.study import ordered, outputs, revisions
 from hpo.study.faults import DISK_FULL, StorageWatch, full_disk_reason, storage_problem
 from hpo.study.objective import make_objective
 from hpo.study.progress import Progress, print_summary
 from hpo.study.storage import FINISHED, count_finished, open_study
-from hpo.trial import interrupts, memory, trackers
+from hpo.trial import interrupts, memory, pack, trackers
 from hpo.trial.workbench import Workbench, prepare
 
 MAX_REJECTED_IN_A_ROW = 100  # constraints that leave almost no feasible space
@@ -103,8 +104,11 @@ def run_study(
     tracking = trackers.Tracking(cfg)  # MLflow, W&B: each call bounded, off the thread a signal lands on
     if cfg.n_trials > done:
         objective = make_objective(bench, progress, revision, tracking)
+        deadline = None if cfg.timeout is None else time.monotonic() + cfg.timeout
         with interrupts.Guard(), tracking, _frozen_heap(), progress:
-            _optimize(study, objective, progress, stop, cfg, watch)
+            if (k := _pack_size(cfg, study, console)) > 1:
+                _optimize_packed(k, bench, study, objective, progress, stop, cfg, watch, deadline)
+            _optimize(study, objective, progress, stop, cfg, watch, deadline)
             interrupts.stop_if_asked()  # a signal after the last trial's last safe point still stops the run
     if worker is None:
         print_summary(console, cfg, study, tracking)
@@ -133,14 +137,59 @@ def _frozen_heap():
         gc.unfreeze()
 
 
-def _optimize(
-    study: optuna.Study, objective, progress: Progress, stop: StopRule, cfg: StudyConfig, watch: StorageWatch
+def _pack_size(cfg: StudyConfig, study: optuna.Study, console: Console) -> int:
+    """``resources.pack``, or 1 (said once) where this run cannot pack: a seeded study's workers sample in order,
+    each trial waiting for earlier ones (:mod:`hpo.study.ordered`), which a pack's turns cannot do."""
+    k = cfg.resources.pack
+    if k > 1 and isinstance(study.sampler, ordered.OrderedSampler):
+        console.print(f"resources.pack: {k} falls back to one trial at a time: seeded workers sample in order")
+        return 1
+    return k
+
+
+def _optimize_packed(
+    k: int, bench: Workbench, study: optuna.Study, objective, progress, stop, cfg, watch, deadline
 ) -> None:
+    """Run trials ``k`` at a time as the lanes of one pack (:mod:`hpo.trial.pack`): each slot runs its next trial
+    in a lane, until no trial is left to start here (what other workers still run, :func:`_optimize` waits for)."""
+    group = pack.Pack(cfg.task, bench.tokenizer.pad_token_id)
+    failed: list[BaseException] = []
+
+    def slot() -> None:
+        while not failed:
+            try:
+                with group.lane():  # everything a trial does, in the lane's turns: one trial's code at a time
+                    if _optimize(study, objective, progress, stop, cfg, watch, deadline, one=True) != "ran":
+                        return
+            except BaseException as e:  # noqa: BLE001 - the run's thread raises it, once every slot ended
+                failed.append(e)
+
+    threads = [threading.Thread(target=slot, name=f"pack-slot-{i}") for i in range(k)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(timeout=0.5)  # a signal's handler runs on this thread meanwhile; the lanes stop at safe points
+    if failed:
+        raise failed[0]
+
+
+def _optimize(
+    study: optuna.Study,
+    objective,
+    progress: Progress,
+    stop: StopRule,
+    cfg: StudyConfig,
+    watch: StorageWatch,
+    deadline: float | None,
+    one: bool = False,
+) -> str:
+    """Run trials until the study holds ``cfg.n_trials`` finished ones ("done"), or the deadline or the stop rule
+    ends the run. ``one``: run at most one trial, "ran"; "wait" when the rest of the target runs elsewhere."""
+
     # One study.optimize call per trial, so that this worker starts a trial only while finished plus
     # running trials (on every worker) fall short of n_trials: N workers then overshoot the target only
     # when two of them start within the same instant, instead of by up to N-1 trials at the end.
-    deadline = None if cfg.timeout is None else time.monotonic() + cfg.timeout
-
     def after(study: optuna.Study, trial: FrozenTrial) -> None:
         watch.check(trial)  # before anything prints it complete, or installs its model
         if trial.state == TrialState.FAIL and (reason := trial.user_attrs.get(FAIL_REASON, "")).startswith(DISK_FULL):
@@ -156,7 +205,7 @@ def _optimize(
         running = states.count(TrialState.RUNNING)
         finished = len(states) - running
         if finished >= cfg.n_trials:
-            return
+            return "done"
         if finished + running < cfg.n_trials:
             watch.check()
             progress.number = -1  # the objective sets it first thing: the trial a failed write belongs to
@@ -177,7 +226,11 @@ def _optimize(
                 if reason := full_disk_reason(e, cfg.storage_label):
                     raise StorageLost(f"{reason}; {_end_trial(study, progress.number, reason, watch.path)}") from None
                 raise problem from None  # the storage's own error, not Optuna's "Should not reach" raised over it
+            if one:
+                return "ran"
             continue
+        if one:
+            return "wait"
         # The rest of the target runs on other workers. Wait: one may fail (then this worker runs another)
         # or its worker may die (then its trial goes stale, and this worker retries it).
         progress.waiting(running)
@@ -185,6 +238,7 @@ def _optimize(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
+    return "stopped"
 
 
 def _end_trial(study: optuna.Study, number: int, reason: str, sqlite_path: str | None) -> str:

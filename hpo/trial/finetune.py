@@ -28,7 +28,7 @@ from transformers.integrations import TensorBoardCallback
 from hpo import knobs
 from hpo.attrs import CHECKPOINT_ERROR
 from hpo.tasks import TASKS
-from hpo.trial import checkpoints, interrupts, metrics
+from hpo.trial import checkpoints, interrupts, metrics, pack
 from hpo.trial.folders import TRIAL_FILE
 from hpo.trial.measurements import optimizer_attrs, this_run, trial_measurements
 from hpo.trial.memory import EVAL_BATCH_SIZE, EvalOutOfMemory, MemoryCap, PeakMeter, TrainOutOfMemory, is_out_of_memory
@@ -126,6 +126,7 @@ def run_trial(
     attrs = trial_measurements(bench, trainer, callback, seconds, meter)
     attrs.update(this_run(trainer, resume, attrs["examples_seen"] - resumed_at, seconds, clock.step, clock.at - began))
     attrs.update(load_report=load_report, model_seconds=round(built, 3), base_resident=bench.resident.reused)
+    attrs["packed"] = pack.current() is not None  # trained in a pack (hpo.trial.pack): its peak and time are shared
     attrs.update(optimizer_attrs(trainer))
     value = _scored(cfg, callback, model)
     history = [{"step": step, **metrics} for step, metrics in callback.history]

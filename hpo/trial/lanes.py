@@ -11,6 +11,7 @@ its rows. Only plain LoRA is routed (no DoRA or other variant, no LoRA on embedd
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -156,7 +157,13 @@ class LaneView(torch.nn.Module):
         state = get_peft_model_state_dict(self.pack.model, adapter_name=self.name)
         Path(folder).mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in state.items()}, f"{folder}/{ADAPTER}", metadata={"format": "pt"})
-        self.pack.model.peft_config[self.name].save_pretrained(folder)
+        config = copy.copy(self.pack.model.peft_config[self.name])  # as peft's save_pretrained writes it:
+        config.base_model_name_or_path = config.base_model_name_or_path or self.pack.model.get_base_model().name_or_path
+        config.inference_mode = True  # the base it loads over, and an adapter that loads for inference
+        config.save_pretrained(folder)
+
+    def save_pretrained(self, folder, **kwargs) -> None:
+        self.save(str(folder))  # the best model staged (hpo.trial.finetune.save_model): the adapter, as alone
 
     def load(self, folder: str) -> None:
         """Load the adapter :meth:`save` (or a trial of its own) wrote in ``folder`` as this lane's."""

@@ -8,13 +8,19 @@ learning rate, the batch size, the accumulation, the weight decay, the LoRA rank
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import shutil
+import signal
 
 import optuna
 import pytest
-from conftest import DATA, TINY_GPT2
+from conftest import DATA, TINY_GPT2, reevaluated, study_dict
+from optuna.trial import TrialState
+from procs import WAIT_S, slow_study, start, wait_for_running
+from rich.console import Console
 
+import hpo
 from hpo import load_study
 from hpo.trial import pack
 from hpo.trial.finetune import run_trial
@@ -234,3 +240,48 @@ def _digest(model) -> str:
         if "lora_" not in name and "modules_to_save" not in name:
             digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def test_hpo_run_packs_its_trials_and_finds_what_one_at_a_time_finds(tiny_model, tmp_path):
+    # resources.pack: 2 in a study file: the same trials (a seeded sampler), the same values, the best adapter staged.
+    def study(name: str, k: int) -> dict:
+        lora = {"target_modules": ["query", "value"], "r": 4, "lora_dropout": 0.0}
+        space = {key: SPACE[key] for key in ("dropout", "learning_rate", "per_device_train_batch_size")}
+        return study_dict(
+            tiny_model,
+            study=name,
+            n_trials=4,
+            model={"name": str(tiny_model), "lora": lora},
+            search_space=space,
+            resources={"pack": k},
+            storage=f"sqlite:///{tmp_path}/{name}.db",
+            output_dir=str(tmp_path / name),
+        )
+
+    one, packed = (hpo.run(study(name, k), console=Console(quiet=True)) for name, k in (("one", 1), ("packed", 2)))
+    for a, b in zip(one.trials, packed.trials, strict=True):
+        assert (b.state, b.params) == (TrialState.COMPLETE, a.params)
+        assert b.value == pytest.approx(a.value, abs=1e-4)
+        assert b.user_attrs["packed"] and not a.user_attrs["packed"]
+    saved = json.loads((tmp_path / "packed" / "best_model" / "hpo_trial.json").read_text())
+    assert (saved["trial"], saved["value"]) == (packed.best_trial.number, packed.best_value)
+    # the staged adapter is the one the best trial trained: evaluated again, it scores its value
+    assert reevaluated(study("packed", 2), tmp_path / "packed" / "best_model") == pytest.approx(
+        packed.best_value, rel=1e-5
+    )
+
+
+def test_sigterm_stops_every_lane_of_a_packed_run(write_study, tiny_model):
+    # Each lane stops at its next safe point: both running trials end "interrupted" (queued again), none RUNNING.
+    model = {"name": str(tiny_model), "lora": {"target_modules": ["query", "value"], "r": 4}}
+    path = slow_study(write_study, n_trials=4, resources={"pack": 2}, model=model)
+    storage = f"sqlite:///{path.with_suffix('.db')}"
+    proc = start(path)
+    wait_for_running(storage, n=2)  # both lanes past their first evaluation
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=WAIT_S)[0]
+    assert proc.returncode == 130, output
+    trials = optuna.load_study(study_name="tiny", storage=storage).trials
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    stopped = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(stopped) == 2 and {t.user_attrs["fail_reason"] for t in stopped} == {"interrupted"}
