@@ -42,6 +42,33 @@ RESERVED_TRAINING_ARGS = frozenset(
     {"output_dir", "eval_strategy", "eval_steps", "save_strategy", "label_names", "auto_find_batch_size"}
 )
 
+#: TrainingArguments that wrap or change the model for good, or leave a hook on it when training fails (NEFTune's),
+#: or cast it in place (full-precision evaluation): a trial with one of them loads its own
+#: (hpo.trial.resident), and trains in no pack.
+NOT_RESIDENT = (
+    "deepspeed",
+    "fsdp",
+    "torch_compile",
+    "torch_compile_backend",  # either one sets torch_compile
+    "torch_compile_mode",
+    "neftune_noise_alpha",
+    "bf16_full_eval",
+    "fp16_full_eval",
+)
+#: TrainingArguments that change the model in place, only ever one way (the Trainer turns checkpointing on and never
+#: off; accelerate wraps a full fine-tune's forward in the first trial's autocast): part of a resident base's key,
+#: which a pack's trials share.
+MODEL_SETTINGS = (
+    "activation_checkpointing",
+    "activation_checkpointing_kwargs",
+    "gradient_checkpointing",  # transformers 5's deprecated alias of activation_checkpointing
+    "gradient_checkpointing_kwargs",
+    "use_liger_kernel",
+    "liger_kernel_config",
+    "bf16",
+    "fp16",
+)
+
 
 # The schema of one search-space entry. Its checks end with Optuna's own (to_distribution), and the
 # compiler in hpo.distributions reads nothing else.

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ValidationError
 
-from hpo import samplers
+from hpo import samplers, space
 from hpo.config import reporting as trackers
 from hpo.config.compose import mask
 from hpo.config.corners import expression_problems
@@ -159,16 +159,30 @@ def _chat_problems(cfg: StudyConfig) -> list[Problem]:
     return []
 
 
-def _pack_problems(cfg: StudyConfig, launched: list[str]) -> list[Problem]:
-    """resources.pack over 1: LoRA trials of one process each, over a base that stays resident."""
-    at = ("resources", "pack")
+def _pack_problems(cfg: StudyConfig) -> list[Problem]:
+    """resources.pack over 1: LoRA trials of one process each, all over one base built one way, measured together."""
+    problem = lambda why: [cfg._source.problem(("resources", "pack"), f"{why}, or pack: 1")]
     if not cfg.is_lora:
-        return [cfg._source.problem(at, "packs train LoRA trials over one base: add model.lora, or pack: 1")]
+        return problem("packs train LoRA trials over one base: add model.lora")
     if cfg.resources.ranks > 1:
-        return [cfg._source.problem(at, "packs train one-process trials: processes_per_trial and nodes_per_trial 1")]
-    if engines := [*launched, *(["torch_compile"] if cfg.train.get("torch_compile") else [])]:
-        return [cfg._source.problem(at, f"a pack's base stays as it is loaded: no train.{engines[0]}, or pack: 1")]
+        return problem("packs train one-process trials: processes_per_trial and nodes_per_trial 1")
+    if fixed := [k for k in space.NOT_RESIDENT if cfg.train.get(k) or k in cfg.search_space]:
+        return problem(f"a pack's base stays as it is loaded: no {fixed[0]}")
+    varied = [k for k in (*space.MODEL_PARAMS, *space.MODEL_SETTINGS) if _varies(cfg.search_space.get(k))]
+    if cfg.model.config is not None and _varies(cfg.search_space.get("seed")):
+        varied.append("seed")  # of a model built from a config: its weights
+    if varied:
+        return problem(f"a pack's trials share one base, and search_space.{varied[0]} builds it other ways")
+    if cfg.repeats > 1:
+        return problem("repeats trains each seed over a base of its own, not in a pack: repeats 1")
+    if costs := [o.metric for o in cfg.objectives or [] if o.metric in COST_METRICS]:
+        return problem(f"a pack's trials share their memory and time: no objective on {costs[0]}")
     return []
+
+
+def _varies(param: Any) -> bool:
+    """Whether a search-space entry can take more than one value (a categorical of one choice cannot)."""
+    return param is not None and not (param.choices is not None and len(param.choices) == 1)
 
 
 def _objective_problems(cfg: StudyConfig) -> list[Problem]:
@@ -180,7 +194,7 @@ def _objective_problems(cfg: StudyConfig) -> list[Problem]:
         problems.append(src.problem(("repeats",), "repeats with several objectives is not supported yet: one of them"))
     launched = [k for k in ("fsdp", "deepspeed") if cfg.train.get(k)]  # trials run by the launcher, as over 1 process
     if cfg.resources.pack > 1:
-        problems += _pack_problems(cfg, launched)
+        problems += _pack_problems(cfg)
     if cfg.repeats > 1 and (cfg.resources.ranks > 1 or launched):
         what = f"train.{launched[0]}" if launched else "processes_per_trial or nodes_per_trial over 1"
         problems.append(src.problem(("repeats",), f"repeats with {what} is not supported yet: one of them"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import optuna
@@ -36,7 +37,17 @@ class Progress:
         self.best = ""  # " (best so far 0.1234)" once a trial completed
         # Several workers share one terminal: a live status line each would overwrite the others'.
         self.status = console.status("") if worker is None else None
+        self._here = threading.local()  # a pack's slots each run a trial of their own (hpo.study.loop)
         self.number = -1
+
+    @property
+    def number(self) -> int:
+        """The trial this thread runs: the one a failed storage write belongs to (-1: none begun)."""
+        return getattr(self._here, "number", -1)
+
+    @number.setter
+    def number(self, value: int) -> None:
+        self._here.number = value
 
     def __enter__(self) -> Progress:
         return self

@@ -30,6 +30,7 @@ from hpo.attrs import CHECKPOINT_ERROR
 from hpo.tasks import TASKS
 from hpo.trial import checkpoints, interrupts, metrics, pack
 from hpo.trial.folders import TRIAL_FILE
+from hpo.trial.lanes import LaneView
 from hpo.trial.measurements import optimizer_attrs, this_run, trial_measurements
 from hpo.trial.memory import EVAL_BATCH_SIZE, EvalOutOfMemory, MemoryCap, PeakMeter, TrainOutOfMemory, is_out_of_memory
 from hpo.trial.metrics import PerplexityCallback
@@ -254,7 +255,7 @@ def evaluate_test(bench: Workbench, model: PreTrainedModel) -> dict[str, float]:
         **device_settings(cfg.train),
     )
     trainer = Trainer(
-        model=model,
+        model=model.pack.model if isinstance(model, LaneView) else model,  # a packed trial's: as KnobsTrainer
         args=args,
         eval_dataset=bench.test_rows,
         data_collator=collator(TASKS[cfg.task], bench.tokenizer),
@@ -262,6 +263,8 @@ def evaluate_test(bench: Workbench, model: PreTrainedModel) -> dict[str, float]:
         # a test set may be large: Ctrl-C stops at the next prediction step, not at the evaluation's end
         callbacks=[checkpoints.StopCallback(), *([] if compute_metrics else [PerplexityCallback()])],
     )
+    if isinstance(model, LaneView):
+        model.view(trainer)
     trainer.remove_callback(PrinterCallback)  # hpo prints its own lines
     found = trainer.evaluate()
     with contextlib.suppress(OSError):  # nothing was written there; trials/ is shared, as in run_trial

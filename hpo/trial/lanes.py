@@ -183,12 +183,16 @@ class LaneView(torch.nn.Module):
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.pack.model.gradient_checkpointing_enable(**kwargs)  # one setting for every lane (it groups packs)
 
-    def attach(self, trainer) -> None:
+    def view(self, trainer) -> None:
         """Make ``trainer``, built over the PEFT model (so that what it reads from the model's class is the model's),
-        train this lane: its model and what its callbacks see become this view, and its backward joins the pass's
-        (scaled as accelerate's ``backward`` scales it)."""
+        see this lane: its model and what its callbacks see (an evaluation's Trainer needs no more)."""
         trainer._set_signature_columns_if_needed()  # the model's inputs, which the Trainer keeps of each row
         trainer.model = trainer.model_wrapped = trainer.callback_handler.model = self
+
+    def attach(self, trainer) -> None:
+        """Make ``trainer`` (as :meth:`view`) train this lane: its backward joins the pass's (scaled as accelerate's
+        ``backward`` scales it)."""
+        self.view(trainer)
         accelerator = trainer.accelerator
 
         def backward(loss, **kwargs):

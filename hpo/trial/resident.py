@@ -25,32 +25,8 @@ from typing import Any
 
 import torch
 
+from hpo.space import MODEL_SETTINGS, NOT_RESIDENT
 from hpo.trial.plan import TrialPlan
-
-#: TrainingArguments that wrap or change the model for good, or leave a hook on it when training fails (NEFTune's),
-#: or cast it in place (full-precision evaluation): a trial with one of them loads its own.
-NOT_RESIDENT = (
-    "deepspeed",
-    "fsdp",
-    "torch_compile",
-    "torch_compile_backend",  # either one sets torch_compile
-    "torch_compile_mode",
-    "neftune_noise_alpha",
-    "bf16_full_eval",
-    "fp16_full_eval",
-)
-#: TrainingArguments that change the model in place, only ever one way (the Trainer turns checkpointing on and never
-#: off; accelerate wraps a full fine-tune's forward in the first trial's autocast): part of the key.
-MODEL_SETTINGS = (
-    "activation_checkpointing",
-    "activation_checkpointing_kwargs",
-    "gradient_checkpointing",  # transformers 5's deprecated alias of activation_checkpointing
-    "gradient_checkpointing_kwargs",
-    "use_liger_kernel",
-    "liger_kernel_config",
-    "bf16",
-    "fp16",
-)
 
 Loaded = tuple[Any, dict[str, Any]]  # the model and its load report (hpo.trial.model.build_model)
 

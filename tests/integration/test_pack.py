@@ -243,7 +243,8 @@ def _digest(model) -> str:
 
 
 def test_hpo_run_packs_its_trials_and_finds_what_one_at_a_time_finds(tiny_model, tmp_path):
-    # resources.pack: 2 in a study file: the same trials (a seeded sampler), the same values, the best adapter staged.
+    # resources.pack: 2 in a study file: the same trials (a seeded sampler), the same values and test metrics, the
+    # best adapter staged.
     def study(name: str, k: int) -> dict:
         lora = {"target_modules": ["query", "value"], "r": 4, "lora_dropout": 0.0}
         space = {key: SPACE[key] for key in ("dropout", "learning_rate", "per_device_train_batch_size")}
@@ -254,6 +255,8 @@ def test_hpo_run_packs_its_trials_and_finds_what_one_at_a_time_finds(tiny_model,
             model={"name": str(tiny_model), "lora": lora},
             search_space=space,
             resources={"pack": k},
+            data={"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "test": str(DATA / "eval.csv")}
+            | {"max_length": 16},
             storage=f"sqlite:///{tmp_path}/{name}.db",
             output_dir=str(tmp_path / name),
         )
@@ -263,6 +266,10 @@ def test_hpo_run_packs_its_trials_and_finds_what_one_at_a_time_finds(tiny_model,
         assert (b.state, b.params) == (TrialState.COMPLETE, a.params)
         assert b.value == pytest.approx(a.value, abs=1e-4)
         assert b.user_attrs["packed"] and not a.user_attrs["packed"]
+        # the test set, evaluated in the lane (here the eval rows again: the value)
+        assert b.user_attrs["test_metrics"]["test_loss"] == pytest.approx(
+            a.user_attrs["test_metrics"]["test_loss"], abs=1e-4
+        )
     saved = json.loads((tmp_path / "packed" / "best_model" / "hpo_trial.json").read_text())
     assert (saved["trial"], saved["value"]) == (packed.best_trial.number, packed.best_value)
     # the staged adapter is the one the best trial trained: evaluated again, it scores its value
