@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import sqlite3
-import threading
 import time
 import warnings
 
@@ -27,7 +26,7 @@ from hpo.study.objective import make_objective
 from hpo.study.progress import Progress, print_summary
 from hpo.study.storage import FINISHED, count_finished, open_study
 from hpo.trial import interrupts, memory, pack, trackers
-from hpo.trial.workbench import Workbench, prepare, quiet
+from hpo.trial.workbench import Workbench, prepare
 
 MAX_REJECTED_IN_A_ROW = 100  # constraints that leave almost no feasible space
 MAX_OUT_OF_MEMORY_IN_A_ROW = 10  # trials that fit at no micro-batch: the space needs more memory than the device has
@@ -164,18 +163,11 @@ def _optimize_packed(
             except BaseException as e:  # noqa: BLE001 - the run's thread raises it, once every slot ended
                 failed.append(e)
 
-    # Daemons: a second Ctrl-C raises here at once, and the process ends without waiting for the lanes.
-    threads = [threading.Thread(target=slot, name=f"pack-slot-{i}", daemon=True) for i in range(k)]
-    with quiet():  # the lanes' own quiet() blocks interleave: this one puts the caller's settings back after them
-        for t in threads:
-            t.start()
-        try:
-            for t in threads:
-                while t.is_alive():
-                    t.join(timeout=0.5)  # a signal's handler runs on this thread; the lanes stop at safe points
-        except BaseException as e:
-            failed.append(e)  # no slot starts another trial
-            raise
+    try:
+        pack.slots(k, slot)
+    except BaseException as e:  # a second Ctrl-C: the run ends now
+        failed.append(e)  # no slot starts another trial
+        raise
     if failed:
         raise failed[0]
 

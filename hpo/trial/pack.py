@@ -291,10 +291,21 @@ def run(pack: Pack, members: list[tuple[str, Callable[[], Any]]], size: int | No
             except BaseException as e:  # noqa: BLE001 - the caller reads each member's outcome
                 results[name] = e
 
-    threads = [threading.Thread(target=slot, name=f"pack-slot-{i}") for i in range(size or len(members))]
-    with quiet():  # the lanes' own quiet() blocks interleave: this one puts the caller's settings back after them
+    slots(size or len(members), slot)
+    return results
+
+
+def slots(k: int, slot: Callable[[], None]) -> None:
+    """Run ``slot`` on ``k`` threads, each taking its members' lanes in turn, and wait for them all.
+
+    The lanes' own ``quiet()`` blocks interleave: one around them all puts the caller's settings back after them.
+    A signal's handler runs on this thread while it waits (the lanes stop at their safe points); what it raises
+    ends the wait at once, and the threads are daemons: a second Ctrl-C does not wait for them either.
+    """
+    threads = [threading.Thread(target=slot, name=f"pack-slot-{i}", daemon=True) for i in range(k)]
+    with quiet():
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
-    return results
+            while t.is_alive():
+                t.join(timeout=0.5)
