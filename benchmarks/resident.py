@@ -212,6 +212,7 @@ def main() -> None:
             if done.returncode:
                 sys.exit(f"arm {name} failed:\n{done.stderr[-3000:]}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        check = _check(folder / "resident" / "study.yaml", args.device)
     load, kept, *packs = rows
     print(f"{args.model}, ~{params:.0f}M parameters (fp32 files), {args.device}, {load['trials']} LoRA trials")
     print(
@@ -230,8 +231,25 @@ def main() -> None:
     for p in packs:
         same = abs(p["best"] - kept["best"]) <= 1e-4
         print(f"{p['arm']} / resident wall time: {p['wall_s'] / kept['wall_s']:.2f}; same best (1e-4): {same}")
+    hungriest = check["corners"][0]
+    print(
+        f"hpo check: resources.pack: auto = {check['pack']} ({check['pack_why']}); hungriest peak "
+        f"{hungriest['peak_mb']} MB, of it the base {hungriest['base_mb']} MB"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "params_m": params, "rows": rows}, indent=2))
+        summary = {"model": args.model, "params_m": params, "rows": rows, "check": check}
+        args.json.write_text(json.dumps(summary, indent=2))
+
+
+def _check(path: Path, device: str) -> dict:
+    """``hpo check --json`` on the study at ``path``: the pack size ``resources.pack: auto`` would use there."""
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {})}
+    done = subprocess.run(
+        [sys.executable, "-m", "hpo.cli", "check", str(path), "--json"], capture_output=True, text=True, env=env
+    )
+    if done.returncode not in (0, 1):  # 1: a corner does not fit, which the JSON says
+        sys.exit(f"hpo check failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ MEMORY = "memory_signature"  # device model and size, max_memory_gb, revision: w
 OOM_RETRIES = "oom_retries"  # how many times the trial started again at a smaller micro-batch or eval batch
 OUT_OF_MEMORY = "out_of_memory"  # a FAIL for memory: a trait of the configuration, not of the worker
 TEST_METRICS = "test_metrics"  # data.test: {test_loss, ...} of a trial that may be among the best; never chosen on
+FINALIST = "finalist"  # finalists: {scores: {metric: value}, rows, samples} of a trial that may be among the top N
+GENERATE_SECONDS = "generate_seconds"  # the finalist's generation and scoring, apart from its training time
 TEST_TOP_K = 3  # data.test evaluates the trials that may end among the study's best 3, and the report shows those
 
 # Study user attrs

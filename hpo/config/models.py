@@ -30,6 +30,7 @@ from sqlalchemy.engine import make_url
 
 from hpo import distributions, space
 from hpo.config.compose import CREDENTIALS, control_character, hidden_character, mask, sqlite_quote
+from hpo.config.finalists import Finalists
 from hpo.config.sections import (
     DataConfig,
     EarlyStopping,
@@ -155,6 +156,12 @@ class StudyConfig(Strict):
         None,
         description="{patience: N, min_delta: d}: a trial whose objective did not improve by more than d in N "
         "evaluations ends, COMPLETE with stopped_early; needs objective.at: best. Default: off.",
+    )
+    finalists: Finalists | None = Field(
+        None,
+        description="{top: N, generate: {...}, metrics: [...]}: the trials that may end among the best N also "
+        "generate on the eval (or test) prompts once, scored by the metrics; hpo best ranks them beside the "
+        "objective. Causal LM on prompt/response or chat data. Default: off.",
     )
     resources: Resources = Field(Resources(), description="What a trial may use: max_memory_gb.")
     sampler: SamplerSpec = Field(SamplerSpec(), description="How each trial's parameters are chosen; default: tpe.")
@@ -343,6 +350,16 @@ class StudyConfig(Strict):
         return self.model.lora is not None or bool(space.LORA_PARAMS & set(self.search_space))
 
     @property
+    def base_varies(self) -> str | None:
+        """The searched parameter that builds the base model more than one way (its dropout, bits, precision,
+        gradient checkpointing; a model built from a config: its seed, the weights), if any: such trials cannot
+        share a pack (``resources.pack``), which then trains one at a time."""
+        varied = [k for k in (*space.MODEL_PARAMS, *space.MODEL_SETTINGS) if _varies(self.search_space.get(k))]
+        if self.model.config is not None and _varies(self.search_space.get("seed")):
+            varied.append("seed")
+        return varied[0] if varied else None
+
+    @property
     def quantized(self) -> bool:
         """Whether trials load 4- or 8-bit weights: ``model.quantization``, or ``bits`` searched."""
         return self.model.quantization is not None or "bits" in self.search_space
@@ -365,3 +382,8 @@ class StudyConfig(Strict):
     def error(self, path: KeyPath, message: str) -> ConfigError:
         """A ``ConfigError`` pointing at ``path`` in the file it came from."""
         return ConfigError([self.problem(path, message)])
+
+
+def _varies(param: Param | None) -> bool:
+    """Whether a search-space entry can take more than one value (a categorical of one choice cannot)."""
+    return param is not None and not (param.choices is not None and len(param.choices) == 1)

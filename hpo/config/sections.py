@@ -8,10 +8,11 @@ across sections are in :mod:`hpo.config.validate`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     NonNegativeInt,
@@ -27,6 +28,8 @@ from hpo.config.clusters import KubernetesSettings, SlurmSettings
 from hpo.config.strict import Strict
 from hpo.tasks import COST_METRICS, HIGHER_IS_BETTER
 
+#: The most trials a pack holds (resources.pack)
+MAX_PACK = 32
 DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".conll")
 
 
@@ -64,6 +67,13 @@ class Quantization(Strict):
     )
 
 
+def _pack(value: Any) -> Any:
+    """resources.pack in one message (pydantic's would be one per member of the union)."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_PACK):
+        return value
+    raise ValueError(f"{value!r}: 1 to {MAX_PACK} trials at once, or auto")
+
+
 class Resources(Strict):
     """What a trial may use on this machine."""
 
@@ -90,13 +100,12 @@ class Resources(Strict):
         "allocation (hpo submit --slurm asks for the nodes); local: every node's agent on this machine, a "
         "rehearsal of the rendezvous.",
     )
-    pack: int = Field(
+    pack: Annotated[Annotated[int, Field(ge=1, le=MAX_PACK)] | Literal["auto"], BeforeValidator(_pack)] = Field(
         1,
-        ge=1,
-        le=32,
         description="LoRA trials a worker trains at once over one copy of the base model, in one forward and "
         "backward pass for all of them (each trial its own adapter, optimizer and schedule); a trial that ends "
-        "gives its place to the next. Pays where a GPU idles between small kernels; 1: one trial at a time.",
+        "gives its place to the next. Pays where a GPU idles between small kernels; 1: one trial at a time; "
+        "auto: as many as the GPU's free memory holds at hpo check's hungriest corner (1 on the CPU).",
     )
     slurm: SlurmSettings = Field(SlurmSettings(), description="hpo submit --slurm: setup line, #SBATCH options.")
     kubernetes: KubernetesSettings = Field(

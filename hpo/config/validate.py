@@ -21,6 +21,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ValidationError
 
 from hpo import samplers, space
+from hpo.config import finalists
 from hpo.config import reporting as trackers
 from hpo.config.compose import mask
 from hpo.config.corners import expression_problems
@@ -137,6 +138,7 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
             )
         )
     problems += _chat_problems(cfg)
+    problems += _finalist_problems(cfg)
     problems += _objective_problems(cfg)
     problems += _tracker_problems(cfg)
     problems += _quantization_problems(cfg)
@@ -159,8 +161,9 @@ def _chat_problems(cfg: StudyConfig) -> list[Problem]:
     return []
 
 
-def _pack_problems(cfg: StudyConfig) -> list[Problem]:
-    """resources.pack over 1: LoRA trials of one process each, all over one base built one way, measured together."""
+def pack_problems(cfg: StudyConfig) -> list[Problem]:
+    """resources.pack over 1 (or auto): LoRA trials of one process each, over a base that stays as loaded, measured
+    alone. (A searched parameter that builds the base other ways makes the run train one trial at a time.)"""
     problem = lambda why: [cfg._source.problem(("resources", "pack"), f"{why}, or pack: 1")]
     if not cfg.is_lora:
         return problem("packs train LoRA trials over one base: add model.lora")
@@ -168,11 +171,6 @@ def _pack_problems(cfg: StudyConfig) -> list[Problem]:
         return problem("packs train one-process trials: processes_per_trial and nodes_per_trial 1")
     if fixed := [k for k in space.NOT_RESIDENT if cfg.train.get(k) or k in cfg.search_space]:
         return problem(f"a pack's base stays as it is loaded: no {fixed[0]}")
-    varied = [k for k in (*space.MODEL_PARAMS, *space.MODEL_SETTINGS) if _varies(cfg.search_space.get(k))]
-    if cfg.model.config is not None and _varies(cfg.search_space.get("seed")):
-        varied.append("seed")  # of a model built from a config: its weights
-    if varied:
-        return problem(f"a pack's trials share one base, and search_space.{varied[0]} builds it other ways")
     if cfg.repeats > 1:
         return problem("repeats trains each seed over a base of its own, not in a pack: repeats 1")
     if costs := [o.metric for o in cfg.objectives or [] if o.metric in COST_METRICS]:
@@ -180,9 +178,32 @@ def _pack_problems(cfg: StudyConfig) -> list[Problem]:
     return []
 
 
-def _varies(param: Any) -> bool:
-    """Whether a search-space entry can take more than one value (a categorical of one choice cannot)."""
-    return param is not None and not (param.choices is not None and len(param.choices) == 1)
+def _finalist_problems(cfg: StudyConfig) -> list[Problem]:
+    """What generation needs: a causal LM, prompts with references (prompt/response pairs or chat), the rows named,
+    importable scoring functions, and one trial at a time (a packed trial's generation is not written yet)."""
+    f = cfg.finalists
+    if f is None:
+        return []
+    problem = lambda key, why: [cfg._source.problem(("finalists", *key), why)]
+    if cfg.task != "causal-lm":
+        return problem((), f"finalists generate text: task causal-lm, not {cfg.task}")
+    if cfg.data.format != "chat" and cfg.data.prompt_column is None:
+        return problem((), "finalists generate from prompts: data.prompt_column and response_column, or format: chat")
+    if f.split == "test" and cfg.data.test is None:
+        return problem(("split",), "needs data.test")
+    if cfg.resources.pack != 1:
+        return problem((), "finalists do not generate in a pack yet: resources.pack 1")
+    if cfg.resources.ranks > 1:
+        return problem(
+            (), "finalists do not generate in multi-process trials yet: processes_per_trial and nodes_per_trial 1"
+        )
+    for i, name in enumerate(f.metrics):
+        if name not in finalists.BUILTIN:
+            try:
+                finalists.scorer(name, cfg.root)
+            except ValueError as e:
+                return problem(("metrics", i), str(e))
+    return []
 
 
 def _objective_problems(cfg: StudyConfig) -> list[Problem]:
@@ -193,8 +214,8 @@ def _objective_problems(cfg: StudyConfig) -> list[Problem]:
     if cfg.repeats > 1 and cfg.objectives:
         problems.append(src.problem(("repeats",), "repeats with several objectives is not supported yet: one of them"))
     launched = [k for k in ("fsdp", "deepspeed") if cfg.train.get(k)]  # trials run by the launcher, as over 1 process
-    if cfg.resources.pack > 1:
-        problems += _pack_problems(cfg)
+    if cfg.resources.pack != 1:
+        problems += pack_problems(cfg)
     if cfg.repeats > 1 and (cfg.resources.ranks > 1 or launched):
         what = f"train.{launched[0]}" if launched else "processes_per_trial or nodes_per_trial over 1"
         problems.append(src.problem(("repeats",), f"repeats with {what} is not supported yet: one of them"))

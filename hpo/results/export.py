@@ -10,7 +10,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from hpo.attrs import DERIVED_PARAMS, DEVICES, MICRO_BATCH, TEST_METRICS
+from hpo.attrs import DERIVED_PARAMS, DEVICES, FINALIST, MICRO_BATCH, TEST_METRICS
 from hpo.config import StudyConfig
 from hpo.errors import NoCompleteTrial
 from hpo.expr import Expression
@@ -54,8 +54,27 @@ def best_config(
         ),
         **rest,
         **({"test": trial.user_attrs[TEST_METRICS]} if TEST_METRICS in trial.user_attrs else {}),  # data.test
+        **({"finalists": finalists(cfg, study)} if cfg.finalists is not None else {}),
         "revision": trial_revision(trial),
         "current_revision": current_revision(study),
+    }
+
+
+def finalists(cfg: StudyConfig, study: optuna.Study) -> dict[str, Any]:
+    """The study's finalists, its best ``finalists.top`` complete trials by the objective: their numbers in that
+    order (``by_objective``), and ranked by ``finalists.rank_by``, higher first (``ranked``: trial, value, scores;
+    a finalist whose generation failed, last with its error)."""
+    f = cfg.finalists
+    top = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=rank_key(study))[: f.top]
+    scored = [t for t in top if f.rank_by in t.user_attrs.get(FINALIST, {}).get("scores", {})]
+    ranked = sorted(scored, key=lambda t: -t.user_attrs[FINALIST]["scores"][f.rank_by])  # stable: ties by objective
+    return {
+        "rank_by": f.rank_by,
+        "by_objective": [t.number for t in top],
+        "ranked": [
+            {"trial": t.number, "value": t.values[0], **t.user_attrs.get(FINALIST, {"error": "not generated"})}
+            for t in ranked + [t for t in top if t not in scored]
+        ],
     }
 
 

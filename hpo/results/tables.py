@@ -36,7 +36,7 @@ import pandas as pd
 from optuna.trial import TrialState
 from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
-from hpo.attrs import CONFIG, DERIVED_PARAMS, PRUNED_AT_STEP, REVISION, TEST_METRICS, TEST_TOP_K
+from hpo.attrs import CONFIG, DERIVED_PARAMS, FINALIST, PRUNED_AT_STEP, REVISION, TEST_METRICS, TEST_TOP_K
 from hpo.distributions import at_edges
 from hpo.study.storage import best_trial
 from hpo.tasks import HIGHER_IS_BETTER
@@ -201,6 +201,7 @@ def trials_frame(studies: Sequence[optuna.Study], include_pruned: bool = False) 
             row.update({f"params_{k}": v for k, v in {**t.params, **t.user_attrs.get(DERIVED_PARAMS, {})}.items()})
             test = t.user_attrs.get(TEST_METRICS)
             row.update({k: v for k, v in (test if isinstance(test, dict) else {}).items() if k.startswith("test_")})
+            row.update(_finalist(t.user_attrs.get(FINALIST)))
             rows.append(row)
     columns = ["study", "trial", "state", "final", *GROUP, "objective", *ATTRS]
     df = pd.DataFrame(rows, columns=columns + sorted({c for r in rows for c in r} - set(columns)))
@@ -211,7 +212,19 @@ def trials_frame(studies: Sequence[optuna.Study], include_pruned: bool = False) 
     # on eval, not one more number to choose by (the trials below them were not all evaluated on it)
     for name in [c for c in df.columns if c.startswith("test_")]:
         df[name] = pd.to_numeric(df[name], errors="coerce").where(df["final"] & (df["rank"] <= TEST_TOP_K))
+    if "finalist" in df:  # the finalists are the top N by the objective; a trial later pushed out of them is not
+        df["finalist"] = df["finalist"].where(df["final"] & (df["rank"] <= df.pop("finalists_top")))
     return df
+
+
+def _finalist(found: Any) -> dict[str, Any]:
+    """A finalist's generation scores as ``gen_<metric>`` columns, and the one that ranks finalists as ``finalist``."""
+    found = found if isinstance(found, dict) else {}
+    scores = found.get("scores", {})
+    ranks = found.get("rank_by") in scores
+    return {f"gen_{k}": v for k, v in scores.items()} | (
+        {"finalist": scores[found["rank_by"]], "finalists_top": found.get("top")} if ranks else {}
+    )
 
 
 def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

@@ -31,7 +31,7 @@ def print_tables(console: Console, trials: pd.DataFrame, summary: pd.DataFrame, 
         if "pareto" in rows:  # several objectives: the front first, each in rank order
             rows = rows.sort_values("pareto", ascending=False, kind="stable", key=lambda c: c.fillna(False))
         # columns of the features a study uses (several objectives, repeats, data.test), only when it does
-        used = [c for c in ("pareto", "value_std", "test_loss") if c in rows and rows[c].notna().any()]
+        used = [c for c in ("pareto", "value_std", "test_loss", "finalist") if c in rows and rows[c].notna().any()]
         columns = ["rank", "study", "trial", "state", *[c for c in used if c == "pareto"], "objective"]
         columns += [*[c for c in used if c != "pareto"], "eval_accuracy", "optimizer_steps"]
         console.print(
@@ -40,6 +40,19 @@ def print_tables(console: Console, trials: pd.DataFrame, summary: pd.DataFrame, 
                 [*columns, "score"],
                 f"top 10 trials: {label}{pruned} (params in the CSV and HTML)",
             )
+        )
+        if "finalist" in used:
+            _disagree(console, rows)
+
+
+def _disagree(console: Console, rows: pd.DataFrame) -> None:
+    """Say when the objective's best and the best finalist by generation (the ``finalist`` score) differ."""
+    ranked = rows[rows["finalist"].notna()]
+    first, by_generation = rows.iloc[0], ranked.loc[ranked["finalist"].idxmax()]
+    if (first["study"], first["trial"]) != (by_generation["study"], by_generation["trial"]):
+        console.print(
+            f"[yellow]the rankings disagree[/]: the objective ranks trial {first['trial']} ({escape(first['study'])}) "
+            f"first, the finalists' generations trial {by_generation['trial']} ({escape(by_generation['study'])})"
         )
 
 

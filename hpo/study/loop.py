@@ -26,7 +26,7 @@ from hpo.study.objective import make_objective
 from hpo.study.progress import Progress, print_summary
 from hpo.study.storage import FINISHED, count_finished, open_study
 from hpo.trial import interrupts, memory, pack, trackers
-from hpo.trial.workbench import Workbench, prepare
+from hpo.trial.workbench import Workbench, prepare, quiet
 
 MAX_REJECTED_IN_A_ROW = 100  # constraints that leave almost no feasible space
 MAX_OUT_OF_MEMORY_IN_A_ROW = 10  # trials that fit at no micro-batch: the space needs more memory than the device has
@@ -105,7 +105,7 @@ def run_study(
         objective = make_objective(bench, progress, revision, tracking)
         deadline = None if cfg.timeout is None else time.monotonic() + cfg.timeout
         with interrupts.Guard(), tracking, _frozen_heap(), progress:
-            if (k := _pack_size(cfg, study, console)) > 1:
+            if (k := _pack_size(cfg, study, bench, console)) > 1:
                 _optimize_packed(k, bench, study, objective, progress, stop, cfg, watch, deadline)
             _optimize(study, objective, progress, stop, cfg, watch, deadline)
             interrupts.stop_if_asked()  # a signal after the last trial's last safe point still stops the run
@@ -136,14 +136,40 @@ def _frozen_heap():
         gc.unfreeze()
 
 
-def _pack_size(cfg: StudyConfig, study: optuna.Study, console: Console) -> int:
-    """``resources.pack``, or 1 (said once) where this run cannot pack: a seeded study's workers sample in order,
+def _pack_size(cfg: StudyConfig, study: optuna.Study, bench: Workbench, console: Console) -> int:
+    """``resources.pack`` (``auto``: what ``hpo check`` measures here, said once), or 1 (said once) where this run
+    cannot pack: trials whose base is built more than one way, or a seeded study's workers, which sample in order,
     each trial waiting for earlier ones (:mod:`hpo.study.ordered`), which a pack's turns cannot do."""
     k = cfg.resources.pack
-    if k > 1 and isinstance(study.sampler, ordered.OrderedSampler):
-        console.print(f"resources.pack: {k} falls back to one trial at a time: seeded workers sample in order")
+    if k == 1:
         return 1
-    return k
+    if cfg.base_varies:
+        why = f"search_space.{cfg.base_varies} builds the base model more than one way"
+    elif isinstance(study.sampler, ordered.OrderedSampler):
+        why = "seeded workers sample in order"
+    elif k != "auto":
+        return k
+    elif bench.device != "cuda":
+        why = "on the CPU a pack trains no faster (docs/performance.md)"
+    else:
+        k, why = _measured_pack(cfg, bench)
+        console.print(f"resources.pack: auto trains {k} trial(s) at once: {why}", markup=False)
+        return k
+    console.print(f"resources.pack: {k} falls back to one trial at a time: {why}", markup=False)
+    return 1
+
+
+def _measured_pack(cfg: StudyConfig, bench: Workbench) -> tuple[int, str]:
+    """``resources.pack: auto`` on this GPU: ``hpo check``'s hungriest corner measured here (its base stays resident
+    for the first trial), or 1 where the check fails (the first trial says why again)."""
+    from hpo.trial.preflight import check
+
+    try:
+        with quiet():
+            report = check(cfg, bench)
+    except Exception as e:  # noqa: BLE001 - a corner that cannot train: its trials fail and say why
+        return 1, f"hpo check failed ({type(e).__name__}: {str(e).strip()[:200]})"
+    return report.pack or 1, report.pack_why
 
 
 def _optimize_packed(
@@ -153,6 +179,7 @@ def _optimize_packed(
     in a lane, until no trial is left to start here (what other workers still run, :func:`_optimize` waits for)."""
     group = pack.Pack(cfg.task, bench.tokenizer.pad_token_id)
     failed: list[BaseException] = []
+    _fail_stale(study)  # a killed run's trials: queued again now, they train in the pack (from their checkpoints)
 
     def slot() -> None:
         while not failed:
@@ -233,10 +260,15 @@ def _optimize(
         # or its worker may die (then its trial goes stale, and this worker retries it).
         progress.waiting(running)
         time.sleep(WAIT_POLL_S)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
+        _fail_stale(study)
     return "stopped"
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    """End the trials whose worker died (heartbeat stale) FAIL; Optuna's callback queues each again."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def _end_trial(study: optuna.Study, number: int, reason: str, sqlite_path: str | None) -> str:

@@ -31,18 +31,16 @@ from hpo.attrs import (
     REJECTED_ENQUEUED,
     RETRY_OF,
     REVISION,
-    TEST_METRICS,
-    TEST_TOP_K,
     WORKER,
 )
 from hpo.config import StudyConfig
-from hpo.study import distributed, ordered, outputs
+from hpo.study import distributed, held_out, ordered, outputs
 from hpo.study.artifacts import artifact_store, upload_json
 from hpo.study.faults import DISK_FULL, storage_error
 from hpo.study.progress import Progress
-from hpo.study.storage import FINISHED, orientation
-from hpo.trial import checkpoints, interrupts, memory, trackers
-from hpo.trial.finetune import TrialResult, evaluate_test, objective_values, run_trial
+from hpo.study.storage import FINISHED
+from hpo.trial import checkpoints, interrupts, memory, pack, trackers
+from hpo.trial.finetune import TrialResult, objective_values, run_trial
 from hpo.trial.memory import release
 from hpo.trial.plan import TrialPlan, make_plan, repeat_seeds
 from hpo.trial.workbench import Workbench
@@ -189,11 +187,8 @@ def _finished(
     if result.pruned:
         now.state = "PRUNED"
         raise optuna.TrialPruned(f"pruned at step {result.attrs['pruned_at_step']}")
-    if bench.test_rows is not None and result.model is not None and _may_be_top(trial, result.value):
-        try:
-            trial.set_user_attr(TEST_METRICS, evaluate_test(bench, result.model))  # shown, never chosen on
-        except Exception as e:  # noqa: BLE001 - the trial trained and was evaluated: it stays COMPLETE
-            trial.set_user_attr(TEST_METRICS, {"error": cfg.masked(storage_error(e))[:500]})
+    if result.model is not None:
+        held_out.score_if_top(bench, trial, result, int(knobs.training_value(plan.training_arguments, "seed")))
     outputs.stage_if_best(bench, result, params, trial)
     now.state = "COMPLETE"
     return objective_values(cfg, result) if cfg.objectives else result.value
@@ -288,7 +283,7 @@ def _fitting(
     memory (device, cap, revision), and records the micro-batch it ran at and those that ran out
     (``oom_micro_batches``), for the trials after it.
     """
-    mine = memory.signature(bench.device, bench.cfg.resources.max_memory_gb, revision)
+    mine = memory.signature(bench.device, bench.cfg.resources.max_memory_gb, revision, pack.current() is not None)
     trial.set_user_attr(MEMORY, mine)
     same = [
         t
@@ -332,15 +327,6 @@ def _fitting(
         trial.set_user_attr(EVAL_BATCH, eval_batch)  # the trials after it start there
     trial.set_user_attr(OOM_RETRIES, len(retries))  # restarts, for training or evaluation batches
     return result
-
-
-def _may_be_top(trial: optuna.Trial, value: float) -> bool:
-    """Whether a trial finishing with ``value`` may end among the study's best :data:`TEST_TOP_K` (on the first
-    objective): then ``data.test`` evaluates it, once. A trial outside them now can never enter them later."""
-    study = trial.study
-    sign = orientation(study)
-    done = sorted(sign * t.values[0] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    return len(done) < TEST_TOP_K or sign * value < done[TEST_TOP_K - 1]
 
 
 def _repeat(bench: Workbench, plan, trial: optuna.Trial, result, progress: Progress) -> None:

@@ -131,15 +131,16 @@ def start_micro_batch(params: Mapping[str, Any], batch: int, earlier: Iterable[M
     return fitting[0] if fitting else 1
 
 
-def signature(device: str, limit_gb: float | None, revision: int) -> str:
+def signature(device: str, limit_gb: float | None, revision: int, packed: bool = False) -> str:
     """What makes one trial's out-of-memory errors tell about another's: the same device model and size, the
-    same ``max_memory_gb``, the same revision of the study file (its fixed settings: max_length, train:)."""
+    same ``max_memory_gb``, the same revision of the study file (its fixed settings: max_length, train:), trained
+    in a pack or not (a packed trial's memory is shared with the others')."""
     if device == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         where = f"{props.name}/{props.total_memory >> 20}MiB"
     else:
         where = f"cpu/{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') >> 20}MiB"
-    return f"{where}/cap={limit_gb}/revision={revision}"
+    return f"{where}/cap={limit_gb}/revision={revision}" + "/packed" * packed
 
 
 def with_micro_batch(plan: TrialPlan, micro: int) -> TrialPlan:
@@ -158,6 +159,11 @@ class EvalOutOfMemory(torch.OutOfMemoryError):
 
 class TrainOutOfMemory(torch.OutOfMemoryError):
     """Training ran over ``resources.max_memory_gb`` (raised at the end of a step, before any evaluation)."""
+
+
+class PackOutOfMemory(torch.OutOfMemoryError):
+    """A packed pass of several trials ran out of memory (:mod:`hpo.trial.pack`): the pack holds fewer trials from
+    now on, and each trial of the pass trains again at the same micro-batch, which may fit alone."""
 
 
 class OutOfMemory(RuntimeError):
@@ -222,12 +228,14 @@ def fit(
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
-            in_eval = isinstance(e, EvalOutOfMemory)
+            in_eval, crowded = isinstance(e, EvalOutOfMemory), isinstance(e, PackOutOfMemory)
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         # Out of the except block: the traceback, which holds the attempt's model and tensors, is gone.
         peak_gb = meter.peak_mb / 1024
         release()
-        if in_eval:
+        if crowded:  # the pack shrank: the same micro-batch, with fewer trials beside it
+            message = f"{reason}: again at micro-batch {micro}"
+        elif in_eval:
             if eval_batch == 1:  # no smaller eval batch; a smaller training one would not help
                 raise OutOfMemory(
                     f"out of memory evaluating at batch 1 (peak {peak_gb:.2f} GB): set eval_accumulation_steps "
@@ -361,24 +369,6 @@ _libc = None
 with contextlib.suppress(OSError, AttributeError, TypeError):
     _libc = ctypes.CDLL(ctypes.util.find_library("c"))
     _libc.malloc_trim  # noqa: B018 - glibc only: musl and macOS have none
-
-
-#: What a CUDA process holds beside its allocations (context, cuBLAS and cuDNN handles; ~500 MiB seen on an H200)
-CUDA_CONTEXT_MB = 600
-
-
-#: The allocator's cache above the peak allocated (the peak a trial measures): what a worker reserves beyond it
-RESERVED_SLACK = 1.25
-
-
-def workers_per_gpu(free_mb: float, peak_mb: float) -> int:
-    """Workers that fit on one GPU with ``free_mb`` free, each at a trial's ``peak_mb`` (its base model counted:
-    each worker keeps its own) with the allocator's slack, and a CUDA context; at least 1.
-
-    >>> workers_per_gpu(80_000, 7_000), workers_per_gpu(80_000, 90_000)
-    (8, 1)
-    """
-    return max(1, int(free_mb // (peak_mb * RESERVED_SLACK + CUDA_CONTEXT_MB)))
 
 
 def release(result: Any = None) -> None:

@@ -71,6 +71,8 @@ def build_model(bench: Workbench, plan: TrialPlan) -> tuple[Any, dict[str, list[
     transformers.set_seed(seed)  # a model built from a config draws its weights from it
     key = resident.key(plan, from_config=bench.model_path is None)
     lane = pack.current()
+    if lane is not None:
+        lane[0].clear(lane[1])  # before the base is chosen: a lane that waited may find the pack empty
     if lane is not None and lane[0].model is not None:  # a lane joining a pack: the base is the pack's
         if key != bench.resident.key:
             raise ValueError("a packed trial must build its base as the pack's other trials do")

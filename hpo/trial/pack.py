@@ -34,7 +34,9 @@ from accelerate.state import GradientState
 from transformers.loss.loss_utils import ForCausalLMLoss, ForSequenceClassificationLoss, ForTokenClassification
 from transformers.modeling_outputs import ModelOutput
 
+from hpo.config.sections import MAX_PACK
 from hpo.trial.lanes import LaneView, Originals, owner, route
+from hpo.trial.memory import PackOutOfMemory, is_out_of_memory
 from hpo.trial.tokens import IGNORE
 from hpo.trial.workbench import quiet
 
@@ -58,10 +60,12 @@ class Pack:
         self.spans: list[tuple[str, int, int]] = []  # the forward in progress: each lane's rows (the layers read it)
         self._spans: list[tuple[str, int, int]] = []  # the last packed pass's
         self.passes = 0  # packed forwards run (a test and the benchmark read them)
+        self.limit = MAX_PACK  # the most lanes with an adapter at once: lowered when a packed pass ran out of memory
         self._cv = threading.Condition()
         self._count = itertools.count()
         self._order: list[str] = []  # lanes in the order they joined: the baton goes round in it
-        self._state: dict[str, str] = {}  # "running" (holds the baton), "ready", "forward" or "backward"
+        # "running" (holds the baton), "ready", "forward" or "backward", "parked" (waits for room, :meth:`add`)
+        self._state: dict[str, str] = {}
         self._holder: str | None = None
         self._duty: str | None = None  # the packed pass the holder is woken to run
         self._waiting: dict[str, Any] = {}  # a lane's micro-batch (forward) or loss (backward)
@@ -88,6 +92,7 @@ class Pack:
             self._state[name] = "running"
         try:
             _set_own_state(self._fresh)
+            self._room(name)  # a pack that ran out of memory holds fewer: the others wait before their trial starts
             _here.lane = (self, name)
             yield
         finally:
@@ -121,28 +126,45 @@ class Pack:
         """Give up the baton until the packed pass this lane waits for (``state``) has run; its output."""
         with self._cv:
             self._waiting[name] = waiting
-            self._state[name] = state
-            self._own[name] = _own_state()
-            self._hand_on(name)
-            self._cv.wait_for(lambda: self._holder == name)
-            try:
-                if self._duty is not None:  # this lane is first in the pass: it runs it for all, then goes on
-                    duty, self._duty = self._duty, None
-                    self._run(duty)
-            finally:
-                self._state[name] = "running"
-                _set_own_state(self._own[name])
+            self._wait(name, state)
             done = self._done.pop(name)
         if isinstance(done, BaseException):
             raise done
         return done
+
+    def _wait(self, name: str, state: str) -> None:
+        """Hand the baton on as ``state`` and wait for it again (running the pass it is woken for, if any)."""
+        self._state[name] = state
+        self._own[name] = _own_state()
+        self._hand_on(name)
+        self._cv.wait_for(lambda: self._holder == name)
+        try:
+            if self._duty is not None:  # this lane is first in the pass: it runs it for all, then goes on
+                duty, self._duty = self._duty, None
+                self._run(duty)
+        finally:
+            self._state[name] = "running"
+            _set_own_state(self._own[name])
+
+    def clear(self, name: str) -> None:
+        """Make way for lane ``name``'s new adapter (a trial, or its retry at a smaller batch, another seed): its
+        adapter of before deleted (the last one: the base bare again), then wait for room in the pack."""
+        self._drop(name, unload=True)
+        self._room(name)
+
+    def _room(self, name: str) -> None:
+        """Wait, parked, until fewer than :attr:`limit` other lanes have an adapter."""
+        with self._cv:
+            while self.model is not None and len(set(self.model.peft_config) - {name}) >= self.limit:
+                self._wait(name, "parked")
 
     def _hand_on(self, name: str) -> None:
         """Pass the baton from ``name`` to the next ready lane; when every lane waits, to the first lane of the
         pass to run (backwards first: a new lane's forward waits for the pass in flight to finish)."""
         start = self._order.index(name) + 1 if name in self._order else 0
         turn = self._order[start:] + self._order[:start]
-        ready = [n for n in turn if self._state[n] == "ready"]
+        room = self.model is None or len(self.model.peft_config) < self.limit  # a parked lane looks again
+        ready = [n for n in turn if self._state[n] == "ready" or (room and self._state[n] == "parked")]
         if ready:
             self._holder = ready[0]
         else:
@@ -164,7 +186,12 @@ class Pack:
             else:
                 self._done.update(self._forward(batches))
         except BaseException as e:  # noqa: BLE001 - each lane of the pass raises it in its own thread
-            self._done.update(dict.fromkeys(lanes, e))
+            if len(lanes) > 1 and is_out_of_memory(e):  # fewer lanes at once before any trial's smaller micro-batch
+                self.limit = len(lanes) - 1
+                why = f"a pack of {len(lanes)} ran out of memory, now at most {self.limit} at once"
+                self._done.update({n: PackOutOfMemory(why) for n in lanes})
+            else:
+                self._done.update(dict.fromkeys(lanes, e))
         finally:
             self._own[""] = _own_state()
             for n in lanes:
@@ -234,7 +261,6 @@ class Pack:
         by ``init_heads`` (given the modules to initialise), as a trial of its own draws them: the view it trains."""
         from peft import get_peft_model
 
-        self._drop(name, unload=True)  # the lane trains again (a retry at a smaller batch, another seed)
         if self.model is None:
             init_heads(base)
             self.model = get_peft_model(base, config, adapter_name=name)

@@ -29,17 +29,49 @@ from transformers import TrainerCallback, TrainingArguments
 
 from hpo import knobs, samplers
 from hpo.config import EvalGrid, Resources, StudyConfig
+from hpo.config.sections import MAX_PACK
+from hpo.config.validate import pack_problems
 from hpo.trial import memory
-from hpo.trial.checkpoints import KEEP
 from hpo.trial.corners import corner
 from hpo.trial.finetune import run_trial
 from hpo.trial.plan import TrialPlan, make_plan
+from hpo.trial.resident import sizes_mb
 from hpo.trial.workbench import Workbench, prepare
 
 STEPS = 4  # optimizer steps per corner: the first pays for start-up, the others are timed
 #: Bytes of optimizer state per trainable parameter (fp32 states), by the optimizer's class name.
 OPTIMIZER_BYTES = {"AdamW": 8, "Adam": 8, "RMSprop": 4, "SGD": 4, "Adafactor": 0}
 PRUNING_ASSUMPTION = "half the trials after the pruner's first {n} stop halfway through"
+
+
+#: What a CUDA process holds beside its allocations (context, cuBLAS and cuDNN handles; ~500 MiB seen on an H200)
+CUDA_CONTEXT_MB = 600
+
+
+#: The allocator's cache above the peak allocated (the peak a trial measures): what a worker reserves beyond it
+RESERVED_SLACK = 1.25
+
+
+def workers_per_gpu(free_mb: float, peak_mb: float) -> int:
+    """Workers that fit on one GPU with ``free_mb`` free, each at a trial's ``peak_mb`` (its base model counted:
+    each worker keeps its own) with the allocator's slack, and a CUDA context; at least 1.
+
+    >>> workers_per_gpu(80_000, 7_000), workers_per_gpu(80_000, 90_000)
+    (8, 1)
+    """
+    return max(1, int(free_mb // (peak_mb * RESERVED_SLACK + CUDA_CONTEXT_MB)))
+
+
+def pack_size(free_mb: float, peak_mb: float, base_mb: float, most: int) -> int:
+    """LoRA trials that fit in one pack on a GPU with ``free_mb`` free: the base model once (``base_mb``), and each
+    trial's own share of a trial's ``peak_mb`` (adapters, their gradients and optimizer state, the activations of its
+    rows: the peak less the base) with the allocator's slack; 1 to ``most``.
+
+    >>> pack_size(80_000, 17_000, 15_000, 32), pack_size(80_000, 90_000, 15_000, 32)
+    (26, 1)
+    """
+    lane = max(peak_mb - base_mb, 1.0) * RESERVED_SLACK
+    return max(1, min(most, int((free_mb - base_mb) // lane)))
 
 
 class CheckFailed(RuntimeError):
@@ -63,6 +95,7 @@ class Corner:
     processes: int = 1  # the trial's ranks (processes_per_trial), measured here as accumulation steps
     global_batch: int = 0  # examples per optimizer step, as measured: micro-batch × accumulation × processes
     trial_steps: int = 0  # optimizer steps of one full trial at that global batch
+    base_mb: float = 0.0  # of the peak, a LoRA trial's frozen base model: a pack holds it once for all its trials
 
 
 @dataclass
@@ -79,13 +112,15 @@ class CheckReport:
     assumption: str
     advice: list[str] = field(default_factory=list)
     checkpoint_every: bool = False  # the study saves trial checkpoints: their size is shown
+    pack: int | None = None  # the trials resources.pack: auto trains at once here (None: the study cannot pack)
+    pack_why: str = ""  # what that number comes from
 
     @property
     def workers_per_gpu(self) -> int | None:
-        """One-process workers per GPU for ``hpo run --workers auto`` (:func:`memory.workers_per_gpu`); None: CPU."""
+        """One-process workers per GPU for ``hpo run --workers auto`` (:func:`workers_per_gpu`); None: CPU."""
         if self.device != "cuda" or self.corners[0].ran_out:
             return None
-        return memory.workers_per_gpu(self.budget_mb, self.corners[0].peak_mb)
+        return workers_per_gpu(self.budget_mb, self.corners[0].peak_mb)
 
     @property
     def fits(self) -> bool:
@@ -138,9 +173,29 @@ def check(cfg: StudyConfig, bench: Workbench | None = None) -> CheckReport:
         "no pruning" if cfg.pruner.name == "none" else PRUNING_ASSUMPTION.format(n=n),
         checkpoint_every=cfg.checkpoint_every is not None,
     )
+    report.pack, report.pack_why = _pack_size(cfg, report)
     if not report.fits:
         report.advice = advice(cfg, corners[0])
     return report
+
+
+def _pack_size(cfg: StudyConfig, report: CheckReport) -> tuple[int | None, str]:
+    """How many trials ``resources.pack: auto`` trains at once on this device, and why (None: cannot pack)."""
+    if pack_problems(cfg):
+        return None, ""
+    hungriest = report.corners[0]
+    if cfg.base_varies:
+        return 1, f"search_space.{cfg.base_varies} builds the base model more than one way"
+    if report.device != "cuda":
+        return 1, "on the CPU a pack trains no faster than one trial at a time (docs/performance.md)"
+    if hungriest.ran_out:
+        return 1, "the hungriest corner runs out of memory alone"
+    k = pack_size(report.budget_mb, hungriest.peak_mb, hungriest.base_mb, MAX_PACK)
+    lane = hungriest.peak_mb - hungriest.base_mb
+    return k, (
+        f"the base's {human_mb(hungriest.base_mb)} once and {human_mb(lane)} per trial at the hungriest corner, with the "
+        f"allocator's slack, in {human_mb(report.budget_mb)} {report.budget_from}"
+    )
 
 
 def _budget(cfg: StudyConfig, device: str) -> tuple[float, str]:
@@ -218,6 +273,7 @@ def _measure(bench: Workbench, name: str, params: dict[str, Any]) -> Corner:
         startup = result.attrs["seconds_to_first_step"]
         eval_seconds = result.history[-1].get("eval_runtime", 0.0)
         breakdown = _breakdown(bench, result, batch, tokens, args)
+        base = sizes_mb(result.model).get(bench.device, 0.0) if cfg.is_lora else 0.0
         global_batch = round(result.attrs["examples_seen"] / result.attrs["optimizer_steps"])
         peak = meter.peak_mb
         del result
@@ -236,6 +292,7 @@ def _measure(bench: Workbench, name: str, params: dict[str, Any]) -> Corner:
         trial_seconds=round(startup + step * max(0, steps - 1) + evaluations * full_eval, 1),
         global_batch=global_batch,
         trial_steps=steps,
+        base_mb=round(base, 1),
     )
 
 
@@ -332,68 +389,5 @@ def advice(cfg: StudyConfig, hungriest: Corner) -> list[str]:
     return tips
 
 
-def _mb(mb: float) -> str:
+def human_mb(mb: float) -> str:
     return f"{mb / 1024:.2f} GB" if mb >= 1024 else f"{mb:.0f} MB"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
-
-
-def print_report(console, report: CheckReport) -> None:
-    """The table ``hpo check`` prints: per corner, the measured peak beside its breakdown (activations estimated,
-    the rest counted), seconds per optimizer step and one full trial's time."""
-    from rich.table import Table
-
-    table = Table(title=f"{report.study} on {report.device}: {_mb(report.budget_mb)} {report.budget_from}")
-    table.add_column("corner")
-    for column in ("peak", "weights", "grads", "optim.", "activ.~", "s/step", "trial"):
-        table.add_column(column, justify="right")
-    table.add_column("fits")
-    for c in report.corners:
-        b = c.breakdown_mb
-        table.add_row(
-            c.name,
-            ">" * bool(c.ran_out) + _mb(c.peak_mb),
-            *(_mb(b[k]) if k in b else "—" for k in ("weights", "gradients", "optimizer", "activations")),
-            f"{c.seconds_per_step:.3f}" if c.seconds_per_step else "—",
-            _duration(c.trial_seconds) if c.trial_seconds else "—",
-            "[green]yes[/]" if c.fits else "[red]no[/]",
-        )
-    console.print(table)
-    for c in report.corners:
-        if c.ran_out:
-            console.print(f"{c.name}: ran out of memory on this device: {c.ran_out}", markup=False)
-        shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in c.params.items())
-        console.print(f"{c.name}: {shown}; micro-batch {c.micro_batch} × {c.rows_tokens} tokens", markup=False)
-        if c.processes > 1:
-            console.print(
-                f"{c.name}: the trial's {c.processes} ranks measured in one process as {c.global_batch // c.micro_batch}"
-                f" accumulation steps of {c.micro_batch}: the same global batch of {c.global_batch}, "
-                f"{c.trial_steps} optimizer steps per trial; s/step and trial time are one device's for all ranks",
-                markup=False,
-            )
-    low, high = report.study_seconds
-    keep = 1 - report.pruned_share
-    console.print(
-        f"study: {report.n_trials} trials, {_duration(low)}–{_duration(high)} without pruning; "
-        f"~{_duration(low * keep)}–{_duration(high * keep)} with it ({report.assumption})",
-        markup=False,
-    )
-    if report.checkpoint_every and "checkpoint" in report.corners[0].breakdown_mb:
-        size = report.corners[0].breakdown_mb["checkpoint"]
-        console.print(
-            f"checkpoints (checkpoint_every): ~{_mb(size)} each, {KEEP} kept per running trial, removed when it ends",
-            markup=False,
-        )
-    if (per_gpu := report.workers_per_gpu) is not None:
-        each = f"the hungriest corner's peak and a {_mb(memory.CUDA_CONTEXT_MB)} CUDA context each"
-        console.print(f"hpo run --workers auto: {per_gpu} worker(s) per GPU ({each})", markup=False)
-    if report.fits:
-        console.print("[green]every corner fits[/]")
-        return
-    console.print(f"[red]the hungriest corner does not fit in {_mb(report.budget_mb)}[/]; change one of:")
-    for tip in report.advice:
-        console.print(f"  - {tip}", markup=False)

@@ -71,7 +71,7 @@ class Resident:
             self._restore()
             return self.loaded
         if self.loaded is not None:
-            self.dropped = _sizes_mb(self.loaded[0])
+            self.dropped = sizes_mb(self.loaded[0])
         self.forget()
         self.loads += 1
         model, report = load()
@@ -94,7 +94,7 @@ class Resident:
         if not self.reused:
             return self.dropped.get(device, 0.0)
         kept = sum(t.numel() * t.element_size() for t in (self.initial or {}).values()) / 2**20  # on the CPU
-        return _sizes_mb(self.loaded[0]).get(device, 0.0) + (kept if device == "cpu" else 0.0)
+        return sizes_mb(self.loaded[0]).get(device, 0.0) + (kept if device == "cpu" else 0.0)
 
     def lend(self, peft_model: Any) -> None:
         """``peft_model`` wraps the resident base for one trial: it is unloaded before the next."""
@@ -115,7 +115,7 @@ class Resident:
             self.loaded[0].load_state_dict(self.initial)
 
 
-def _sizes_mb(model: Any) -> dict[str, float]:
+def sizes_mb(model: Any) -> dict[str, float]:
     """The model's own weights and buffers (not a trial's adapters), MiB per device type."""
     sizes: dict[str, float] = {}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:

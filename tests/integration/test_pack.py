@@ -8,6 +8,7 @@ learning rate, the batch size, the accumulation, the weight decay, the LoRA rank
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import shutil
@@ -15,14 +16,15 @@ import signal
 
 import optuna
 import pytest
+import torch
 from conftest import DATA, TINY_GPT2, reevaluated, study_dict
 from optuna.trial import TrialState
-from procs import WAIT_S, slow_study, start, wait_for_running
+from procs import RUN_S, WAIT_S, slow_study, start, wait_for, wait_for_running, wait_until_stale
 from rich.console import Console
 
 import hpo
 from hpo import load_study
-from hpo.trial import pack
+from hpo.trial import memory, pack
 from hpo.trial.finetune import run_trial
 from hpo.trial.lanes import owner
 from hpo.trial.memory import release
@@ -233,6 +235,53 @@ def test_a_lane_that_trains_again_trains_as_alone(write_study, tiny_model):
     _same([_curve(r) for r in results["again"]], alone * 2)
 
 
+class _Tight(pack.Pack):
+    """A pack on a device whose memory holds one lane's pass: a packed forward of more runs out, as CUDA's would."""
+
+    def _forward(self, batches):
+        if len(batches) > 1:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (a test's device: a pass of {len(batches)} lanes)")
+        self.alone_passes += 1
+        return super()._forward(batches)
+
+
+def test_a_pack_that_runs_out_of_memory_holds_fewer_trials_before_any_trains_smaller(write_study, tiny_model):
+    # Three trials in a pack whose every packed pass runs out: the pack shrinks to 2, then 1 (the others parked
+    # until a lane ends), each trial trains again at its own micro-batch (none halved), and reports what it
+    # reports alone.
+    cfg = _classifier(write_study, tiny_model)
+    bench = prepare(cfg)
+    members = MEMBERS[:3]
+    fixed = [optuna.trial.FixedTrial(_params(p)) for p in members]
+    group = _Tight(cfg.task, bench.tokenizer.pad_token_id)
+    group.alone_passes, retries = 0, []
+
+    def trial(p, t):
+        plan = make_plan(cfg, _params(p))
+        fitted = memory.fit(
+            plan,
+            lambda at, meter: run_trial(bench, at, t, meter=meter),
+            bench.device,
+            on_retry=lambda *a: retries.append(a),
+        )
+        result, micro, ran_out, _ = fitted
+        assert (micro, ran_out) == (p["per_device_train_batch_size"], [])
+        return result
+
+    work = [(f"trial-{i}", lambda p=p, t=t: trial(p, t)) for i, (p, t) in enumerate(zip(members, fixed, strict=True))]
+    results = pack.run(group, work)
+    _same([_curve(results[name]) for name, _ in work], _alone(cfg, members, fixed))
+    assert group.limit == 1 and group.passes == group.alone_passes
+    # every lane of the pass of 3 trained again, then both of the pass of 2; no micro-batch ran out
+    shrunk = [why.split(":")[0] for _, why in retries]
+    assert (
+        shrunk
+        == ["a pack of 3 ran out of memory, now at most 2 at once"] * 3
+        + ["a pack of 2 ran out of memory, now at most 1 at once"] * 2
+    )
+    assert all(ran_out == [] for ran_out, _ in retries)
+
+
 def _digest(model) -> str:
     """A digest of the base's own weights (no adapter, no head copy)."""
     digest = hashlib.sha256()
@@ -292,3 +341,77 @@ def test_sigterm_stops_every_lane_of_a_packed_run(write_study, tiny_model):
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     stopped = [t for t in trials if t.state == TrialState.FAIL]
     assert len(stopped) == 2 and {t.user_attrs["fail_reason"] for t in stopped} == {"interrupted"}
+
+
+@pytest.mark.parametrize(
+    ("pack_size", "space", "said"),
+    [
+        ("auto", {}, "resources.pack: auto falls back to one trial at a time: on the CPU a pack trains no faster"),
+        (
+            2,
+            {"dropout": {"type": "categorical", "choices": [0.0, 0.1]}},
+            "resources.pack: 2 falls back to one trial at a time: search_space.dropout builds the base model more "
+            "than one way",
+        ),
+    ],
+)
+def test_a_run_that_cannot_pack_trains_one_at_a_time_and_says_so_once(tiny_model, tmp_path, pack_size, space, said):
+    lora = {"target_modules": ["query", "value"], "r": 4}
+    out = io.StringIO()
+    study = hpo.run(
+        study_dict(
+            tiny_model,
+            model={"name": str(tiny_model), "lora": lora},
+            search_space={"learning_rate": SPACE["learning_rate"], **space},
+            resources={"pack": pack_size},
+            storage=f"sqlite:///{tmp_path}/s.db",
+            output_dir=str(tmp_path / "out"),
+        ),
+        console=Console(file=out, width=300),
+    )
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert not any(t.user_attrs["packed"] for t in study.trials)
+    assert out.getvalue().count(said) == 1, out.getvalue()
+
+
+def test_a_killed_packed_run_loses_no_trial_and_its_rerun_resumes_each_from_its_checkpoint(write_study, tiny_model):
+    # SIGKILL: no handler runs, both lanes' trials stay RUNNING. Once stale, the rerun fails them and retries each
+    # with its parameters, in a pack again, from its own checkpoint; the study ends with n_trials finished.
+    # Dropout 0: a packed trial's masks are drawn for the whole pass, so with dropout the steps after the
+    # checkpoint would be trained again with other masks than before the kill.
+    lora = {"target_modules": ["query", "value"], "r": 4, "lora_dropout": 0.0}
+    space = {**NO_DROPOUT, "learning_rate": SPACE["learning_rate"]}
+    path = slow_study(
+        write_study,
+        n_trials=2,
+        search_space=space,
+        resources={"pack": 2},
+        model={"name": str(tiny_model), "lora": lora},
+        heartbeat_interval=1,
+        grace_period=3,
+        checkpoint_every={"epochs": 4},
+    )
+    storage = f"sqlite:///{path.with_suffix('.db')}"
+    proc = start(path)
+    folder = path.parent / "outputs" / "tiny" / "checkpoints"
+    wait_for(lambda: len({p.parts[-3] for p in folder.glob("*/checkpoint-*/hpo-complete")}) == 2, "both checkpoints")
+    proc.kill()
+    proc.wait(timeout=WAIT_S)
+    victims = optuna.load_study(study_name="tiny", storage=storage).get_trials(states=(TrialState.RUNNING,))
+    assert len(victims) == 2
+    for v in victims:
+        wait_until_stale(storage, "tiny", v.number, heartbeat_interval=1, grace_period=3)
+
+    rerun = start(path)
+    output = rerun.communicate(timeout=RUN_S)[0]
+    assert rerun.returncode == 0, output
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert {study.trials[v.number].state for v in victims} == {TrialState.FAIL}
+    retries = {t.user_attrs["resumed_from_trial"]: t for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert sorted(retries) == sorted(v.number for v in victims)
+    for v in victims:
+        retry = retries[v.number]
+        assert retry.params == v.params and retry.user_attrs["packed"]
+        assert retry.user_attrs["resumed_from_step"] > 0
+        kept = {s: x for s, x in v.intermediate_values.items() if s in retry.intermediate_values}
+        assert kept and [retry.intermediate_values[s] for s in kept] == pytest.approx(list(kept.values()), abs=1e-4)

@@ -10,8 +10,8 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from hpo import api, load_study
+from hpo.results.check import print_report
 from hpo.study.loop import run_study
-from hpo.trial.preflight import print_report
 from tests.conftest import DATA
 
 quiet = Console(quiet=True)
@@ -124,3 +124,16 @@ def test_a_multi_process_study_is_measured_at_its_trials_global_batch(write_stud
         "2 ranks measured in one process as 2 accumulation steps of 4: the same global batch of 8" in out.export_text()
     )
     assert not (tmp_path / "study.db").exists()
+
+
+def test_a_lora_study_is_told_its_pack_size(write_study, tiny_model):
+    # The base's weights are measured apart from the peak: a pack holds them once, each trial its share of the rest.
+    path = write_study(model={"name": str(tiny_model), "lora": {"target_modules": ["query", "value"], "r": 4}})
+    report = api.check(path)
+    hungriest = report.corners[0]
+    assert 0 < hungriest.base_mb <= hungriest.breakdown_mb["weights"]  # the base (the tiny adapters round away)
+    assert report.pack == 1 and report.as_json()["pack"] == 1  # the CPU: no faster in a pack
+    out = Console(record=True, width=300)
+    print_report(out, report)
+    assert "resources.pack: auto trains 1 trial(s) at once: on the CPU a pack trains no faster" in out.export_text()
+    assert api.check(write_study(name="full.yaml")).pack is None  # a full fine-tune does not pack

@@ -125,13 +125,37 @@ def test_quantized_weights_need_a_cuda_device_then_bitsandbytes_said_in_one_line
 
 
 def test_workers_per_gpu_fit_the_hungriest_peak_and_a_context_each():
-    from hpo.trial.preflight import CheckReport, Corner
+    from hpo.trial.preflight import CheckReport, Corner, workers_per_gpu
 
-    assert memory.workers_per_gpu(80_000, 9_000) == 6  # 80 GB free, 9 GB × 1.25 (the allocator's cache) + 0.6 GB
-    assert memory.workers_per_gpu(80_000, 90_000) == 1  # at least one: the trial says when it does not fit
+    assert workers_per_gpu(80_000, 9_000) == 6  # 80 GB free, 9 GB × 1.25 (the allocator's cache) + 0.6 GB
+    assert workers_per_gpu(80_000, 90_000) == 1  # at least one: the trial says when it does not fit
     hungry = Corner("hungriest", {}, 32, 128, 19_000.0, {}, 0.1, 60.0)
     report = CheckReport("s", "cuda", 80_000.0, "free GPU memory", 12, [hungry], 0.0, "")
     assert report.workers_per_gpu == 3 and report.as_json()["workers_per_gpu"] == 3
     assert CheckReport("s", "cpu", 80_000.0, "available memory", 12, [hungry], 0.0, "").workers_per_gpu is None
     ran_out = Corner("hungriest", {}, 32, 128, 90_000.0, {}, 0.0, 0.0, fits=False, ran_out="CUDA out of memory")
     assert CheckReport("s", "cuda", 80_000.0, "free GPU memory", 12, [ran_out], 0.0, "").workers_per_gpu is None
+
+
+def test_pack_auto_holds_the_base_once_and_each_trials_share_of_the_hungriest_peak(write_study):
+    from hpo.trial.preflight import CheckReport, Corner, _pack_size, pack_size
+
+    assert pack_size(80_000, 17_000, 15_000, 32) == 26  # (80 - 15 GB) // (2 GB × 1.25)
+    assert pack_size(80_000, 90_000, 15_000, 32) == 1  # at least one: the trial says when it does not fit
+    assert pack_size(80_000, 15_010, 15_000, 32) == 32  # at most resources.pack's largest
+    hungry = Corner("hungriest", {}, 32, 128, 19_000.0, {}, 0.1, 60.0, base_mb=15_000.0)
+    lora = {"name": "m", "lora": {"r": 8}}
+    cfg = lambda **changes: load_study(write_study(model=lora, **changes))
+    on = lambda device, c=hungry: CheckReport("s", device, 80_000.0, "free GPU memory", 12, [c], 0.0, "")
+
+    k, why = _pack_size(cfg(), on("cuda"))
+    assert k == 13 and why.startswith("the base's 14.65 GB once and 3.91 GB per trial at the hungriest corner")
+    assert _pack_size(cfg(), on("cpu"))[0] == 1  # measured no faster there
+    dropout = {"dropout": {"type": "categorical", "choices": [0.0, 0.1]}}
+    assert _pack_size(cfg(search_space=dropout), on("cuda")) == (
+        1,
+        "search_space.dropout builds the base model more than one way",
+    )
+    ran_out = Corner("hungriest", {}, 32, 128, 90_000.0, {}, 0.0, 0.0, fits=False, ran_out="CUDA out of memory")
+    assert _pack_size(cfg(), on("cuda", ran_out))[0] == 1
+    assert _pack_size(load_study(write_study()), on("cuda")) == (None, "")  # no LoRA: no pack
