@@ -142,7 +142,7 @@ def run(
         if n is None:
             n = max(1, len(visible) // per)
         elif n == "auto":
-            one = per > 1 or cfg.resources.pack != 1  # a pack fills its GPU: one worker to each
+            one = per > 1 or (cfg.resources.pack != 1 and not cfg.base_varies)  # a pack fills its GPU: one worker
             per_gpu = measured_workers_per_gpu(cfg, visible[0]) if visible and not one else 1
             n = auto_workers(cfg, visible, bench.model_path, per_gpu)
         check_before_run(cfg, n, visible)  # hpo.validate's check, for these workers and GPUs

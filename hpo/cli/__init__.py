@@ -299,27 +299,11 @@ def best(
     if test := {k: v for k, v in rest.get("test", {}).items() if isinstance(v, int | float)}:  # held out
         console.print("on data.test: " + ", ".join(f"{k}={v:.4f}" for k, v in test.items()))
     if "finalists" in rest:
-        _print_finalists(console, rest["metric"], rest["finalists"])
+        from hpo.results.terminal import print_finalists
+
+        print_finalists(console, rest["metric"], rest["finalists"])
     for path in (out, model_json(out)):
         console.print(f"wrote {path}")
-
-
-def _print_finalists(console: Console, metric: str, found: dict) -> None:
-    """The finalists ranked by what they generated, beside their order by the objective; said when the two disagree."""
-    rank_by, order = found["rank_by"], found["by_objective"]
-    console.print(f"finalists by {metric}: " + ", ".join(f"trial {n}" for n in order), markup=False)
-    shown = []
-    for f in found["ranked"]:
-        scores = ", ".join(f"{k}={v:.4f}" for k, v in f.get("scores", {}).items())
-        shown.append(f"trial {f['trial']} ({scores or 'no generation: ' + f.get('error', '')})")
-    console.print(f"finalists by {rank_by}: " + "; ".join(shown), markup=False)
-    if found["ranked"] and "scores" in found["ranked"][0] and found["ranked"][0]["trial"] != order[0]:
-        first = found["ranked"][0]["trial"]
-        console.print(
-            f"[yellow]the rankings disagree[/]: {escape(metric)} ranks trial {order[0]} first, {escape(rank_by)} "
-            f"trial {first} "
-            f"(hpo best --trial {first} writes its configuration)",
-        )
 
 
 @app.command()

@@ -8,10 +8,12 @@ finalists beside the objective's ranking (``hpo best``, ``hpo report``).
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
 
@@ -54,6 +56,10 @@ class Finalists(Strict):
     )
     rank_by: str | None = Field(None, description="The metric that ranks the finalists (default: the first).")
 
+    def settings(self) -> dict[str, Any]:
+        """What a finalist's scores depend on: scores made otherwise are not ranked beside them."""
+        return self.model_dump(mode="json", include={"split", "generate", "metrics"})
+
     @model_validator(mode="after")
     def _rank_by(self) -> Finalists:
         if self.rank_by is None:
@@ -64,23 +70,38 @@ class Finalists(Strict):
 
 
 def scorer(name: str, root: Path) -> Callable[[list[str], list[str]], float]:
-    """The user function ``name`` ('module:function'), imported with the study's folder ``root`` first on the path.
+    """The user function ``name`` ('module:function'), imported with the study's folder ``root`` first on the path;
+    a module of that name imported before from elsewhere (another study's folder) is imported again from here.
 
     Raises:
-        ValueError: it cannot be imported, or is not callable (the message says which, in one line).
+        ValueError: it cannot be imported, is not callable, or does not take (predictions, references): the message
+            says which, in one line.
     """
     module, _, function = name.partition(":")
     if not module or not function:
         raise ValueError(f"{name!r}: one of {', '.join(BUILTIN)}, or 'module:function'")
+    top = module.partition(".")[0]
+    here = importlib.machinery.PathFinder.find_spec(top, [str(root)])
+    cached = sys.modules.get(top)
+    if here is not None and cached is not None and getattr(cached, "__file__", None) != here.origin:
+        for loaded in [m for m in sys.modules if m == top or m.startswith(top + ".")]:
+            del sys.modules[loaded]
     sys.path.insert(0, str(root))
     try:
         found = getattr(importlib.import_module(module), function)
     except AttributeError:
         raise ValueError(f"{name!r}: module {module!r} has no {function!r}") from None
-    except Exception as e:  # noqa: BLE001 - the user's module failed to import: its error, in one line
-        raise ValueError(f"{name!r}: importing {module!r} failed: {type(e).__name__}: {e}") from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module failed to import: its error, in one line
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{name!r}: importing {module!r} failed: {type(e).__name__}: {why}") from None
     finally:
         sys.path.remove(str(root))
     if not callable(found):
         raise ValueError(f"{name!r} is not a function")
+    try:
+        inspect.signature(found).bind([], [])
+    except TypeError:
+        raise ValueError(f"{name!r} does not take (predictions, references)") from None
+    except ValueError:  # no signature to read (a builtin): called as it is
+        pass
     return found

@@ -62,20 +62,20 @@ def best_config(
 
 def finalists(cfg: StudyConfig, study: optuna.Study) -> dict[str, Any]:
     """The study's finalists, its best ``finalists.top`` complete trials by the objective: their numbers in that
-    order (``by_objective``), and ranked by ``finalists.rank_by``, higher first (``ranked``: trial, value, scores;
-    a finalist whose generation failed, last with its error)."""
+    order (``by_objective``), and ranked by ``finalists.rank_by``, higher first (``ranked``: trial, value, scores).
+    A finalist not scored under today's settings (its generation failed, or ran with other ``split``, ``generate``
+    or ``metrics``) comes last with its ``error``: scores made otherwise are never ranked beside them."""
     f = cfg.finalists
     top = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=rank_key(study))[: f.top]
-    scored = [t for t in top if f.rank_by in t.user_attrs.get(FINALIST, {}).get("scores", {})]
-    ranked = sorted(scored, key=lambda t: -t.user_attrs[FINALIST]["scores"][f.rank_by])  # stable: ties by objective
-    return {
-        "rank_by": f.rank_by,
-        "by_objective": [t.number for t in top],
-        "ranked": [
-            {"trial": t.number, "value": t.values[0], **t.user_attrs.get(FINALIST, {"error": "not generated"})}
-            for t in ranked + [t for t in top if t not in scored]
-        ],
-    }
+    ranked, unscored = [], []
+    for t in top:
+        found = t.user_attrs.get(FINALIST, {"error": "not generated"})
+        if "scores" in found and found.get("settings") != f.settings():
+            found = {"error": "scored under other finalists settings (split, generate, metrics)"}
+        entry = {"trial": t.number, "value": t.values[0], **found}
+        (ranked if f.rank_by in found.get("scores", {}) else unscored).append(entry)
+    ranked.sort(key=lambda e: -e["scores"][f.rank_by])  # stable: equal scores keep the objective's order
+    return {"rank_by": f.rank_by, "by_objective": [t.number for t in top], "ranked": ranked + unscored}
 
 
 def _best_plan(

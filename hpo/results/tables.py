@@ -212,8 +212,9 @@ def trials_frame(studies: Sequence[optuna.Study], include_pruned: bool = False) 
     # on eval, not one more number to choose by (the trials below them were not all evaluated on it)
     for name in [c for c in df.columns if c.startswith("test_")]:
         df[name] = pd.to_numeric(df[name], errors="coerce").where(df["final"] & (df["rank"] <= TEST_TOP_K))
-    if "finalist" in df:  # the finalists are the top N by the objective; a trial later pushed out of them is not
-        df["finalist"] = df["finalist"].where(df["final"] & (df["rank"] <= df.pop("finalists_top")))
+    if "finalist" in df:  # a study's finalists: its top N complete trials; one later pushed out of them is not
+        order = df["rank"].where(df["final"]).groupby(df["study"]).rank(method="first")
+        df["finalist"] = df["finalist"].where(order <= df.pop("finalists_top"))
     return df
 
 

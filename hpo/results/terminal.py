@@ -46,14 +46,15 @@ def print_tables(console: Console, trials: pd.DataFrame, summary: pd.DataFrame, 
 
 
 def _disagree(console: Console, rows: pd.DataFrame) -> None:
-    """Say when the objective's best and the best finalist by generation (the ``finalist`` score) differ."""
-    ranked = rows[rows["finalist"].notna()]
-    first, by_generation = rows.iloc[0], ranked.loc[ranked["finalist"].idxmax()]
-    if (first["study"], first["trial"]) != (by_generation["study"], by_generation["trial"]):
-        console.print(
-            f"[yellow]the rankings disagree[/]: the objective ranks trial {first['trial']} ({escape(first['study'])}) "
-            f"first, the finalists' generations trial {by_generation['trial']} ({escape(by_generation['study'])})"
-        )
+    """Say, per study, when the objective's best and the best finalist by generation (``finalist``) differ."""
+    for study, mine in rows[rows["final"]].sort_values("rank").groupby("study", sort=False):
+        if mine["finalist"].notna().any():
+            first, by_generation = mine.iloc[0], mine.loc[mine["finalist"].idxmax()]
+            if first["trial"] != by_generation["trial"]:
+                console.print(
+                    f"[yellow]the rankings disagree[/] ({escape(str(study))}): the objective ranks trial "
+                    f"{first['trial']} first, the finalists' generations trial {by_generation['trial']}"
+                )
 
 
 def _table(df: pd.DataFrame, columns: Sequence[str], title: str) -> Table:
@@ -64,3 +65,23 @@ def _table(df: pd.DataFrame, columns: Sequence[str], title: str) -> Table:
     for _, row in df[columns].iterrows():
         table.add_row(*("" if pd.isna(v) else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
     return table
+
+
+def print_finalists(console: Console, metric: str, found: dict) -> None:
+    """``hpo best``: the finalists ranked by what they generated, beside their order by the objective; said when
+    the two put another trial first, or when the objective's first was not scored."""
+    rank_by, order, ranked = found["rank_by"], found["by_objective"], found["ranked"]
+    console.print(f"finalists by {metric}: " + ", ".join(f"trial {n}" for n in order), markup=False)
+    shown = []
+    for f in ranked:
+        scores = ", ".join(f"{k}={v:.4f}" for k, v in f.get("scores", {}).items())
+        shown.append(f"trial {f['trial']} ({scores or 'no generation: ' + f.get('error', '')})")
+    console.print(f"finalists by {rank_by}: " + "; ".join(shown), markup=False)
+    scored = [f["trial"] for f in ranked if "scores" in f]
+    if order and order[0] not in scored:
+        console.print(f"[yellow]trial {order[0]}, first by {escape(metric)}, has no {escape(rank_by)} score[/]")
+    elif scored and scored[0] != order[0]:
+        console.print(
+            f"[yellow]the rankings disagree[/]: {escape(metric)} ranks trial {order[0]} first, {escape(rank_by)} "
+            f"trial {scored[0]} (hpo best --trial {scored[0]} writes its configuration)",
+        )

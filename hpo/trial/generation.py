@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import re
 import statistics
 import time
 from pathlib import Path
@@ -42,12 +43,13 @@ def _until(text: str, end: str | None) -> str:
 
 
 def prompts(
-    rows: list[dict[str, Any]], tokenizer: Any, max_rows: int | None, end: str | None = None
+    rows: list[dict[str, Any]], tokenizer: Any, max_rows: int | None, end: str | None, max_length: int
 ) -> tuple[list[list[int]], list[str]]:
-    """Each row's prompt (token ids) and reference (text, up to ``end``, :func:`turn_end`); rows with no prompt before
-    their last span are left out."""
+    """Each row's prompt (token ids) and reference (text, up to ``end``, :func:`turn_end`). Left out: rows with no
+    prompt before their last span, and rows whose span ``max_length`` may have cut (it reaches the row's last
+    token at that length): a cut reference no generation can match."""
     found, references = [], []
-    for row in rows[:max_rows]:
+    for row in rows:
         labels = row["labels"]
         learned = [i for i, label in enumerate(labels) if label != IGNORE]
         if not learned:
@@ -55,10 +57,12 @@ def prompts(
         stop = start = learned[-1] + 1
         while start > 0 and labels[start - 1] != IGNORE:
             start -= 1
-        if start == 0:
+        if start == 0 or stop >= max_length:
             continue
         found.append(list(row["input_ids"][:start]))
         references.append(_until(tokenizer.decode(row["input_ids"][start:stop], skip_special_tokens=True), end))
+        if len(found) == max_rows:
+            break
     return found, references
 
 
@@ -67,11 +71,16 @@ def generate(
     model: Any, tokenizer: Any, batch: list[list[int]], settings: Generate, seed: int, end: str | None = None
 ) -> list[str]:
     """The text ``model`` generates after each prompt of ``batch``, up to ``end`` (special tokens dropped, spaces
-    stripped): at most ``max_new_tokens``, never past the model's positions."""
+    stripped): at most ``max_new_tokens``, never past the model's positions (prompts go in length order, so that
+    a batch's longest prompt shortens the others' room little)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     sampling = settings.temperature > 0
-    options = {"temperature": settings.temperature, "top_p": settings.top_p} if sampling else {}
+    # Every decoding setting given: the model's own generation_config (a repetition penalty, top_k) fills the
+    # ones left unset, and greedy would not be greedy.
+    options = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_beams": settings.num_beams}
+    if sampling:
+        options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     was_training = model.training
@@ -91,7 +100,6 @@ def generate(
                 input_ids=ids,
                 attention_mask=mask,
                 max_new_tokens=room,  # never past the model's positions
-                num_beams=settings.num_beams,
                 do_sample=sampling,
                 pad_token_id=pad,
                 eos_token_id=tokenizer.eos_token_id,  # the data's (a model built from a config knows another)
@@ -108,11 +116,12 @@ def generate(
 def score(names: list[str], predictions: list[str], references: list[str], root: Path) -> dict[str, float]:
     """Each metric of ``names`` over the generations: the built-in ones (means over rows), or the user's function."""
     out: dict[str, float] = {}
-    rouge = [n for n in names if n.startswith("rouge")]
+    rouge = [n for n in names if n in BUILTIN and n.startswith("rouge")]
     if rouge:
         from rouge_score import rouge_scorer
 
-        scored = [rouge_scorer.RougeScorer(rouge).score(r, p) for p, r in zip(predictions, references, strict=True)]
+        scorer_ = rouge_scorer.RougeScorer(rouge, tokenizer=_Words())
+        scored = [scorer_.score(r, p) for p, r in zip(predictions, references, strict=True)]
         out.update({n: statistics.fmean(s[n].fmeasure for s in scored) for n in rouge})
     for name in names:
         if name == "exact_match":
@@ -125,24 +134,39 @@ def score(names: list[str], predictions: list[str], references: list[str], root:
     return {n: round(out[n], 6) for n in names}
 
 
+class _Words:
+    """ROUGE's tokens: lowercased words of any script, and Chinese, Japanese and Korean characters one by one
+    (rouge-score's own tokenizer keeps ASCII letters and digits only: it scores "привет мир" against itself 0)."""
+
+    _pattern = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]|[^\W_\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]+")
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._pattern.findall(text.lower())
+
+
 @functools.cache
 def _user(name: str, root: Path):
     return scorer(name, root)  # imported once per process
 
 
 def finalist_metrics(bench: Any, model: Any, seed: int) -> dict[str, Any]:
-    """The finalist's scores on its rows, the time its generation took, and its first few generations."""
+    """The finalist's scores on its rows, the settings they were made with, the time its generation and scoring
+    took, and its first few generations."""
     f = bench.cfg.finalists
     rows = bench.test_rows if f.split == "test" else bench.eval_rows
     end = turn_end(bench.tokenizer) if bench.cfg.data.format == "chat" else None
-    batch, references = prompts(rows, bench.tokenizer, f.generate.max_rows, end)
+    batch, references = prompts(rows, bench.tokenizer, f.generate.max_rows, end, bench.cfg.data.max_length)
     if not batch:
-        raise ValueError(f"no {f.split} row has a prompt before its response")
+        raise ValueError(f"no {f.split} row has a prompt before a whole response (data.max_length cuts them?)")
+    order = sorted(range(len(batch)), key=lambda i: len(batch[i]))  # batches of like prompts: like room, padding
+    batch, references = [batch[i] for i in order], [references[i] for i in order]
     started = time.perf_counter()
     predictions = generate(model, bench.tokenizer, batch, f.generate, seed, end)
+    scores = score(f.metrics, predictions, references, bench.cfg.root)
     seconds = time.perf_counter() - started
     return {
-        "scores": score(f.metrics, predictions, references, bench.cfg.root),
+        "scores": scores,
+        "settings": f.settings(),
         "rank_by": f.rank_by,
         "top": f.top,
         "generate_seconds": round(seconds, 3),

@@ -186,9 +186,10 @@ class Pack:
             else:
                 self._done.update(self._forward(batches))
         except BaseException as e:  # noqa: BLE001 - each lane of the pass raises it in its own thread
+            held = len(self.model.peft_config) if self.model is not None else len(lanes)  # every lane's state
             if len(lanes) > 1 and is_out_of_memory(e):  # fewer lanes at once before any trial's smaller micro-batch
-                self.limit = len(lanes) - 1
-                why = f"a pack of {len(lanes)} ran out of memory, now at most {self.limit} at once"
+                self.limit = max(1, min(self.limit, held) - 1)
+                why = f"a pack of {held} ran out of memory, now at most {self.limit} at once"
                 self._done.update({n: PackOutOfMemory(why) for n in lanes})
             else:
                 self._done.update(dict.fromkeys(lanes, e))

@@ -130,15 +130,19 @@ def test_the_finalists_are_the_trials_that_may_end_in_the_top_and_only_they_gene
 def test_prompts_are_each_rows_tokens_before_its_last_learned_span(write_study, tiny_bpe_tokenizer, tmp_path):
     cfg = load_study(_study(write_study, tiny_bpe_tokenizer, tmp_path))
     bench = prepare(cfg)
-    batch, references = prompts(bench.eval_rows, bench.tokenizer, None)
+    batch, references = prompts(bench.eval_rows, bench.tokenizer, None, None, cfg.data.max_length)
     pairs = [json.loads(line) for line in (DATA / "chat_eval.jsonl").read_text().splitlines()]
     found = sorted(zip((bench.tokenizer.decode(p) for p in batch), references, strict=True))
     assert found == sorted((p["prompt"], p["response"]) for p in pairs)
+    assert len(prompts(bench.eval_rows, bench.tokenizer, 2, None, cfg.data.max_length)[0]) == 2  # max_rows
+    # rows as long as max_length may have lost the end of their response: left out (a cut reference)
+    shortest = min(len(row["input_ids"]) for row in bench.eval_rows)
+    assert prompts(bench.eval_rows, bench.tokenizer, None, None, shortest) == ([], [])
     # a conversation: its last assistant turn, after everything before it (the assistant's header included)
     chat = prepare(load_study(chat_study(write_study, tiny_bpe_tokenizer, template=CHATML)))
     end = turn_end(chat.tokenizer)
     assert end == "<|im_end|>"
-    batch, references = prompts(chat.eval_rows, chat.tokenizer, None, end)
+    batch, references = prompts(chat.eval_rows, chat.tokenizer, None, end, 256)
     conversations = [
         json.loads(line)["messages"] for line in (DATA / "conversations_eval.jsonl").read_text().splitlines()
     ]
@@ -176,7 +180,7 @@ def test_a_scoring_error_leaves_the_trial_complete_with_the_error_recorded(
     [
         ({"metrics": ["nowhere:judge"]}, "finalists.metrics[0]: 'nowhere:judge': importing 'nowhere' failed"),
         ({"metrics": ["json:absent"]}, "finalists.metrics[0]: 'json:absent': module 'json' has no 'absent'"),
-        ({"metrics": ["json:dumps", "json:__doc__"]}, "finalists.metrics[1]: 'json:__doc__' is not a function"),
+        ({"metrics": ["statistics:fmean", "json:__doc__"]}, "finalists.metrics[1]: 'json:__doc__' is not a function"),
         ({"metrics": ["bleu"]}, "finalists.metrics[0]: 'bleu': one of exact_match, rouge1, rouge2, rougeL"),
         ({"metrics": ["exact_match"], "rank_by": "rougeL"}, "rank_by: 'rougeL' is not one of metrics"),
         ({"split": "test"}, "finalists.split: needs data.test"),

@@ -245,9 +245,9 @@ def test_a_signal_during_the_test_set_evaluation_stops_it_at_its_next_step(write
     # Its Trainer had no safe point: Ctrl-C waited for the whole test set, and the trial then ended COMPLETE.
     from conftest import DATA
 
-    from hpo.study import objective
+    from hpo.study import held_out
 
-    returned = _raising_before(monkeypatch, objective, "evaluate_test", signal.SIGINT)
+    returned = _raising_before(monkeypatch, held_out, "evaluate_test", signal.SIGINT)
     data = {"train": str(DATA / "train.csv"), "eval": str(DATA / "eval.csv"), "test": str(DATA / "eval.csv")}
     study = _stopped(write_study(n_trials=3, data={**data, "max_length": 16}))
     assert not returned

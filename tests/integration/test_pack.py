@@ -240,8 +240,8 @@ class _Tight(pack.Pack):
 
     def _forward(self, batches):
         if len(batches) > 1:
+            self.crowded.append(len(batches))
             raise torch.OutOfMemoryError(f"CUDA out of memory (a test's device: a pass of {len(batches)} lanes)")
-        self.alone_passes += 1
         return super()._forward(batches)
 
 
@@ -254,7 +254,7 @@ def test_a_pack_that_runs_out_of_memory_holds_fewer_trials_before_any_trains_sma
     members = MEMBERS[:3]
     fixed = [optuna.trial.FixedTrial(_params(p)) for p in members]
     group = _Tight(cfg.task, bench.tokenizer.pad_token_id)
-    group.alone_passes, retries = 0, []
+    group.crowded, retries = [], []
 
     def trial(p, t):
         plan = make_plan(cfg, _params(p))
@@ -271,7 +271,7 @@ def test_a_pack_that_runs_out_of_memory_holds_fewer_trials_before_any_trains_sma
     work = [(f"trial-{i}", lambda p=p, t=t: trial(p, t)) for i, (p, t) in enumerate(zip(members, fixed, strict=True))]
     results = pack.run(group, work)
     _same([_curve(results[name]) for name, _ in work], _alone(cfg, members, fixed))
-    assert group.limit == 1 and group.passes == group.alone_passes
+    assert group.limit == 1 and group.crowded == [3, 2]  # then every pass of one lane: none ran out
     # every lane of the pass of 3 trained again, then both of the pass of 2; no micro-batch ran out
     shrunk = [why.split(":")[0] for _, why in retries]
     assert (
