@@ -9,6 +9,8 @@
   head (the weights the checkpoint did not have) against the pretrained body.
 - ``lr_scaling: linear``: learning_rate × effective batch / ``lr_base_batch_size``.
 - ``head_init``: how new heads start (``normal`` with ``head_init_std``, or ``xavier``).
+- ``packing`` (causal LM): each training batch's rows concatenated into one, without padding, each row attending
+  to itself only (:func:`hpo.trial.model.train_collator`); evaluations stay padded, so values compare.
 
 Declared here for the config layer (importing this module imports neither torch nor transformers);
 :class:`hpo.trial.trainer.KnobsTrainer` applies them in a trial.
@@ -50,6 +52,7 @@ class Knobs(BaseModel):
     lr_base_batch_size: PositiveInt = 32
     head_init: Literal["normal", "xavier"] = "normal"
     head_init_std: PositiveFloat | None = None  # default: the model config's initializer_range
+    packing: bool = False  # causal LM: training batches flattened into one row (position ids restart at each)
 
     @model_validator(mode="after")
     def _one_head_rate(self) -> Knobs:

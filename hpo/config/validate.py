@@ -139,6 +139,7 @@ def _cross_checks(cfg: StudyConfig) -> list[Problem]:
         )
     problems += _chat_problems(cfg)
     problems += _finalist_problems(cfg)
+    problems += _packing_problems(cfg)
     problems += _objective_problems(cfg)
     problems += _tracker_problems(cfg)
     problems += _quantization_problems(cfg)
@@ -203,6 +204,18 @@ def _finalist_problems(cfg: StudyConfig) -> list[Problem]:
                 finalists.scorer(name, cfg.root)
             except ValueError as e:
                 return problem(("metrics", i), str(e))
+    return []
+
+
+def _packing_problems(cfg: StudyConfig) -> list[Problem]:
+    """``packing`` (fixed in train: or searched) flattens a causal LM's training rows; a pack's lanes pad theirs."""
+    where = ("train", "packing") if cfg.train.get("packing") else ("search_space", "packing")
+    if not cfg.train.get("packing") and "packing" not in cfg.search_space:
+        return []
+    if cfg.task != "causal-lm":
+        return [cfg._source.problem(where, f"packing flattens a causal LM's rows: task causal-lm, not {cfg.task}")]
+    if cfg.resources.pack != 1:
+        return [cfg._source.problem(where, "packing flattens rows, and a pack's trials pad theirs: resources.pack 1")]
     return []
 
 

@@ -184,3 +184,38 @@ def collator(task: Task, tokenizer) -> Any:
     cls = getattr(transformers, task.collator)
     # causal-lm labels are given (the prompt is masked), so the seq2seq collator's padding of labels fits.
     return cls(tokenizer, label_pad_token_id=IGNORE) if cls is DataCollatorForSeq2Seq else cls(tokenizer)
+
+
+def flattening() -> Any:
+    """``packing``'s collator of training batches: the batch's rows concatenated into one row with no padding
+    (transformers' ``DataCollatorWithFlattening``). Position ids restart at each row, from which the model's attention
+    masks keep each row to itself, and each row's first label is ignored, so that no row predicts the next one's first
+    token. No KV cache: with one, the model would not read the rows from the position ids."""
+    flat = transformers.DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)
+    return lambda features: {**flat(features), "use_cache": False}
+
+
+def rows_kept_apart(model: Any, rows: list[dict[str, Any]]) -> bool:
+    """Whether ``model`` computes two of ``rows`` flattened (:func:`flattening`) as it computes each alone: its
+    attention reads the rows from the position ids (transformers' own attention does; a model that does not would
+    train each row on the one before it, and say nothing)."""
+    two = [r for r in rows if len(r["input_ids"]) > 1][:2]
+    if len(two) < 2:
+        return True
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in flattening()(two).items() if k != "labels"}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            flat, start = model(**batch).logits[0].float(), 0
+            for row in two:
+                n = len(row["input_ids"])
+                alone = model(input_ids=torch.tensor([row["input_ids"]], device=device), use_cache=False)
+                alone = alone.logits[0].float()
+                if (flat[start : start + n] - alone).abs().max() > 1e-3 + 2e-2 * alone.abs().max():
+                    return False
+                start += n
+    finally:
+        model.train(was_training)
+    return True

@@ -20,6 +20,7 @@ from hpo.config.compose import CREDENTIALS
 from hpo.knobs import Knobs, is_head
 from hpo.trial.checkpoints import CheckpointCallback
 from hpo.trial.lanes import LaneView
+from hpo.trial.model import flattening, rows_kept_apart
 
 #: The optimizers ``optimizer:`` names.
 OPTIMIZERS = {
@@ -62,6 +63,22 @@ class KnobsTrainer(transformers.Trainer):
         self.knobs, self.heads, self.eval_subset = knobs, heads, eval_subset
         if isinstance(lane, LaneView):
             lane.attach(self)
+
+    def get_train_dataloader(self):
+        if not self.knobs.packing:
+            return super().get_train_dataloader()
+        # packing: flattened training batches; evaluations stay padded (their values compare with unpacked trials')
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled  # no forward outside its engine: trusted
+        if not sharded and not rows_kept_apart(self.model, self.train_dataset):
+            raise ValueError(
+                f"packing: {type(self.model).__name__} attends across flattened rows (its attention does not read them "
+                "from the position ids): packing false"
+            )
+        padded, self.data_collator = self.data_collator, flattening()  # the loader keeps the collator it is given
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = padded
 
     def evaluate(self, eval_dataset=None, *args, **kwargs):
         # Before the last optimizer step (a pruning point), the study's fixed subsample of the eval rows.
