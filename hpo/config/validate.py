@@ -208,14 +208,23 @@ def _finalist_problems(cfg: StudyConfig) -> list[Problem]:
 
 
 def _packing_problems(cfg: StudyConfig) -> list[Problem]:
-    """``packing`` (fixed in train: or searched) flattens a causal LM's training rows; a pack's lanes pad theirs."""
-    where = ("train", "packing") if cfg.train.get("packing") else ("search_space", "packing")
-    if not cfg.train.get("packing") and "packing" not in cfg.search_space:
+    """``packing`` (fixed in train: or searched) flattens a causal LM's training rows: not in a pack (its lanes pad
+    theirs), with NEFTune (its noise scales with the row's length) or under DeepSpeed or FSDP (no forward outside
+    their engine: the check that the model keeps flattened rows apart cannot run)."""
+    fixed = str(cfg.train.get("packing", False)).strip().lower() in ("true", "1", "yes")
+    searched = cfg.search_space.get("packing")
+    if not fixed and not (searched is not None and any(c is True for c in searched.choices or [])):
         return []
+    where = ("train", "packing") if fixed else ("search_space", "packing")
+    problem = lambda why: [cfg._source.problem(where, why)]
     if cfg.task != "causal-lm":
-        return [cfg._source.problem(where, f"packing flattens a causal LM's rows: task causal-lm, not {cfg.task}")]
+        return problem(f"packing flattens a causal LM's rows: task causal-lm, not {cfg.task}")
     if cfg.resources.pack != 1:
-        return [cfg._source.problem(where, "packing flattens rows, and a pack's trials pad theirs: resources.pack 1")]
+        return problem("packing flattens rows, and a pack's trials pad theirs: resources.pack 1")
+    if clash := [k for k in ("neftune_noise_alpha", "deepspeed", "fsdp") if cfg.train.get(k) or k in cfg.search_space]:
+        if clash[0] == "neftune_noise_alpha":
+            return problem("packing with NEFTune, whose noise scales with the row's length: one of them")
+        return problem(f"packing is checked on the model before it trains, outside {clash[0]}'s engine: one of them")
     return []
 
 

@@ -21,6 +21,7 @@ DEMAND = {
     "r": lambda v: v,
     "target_modules": lambda v: math.inf if v == "all-linear" else len(lora_target_list(v)),
     "gradient_checkpointing": lambda v: not v,
+    "packing": lambda v: bool(v),  # a flattened batch's attention spans every row's tokens: measured, and checked
     "bits": lambda v: v or 32,
     "num_train_epochs": lambda v: v,
     "max_steps": lambda v: v,

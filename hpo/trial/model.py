@@ -191,15 +191,24 @@ def flattening() -> Any:
     (transformers' ``DataCollatorWithFlattening``). Position ids restart at each row, from which the model's attention
     masks keep each row to itself, and each row's first label is ignored, so that no row predicts the next one's first
     token. No KV cache: with one, the model would not read the rows from the position ids."""
-    flat = transformers.DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)
-    return lambda features: {**flat(features), "use_cache": False}
+    return _Flattening()
+
+
+class _Flattening:
+    """A class, not a closure: a DataLoader with worker processes pickles its collator."""
+
+    def __init__(self):
+        self.flat = transformers.DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**self.flat(features), "use_cache": False}
 
 
 def rows_kept_apart(model: Any, rows: list[dict[str, Any]]) -> bool:
     """Whether ``model`` computes two of ``rows`` flattened (:func:`flattening`) as it computes each alone: its
     attention reads the rows from the position ids (transformers' own attention does; a model that does not would
     train each row on the one before it, and say nothing)."""
-    two = [r for r in rows if len(r["input_ids"]) > 1][:2]
+    two = [{"input_ids": r["input_ids"][:16]} for r in rows if len(r["input_ids"]) > 1][:2]  # short: cheap
     if len(two) < 2:
         return True
     device = next(model.parameters()).device

@@ -68,8 +68,7 @@ class KnobsTrainer(transformers.Trainer):
         if not self.knobs.packing:
             return super().get_train_dataloader()
         # packing: flattened training batches; evaluations stay padded (their values compare with unpacked trials')
-        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled  # no forward outside its engine: trusted
-        if not sharded and not rows_kept_apart(self.model, self.train_dataset):
+        if not rows_kept_apart(self.model, self.train_dataset):  # (validation refuses deepspeed and fsdp with it)
             raise ValueError(
                 f"packing: {type(self.model).__name__} attends across flattened rows (its attention does not read them "
                 "from the position ids): packing false"

@@ -71,8 +71,17 @@ def test_a_flattened_batch_computes_each_row_as_alone(write_study, tiny_bpe_toke
     assert all(batch["labels"][0, s].item() == -100 for s in starts)
 
 
-def test_packed_and_padded_training_reach_the_same_eval_loss(write_study, tiny_bpe_tokenizer):
+def test_packed_and_padded_training_reach_the_same_eval_loss(write_study, tiny_bpe_tokenizer, monkeypatch):
     # Dropout 0: the same trial trained on flattened and on padded batches; evaluations stay padded for both.
+    from hpo.trial import trainer
+
+    batches = []
+
+    def counted():
+        flat = flattening()
+        return lambda features: batches.append(len(features)) or flat(features)
+
+    monkeypatch.setattr(trainer, "flattening", counted)
     space = {**NO_DROPOUT, "packing": {"type": "categorical", "choices": [False, True]}}
     path = _study(
         write_study,
@@ -91,6 +100,26 @@ def test_packed_and_padded_training_reach_the_same_eval_loss(write_study, tiny_b
     assert [packed.intermediate_values[s] for s in steps] == pytest.approx(
         [padded.intermediate_values[s] for s in steps], abs=1e-4
     )
+    assert batches and set(batches) == {4}  # the packed trial's training batches went through the flattening
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ({"neftune_noise_alpha": 5.0}, "train.packing: packing with NEFTune, whose noise scales with the row's length"),
+        (
+            {"deepspeed": "ds.json"},
+            "train.packing: packing is checked on the model before it trains, outside deepspeed",
+        ),
+    ],
+)
+def test_packing_is_refused_beside_what_it_would_change(write_study, tiny_bpe_tokenizer, train, message):
+    path = _study(write_study, tiny_bpe_tokenizer, train={"num_train_epochs": 1, "packing": True, **train})
+    with pytest.raises(hpo.ConfigError, match=re.escape(message)):
+        hpo.validate(path)
+    # packing: "false" (a string, as an environment variable gives it) is off: nothing refused for it
+    off = _study(write_study, tiny_bpe_tokenizer, name="off.yaml", train={"num_train_epochs": 1, "packing": "false"})
+    hpo.validate(off)
 
 
 def test_packing_is_refused_where_it_cannot_flatten(write_study, tiny_model, tiny_bpe_tokenizer):
