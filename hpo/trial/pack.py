@@ -64,7 +64,7 @@ class Pack:
         self._cv = threading.Condition()
         self._count = itertools.count()
         self._order: list[str] = []  # lanes in the order they joined: the baton goes round in it
-        # "running" (holds the baton), "ready", "forward" or "backward", "parked" (waits for room, :meth:`add`)
+        # "running" (holds the baton), "ready", "forward" or "backward", "parked" (waits for room, :meth:`clear`)
         self._state: dict[str, str] = {}
         self._holder: str | None = None
         self._duty: str | None = None  # the packed pass the holder is woken to run
