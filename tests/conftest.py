@@ -72,6 +72,14 @@ def tiny_bpe_tokenizer(tmp_path_factory) -> Path:
 
 #: A 2-layer GPT-2 that hpo builds from the study file: model: {config: TINY_GPT2, tokenizer: ...}
 TINY_GPT2 = {"architecture": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}
+#: Prompt/response pairs for a causal LM (the loss on the response): tests/data/chat_*.jsonl
+CHAT_PAIRS = {
+    "train": str(DATA / "chat_train.jsonl"),
+    "eval": str(DATA / "chat_eval.jsonl"),
+    "prompt_column": "prompt",
+    "response_column": "response",
+    "max_length": 32,
+}
 
 
 #: ChatML, as Qwen's and many others' templates write it

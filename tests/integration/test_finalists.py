@@ -7,7 +7,7 @@ import json
 import re
 
 import pytest
-from conftest import CHATML, DATA, TINY_GPT2, chat_study
+from conftest import CHAT_PAIRS, CHATML, DATA, TINY_GPT2, chat_study
 from inject import out_of_memory
 from inprocess import hpo as cli
 from optuna.trial import TrialState
@@ -47,14 +47,7 @@ def _study(write_study, tokenizer, tmp_path, finalists=None, **changes):
         task="causal-lm",
         model={"config": TINY_GPT2, "tokenizer": str(tokenizer), "lora": {"r": 4, "target_modules": ["c_attn"]}},
         objective={"metric": "eval_loss"},
-        data=changes.pop("data", None)
-        or {
-            "train": str(DATA / "chat_train.jsonl"),
-            "eval": str(DATA / "chat_eval.jsonl"),
-            "prompt_column": "prompt",
-            "response_column": "response",
-            "max_length": 32,
-        },
+        data=changes.pop("data", None) or CHAT_PAIRS,
         train={"num_train_epochs": 2, "seed": 0},
         search_space={
             "learning_rate": {"type": "float", "low": 1e-6, "high": 1e-1, "log": True},

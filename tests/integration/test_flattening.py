@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import DATA, TINY_GPT2
+from conftest import CHAT_PAIRS, TINY_GPT2
 from optuna.trial import TrialState
 from rich.console import Console
 from transformers import AutoModelForCausalLM
@@ -24,13 +24,7 @@ def _study(write_study, tokenizer, **changes):
         task="causal-lm",
         model=changes.pop("model", {"config": TINY_GPT2, "tokenizer": str(tokenizer)}),
         objective={"metric": "eval_loss"},
-        data={
-            "train": str(DATA / "chat_train.jsonl"),
-            "eval": str(DATA / "chat_eval.jsonl"),
-            "prompt_column": "prompt",
-            "response_column": "response",
-            "max_length": 32,
-        },
+        data=CHAT_PAIRS,
         **changes,
     )
 
